@@ -1,0 +1,1 @@
+"""Key capture: which keys real traffic meets, and how to rebuild their arguments."""

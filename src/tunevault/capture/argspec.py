@@ -1,0 +1,198 @@
+"""ArgSpec: enough about a call's arguments to rebuild equivalent ones in another process.
+
+Tensors keep shape, stride, dtype and device; small integer tensors (index tensors such as
+``cu_seqlens``) keep their values verbatim, larger ones their range, so a replayed kernel
+indexes memory the way the captured one did. Grids are captured per declared config,
+because a grid is usually a lambda of the meta-parameters and cannot be serialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunevault.core.model import InvalidEntry, JsonScalar
+
+SMALL_INT_TENSOR = 4096
+LAUNCH_KWARGS = ("grid", "warmup")
+
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise InvalidEntry(what)
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "data_ptr") and hasattr(value, "stride") and hasattr(value, "dtype")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    kind: str  # "tensor" | "scalar" | "tl_dtype"
+    value: JsonScalar = None
+    shape: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    dtype: str = ""
+    device: str = ""
+    values: tuple[int, ...] | None = None  # small integer tensors, verbatim (flattened storage order)
+    low: float | None = None
+    high: float | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> ArgSpec:
+        if _is_tensor(value):
+            return cls._of_tensor(value)
+        if value is None or isinstance(value, bool | int | float | str):
+            return cls("scalar", value)
+        if type(value).__module__.startswith("triton.language"):
+            return cls("tl_dtype", str(value))
+        raise TypeError(f"cannot capture an argument of type {type(value).__name__}")
+
+    @classmethod
+    def _of_tensor(cls, t: Any) -> ArgSpec:
+        import torch
+
+        base = dict(shape=tuple(t.shape), stride=tuple(t.stride()), dtype=_dtype_name(t.dtype),
+                    device=str(t.device))
+        is_int = not (t.dtype.is_floating_point or t.dtype.is_complex) and t.dtype != torch.bool
+        if is_int and t.numel() > 0:
+            flat = t.detach().reshape(-1).to("cpu", torch.int64)
+            if t.numel() <= SMALL_INT_TENSOR:
+                return cls("tensor", values=tuple(int(v) for v in flat.tolist()), **base)
+            return cls("tensor", low=float(flat.min()), high=float(flat.max()), **base)
+        return cls("tensor", **base)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind != "tensor":
+            out["value"] = self.value
+            return out
+        out.update(shape=list(self.shape), stride=list(self.stride), dtype=self.dtype, device=self.device)
+        if self.values is not None:
+            out["values"] = list(self.values)
+        if self.low is not None:
+            out.update(low=self.low, high=self.high)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> ArgSpec:
+        _require(isinstance(data, dict) and data.get("kind") in ("tensor", "scalar", "tl_dtype"), "argspec.kind")
+        if data["kind"] != "tensor":
+            v = data.get("value")
+            _require(v is None or isinstance(v, bool | int | float | str), "argspec.value must be a scalar")
+            return cls(data["kind"], v)
+        shape, stride = data.get("shape"), data.get("stride")
+        for seq in (shape, stride):
+            _require(isinstance(seq, list) and all(isinstance(x, int) and x >= 0 for x in seq), "argspec shape")
+        _require(len(shape) == len(stride), "argspec shape and stride differ in rank")
+        _require(isinstance(data.get("dtype"), str) and isinstance(data.get("device"), str), "argspec dtype")
+        values = data.get("values")
+        _require(values is None or (isinstance(values, list) and all(isinstance(v, int) for v in values)),
+                 "argspec.values must be integers")
+        low, high = data.get("low"), data.get("high")
+        _require((low is None) == (high is None), "argspec low/high come together")
+        return cls("tensor", shape=tuple(shape), stride=tuple(stride), dtype=data["dtype"], device=data["device"],
+                   values=None if values is None else tuple(values),
+                   low=None if low is None else float(low), high=None if high is None else float(high))
+
+    def storage_size(self) -> int:
+        if any(s == 0 for s in self.shape):
+            return 0
+        return 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
+
+    def build(self, device: str | None = None, generator: Any = None) -> Any:
+        """A fresh argument equivalent to the captured one (random data, same layout)."""
+        if self.kind == "scalar":
+            return self.value
+        if self.kind == "tl_dtype":
+            return _tl_dtype(str(self.value))
+        import torch
+
+        dtype = getattr(torch, self.dtype, None)
+        _require(isinstance(dtype, torch.dtype), f"unknown dtype {self.dtype!r}")
+        dev = torch.device(device or self.device)
+        size = self.storage_size()
+        if self.values is not None and len(self.values) == size:
+            flat = torch.tensor(self.values, dtype=torch.int64).to(dtype)
+        elif self.values is not None or self.low is not None:
+            lo = int(self.low if self.low is not None else min(self.values or (0,)))
+            hi = int(self.high if self.high is not None else max(self.values or (0,)))
+            flat = torch.randint(lo, hi + 1, (size,), generator=generator, dtype=torch.int64).to(dtype)
+        elif dtype == torch.bool:
+            flat = torch.rand(size, generator=generator) < 0.5
+        elif dtype.is_floating_point:
+            flat = torch.randn(size, generator=generator, dtype=torch.float32).to(dtype)
+        else:
+            flat = torch.randint(0, 8, (size,), generator=generator, dtype=torch.int64).to(dtype)
+        return torch.as_strided(flat.to(dev), self.shape, self.stride)
+
+
+def _tl_dtype(name: str) -> Any:
+    import triton.language as tl
+
+    for attr in dir(tl):
+        obj = getattr(tl, attr)
+        if type(obj).__module__.startswith("triton.language") and str(obj) == name and hasattr(obj, "is_fp16"):
+            return obj
+    raise InvalidEntry(f"unknown triton dtype {name!r}")
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """A whole call: positional and keyword arguments, and the grid each declared config launches."""
+
+    args: tuple[ArgSpec, ...]
+    kwargs: tuple[tuple[str, ArgSpec], ...]
+    grids: tuple[tuple[int, ...], ...] = ()  # by declared config index
+
+    @classmethod
+    def of(cls, autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> CallSpec:
+        named = {**dict(zip(autotuner.arg_names, args, strict=False)),
+                 **{k: v for k, v in kwargs.items() if k not in LAUNCH_KWARGS}}
+        grid = kwargs.get("grid")
+        grids = []
+        for config in autotuner.configs:
+            g = grid({**named, **config.all_kwargs()}) if callable(grid) else grid
+            g = tuple(int(x) for x in (g if isinstance(g, tuple | list) else (g,)))
+            grids.append(g + (1,) * (3 - len(g)) if len(g) < 3 else g)
+        return cls(tuple(ArgSpec.of(a) for a in args),
+                   tuple((k, ArgSpec.of(v)) for k, v in kwargs.items() if k not in LAUNCH_KWARGS),
+                   tuple(grids))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"args": [a.to_json() for a in self.args], "kwargs": {k: v.to_json() for k, v in self.kwargs},
+                "grids": [list(g) for g in self.grids]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> CallSpec:
+        _require(isinstance(data, dict), "callspec must be an object")
+        args, kwargs, grids = data.get("args"), data.get("kwargs"), data.get("grids", [])
+        _require(isinstance(args, list) and isinstance(kwargs, dict) and isinstance(grids, list), "callspec")
+        for g in grids:
+            _require(isinstance(g, list) and all(isinstance(x, int) and x >= 0 for x in g), "callspec.grids")
+        return cls(tuple(ArgSpec.from_json(a) for a in args),
+                   tuple((str(k), ArgSpec.from_json(v)) for k, v in kwargs.items()),
+                   tuple(tuple(g) for g in grids))
+
+    def build(self, autotuner: Any, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
+        """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        args = tuple(a.build(device, gen) for a in self.args)
+        kwargs = {k: v.build(device, gen) for k, v in self.kwargs}
+        table = [(c.kwargs, g) for c, g in zip(autotuner.configs, self.grids, strict=False)]
+
+        def grid(meta: dict[str, Any]) -> tuple[int, ...]:
+            for cfg, g in table:
+                if all(meta.get(k) == v for k, v in cfg.items()):
+                    return g
+            raise InvalidEntry("replayed launch uses a config with no captured grid")
+
+        kwargs["grid"] = grid
+        kwargs["warmup"] = False
+        return args, kwargs

@@ -1,0 +1,1 @@
+"""The ``tunevault`` command line: each command family lives in its own module."""

@@ -1,0 +1,1 @@
+"""Value objects and environment identity; imports nothing above it."""

@@ -1,0 +1,85 @@
+"""Counters and events: what happened, per kernel and per phase (before / after the seal).
+
+Events go to the ``tunevault`` logger at DEBUG and, when a path is configured, to a JSON-lines
+file that several processes may append to (one ``write`` per line on an O_APPEND descriptor).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+log = logging.getLogger("tunevault")
+
+COUNTERS = ("hits", "misses", "tunings", "fallbacks", "errors", "tuning_seconds", "benchmark_runs")
+
+
+class Stats:
+    """Thread-safe counters keyed by (kernel name, phase)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
+
+    def add(self, kernel: str, phase: str, counter: str, amount: float = 1) -> None:
+        with self._lock:
+            self._counts[(kernel, phase)][counter] += amount
+
+    def snapshot(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{kernel: {phase: {counter: value}}}`` plus a ``"total"`` pseudo-kernel."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        total: dict[str, dict[str, float]] = {}
+        with self._lock:
+            items = [(k, dict(v)) for k, v in self._counts.items()]
+        for (kernel, phase), counts in items:
+            out.setdefault(kernel, {})[phase] = counts
+            agg = total.setdefault(phase, dict.fromkeys(COUNTERS, 0))
+            for name, value in counts.items():
+                agg[name] += value
+        out["total"] = total
+        return out
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+
+class EventLog:
+    """Structured events: kept in memory (bounded) and appended to an optional file."""
+
+    def __init__(self, path: str | None = None, keep: int = 10_000) -> None:
+        self.path = path
+        self.keep = keep
+        self.started = time.time()
+        self.recent: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"event": kind, "time": time.time(), "pid": os.getpid(), **fields}
+        with self._lock:
+            self.recent.append(event)
+            if len(self.recent) > self.keep:
+                del self.recent[: len(self.recent) - self.keep]
+        log.debug("event %s", event)
+        if self.path:
+            self._append(event)
+        return event
+
+    def _append(self, event: dict[str, Any]) -> None:
+        line = (json.dumps(event, default=str, separators=(",", ":")) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("tunevault: cannot write events to %s (%s); events stay in memory", self.path, exc)

@@ -1,0 +1,287 @@
+"""Stable identities for kernels, configs and the environment a decision was made in.
+
+Everything here must give the same answer in every process that runs the same code on the
+same machine: no ids, no addresses, no line numbers. Triton's own ``fn.cache_key`` includes
+the kernel's starting line number, so we hash sources ourselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import inspect
+import math
+import os
+import re
+import socket
+import sys
+import textwrap
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import triton
+import triton.language as tl
+
+from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, digest
+
+_OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override")
+_DEF_RE = re.compile(r"^def\s+\w+\s*\(", re.MULTILINE)
+_KERNEL_IDS: weakref.WeakKeyDictionary[Any, KernelId] = weakref.WeakKeyDictionary()
+_FINGERPRINT: Fingerprint | None = None
+
+
+def _qualified(obj: Any) -> str:
+    """``module:qualname`` of a function-like object; never an address."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if not hasattr(obj, "__qualname__"):
+        obj = type(obj)
+    return f"{getattr(obj, '__module__', None) or '?'}:{obj.__qualname__}"
+
+
+def json_scalar(value: Any) -> JsonScalar:
+    """Reduce a config or key value to a JSON scalar that spells the same in every process."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else repr(float(value))  # JSON has no NaN/inf
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, tl.constexpr):
+        return json_scalar(value.value)
+    if isinstance(value, tl.dtype):
+        return str(value)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return json_scalar(value.item())
+    if type(value).__repr__ is object.__repr__:  # the default repr carries an address
+        return f"<{_qualified(value)}>"
+    return repr(value)
+
+
+def config_spec(cfg: triton.Config) -> ConfigSpec:
+    """A Config's meta-parameters and every launch option this Triton version has that is set."""
+    kwargs = {str(k): json_scalar(v) for k, v in cfg.kwargs.items()}
+    raw = {n: getattr(cfg, n) for n in _OPTION_NAMES if getattr(cfg, n, None) is not None}
+    # Options a newer Triton adds to all_kwargs() but we do not know by name yet.
+    raw.update((k, v) for k, v in cfg.all_kwargs().items() if k not in cfg.kwargs and v is not None)
+    options = tuple(sorted((k, json_scalar(v)) for k, v in raw.items()))
+    hook = getattr(cfg, "pre_hook", None)
+    return ConfigSpec(tuple(sorted(kwargs.items())), options, None if hook is None else _qualified(hook))
+
+
+@functools.lru_cache(maxsize=1)
+def _jit_types() -> tuple[type, ...]:
+    """Classes whose instances wrap a kernel-side python function, as far as this Triton has them."""
+    from triton.runtime import jit
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # JITCallable (3.5+) also covers constexpr_function; the interpreter's class stands alone.
+    return (jit.JITFunction, getattr(jit, "JITCallable", jit.JITFunction), InterpretedFunction)
+
+
+def _is_jit(obj: Any) -> bool:
+    return isinstance(obj, _jit_types()) and inspect.isfunction(getattr(obj, "fn", None))
+
+
+def _in_triton(obj: Any) -> bool:
+    """Triton's own modules and helpers: covered by the fingerprint's Triton version."""
+    mod = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or ""
+    return mod == "triton" or mod.startswith("triton.")
+
+
+def _source(jit_obj: Any) -> str:
+    """The kernel-side source without decorators, as Triton sees it (``.src`` may be patched)."""
+    for attr in ("src", "_src"):
+        src = getattr(jit_obj, attr, None)
+        if isinstance(src, str):
+            return src
+    try:
+        src = textwrap.dedent(inspect.getsource(jit_obj.fn))
+    except (OSError, TypeError):
+        return f"<no source: {_qualified(jit_obj.fn)}>"
+    m = _DEF_RE.search(src)
+    return src[m.start():] if m else src
+
+
+def _code_names(code: Any) -> list[str]:
+    """Global and attribute names a code object and its nested code objects mention."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names += _code_names(const)
+    return names
+
+
+class _Walker:
+    """Collects a kernel's JIT dependencies and constexpr globals, following globals recursively."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+        self.sources: list[str] = []
+        self.constexprs: set[tuple[str, str]] = set()
+
+    def function(self, jit_obj: Any) -> None:
+        fn = jit_obj.fn
+        if id(fn) in self.seen:
+            return
+        self.seen.add(id(fn))
+        self.sources.append(_source(jit_obj))
+        scope = dict(fn.__globals__)
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False):
+            try:
+                scope[name] = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        attrs = list(dict.fromkeys(_code_names(fn.__code__)))
+        for name in dict.fromkeys([*attrs, *fn.__code__.co_freevars]):
+            if name in scope:
+                self.value(scope[name], name, attrs, set())
+
+    def value(self, val: Any, path: str, attrs: Iterable[str], containers: set[int]) -> None:
+        if _is_jit(val):
+            if not _in_triton(val.fn):
+                self.function(val)
+        elif isinstance(val, tl.constexpr):
+            self.constexprs.add((path, repr(json_scalar(val.value))))
+        elif (inspect.ismodule(val) or inspect.isclass(val)) and not _in_triton(val):
+            if id(val) in containers:
+                return
+            containers.add(id(val))
+            for attr in attrs:
+                try:
+                    sub = inspect.getattr_static(val, attr)
+                except AttributeError:
+                    continue
+                if isinstance(sub, staticmethod | classmethod):
+                    sub = sub.__func__
+                self.value(sub, f"{path}.{attr}", attrs, containers)
+
+
+def _jit_of(obj: Any) -> Any:
+    """Walk ``.fn`` from an Autotuner through any Heuristics down to the JIT function."""
+    for _ in range(32):
+        if _is_jit(obj):
+            return obj
+        obj = getattr(obj, "fn", None)
+    raise TypeError("not a Triton kernel: no JITFunction/InterpretedFunction under .fn")
+
+
+def kernel_id(autotuner: Any) -> KernelId:
+    """The KernelId of an Autotuner (or bare JIT function), cached per object."""
+    with contextlib.suppress(TypeError):  # not weak-referenceable: not a kernel either
+        if (cached := _KERNEL_IDS.get(autotuner)) is not None:
+            return cached
+    jit_obj = _jit_of(autotuner)
+    base = getattr(autotuner, "base_fn", None)
+    base = base if inspect.isfunction(base) else jit_obj.fn
+    walker = _Walker()
+    walker.function(jit_obj)
+    # Dependencies by source alone, not by name: the caller's source already names them.
+    source = {"kernel": walker.sources[0], "deps": sorted(walker.sources[1:]),
+              "constexprs": sorted(walker.constexprs)}
+    configs = [config_spec(c).to_json() for c in getattr(autotuner, "configs", None) or []]
+    keys = tuple(str(k) for k in getattr(autotuner, "keys", None) or ())
+    kid = KernelId(_qualified(base), digest(source), digest(configs), keys)
+    with contextlib.suppress(TypeError):
+        _KERNEL_IDS[autotuner] = kid
+    return kid
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``)."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _target() -> str:
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+        return f"{target.backend}:{target.arch}"
+    except Exception:
+        return "unknown"
+
+
+def _ptxas_version(target: str) -> str | None:
+    """``ptxas --version`` through Triton's cached helper; its signature differs across versions."""
+    if not target.startswith("cuda:"):
+        return None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        try:
+            text = get_ptxas_version(int(target.split(":", 1)[1]))  # 3.5+: ptxas depends on arch
+        except TypeError:
+            text = get_ptxas_version()  # 3.4
+        m = re.search(r"V(\d+(?:\.\d+)+)", str(text))
+        return m.group(1) if m else None
+    except Exception:
+        return None
+
+
+def _env_vars() -> tuple[tuple[str, str], ...]:
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+
+        env = get_cache_invalidating_env_vars()
+    except Exception:
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in env.items() if v is not None))
+
+
+def current_fingerprint(refresh: bool = False) -> Fingerprint:
+    """Where decisions made in this process are valid; computed once per process."""
+    global _FINGERPRINT
+    if _FINGERPRINT is not None and not refresh:
+        return _FINGERPRINT
+    import torch
+
+    interp = interpreting()
+    target = "interpreter" if interp else _target()
+    device = "cpu"
+    if not interp:  # never initialise CUDA for the interpreter
+        try:
+            if torch.cuda.is_available():
+                device = torch.cuda.get_device_name()
+        except Exception:
+            device = "unknown"
+    hip = getattr(torch.version, "hip", None)
+    cuda = torch.version.cuda or (f"hip-{hip}" if hip else "none")
+    ptxas = None if interp else _ptxas_version(target)
+    if ptxas:
+        cuda = f"{cuda};ptxas={ptxas}"
+    _FINGERPRINT = Fingerprint(triton=triton.__version__, target=target, device=device, cuda=cuda,
+                               env=_env_vars())
+    return _FINGERPRINT
+
+
+def _tunevault_version() -> str:
+    """The running source's version first: an editable install's metadata can be stale."""
+    version = getattr(sys.modules.get("tunevault"), "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version("tunevault")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _rank() -> int | str | None:
+    raw = (os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "").strip()
+    return (int(raw) if raw.isdigit() else raw) if raw else None
+
+
+def provenance() -> tuple[tuple[str, JsonScalar], ...]:
+    """Who made a decision and when; sorted, as Decision.from_json sorts it."""
+    prov = {"host": socket.gethostname(), "pid": os.getpid(), "rank": _rank(), "time": time.time(),
+            "triton": triton.__version__, "tunevault": _tunevault_version()}
+    return tuple(sorted(prov.items()))

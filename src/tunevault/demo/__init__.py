@@ -1,0 +1,1 @@
+"""The main job: real autotuned kernels run cold and warm, side by side."""

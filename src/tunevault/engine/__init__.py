@@ -1,0 +1,1 @@
+"""Tuning: prune -> benchmark -> select, in process or in a disposable worker."""

@@ -1,0 +1,1 @@
+"""The Triton adapter: where tunevault meets ``@triton.autotune``."""

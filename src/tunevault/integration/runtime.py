@@ -1,0 +1,132 @@
+"""The process-wide state behind the adapter: settings, store, caches, counters, events.
+
+The store is opened lazily on the first miss, so a process that never misses never touches
+the disk; an unusable store degrades to memory with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from tunevault.core.events import EventLog, Stats
+from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
+from tunevault.policy.settings import Settings
+from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+
+log = logging.getLogger("tunevault")
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.on_miss = settings.on_miss
+        self.sealed = False
+        self.stats = Stats()
+        self.events = EventLog(settings.events)
+        self._store: Store | None = None
+        self._fingerprint: Fingerprint | None = None
+        self._lock = threading.RLock()
+        self._warned: set[Any] = set()
+        self.decided: dict[tuple[str, str, str], Decision] = {}
+        self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
+        self.observers: list[Any] = []  # e.g. key capture; called as observer(kind, state, key, nargs)
+
+    @property
+    def phase(self) -> str:
+        return "serving" if self.sealed else "warmup"
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        if self._fingerprint is None:
+            from tunevault.core.identity import current_fingerprint
+
+            self._fingerprint = current_fingerprint()
+        return self._fingerprint
+
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    def _open_store(self) -> Store:
+        try:
+            from tunevault.store.layered import open_layered
+
+            return open_layered(self.settings)
+        except (StoreUnavailable, OSError) as exc:
+            from tunevault.store.memory import MemoryStore
+
+            self.warn_once(("store", self.settings.store),
+                           "tunevault: store %s is unusable (%s); keeping decisions in memory for this process",
+                           self.settings.store, exc)
+            return MemoryStore()
+
+    def warn_once(self, token: Any, msg: str, *args: Any) -> bool:
+        with self._lock:
+            if token in self._warned:
+                return False
+            self._warned.add(token)
+        log.warning(msg, *args)
+        return True
+
+    def lookup(self, kernel: KernelId, key: TuningKey) -> Decision | None:
+        skey = (kernel.digest, self.fingerprint.digest, key.text)
+        found = self.decided.get(skey)
+        if found is not None:
+            return found
+        try:
+            found = self.store.get(*skey)
+        except Exception as exc:  # a store must never crash a kernel call
+            self.warn_once(("get", type(exc)), "tunevault: store read failed (%s); treating as a miss", exc)
+            return None
+        if found is not None:
+            self.decided[skey] = found
+        return found
+
+    def publish(self, decision: Decision) -> Decision:
+        """Store ``decision`` unless another process published first; return the one to use."""
+        try:
+            published = self.store.put(decision)
+        except Exception as exc:
+            self.warn_once(("put", type(exc)), "tunevault: store write failed (%s); decision kept in memory", exc)
+            published = decision
+        self.decided[published.store_key] = published
+        return published
+
+    def decided_keys(self, kernel: KernelId) -> list[TuningKey]:
+        """Every key of ``kernel`` decided for this fingerprint (for miss diagnosis)."""
+        fp = self.fingerprint.digest
+        keys = {d.key.text: d.key for d in self.decided.values()
+                if d.kernel.digest == kernel.digest and d.fingerprint.digest == fp}
+        try:
+            for d in self.store.decisions(Query(kernel_digest=kernel.digest, fingerprint_digest=fp)):
+                keys.setdefault(d.key.text, d.key)
+        except Exception as exc:
+            self.warn_once(("list", type(exc)), "tunevault: store listing failed (%s)", exc)
+        return list(keys.values())
+
+    def notify(self, kind: str, state: Any, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
+        """Tell observers (key capture) how a key was resolved; an observer never breaks a call."""
+        for observer in list(self.observers):
+            try:
+                observer(kind, state, key, args, kwargs)
+            except Exception as exc:
+                self.warn_once(("observer", type(exc)), "tunevault: observer failed: %s", exc)
+
+    def submit_background(self, state: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> None:
+        """Queue ``key`` for tuning off the request path (engine.background)."""
+        from tunevault.engine.background import submit
+
+        submit(self, state, args, kwargs, key)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                try:
+                    self._store.close()
+                finally:
+                    self._store = None

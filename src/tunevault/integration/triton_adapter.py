@@ -1,0 +1,99 @@
+"""Install tunevault under every ``@triton.autotune`` kernel by replacing ``Autotuner.run``.
+
+Patching the class reaches kernels defined before and after installation; ``uninstall``
+puts the original method back and drops the per-kernel state, restoring stock behaviour.
+The hot path (a decided key) is: one attribute read, one tuple, one dict lookup, the launch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+from tunevault.integration.kernel_state import KernelState
+from tunevault.integration.runtime import Runtime
+from tunevault.policy.resolve import resolve
+from tunevault.policy.settings import Settings
+
+log = logging.getLogger("tunevault")
+
+STATE_ATTR = "_tunevault_state"
+_lock = threading.RLock()
+_original_run: Any = None
+_runtime: Runtime | None = None
+_attached: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _attach(autotuner: Any) -> KernelState:
+    with _lock:
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is None:
+            state = KernelState(autotuner)
+            setattr(autotuner, STATE_ATTR, state)
+            _attached.add(autotuner)
+        return state
+
+
+def _run(self: Any, *args: Any, **kwargs: Any) -> Any:
+    state = self.__dict__.get(STATE_ATTR) or _attach(self)
+    raw_key = state.raw_key(args, kwargs)
+    hit = state.hits.get(raw_key)
+    if hit is None:
+        return resolve(_runtime, state, args, kwargs, raw_key)
+    state.n_hits += 1
+    config, cfg_kwargs = hit
+    self.best_config = config
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(self.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
+    return self.fn.run(*args, **kwargs, **cfg_kwargs)
+
+
+def install(settings: Settings) -> Runtime:
+    """Route every Autotuner through tunevault with ``settings``; idempotent (re-install replaces)."""
+    global _original_run, _runtime
+    from triton.runtime.autotuner import Autotuner
+
+    with _lock:
+        if settings.mode == "off":
+            uninstall()
+            return Runtime(settings)
+        if _runtime is not None:
+            _runtime.close()
+        _drop_states()
+        _runtime = Runtime(settings)
+        if _original_run is None:
+            _original_run = Autotuner.run
+            Autotuner.run = _run
+        log.debug("tunevault installed: %s", settings)
+        return _runtime
+
+
+def uninstall() -> None:
+    """Restore stock ``Autotuner.run`` and forget every per-kernel state; idempotent."""
+    global _original_run, _runtime
+    with _lock:
+        if _original_run is not None:
+            from triton.runtime.autotuner import Autotuner
+
+            Autotuner.run = _original_run
+            _original_run = None
+        _drop_states()
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None
+
+
+def _drop_states() -> None:
+    for autotuner in list(_attached):
+        autotuner.__dict__.pop(STATE_ATTR, None)
+    _attached.clear()
+
+
+def runtime() -> Runtime | None:
+    return _runtime
+
+
+def kernel_states() -> list[KernelState]:
+    return [a.__dict__[STATE_ATTR] for a in list(_attached) if STATE_ATTR in a.__dict__]

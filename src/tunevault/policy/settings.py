@@ -1,0 +1,88 @@
+"""Settings from the environment and ``install()`` options, validated in one place.
+
+Every option has an environment variable, so a server can be switched without a code change;
+an option given to ``install()`` overrides the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+MODES = ("off", "tune", "first")
+ON_MISS = ("tune", "fallback", "error", "background")
+
+
+def default_store_url() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return "sqlite:///" + str(Path(base, "tunevault", "tunevault.db").absolute())
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _paths(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str = "off"
+    on_miss: str = "tune"
+    store: str = field(default_factory=default_store_url)
+    remote: str | None = None
+    bundles: tuple[str, ...] = ()
+    bundle_key: str | None = None
+    capture: str | None = None
+    events: str | None = None
+    isolate: bool = False
+    validate: bool = False
+    tolerance: float = 0.02
+    tune_timeout: float = 300.0
+    lease_wait: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"tunevault mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.on_miss not in ON_MISS:
+            raise ValueError(f"tunevault on_miss must be one of {', '.join(ON_MISS)}; got {self.on_miss!r}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"tunevault tolerance must be in [0, 1); got {self.tolerance!r}")
+        if self.tune_timeout <= 0 or self.lease_wait < 0:
+            raise ValueError("tunevault tune_timeout must be > 0 and lease_wait >= 0")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        kw: dict[str, object] = {}
+        simple = {"mode": "TUNEVAULT_MODE", "on_miss": "TUNEVAULT_ON_MISS", "store": "TUNEVAULT_STORE",
+                  "remote": "TUNEVAULT_REMOTE", "bundle_key": "TUNEVAULT_BUNDLE_KEY",
+                  "capture": "TUNEVAULT_CAPTURE", "events": "TUNEVAULT_EVENTS"}
+        for name, var in simple.items():
+            if e.get(var):
+                kw[name] = e[var].strip().lower() if name in ("mode", "on_miss") else e[var]
+        if e.get("TUNEVAULT_BUNDLE"):
+            kw["bundles"] = _paths(e["TUNEVAULT_BUNDLE"])
+        for name, var in (("isolate", "TUNEVAULT_ISOLATE"), ("validate", "TUNEVAULT_VALIDATE")):
+            if var in e:
+                kw[name] = _flag(e[var])
+        for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
+                          ("lease_wait", "TUNEVAULT_LEASE_WAIT")):
+            if e.get(var):
+                try:
+                    kw[name] = float(e[var])
+                except ValueError:
+                    raise ValueError(f"{var} must be a number; got {e[var]!r}") from None
+        return cls(**kw)  # type: ignore[arg-type]
+
+    def with_options(self, **options: object) -> Settings:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown tunevault option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(given.get("bundles"), str):
+            given["bundles"] = _paths(given["bundles"])  # type: ignore[arg-type]
+        return replace(self, **given)  # type: ignore[arg-type]

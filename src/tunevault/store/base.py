@@ -1,0 +1,87 @@
+"""The one small interface every store implements, and URL-based selection.
+
+Stores are selected by URL like httpx transports: ``sqlite:///abs/path.db``, ``memory://``,
+``redis://host:port/0``. A store validates everything it reads: a malformed entry is a
+miss plus a warning, never an exception into a kernel call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tunevault.core.model import Decision
+
+log = logging.getLogger("tunevault")
+
+
+@dataclass(frozen=True)
+class Query:
+    """Filters for listing or deleting decisions; ``None`` matches everything."""
+
+    kernel: str | None = None  # substring of the kernel's qualified name
+    kernel_digest: str | None = None
+    fingerprint_digest: str | None = None
+    key_text: str | None = None
+
+    def matches(self, d: Decision) -> bool:
+        return (
+            (self.kernel is None or self.kernel in d.kernel.name)
+            and (self.kernel_digest is None or self.kernel_digest == d.kernel.digest)
+            and (self.fingerprint_digest is None or self.fingerprint_digest == d.fingerprint.digest)
+            and (self.key_text is None or self.key_text == d.key.text)
+        )
+
+
+@runtime_checkable
+class Store(Protocol):
+    url: str
+
+    def get(self, kernel_digest: str, fingerprint_digest: str, key_text: str) -> Decision | None:
+        """The published decision, or None (also for a corrupt entry, with a warning)."""
+
+    def put(self, decision: Decision) -> Decision:
+        """Publish unless one exists (first writer wins); return the published decision."""
+
+    def decisions(self, query: Query = Query()) -> Iterator[Decision]:
+        """Every valid decision matching ``query``; corrupt rows are skipped with a warning."""
+
+    def delete(self, query: Query = Query()) -> int:
+        """Remove matching decisions; return how many."""
+
+    def count(self) -> int: ...
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the tuning lease ``name``; False while another live holder has it."""
+
+    def release(self, name: str, holder: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be opened or reached; callers degrade to memory with one warning."""
+
+
+def open_store(url: str) -> Store:
+    """Open the store a URL names; raises StoreUnavailable or ValueError for a bad URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"store URL {url!r} has no scheme; use sqlite:///path, memory:// or redis://host:port/db")
+    if scheme == "memory":
+        from tunevault.store.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "sqlite":
+        from tunevault.store.sqlite import SqliteStore
+
+        if not rest.startswith("/"):
+            raise ValueError(f"sqlite store needs an absolute path (sqlite:///abs/path.db), got {url!r}")
+        return SqliteStore(rest)
+    if scheme in ("redis", "rediss", "unix"):
+        from tunevault.store.redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(f"unknown store scheme {scheme!r} in {url!r}")

@@ -1,0 +1,321 @@
+"""The default persistent store: one SQLite file shared by every thread and process on a host.
+
+SQLite done the python-diskcache way: WAL so readers never wait for writers, a busy timeout
+plus a bounded retry so concurrent writers queue instead of failing, short IMMEDIATE write
+transactions (no deferred read-to-write upgrades, which fail without waiting), one connection
+per thread and per process (a connection never crosses a fork). Payloads are JSON, validated on
+every read; a corrupt row or file is a miss with a warning, never an exception into a launch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+
+from tunevault.core.model import Decision
+from tunevault.store.base import Query, StoreUnavailable, log
+
+LAYOUT_VERSION = 1  # of the tables below, kept in PRAGMA user_version
+_TABLES = {
+    "decisions": "CREATE TABLE IF NOT EXISTS decisions ("
+    " kernel_digest TEXT NOT NULL, fingerprint_digest TEXT NOT NULL, key_text TEXT NOT NULL,"
+    " kernel_name TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL,"
+    " PRIMARY KEY (kernel_digest, fingerprint_digest, key_text))",
+    "leases": "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+    " expires REAL NOT NULL)",
+}
+_COLUMNS = "kernel_digest, fingerprint_digest, key_text, kernel_name, payload"
+_ROW_KEY = "kernel_digest = ? AND fingerprint_digest = ? AND key_text = ?"
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
+_FORK_ORPHANS: list[Any] = []  # connections inherited across fork: never use or close them
+
+T = TypeVar("T")
+EVERYTHING = Query()  # shared default: Query is frozen, so one instance is safe
+
+
+class _ThreadConn:
+    """Holds one thread's connection; weak-referenceable (sqlite3.Connection is not)."""
+
+    __slots__ = ("db", "pid", "__weakref__")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db, self.pid = db, os.getpid()
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction that takes the write lock up front, so it waits instead of failing."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
+
+
+def _where(query: Query) -> tuple[str, list[Any]]:
+    """The SQL side of a Query; ``instr`` keeps the kernel filter a case-sensitive substring."""
+    tests = (("kernel_digest = ?", query.kernel_digest), ("fingerprint_digest = ?", query.fingerprint_digest),
+             ("key_text = ?", query.key_text), ("instr(kernel_name, ?) > 0", query.kernel))
+    parts, params = [t for t, v in tests if v is not None], [v for _, v in tests if v is not None]
+    return (" WHERE " + " AND ".join(parts) if parts else ""), params
+
+
+class SqliteStore:
+    """Decisions and tuning leases in one SQLite file; safe across threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 10.0) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.url = "sqlite://" + self.path  # "sqlite:///abs/path", which open_store reads back
+        self._timeout = timeout_s
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[_ThreadConn] = weakref.WeakSet()
+        self._conns_lock = threading.Lock()
+        self._warned: set[Any] = set()
+        self._closed = False
+        self._write_lock, self._write_lock_pid = threading.Lock(), os.getpid()
+        try:
+            parent = os.path.dirname(self.path)
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+            self._write(self._init_schema)
+        except (OSError, sqlite3.Error) as exc:
+            self.close()
+            raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}") from exc
+        except StoreUnavailable:
+            self.close()
+            raise
+
+    # -- connections and retries ------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailable(f"tuning store {self.path} is closed")
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            if held.pid == os.getpid():
+                return held.db
+            _FORK_ORPHANS.append(held)  # closing it here could checkpoint the parent's WAL
+        db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
+                             check_same_thread=False)  # only so close() may close it
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            db.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.Error:
+            db.close()
+            raise
+        held = _ThreadConn(db)
+        self._local.conn = held
+        with self._conns_lock:
+            self._conns.add(held)
+        return db
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on this thread's connection, retrying lock contention beyond busy_timeout."""
+        deadline = time.monotonic() + 3 * self._timeout
+        while True:
+            db = self._db()
+            try:
+                return fn(db)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(0.001, 0.05))
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Writers of one process take turns on a lock (woken at once) before SQLite's busy wait
+        (which polls with sleeps, and starves under contention): only processes contend in SQLite."""
+        if self._write_lock_pid != os.getpid():  # another thread may have held it at fork time
+            self._write_lock, self._write_lock_pid = threading.Lock(), os.getpid()
+        lock = self._write_lock
+        if not lock.acquire(timeout=3 * self._timeout):
+            raise StoreUnavailable(f"tuning store {self.path} stayed busy for {3 * self._timeout:.0f} s")
+        try:
+            return self._run(fn)
+        finally:
+            lock.release()
+
+    def _init_schema(self, db: sqlite3.Connection) -> None:
+        if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op once set
+        with _immediate(db):
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > LAYOUT_VERSION:
+                raise StoreUnavailable(
+                    f"tuning store {self.path} has layout version {version}, newer than this tunevault "
+                    f"understands ({LAYOUT_VERSION}); upgrade tunevault or point it at another file")
+            if version == LAYOUT_VERSION:
+                return
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables - set(_TABLES):
+                raise StoreUnavailable(f"{self.path} is an SQLite database of something else "
+                                       f"(tables {sorted(tables)}); refusing to write tuning data into it")
+            for ddl in _TABLES.values():
+                db.execute(ddl)
+            db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
+
+    # -- validation and warnings ------------------------------------------------------------
+
+    def _warn_once(self, what: Any, msg: str, *args: Any) -> None:
+        """One warning per corrupt row or failure kind, not one per read of it."""
+        if what in self._warned:
+            return
+        if len(self._warned) < 10_000:
+            self._warned.add(what)
+        log.warning(msg, *args)
+
+    def _decode(self, row: tuple[Any, ...]) -> Decision | None:
+        """The row's decision, or None (with a warning) if it is not valid for exactly this row."""
+        kd, fd, kt, name, payload = row
+        try:
+            if not isinstance(payload, str):
+                raise TypeError(f"payload is {type(payload).__name__}, not text")
+            decision = Decision.loads(payload)
+            if decision.store_key != (kd, fd, kt) or decision.kernel.name != name:
+                raise ValueError("payload belongs to another key (row tampered with or swapped)")
+        except Exception as exc:  # any failure to decode is corruption, never a crash
+            self._warn_once(("row", kd, fd, kt),
+                            "ignoring corrupt decision in %s (kernel %s %s, key %s): %s",
+                            self.path, name, kd, kt, exc)
+            return None
+        return decision
+
+    def _unreadable(self, exc: Exception) -> None:
+        self._warn_once(("unreadable", type(exc).__name__, str(exc)),
+                        "tuning store %s is unreadable (%s); treating it as a miss",
+                        self.path, exc)
+
+    # -- the Store protocol -----------------------------------------------------------------
+
+    def get(self, kernel_digest: str, fingerprint_digest: str, key_text: str) -> Decision | None:
+        sql = f"SELECT {_COLUMNS} FROM decisions WHERE {_ROW_KEY}"
+        try:
+            row = self._run(lambda db: db.execute(sql, (kernel_digest, fingerprint_digest, key_text))
+                            .fetchone())
+        except (sqlite3.Error, StoreUnavailable) as exc:
+            self._unreadable(exc)
+            return None
+        return None if row is None else self._decode(row)
+
+    def put(self, decision: Decision) -> Decision:
+        """INSERT OR IGNORE, then return what is stored: the first writer's decision wins.
+
+        A stored row that fails validation is replaced, so a corrupt entry heals on retune.
+        """
+        payload = decision.dumps()
+        key = decision.store_key
+
+        def txn(db: sqlite3.Connection) -> Decision:
+            with _immediate(db):
+                db.execute("INSERT OR IGNORE INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
+                           (*key, decision.kernel.name, payload, time.time()))
+                row = db.execute(f"SELECT {_COLUMNS} FROM decisions WHERE {_ROW_KEY}", key).fetchone()
+                if row is not None and row[4] == payload:
+                    return decision
+                stored = None if row is None else self._decode(row)
+                if stored is not None:
+                    return stored
+                db.execute(f"UPDATE decisions SET kernel_name = ?, payload = ?, created = ? WHERE {_ROW_KEY}",
+                           (decision.kernel.name, payload, time.time(), *key))
+                return decision
+
+        try:
+            return self._write(txn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot write to tuning store {self.path}: {exc}") from exc
+
+    def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
+        """Rows are fetched in one short read, then validated and filtered as they are yielded."""
+        where, params = _where(query)
+        sql = f"SELECT {_COLUMNS} FROM decisions{where} ORDER BY kernel_name, created"
+        try:
+            rows = self._run(lambda db: db.execute(sql, params).fetchall())
+        except (sqlite3.Error, StoreUnavailable) as exc:
+            self._unreadable(exc)
+            return
+        for row in rows:
+            decision = self._decode(row)
+            if decision is not None and query.matches(decision):
+                yield decision
+
+    def delete(self, query: Query = EVERYTHING) -> int:
+        """Delete by the row's columns, so corrupt rows matching the query go too."""
+        where, params = _where(query)
+
+        def txn(db: sqlite3.Connection) -> int:
+            with _immediate(db):
+                return db.execute(f"DELETE FROM decisions{where}", params).rowcount
+
+        try:
+            return self._write(txn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot delete from tuning store {self.path}: {exc}") from exc
+
+    def count(self) -> int:
+        """Stored rows, corrupt ones included (they are still there to be deleted)."""
+        try:
+            return int(self._run(lambda db: db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read tuning store {self.path}: {exc}") from exc
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease if absent, expired or ours (renew). Wall-clock time: processes share it."""
+
+        def txn(db: sqlite3.Connection) -> bool:
+            with _immediate(db):
+                now = time.time()
+                row = db.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+                live = row is not None and isinstance(row[1], int | float) and row[1] > now
+                if live and row[0] != holder:  # a garbled expiry counts as expired
+                    return False
+                db.execute("INSERT OR REPLACE INTO leases (name, holder, expires) VALUES (?, ?, ?)",
+                           (name, holder, now + ttl_s))
+                return True
+
+        try:
+            return self._write(txn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot take lease {name!r} in tuning store {self.path}: {exc}") from exc
+
+    def release(self, name: str, holder: str) -> None:
+        """Best effort and never raises: an unreleased lease simply expires."""
+
+        def txn(db: sqlite3.Connection) -> None:
+            with _immediate(db):
+                db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+        try:
+            self._write(txn)
+        except (sqlite3.Error, StoreUnavailable) as exc:
+            log.warning("could not release lease %r in %s (%s); it will expire", name, self.path, exc)
+
+    def close(self) -> None:
+        """Close every thread's connection opened by this process; later reads miss, writes raise."""
+        self._closed = True
+        with self._conns_lock:
+            held = [c for c in self._conns if c.pid == os.getpid()]
+            self._conns = weakref.WeakSet()
+        for c in held:
+            with suppress(sqlite3.Error):
+                c.db.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self.path!r})"

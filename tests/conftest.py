@@ -1,0 +1,86 @@
+"""Shared test harness: real Triton kernels under the interpreter, real SQLite, real processes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+os.environ.setdefault("TUNEVAULT_CPU_BENCH_REPS", "3")
+
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tune.db'}"
+
+
+@pytest.fixture
+def tv(sqlite_url: str) -> Iterator[Any]:
+    """tunevault installed in tune mode on a fresh SQLite store; uninstalled afterwards."""
+    import tunevault
+
+    tunevault.install(mode="tune", store=sqlite_url)
+    yield tunevault
+    tunevault.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _always_uninstall() -> Iterator[None]:
+    yield
+    import tunevault
+
+    tunevault.uninstall()
+
+
+class LaunchCounter:
+    """Counts executions of a kernel below the autotuner (the JIT function's own ``run``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@contextlib.contextmanager
+def count_launches(autotuner: Any) -> Iterator[LaunchCounter]:
+    fn = autotuner.fn
+    while type(fn).__name__ in ("Heuristics", "Autotuner"):
+        fn = fn.fn
+    counter, original = LaunchCounter(), fn.run
+
+    def counting_run(*args: Any, **kwargs: Any) -> Any:
+        counter.count += 1
+        return original(*args, **kwargs)
+
+    fn.run = counting_run
+    try:
+        yield counter
+    finally:
+        del fn.run  # drop the instance attribute: the class method shows through again
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEVAULT_")}
+    env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def run_py(code: str, timeout: float = 240, **env: str) -> Any:
+    """Run ``code`` in a fresh interpreter; it must print one JSON document as its last line."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(**env))
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

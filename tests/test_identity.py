@@ -1,0 +1,257 @@
+"""Kernel, config and environment identities, on real Triton kernels under the interpreter."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from tunevault.core.identity import (  # noqa: E402
+    config_spec,
+    current_fingerprint,
+    json_scalar,
+    kernel_id,
+    provenance,
+)
+from tunevault.core.model import ConfigSpec, Fingerprint, canonical_json  # noqa: E402
+
+HELPERS = """
+import triton
+import triton.language as tl  # noqa: F401  (the interpreter patches it in every helper's globals)
+
+@triton.jit
+def twice(x):
+    return x * 2
+"""
+
+KERNEL = """
+import triton
+import triton.language as tl
+import {helpers} as hm
+
+SCALE = tl.constexpr({scale})
+
+
+@triton.jit
+def helper(x):
+    return x + {offset}
+
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}, num_warps=1), {extra_config}], key=["n"])
+@triton.jit
+def kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(y_ptr + offs, hm.twice(helper(x)) * SCALE, mask=mask)
+"""
+
+
+def load(tmp_path: Path, text: str, pad: int = 0):
+    """Import ``text`` as a fresh module from its own file (optionally moved down ``pad`` lines)."""
+    name = f"tv_mod_{uuid.uuid4().hex[:12]}"
+    path = tmp_path / f"{name}.py"
+    path.write_text("\n" * pad + textwrap.dedent(text))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kernel_module(tmp_path, pad=0, helpers=HELPERS, scale=2, offset=1, extra_config=None):
+    hm = load(tmp_path, helpers)
+    extra_config = extra_config or 'triton.Config({"BLOCK": 32}, num_warps=2)'
+    return load(tmp_path, KERNEL.format(helpers=hm.__name__, scale=scale, offset=offset,
+                                        extra_config=extra_config), pad=pad)
+
+
+def run_kernel(autotuner, n=50, block=16):
+    """Launch below the Autotuner: its benchmarker needs a GPU driver even under the interpreter."""
+    x = torch.arange(n, dtype=torch.float32)
+    y = torch.empty_like(x)
+    autotuner.fn[(triton.cdiv(n, block),)](x, y, n, BLOCK=block)
+    return x, y
+
+
+def test_moving_the_kernel_down_keeps_its_identity(tmp_path):
+    a = kernel_module(tmp_path).kernel
+    b = kernel_module(tmp_path, pad=25).kernel
+    assert b.base_fn.__code__.co_firstlineno == a.base_fn.__code__.co_firstlineno + 25
+    assert kernel_id(a).source_hash == kernel_id(b).source_hash
+    assert kernel_id(a).configs_hash == kernel_id(b).configs_hash
+    assert kernel_id(a).name.endswith(":kernel") and kernel_id(a).key_names == ("n",)
+
+
+def test_source_hash_is_the_same_in_another_process(tmp_path):
+    mod = kernel_module(tmp_path)
+    code = (
+        "import importlib.util, json, sys\n"
+        "from tunevault.core.identity import kernel_id\n"
+        f"h = importlib.util.spec_from_file_location({mod.hm.__name__!r}, {mod.hm.__file__!r})\n"
+        "sys.modules[h.name] = m = importlib.util.module_from_spec(h); h.loader.exec_module(m)\n"
+        f"s = importlib.util.spec_from_file_location('k', {mod.__file__!r})\n"
+        "k = importlib.util.module_from_spec(s); s.loader.exec_module(k)\n"
+        "print(json.dumps(kernel_id(k.kernel).to_json()))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    mine = kernel_id(mod.kernel)
+    assert (theirs["source_hash"], theirs["configs_hash"]) == (mine.source_hash, mine.configs_hash)
+
+
+def test_edits_to_the_body_a_helper_or_a_constexpr_change_source_hash(tmp_path):
+    base = kernel_id(kernel_module(tmp_path).kernel).source_hash
+    edited_helper = kernel_id(kernel_module(tmp_path, offset=3).kernel).source_hash
+    edited_module_helper = kernel_id(kernel_module(tmp_path, helpers=HELPERS.replace("* 2", "* 3")).kernel)
+    edited_constexpr = kernel_id(kernel_module(tmp_path, scale=4).kernel).source_hash
+    assert len({base, edited_helper, edited_module_helper.source_hash, edited_constexpr}) == 4
+
+    body = load(tmp_path, textwrap.dedent(KERNEL).replace("offs < n", "offs < n - 1").format(
+        helpers=load(tmp_path, HELPERS).__name__, scale=2, offset=1,
+        extra_config='triton.Config({"BLOCK": 32}, num_warps=2)'))
+    assert kernel_id(body.kernel).source_hash != base
+
+
+def test_config_list_edit_changes_configs_hash_only(tmp_path):
+    a = kernel_id(kernel_module(tmp_path).kernel)
+    b = kernel_id(kernel_module(tmp_path, extra_config='triton.Config({"BLOCK": 32}, num_warps=4)').kernel)
+    assert a.source_hash == b.source_hash
+    assert a.configs_hash != b.configs_hash
+    assert a.digest != b.digest
+
+
+def test_kernel_still_runs_and_identity_is_cached_off_the_object(tmp_path):
+    mod = kernel_module(tmp_path)
+    before = kernel_id(mod.kernel)
+    x, y = run_kernel(mod.kernel)
+    torch.testing.assert_close(y, (x + 1) * 2 * 2)
+    assert kernel_id(mod.kernel) is before
+    twin = kernel_module(tmp_path)  # a fresh object: computed again, after the interpreter has run
+    run_kernel(twin.kernel)
+    assert kernel_id(twin.kernel).source_hash == before.source_hash
+    assert not any(isinstance(v, type(before)) for v in vars(mod.kernel).values())
+
+
+def test_heuristics_wrapped_kernel(tmp_path):
+    mod = load(tmp_path, """
+        import triton
+        import triton.language as tl
+
+        @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 64})], key=["n"])
+        @triton.heuristics({"EVEN": lambda args: args["n"] % args["BLOCK"] == 0})
+        @triton.jit
+        def kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            if EVEN:
+                tl.store(y_ptr + offs, tl.load(x_ptr + offs) + 1)
+            else:
+                tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+    """)
+    kid = kernel_id(mod.kernel)
+    assert kid.name == f"{mod.__name__}:kernel"
+    assert kid.key_names == ("n",)
+    x, y = run_kernel(mod.kernel, n=40)
+    torch.testing.assert_close(y, x + 1)
+    assert kernel_id(mod.kernel) == kid
+
+
+def test_closure_values_and_mutual_recursion(tmp_path):
+    mod = load(tmp_path, """
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def ping(x):
+            return pong(x)
+
+        @triton.jit
+        def pong(x):
+            return ping(x)
+
+        def make(scale):
+            S = tl.constexpr(scale)
+
+            @triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=[])
+            @triton.jit
+            def kernel(x_ptr, BLOCK: tl.constexpr):
+                tl.store(x_ptr, ping(tl.load(x_ptr)) * S)
+            return kernel
+    """)
+    two, three = kernel_id(mod.make(2)), kernel_id(mod.make(3))
+    assert two.source_hash != three.source_hash
+    assert two.source_hash == kernel_id(mod.make(2)).source_hash
+    assert two.name.endswith(":make.<locals>.kernel")
+
+
+def _hook(nargs):
+    return None
+
+
+def test_config_spec_serialises_every_value_kind():
+    cfg = triton.Config({"DT": tl.float16, "TT": torch.bfloat16, "EVEN": True, "OPT": None, "ALPHA": 0.5,
+                         "K": tl.constexpr(8)}, num_warps=2, num_stages=1, pre_hook=_hook)
+    spec = config_spec(cfg)
+    assert dict(spec.kwargs) == {"DT": "fp16", "TT": "bfloat16", "EVEN": True, "OPT": None, "ALPHA": 0.5,
+                                 "K": 8}
+    opts = dict(spec.options)
+    assert opts["num_warps"] == 2 and opts["num_stages"] == 1 and opts["num_ctas"] == 1
+    assert "maxnreg" not in opts and "ir_override" not in opts
+    assert spec.pre_hook == f"{__name__}:_hook"
+    assert ConfigSpec.from_json(json.loads(canonical_json(spec.to_json()))) == spec
+    assert dict(config_spec(triton.Config({}, maxnreg=128)).options)["maxnreg"] == 128
+
+
+def test_json_scalar_is_stable_and_json_safe():
+    class Opaque:
+        pass
+
+    assert json_scalar(tl.int32) == "int32"
+    assert json_scalar(torch.float8_e4m3fn) == "float8_e4m3fn"
+    assert json_scalar(float("inf")) == "inf"
+    assert json_scalar(Opaque()) == json_scalar(Opaque())  # no address in the spelling
+    assert json_scalar((1, 2)) == "(1, 2)"
+    canonical_json([json_scalar(v) for v in (float("nan"), Opaque(), tl.float32, 3, "s")])
+
+
+def test_fingerprint_under_the_interpreter(monkeypatch):
+    fp = current_fingerprint(refresh=True)
+    assert fp.target == "interpreter" and fp.device == "cpu"
+    assert fp.triton == triton.__version__
+    assert Fingerprint.from_json(json.loads(canonical_json(fp.to_json()))) == fp
+    assert current_fingerprint() is fp
+
+    monkeypatch.setenv("TRITON_DISABLE_LINE_INFO", "1")
+    changed = current_fingerprint(refresh=True)
+    assert "TRITON_DISABLE_LINE_INFO" in dict(changed.env)
+    assert changed.digest != fp.digest
+    monkeypatch.delenv("TRITON_DISABLE_LINE_INFO")
+    assert current_fingerprint(refresh=True) == fp
+
+
+def test_provenance_names_this_process(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    prov = dict(provenance())
+    assert prov["pid"] == os.getpid() and prov["rank"] == 3
+    assert prov["triton"] == triton.__version__
+    assert prov["tunevault"] == getattr(sys.modules["tunevault"], "__version__", prov["tunevault"])
+    assert list(dict(provenance())) == sorted(prov)
+    canonical_json(prov)
+
+
+@pytest.mark.parametrize("bad", [object(), 3])
+def test_kernel_id_rejects_non_kernels(bad):
+    with pytest.raises(TypeError):
+        kernel_id(bad)
