@@ -57,6 +57,7 @@ def count_launches(autotuner: Any) -> Iterator[LaunchCounter]:
     while type(fn).__name__ in ("Heuristics", "Autotuner"):
         fn = fn.fn
     counter, original = LaunchCounter(), fn.run
+    had_own = "run" in fn.__dict__  # Triton 3.4's InterpretedFunction sets run per instance
 
     def counting_run(*args: Any, **kwargs: Any) -> Any:
         counter.count += 1
@@ -66,7 +67,10 @@ def count_launches(autotuner: Any) -> Iterator[LaunchCounter]:
     try:
         yield counter
     finally:
-        del fn.run  # drop the instance attribute: the class method shows through again
+        if had_own:
+            fn.run = original
+        else:
+            del fn.run  # drop the instance attribute: the class method shows through again
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunevault import capture  # a callable package: ``with tunevault.capture(path): ...``
 from tunevault.policy.diagnose import TuningMiss
 from tunevault.policy.resolve import TuningError
 from tunevault.policy.settings import Settings
 
 __version__ = "0.1.0"
 
-__all__ = ["Settings", "TuningError", "TuningMiss", "install", "installed", "seal", "stats", "uninstall"]
+__all__ = ["Settings", "TuningError", "TuningMiss", "capture", "check", "install", "installed", "seal",
+           "stats", "uninstall", "warmup",
+           "verify_agreement"]
 
 
 def install(mode: str = "tune", **options: Any) -> Settings:
     """Route every ``@triton.autotune`` kernel through tunevault. Options override ``TUNEVAULT_*``.
 
     Options: on_miss, store, remote, bundles, bundle_key, capture, events, isolate, validate,
-    tolerance, tune_timeout, lease_wait. Calling it again replaces the settings.
+    tolerance, tune_timeout, lease_wait, lease_ttl. Calling it again replaces the settings.
     """
     from tunevault.integration import activation
 
@@ -51,6 +54,12 @@ def seal(on_miss: str = "fallback") -> None:
         raise RuntimeError("tunevault is not installed: call tunevault.install() or set TUNEVAULT_MODE first")
     if on_miss not in ON_MISS:
         raise ValueError(f"on_miss must be one of {', '.join(ON_MISS)}; got {on_miss!r}")
+    if not rt.sealed:  # in-memory hits so far count as warmup hits in stats()
+        import weakref
+
+        from tunevault.integration.triton_adapter import kernel_states
+
+        rt.hits_at_seal = weakref.WeakKeyDictionary({st: st.n_hits for st in kernel_states()})
     rt.on_miss = on_miss
     rt.sealed = True
     rt.events.emit("seal", on_miss=on_miss)
@@ -63,8 +72,41 @@ def stats() -> dict[str, Any]:
     rt = runtime()
     if rt is None:
         return {"installed": False, "kernels": {}}
+    from tunevault.core.events import COUNTERS
+
     snap = rt.stats.snapshot()
-    for st in kernel_states():
-        if st._kernel_id is not None and st.n_hits:
-            snap.setdefault(st._kernel_id.name, {}).setdefault("all", {})["hits"] = st.n_hits
+    at_seal = getattr(rt, "hits_at_seal", None)
+    for st in kernel_states():  # in-memory hits: n_hits, split at the seal
+        before = st.n_hits if at_seal is None else at_seal.get(st, 0)
+        for phase, n in (("warmup", before), ("serving", st.n_hits - before)):
+            for name in (st.kernel_id.name, "total"):
+                if n:
+                    snap.setdefault(name, {}).setdefault(phase, dict.fromkeys(COUNTERS, 0))["hits"] += n
     return {"installed": True, "sealed": rt.sealed, "on_miss": rt.on_miss, "kernels": snap}
+
+
+def warmup(manifest: Any, device: str | None = None, progress: Any = None) -> Any:
+    """Tune every key a captured manifest lists that has no decision yet (replaying rebuilt arguments).
+
+    Returns a report with ``counts()`` (tuned / decided / skipped / failed), ``items`` and ``ok``.
+    """
+    from tunevault.capture.replay import warmup as replay
+
+    return replay(manifest, device=device, progress=progress)
+
+
+def check(manifest: Any, store: str | None = None) -> Any:
+    """Preflight: which captured keys lack a decision for this machine; the result has ``ok``, ``missing``."""
+    from tunevault.policy.check import check as preflight
+
+    return preflight(manifest, store=store)
+
+
+def verify_agreement(group: Any = None) -> Any:
+    """Check that every rank of ``group`` launched the same config per key (collective: call on all ranks).
+
+    Returns a report with ``ok`` and ``mismatches`` (kernel, key, configs with their ranks) and logs it.
+    """
+    from tunevault.fleet import verify_agreement as verify
+
+    return verify(group)

@@ -43,9 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from tunevault.store.base import StoreUnavailable
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, StoreUnavailable) as exc:
         print(f"tunevault {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

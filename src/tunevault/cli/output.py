@@ -25,7 +25,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: st
         table.add_column(h, overflow="fold")
     for row in rows:
         table.add_row(*(str(c) for c in row))
-    Console(width=max(100, Console().width)).print(table)
+    console = Console()
+    # A pipe or a log file has no width: do not fold rows to rich's 80-column guess.
+    console.width = max(100, console.width) if console.is_terminal else 200
+    console.print(table)
 
 
 def _plain_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -28,6 +29,10 @@ def canonical_json(obj: Any) -> str:
 
 def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidEntry(f"{name} is not allowed in stored JSON")
 
 
 def _require(cond: bool, what: str) -> None:
@@ -87,7 +92,7 @@ class KernelId:
     configs_hash: str
     key_names: tuple[str, ...]
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return digest(self.to_json())
 
@@ -124,7 +129,7 @@ class Fingerprint:
     env: tuple[tuple[str, str], ...] = ()
     schema: int = SCHEMA_VERSION
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return digest(self.to_json())
 
@@ -169,7 +174,7 @@ class TuningKey:
             items.append((pair[0], pair[1]))
         return cls(tuple(items))
 
-    @property
+    @cached_property
     def text(self) -> str:
         """The stable string a store indexes by."""
         return canonical_json(self.to_json())
@@ -225,7 +230,7 @@ class Decision:
     tuning_seconds: float = 0.0
     provenance: tuple[tuple[str, JsonScalar], ...] = field(default=())
 
-    @property
+    @cached_property
     def store_key(self) -> tuple[str, str, str]:
         return (self.kernel.digest, self.fingerprint.digest, self.key.text)
 
@@ -275,7 +280,9 @@ class Decision:
     @classmethod
     def loads(cls, text: str | bytes) -> Decision:
         try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidEntry(f"not JSON: {exc}") from exc
-        return cls.from_json(data)
+            data = json.loads(text, parse_constant=_reject_constant)
+            return cls.from_json(data)
+        except InvalidEntry:
+            raise
+        except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
+            raise InvalidEntry(f"not a valid decision: {exc}") from exc

@@ -93,6 +93,13 @@ def _cases(device: str) -> list[tuple[str, Any, Callable[[], Any], Callable[[], 
     ]
 
 
+def _compact(config: Any) -> str:
+    """Meta-parameters and warps: what tells the demo's configs apart (``tunevault show`` has all)."""
+    opts = dict(config.options)
+    return " ".join([f"{k}={v}" for k, v in config.kwargs] + [f"num_warps={opts['num_warps']}"] * (
+        "num_warps" in opts))
+
+
 def _run_case(rt: Any, name: str, autotuner: Any, call: Callable[[], Any], ref: Callable[[], Any],
               tol: float) -> dict[str, Any]:
     import torch
@@ -115,7 +122,7 @@ def _run_case(rt: Any, name: str, autotuner: Any, call: Callable[[], Any], ref: 
         "kernel": name,
         "name": qualified,
         "key": decision.key.describe() if decision else "?",
-        "config": decision.config.describe() if decision else "?",
+        "config": _compact(decision.config) if decision else "?",
         "config_index": decision.config_index if decision else None,
         "calls": CALLS_PER_KERNEL,
         "launches": counter.launches,

@@ -8,8 +8,11 @@ tuning different keys cannot see each other's arguments.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,3 +70,144 @@ def bench_candidates(autotuner: Any, args: tuple, kwargs: dict[str, Any], nargs:
             log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
             results.append(CandidateResult(index, spec, (), f"{type(exc).__name__}: {exc}"[:500]))
     return results
+
+
+def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Sequence[Any],
+               threads: int | None = None) -> None:
+    """Compile every config in a thread pool before any is timed; best effort, errors surface later.
+
+    Triton >= 3.5 has ``AsyncCompileMode`` (compiles run in the pool, results land in the kernel
+    cache); older versions get plain threads calling ``run(warmup=True)``. Under the interpreter
+    there is nothing to compile.
+    """
+    from tunevault.engine.timing import interpreting
+
+    if interpreting() or len(configs) < 2:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = {k: v for k, v in kwargs.items() if k != "warmup"}
+
+    def compile_one(config: Any) -> Any:
+        return autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
+
+    try:
+        compile_one(configs[0])  # creates the per-device caches before threads share them
+    except Exception as exc:
+        log.debug("tunevault: precompile of %s failed: %s", configs[0], exc)
+    rest = list(configs[1:])
+    workers = threads or min(8, len(rest), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tunevault-compile") as pool:
+        try:
+            from triton.runtime._async_compile import AsyncCompileMode
+        except ImportError:  # Triton 3.4
+            for future in [pool.submit(compile_one, c) for c in rest]:
+                with contextlib.suppress(Exception):
+                    future.result()
+            return
+        try:
+            with AsyncCompileMode(pool, ignore_errors=True):
+                for config in rest:
+                    with contextlib.suppress(Exception):
+                        compile_one(config)
+        except Exception as exc:
+            log.debug("tunevault: parallel precompile failed: %s", exc)
+
+
+class InProcessSession:
+    """Runs the engine's stages (precompile, validate, time) on arguments in this process.
+
+    The isolated worker drives the very same class on arguments it rebuilt from a CallSpec.
+    """
+
+    where = "process"
+
+    def __init__(self, autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: dict[int, Any],
+                 specs: dict[int, ConfigSpec], on_launch: Callable[[], None] | None = None,
+                 deadline: float | None = None) -> None:
+        self.autotuner, self.args, self.kwargs = autotuner, args, kwargs
+        self.nargs = dict(zip(autotuner.arg_names, args, strict=False))
+        self.configs, self.specs, self.on_launch, self.deadline = configs, specs, on_launch, deadline
+        self.validator: Any = None
+
+    def _late(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def _skipped(self, index: int) -> CandidateResult:
+        return CandidateResult(index, self.specs[index], (), "timeout: tuning exceeded tune_timeout; not run")
+
+    def precompile(self, indices: Sequence[int]) -> None:
+        precompile(self.autotuner, self.args, self.kwargs, [self.configs[i] for i in indices])
+
+    def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]:
+        from tunevault.engine.validate import Validator
+
+        if self.validator is None:
+            self.validator = Validator(self.autotuner, self.args, self.kwargs)
+        v = self.validator
+        if reference is not None and v.reference is None and reference in self.configs:
+            with contextlib.suppress(Exception):
+                v.check(reference, self.configs[reference])
+        out: dict[int, str | None] = {}
+        for i in indices:
+            if self._late():
+                out[i] = "timeout: tuning exceeded tune_timeout; not validated"
+                continue
+            try:
+                check_conflicts(self.kwargs, self.configs[i])
+                out[i] = v.check(i, self.configs[i], self.on_launch)
+            except Exception as exc:
+                out[i] = f"{type(exc).__name__}: {exc}"[:500]
+        return out
+
+    def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
+        from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer
+
+        if uses_cpu_timer(self.autotuner) and len(indices) > 1:
+            return self._interleaved(indices, 1 if effort == "screen" else cpu_reps())
+        bench = benchmarker_for(self.autotuner, effort)
+        out: dict[int, CandidateResult] = {}
+        for i in indices:
+            if self._late():
+                out[i] = self._skipped(i)
+                continue
+            out[i] = bench_candidates(self.autotuner, self.args, self.kwargs, self.nargs,
+                                      [(i, self.configs[i], self.specs[i])], bench, self.on_launch)[0]
+        return out
+
+    def _interleaved(self, indices: Sequence[int], reps: int) -> dict[int, CandidateResult]:
+        """CPU timing in rounds (one run of each config per round): a burst of load from elsewhere
+        then slows every config a little instead of one config a lot."""
+        from tunevault.engine.timing import summarize
+
+        out: dict[int, CandidateResult] = {}
+        calls: dict[int, Callable[[], None]] = {}
+        for i in indices:
+            try:
+                check_conflicts(self.kwargs, self.configs[i])
+                call = make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
+                                        self.on_launch)
+                call()  # warm-up, and the place where a broken config shows itself
+                calls[i] = call
+            except Exception as exc:
+                out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
+        times: dict[int, list[float]] = {i: [] for i in calls}
+        for _round in range(max(1, reps)):
+            if self._late():
+                break
+            for i, call in list(calls.items()):
+                t0 = time.perf_counter()
+                try:
+                    call()
+                except Exception as exc:
+                    out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
+                    del calls[i]
+                    continue
+                times[i].append((time.perf_counter() - t0) * 1e3)
+        for i in calls:
+            out[i] = (CandidateResult(i, self.specs[i], tuple(summarize(times[i], (0.5, 0.2, 0.8))))
+                      if times[i] else self._skipped(i))
+        return {i: out[i] for i in indices}
+
+    def close(self) -> None:
+        self.validator = None

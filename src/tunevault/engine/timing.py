@@ -1,11 +1,13 @@
-"""Benchmarkers: Triton's on a GPU, a CPU wall-clock timer under the interpreter.
+"""Benchmarkers: our CUDA-event timer on a GPU, a CPU wall-clock timer under the interpreter.
 
 Stock Triton cannot benchmark under ``TRITON_INTERPRET=1`` ("0 active drivers"); the CPU
-timer makes the whole pipeline run, and be tested, on a machine with no GPU.
+timer makes the whole pipeline run, and be tested, on a machine with no GPU. Each benchmarker
+comes in two efforts: ``screen`` (a few runs, to rank candidates) and ``full`` (careful).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 Benchmarker = Callable[..., Sequence[float]]
+EFFORTS = ("screen", "full")
 
 
 def interpreting() -> bool:
@@ -24,25 +27,68 @@ def interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def quantile(ordered: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted values (numpy's default method)."""
+    point = q * (len(ordered) - 1)
+    lo = int(point)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (point - lo) * (ordered[hi] - ordered[lo])
+
+
+def summarize(times: Sequence[float], quantiles: Sequence[float]) -> list[float]:
+    ordered = sorted(times)
+    return [statistics.median(ordered) if q == 0.5 else quantile(ordered, q) for q in quantiles]
+
+
+def cpu_reps() -> int:
+    return max(1, int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "5")))
+
+
 def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int | None = None,
               **_: Any) -> list[float]:
     """Median-based wall-clock timing in milliseconds, one untimed warm-up call first."""
-    n = reps or int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "5"))
+    n = reps or cpu_reps()
     fn()
     times = []
     for _i in range(max(1, n)):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    ordered = sorted(times)
-    return [statistics.median(ordered) if q == 0.5 else ordered[round(q * (len(ordered) - 1))]
-            for q in quantiles]
+    return summarize(times, quantiles)
 
-def benchmarker_for(autotuner: Any) -> Benchmarker:
-    """The kernel's own ``do_bench`` if it declared one, else Triton's, else the CPU timer."""
+
+def cpu_screen(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), **_: Any) -> list[float]:
+    """One warm-up and one timed call: enough to rank candidates under the interpreter."""
+    return cpu_bench(fn, quantiles, reps=1)
+
+
+def _cuda_ready() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def benchmarker_for(autotuner: Any, effort: str = "full") -> Benchmarker:
+    """The kernel's own ``do_bench`` if it declared one, else ours (GPU or CPU), else the driver's."""
     own = getattr(autotuner, "_do_bench", None)
     if own is not None:
         return own
     if interpreting():
-        return cpu_bench
+        return cpu_screen if effort == "screen" else cpu_bench
+    if _cuda_ready():
+        from tunevault.engine.gpu_timing import gpu_bench
+
+        return functools.partial(gpu_bench, effort=effort)
     return autotuner.do_bench
+
+
+def uses_cpu_timer(autotuner: Any) -> bool:
+    return interpreting() and not has_own_benchmarker(autotuner)
+
+
+def has_own_benchmarker(autotuner: Any) -> bool:
+    """A user ``do_bench`` has one effort only, so screening with it would time everything twice."""
+    return getattr(autotuner, "_do_bench", None) is not None

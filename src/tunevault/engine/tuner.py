@@ -1,22 +1,86 @@
-"""Measure candidates: in this process, or in a disposable worker when isolation is on."""
+"""Measure candidates: in this process, or in a disposable worker when isolation is on.
+
+Both places run the same stages (engine.search): parallel precompile, optional validation,
+then a screen and careful timing of the best. Isolation falls back to this process, with one
+warning, for kernels a fresh process cannot import.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine.inprocess import bench_candidates
-from tunevault.engine.timing import benchmarker_for
+from tunevault.engine import background
+from tunevault.engine.gpu_timing import MemoryProbe
+from tunevault.engine.inprocess import InProcessSession
+from tunevault.engine.search import search
+from tunevault.engine.timing import has_own_benchmarker
+
+
+class Measured(list):  # type: ignore[type-arg]
+    """Candidate results plus provenance notes (where tuning ran, how, device memory gained)."""
+
+    notes: list[tuple[str, Any]]
+
+
+def config_timeout(settings: Any) -> float:
+    return float(getattr(settings, "config_timeout", None) or min(60.0, settings.tune_timeout))
+
+
+def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
+                        candidates: Sequence[tuple[int, Any, ConfigSpec]], deadline: float) -> Any:
+    """A started WorkerSession, or None (with one warning per kernel) when isolation cannot apply."""
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.engine.isolated import IsolationUnavailable, WorkerSession, kernel_target
+
+    at, name = st.autotuner, st.kernel_id.name
+    target, why = kernel_target(at)
+    if target is not None and any(i >= len(at.configs) for i, _, _ in candidates):
+        target, why = None, "early_config_prune returned configs the kernel does not declare"
+    spec = background.current_spec()
+    if target is not None and spec is None:
+        try:
+            spec = CallSpec.of(at, args, kwargs)
+        except Exception as exc:
+            target, why = None, f"its arguments cannot be captured ({type(exc).__name__}: {exc})"
+    if target is not None:
+        def launched(n: int) -> None:
+            rt.stats.add(name, rt.phase, "benchmark_runs", n)
+
+        session = WorkerSession(target, st.kernel_id.digest, spec.to_json(), {i: s for i, _, s in candidates},
+                                deadline, config_timeout(rt.settings), launched)
+        try:
+            session.start()
+            return session
+        except IsolationUnavailable as exc:
+            why = str(exc)
+    rt.warn_once(("isolate", name), "tunevault: %s cannot be tuned in an isolated worker (%s); "
+                 "tuning it in this process", name, why)
+    return None
 
 
 def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
             candidates: Sequence[tuple[int, Any, ConfigSpec]]) -> list[CandidateResult]:
-    name, phase = st.kernel_id.name, rt.phase
+    name, settings = st.kernel_id.name, rt.settings
+    deadline = time.monotonic() + settings.tune_timeout
+    probe = MemoryProbe()
 
     def counted() -> None:
-        rt.stats.add(name, phase, "benchmark_runs")
+        rt.stats.add(name, rt.phase, "benchmark_runs")
 
-    named = dict(zip(st.autotuner.arg_names, args, strict=False))
-    return bench_candidates(st.autotuner, args, kwargs, named, candidates, benchmarker_for(st.autotuner),
-                            on_launch=counted)
+    session: Any = None
+    if settings.isolate or background.in_background():
+        session = open_worker_session(rt, st, args, kwargs, candidates, deadline)
+    if session is None:
+        session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
+                                   {i: s for i, _, s in candidates}, counted, deadline)
+    try:
+        results, notes = search(session, [i for i, _, _ in candidates], {i: s for i, _, s in candidates},
+                                settings.tolerance, settings.validate, has_own_benchmarker(st.autotuner))
+    finally:
+        session.close()
+    out = Measured(results)
+    out.notes = [*notes, ("tuned_in", session.where), *probe.delta(include_driver=session.where == "process")]
+    return out

@@ -1,37 +1,178 @@
 """Activation by environment: ``TUNEVAULT_MODE`` switches tunevault on at interpreter start.
 
-The ``.pth`` startup hook calls :func:`activate_from_env`; when the variable is unset it
-returns after one dictionary lookup and imports nothing (not even triton).
+The ``tunevault.pth`` startup hook (installed into site-packages by ``pip install``, editable or
+not) checks the variable and, only when it is set to a mode other than ``off``, calls
+:func:`activate_from_env`. That imports neither Triton nor torch: if Triton's autotuner module is
+not loaded yet, a one-shot import hook patches ``Autotuner.run`` the moment it is, so a process
+that never uses Triton pays nothing for it, and kernels defined before or after are all covered
+(the patch is on the class). ``TUNEVAULT_LOG_LEVEL`` (default ``INFO``) sets how much tunevault
+prints to stderr while the application has not configured logging itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import threading
+from typing import Any
 
 from tunevault.policy.settings import Settings
 
 log = logging.getLogger("tunevault")
 
+AUTOTUNER_MODULE = "triton.runtime.autotuner"
+_lock = threading.RLock()
+_pending: _PatchOnImport | None = None
+_settled = False  # installed from the environment or explicitly: the environment no longer applies
+
 
 def install(settings: Settings) -> Settings:
+    global _settled
+    cancel_pending()  # an explicit install wins over the environment
+    _settled = True
     from tunevault.integration import triton_adapter
 
     triton_adapter.install(settings)
+    if settings.capture or "tunevault.capture.recorder" in sys.modules:  # key capture follows the runtime
+        from tunevault.capture import recorder
+
+        recorder.on_install(settings)
     return settings
 
 
 def uninstall() -> None:
+    global _settled
+    cancel_pending()
+    _settled = False
     from tunevault.integration import triton_adapter
 
     triton_adapter.uninstall()
+    if "tunevault.capture.recorder" in sys.modules:
+        sys.modules["tunevault.capture.recorder"].on_uninstall()
 
 
-def activate_from_env() -> None:
+def activate_from_env() -> bool:
+    """Install from ``TUNEVAULT_*`` now, or as soon as Triton's autotuner is imported.
+
+    Returns whether tunevault is (or will be) active; idempotent, never raises: a bad variable
+    must not stop the interpreter from starting.
+    """
+    global _settled
     mode = os.environ.get("TUNEVAULT_MODE", "").strip().lower()
     if not mode or mode == "off":
-        return
+        return False
+    with _lock:
+        if _settled:
+            return True
+        try:
+            settings = Settings.from_env()
+        except Exception as exc:
+            log.warning("tunevault: not activated from environment: %s", exc)
+            return False
+        _settled = True
+        _show_logs()
+        if AUTOTUNER_MODULE in sys.modules:
+            _install_now(settings)
+        else:
+            _defer(settings)
+        return True
+
+
+def pending() -> bool:
+    """Whether activation waits for Triton's autotuner to be imported."""
+    return _pending is not None
+
+
+def cancel_pending() -> None:
+    global _pending
+    with _lock:
+        if _pending is not None:
+            _remove_finder(_pending)
+            _pending = None
+
+
+def _install_now(settings: Settings) -> None:
     try:
-        install(Settings.from_env())
-    except Exception as exc:  # a bad variable must not stop the interpreter from starting
+        install(settings)
+    except Exception as exc:  # never break the import of Triton or the application's start
         log.warning("tunevault: not activated from environment: %s", exc)
+
+
+def _defer(settings: Settings) -> None:
+    global _pending
+    _pending = _PatchOnImport(settings)
+    sys.meta_path.insert(0, _pending)
+
+
+def _remove_finder(finder: Any) -> None:
+    with contextlib.suppress(ValueError):
+        sys.meta_path.remove(finder)
+
+
+class _PatchOnImport:
+    """A meta path finder that wraps the loader of ``triton.runtime.autotuner`` so tunevault installs
+    right after that module runs (no importlib.abc: importing it costs more than this whole module)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != AUTOTUNER_MODULE or _pending is not self:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PatchingLoader(spec.loader, self)
+        return spec
+
+
+class _PatchingLoader:
+    """Delegates to the real loader, then installs; the module keeps the real loader."""
+
+    def __init__(self, loader: Any, finder: _PatchOnImport) -> None:
+        self.loader = loader
+        self.finder = finder
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        with _lock:
+            if _pending is not self.finder:
+                return  # cancelled meanwhile (an explicit install or uninstall)
+            cancel_pending()
+            _install_now(self.finder.settings)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+class _UnconfiguredHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints to stderr only while the application has configured no logging of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+def _show_logs() -> None:
+    """Make the one-line-per-tuning INFO messages visible without a code change."""
+    if log.handlers or log.level != logging.NOTSET:
+        return  # the application set tunevault's logging up itself
+    level = os.environ.get("TUNEVAULT_LOG_LEVEL", "INFO").strip().upper()
+    handler = _UnconfiguredHandler()
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)

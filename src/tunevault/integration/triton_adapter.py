@@ -24,6 +24,7 @@ _lock = threading.RLock()
 _original_run: Any = None
 _runtime: Runtime | None = None
 _attached: weakref.WeakSet[Any] = weakref.WeakSet()
+_hit_hook: Any = None  # key capture's counter, set only while capturing: hook(state, raw_key, args, kwargs)
 
 
 def _attach(autotuner: Any) -> KernelState:
@@ -37,12 +38,17 @@ def _attach(autotuner: Any) -> KernelState:
 
 
 def _run(self: Any, *args: Any, **kwargs: Any) -> Any:
-    state = self.__dict__.get(STATE_ATTR) or _attach(self)
+    try:
+        state = self._tunevault_state  # STATE_ATTR, spelled out: the cheapest lookup on the hot path
+    except AttributeError:
+        state = _attach(self)
     raw_key = state.raw_key(args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
         return resolve(_runtime, state, args, kwargs, raw_key)
     state.n_hits += 1
+    if _hit_hook is not None:
+        _hit_hook(state, raw_key, args, kwargs)
     config, cfg_kwargs = hit
     self.best_config = config
     if config.pre_hook is not None:
@@ -89,6 +95,12 @@ def _drop_states() -> None:
     for autotuner in list(_attached):
         autotuner.__dict__.pop(STATE_ATTR, None)
     _attached.clear()
+
+
+def set_hit_hook(hook: Any) -> None:
+    """Install (or with None remove) the in-memory-hit counter used by key capture."""
+    global _hit_hook
+    _hit_hook = hook
 
 
 def runtime() -> Runtime | None:

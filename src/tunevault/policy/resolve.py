@@ -26,8 +26,9 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     import triton.compiler.errors as ce
     import triton.runtime.errors as re
 
+    # The interpreter has no compile step: a failing static_assert surfaces as InterpreterError.
     names = [(re, "OutOfResources"), (re, "PTXASError"), (ce, "CompilationError"),
-             (ce, "CompileTimeAssertionFailure")]
+             (ce, "CompileTimeAssertionFailure"), (re, "InterpreterError")]
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
@@ -96,6 +97,9 @@ def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tupl
         key = st.labelled_key(named)
         config = _stored_config(rt, st, key)
         if config is not None:
+            rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
+            log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
+                      key.describe(), config)
             rt.notify("hit", st, key, args, kwargs)
         else:
             config = _on_miss(rt, st, args, kwargs, named, key)
@@ -166,6 +170,23 @@ def _first_compiling(st: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
 
 
 def tune(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> Any:
+    """Tune under the key's lease, so a key is benchmarked once fleet-wide; returns the config to launch.
+
+    Others wait for the holder's decision and adopt it (policy/lease.py)."""
+    from tunevault.policy.lease import lease_name, under_lease
+
+    def adopt() -> Any:  # another process published it meanwhile: a store hit for observers (capture)
+        config = _stored_config(rt, st, key)
+        if config is not None:
+            rt.notify("hit", st, key, args, kwargs)
+        return config
+
+    name = lease_name(st.kernel_id.digest, rt.fingerprint.digest, key.text)
+    return under_lease(rt, name, f"{st.kernel_id.name} [{key.describe()}]", adopt,
+                       lambda: _tune_here(rt, st, args, kwargs, key))
+
+
+def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> Any:
     """Prune, benchmark, select deterministically, publish; returns the config to launch."""
     from tunevault.core.identity import provenance
     from tunevault.engine.tuner import measure
@@ -196,16 +217,23 @@ def tune(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) 
         winner_index = winner.index
     seconds = time.perf_counter() - started
     config = dict(indexed)[winner_index]
+    notes = {**dict(provenance()), **dict(getattr(results, "notes", ()))}  # engine: where/how it was tuned
     decision = Decision(kid, rt.fingerprint, key, winner_index, _spec(st, winner_index, config), tuple(results),
-                        margin, seconds, provenance())
+                        margin, seconds, tuple(sorted(notes.items())))
     if winner_index < len(at.configs):
-        decision = rt.publish(decision)
+        published = rt.publish(decision)
+        # A stored entry naming no declared config was rejected on lookup but still wins the put
+        # (first writer): launch what was measured here, never that entry's index.
+        if st.declared_index(published.config_index, published.config) is None:
+            rt.decided[decision.store_key] = decision
+        else:
+            decision = published
         config = at.configs[decision.config_index]
     else:
         rt.warn_once(("pruned", kid.name), "tunevault: %s: early_config_prune returned a config the kernel "
                      "does not declare; its decisions are kept in memory only", kid.name)
     rt.used[(kid.name, key.text)] = decision
-    _report_tuning(rt, st, key, decision, results, seconds)
+    _report_tuning(rt, st, key, decision, results, seconds, args, kwargs)
     full = {**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}
     at.pre_hook(full, reset_only=True)
     return config
@@ -218,7 +246,7 @@ def _spec(st: Any, index: int, config: Any) -> Any:
 
 
 def _report_tuning(rt: Any, st: Any, key: TuningKey, decision: Decision, results: list[CandidateResult],
-                   seconds: float) -> None:
+                   seconds: float, args: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
     name = st.kernel_id.name
     failed = sum(1 for r in results if r.error)
     rt.stats.add(name, rt.phase, "tunings")
@@ -229,7 +257,7 @@ def _report_tuning(rt: Any, st: Any, key: TuningKey, decision: Decision, results
              margin)
     rt.events.emit("tuning", kernel=name, key=key.to_json(), seconds=seconds, configs=len(results),
                    failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase)
-    rt.notify("tuned", st, key, None, None)
+    rt.notify("tuned", st, key, args, kwargs)
     if _print_autotuning():
         configs = st.autotuner.configs
         best = configs[decision.config_index] if decision.config_index < len(configs) else decision.config

@@ -41,7 +41,9 @@ class Settings:
     validate: bool = False
     tolerance: float = 0.02
     tune_timeout: float = 300.0
+    config_timeout: float = 60.0  # one config in the isolated worker (compile + run)
     lease_wait: float = 600.0
+    lease_ttl: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,6 +54,10 @@ class Settings:
             raise ValueError(f"tunevault tolerance must be in [0, 1); got {self.tolerance!r}")
         if self.tune_timeout <= 0 or self.lease_wait < 0:
             raise ValueError("tunevault tune_timeout must be > 0 and lease_wait >= 0")
+        if self.config_timeout <= 0:
+            raise ValueError(f"tunevault config_timeout must be > 0; got {self.config_timeout!r}")
+        if self.lease_ttl <= 0:
+            raise ValueError(f"tunevault lease_ttl must be > 0; got {self.lease_ttl!r}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -69,7 +75,8 @@ class Settings:
             if var in e:
                 kw[name] = _flag(e[var])
         for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
-                          ("lease_wait", "TUNEVAULT_LEASE_WAIT")):
+                          ("config_timeout", "TUNEVAULT_CONFIG_TIMEOUT"),
+                          ("lease_wait", "TUNEVAULT_LEASE_WAIT"), ("lease_ttl", "TUNEVAULT_LEASE_TTL")):
             if e.get(var):
                 try:
                     kw[name] = float(e[var])

@@ -1,10 +1,215 @@
-"""Compose the stores the settings name into the one the runtime reads and writes."""
+"""Compose the stores the settings name into the one the runtime reads and writes.
+
+Reads go local -> remote -> bundles (the runtime's memory dict sits above all three); a remote
+hit is copied into local so the next process on the host needs no network. Writes go remote
+first, so the first writer fleet-wide wins and everyone adopts its decision, then local.
+A remote that fails is skipped with one warning and retried after its own backoff: the local
+store keeps serving, and nothing a remote does raises into a kernel call.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from tunevault.core.model import Decision, Fingerprint
 from tunevault.policy.settings import Settings
-from tunevault.store.base import Store, open_store
+from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store
+
+T = TypeVar("T")
+EVERYTHING = Query()
+
+
+class LayeredStore:
+    """A writable local store, an optional shared remote, and read-only bundles under both."""
+
+    def __init__(self, local: Store, remote: Store | None = None, bundles: Sequence[Store] = ()) -> None:
+        self.local, self.remote, self.bundles = local, remote, tuple(bundles)
+        self.url = " + ".join([local.url] + ([remote.url] if remote else []) + [b.url for b in self.bundles])
+        self._lock = threading.Lock()
+        self._remote_down = False
+        self._outages = 0
+
+    # -- the remote, guarded -----------------------------------------------------------------
+
+    def _remote(self, what: str, fn: Callable[[Store], T], default: T) -> T:
+        """``fn(remote)``, or ``default`` when there is none or it fails (warned once per outage)."""
+        if self.remote is None:
+            return default
+        try:
+            result = fn(self.remote)
+        except Exception as exc:  # a remote must never break or stall a kernel call
+            self._remote_failed(what, exc)
+            return default
+        if self._remote_down:
+            with self._lock:
+                self._remote_down = False
+            log.info("tunevault: remote store %s answers again", self.remote.url)
+        return result
+
+    def _remote_failed(self, what: str, exc: Exception) -> None:
+        with self._lock:
+            if self._remote_down:
+                return
+            self._remote_down = True
+            self._outages += 1
+            first = self._outages == 1
+        level = logging.WARNING if first else logging.INFO
+        log.log(level, "tunevault: remote store unusable (%s failed: %s); serving from the local store %s "
+                "until it answers again", what, exc, self.local.url)
+
+    @property
+    def remote_down(self) -> bool:
+        return self._remote_down
+
+    # -- the Store protocol ------------------------------------------------------------------
+
+    def get(self, kernel_digest: str, fingerprint_digest: str, key_text: str) -> Decision | None:
+        skey = (kernel_digest, fingerprint_digest, key_text)
+        found = self.local.get(*skey)
+        if found is not None:
+            return found
+        found = self._remote("read", lambda r: r.get(*skey), None)
+        if found is not None:
+            try:
+                self.local.put(found)  # the next process on this host reads it without the network
+            except Exception as exc:
+                log.debug("tunevault: could not copy a remote decision into %s: %s", self.local.url, exc)
+            return found
+        for bundle in self.bundles:
+            found = bundle.get(*skey)
+            if found is not None:
+                return found
+        return None
+
+    def put(self, decision: Decision) -> Decision:
+        """Remote first: if another host published first, its decision is the one kept everywhere."""
+        published = self._remote("publish", lambda r: r.put(decision), None)
+        winner = decision if published is None else published
+        try:
+            local = self.local.put(winner)
+        except Exception:
+            if published is None:
+                raise  # neither layer took it: the runtime keeps it in memory, with a warning
+            return published
+        if published is not None and local != published:
+            log.warning("tunevault: %s [%s]: the local store %s holds config #%d but the fleet chose #%d; "
+                        "using the fleet's", decision.kernel.name, decision.key.describe(), self.local.url,
+                        local.config_index, published.config_index)
+        return winner if published is not None else local
+
+    def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
+        """Each key once, from the highest layer that has it."""
+        seen: set[tuple[str, str, str]] = set()
+        layers: list[Callable[[], list[Decision]]] = [lambda: list(self.local.decisions(query))]
+        layers.append(lambda: self._remote("list", lambda r: list(r.decisions(query)), []))
+        layers += [lambda b=b: list(b.decisions(query)) for b in self.bundles]
+        for layer in layers:
+            for d in layer():
+                if d.store_key not in seen:
+                    seen.add(d.store_key)
+                    yield d
+
+    def delete(self, query: Query = EVERYTHING) -> int:
+        """Delete from local and remote (bundles are read-only); returns the larger of the two counts."""
+        n_local = self.local.delete(query)
+        return max(n_local, self._remote("delete", lambda r: r.delete(query), 0))
+
+    def count(self) -> int:
+        return sum(1 for _ in self.decisions())
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """On the remote when it answers (one tuning fleet-wide), else on the local store (one per host)."""
+        if self.remote is not None:
+            taken = self._remote("lease", lambda r: r.try_lease(name, holder, ttl_s), None)
+            if taken is not None:
+                return taken
+        return self.local.try_lease(name, holder, ttl_s)
+
+    def release(self, name: str, holder: str) -> None:
+        """Release wherever it was taken: both releases are compare-and-delete, so this is safe."""
+        if self.remote is not None:
+            self._remote("release", lambda r: r.release(name, holder), None)
+        self.local.release(name, holder)
+
+    def close(self) -> None:
+        for store in (self.local, self.remote, *self.bundles):
+            if store is not None:
+                try:
+                    store.close()
+                except Exception as exc:
+                    log.debug("tunevault: closing %s: %s", store.url, exc)
+
+    def __repr__(self) -> str:
+        return f"LayeredStore({self.url})"
+
+
+def open_bundles(paths: Sequence[str], key: str | None, current: Fingerprint | None = None) -> list[Store]:
+    """Every bundle that loads and verifies; a rejected one is logged as an error and skipped."""
+    from tunevault.store.bundle import BundleError, BundleStore
+
+    out: list[Store] = []
+    for path in paths:
+        try:
+            bundle = BundleStore(path, key)
+        except BundleError as exc:
+            log.error("tunevault: %s; continuing without it", exc)
+            continue
+        usable = bundle.count() if current is None else sum(
+            1 for _ in bundle.decisions(Query(fingerprint_digest=current.digest)))
+        if current is not None and bundle.count() and not usable:
+            theirs = bundle.fingerprint or next(bundle.decisions()).fingerprint
+            log.warning("tunevault: bundle %s was made for another environment (%s); its %d decisions will "
+                        "not match here", path, _fingerprint_diff(theirs, current), bundle.count())
+        else:
+            log.info("tunevault: loaded bundle %s: %d decisions, %d for this environment", path,
+                     bundle.count(), usable)
+        out.append(bundle)
+    return out
+
+
+def _fingerprint_diff(theirs: Fingerprint, ours: Fingerprint) -> str:
+    a, b = theirs.to_json(), ours.to_json()
+    return ", ".join(f"{k}: bundle {a[k]!r}, here {b[k]!r}" for k in a if a[k] != b.get(k)) or "same fields"
 
 
 def open_layered(settings: Settings) -> Store:
-    return open_store(settings.store)
+    """The plain local store when nothing else is configured, else a LayeredStore.
+
+    A remote that cannot be opened (no ``redis`` package, bad URL) is dropped with a warning; a
+    local store that cannot be opened is replaced by memory when a remote or bundle remains.
+    """
+    remote: Store | None = None
+    if settings.remote and settings.remote != settings.store:
+        try:
+            remote = open_store(settings.remote)
+        except (StoreUnavailable, ValueError, OSError) as exc:
+            log.warning("tunevault: remote store %s not used: %s", settings.remote, exc)
+    bundles: list[Store] = []
+    if settings.bundles:
+        from tunevault.core.identity import current_fingerprint
+
+        bundles = open_bundles(settings.bundles, settings.bundle_key, current_fingerprint())
+    try:
+        local = open_store(settings.store)
+    except (StoreUnavailable, OSError, ValueError) as exc:
+        if remote is None and not bundles:
+            raise StoreUnavailable(str(exc)) from exc  # the runtime degrades to memory, with a warning
+        from tunevault.store.memory import MemoryStore
+
+        log.warning("tunevault: local store %s is unusable (%s); keeping local decisions in memory",
+                    settings.store, exc)
+        local = MemoryStore()
+    if remote is None and not bundles:
+        return local
+    return LayeredStore(local, remote, bundles)
+
+
+def describe_layers(store: Any) -> list[str]:
+    """The URLs of a store's layers, top first (for ``tunevault info``)."""
+    if isinstance(store, LayeredStore):
+        remote = [store.remote.url] if store.remote else []
+        return [store.local.url, *remote, *(b.url for b in store.bundles)]
+    return [getattr(store, "url", repr(store))]

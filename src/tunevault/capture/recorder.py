@@ -1,0 +1,257 @@
+"""Key capture: record every key a process resolves, with the ArgSpec to replay it.
+
+Two feeds: the runtime's observers (a key resolved on the miss path: hit in the store, tuned,
+or missed) and, only while capturing, a hook the adapter calls on in-memory hits, which costs
+one dict lookup and two increments. Counts are flushed as manifest lines periodically, at
+exit and when :func:`capture` ends; a forked child starts counting afresh.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from tunevault.capture import manifest
+
+log = logging.getLogger("tunevault")
+
+_KIND = {"hit": 0, "tuned": 1, "missed": 2}  # index into _Record.counts, in manifest.OUTCOMES order
+_lock = threading.RLock()
+_stack: list[Recorder] = []  # capture() recorders, innermost last
+_from_settings: Recorder | None = None  # TUNEVAULT_CAPTURE / install(capture=...)
+_hooks_registered = False
+
+
+class _Record:
+    __slots__ = ("kernel", "key", "callspec", "error", "counts", "flushed", "first", "last", "spec_written")
+
+    def __init__(self, kernel: str, key: Any, callspec: dict | None, error: str | None) -> None:
+        self.kernel, self.key, self.callspec, self.error = kernel, key, callspec, error
+        self.counts = [0, 0, 0]
+        self.flushed = [0, 0, 0]
+        self.first = self.last = time.time()
+        self.spec_written = False
+
+
+class Recorder:
+    """Counts keys for one manifest path and appends them to it."""
+
+    def __init__(self, path: str | os.PathLike[str], flush_interval: float = 10.0) -> None:
+        self.path = os.fspath(path)
+        self.flush_interval = flush_interval
+        self._records: dict[tuple[str, str], _Record] = {}
+        self._by_raw: dict[tuple[Any, tuple], tuple[_Record, int]] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+        self.host = socket.gethostname()
+
+    # ------------------------------------------------------------------ feeds
+
+    def hit(self, state: Any, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
+        """The adapter's hot-path hook: a call whose raw key was already in the in-memory dict."""
+        try:
+            found = self._by_raw.get((state, raw_key))
+            if found is None:
+                found = self._learn(state, raw_key, args, kwargs, "hit")
+            rec, idx = found
+            rec.counts[idx] += 1
+            rec.last = time.time()
+        except Exception as exc:  # capture must never break a kernel call
+            self._warn(exc)
+
+    def observe(self, kind: str, state: Any, key: Any, args: tuple | None, kwargs: dict | None) -> None:
+        """Runtime observer: a key resolved on the miss path as ``hit`` / ``tuned`` / ``missed``."""
+        idx = _KIND.get(kind)
+        if idx is None:
+            return
+        raw = state.raw_key(args, kwargs or {}) if args is not None else None
+        with self._lock:
+            rec = self._record(state, key, args, kwargs)
+            if raw is not None:  # later calls with this raw key hit the dict: count them alike
+                self._by_raw[(state, raw)] = (rec, _KIND["missed"] if kind == "missed" else _KIND["hit"])
+            rec.counts[idx] += 1
+            rec.last = time.time()
+        self._ensure_thread()
+
+    def _learn(self, state: Any, raw_key: tuple, args: tuple, kwargs: dict[str, Any], kind: str,
+               ) -> tuple[_Record, int]:
+        key = state.labelled_key(state.named_args(args, kwargs))
+        with self._lock:
+            found = (self._record(state, key, args, kwargs), _KIND[kind])
+            self._by_raw[(state, raw_key)] = found
+        self._ensure_thread()
+        return found
+
+    def _record(self, state: Any, key: Any, args: tuple | None, kwargs: dict | None) -> _Record:
+        kernel = state.kernel_id.name
+        rec = self._records.get((kernel, key.text))
+        if rec is None:
+            spec, err = None, None
+            if args is None:
+                err = "arguments not available when the key was recorded"
+            else:
+                from tunevault.capture.argspec import CallSpec
+
+                try:
+                    spec = CallSpec.of(state.autotuner, args, kwargs or {}).to_json()
+                except Exception as exc:
+                    err = f"{type(exc).__name__}: {exc}"[:300]
+            rec = self._records[(kernel, key.text)] = _Record(kernel, key, spec, err)
+        elif rec.callspec is None and args is not None:
+            with contextlib.suppress(Exception):
+                from tunevault.capture.argspec import CallSpec
+
+                rec.callspec, rec.error = CallSpec.of(state.autotuner, args, kwargs or {}).to_json(), None
+        return rec
+
+    # ------------------------------------------------------------------ output
+
+    def flush(self) -> int:
+        """Append one line per key counted since the last flush; returns how many lines."""
+        with self._lock:
+            pid, lines, done = os.getpid(), [], []
+            for rec in self._records.values():
+                counts = list(rec.counts)
+                delta = [c - f for c, f in zip(counts, rec.flushed, strict=True)]
+                if not any(delta) and rec.spec_written:
+                    continue
+                spec = None if rec.spec_written else rec.callspec
+                counted = dict(zip(manifest.OUTCOMES, delta, strict=True))
+                lines.append(manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host,
+                                           spec, None if rec.spec_written else rec.error))
+                done.append((rec, counts))
+            try:
+                manifest.append(self.path, lines)
+            except OSError as exc:
+                self._warn(exc)
+                return 0
+            for rec, counts in done:
+                rec.flushed, rec.spec_written = counts, True
+            return len(lines)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None and self.flush_interval > 0 and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._loop, name="tunevault-capture", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            self.flush()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent owns what was counted so far; count afresh from here."""
+        self._lock = threading.RLock()
+        for rec in self._records.values():
+            rec.flushed = list(rec.counts)
+            rec.spec_written = False
+        self._thread = None
+        if not self._stop.is_set():
+            self._ensure_thread()
+
+    def _warn(self, exc: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("tunevault: key capture to %s failed: %s", self.path, exc)
+
+
+# ---------------------------------------------------------------------- activation
+
+
+def _active() -> Recorder | None:
+    if _stack:
+        return _stack[-1]
+    return _from_settings
+
+
+def _attach() -> None:
+    """Point the current runtime's observer list and the adapter's hit hook at the active recorder."""
+    from tunevault.integration import triton_adapter
+
+    rec, rt = _active(), triton_adapter.runtime()
+    if rt is not None:
+        rt.observers[:] = [o for o in rt.observers if not isinstance(getattr(o, "__self__", None), Recorder)]
+        if rec is not None:
+            rt.observers.append(rec.observe)
+    triton_adapter.set_hit_hook(rec.hit if rec is not None and rt is not None else None)
+
+
+def _register_hooks() -> None:
+    global _hooks_registered
+    if not _hooks_registered:
+        _hooks_registered = True
+        atexit.register(_flush_all)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_all)
+
+
+def _recorders() -> list[Recorder]:
+    return [*_stack, *([_from_settings] if _from_settings is not None else [])]
+
+
+def _flush_all() -> None:
+    for rec in _recorders():
+        rec.close()
+
+
+def _after_fork_all() -> None:
+    for rec in _recorders():
+        rec._after_fork()
+
+
+def on_install(settings: Any) -> None:
+    """Called after (re)installation: follow ``settings.capture`` and re-attach the active recorder."""
+    global _from_settings
+    with _lock:
+        wanted = settings.capture
+        if _from_settings is not None and _from_settings.path != wanted:
+            _from_settings.close()
+            _from_settings = None
+        if wanted and _from_settings is None:
+            _register_hooks()
+            _from_settings = Recorder(wanted)
+        _attach()
+
+
+def on_uninstall() -> None:
+    """Called after uninstallation: the settings' capture ends with them; ``capture()`` blocks live on."""
+    global _from_settings
+    with _lock:
+        if _from_settings is not None:
+            _from_settings.close()
+            _from_settings = None
+        _attach()
+
+
+@contextlib.contextmanager
+def capture(path: str | os.PathLike[str], flush_interval: float = 10.0) -> Iterator[Recorder]:
+    """Record every key resolved inside the block to the manifest at ``path`` (JSON lines, appended)."""
+    from tunevault.integration.triton_adapter import runtime
+
+    if runtime() is None:
+        log.warning("tunevault: capture(%s): tunevault is not installed, so no key is resolved by it yet; "
+                    "call tunevault.install() first", os.fspath(path))
+    rec = Recorder(path, flush_interval)
+    with _lock:
+        _register_hooks()
+        _stack.append(rec)
+        _attach()
+    try:
+        yield rec
+    finally:
+        with _lock:
+            _stack.remove(rec)
+            _attach()
+        rec.close()

@@ -1,0 +1,144 @@
+"""Warmup replay: tune every key a manifest captured, so serving finds them decided.
+
+For each (kernel, key): import the kernel, rebuild equivalent arguments from its ArgSpec
+(index tensors such as ``cu_seqlens`` keep their captured values), check that they give the
+captured key, and call the Autotuner in tune mode so the decision lands in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunevault.capture import manifest as mf
+from tunevault.capture.locate import KernelNotFound, import_autotuner
+from tunevault.core.model import InvalidEntry, TuningKey
+
+log = logging.getLogger("tunevault")
+
+STATUSES = ("tuned", "decided", "skipped", "failed")
+
+
+@dataclass
+class WarmupItem:
+    kernel: str
+    key: TuningKey
+    status: str  # one of STATUSES
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "key": self.key.to_json(), "status": self.status,
+                "reason": self.reason, "seconds": round(self.seconds, 6)}
+
+
+@dataclass
+class WarmupReport:
+    items: list[WarmupItem] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(1 for i in self.items if i.status == s) for s in STATUSES}
+
+    @property
+    def ok(self) -> bool:
+        """Every captured key is decided now."""
+        return all(i.status in ("tuned", "decided") for i in self.items)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "counts": self.counts(), "items": [i.to_json() for i in self.items]}
+
+
+def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -> tuple[Any, tuple, dict]:
+    """``(autotuner, args, kwargs)`` equivalent to the captured call; raises KernelNotFound/InvalidEntry."""
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.integration.kernel_state import KernelState
+
+    autotuner = import_autotuner(entry.kernel)
+    if entry.callspec is None:
+        raise InvalidEntry(f"no argspec captured ({entry.callspec_error or 'unknown reason'})")
+    spec = CallSpec.from_json(entry.callspec)
+    try:
+        args, kwargs = spec.build(autotuner, device=device, seed=seed)
+    except InvalidEntry:
+        raise
+    except Exception as exc:
+        raise InvalidEntry(f"cannot rebuild arguments: {type(exc).__name__}: {exc}") from exc
+    state = KernelState(autotuner)
+    key = state.labelled_key(state.named_args(args, kwargs))
+    if key != entry.key:
+        diff = ", ".join(f"{lb}: {a} -> {b}" for lb, a, b in key.differences(entry.key))
+        raise InvalidEntry(f"rebuilt arguments give another key ({diff})")
+    return autotuner, args, kwargs
+
+
+def _entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list[mf.ManifestEntry]:
+    if isinstance(source, str | os.PathLike):
+        return mf.read(source)
+    return list(source)
+
+
+def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: str | None = None,
+           progress: Callable[[int, int, WarmupItem], None] | None = None) -> WarmupReport:
+    """Tune every captured key that has no decision yet; installs tunevault for the call if needed."""
+    import tunevault
+    from tunevault.integration.triton_adapter import runtime
+
+    entries = _entries(source)
+    installed_here = runtime() is None
+    if installed_here:
+        tunevault.install(mode="tune")
+    rt = runtime()
+    assert rt is not None
+    if rt.settings.mode != "tune":
+        raise RuntimeError(f"tunevault warmup needs mode 'tune', installed mode is {rt.settings.mode!r}")
+    saved, rt.on_miss = rt.on_miss, "tune"
+    report = WarmupReport()
+    try:
+        for n, entry in enumerate(entries, 1):
+            item = _replay_one(rt, entry, device)
+            report.items.append(item)
+            log.debug("tunevault warmup: %s %s [%s] %s", item.status, entry.kernel, entry.key.describe(),
+                      item.reason)
+            if progress is not None:
+                progress(n, len(entries), item)
+    finally:
+        rt.on_miss = saved
+        if installed_here:
+            tunevault.uninstall()
+    return report
+
+
+def _replay_one(rt: Any, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
+    from tunevault.core.identity import kernel_id
+    from tunevault.integration.triton_adapter import STATE_ATTR
+
+    def item(status: str, reason: str = "", seconds: float = 0.0) -> WarmupItem:
+        return WarmupItem(entry.kernel, entry.key, status, reason, seconds)
+
+    try:
+        autotuner, args, kwargs = rebuild(entry, device)
+    except KernelNotFound as exc:
+        return item("skipped", f"kernel not importable: {exc}")
+    except InvalidEntry as exc:
+        return item("skipped", f"argspec invalid: {exc}")
+    if len(autotuner.configs) <= 1:
+        return item("decided", "one config: nothing to tune")
+    kid = kernel_id(autotuner)
+    if rt.lookup(kid, entry.key) is not None:
+        return item("decided")
+    state = autotuner.__dict__.get(STATE_ATTR)
+    if state is not None:  # e.g. a fallback config remembered for this key: tune it for real now
+        state.hits.pop(state.raw_key(args, kwargs), None)
+    started = time.perf_counter()
+    try:
+        autotuner.run(*args, **kwargs)
+    except Exception as exc:
+        return item("failed", f"{type(exc).__name__}: {exc}"[:400], time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if rt.lookup(kid, entry.key) is None:
+        return item("failed", "the call ran but no decision was stored", seconds)
+    return item("tuned", "", seconds)

@@ -1,0 +1,367 @@
+"""Store commands: ``info ls show export import rm``.
+
+Every command reads the store the global ``--store`` names (else ``$TUNEVAULT_STORE``, else the
+user cache SQLite file). Listings show decisions of every machine and mark the ones whose
+fingerprint is this machine's: a shared store legitimately holds other GPUs' decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunevault.cli.output import print_json, print_table
+from tunevault.core.model import Decision, Fingerprint, InvalidEntry
+from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+
+EXPORT_FORMAT = "tunevault-decisions"
+EXPORT_SCHEMA = 1
+# Applied in order to each exported decision; return a (possibly changed) decision, or None to drop it.
+# Another command family adds an export flag with ``sub.choices["export"].add_argument(...)`` and a
+# transform here that reads it from ``args`` (e.g. ``--winners-only``).
+EXPORT_TRANSFORMS: list[Callable[[argparse.Namespace, Decision], Decision | None]] = []
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def store_url(args: argparse.Namespace) -> str:
+    from tunevault.policy.settings import default_store_url
+
+    return getattr(args, "store", None) or os.environ.get("TUNEVAULT_STORE") or default_store_url()
+
+
+def open_cli_store(args: argparse.Namespace) -> Store:
+    """The store to work on; an unusable one is an OSError, which ``main`` reports with exit 2."""
+    url = store_url(args)
+    try:
+        return open_store(url)
+    except StoreUnavailable as exc:
+        raise OSError(str(exc)) from exc
+
+
+def this_machine() -> Fingerprint:
+    """This machine's fingerprint, as a process tuning here would compute it (interpreter if no GPU)."""
+    from tunevault.core.identity import current_fingerprint
+    from tunevault.demo.run import use_interpreter_if_no_gpu
+
+    use_interpreter_if_no_gpu()
+    return current_fingerprint()
+
+
+def machine_label(fp: Fingerprint, here: Fingerprint) -> str:
+    if fp.digest == here.digest:
+        return "this"
+    return f"{fp.device} {fp.target}, triton {fp.triton}"
+
+
+def when(d: Decision) -> str:
+    t = dict(d.provenance).get("time")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, int | float) else "?"
+
+
+def _add_filters(p: argparse.ArgumentParser, kernel_positional: bool = False) -> None:
+    if kernel_positional:
+        p.add_argument("kernel", metavar="KERNEL", help="substring of the kernel's qualified name")
+    else:
+        p.add_argument("--kernel", metavar="SUBSTR", help="only kernels whose qualified name contains SUBSTR")
+    machines = p.add_mutually_exclusive_group()
+    machines.add_argument("--this-machine", action="store_true", help="only decisions valid on this machine")
+    machines.add_argument("--other-machines", action="store_true",
+                          help="only decisions of other fingerprints (other GPUs, Triton versions, ...)")
+
+
+def select(store: Store, args: argparse.Namespace, here: Fingerprint | None = None) -> list[Decision]:
+    """Decisions matching the common filters, sorted by kernel then key."""
+    query = Query(kernel=args.kernel)
+    if args.this_machine or args.other_machines:
+        here = here or this_machine()
+        if args.this_machine:
+            query = Query(kernel=args.kernel, fingerprint_digest=here.digest)
+    found = [d for d in store.decisions(query)
+             if not (args.other_machines and here and d.fingerprint.digest == here.digest)]
+    return sorted(found, key=lambda d: (d.kernel.name, d.fingerprint.digest, d.key.text))
+
+
+def summary(d: Decision, here: Fingerprint) -> dict[str, Any]:
+    return {
+        "kernel": d.kernel.name, "kernel_digest": d.kernel.digest, "key": d.key.to_json(),
+        "config_index": d.config_index, "config": d.config.to_json(), "margin": d.margin,
+        "fingerprint_digest": d.fingerprint.digest, "this_machine": d.fingerprint.digest == here.digest,
+        "time": dict(d.provenance).get("time"), "host": dict(d.provenance).get("host"),
+    }
+
+
+# ---------------------------------------------------------------------------- info ls show
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+    import triton
+
+    import tunevault
+
+    here = this_machine()
+    info: dict[str, Any] = {
+        "versions": {"tunevault": tunevault.__version__, "triton": triton.__version__,
+                     "torch": torch.__version__, "python": platform.python_version()},
+        "fingerprint": {**here.to_json(), "digest": here.digest},
+        "interpreter": here.target == "interpreter",
+        "store": {"url": store_url(args)},
+    }
+    status = 0
+    try:
+        store = open_cli_store(args)
+    except OSError as exc:
+        info["store"]["error"] = str(exc)
+        status = 1
+    else:
+        try:
+            info["store"].update(entries=store.count(), this_machine=sum(
+                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))))
+        finally:
+            store.close()
+    if args.json:
+        print_json(info)
+        return status
+    v, fp, st = info["versions"], info["fingerprint"], info["store"]
+    print("versions:    " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    env = ", env " + json.dumps(fp["env"]) if fp["env"] else ""
+    print(f"fingerprint: {fp['digest']}  triton {fp['triton']}, target {fp['target']}, "
+          f"device {fp['device']}, cuda {fp['cuda']}{env}")
+    if info["interpreter"]:
+        print("             (no GPU in use: kernels run in Triton's interpreter)")
+    print(f"store:       {st['url']}")
+    if "error" in st:
+        print(f"             unavailable: {st['error']}")
+    else:
+        print(f"entries:     {st['entries']} ({st['this_machine']} for this machine)")
+    return status
+
+
+def _load(args: argparse.Namespace) -> tuple[Fingerprint, list[Decision], str]:
+    here = this_machine()
+    store = open_cli_store(args)
+    try:
+        return here, select(store, args, here), store.url
+    finally:
+        store.close()
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    here, found, url = _load(args)
+    if args.json:
+        print_json([summary(d, here) for d in found])
+        return 0
+    rows = [[d.kernel.name, d.key.describe(), f"#{d.config_index} {d.config.describe()}",
+             machine_label(d.fingerprint, here), when(d)] for d in found]
+    print_table(["kernel", "key", "chosen config", "machine", "when"], rows,
+                title=f"{len(rows)} decision(s) in {url}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    here, found, url = _load(args)
+    if args.json:
+        print_json([{"this_machine": d.fingerprint.digest == here.digest, "decision": d.to_json()}
+                    for d in found])
+    for d in [] if args.json else found:
+        _show_one(d, here)
+    if not found:
+        print(f"no decisions for kernels matching {args.kernel!r} in {url}", file=sys.stderr)
+    return 0 if found else 1
+
+
+def _show_one(d: Decision, here: Fingerprint) -> None:
+    prov = dict(d.provenance)
+    fp = d.fingerprint
+    margin = "alone (nothing to compare)" if d.margin is None else f"{d.margin:+.1%} to the runner-up"
+    print(f"\n{d.kernel.name}  [{d.key.describe()}]")
+    print(f"  chosen:      #{d.config_index} {d.config.describe()}  ({margin})")
+    print(f"  tuned:       {when(d)} on {prov.get('host', '?')} pid {prov.get('pid', '?')} rank "
+          f"{prov.get('rank')}, {d.tuning_seconds:.2f} s; tunevault {prov.get('tunevault', '?')}")
+    print(f"  valid on:    {machine_label(fp, here)} machine: {fp.device}, {fp.target}, triton {fp.triton}, "
+          f"cuda {fp.cuda} (fingerprint {fp.digest})")
+    print(f"  kernel:      source {d.kernel.source_hash}, configs {d.kernel.configs_hash} "
+          f"(digest {d.kernel.digest})")
+    rows = []
+    for c in sorted(d.candidates, key=lambda c: c.index):
+        times = [f"{t:.4f}" for t in c.timings[:3]] + [""] * (3 - len(c.timings[:3]))
+        status = "chosen" if c.index == d.config_index else ("failed: " + c.error if c.error else "")
+        rows.append([f"#{c.index}", c.config.describe(), *times, status])
+    if rows:
+        print_table(["#", "config", "median ms", "p20 ms", "p80 ms", ""], rows)
+
+
+# ---------------------------------------------------------------------------- export import rm
+
+
+def export_document(decisions: list[Decision], args: argparse.Namespace) -> dict[str, Any]:
+    out = []
+    for d in decisions:
+        kept: Decision | None = d
+        for transform in EXPORT_TRANSFORMS:
+            kept = transform(args, kept)
+            if kept is None:
+                break
+        if kept is not None:
+            out.append(kept.to_json())
+    return {"format": EXPORT_FORMAT, "schema": EXPORT_SCHEMA, "decisions": out}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = open_cli_store(args)
+    try:
+        doc = export_document(select(store, args), args)
+    finally:
+        store.close()
+    text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    if args.file == "-":
+        sys.stdout.write(text)
+    else:
+        tmp = f"{args.file}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.file)  # a reader never sees half a file
+    print(f"exported {len(doc['decisions'])} decision(s) from {store.url} to {args.file}",
+          file=sys.stderr if args.file == "-" else sys.stdout)
+    return 0
+
+
+def read_document(path: str) -> tuple[list[Any], Fingerprint | None]:
+    """An export (or bundle) file's entries and fingerprint header; a file that is not one at all, or
+    whose signature fails with ``TUNEVAULT_BUNDLE_KEY`` set, is a ValueError naming it."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        doc = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a tunevault export (expected an object with format {EXPORT_FORMAT!r})")
+    if doc.get("schema") != EXPORT_SCHEMA:
+        raise ValueError(f"{path}: export schema {doc.get('schema')!r} is not supported (this tunevault "
+                         f"reads schema {EXPORT_SCHEMA})")
+    if not isinstance(doc.get("decisions"), list):
+        raise ValueError(f"{path}: 'decisions' must be a list")
+    key, sig = os.environ.get("TUNEVAULT_BUNDLE_KEY"), doc.get("signature")
+    if key and sig is not None:  # a signed bundle is checked; an unsigned export imports as usual
+        from tunevault.store.bundle import signature
+
+        if not (isinstance(sig, dict) and sig.get("hmac") == signature(doc, key)):
+            raise ValueError(f"{path}: signature does not verify with TUNEVAULT_BUNDLE_KEY; nothing imported")
+    try:
+        header = doc.get("fingerprint")
+        return doc["decisions"], None if header is None else Fingerprint.from_json(header)
+    except InvalidEntry as exc:
+        raise ValueError(f"{path}: invalid fingerprint header: {exc}") from None
+
+
+def parse_entry(entry: Any, fingerprint: Fingerprint | None = None) -> Decision:
+    """Validate one entry as strictly as a store read does, plus internal consistency."""
+    d = Decision.from_json(entry)
+    d.dumps()  # NaN/inf timings cannot be stored: ValueError
+    if fingerprint is not None and d.fingerprint != fingerprint:
+        raise InvalidEntry("its fingerprint differs from the file's fingerprint header")
+    for c in d.candidates:
+        if c.index == d.config_index and c.config != d.config:
+            raise InvalidEntry(f"config #{d.config_index} is {d.config.describe()} but its measurement "
+                               f"says {c.config.describe()}")
+    return d
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    entries, fingerprint = read_document(args.file)
+    added, identical, differing, rejected = 0, 0, 0, []
+    store = open_cli_store(args)
+    try:
+        for i, entry in enumerate(entries):
+            try:
+                d = parse_entry(entry, fingerprint)
+            except (InvalidEntry, ValueError, TypeError) as exc:
+                kernel = entry.get("kernel") if isinstance(entry, dict) else None
+                name = kernel.get("name") if isinstance(kernel, dict) else None
+                rejected.append({"index": i, "kernel": name if isinstance(name, str) else None,
+                                 "reason": str(exc)})
+                continue
+            stored = store.get(*d.store_key)
+            if stored is None:
+                stored = store.put(d)  # first writer wins: a concurrent writer may have beaten us
+                if stored.dumps() == d.dumps():
+                    added += 1
+                    continue
+            if stored.dumps() == d.dumps():
+                identical += 1
+            else:
+                differing += 1
+    finally:
+        store.close()
+    report = {"file": args.file, "store": store.url, "added": added, "skipped": identical + differing,
+              "skipped_identical": identical, "skipped_differing": differing, "rejected": len(rejected),
+              "rejections": rejected}
+    if args.json:
+        print_json(report)
+    else:
+        print(f"imported {args.file} into {store.url}: added {added}, skipped {identical + differing} "
+              f"(already present: {identical} identical, {differing} different, stored one kept), "
+              f"rejected {len(rejected)}")
+        for r in rejected:
+            print(f"  rejected entry {r['index']} ({r['kernel'] or 'unknown kernel'}): {r['reason']}",
+                  file=sys.stderr)
+    return 1 if rejected else 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    if not (args.all or args.kernel or args.this_machine or args.other_machines):
+        raise ValueError("give a filter (--kernel, --this-machine, --other-machines) or --all")
+    store = open_cli_store(args)
+    try:
+        if args.dry_run:
+            found = select(store, args)
+            for d in found:
+                print(f"would remove {d.kernel.name} [{d.key.describe()}] ({d.fingerprint.digest})")
+            print(f"would remove {len(found)} decision(s) from {store.url}")
+            return 0
+        if args.other_machines:  # not expressible as one Query: delete each by its exact key
+            removed = sum(store.delete(Query(kernel_digest=d.kernel.digest, key_text=d.key.text,
+                                             fingerprint_digest=d.fingerprint.digest))
+                          for d in select(store, args))
+        else:
+            here = this_machine().digest if args.this_machine else None
+            removed = store.delete(Query(kernel=args.kernel, fingerprint_digest=here))
+    finally:
+        store.close()
+    print(f"removed {removed} decision(s) from {store.url}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, *, file: bool = False,
+            json_flag: bool = True, filters: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if file:
+            p.add_argument("file", metavar="FILE.json", help="path, or - for stdin/stdout")
+        if filters:
+            _add_filters(p, kernel_positional=name == "show")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    add("info", cmd_info, "versions, this machine's fingerprint, store location, entries", filters=False)
+    add("ls", cmd_ls, "list decisions: kernel, key, chosen config, machine, when")
+    add("show", cmd_show, "a kernel's decisions with every candidate's timings")
+    add("export", cmd_export, "write decisions to a JSON file", file=True, json_flag=False)
+    add("import", cmd_import, "validate and add the decisions of an export file (first writer wins)",
+        file=True, filters=False)
+    rm = add("rm", cmd_rm, "remove decisions matching the filters (or --all)", json_flag=False)
+    rm.add_argument("--all", action="store_true", help="allow removing without a filter")
+    rm.add_argument("--dry-run", action="store_true", help="list what would be removed")

@@ -1,0 +1,103 @@
+"""A GPU timer with CUDA events and an L2 flush buffer the size of the device's L2 cache.
+
+Stock Triton flushes L2 by zeroing a 256 MB buffer before every timed run; after a server has
+allocated its KV cache that allocation alone can run out of memory. Zeroing a buffer as large
+as the L2 cache evicts it just as well at a fraction of the memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tunevault.engine.timing import summarize
+
+FALLBACK_L2_BYTES = 64 << 20
+# (warm-up ms, timed ms, min reps, max reps): "screen" ranks candidates, "full" is Triton's default effort.
+EFFORT = {"screen": (2.0, 10.0, 3, 50), "full": (25.0, 100.0, 10, 1000)}
+
+
+@functools.lru_cache(maxsize=16)
+def l2_cache_bytes(device: int) -> int:
+    """The L2 size of CUDA device ``device`` as torch reports it, else a conservative default."""
+    import torch
+
+    try:
+        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+    except Exception:
+        size = 0
+    override = os.environ.get("TUNEVAULT_L2_FLUSH_BYTES")
+    if override:
+        return max(0, int(override))
+    return size if size > 0 else FALLBACK_L2_BYTES
+
+
+def gpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), effort: str = "full",
+              warmup_ms: float | None = None, rep_ms: float | None = None, **_: Any) -> list[float]:
+    """Time ``fn`` with CUDA events, flushing L2 before every run; milliseconds at ``quantiles``."""
+    import torch
+
+    w_ms, r_ms, min_reps, max_reps = EFFORT.get(effort, EFFORT["full"])
+    w_ms = w_ms if warmup_ms is None else warmup_ms
+    r_ms = r_ms if rep_ms is None else rep_ms
+    device = torch.cuda.current_device()
+    fn()
+    torch.cuda.synchronize()
+    flush = torch.empty(max(1, l2_cache_bytes(device) // 4), dtype=torch.int32, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _i in range(3):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 3, 1e-3)  # includes the flush: errs towards fewer reps
+    n_warmup = max(1, int(w_ms / estimate))
+    n_rep = min(max_reps, max(min_reps, int(r_ms / estimate)))
+    for _i in range(n_warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for s, e in zip(starts, ends, strict=True):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    del flush
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)], quantiles)
+
+
+class MemoryProbe:
+    """Device memory this process gained across tuning: allocator reserve and driver free memory."""
+
+    def __init__(self) -> None:
+        self.device: int | None = None
+        self.reserved = self.free = 0
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self.device = torch.cuda.current_device()
+                self.reserved = torch.cuda.memory_reserved(self.device)
+                self.free = torch.cuda.mem_get_info(self.device)[0]
+        except Exception:
+            self.device = None
+
+    def delta(self, include_driver: bool = True) -> list[tuple[str, int]]:
+        """Provenance notes; the driver figure covers module loads but is device-wide."""
+        if self.device is None:
+            return []
+        import torch
+
+        try:
+            torch.cuda.synchronize(self.device)
+            notes = [("gpu_mem_delta_bytes", int(torch.cuda.memory_reserved(self.device) - self.reserved))]
+            if include_driver:
+                free = torch.cuda.mem_get_info(self.device)[0]
+                notes.append(("gpu_driver_mem_delta_bytes", int(self.free - free)))
+            return notes
+        except Exception:
+            return []

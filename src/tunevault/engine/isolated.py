@@ -1,0 +1,307 @@
+"""The server's side of isolated tuning: find the kernel by name, drive a worker, survive it.
+
+One worker process at a time serves every kernel; it is reused while tuning is busy and exits
+by itself when idle. A config that kills the worker, hangs past the per-config timeout or
+leaves the device unusable is recorded as failed, the worker is replaced, and tuning resumes
+with the next config. Waits are bounded, so nothing the worker does stalls the caller longer
+than the configured timeouts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tunevault.core.model import CandidateResult, ConfigSpec
+from tunevault.engine.procs import WorkerDied, WorkerProcess, spawn
+
+log = logging.getLogger("tunevault")
+
+START_TIMEOUT = 120.0  # importing torch and triton in a cold process
+_refs: weakref.WeakKeyDictionary[Any, tuple[str | None, str]] = weakref.WeakKeyDictionary()
+_lock = threading.RLock()
+_worker: WorkerProcess | None = None
+_sids = itertools.count(1)
+
+
+class IsolationUnavailable(RuntimeError):
+    """The worker cannot tune this kernel; the caller tunes in process instead."""
+
+
+def idle_timeout() -> float:
+    return float(os.environ.get("TUNEVAULT_WORKER_IDLE", "30"))
+
+
+def kernel_target(autotuner: Any) -> tuple[str | None, str]:
+    """``(module:qualname, "")`` when a fresh process imports this very kernel, else ``(None, why)``."""
+    try:
+        cached = _refs.get(autotuner)
+    except TypeError:
+        cached = None
+    if cached is not None:
+        return cached
+    found = _resolve_target(autotuner)
+    with contextlib.suppress(TypeError):
+        _refs[autotuner] = found
+    return found
+
+
+def _resolve_target(autotuner: Any) -> tuple[str | None, str]:
+    from tunevault.core.identity import kernel_id
+    from tunevault.engine.worker import find_autotuner
+
+    base = autotuner.base_fn
+    module, qualname = getattr(base, "__module__", None), getattr(base, "__qualname__", "")
+    if not module or module in ("__main__", "__mp_main__"):
+        return None, "it is defined in __main__"
+    if "<locals>" in qualname:
+        return None, "it is defined inside a function"
+    target = f"{module}:{qualname}"
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        return None, f"{target} cannot be imported ({type(exc).__name__}: {exc})"
+    found = find_autotuner(obj)
+    if found is None:
+        return None, f"{target} is not an autotuned kernel"
+    if found is not autotuner and kernel_id(found).digest != kernel_id(autotuner).digest:
+        return None, f"{target} names a different kernel (its source or configs differ)"
+    return target, ""
+
+
+def _worker_env(device: int | None) -> dict[str, str]:
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TUNEVAULT_MODE"}  # the worker never installs
+    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
+    paths = [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["TUNEVAULT_WORKER"] = "1"
+    if device is not None:  # pin the worker to the server's device: it sees exactly one GPU
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[device] if device < len(visible) else str(device)
+    return env
+
+
+def _comparable(env: dict[str, str]) -> dict[str, str]:
+    """The part of a worker's environment that changes what it computes (not, e.g., PYTEST_CURRENT_TEST)."""
+    keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH", "PATH")
+    return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
+
+
+def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerProcess:
+    """The live worker for ``env``, or a fresh one once the old one died, idled or differs."""
+    global _worker
+    w = _worker
+    # Between sessions a worker close to its idle timeout is about to exit by itself: replace it.
+    stale = first and w is not None and time.monotonic() - w.last_used > w.idle - min(1.0, w.idle / 2)
+    if w is not None and (stale or not w.alive() or _comparable(w.env) != _comparable(env)):
+        w.close()
+        w = _worker = None
+    if w is None:
+        w = _worker = spawn(env, min(timeout, START_TIMEOUT))
+    return w
+
+
+def retire(kill: bool = False) -> None:
+    global _worker
+    with _lock:
+        if _worker is not None:
+            _worker.kill() if kill else _worker.close()
+            _worker = None
+
+
+def worker_pid() -> int | None:
+    """The pid of the live worker, if any (tests and diagnostics)."""
+    w = _worker
+    return w.pid if w is not None and w.alive() else None
+
+
+atexit.register(retire)
+
+
+def _device_index(callspec: dict[str, Any]) -> int | None:
+    specs = list(callspec.get("args", [])) + list(callspec.get("kwargs", {}).values())
+    for spec in specs:
+        dev = spec.get("device", "")
+        if spec.get("kind") == "tensor" and dev.startswith("cuda"):
+            if ":" in dev:
+                return int(dev.split(":", 1)[1])
+            import torch
+
+            return int(torch.cuda.current_device())
+    return None
+
+
+def _pin(callspec: dict[str, Any]) -> dict[str, Any]:
+    """The worker sees one GPU, as ``cuda:0``."""
+    def fix(spec: dict[str, Any]) -> dict[str, Any]:
+        if spec.get("kind") == "tensor" and str(spec.get("device", "")).startswith("cuda"):
+            return {**spec, "device": "cuda:0"}
+        return spec
+
+    return {**callspec, "args": [fix(a) for a in callspec["args"]],
+            "kwargs": {k: fix(v) for k, v in callspec["kwargs"].items()}}
+
+
+class WorkerSession:
+    """The engine's Session protocol, carried out by the worker, resuming after every fault."""
+
+    where = "worker"
+
+    def __init__(self, target: str, digest: str, callspec: dict[str, Any], specs: dict[int, ConfigSpec],
+                 deadline: float, config_timeout: float,
+                 on_launches: Callable[[int], None] | None = None) -> None:
+        device = _device_index(callspec)
+        self.callspec = _pin(callspec) if device is not None else callspec
+        self.env = _worker_env(device)
+        self.target, self.digest, self.specs = target, digest, specs
+        self.deadline, self.config_timeout, self.on_launches = deadline, config_timeout, on_launches
+        self.sid = next(_sids)
+        self.reference: int | None = None
+        self.locked = False
+
+    def _left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def start(self) -> None:
+        """Open the session on a worker; IsolationUnavailable means "tune in process instead"."""
+        if not _lock.acquire(timeout=max(0.0, self._left())):
+            raise IsolationUnavailable("the worker stayed busy until the tuning deadline")
+        self.locked = True
+        try:
+            self._ready(first=True)
+        except IsolationUnavailable:
+            self.close()
+            raise
+
+    def _ready(self, first: bool = False) -> WorkerProcess:
+        try:
+            w = _acquire_worker(self.env, max(1.0, self._left()), first)
+            if self.sid not in w.opened:
+                w.send({"op": "open", "sid": self.sid, "kernel": self.target, "digest": self.digest,
+                        "callspec": self.callspec, "idle": idle_timeout()})
+                ev = w.wait_for(("opened", "fatal"), min(self._left(), START_TIMEOUT))
+                if ev["ev"] == "fatal":
+                    raise IsolationUnavailable(ev.get("message", "the worker refused the kernel"))
+                w.opened.add(self.sid)
+            return w
+        except (WorkerDied, queue.Empty) as exc:
+            retire(kill=True)
+            reason = f"the worker did not start: {exc or 'timed out'}"
+            raise IsolationUnavailable(reason) if first else WorkerDied(reason) from exc
+
+    def precompile(self, indices: Sequence[int]) -> None:
+        try:
+            w = self._ready()
+            w.send({"op": "precompile", "sid": self.sid, "configs": list(indices)})
+            w.wait_for(("precompiled",), max(0.0, self._left()))
+        except (WorkerDied, queue.Empty) as exc:  # best effort: the per-config runs will compile
+            log.debug("tunevault: precompile in the worker failed (%s); replacing it", exc)
+            retire(kill=True)
+
+    def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]:
+        out = self._run("validate", indices)
+        for i in indices:
+            if self.reference is None and out[i].error is None:
+                self.reference = i
+        return {i: r.error for i, r in out.items()}
+
+    def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
+        return self._run(effort, indices)
+
+    def _fail(self, index: int, why: str) -> CandidateResult:
+        return CandidateResult(index, self.specs[index], (), why[:500])
+
+    def _run(self, mode: str, indices: Sequence[int]) -> dict[int, CandidateResult]:
+        pending, out, strikes, last = list(indices), {}, 0, ""
+        while pending and strikes < 3 and self._left() > 0:
+            try:
+                w = self._ready()
+                w.send({"op": "run", "sid": self.sid, "mode": mode, "configs": pending,
+                        "idle": idle_timeout(), "reference": self.reference if mode == "validate" else None})
+            except (WorkerDied, IsolationUnavailable) as exc:
+                strikes, last = strikes + 1, str(exc)
+                continue
+            progressed, last = self._collect(w, pending, out)
+            strikes = 0 if progressed else strikes + 1
+        why = f"worker keeps failing: {last}"
+        if self._left() <= 0:
+            why = "timeout: tuning exceeded tune_timeout"
+        for i in pending:
+            out[i] = self._fail(i, why)
+        return out
+
+    def _collect(self, w: WorkerProcess, pending: list[int],
+                 out: dict[int, CandidateResult]) -> tuple[bool, str]:
+        """Read events until done or a fault: (whether some config finished, what went wrong)."""
+        current, progressed = None, False
+        while True:
+            limit = min(self.config_timeout, self._left())
+            try:
+                ev = w.next_event(max(0.0, limit))
+            except queue.Empty:
+                retire(kill=True)
+                what = "tune_timeout" if limit < self.config_timeout else "config_timeout"
+                if current is not None:
+                    out[current] = self._fail(current, f"timeout: no result within {limit:.1f}s ({what}); "
+                                              "worker replaced")
+                    pending.remove(current)
+                    log.warning("tunevault: %s: config %s hung in the worker; killed it after %.1fs",
+                                self.target, self.specs[current].describe(), limit)
+                return current is not None or progressed, f"no answer within {limit:.1f}s"
+            except WorkerDied:
+                reason = w.exit_reason()
+                retire(kill=True)
+                if current is not None:
+                    out[current] = self._fail(current, f"worker died ({reason}) while running this config")
+                    pending.remove(current)
+                    log.warning("tunevault: %s: config %s killed the tuning worker (%s); continuing "
+                                "without it", self.target, self.specs[current].describe(), reason)
+                return current is not None or progressed, f"worker died ({reason})"
+            kind = ev.get("ev")
+            if kind == "start" and ev.get("index") in pending:
+                current = ev["index"]
+            elif kind == "result" and ev.get("index") in pending:
+                out[ev["index"]] = self._result(ev)
+                pending.remove(ev["index"])
+                current, progressed = None, True
+            elif kind in ("done", "fatal"):
+                why = f"worker error: {ev.get('message')}" if kind == "fatal" else "the worker skipped it"
+                for i in list(pending):
+                    out[i] = self._fail(i, why)
+                pending.clear()
+                return True, ""
+
+    def _result(self, ev: dict[str, Any]) -> CandidateResult:
+        index, timings, error = ev["index"], ev.get("timings") or [], ev.get("error")
+        if self.on_launches is not None and isinstance(ev.get("launches"), int):
+            self.on_launches(ev["launches"])
+        if not isinstance(timings, list) or not all(isinstance(t, int | float) and t >= 0 for t in timings):
+            return self._fail(index, "the worker sent invalid timings")
+        if error is not None:
+            return self._fail(index, str(error))
+        return CandidateResult(index, self.specs[index], tuple(float(t) for t in timings), None)
+
+    def close(self) -> None:
+        if not self.locked:
+            return
+        w = _worker
+        if w is not None and self.sid in w.opened and w.alive():
+            with contextlib.suppress(WorkerDied):
+                w.send({"op": "close", "sid": self.sid})
+            w.opened.discard(self.sid)
+        self.locked = False
+        _lock.release()

@@ -1,0 +1,160 @@
+"""A worker subprocess seen from the server: JSON lines over pipes, every wait bounded.
+
+Reader threads turn the worker's stdout into a queue of events (``None`` marks its death) and
+keep the tail of its stderr for error messages, so the server never blocks on a pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+log = logging.getLogger("tunevault")
+
+
+class WorkerDied(RuntimeError):
+    """The worker process is gone (or its pipe is)."""
+
+
+class WorkerProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], env: dict[str, str]) -> None:
+        self.proc, self.env, self.pid = proc, env, proc.pid
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.tail: deque[str] = deque(maxlen=40)
+        self.opened: set[int] = set()
+        self.last_used = time.monotonic()
+        self.eof = False
+        self.idle = float(env.get("TUNEVAULT_WORKER_IDLE") or 30)  # as last told: it exits after this
+        for target in (self._read_events, self._read_stderr):
+            threading.Thread(target=target, name=f"tunevault-worker-{self.pid}", daemon=True).start()
+
+    def _read_events(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in iter(self.proc.stdout.readline, b""):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    self.events.put(event)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.events.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(self.proc.stderr.readline, b""):
+                line = raw.decode(errors="replace").rstrip()
+                self.tail.append(line)
+                log.debug("tunevault worker %d: %s", self.pid, line)
+
+    def alive(self) -> bool:
+        return not self.eof and self.proc.poll() is None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg, allow_nan=False) + "\n").encode()
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except (OSError, ValueError) as exc:
+            raise WorkerDied(f"cannot write to the worker: {exc}") from exc
+        self.last_used = time.monotonic()
+        if isinstance(msg.get("idle"), int | float):
+            self.idle = float(msg["idle"])
+
+    def next_event(self, timeout: float) -> dict[str, Any]:
+        """The next event; ``queue.Empty`` after ``timeout`` seconds, WorkerDied at end of stream."""
+        if self.eof:
+            raise WorkerDied("the worker exited")
+        event = self.events.get(timeout=timeout)
+        if event is None:
+            self.eof = True
+            raise WorkerDied("the worker exited")
+        self.last_used = time.monotonic()
+        return event
+
+    def wait_for(self, kinds: tuple[str, ...], timeout: float) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise queue.Empty
+            event = self.next_event(left)
+            if event.get("ev") in kinds:
+                return event
+
+    def exit_reason(self) -> str:
+        try:
+            rc = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "closed its output but kept running"
+        if rc < 0:
+            try:
+                reason = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                reason = f"killed by signal {-rc}"
+        else:
+            reason = f"exit code {rc}"
+        last = next((line for line in reversed(self.tail) if line.strip()), "")
+        return f"{reason}; stderr: {last[:200]}" if last and rc > 0 else reason
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # its own session: compiler subprocesses go too
+        except (ProcessLookupError, PermissionError, OSError):
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self._close_pipes()
+
+    def close(self) -> None:
+        """End of input asks the worker to exit; a worker that does not is killed."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        # Only stdin: the reader threads own stdout/stderr and finish at end of stream.
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+
+
+def spawn(env: dict[str, str], timeout: float) -> WorkerProcess:
+    """Start ``python -m tunevault.engine.worker`` and wait for it to say it is ready."""
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "tunevault.engine.worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=os.getcwd(),
+                                start_new_session=True)
+    except OSError as exc:
+        raise WorkerDied(f"cannot start a worker: {exc}") from exc
+    worker = WorkerProcess(proc, env)
+    try:
+        worker.wait_for(("ready",), timeout)
+    except queue.Empty:
+        worker.kill()
+        raise WorkerDied(f"the worker was not ready within {timeout:.0f}s") from None
+    except WorkerDied:
+        raise WorkerDied(f"the worker exited at start-up ({worker.exit_reason()})") from None
+    log.debug("tunevault: started tuning worker %d", worker.pid)
+    return worker

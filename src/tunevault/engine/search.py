@@ -1,0 +1,96 @@
+"""Search: precompile, validate, then successive halving over the survivors.
+
+A short screen ranks every candidate; only the best fraction (and anything close to the
+fastest screen time) is timed carefully. Any screened-out candidate whose screen time still
+falls within the tolerance band of the best careful time is timed carefully too, so the
+choice stays within the band of what exhaustive careful timing would pick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from tunevault.core.model import CandidateResult, ConfigSpec
+from tunevault.engine.select import band_top
+
+HALVING_MIN = 4  # below this many candidates a screen costs more than it saves
+KEEP_FRACTION = 0.25
+SCREEN_BAND = 0.25  # also keep anything within 25% of the fastest screen time
+
+
+class Session(Protocol):
+    """Where candidates run: this process (inprocess.InProcessSession) or a worker (isolated)."""
+
+    def precompile(self, indices: Sequence[int]) -> None: ...
+
+    def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]: ...
+
+    def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]: ...
+
+
+def _median(r: CandidateResult) -> float:
+    return r.timings[0]
+
+
+def _low(r: CandidateResult) -> float:
+    """A screen's lower quantile: noise only ever slows a run down, so rank by the fast end."""
+    return min(r.timings)
+
+
+def survivors(screen: dict[int, CandidateResult], order: Sequence[int]) -> list[int]:
+    """The best ``KEEP_FRACTION`` (at least 2) plus any within ``SCREEN_BAND`` of the fastest."""
+    ok = sorted((i for i in order if screen[i].ok), key=lambda i: (_low(screen[i]), order.index(i)))
+    if not ok:
+        return []
+    keep = max(2, math.ceil(len(ok) * KEEP_FRACTION))
+    band = _low(screen[ok[0]]) * (1.0 + SCREEN_BAND)
+    chosen = set(ok[:keep]) | {i for i in ok if _low(screen[i]) <= band}
+    return [i for i in order if i in chosen]
+
+
+def halving(session: Session, order: Sequence[int],
+            tolerance: float) -> tuple[dict[int, CandidateResult], str]:
+    """Screen all, time the best carefully; returns results by index and a one-line summary."""
+    screen = session.time(order, "screen")
+    careful = session.time(survivors(screen, order), "full")
+    while True:  # a screened-out config that might tie with the best careful time gets a careful look
+        best = min((r for r in careful.values() if r.ok), key=_median, default=None)
+        if best is None:
+            break
+        top = band_top(best, tolerance)
+        again = [i for i in order if i not in careful and screen[i].ok and _low(screen[i]) <= top]
+        if not again:
+            break
+        careful.update(session.time(again, "full"))
+    results = {i: careful.get(i, screen[i]) for i in order}
+    return results, f"halving: screened {len(order)}, timed {len(careful)} carefully"
+
+
+Notes = list[tuple[str, Any]]
+
+
+def search(session: Session, order: Sequence[int], specs: dict[int, ConfigSpec], tolerance: float,
+           validate: bool = False, exhaustive: bool = False) -> tuple[list[CandidateResult], Notes]:
+    """Results for every candidate in ``order`` (failed ones carry their error) and provenance notes."""
+    results: dict[int, CandidateResult] = {}
+    notes: list[tuple[str, Any]] = []
+    session.precompile(order)
+    live = list(order)
+    if validate:
+        verdicts = session.validate(live)
+        for i, err in verdicts.items():
+            if err is not None:
+                results[i] = CandidateResult(i, specs[i], (), err)
+        live = [i for i in live if verdicts.get(i) is None]
+        notes.append(("validated", len(live)))
+    if live:
+        if exhaustive or len(live) < HALVING_MIN:
+            results.update(session.time(live, "full"))
+            notes.append(("search", f"exhaustive: timed {len(live)} carefully"))
+        else:
+            timed, summary = halving(session, live, tolerance)
+            results.update(timed)
+            notes.append(("search", summary))
+    return [results[i] for i in order], notes

@@ -1,0 +1,209 @@
+"""The disposable tuning worker: ``python -m tunevault.engine.worker``.
+
+Speaks JSON lines only (requests on stdin, events on a private copy of stdout; the kernel's own
+prints go to stderr). It imports the kernel by ``module:qualname``, checks it is the kernel
+the server asked for, rebuilds the arguments from a CallSpec and runs the engine's stages on
+them. Each config is announced before it runs, so when this process dies the server knows
+which config killed it. It exits on end of input, after ``TUNEVAULT_WORKER_IDLE`` idle
+seconds, or after a sticky device error, so it never holds device memory for long.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import importlib
+import json
+import math
+import os
+import select
+import sys
+from typing import Any
+
+STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "device-side assert",
+          "an illegal instruction", "CUDA error: unknown error")
+
+
+class Fatal(Exception):
+    """The kernel cannot be tuned here at all (import failure, different kernel, bad arguments)."""
+
+
+def find_autotuner(obj: Any) -> Any:
+    """Walk ``.fn`` from a module attribute (maybe a Heuristics) down to its Autotuner."""
+    from triton.runtime.autotuner import Autotuner
+
+    for _ in range(32):
+        if isinstance(obj, Autotuner):
+            return obj
+        obj = getattr(obj, "fn", None)
+        if obj is None:
+            return None
+    return None
+
+
+def import_kernel(target: str) -> Any:
+    module, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Worker:
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.sessions: dict[int, Any] = {}
+        self.launches = 0
+
+    def emit(self, **event: Any) -> None:
+        self.out.write(json.dumps(event, allow_nan=False) + "\n")
+        self.out.flush()
+
+    def counted(self) -> None:
+        self.launches += 1
+
+    def open(self, msg: dict[str, Any]) -> None:
+        from tunevault.capture.argspec import CallSpec
+        from tunevault.core.identity import config_spec, kernel_id
+        from tunevault.engine.inprocess import InProcessSession
+
+        target = str(msg["kernel"])
+        try:
+            at = find_autotuner(import_kernel(target))
+        except Exception as exc:
+            raise Fatal(f"cannot import {target}: {type(exc).__name__}: {exc}") from exc
+        if at is None:
+            raise Fatal(f"{target} is not an autotuned kernel in the worker")
+        if kernel_id(at).digest != msg["digest"]:
+            raise Fatal(f"{target} imported in the worker is a different kernel (source or configs differ)")
+        try:
+            args, kwargs = CallSpec.from_json(msg["callspec"]).build(at, seed=0)
+        except Exception as exc:
+            raise Fatal(f"cannot rebuild the arguments of {target}: {type(exc).__name__}: {exc}") from exc
+        configs = dict(enumerate(at.configs))
+        specs = {i: config_spec(c) for i, c in configs.items()}
+        self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted)
+
+    def run(self, msg: dict[str, Any]) -> bool:
+        """Run configs one by one; returns False when a sticky device error means this process must go."""
+        session = self.sessions[int(msg["sid"])]
+        mode, reference = str(msg["mode"]), msg.get("reference")
+        for index in [int(i) for i in msg["configs"]]:
+            self.emit(ev="start", index=index)
+            before = self.launches
+            if mode == "validate":
+                error = session.validate([index], reference)[index]
+                timings: list[float] = []
+            else:
+                result = session.time([index], mode)[index]
+                error, timings = result.error, list(result.timings)
+            if not all(math.isfinite(t) for t in timings):
+                error, timings = f"benchmark returned {timings}", []
+            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before)
+            if error is not None and not healthy(error):
+                return False
+        self.emit(ev="done")
+        return True
+
+    def handle(self, msg: dict[str, Any]) -> bool:
+        op, sid = msg.get("op"), msg.get("sid")
+        if op == "open":
+            try:
+                self.open(msg)
+            except Fatal as exc:
+                self.emit(ev="fatal", sid=sid, message=str(exc))
+                return True
+            self.emit(ev="opened", sid=sid)
+        elif op == "precompile":
+            session = self.sessions[int(sid)]
+            session.precompile([int(i) for i in msg["configs"]])
+            self.emit(ev="precompiled", sid=sid)
+        elif op == "run":
+            return self.run(msg)
+        elif op == "close":
+            self.sessions.pop(int(sid), None)
+            release_memory()
+        return True
+
+
+def healthy(error: str) -> bool:
+    """After an error, is the device still usable? Sticky CUDA errors poison the whole context."""
+    if "OutOfMemory" in error or "out of memory" in error:
+        release_memory()
+        return True
+    if any(s in error for s in STICKY):
+        return False
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    except Exception:
+        return False
+    return True
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def main() -> int:
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the kernel or a library prints must not corrupt the protocol
+    faulthandler.enable()
+    idle = float(os.environ.get("TUNEVAULT_WORKER_IDLE", "30"))
+    import torch  # noqa: F401  (import cost belongs to start-up, not to the first config)
+    import triton  # noqa: F401
+
+    import tunevault.engine.inprocess  # noqa: F401
+
+    worker = Worker(out)
+    worker.emit(ev="ready", pid=os.getpid())
+    lines = LineReader(sys.stdin.fileno())
+    while True:
+        line = lines.readline(None if worker.sessions else idle)  # never idle out mid-tuning
+        if line is None:
+            return 0  # end of input, or idle: give the device memory back
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(msg, dict):
+            continue
+        if isinstance(msg.get("idle"), int | float) and msg["idle"] > 0:
+            idle = float(msg["idle"])  # the server's current idle timeout
+        try:
+            if not worker.handle(msg):
+                return 3
+        except Exception as exc:  # a bug or a bad request: report it and stay up
+            worker.emit(ev="fatal", sid=msg.get("sid"), message=f"{type(exc).__name__}: {exc}"[:500])
+
+
+class LineReader:
+    """Lines from a raw descriptor with an idle timeout (a buffered reader would hide queued lines)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, b""
+
+    def readline(self, timeout: float | None) -> bytes | None:
+        while b"\n" not in self.buf:
+            readable, _, _ = select.select([self.fd], [], [], timeout)
+            if not readable:
+                return None
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

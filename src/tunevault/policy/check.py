@@ -1,0 +1,122 @@
+"""Preflight: does the store hold a decision for every captured key, on this machine?
+
+Run before sealing (or before a deploy): a key without a decision here is a key that would
+benchmark, fall back or raise at request time. Kernel identity comes from importing the
+kernel as it is now, so a changed kernel source shows up as undecided, as it would in serving.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunevault.capture import manifest as mf
+from tunevault.capture.locate import KernelNotFound, import_autotuner
+from tunevault.core.model import Fingerprint, TuningKey
+
+
+@dataclass
+class CheckItem:
+    kernel: str
+    key: TuningKey
+    decided: bool
+    reason: str = ""
+    config: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "key": self.key.to_json(), "decided": self.decided,
+                "reason": self.reason, "config": self.config}
+
+
+@dataclass
+class CheckResult:
+    fingerprint: Fingerprint
+    store: str
+    items: list[CheckItem] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[CheckItem]:
+        return [i for i in self.items if not i.decided]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "store": self.store, "fingerprint": self.fingerprint.to_json(),
+                "fingerprint_digest": self.fingerprint.digest, "keys": len(self.items),
+                "decided": len(self.items) - len(self.missing),
+                "missing": [i.to_json() for i in self.missing],
+                "items": [i.to_json() for i in self.items]}
+
+
+def _settings(store: str | None) -> Any:
+    from tunevault.integration.triton_adapter import runtime
+    from tunevault.policy.settings import Settings
+
+    rt = runtime()
+    base = rt.settings if rt is not None and store is None else Settings.from_env()
+    return base.with_options(store=store)
+
+
+def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
+          store: str | None = None) -> CheckResult:
+    """Which captured keys have a decision for this machine's fingerprint in ``store``.
+
+    ``store`` defaults to the installed runtime's store, else ``$TUNEVAULT_STORE`` / the user cache.
+    """
+    from tunevault.core.identity import current_fingerprint, kernel_id
+    from tunevault.store.layered import open_layered
+
+    entries = mf.read(source) if isinstance(source, str | os.PathLike) else list(source)
+    settings = _settings(store)
+    fp = current_fingerprint()
+    result = CheckResult(fp, settings.store)
+    opened = open_layered(settings)
+    try:
+        for entry in entries:
+            result.items.append(_check_one(opened, fp, entry, kernel_id))
+    finally:
+        opened.close()
+    return result
+
+
+def _check_one(store: Any, fp: Fingerprint, entry: mf.ManifestEntry, kernel_id: Any) -> CheckItem:
+    try:
+        autotuner = import_autotuner(entry.kernel)
+    except KernelNotFound as exc:
+        return CheckItem(entry.kernel, entry.key, False, f"kernel not importable: {exc}")
+    if len(autotuner.configs) <= 1:
+        return CheckItem(entry.kernel, entry.key, True, "one config: nothing to tune")
+    kid = kernel_id(autotuner)
+    try:
+        decision = store.get(kid.digest, fp.digest, entry.key.text)
+    except Exception as exc:
+        return CheckItem(entry.kernel, entry.key, False, f"store read failed: {exc}")
+    if decision is None:
+        return CheckItem(entry.kernel, entry.key, False, _why_missing(store, kid, fp, entry.key))
+    chosen = f"#{decision.config_index} {decision.config.describe()}"
+    return CheckItem(entry.kernel, entry.key, True, "", chosen)
+
+
+def _why_missing(store: Any, kid: Any, fp: Fingerprint, key: TuningKey) -> str:
+    """The nearest thing the store does hold: another key, another kernel version, another machine."""
+    from tunevault.policy.diagnose import explain_miss
+    from tunevault.store.base import Query
+
+    try:
+        others = list(store.decisions(Query(kernel=kid.name)))
+    except Exception:
+        others = []
+    same = [d.key for d in others if d.kernel.digest == kid.digest and d.fingerprint.digest == fp.digest]
+    if same:
+        message, _near = explain_miss(kid.short_name, key, same)
+        return "no decision; " + message.split("; ", 1)[1]
+    if any(d.kernel.name == kid.name and d.kernel.digest != kid.digest and d.fingerprint.digest == fp.digest
+           for d in others):
+        return "no decision; decisions exist for another version of this kernel (source or configs changed)"
+    if any(d.kernel.digest == kid.digest for d in others):
+        return "no decision; this kernel is decided only on other machines/toolchains (fingerprint differs)"
+    return "no decision; this kernel has none for this machine"

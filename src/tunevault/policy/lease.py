@@ -1,0 +1,112 @@
+"""One tuning per key fleet-wide: take the key's lease before benchmarking, or wait for its decision.
+
+Agreement comes from the store, not from a collective: the holder benchmarks and publishes (first
+writer wins), everyone else polls the store for the decision and adopts it. Nothing waits for a
+peer that may never come: a holder that dies stops renewing, its lease expires and a waiter takes
+over; a waiter that waited ``lease_wait`` seconds tunes by itself, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger("tunevault")
+
+T = TypeVar("T")
+POLL_S = (0.02, 0.5)  # first and longest pause between looks at the store while waiting
+
+
+def lease_name(kernel_digest: str, fingerprint_digest: str, key_text: str) -> str:
+    return f"tune:{kernel_digest}:{fingerprint_digest}:{hashlib.sha256(key_text.encode()).hexdigest()[:32]}"
+
+
+def new_holder() -> str:
+    """Unique per tuning attempt, readable in the store: host, pid and a nonce."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Heartbeat:
+    """Renews a lease every third of its time to live while the holder works."""
+
+    def __init__(self, store: Any, name: str, holder: str, ttl_s: float, what: str) -> None:
+        self.store, self.name, self.holder, self.ttl, self.what = store, name, holder, ttl_s, what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="tunevault-lease", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _beat(self) -> None:
+        lost = False
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                held = self.store.try_lease(self.name, self.holder, self.ttl)
+            except Exception as exc:
+                log.debug("tunevault: lease renewal for %s failed: %s", self.what, exc)
+                continue
+            if not held and not lost:
+                lost = True
+                log.warning("tunevault: lost the tuning lease for %s (renewal came after it expired); "
+                            "another process may tune it too, and the first decision published is kept",
+                            self.what)
+
+
+def under_lease(rt: Any, name: str, what: str, lookup: Callable[[], T | None], work: Callable[[], T]) -> T:
+    """``work()`` under the lease ``name``, unless a decision appears (``lookup()``) first.
+
+    ``what`` names the kernel and key in messages. Store failures never block: without a usable
+    lease the process tunes by itself, exactly as it would with no store at all.
+    """
+    store, settings = rt.store, rt.settings
+    holder, ttl = new_holder(), settings.lease_ttl
+    deadline = time.monotonic() + settings.lease_wait
+    pause, waited = POLL_S[0], False
+    while True:
+        try:
+            taken = store.try_lease(name, holder, ttl)
+        except Exception as exc:
+            rt.warn_once(("lease", type(exc)), "tunevault: cannot take tuning leases in %s (%s); tuning "
+                         "without one", getattr(store, "url", store), exc)
+            return work()
+        if taken:
+            break
+        if not waited:
+            waited = True
+            log.info("tunevault: %s is being tuned by another process; waiting up to %.0f s for its decision",
+                     what, settings.lease_wait)
+        found = lookup()
+        if found is not None:
+            log.info("tunevault: %s: adopted the decision another process published", what)
+            return found
+        if time.monotonic() >= deadline:
+            log.warning("tunevault: %s: no decision after waiting %.0f s for the process tuning it "
+                        "(lease_wait); tuning here too, the first decision published is the one kept",
+                        what, settings.lease_wait)
+            return work()
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())) * random.uniform(0.8, 1.2))
+        pause = min(pause * 2, POLL_S[1])
+    try:
+        found = lookup()  # published while we were taking the lease (the holder just finished)
+        if found is not None:
+            return found
+        with Heartbeat(store, name, holder, ttl, what):
+            return work()
+    finally:
+        try:
+            store.release(name, holder)
+        except Exception as exc:
+            log.debug("tunevault: releasing the lease for %s failed (%s); it expires by itself", what, exc)

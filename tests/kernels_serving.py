@@ -1,0 +1,93 @@
+"""Serving-shaped test kernels, importable as ``kernels_serving:<name>`` by warmup replay.
+
+``chunk_cumsum`` follows FLA's ``chunk_local_cumsum_scalar_kernel``: a heuristic on top of the
+autotuner, key ``B H BT REVERSE``, a float gate ``g`` and int32 ``cu_seqlens`` / ``chunk_indices``
+that the kernel uses to index memory, and ``BT`` derived from the sequence length by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.heuristics({"IS_VARLEN": lambda args: args["cu_seqlens"] is not None})
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (1, 2, 4)], key=["B", "H", "BT", "REVERSE"])
+@triton.jit(do_not_specialize=["T"])
+def chunk_cumsum(g, o, cu_seqlens, chunk_indices, T, B: tl.constexpr, H: tl.constexpr, BT: tl.constexpr,
+                 REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        T = eos - bos
+    else:
+        bos = i_b * T
+    offs = i_t * BT + tl.arange(0, BT)
+    mask = offs < T
+    ptrs = (bos + offs) * H + i_h  # layout [B, T, H], heads last
+    b = tl.load(g + ptrs, mask=mask, other=0).to(tl.float32)
+    c = tl.cumsum(b, axis=0)
+    if REVERSE:
+        c = tl.sum(b, axis=0) - c + b
+    tl.store(o + ptrs, c.to(o.dtype.element_ty), mask=mask)
+
+
+def chunk_size(max_len: int) -> int:
+    """BT as FLA's ``chunk_fwd_o`` derives it: 16, 32 or 64 from the sequence length."""
+    return min(64, max(16, triton.next_power_of_2(max_len)))
+
+
+def prepare_chunk_indices(cu_seqlens: torch.Tensor, bt: int) -> torch.Tensor:
+    """``[(sequence, chunk)]`` for every chunk of every sequence, int32 like FLA's."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    pairs = [(n, j) for n, length in enumerate(lens) for j in range(triton.cdiv(length, bt))]
+    return torch.tensor(pairs, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
+
+
+def chunk_local_cumsum(g: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                       reverse: bool = False) -> torch.Tensor:
+    """Cumulative sum of ``g`` ([B, T, H]) within chunks of BT tokens, per sequence when varlen."""
+    B, T, H = g.shape
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if cu_seqlens is not None else [T]
+    bt = chunk_size(max(lens))
+    chunk_indices = prepare_chunk_indices(cu_seqlens, bt) if cu_seqlens is not None else None
+    nt = len(chunk_indices) if chunk_indices is not None else triton.cdiv(T, bt)
+    o = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    chunk_cumsum[(nt, B * H)](g, o, cu_seqlens, chunk_indices, T=T, B=B, H=H, BT=bt, REVERSE=reverse)
+    return o
+
+
+def reference_cumsum(g: torch.Tensor, cu_seqlens: torch.Tensor | None, bt: int, reverse: bool = False,
+                     ) -> torch.Tensor:
+    """The same chunked cumsum in torch: what a correct launch must produce."""
+    B, T, H = g.shape
+    x = g.float().reshape(B * T, H) if cu_seqlens is not None else g.float()
+    out = torch.zeros_like(x)
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else None
+    spans = list(zip(bounds[:-1], bounds[1:], strict=True)) if bounds else [(0, T)]
+    for b in range(1 if bounds else B):
+        for bos, eos in spans:
+            for start in range(bos, eos, bt):
+                seg = x[start:min(start + bt, eos)] if bounds else x[b, start:min(start + bt, eos)]
+                res = seg.flip(0).cumsum(0).flip(0) if reverse else seg.cumsum(0)
+                if bounds:
+                    out[start:start + len(seg)] = res
+                else:
+                    out[b, start:start + len(seg)] = res
+    return out.reshape(B, T, H)
+
+
+def serve(lengths: list[int], H: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One varlen prefill batch of sequences with ``lengths``: (kernel output, torch reference)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    g = torch.randn(1, total, H, generator=gen).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = chunk_local_cumsum(g, cu)
+    return out, reference_cumsum(g, cu, chunk_size(max(lengths)))

@@ -1,0 +1,177 @@
+"""Key capture: manifests of seen keys, merged across processes, replayed with faithful arguments."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import tunevault
+from conftest import count_launches, run_py
+from kernels_serving import chunk_cumsum, chunk_size, reference_cumsum, serve
+from tunevault.capture import manifest as mf
+from tunevault.capture.replay import rebuild
+from tunevault.integration import triton_adapter
+
+
+def test_capture_records_keys_outcomes_and_argspecs(tv, tmp_path: Path) -> None:
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path) as rec:
+        for lens in ([10], [12], [20, 5], [50, 64, 3], [9]):
+            serve(lens)
+        assert triton_adapter._hit_hook == rec.hit
+    assert triton_adapter._hit_hook is None  # the non-capturing hot path is back
+    lines = path.read_text().splitlines()
+    assert all(json.loads(line)["format"] == mf.FORMAT for line in lines)  # human-readable JSON lines
+    entries = mf.read(path)
+    by_bt = {dict(e.key.items)["BT"]: e for e in entries}
+    assert sorted(by_bt) == [16, 32, 64]
+    assert {e.kernel for e in entries} == {"kernels_serving:chunk_cumsum"}
+    assert by_bt[16].counts == {"hit": 2, "tuned": 1, "missed": 0} and by_bt[16].count == 3
+    assert by_bt[64].counts == {"hit": 0, "tuned": 1, "missed": 0}
+    assert by_bt[16].first_seen <= by_bt[16].last_seen
+    cu = next(a for a in by_bt[64].callspec["args"] if a.get("dtype") == "int32")
+    assert cu["values"] == [0, 50, 114, 117]  # cu_seqlens kept verbatim
+    serve([10])  # after the block: not recorded
+    assert mf.read(path)[0].count == 3
+
+
+def test_missed_keys_are_counted_as_missed_on_every_call(tv, tmp_path: Path) -> None:
+    serve([10], dtype=torch.float16)
+    tv.seal("fallback")
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        for _ in range(3):
+            serve([10], dtype=torch.float32)  # first via the miss path, then in-memory fallback hits
+        serve([10], dtype=torch.float16)
+    counts = {dict(e.key.items)["dtype(g)"]: e.counts for e in mf.read(path)}
+    assert counts == {"float32": {"hit": 0, "tuned": 0, "missed": 3},
+                      "float16": {"hit": 1, "tuned": 0, "missed": 0}}
+
+
+def test_settings_capture_flushes_periodically_and_at_uninstall(sqlite_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "env.jsonl"
+    tunevault.install(mode="tune", store=sqlite_url, capture=str(path))
+    from tunevault.capture import recorder
+
+    active = recorder._active()
+    assert active is not None and active.path == str(path)
+    serve([10])
+    assert active.flush() == 1 and mf.read(path)[0].count == 1
+    serve([10])
+    tunevault.uninstall()
+    assert [e.count for e in mf.read(path)] == [2]  # two lines, merged
+    assert len(path.read_text().splitlines()) == 2
+
+
+CHILD = """
+import json, os, tunevault, kernels_serving as k
+tunevault.install()  # mode, store and capture from TUNEVAULT_*
+for _ in range(5):
+    k.serve([20, 5])
+k.serve([3])
+print(json.dumps(os.getpid()))
+"""  # no explicit flush: the atexit hook writes the manifest
+
+
+def test_several_processes_append_to_one_manifest_and_nothing_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "shared.jsonl"
+    env = {"TUNEVAULT_MODE": "tune", "TUNEVAULT_STORE": f"sqlite:///{tmp_path / 's.db'}",
+           "TUNEVAULT_CAPTURE": str(path)}
+    pids: list[int] = []
+    threads = [threading.Thread(target=lambda: pids.append(run_py(CHILD, **env))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(pids) == 2
+    entries = {dict(e.key.items)["BT"]: e for e in mf.read(path)}
+    assert entries[32].count == 10 and entries[16].count == 2
+    assert {pid for _host, pid in entries[32].processes} == set(pids)
+    assert entries[32].counts["tuned"] >= 1  # the others found it in the shared store or tuned it too
+
+
+def test_malformed_lines_are_skipped_with_a_warning(tv, tmp_path: Path, caplog) -> None:
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        serve([10])
+    with path.open("a") as fh:
+        fh.write('{"format": "tunevault-manifest/1", "kernel": "m:k", "key": "not a list"}\n{"trunc')
+    assert [e.count for e in mf.read(path)] == [1]
+    assert "skipped 2 malformed line(s)" in caplog.text
+
+
+def test_index_tensors_replay_faithfully(tv, tmp_path: Path) -> None:
+    """cu_seqlens/chunk_indices index memory: replayed values must be the captured ones."""
+    path = tmp_path / "keys.jsonl"
+    lengths = [7, 33, 5, 19]  # BT=64; chunks of unequal sequences
+    with tunevault.capture(path):
+        serve(lengths)
+    (entry,) = mf.read(path)
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'fresh.db'}")  # replay tunes from scratch
+    autotuner, args, kwargs = rebuild(entry)
+    assert autotuner is chunk_cumsum.fn
+    g, o, cu, chunk_indices = args[:4]
+    assert cu.tolist() == [0, 7, 40, 45, 64] and cu.dtype == torch.int32
+    assert chunk_indices.tolist() == [[0, 0], [1, 0], [2, 0], [3, 0]]
+    assert kwargs["BT"] == chunk_size(max(lengths))
+    o.fill_(float("nan"))
+    with count_launches(autotuner) as launches:
+        autotuner.run(*args, **kwargs)  # benchmarks every config on the rebuilt args, then launches
+    assert launches.count > len(autotuner.configs)
+    # wrong offsets would read other sequences' tokens (or memory outside g) and leave NaNs in o
+    torch.testing.assert_close(o, reference_cumsum(g, cu, kwargs["BT"]))
+    assert tunevault.check([entry]).ok
+
+
+def test_warmup_and_check_explain_keys_they_cannot_replay(tv, tmp_path: Path, capsys) -> None:
+    from tunevault.cli.main import main
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32)], key=["n"])
+    @triton.jit
+    def _local_copy(x, y, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y + offs, tl.load(x + offs, mask=offs < n), mask=offs < n)
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        serve([10])
+        x = torch.randn(40)
+        _local_copy[lambda m: (triton.cdiv(40, m["BLOCK"]),)](x, torch.empty_like(x), 40)
+    good = json.loads(path.read_text().splitlines()[0])
+    broken = dict(good, key=[*good["key"][:3], ["REVERSE", True], *good["key"][4:]])
+    broken["callspec"] = dict(good["callspec"], args=[dict(good["callspec"]["args"][0], dtype="float99"),
+                                                      *good["callspec"]["args"][1:]])
+    gone = dict(good, kernel="no_such_module:kernel")
+    mf.append(path, [json.dumps(broken) + "\n", json.dumps(gone) + "\n"])
+
+    report = tunevault.warmup(path)
+    status = {(i.kernel, dict(i.key.items).get("REVERSE")): (i.status, i.reason) for i in report.items}
+    assert status[("kernels_serving:chunk_cumsum", False)] == ("decided", "")
+    assert status[("kernels_serving:chunk_cumsum", True)][0] == "skipped"
+    assert "argspec invalid" in status[("kernels_serving:chunk_cumsum", True)][1]
+    assert "kernel not importable" in status[("no_such_module:kernel", False)][1]
+    local = next(i for i in report.items if "_local_copy" in i.kernel)
+    assert local.status == "skipped" and "defined inside a function" in local.reason
+    assert not report.ok and report.counts() == {"tuned": 0, "decided": 1, "skipped": 3, "failed": 0}
+
+    assert main(["check", str(path), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["decided"] == 1 and len(result["missing"]) == 3
+    reasons = {(m["kernel"], dict(map(tuple, m["key"])).get("REVERSE")): m["reason"]
+               for m in result["missing"]}
+    assert "kernel not importable" in reasons[("no_such_module:kernel", False)]
+    assert "differs in REVERSE: False -> True" in reasons[("kernels_serving:chunk_cumsum", True)]
+
+
+def test_capture_without_install_warns(tmp_path: Path, caplog) -> None:
+    with tunevault.capture(tmp_path / "k.jsonl"):
+        pass
+    assert "not installed" in caplog.text
+    with pytest.raises(FileNotFoundError):
+        mf.read(tmp_path / "k.jsonl")  # nothing was seen, nothing written

@@ -1,0 +1,59 @@
+"""``tunevault demo`` end to end: real processes, real kernels, a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conftest import subprocess_env
+from tunevault.demo import kernels
+from tunevault.store.base import Query, open_store
+
+
+def demo(store: str, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    e = subprocess_env(**{"TUNEVAULT_CPU_BENCH_REPS": "2", **env})  # the demo passes it to its phases
+    if "TRITON_INTERPRET" not in env:
+        e.pop("TRITON_INTERPRET")  # the demo must pick the interpreter itself when there is no GPU
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", store, "demo", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=e)
+
+
+def test_warm_restart_runs_no_benchmarks(tv: Any, sqlite_url: str) -> None:
+    # A stale decision for one demo key is already stored: the demo must clear it so cold really tunes.
+    x, y = torch.randn(1000, generator=torch.Generator().manual_seed(0)), torch.randn(1000)
+    kernels.run_scaled_add(x, y)
+    tv.uninstall()
+
+    proc = demo(sqlite_url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    cold, warm = result["cold"], result["warm"]
+    assert result["cleared"] == 1 and result["ok"] and result["problems"] == []
+    assert cold["interpreter"] == warm["interpreter"] == (not torch.cuda.is_available())
+    assert cold["pid"] != warm["pid"]  # two fresh processes: a real restart
+    assert [k["kernel"] for k in cold["kernels"]] == ["scaled_add", "row_sum", "matmul"]
+    for c, w in zip(cold["kernels"], warm["kernels"], strict=True):
+        assert c["bench_runs"] > 0 and c["tunings"] == 1
+        assert w["bench_runs"] == 0 and w["tunings"] == 0 and w["launches"] == w["calls"]
+        assert c["ok"] and w["ok"]
+        assert (w["key"], w["config_index"]) == (c["key"], c["config_index"])
+
+    store = open_store(sqlite_url)
+    assert len(list(store.decisions(Query(kernel="tunevault.demo.kernels")))) == 3
+    store.close()
+
+
+def test_demo_fails_when_the_store_forgets(tmp_path: Path) -> None:
+    """memory:// lives and dies with each process: the warm run must tune again, and the demo says so."""
+    proc = demo("memory://")
+    assert proc.returncode == 1
+    assert "cleared 0 stored decision(s)" in proc.stdout
+    for name in ("scaled_add", "row_sum", "matmul"):
+        assert name in proc.stdout
+    assert "warm restart: 0 benchmark runs" not in proc.stdout
+    assert "FAIL: warm restart benchmarked" in proc.stderr

@@ -1,0 +1,101 @@
+"""on_miss=background: a miss is served by the fallback at once and tuned off the request path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import kernels_engine as ke
+import pytest
+import torch
+import triton
+
+import tunevault
+from tunevault.engine import background
+from tunevault.integration.triton_adapter import runtime
+
+# Set before any worker starts, so every worker can see the gate the tests open.
+os.environ.setdefault(ke.GATE_DIR_VAR, tempfile.mkdtemp(prefix="tunevault-gate-"))
+
+
+@contextlib.contextmanager
+def count_executions(kernel: object) -> Iterator[list[int]]:
+    """Launches that execute (``warmup=True`` calls only compile, as the fallback's probe does)."""
+    fn = kernel.fn  # type: ignore[attr-defined]
+    seen, original = [0], fn.run
+
+    def run(*args: object, **kwargs: object) -> object:
+        seen[0] += 0 if kwargs.get("warmup") else 1
+        return original(*args, **kwargs)
+
+    fn.run = run
+    try:
+        yield seen
+    finally:
+        del fn.run
+
+
+@pytest.fixture
+def gate() -> Iterator[Path]:
+    path = Path(ke.gate_path())
+    path.unlink(missing_ok=True)
+    yield path
+    path.touch()  # never leave a tuning job waiting
+    background.drain(timeout=120)
+
+
+def serve_until_tuned(kernel: object, gate: Path) -> object:
+    """First call: served by the fallback while tuning waits at the gate. Returns the decision."""
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(500), torch.randn(500)
+    with count_executions(kernel) as launches:
+        out = ke.run_add(kernel, x, y)
+    assert torch.equal(out, x + y)
+    assert launches[0] == 1  # no benchmarking on the calling thread
+    assert kernel.best_config is kernel.configs[0]  # type: ignore[attr-defined]  # the fallback
+    assert background.pending() == 1  # the call returned while tuning is still queued or running
+
+    gate.touch()
+    assert background.drain(timeout=180)
+    with count_executions(kernel) as launches:
+        out = ke.run_add(kernel, x, y)
+    assert torch.equal(out, x + y)
+    assert launches[0] == 1
+    decided = [d for (name, _), d in runtime().used.items() if name.endswith(kernel.base_fn.__name__)]  # type: ignore[attr-defined]
+    assert len(decided) == 1
+    assert decided[0].config_index != 0  # config 0 is the slowest while tuning
+    assert kernel.best_config is kernel.configs[decided[0].config_index]  # type: ignore[attr-defined]
+    stats = tunevault.stats()["kernels"][decided[0].kernel.name]["serving"]
+    assert stats["fallbacks"] == 1 and stats["tunings"] == 1
+    return decided[0]
+
+
+def test_background_tuning_in_the_isolated_worker(sqlite_url: str, gate: Path) -> None:
+    tunevault.install(mode="tune", store=sqlite_url)
+    decision = serve_until_tuned(ke.add_gated, gate)
+    assert dict(decision.provenance)["tuned_in"] == "worker"
+
+
+def test_background_tuning_in_process_for_a_kernel_a_worker_cannot_import(sqlite_url: str, gate: Path) -> None:
+    configs = [triton.Config({"BLOCK": b}, pre_hook=ke.slow_gated if i == 0 else None)
+               for i, b in enumerate((32, 64, 128))]
+    local = triton.autotune(configs=configs, key=["n"])(ke._add_body)  # its name resolves to no autotuner
+    tunevault.install(mode="tune", store=sqlite_url)
+    decision = serve_until_tuned(local, gate)
+    assert dict(decision.provenance)["tuned_in"] == "process"
+
+
+def test_failed_background_tuning_keeps_serving_the_fallback(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(40), torch.randn(40)
+    assert torch.equal(ke.run_add(ke.add_fails, x, y), x + y)
+    assert background.drain(timeout=180)
+    assert torch.equal(ke.run_add(ke.add_fails, x, y), x + y)
+    assert ke.add_fails.best_config is ke.add_fails.configs[0]
+    assert any("background tuning of" in r.getMessage() and "keeping the fallback" in r.getMessage()
+               for r in caplog.records)

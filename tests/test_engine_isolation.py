@@ -1,0 +1,89 @@
+"""Isolated tuning: candidates run in a disposable worker; its faults never reach the server."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import kernels_engine as ke
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import count_launches
+
+import tunevault
+from tunevault.engine import isolated
+from tunevault.integration.triton_adapter import runtime
+
+
+def decision_for(kernel: object):
+    name = f"{kernel.base_fn.__module__}:{kernel.base_fn.__qualname__}"  # type: ignore[attr-defined]
+    found = [d for (k, _), d in runtime().used.items() if k == name]
+    assert len(found) == 1, f"expected one decision for {name}, got {len(found)}"
+    return found[0]
+
+
+def test_config_that_kills_the_worker_is_recorded_and_never_chosen(sqlite_url: str) -> None:
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    x, y = torch.randn(300), torch.randn(300)
+    with count_launches(ke.add_kill) as launches:
+        out = ke.run_add(ke.add_kill, x, y)
+    assert torch.equal(out, x + y)
+    assert launches.count == 1  # every candidate ran in the worker; this process launched the winner only
+    d = decision_for(ke.add_kill)
+    by = {c.index: c for c in d.candidates}
+    assert by[1].error is not None and "worker died" in by[1].error and "SIGKILL" in by[1].error
+    assert by[0].ok and by[2].ok  # tuning went on in a fresh worker after the crash
+    assert d.config_index in (0, 2)
+    assert dict(d.provenance)["tuned_in"] == "worker"
+
+
+def test_config_that_hangs_times_out_and_tuning_continues(sqlite_url: str) -> None:
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, config_timeout=2)
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(ke.add_hang, x, y), x + y)
+    d = decision_for(ke.add_hang)
+    by = {c.index: c for c in d.candidates}
+    assert by[1].error is not None and by[1].error.startswith("timeout") and "config_timeout" in by[1].error
+    assert by[0].ok and by[2].ok
+    assert d.config_index in (0, 2)
+
+
+def test_kernel_a_worker_cannot_import_tunes_in_process_with_one_warning(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    @triton.autotune(configs=[triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64})], key=["n"])
+    @triton.jit
+    def local_add(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    for n in (100, 200):
+        x, y = torch.randn(n), torch.randn(n)
+        assert torch.equal(ke.run_add(local_add, x, y), x + y)
+    warnings = [r for r in caplog.records if "cannot be tuned in an isolated worker" in r.getMessage()]
+    assert len(warnings) == 1 and "inside a function" in warnings[0].getMessage()
+    assert all(dict(d.provenance)["tuned_in"] == "process" for d in runtime().used.values())
+
+
+def test_importability_is_checked_by_kernel_identity() -> None:
+    assert isolated.kernel_target(ke.twin) == ("kernels_engine:twin", "")
+    target, why = isolated.kernel_target(ke.twin_b)  # its name finds the other autotuner
+    assert target is None and "different kernel" in why
+    assert isolated.kernel_target(triton.autotune(configs=[triton.Config({"BLOCK": 8})], key=["n"])(
+        ke._add_body))[0] is None  # the name resolves to a plain JIT function, not this autotuner
+
+
+def test_worker_exits_when_idle(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEVAULT_WORKER_IDLE", "1")
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    x, y = torch.randn(64), torch.randn(64)
+    assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+    assert dict(decision_for(ke.add_equal).provenance)["tuned_in"] == "worker"
+    end = time.monotonic() + 60
+    while isolated.worker_pid() is not None and time.monotonic() < end:
+        time.sleep(0.1)
+    assert isolated.worker_pid() is None  # gone by itself: it holds no device memory now

@@ -1,0 +1,37 @@
+"""Successive halving: screen everything, time only the best carefully, and still pick the best."""
+
+from __future__ import annotations
+
+import kernels_engine as ke
+import torch
+
+import tunevault
+from tunevault.core.model import CandidateResult, ConfigSpec
+from tunevault.engine.search import survivors
+from tunevault.integration.triton_adapter import runtime
+
+SPEC = ConfigSpec((), ())
+
+
+def screened(*medians: float) -> dict[int, CandidateResult]:
+    return {i: CandidateResult(i, SPEC, (m, m, m)) for i, m in enumerate(medians)}
+
+
+def test_survivors_keep_the_best_fraction_and_anything_close_to_the_fastest() -> None:
+    order = list(range(8))
+    assert survivors(screened(9, 8, 7, 1, 6, 5, 4, 3), order) == [3, 7]  # at least two
+    assert survivors(screened(9, 8, 7, 1, 6, 1.2, 4, 3), order) == [3, 5, 7]  # within 25% of the fastest
+    failed = {**screened(2, 1), 1: CandidateResult(1, SPEC, (), "boom")}
+    assert survivors(failed, [0, 1]) == [0]
+
+
+def test_halving_finds_the_fast_config_with_fewer_careful_timings(sqlite_url: str) -> None:
+    tunevault.install(mode="tune", store=sqlite_url)
+    x, y = torch.randn(64), torch.randn(64)
+    assert torch.equal(ke.run_add(ke.add_delayed, x, y), x + y)
+    (decision,) = runtime().used.values()
+    assert decision.config.to_json()["kwargs"]["DELAY"] == 10  # the one config that does not sleep long
+    assert dict(decision.provenance)["search"].startswith("halving: screened 8, timed ")
+    careful = int(dict(decision.provenance)["search"].split("timed ")[1].split()[0])
+    assert careful < 8
+    assert decision.margin is not None and decision.margin > 1.0  # the runner-up is far behind

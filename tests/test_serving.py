@@ -1,0 +1,176 @@
+"""The serving contract: seal, on-miss policies, miss diagnosis, warmup replay, preflight, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunevault
+from conftest import count_launches, subprocess_env
+from kernels_serving import chunk_cumsum, serve
+
+TRAFFIC = ([10], [20, 5], [50, 64, 3], [9, 2], [33])  # max lengths -> BT 16, 32, 64, 16, 64
+
+
+def autotuner():
+    return chunk_cumsum.fn  # under the heuristics
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunevault.cli.main", *args], capture_output=True, text=True,
+                          timeout=240, env=subprocess_env())
+
+
+def warm_float16(tv) -> None:
+    for lens in TRAFFIC:
+        out, ref = serve(lens, dtype=torch.float16)
+        torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_sealed_error_names_the_dtype_that_differs(tv) -> None:
+    warm_float16(tv)
+    tv.seal(on_miss="error")
+    with pytest.raises(tunevault.TuningMiss) as info:
+        serve([50, 64, 3], dtype=torch.float32)
+    text = str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    assert text.startswith("chunk_cumsum: no decision for B=1 H=2 BT=64 REVERSE=False dtype(g)=float32")
+    assert "nearest decided key differs in dtype(g): float16 -> float32" in text
+    assert dict(info.value.nearest.items)["dtype(g)"] == "float16"
+    serving = tv.stats()["kernels"]["kernels_serving:chunk_cumsum"]["serving"]
+    assert serving["errors"] == 1 and serving["tunings"] == 0 and serving["benchmark_runs"] == 0
+
+
+def test_sealed_fallback_never_benchmarks_and_warns_once(tv, caplog) -> None:
+    warm_float16(tv)
+    tv.seal(on_miss="fallback")
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    with count_launches(autotuner()) as launches:
+        for lens in TRAFFIC:
+            out, ref = serve(lens, dtype=torch.float32)
+            torch.testing.assert_close(out, ref)
+    assert launches.count == len(TRAFFIC)  # one launch per call: nothing was benchmarked
+    warnings = [r.getMessage() for r in caplog.records if "no decision for" in r.getMessage()]
+    assert len(warnings) == 3  # once per (kernel, key): BT 16, 32, 64
+    assert all("nearest decided key differs in dtype(g): float16 -> float32" in w for w in warnings)
+    serving = tv.stats()["kernels"]["kernels_serving:chunk_cumsum"]["serving"]
+    assert serving["fallbacks"] == 3 and serving["tunings"] == 0 and serving["benchmark_runs"] == 0
+
+
+def test_on_miss_option_and_env_variable(sqlite_url: str) -> None:
+    tunevault.install(mode="tune", store=sqlite_url, on_miss="error")
+    with pytest.raises(tunevault.TuningMiss, match="no key of this kernel is decided"):
+        serve([10])
+    code = ("import json, torch, tunevault, kernels_serving as k\n"
+            "tunevault.install()  # settings from TUNEVAULT_*\n"
+            "try:\n    k.serve([10]); print(json.dumps('served'))\n"
+            "except tunevault.TuningMiss as e: print(json.dumps(str(e)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env=subprocess_env(TUNEVAULT_ON_MISS="error", TUNEVAULT_STORE=sqlite_url))
+    assert "chunk_cumsum: no decision for B=1 H=2 BT=16" in json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_stats_split_hits_at_the_seal(tv) -> None:
+    serve([10])  # tunes
+    for _ in range(3):
+        serve([12])  # in-memory hits before the seal
+    tv.seal("error")
+    for _ in range(2):
+        serve([10])
+    kernel = tv.stats()["kernels"]["kernels_serving:chunk_cumsum"]
+    assert kernel["warmup"]["hits"] == 3 and kernel["warmup"]["tunings"] == 1
+    assert kernel["serving"]["hits"] == 2 and kernel["serving"]["tunings"] == 0
+    assert tv.stats()["kernels"]["total"]["serving"]["hits"] == 2
+
+
+def test_capture_check_warmup_check_then_serve_sealed_with_error(tmp_path: Path, capsys) -> None:
+    from tunevault.cli.main import main
+
+    manifest, traffic_db, fresh_db = tmp_path / "keys.jsonl", tmp_path / "a.db", tmp_path / "fresh.db"
+    tunevault.install(mode="tune", store=f"sqlite:///{traffic_db}")
+    with tunevault.capture(manifest):
+        for lens in TRAFFIC:
+            serve(lens)
+    tunevault.uninstall()
+    fresh = f"sqlite:///{fresh_db}"
+
+    assert main(["--store", fresh, "check", str(manifest), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["keys"] == 3 and len(result["missing"]) == 3
+    assert sorted(dict(map(tuple, m["key"]))["BT"] for m in result["missing"]) == [16, 32, 64]
+
+    warm = cli("--store", fresh, "warmup", str(manifest))  # a fresh process replays the keys
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "3 tuned, 0 already decided, 0 skipped, 0 failed" in warm.stdout
+
+    after = tunevault.check(manifest, store=fresh)
+    assert after.ok and len(after.items) == 3
+    assert main(["--store", fresh, "check", str(manifest)]) == 0
+    assert "3/3 keys decided" in capsys.readouterr().out
+
+    tunevault.install(mode="tune", store=fresh, on_miss="error")
+    tunevault.seal("error")
+    with count_launches(autotuner()) as launches:
+        for lens in TRAFFIC:
+            out, ref = serve(lens)
+            torch.testing.assert_close(out, ref)
+    assert launches.count == len(TRAFFIC)
+    serving = tunevault.stats()["kernels"]["kernels_serving:chunk_cumsum"]["serving"]
+    assert serving["errors"] == 0 and serving["tunings"] == 0 and serving["benchmark_runs"] == 0
+    assert serving["hits"] == len(TRAFFIC)
+
+    again = tunevault.warmup(manifest)  # installed: replays into the installed store, decides nothing new
+    assert again.counts() == {"tuned": 0, "decided": 3, "skipped": 0, "failed": 0}
+
+
+def test_events_report_table_and_picture(tmp_path: Path, capsys) -> None:
+    from tunevault.cli.main import main
+
+    events, png = tmp_path / "events.jsonl", tmp_path / "report.png"
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'e.db'}", events=str(events))
+    from tunevault.demo.kernels import run_scaled_add
+
+    serve([10], dtype=torch.float16)
+    run_scaled_add(torch.randn(100), torch.randn(100))
+    tunevault.seal("fallback")
+    serve([10], dtype=torch.float32)
+    tunevault.seal("error")
+    with pytest.raises(tunevault.TuningMiss):
+        serve([40])
+    tunevault.uninstall()
+    kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert kinds.count("tuning") == 2 and "fallback" in kinds and "miss" in kinds and kinds.count("seal") == 2
+
+    assert main(["report", str(events), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "kernels_serving:chunk_cumsum" in out and "tunevault.demo.kernels:scaled_add" in out
+    import matplotlib.image
+
+    assert png.stat().st_size > 20_000
+    pixels = matplotlib.image.imread(png)
+    colours = {tuple(p) for p in (pixels[..., :3] * 255).astype(int).reshape(-1, 3)[::7].tolist()}
+    assert len(colours) > 20  # bars, markers, text: a picture, not a blank canvas
+
+    assert main(["report", str(events), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["kernels_serving:chunk_cumsum"]["errors"] == 1
+    assert summary["kernels_serving:chunk_cumsum"]["fallbacks"] == 1
+
+
+def test_report_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tunevault.cli.main import main
+
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps({"event": "tuning", "time": 1.0, "kernel": "m:k", "seconds": 0.5,
+                                  "phase": "warmup"}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["report", str(events), "--plot", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'tunevault[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
