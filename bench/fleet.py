@@ -34,6 +34,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
+LOAD_AT_START = "?"
 WORKLOAD = {"scaled_add": [300, 1100, 2500], "row_sum": [[8, 64], [33, 100]]}
 
 CHILD = r"""
@@ -65,7 +66,7 @@ for at in tuners:
 barrier.touch()
 while not go.exists():
     time.sleep(0.005)
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 calls = 0
 for n in work["scaled_add"]:
     x = torch.rand(n)
@@ -76,6 +77,7 @@ for rows, cols in work["row_sum"]:
     assert torch.allclose(kernels.run_row_sum(x), x.sum(1), atol=1e-4)
     calls += 1
 print(json.dumps({"bench": counts["n"] - calls, "seconds": time.perf_counter() - t0,
+                  "cpu_s": time.process_time() - c0,
                   "configs": [kernels.scaled_add.best_config.kwargs, kernels.row_sum.best_config.kwargs]}))
 """
 
@@ -111,7 +113,7 @@ def run_fleet(n: int, variant: str, workdir: Path, env_for: Any) -> dict[str, An
     wall = time.perf_counter() - t0
     agree = len({json.dumps(o["configs"], sort_keys=True) for o in outs}) == 1
     return {"n": n, "variant": variant, "bench": sum(o["bench"] for o in outs), "wall_s": wall,
-            "agree": agree, "per_process": [o["bench"] for o in outs]}
+            "cpu_s": sum(o["cpu_s"] for o in outs), "agree": agree, "per_process": [o["bench"] for o in outs]}
 
 
 class Redis:
@@ -150,6 +152,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results_fleet_cpu.md"), help="markdown results file")
     ap.add_argument("--no-redis", action="store_true", help="skip the Redis variant")
     args = ap.parse_args()
+    global LOAD_AT_START
+    LOAD_AT_START = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     sizes = [int(s) for s in args.n.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="tv-fleet-"))
     redis = None if args.no_redis or not shutil.which("redis-server") else Redis(workdir)
@@ -164,7 +168,7 @@ def main() -> None:
                     "TUNEVAULT_STORE": f"sqlite:///{d / f'local{k}.db'}", "TUNEVAULT_REMOTE": redis.url(db)}))
             for r in rows[-(3 if redis else 2):]:
                 print(f"N={r['n']} {r['variant']:17s} benchmark executions {r['bench']:4d} "
-                      f"(per process {r['per_process']}), wall {r['wall_s']:.2f} s, "
+                      f"(per process {r['per_process']}), wall {r['wall_s']:.2f} s, cpu {r['cpu_s']:.2f} s, "
                       f"same configs: {r['agree']}",
                       flush=True)
     finally:
@@ -180,7 +184,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], argv: str) -> None:
 
     stock = {r["n"]: r for r in rows if r["variant"] == "stock"}
     lines = [
-        "# Cold fleet start: benchmark executions and wall time (CPU, Triton interpreter)",
+        "# Cold fleet start: benchmark executions, CPU and wall time (CPU, Triton interpreter)",
         "",
         "Command (one run, all variants side by side):",
         "",
@@ -195,23 +199,28 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], argv: str) -> None:
         "uses the same CPU timer via `do_bench=` (`cpu_bench`, "
         f"{os.environ.get('TUNEVAULT_CPU_BENCH_REPS', '5')} timed reps + 1 warm-up per config).",
         "",
-        "| N processes | variant | benchmark executions (total) | vs stock | wall time (s) | vs stock "
-        "| all launch the same configs |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| N processes | variant | benchmark executions (total) | vs stock | CPU time (s, all processes) "
+        "| vs stock | wall time (s) | vs stock | all launch the same configs |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         s = stock[r["n"]]
         agree = "yes" if r["agree"] else "no"
         lines.append(f"| {r['n']} | {r['variant']} | {r['bench']} | {r['bench'] / s['bench']:.2f}x | "
+                     f"{r['cpu_s']:.2f} | {r['cpu_s'] / s['cpu_s']:.2f}x | "
                      f"{r['wall_s']:.2f} | {r['wall_s'] / s['wall_s']:.2f}x | {agree} |")
     lines += [
         "",
         "Benchmark executions: launches below the autotuner minus the workload's own calls, summed over "
         "the fleet. Stock grows N x (each process tunes every key; processes may also pick different "
         "configs, shown in the last column); tunevault stays at one process's count for every N: each key "
-        "is benchmarked once under a lease, the others wait for the published decision and adopt it. "
-        "Wall time is from the barrier's release to the last process done (imports excluded); on this "
-        "2-core machine N > 2 processes also share the CPU, which is what makes stock's wall time grow.",
+        "is benchmarked once under a lease, the others wait for the published decision and adopt it.",
+        "",
+        "CPU time: the workload's process CPU seconds summed over the fleet (waiting costs none; what "
+        "remains for a waiter is kernel identity, store reads and its own launches). Wall time: from the "
+        "barrier's release to the last process done (imports excluded); it depends on what else shares "
+        f"the machine's {os.cpu_count()} cores (load average {LOAD_AT_START} when the run started), so "
+        "compare the ratios within one run only.",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -436,7 +436,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]
     if ag:
         n = ag["runs_per_side"]
         total = len(ag["distinct_winners"]["stock"])
-        rows.append((f"agreement: keys with >1 winner ({n} runs)",
+        rows.append((f"agreement: keys with >1 winner ({n} fresh runs)",
                      f"{ag['keys_with_disagreement']['stock']}/{total}",
                      f"{ag['keys_with_disagreement']['tunevault']}/{total}", "", "0"))
     return rows

@@ -129,8 +129,8 @@ def pause(nargs: dict) -> None:
     time.sleep(0.05)
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=w, pre_hook=pause) for w in (1, 2, 4, 8, 16)],
-                 key=["n"])
+@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=w, pre_hook=pause)
+                          for w in (1, 2, 4, 8, 16)], key=["n"])
 @triton.jit
 def add_tied(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """Five configs of equal cost."""

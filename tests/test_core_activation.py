@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import shutil
-import site
 import subprocess
 import sys
 import textwrap
@@ -70,7 +69,8 @@ def _venv(tmp: Path, project: Path, editable: bool) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     # Plain path lines: the parent's packages import, but its .pth files (an older tunevault's) don't run.
-    (purelib(python) / "parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    parents = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    (purelib(python) / "parent_env.pth").write_text("\n".join(parents) + "\n")
     cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q"]
     try:
         import hatchling  # noqa: F401  (the build backend: build offline, without isolation)

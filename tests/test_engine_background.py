@@ -8,11 +8,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import kernels_engine as ke
 import pytest
 import torch
 import triton
 
+import kernels_engine as ke
 import tunevault
 from tunevault.engine import background
 from tunevault.integration.triton_adapter import runtime
@@ -79,7 +79,8 @@ def test_background_tuning_in_the_isolated_worker(sqlite_url: str, gate: Path) -
     assert dict(decision.provenance)["tuned_in"] == "worker"
 
 
-def test_background_tuning_in_process_for_a_kernel_a_worker_cannot_import(sqlite_url: str, gate: Path) -> None:
+def test_background_tuning_in_process_for_a_kernel_a_worker_cannot_import(
+        sqlite_url: str, gate: Path) -> None:
     configs = [triton.Config({"BLOCK": b}, pre_hook=ke.slow_gated if i == 0 else None)
                for i, b in enumerate((32, 64, 128))]
     local = triton.autotune(configs=configs, key=["n"])(ke._add_body)  # its name resolves to no autotuner

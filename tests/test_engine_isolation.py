@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import time
 
-import kernels_engine as ke
 import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import count_launches
 
+import kernels_engine as ke
 import tunevault
+from conftest import count_launches
 from tunevault.engine import isolated
 from tunevault.integration.triton_adapter import runtime
 
@@ -57,7 +57,8 @@ def test_kernel_a_worker_cannot_import_tunes_in_process_with_one_warning(
     def local_add(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+        total = tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask)
+        tl.store(out_ptr + offs, total, mask=mask)
 
     tunevault.install(mode="tune", store=sqlite_url, isolate=True)
     caplog.set_level(logging.WARNING, logger="tunevault")

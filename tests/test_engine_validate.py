@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import kernels_engine as ke
 import pytest
 import torch
 
+import kernels_engine as ke
 import tunevault
 from tunevault.integration.triton_adapter import runtime
 

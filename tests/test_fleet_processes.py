@@ -81,12 +81,14 @@ def spawn(tmp_path: Path, phases: list[list[int]], **env: str) -> subprocess.Pop
                                                           TV_DIR=str(tmp_path), **env))
 
 
-def release(tmp_path: Path, phase: int, n: int, timeout: float = 240) -> None:
-    """Wait until ``n`` children reach the barrier, then let them all go at once."""
+def release(tmp_path: Path, phase: int, n: int, before: Any = None, timeout: float = 240) -> None:
+    """Wait until ``n`` children reach the barrier, call ``before()``, then let them all go at once."""
     deadline = time.monotonic() + timeout
     while len(list(tmp_path.glob(f"phase{phase}.*"))) < n:
         assert time.monotonic() < deadline, f"children never reached phase {phase}"
         time.sleep(0.02)
+    if before is not None:
+        before()
     (tmp_path / f"go.phase{phase}").touch()
 
 
@@ -151,13 +153,7 @@ def test_processes_keep_serving_when_redis_dies_mid_run(tmp_path: Path,
                    TUNEVAULT_REMOTE=server.url) for i in range(2)]
     try:
         release(tmp_path, 0, 2)
-        release_after_kill = 1
-        deadline = time.monotonic() + 240
-        while len(list(tmp_path.glob("phase1.*"))) < 2:  # both finished phase 0 through Redis
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        server.kill()
-        (tmp_path / f"go.phase{release_after_kill}").touch()
+        release(tmp_path, 1, 2, before=server.kill)  # both finished phase 0 through Redis; now it dies
         fleet = results(procs)
     finally:
         for p in procs:

@@ -96,8 +96,9 @@ def _worker_env(device: int | None) -> dict[str, str]:
 
 
 def _comparable(env: dict[str, str]) -> dict[str, str]:
-    """The part of a worker's environment that changes what it computes (not, e.g., PYTEST_CURRENT_TEST)."""
-    keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH", "PATH")
+    """The part of a worker's environment that changes what it computes (not PYTEST_CURRENT_TEST...)."""
+    keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH",
+            "PATH")
     return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
 
 

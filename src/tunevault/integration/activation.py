@@ -2,11 +2,12 @@
 
 The ``tunevault.pth`` startup hook (installed into site-packages by ``pip install``, editable or
 not) checks the variable and, only when it is set to a mode other than ``off``, calls
-:func:`activate_from_env`. That imports neither Triton nor torch: if Triton's autotuner module is
-not loaded yet, a one-shot import hook patches ``Autotuner.run`` the moment it is, so a process
-that never uses Triton pays nothing for it, and kernels defined before or after are all covered
-(the patch is on the class). ``TUNEVAULT_LOG_LEVEL`` (default ``INFO``) sets how much tunevault
-prints to stderr while the application has not configured logging itself.
+:func:`activate_from_env`. That imports neither Triton nor torch: if Triton is not imported yet, a
+one-shot import hook patches ``Autotuner.run`` right after the ``triton`` package has finished
+importing (never halfway through it), so a process that never uses Triton pays nothing for it, and
+kernels defined before or after are all covered (the patch is on the class).
+``TUNEVAULT_LOG_LEVEL`` (default ``INFO``) sets how much tunevault prints to stderr while the
+application has not configured logging itself.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tunevault.policy.settings import Settings
 
 log = logging.getLogger("tunevault")
 
-AUTOTUNER_MODULE = "triton.runtime.autotuner"
+TRIGGER = "triton"  # the package: once it has run, triton.runtime.autotuner is loaded too
 _lock = threading.RLock()
 _pending: _PatchOnImport | None = None
 _settled = False  # installed from the environment or explicitly: the environment no longer applies
@@ -54,7 +55,7 @@ def uninstall() -> None:
 
 
 def activate_from_env() -> bool:
-    """Install from ``TUNEVAULT_*`` now, or as soon as Triton's autotuner is imported.
+    """Install from ``TUNEVAULT_*`` now, or as soon as Triton is imported.
 
     Returns whether tunevault is (or will be) active; idempotent, never raises: a bad variable
     must not stop the interpreter from starting.
@@ -73,7 +74,7 @@ def activate_from_env() -> bool:
             return False
         _settled = True
         _show_logs()
-        if AUTOTUNER_MODULE in sys.modules:
+        if TRIGGER in sys.modules:
             _install_now(settings)
         else:
             _defer(settings)
@@ -81,7 +82,7 @@ def activate_from_env() -> bool:
 
 
 def pending() -> bool:
-    """Whether activation waits for Triton's autotuner to be imported."""
+    """Whether activation waits for Triton to be imported."""
     return _pending is not None
 
 
@@ -112,14 +113,14 @@ def _remove_finder(finder: Any) -> None:
 
 
 class _PatchOnImport:
-    """A meta path finder that wraps the loader of ``triton.runtime.autotuner`` so tunevault installs
-    right after that module runs (no importlib.abc: importing it costs more than this whole module)."""
+    """A meta path finder that wraps the loader of the ``triton`` package so tunevault installs
+    right after it has run (no importlib.abc: importing it costs more than this whole module)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != AUTOTUNER_MODULE or _pending is not self:
+        if fullname != TRIGGER or _pending is not self:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

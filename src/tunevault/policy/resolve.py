@@ -206,7 +206,15 @@ def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: Tunin
         results = [CandidateResult(index, _spec(st, index, config), ())]
         winner_index, margin = index, None
     else:
+        verbose = _print_autotuning()
+        if verbose:  # stock Triton's per-config lines
+            for _i, c in indexed:
+                print(f"Autotuning kernel {at.base_fn.__name__} with config {c}")
         results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed])
+        if verbose:
+            for r in results:
+                if r.error:
+                    print(f"Autotuning failed with {r.error}")
         try:
             winner, margin = select(results, rt.settings.tolerance)
         except NoWorkingConfig:
