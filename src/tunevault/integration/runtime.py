@@ -13,7 +13,7 @@ from typing import Any
 from tunevault.core.events import EventLog, Stats
 from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
 from tunevault.policy.settings import Settings
-from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+from tunevault.store.base import Query, Store, StoreUnavailable
 
 log = logging.getLogger("tunevault")
 
