@@ -15,7 +15,7 @@ benchmark (no driver), so every variant's autotuner is given the same CPU timer 
 ``do_bench=`` (``tunevault.engine.timing.cpu_bench``): the counts are exact, the times are the
 interpreter's.
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python bench/fleet.py [--out bench/results_fleet_cpu.md]
+    TRITON_INTERPRET=1 PYTHONPATH=src python bench/fleet.py [--out fleet_results.md]
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class Redis:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="1,2,4,8", help="fleet sizes (comma-separated)")
-    ap.add_argument("--out", default=str(HERE / "results_fleet_cpu.md"), help="markdown results file")
+    ap.add_argument("--out", default="fleet_results.md", help="markdown results file")
     ap.add_argument("--no-redis", action="store_true", help="skip the Redis variant")
     args = ap.parse_args()
     global LOAD_AT_START

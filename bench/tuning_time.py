@@ -8,7 +8,9 @@ Kernels: the demo kernels (``tunevault.demo.kernels``: scaled_add, row_sum, matm
 Each (kernel, side) runs once in a fresh process with an empty Triton cache, so compile time
 counts as it does on a cold server: the first call's wall time (tuning + compiles + launch) is
 the tuning time. Then the chosen config's runtime is timed on the hit path with one timer for
-both sides (``triton.testing.do_bench`` on a GPU, tunevault's ``cpu_bench`` on a CPU).
+both sides: on a GPU tunevault's ``gpu_bench``, which keeps the GPU busy while the host issues
+the launch (``triton.testing.do_bench`` would also count the host's dispatch time of a short
+kernel, which differs between the two sides' hit paths); on a CPU ``cpu_bench``.
 
 Sides: ``stock`` is Triton's Autotuner with its default benchmarker; ``tunevault`` installs
 tunevault (parallel precompile, successive halving, CUDA-event timer with an L2-sized flush
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,10 +120,10 @@ def child(side: str, name: str) -> dict[str, Any]:
     tuning_s = time.perf_counter() - started
     if INTERPRET:
         runtime_ms = cpu_bench(lambda: call(*args), reps=10)[0]
-    else:
-        from triton.testing import do_bench
+    else:  # the GPU timer that hides host dispatch time, so both sides' dispatch paths cost the same
+        from tunevault.engine.gpu_timing import gpu_bench
 
-        runtime_ms = float(do_bench(lambda: call(*args), quantiles=(0.5, 0.2, 0.8))[0])
+        runtime_ms = gpu_bench(lambda: call(*args))[0]
     out: dict[str, Any] = {"kernel": name, "side": side, "configs": len(at.configs), "tuning_s": tuning_s,
                            "runtime_ms": runtime_ms, "chosen": str(at.best_config)}
     if side.startswith("tunevault"):
@@ -133,10 +136,14 @@ def child(side: str, name: str) -> dict[str, Any]:
 
 def run_child(side: str, name: str) -> dict[str, Any]:
     env = dict(os.environ)
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tv-bench-cache-")  # cold: compile counts
+    cache = tempfile.mkdtemp(prefix="tv-bench-cache-")
+    env["TRITON_CACHE_DIR"] = cache  # cold: compile time counts
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
     code = f"import json, tuning_time; print(json.dumps(tuning_time.child({side!r}, {name!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         return {"kernel": name, "side": side, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,9 @@ from tunevault.engine import background
 from tunevault.integration.triton_adapter import runtime
 
 # Set before any worker starts, so every worker can see the gate the tests open.
-os.environ.setdefault(ke.GATE_DIR_VAR, tempfile.mkdtemp(prefix="tunevault-gate-"))
+if ke.GATE_DIR_VAR not in os.environ:
+    os.environ[ke.GATE_DIR_VAR] = tempfile.mkdtemp(prefix="tunevault-gate-")
+    atexit.register(shutil.rmtree, os.environ[ke.GATE_DIR_VAR], True)
 
 
 @contextlib.contextmanager
@@ -26,6 +30,7 @@ def count_executions(kernel: object) -> Iterator[list[int]]:
     """Launches that execute (``warmup=True`` calls only compile, as the fallback's probe does)."""
     fn = kernel.fn  # type: ignore[attr-defined]
     seen, original = [0], fn.run
+    had_own = "run" in fn.__dict__  # Triton 3.4's InterpretedFunction sets run per instance
 
     def run(*args: object, **kwargs: object) -> object:
         seen[0] += 0 if kwargs.get("warmup") else 1
@@ -35,7 +40,10 @@ def count_executions(kernel: object) -> Iterator[list[int]]:
     try:
         yield seen
     finally:
-        del fn.run
+        if had_own:
+            fn.run = original
+        else:
+            del fn.run
 
 
 @pytest.fixture

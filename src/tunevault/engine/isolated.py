@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine.procs import WorkerDied, WorkerProcess, spawn
+from tunevault.engine.procs import WorkerDied, WorkerProcess, comparable, device_index, pin, spawn, worker_env
 
 log = logging.getLogger("tunevault")
 
@@ -81,34 +81,13 @@ def _resolve_target(autotuner: Any) -> tuple[str | None, str]:
     return target, ""
 
 
-def _worker_env(device: int | None) -> dict[str, str]:
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TUNEVAULT_MODE"}  # the worker never installs
-    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
-    paths = [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["TUNEVAULT_WORKER"] = "1"
-    if device is not None:  # pin the worker to the server's device: it sees exactly one GPU
-        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        env["CUDA_VISIBLE_DEVICES"] = visible[device] if device < len(visible) else str(device)
-    return env
-
-
-def _comparable(env: dict[str, str]) -> dict[str, str]:
-    """The part of a worker's environment that changes what it computes (not PYTEST_CURRENT_TEST...)."""
-    keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH",
-            "PATH")
-    return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
-
-
 def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerProcess:
     """The live worker for ``env``, or a fresh one once the old one died, idled or differs."""
     global _worker
     w = _worker
     # Between sessions a worker close to its idle timeout is about to exit by itself: replace it.
     stale = first and w is not None and time.monotonic() - w.last_used > w.idle - min(1.0, w.idle / 2)
-    if w is not None and (stale or not w.alive() or _comparable(w.env) != _comparable(env)):
+    if w is not None and (stale or not w.alive() or comparable(w.env) != comparable(env)):
         w.close()
         w = _worker = None
     if w is None:
@@ -130,31 +109,14 @@ def worker_pid() -> int | None:
     return w.pid if w is not None and w.alive() else None
 
 
-atexit.register(retire)
+def _at_exit() -> None:
+    """No lock here: a daemon thread may hold it mid-tuning, and exit must not wait for that."""
+    w = _worker
+    if w is not None:
+        w.close()
 
 
-def _device_index(callspec: dict[str, Any]) -> int | None:
-    specs = list(callspec.get("args", [])) + list(callspec.get("kwargs", {}).values())
-    for spec in specs:
-        dev = spec.get("device", "")
-        if spec.get("kind") == "tensor" and dev.startswith("cuda"):
-            if ":" in dev:
-                return int(dev.split(":", 1)[1])
-            import torch
-
-            return int(torch.cuda.current_device())
-    return None
-
-
-def _pin(callspec: dict[str, Any]) -> dict[str, Any]:
-    """The worker sees one GPU, as ``cuda:0``."""
-    def fix(spec: dict[str, Any]) -> dict[str, Any]:
-        if spec.get("kind") == "tensor" and str(spec.get("device", "")).startswith("cuda"):
-            return {**spec, "device": "cuda:0"}
-        return spec
-
-    return {**callspec, "args": [fix(a) for a in callspec["args"]],
-            "kwargs": {k: fix(v) for k, v in callspec["kwargs"].items()}}
+atexit.register(_at_exit)
 
 
 class WorkerSession:
@@ -165,9 +127,9 @@ class WorkerSession:
     def __init__(self, target: str, digest: str, callspec: dict[str, Any], specs: dict[int, ConfigSpec],
                  deadline: float, config_timeout: float,
                  on_launches: Callable[[int], None] | None = None) -> None:
-        device = _device_index(callspec)
-        self.callspec = _pin(callspec) if device is not None else callspec
-        self.env = _worker_env(device)
+        device = device_index(callspec)
+        self.callspec = pin(callspec) if device is not None else callspec
+        self.env = worker_env(device)
         self.target, self.digest, self.specs = target, digest, specs
         self.deadline, self.config_timeout, self.on_launches = deadline, config_timeout, on_launches
         self.sid = next(_sids)
@@ -208,7 +170,7 @@ class WorkerSession:
         try:
             w = self._ready()
             w.send({"op": "precompile", "sid": self.sid, "configs": list(indices)})
-            w.wait_for(("precompiled",), max(0.0, self._left()))
+            w.wait_for(("precompiled",), max(0.0, min(self._left(), self.config_timeout * len(indices))))
         except (WorkerDied, queue.Empty) as exc:  # best effort: the per-config runs will compile
             log.debug("tunevault: precompile in the worker failed (%s); replacing it", exc)
             retire(kill=True)

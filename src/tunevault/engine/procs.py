@@ -140,6 +140,50 @@ class WorkerProcess:
                 self.proc.stdin.close()
 
 
+def worker_env(device: int | None) -> dict[str, str]:
+    """This process's environment, minus activation, with its import path and (on a GPU) one device."""
+    env = {k: v for k, v in os.environ.items() if k != "TUNEVAULT_MODE"}  # the worker never installs
+    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
+    paths = [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["TUNEVAULT_WORKER"] = "1"
+    if device is not None:  # pin the worker to the server's device: it sees exactly one GPU
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[device] if device < len(visible) else str(device)
+    return env
+
+
+def comparable(env: dict[str, str]) -> dict[str, str]:
+    """The part of a worker's environment that changes what it computes (not PYTEST_CURRENT_TEST...)."""
+    keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH",
+            "PATH")
+    return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
+
+
+def device_index(callspec: dict[str, Any]) -> int | None:
+    specs = list(callspec.get("args", [])) + list(callspec.get("kwargs", {}).values())
+    for spec in specs:
+        dev = spec.get("device", "")
+        if spec.get("kind") == "tensor" and dev.startswith("cuda"):
+            if ":" in dev:
+                return int(dev.split(":", 1)[1])
+            import torch
+
+            return int(torch.cuda.current_device())
+    return None
+
+
+def pin(callspec: dict[str, Any]) -> dict[str, Any]:
+    """The worker sees one GPU, as ``cuda:0``."""
+    def fix(spec: dict[str, Any]) -> dict[str, Any]:
+        if spec.get("kind") == "tensor" and str(spec.get("device", "")).startswith("cuda"):
+            return {**spec, "device": "cuda:0"}
+        return spec
+
+    return {**callspec, "args": [fix(a) for a in callspec["args"]],
+            "kwargs": {k: fix(v) for k, v in callspec["kwargs"].items()}}
+
+
 def spawn(env: dict[str, str], timeout: float) -> WorkerProcess:
     """Start ``python -m tunevault.engine.worker`` and wait for it to say it is ready."""
     try:
