@@ -126,7 +126,7 @@ def run_add(kernel: object, x: object, y: object) -> object:
 
 def pause(nargs: dict) -> None:
     """A fixed cost that dwarfs the interpreter's jitter on a busy machine."""
-    time.sleep(0.05)
+    time.sleep(0.03)
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=w, pre_hook=pause)
