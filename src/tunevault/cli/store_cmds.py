@@ -20,9 +20,9 @@ from typing import Any
 from tunevault.cli.output import print_json, print_table
 from tunevault.core.model import Decision, Fingerprint, InvalidEntry
 from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+from tunevault.store.bundle import FORMAT as EXPORT_FORMAT
+from tunevault.store.bundle import SCHEMA as EXPORT_SCHEMA
 
-EXPORT_FORMAT = "tunevault-decisions"
-EXPORT_SCHEMA = 1
 # Applied in order to each exported decision; return a (possibly changed) decision, or None to drop it.
 # Another command family adds an export flag with ``sub.choices["export"].add_argument(...)`` and a
 # transform here that reads it from ``args`` (e.g. ``--winners-only``).

@@ -23,8 +23,9 @@ from typing import Any
 from tunevault.core.model import Decision, Fingerprint, InvalidEntry, canonical_json
 from tunevault.store.base import Query, Store, StoreUnavailable, log
 
-FORMAT = "tunevault-decisions"  # = cli.store_cmds.EXPORT_FORMAT (the store layer cannot import the CLI)
-SCHEMA = 1  # = cli.store_cmds.EXPORT_SCHEMA
+# The one definition of the export / bundle document's format; the CLI's export and import use it too.
+FORMAT = "tunevault-decisions"
+SCHEMA = 1
 ALGORITHM = "hmac-sha256"
 EVERYTHING = Query()
 
