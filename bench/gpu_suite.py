@@ -56,14 +56,9 @@ def _mem() -> dict[str, int] | None:
 def task_tune(spec: dict[str, Any]) -> dict[str, Any]:
     """Launch every workload once (tuning on a miss) in ``spec['mode']``; time, winners, memory."""
     t_import = time.time()
-    import torch
-    from triton.runtime.autotuner import Autotuner
-
-    import gpu_kernels as gk
-
     mode, device = spec["mode"], "cpu" if SMOKE else "cuda"
     counted = {"configs_benchmarked": 0}
-    if mode == "tunevault":
+    if mode == "tunevault":  # first, as TUNEVAULT_MODE would at Triton's import in a real server
         import tunevault
         from tunevault.policy.settings import Settings
 
@@ -72,7 +67,12 @@ def task_tune(spec: dict[str, Any]) -> dict[str, Any]:
         features = [f for f in ("isolate",) if f in fields and spec.get(f, True)]
         opts.update({f: True for f in features})
         tunevault.install(mode="tune", **opts)
-    else:
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    import gpu_kernels as gk
+
+    if mode != "tunevault":
         features = []
         original = Autotuner._bench
 
@@ -120,6 +120,12 @@ def task_tune(spec: dict[str, Any]) -> dict[str, Any]:
             pass
         stats = tunevault.stats()
         out["stats"] = stats
+        from tunevault.store.base import open_store
+
+        store = open_store(spec["store"])  # where each tuning's time went, as the engine noted it
+        out["stages"] = [{"kernel": d.kernel.name, "key": d.key.describe(), "tuning_s": round(d.tuning_seconds, 3),
+                          **dict(d.provenance)} for d in store.decisions()]
+        store.close()
         total = stats.get("kernels", {}).get("total", {}).values()
         out["keys_tuned"] = int(sum(p.get("tunings", 0) for p in total))
         out["benchmark_runs"] = int(sum(p.get("benchmark_runs", 0) for p in total))
@@ -260,7 +266,7 @@ class Suite:
     # -- parts ---------------------------------------------------------------------------------
 
     def dispatch(self) -> dict[str, Any]:
-        spec = {"rounds": 5 if SMOKE else 21, "sample_ms": 5.0 if SMOKE else 20.0}
+        spec = {"rounds": 5 if SMOKE else 101, "sample_ms": 5.0 if SMOKE else 20.0}
         return self.child("dispatch", spec, "dispatch", timeout=180)
 
     def cold(self, isolate: bool = True) -> dict[str, Any]:
@@ -293,7 +299,7 @@ class Suite:
         keys = [{"key": s["key"], "kernel": s["kernel"], "shape": s["shape"],
                  "configs": sorted({s["config_index"], t["config_index"]})}
                 for s, t in zip(cold["stock"]["keys"], cold["tunevault"]["keys"], strict=True)]
-        res = self.child("runtime", {"keys": keys, "rounds": 3}, "stock", timeout=240)
+        res = self.child("runtime", {"keys": keys, "rounds": 9}, "stock", timeout=240)
         rows = []
         for s, t, r in zip(cold["stock"]["keys"], cold["tunevault"]["keys"], res["keys"], strict=True):
             ms_s, ms_t = r["ms"][str(s["config_index"])], r["ms"][str(t["config_index"])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -88,3 +89,34 @@ def test_worker_exits_when_idle(sqlite_url: str, monkeypatch: pytest.MonkeyPatch
     while isolated.worker_pid() is not None and time.monotonic() < end:
         time.sleep(0.1)
     assert isolated.worker_pid() is None  # gone by itself: it holds no device memory now
+
+
+def wait_for_worker(present: bool, limit: float = 90.0) -> int | None:
+    end = time.monotonic() + limit
+    while (isolated.worker_pid() is not None) != present and time.monotonic() < end:
+        time.sleep(0.05)
+    return isolated.worker_pid()
+
+
+def test_worker_is_prestarted_at_install_and_serves_the_first_tuning(sqlite_url: str) -> None:
+    isolated.retire()
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    pid = wait_for_worker(True)
+    assert pid is not None  # started before any kernel ran: its imports overlap the server's start-up
+    x, y = torch.randn(64), torch.randn(64)
+    assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+    assert dict(decision_for(ke.add_equal).provenance)["tuned_in"] == "worker"
+    assert isolated.worker_pid() == pid  # the prestarted worker did the tuning, no second start
+
+
+def test_unused_prestarted_worker_goes_with_uninstall_and_prestart_can_be_off(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    isolated.retire()
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    assert wait_for_worker(True) is not None
+    tunevault.uninstall()
+    assert wait_for_worker(False, 10.0) is None
+    monkeypatch.setenv("TUNEVAULT_PRESTART", "0")
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    assert not [t for t in threading.enumerate() if t.name == "tunevault-prestart"]
+    assert isolated.worker_pid() is None  # started only when a key needs tuning

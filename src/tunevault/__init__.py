@@ -23,7 +23,7 @@ __all__ = ["Settings", "TuningError", "TuningMiss", "capture", "check", "install
 def install(mode: str = "tune", **options: Any) -> Settings:
     """Route every ``@triton.autotune`` kernel through tunevault. Options override ``TUNEVAULT_*``.
 
-    Options: on_miss, store, remote, bundles, bundle_key, capture, events, isolate, validate,
+    Options: on_miss, store, remote, bundles, bundle_key, capture, events, isolate, prestart, validate,
     tolerance, tune_timeout, lease_wait, lease_ttl. Calling it again replaces the settings.
     """
     from tunevault.integration import activation

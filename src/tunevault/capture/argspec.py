@@ -104,8 +104,11 @@ class ArgSpec:
             return 0
         return 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
 
-    def build(self, device: str | None = None, generator: Any = None) -> Any:
-        """A fresh argument equivalent to the captured one (random data, same layout)."""
+    def build(self, device: str | None = None, generators: Generators | None = None) -> Any:
+        """A fresh argument equivalent to the captured one (random data, same layout).
+
+        Data is generated on the target device: filling a large tensor on the host and copying
+        it over costs a tuning worker seconds per key."""
         if self.kind == "scalar":
             return self.value
         if self.kind == "tl_dtype":
@@ -115,20 +118,37 @@ class ArgSpec:
         dtype = getattr(torch, self.dtype, None)
         _require(isinstance(dtype, torch.dtype), f"unknown dtype {self.dtype!r}")
         dev = torch.device(device or self.device)
+        gen = (generators or Generators(0)).on(dev)
         size = self.storage_size()
         if self.values is not None and len(self.values) == size:
-            flat = torch.tensor(self.values, dtype=torch.int64).to(dtype)
+            flat = torch.tensor(self.values, dtype=torch.int64, device=dev).to(dtype)
         elif self.values is not None or self.low is not None:
             lo = int(self.low if self.low is not None else min(self.values or (0,)))
             hi = int(self.high if self.high is not None else max(self.values or (0,)))
-            flat = torch.randint(lo, hi + 1, (size,), generator=generator, dtype=torch.int64).to(dtype)
+            flat = torch.randint(lo, hi + 1, (size,), generator=gen, device=dev, dtype=torch.int64).to(dtype)
         elif dtype == torch.bool:
-            flat = torch.rand(size, generator=generator) < 0.5
+            flat = torch.rand(size, generator=gen, device=dev) < 0.5
         elif dtype.is_floating_point:
-            flat = torch.randn(size, generator=generator, dtype=torch.float32).to(dtype)
+            native = dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+            flat = torch.randn(size, generator=gen, device=dev, dtype=dtype if native else torch.float32).to(dtype)
         else:
-            flat = torch.randint(0, 8, (size,), generator=generator, dtype=torch.int64).to(dtype)
-        return torch.as_strided(flat.to(dev), self.shape, self.stride)
+            flat = torch.randint(0, 8, (size,), generator=gen, device=dev, dtype=torch.int64).to(dtype)
+        return torch.as_strided(flat, self.shape, self.stride)
+
+
+class Generators:
+    """One seeded random generator per device, so rebuilt arguments are reproducible anywhere."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.by_device: dict[Any, Any] = {}
+
+    def on(self, device: Any) -> Any:
+        import torch
+
+        if device not in self.by_device:
+            self.by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.by_device[device]
 
 
 def _tl_dtype(name: str) -> Any:
@@ -180,9 +200,8 @@ class CallSpec:
 
     def build(self, autotuner: Any, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
-        import torch
 
-        gen = torch.Generator().manual_seed(seed)
+        gen = Generators(seed)
         args = tuple(a.build(device, gen) for a in self.args)
         kwargs = {k: v.build(device, gen) for k, v in self.kwargs}
         table = [(c.kwargs, g) for c, g in zip(autotuner.configs, self.grids, strict=False)]

@@ -91,11 +91,13 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
     def compile_one(config: Any) -> Any:
         return autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
 
-    try:
-        compile_one(configs[0])  # creates the per-device caches before threads share them
-    except Exception as exc:
-        log.debug("tunevault: precompile of %s failed: %s", configs[0], exc)
-    rest = list(configs[1:])
+    rest = list(configs)
+    if not _device_caches_ready(autotuner.fn):
+        try:
+            compile_one(configs[0])  # creates the per-device caches before threads share them
+        except Exception as exc:
+            log.debug("tunevault: precompile of %s failed: %s", configs[0], exc)
+        rest = rest[1:]
     workers = threads or min(8, len(rest), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tunevault-compile") as pool:
         try:
@@ -112,6 +114,25 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
                         compile_one(config)
         except Exception as exc:
             log.debug("tunevault: parallel precompile failed: %s", exc)
+
+
+def _device_caches_ready(fn: Any) -> bool:
+    """Create the JIT function's per-device caches on this thread, so compile threads share one
+    set without compiling a config first on their own; False where this Triton differs."""
+    for _ in range(8):  # through @triton.heuristics wrappers down to the JITFunction
+        if hasattr(fn, "device_caches"):
+            break
+        fn = getattr(fn, "fn", None)
+    caches = getattr(fn, "device_caches", None)
+    if caches is None or not hasattr(caches, "default_factory"):
+        return False
+    try:
+        from triton.runtime.driver import driver
+
+        caches[driver.active.get_current_device()]
+        return True
+    except Exception:
+        return False
 
 
 class InProcessSession:

@@ -23,15 +23,26 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine.procs import WorkerDied, WorkerProcess, comparable, device_index, pin, spawn, worker_env
+from tunevault.engine.procs import (
+    WorkerDied,
+    WorkerProcess,
+    comparable,
+    device_index,
+    likely_device,
+    pin,
+    spawn,
+    worker_env,
+)
 
 log = logging.getLogger("tunevault")
 
 START_TIMEOUT = 120.0  # importing torch and triton in a cold process
+PRESTART_IDLE = 600.0  # until its first session a worker holds no device memory, only its imports
 _refs: weakref.WeakKeyDictionary[Any, tuple[str | None, str]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 _worker: WorkerProcess | None = None
 _sids = itertools.count(1)
+_generation = 0  # bumped by retire_idle: a prestart still in flight then closes what it started
 
 
 class IsolationUnavailable(RuntimeError):
@@ -93,6 +104,48 @@ def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerP
     if w is None:
         w = _worker = spawn(env, min(timeout, START_TIMEOUT))
     return w
+
+
+def prestart() -> None:
+    """Start the worker now, in the background, so its start-up (imports, about 5 s on a GPU host)
+    overlaps the server's own instead of delaying the first tuning. A tuning that arrives before
+    it is ready waits for it rather than starting a second one."""
+    holding = threading.Event()
+    generation = _generation
+
+    def run() -> None:
+        global _worker
+        with _lock:
+            holding.set()
+            if _worker is not None and _worker.alive():
+                return
+            try:
+                w = spawn(worker_env(likely_device()), START_TIMEOUT)
+                w.send({"op": "prepare", "idle": PRESTART_IDLE})
+            except WorkerDied as exc:
+                log.debug("tunevault: prestarting the tuning worker failed: %s", exc)
+                return
+            if generation != _generation:  # uninstalled meanwhile
+                w.close()
+                return
+            _worker = w
+
+    threading.Thread(target=run, name="tunevault-prestart", daemon=True).start()
+    holding.wait(1.0)  # the lock is taken before install() returns, so no tuning races past it
+
+
+def retire_idle() -> None:
+    """Close the worker unless a session is open (uninstall: nothing will use it any more)."""
+    global _generation, _worker
+    _generation += 1
+    if not _lock.acquire(blocking=False):
+        return  # a tuning or a prestart holds it; the worker idles out by itself
+    try:
+        if _worker is not None and not _worker.opened:
+            _worker.close()
+            _worker = None
+    finally:
+        _lock.release()
 
 
 def retire(kill: bool = False) -> None:

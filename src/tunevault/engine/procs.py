@@ -160,6 +160,27 @@ def comparable(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
 
 
+def likely_device() -> int | None:
+    """The device this process will most likely tune on, guessed without touching CUDA.
+
+    A prestarted worker is pinned to it; a wrong guess costs only that worker's replacement."""
+    from tunevault.engine.timing import interpreting
+
+    if interpreting():
+        return None  # arguments live on the CPU: the worker gets no device pin
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return int(torch.cuda.current_device())
+    except Exception:
+        pass
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    rank = os.environ.get("LOCAL_RANK", "")
+    if len(visible) != 1 and rank.isdigit():
+        return int(rank)
+    return 0
+
+
 def device_index(callspec: dict[str, Any]) -> int | None:
     specs = list(callspec.get("args", [])) + list(callspec.get("kwargs", {}).values())
     for spec in specs:

@@ -9,6 +9,7 @@ choice stays within the band of what exhaustive careful timing would pick.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -17,7 +18,7 @@ from tunevault.engine.select import band_top
 
 HALVING_MIN = 4  # below this many candidates a screen costs more than it saves
 KEEP_FRACTION = 0.25
-SCREEN_BAND = 0.25  # also keep anything within 25% of the fastest screen time
+SCREEN_BAND = 0.05  # also keep anything within 5% of the fastest screen time
 
 
 class Session(Protocol):
@@ -53,7 +54,9 @@ def survivors(screen: dict[int, CandidateResult], order: Sequence[int]) -> list[
 def halving(session: Session, order: Sequence[int],
             tolerance: float) -> tuple[dict[int, CandidateResult], str]:
     """Screen all, time the best carefully; returns results by index and a one-line summary."""
+    started = time.perf_counter()
     screen = session.time(order, "screen")
+    screened_s = time.perf_counter() - started
     careful = session.time(survivors(screen, order), "full")
     while True:  # a screened-out config that might tie with the best careful time gets a careful look
         best = min((r for r in careful.values() if r.ok), key=_median, default=None)
@@ -65,7 +68,8 @@ def halving(session: Session, order: Sequence[int],
             break
         careful.update(session.time(again, "full"))
     results = {i: careful.get(i, screen[i]) for i in order}
-    return results, f"halving: screened {len(order)}, timed {len(careful)} carefully"
+    return results, (f"halving: screened {len(order)} in {screened_s:.2f}s, "
+                     f"timed {len(careful)} carefully")
 
 
 Notes = list[tuple[str, Any]]
@@ -76,10 +80,20 @@ def search(session: Session, order: Sequence[int], specs: dict[int, ConfigSpec],
     """Results for every candidate in ``order`` (failed ones carry their error) and provenance notes."""
     results: dict[int, CandidateResult] = {}
     notes: list[tuple[str, Any]] = []
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:  # seconds per stage, so a slow tuning says where its time went
+        nonlocal clock
+        now = time.perf_counter()
+        notes.append((f"{stage}_s", round(now - clock, 3)))
+        clock = now
+
     session.precompile(order)
+    lap("precompile")
     live = list(order)
     if validate:
         verdicts = session.validate(live)
+        lap("validate")
         for i, err in verdicts.items():
             if err is not None:
                 results[i] = CandidateResult(i, specs[i], (), err)
@@ -93,4 +107,5 @@ def search(session: Session, order: Sequence[int], specs: dict[int, ConfigSpec],
             timed, summary = halving(session, live, tolerance)
             results.update(timed)
             notes.append(("search", summary))
+        lap("timing")
     return [results[i] for i in order], notes

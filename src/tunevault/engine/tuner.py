@@ -71,8 +71,11 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
         rt.stats.add(name, rt.phase, "benchmark_runs")
 
     session: Any = None
+    opened: list[tuple[str, Any]] = []
     if settings.isolate or background.in_background():
+        started = time.perf_counter()
         session = open_worker_session(rt, st, args, kwargs, candidates, deadline)
+        opened.append(("worker_open_s", round(time.perf_counter() - started, 3)))
     if session is None:
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
                                    {i: s for i, _, s in candidates}, counted, deadline)
@@ -82,5 +85,5 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
     finally:
         session.close()
     out = Measured(results)
-    out.notes = [*notes, ("tuned_in", session.where), *probe.delta(include_driver=session.where == "process")]
+    out.notes = [*opened, *notes, ("tuned_in", session.where), *probe.delta(include_driver=session.where == "process")]
     return out

@@ -120,10 +120,29 @@ class Worker:
             self.emit(ev="precompiled", sid=sid)
         elif op == "run":
             return self.run(msg)
+        elif op == "prepare":
+            prepare()
         elif op == "close":
             self.sessions.pop(int(sid), None)
             release_memory()
         return True
+
+
+def prepare() -> None:
+    """While prestarted and waiting: load what the first session needs, short of a CUDA context.
+
+    ``torch.cuda.init()`` loads the CUDA libraries and initializes the driver; the context (and
+    its device memory) is created only by the first allocation, when a session opens."""
+    import tunevault.capture.argspec  # noqa: F401
+    import tunevault.core.identity  # noqa: F401
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.init()
+    except Exception:
+        pass  # the session will report whatever is wrong with the device
 
 
 def healthy(error: str) -> bool:

@@ -8,6 +8,7 @@ The hot path (a decided key) is: one attribute read, one tuple, one dict lookup,
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import weakref
 from typing import Any
@@ -72,6 +73,10 @@ def install(settings: Settings) -> Runtime:
         if _original_run is None:
             _original_run = Autotuner.run
             Autotuner.run = _run
+        if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
+            from tunevault.engine import isolated
+
+            isolated.prestart()
         log.debug("tunevault installed: %s", settings)
         return _runtime
 
@@ -89,6 +94,8 @@ def uninstall() -> None:
         if _runtime is not None:
             _runtime.close()
             _runtime = None
+        if "tunevault.engine.isolated" in sys.modules:
+            sys.modules["tunevault.engine.isolated"].retire_idle()
 
 
 def _drop_states() -> None:

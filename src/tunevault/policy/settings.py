@@ -38,6 +38,7 @@ class Settings:
     capture: str | None = None
     events: str | None = None
     isolate: bool = False
+    prestart: bool = True  # start the isolated worker at install, so its start-up overlaps the server's
     validate: bool = False
     tolerance: float = 0.02
     tune_timeout: float = 300.0
@@ -71,7 +72,8 @@ class Settings:
                 kw[name] = e[var].strip().lower() if name in ("mode", "on_miss") else e[var]
         if e.get("TUNEVAULT_BUNDLE"):
             kw["bundles"] = _paths(e["TUNEVAULT_BUNDLE"])
-        for name, var in (("isolate", "TUNEVAULT_ISOLATE"), ("validate", "TUNEVAULT_VALIDATE")):
+        for name, var in (("isolate", "TUNEVAULT_ISOLATE"), ("validate", "TUNEVAULT_VALIDATE"),
+                          ("prestart", "TUNEVAULT_PRESTART")):
             if var in e:
                 kw[name] = _flag(e[var])
         for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
