@@ -124,7 +124,8 @@ def task_tune(spec: dict[str, Any]) -> dict[str, Any]:
 
         store = open_store(spec["store"])  # where each tuning's time went, as the engine noted it
         out["stages"] = [{"kernel": d.kernel.name, "key": d.key.describe(), "tuning_s": round(d.tuning_seconds, 3),
-                          **dict(d.provenance)} for d in store.decisions()]
+                          **dict(d.provenance)} for d in store.decisions()
+                         if dict(d.provenance).get("pid") == os.getpid()]  # this run's tunings only
         store.close()
         total = stats.get("kernels", {}).get("total", {}).values()
         out["keys_tuned"] = int(sum(p.get("tunings", 0) for p in total))

@@ -200,7 +200,6 @@ class CallSpec:
 
     def build(self, autotuner: Any, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
-
         gen = Generators(seed)
         args = tuple(a.build(device, gen) for a in self.args)
         kwargs = {k: v.build(device, gen) for k, v in self.kwargs}

@@ -165,7 +165,7 @@ class _Walker:
                 self.value(sub, f"{path}.{attr}", attrs, containers)
 
 
-def _jit_of(obj: Any) -> Any:
+def jit_of(obj: Any) -> Any:
     """Walk ``.fn`` from an Autotuner through any Heuristics down to the JIT function."""
     for _ in range(32):
         if _is_jit(obj):
@@ -179,7 +179,7 @@ def kernel_id(autotuner: Any) -> KernelId:
     with contextlib.suppress(TypeError):  # not weak-referenceable: not a kernel either
         if (cached := _KERNEL_IDS.get(autotuner)) is not None:
             return cached
-    jit_obj = _jit_of(autotuner)
+    jit_obj = jit_of(autotuner)
     base = getattr(autotuner, "base_fn", None)
     base = base if inspect.isfunction(base) else jit_obj.fn
     walker = _Walker()

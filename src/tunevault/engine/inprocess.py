@@ -119,14 +119,12 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
 def _device_caches_ready(fn: Any) -> bool:
     """Create the JIT function's per-device caches on this thread, so compile threads share one
     set without compiling a config first on their own; False where this Triton differs."""
-    for _ in range(8):  # through @triton.heuristics wrappers down to the JITFunction
-        if hasattr(fn, "device_caches"):
-            break
-        fn = getattr(fn, "fn", None)
-    caches = getattr(fn, "device_caches", None)
-    if caches is None or not hasattr(caches, "default_factory"):
-        return False
+    from tunevault.core.identity import jit_of
+
     try:
+        caches = getattr(jit_of(fn), "device_caches", None)  # through @triton.heuristics wrappers
+        if caches is None or not hasattr(caches, "default_factory"):
+            return False
         from triton.runtime.driver import driver
 
         caches[driver.active.get_current_device()]

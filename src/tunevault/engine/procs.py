@@ -140,6 +140,11 @@ class WorkerProcess:
                 self.proc.stdin.close()
 
 
+def visible_devices() -> list[str]:
+    """This process's ``CUDA_VISIBLE_DEVICES`` entries (empty when unset)."""
+    return [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+
+
 def worker_env(device: int | None) -> dict[str, str]:
     """This process's environment, minus activation, with its import path and (on a GPU) one device."""
     env = {k: v for k, v in os.environ.items() if k != "TUNEVAULT_MODE"}  # the worker never installs
@@ -148,7 +153,7 @@ def worker_env(device: int | None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["TUNEVAULT_WORKER"] = "1"
     if device is not None:  # pin the worker to the server's device: it sees exactly one GPU
-        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        visible = visible_devices()
         env["CUDA_VISIBLE_DEVICES"] = visible[device] if device < len(visible) else str(device)
     return env
 
@@ -174,9 +179,8 @@ def likely_device() -> int | None:
             return int(torch.cuda.current_device())
     except Exception:
         pass
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     rank = os.environ.get("LOCAL_RANK", "")
-    if len(visible) != 1 and rank.isdigit():
+    if len(visible_devices()) != 1 and rank.isdigit():
         return int(rank)
     return 0
 
