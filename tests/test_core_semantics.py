@@ -170,7 +170,7 @@ def test_triton_print_autotuning_is_honoured(tv: Any, monkeypatch: pytest.Monkey
     kc.run_unary(kc.add_one, 40)
     printed = capsys.readouterr().out
     assert printed.count("Triton autotuning for function add_one") == 1  # once per tuning, as stock
-    assert "best config selected: BLOCK: " in printed and "n=40" in printed
+    assert "best config selected: BLOCK: " in printed and "with key as (40, 'torch.float32'" in printed
     assert printed.count("Autotuning kernel add_one with config BLOCK: ") == len(kc.add_one.configs)
     kc.run_unary(kc.picky, 40)
     assert "Autotuning failed with" in capsys.readouterr().out  # the config that does not compile

@@ -174,6 +174,54 @@ def jit_of(obj: Any) -> Any:
     raise TypeError("not a Triton kernel: no JITFunction/InterpretedFunction under .fn")
 
 
+def callable_identity(fn: Any) -> str:
+    """What a user function (a prune function, a perf model, a heuristic) computes, as text that
+    is the same in every process: its source (else its bytecode), closure values and defaults."""
+    parts: list[str] = []
+    while isinstance(fn, functools.partial):
+        parts.append(repr([json_scalar(a) for a in fn.args]) + repr(sorted((k, json_scalar(v)) for k, v in
+                                                                          fn.keywords.items())))
+        fn = fn.func
+    parts.append(_qualified(fn))
+    code = getattr(fn, "__code__", None)
+    try:
+        parts.append(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        if code is not None:
+            parts.append(code.co_code.hex() + repr([json_scalar(c) for c in code.co_consts if not inspect.iscode(c)]))
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        parts.append(_qualified(value) if callable(value) else repr(json_scalar(value)))
+    parts.append(repr([json_scalar(d) for d in getattr(fn, "__defaults__", None) or ()]))
+    return "\n".join(parts)
+
+
+def _recipe(autotuner: Any) -> dict[str, Any]:
+    """Everything besides the kernel source that changes which configs are eligible for a key or
+    how a config launches: the autotuner's pruning and any ``@triton.heuristics`` under it."""
+    recipe: dict[str, Any] = {}
+    prune = {name: callable_identity(fn) for name in ("early_config_prune", "perf_model")
+             if (fn := getattr(autotuner, name, None)) is not None}
+    if prune.get("perf_model") is not None:
+        prune["top_k"] = repr(json_scalar(getattr(autotuner, "configs_top_k", None)))
+    if prune:
+        recipe["prune"] = prune
+    heuristics, obj = [], getattr(autotuner, "fn", None)
+    for _ in range(32):
+        if obj is None or _is_jit(obj):
+            break
+        values = getattr(obj, "values", None)
+        if isinstance(values, dict):
+            heuristics.append({str(k): callable_identity(v) for k, v in values.items()})
+        obj = getattr(obj, "fn", None)
+    if heuristics:
+        recipe["heuristics"] = heuristics
+    return recipe
+
+
 def kernel_id(autotuner: Any) -> KernelId:
     """The KernelId of an Autotuner (or bare JIT function), cached per object."""
     with contextlib.suppress(TypeError):  # not weak-referenceable: not a kernel either
@@ -187,6 +235,9 @@ def kernel_id(autotuner: Any) -> KernelId:
     # Dependencies by source alone, not by name: the caller's source already names them.
     source = {"kernel": walker.sources[0], "deps": sorted(walker.sources[1:]),
               "constexprs": sorted(walker.constexprs)}
+    recipe = _recipe(autotuner)
+    if recipe:  # only when present, so plain kernels keep the identity they always had
+        source["recipe"] = recipe
     configs = [config_spec(c).to_json() for c in getattr(autotuner, "configs", None) or []]
     keys = tuple(str(k) for k in getattr(autotuner, "keys", None) or ())
     kid = KernelId(_qualified(base), digest(source), digest(configs), keys)

@@ -22,6 +22,17 @@ except ImportError:  # pragma: no cover - torch is a dependency; keep the module
     _Tensor = None  # type: ignore[assignment,misc]
 
 
+def is_kernel(autotuner: Any) -> bool:
+    """Whether a Triton kernel (JIT or interpreted function) lies under the autotuner's ``.fn``."""
+    from tunevault.core.identity import jit_of
+
+    try:
+        jit_of(autotuner)
+    except TypeError:
+        return False
+    return True
+
+
 def dtype_label(dtype: Any) -> str:
     text = str(dtype)
     return text[6:] if text.startswith("torch.") else text

@@ -13,10 +13,11 @@ import threading
 import weakref
 from typing import Any
 
-from tunevault.integration.kernel_state import KernelState
+from tunevault.integration.kernel_state import KernelState, is_kernel
 from tunevault.integration.runtime import Runtime
 from tunevault.policy.resolve import resolve
 from tunevault.policy.settings import Settings
+from tunevault.policy.stock import MirroredCache
 
 log = logging.getLogger("tunevault")
 
@@ -28,13 +29,20 @@ _attached: weakref.WeakSet[Any] = weakref.WeakSet()
 _hit_hook: Any = None  # key capture's counter, set only while capturing: hook(state, raw_key, args, kwargs)
 
 
-def _attach(autotuner: Any) -> KernelState:
+def _attach(autotuner: Any) -> KernelState | None:
+    """The autotuner's state, made on its first call; None for one tunevault leaves to stock Triton
+    (an Autotuner over something that is not a Triton kernel, as Triton's own tests build)."""
     with _lock:
-        state = autotuner.__dict__.get(STATE_ATTR)
-        if state is None:
+        if STATE_ATTR in autotuner.__dict__:
+            return autotuner.__dict__[STATE_ATTR]
+        state = None
+        if is_kernel(autotuner):
             state = KernelState(autotuner)
-            setattr(autotuner, STATE_ATTR, state)
-            _attached.add(autotuner)
+            # Same contents, but changes made by others (``cache.clear()``, a config written in
+            # by hand) reach the hot path's own dict, as they reach stock Triton's lookups.
+            autotuner.cache = MirroredCache(autotuner.cache, state.hits.clear)
+        setattr(autotuner, STATE_ATTR, state)
+        _attached.add(autotuner)
         return state
 
 
@@ -43,6 +51,8 @@ def _run(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = self._tunevault_state  # STATE_ATTR, spelled out: the cheapest lookup on the hot path
     except AttributeError:
         state = _attach(self)
+    if state is None:
+        return _original_run(self, *args, **kwargs)
     raw_key = state.raw_key(args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
@@ -101,6 +111,9 @@ def uninstall() -> None:
 def _drop_states() -> None:
     for autotuner in list(_attached):
         autotuner.__dict__.pop(STATE_ATTR, None)
+        cache = autotuner.__dict__.get("cache")
+        if isinstance(cache, MirroredCache):  # back to a plain dict, less what tunevault decided
+            autotuner.cache = cache.without_own()
     _attached.clear()
 
 
@@ -115,4 +128,4 @@ def runtime() -> Runtime | None:
 
 
 def kernel_states() -> list[KernelState]:
-    return [a.__dict__[STATE_ATTR] for a in list(_attached) if STATE_ATTR in a.__dict__]
+    return [s for a in list(_attached) if (s := a.__dict__.get(STATE_ATTR)) is not None]

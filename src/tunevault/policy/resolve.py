@@ -1,20 +1,29 @@
-"""The miss path: find, tune, fall back or refuse, under the kernel's lock.
+"""The miss path: what ``Autotuner.run`` does for a key it has not decided, with managed decisions.
 
 Only reached when the in-memory dict has no config for a call's raw key; everything here
-may take locks, touch the store and log, because it runs once per key per process.
+may take locks, touch the store and log, because it runs once per key per process. The steps
+are stock Triton's, in its order (``policy/stock.py``): the autotuner's own ``cache`` first,
+then its own ``prune_configs``, then a decision among the pruned configs only (stored, tuned,
+first working, fallen back to), then the autotuner's public state and Triton's listener.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, Decision, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
+from tunevault.policy import stock
 from tunevault.policy.diagnose import TuningMiss, explain_miss
 
 log = logging.getLogger("tunevault")
+
+if TYPE_CHECKING:
+    from triton import Config
+
+Indexed = list  # of (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
 class TuningError(RuntimeError):
@@ -32,53 +41,11 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
-def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Any, cfg_kwargs: dict[str, Any]) -> Any:
+def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any]) -> Any:
     autotuner.best_config = config
     if config.pre_hook is not None:
         config.pre_hook({**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
     return autotuner.fn.run(*args, **kwargs, **cfg_kwargs)
-
-
-def prune(autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
-    """Triton's ``prune_configs`` on the caller's arguments instead of ``self.nargs``."""
-    nargs = dict(zip(autotuner.arg_names, args, strict=False))
-    configs = list(autotuner.configs)
-    if autotuner.early_config_prune:
-        configs = list(autotuner.early_config_prune(autotuner.configs, nargs, **kwargs))
-        if not configs:
-            raise TuningError("No valid autotuner configs after pruning. "
-                              "`early_config_prune` should return at least one config.")
-    if autotuner.perf_model:
-        top_k = autotuner.configs_top_k
-        if isinstance(top_k, float) and top_k <= 1.0:
-            top_k = max(1, int(len(configs) * top_k))
-        elif not isinstance(top_k, int):
-            raise TypeError("Error while pruning configs, top_k must be either 1) a float <= 1.0 or 2) an int")
-        if len(configs) > top_k:
-            est = {c: autotuner.perf_model(**nargs, **kwargs, **c.all_kwargs()) for c in configs}
-            configs = sorted(est, key=lambda c: est[c])[:top_k]
-    return configs
-
-
-def first_working(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tuple,
-                  configs: list[Any], why: str) -> Any:
-    """Launch the first config that compiles and launches; remember it for this key."""
-    errors = compile_errors()
-    at, failures = st.autotuner, []
-    for config in configs:
-        cfg_kwargs = config.all_kwargs()
-        try:
-            ret = launch(at, args, kwargs, config, cfg_kwargs)
-        except errors as exc:
-            failures.append(f"{type(exc).__name__}: {exc}"[:300])
-            continue
-        st.hits[raw_key] = (config, cfg_kwargs)
-        if not st.first_logged:
-            st.first_logged = True
-            log.info("tunevault[%s]: %s: %d candidate configs, picked #%d %s", why, st.kernel_id.name,
-                     len(at.configs), at.configs.index(config) if config in at.configs else -1, config)
-        return ret
-    raise TuningError(f"{st.kernel_id.name}: no config compiles for this call; errors: {'; '.join(failures)}")
 
 
 def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
@@ -88,26 +55,108 @@ def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tupl
         if hit is not None:
             return launch(st.autotuner, args, kwargs, *hit)
         at = st.autotuner
-        if rt.settings.mode == "first":
-            return first_working(rt, st, args, kwargs, raw_key, list(at.configs), "first")
-        if len(at.configs) == 1:
-            st.remember(raw_key, at.configs[0])
+        at.nargs = dict(zip(at.arg_names, args, strict=False))
+        try:
+            if len(at.configs) > 1:
+                key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
+                config = at.cache.get(key)
+                if config is None:
+                    config, launched = _decide(rt, st, args, kwargs, key)
+                    if launched is not _NOT_LAUNCHED:
+                        st.remember(raw_key, config)
+                        return launched
+            else:
+                config = at.configs[0]
+                if rt.settings.mode == "first":
+                    _log_first(st, 0, config)
+            st.remember(raw_key, config)
             return launch(at, args, kwargs, *st.hits[raw_key])
-        named = st.named_args(args, kwargs)
-        key = st.labelled_key(named)
-        config = _stored_config(rt, st, key)
-        if config is not None:
-            rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
-            log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
-                      key.describe(), config)
-            rt.notify("hit", st, key, args, kwargs)
-        else:
-            config = _on_miss(rt, st, args, kwargs, named, key)
-        st.remember(raw_key, config)
-        return launch(at, args, kwargs, *st.hits[raw_key])
+        finally:
+            at.nargs = None
 
 
-def _stored_config(rt: Any, st: Any, key: TuningKey) -> Any:
+_NOT_LAUNCHED = object()
+
+
+def _decide(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: tuple) -> tuple[Config, Any]:
+    """The config for a new key, and the launch's result where deciding already launched it."""
+    at = st.autotuner
+    indexed = _indexed(at, at.prune_configs(kwargs))  # the installed Triton's pruning, its errors
+    if not indexed:  # Triton < 3.6 lets an empty prune reach its min(): the same error, from min()
+        min(())
+    if rt.settings.mode == "first":
+        return first_working(st, args, kwargs, key, indexed)
+    if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
+        stock.record(at, key, indexed[0][1])
+        return indexed[0][1], _NOT_LAUNCHED
+    named = st.named_args(args, kwargs)
+    tkey = st.labelled_key(named)
+    decision = _stored(rt, st, tkey, {i for i, _ in indexed})
+    if decision is None:
+        return _on_miss(rt, st, args, kwargs, named, tkey, key, indexed), _NOT_LAUNCHED
+    rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
+    log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
+              tkey.describe(), decision.config.describe())
+    rt.notify("hit", st, tkey, args, kwargs)
+    config = at.configs[decision.config_index]
+    stock.after_decision(at, key, config, stock.timings_by_config(at.configs, decision.candidates), None,
+                         fresh=False)
+    return config, _NOT_LAUNCHED
+
+
+def _indexed(at: Any, pruned: list[Config]) -> Indexed:
+    declared = {id(c): i for i, c in enumerate(at.configs)}
+    out = []
+    for j, config in enumerate(pruned):
+        i = declared.get(id(config))
+        if i is None:
+            i = next((n for n, c in enumerate(at.configs) if c == config), None)
+        out.append((len(at.configs) + j if i is None else i, config))
+    return out
+
+
+def first_working(st: Any, args: tuple, kwargs: dict[str, Any], key: tuple, indexed: Indexed) -> tuple[Config, Any]:
+    """The first pruned config that builds and runs, never timed (``mode="first"``).
+
+    Where the autotuner has hooks (its own pre/post hook, ``reset_to_zero``, ``restore_value``),
+    each config is tried once as Triton's benchmark runs it, so a post_hook sees a config's
+    failure, and the winner then launches. Without hooks that trial would be the launch itself:
+    the launch is the trial, and the kernel runs once.
+    """
+    at, errors, failures = st.autotuner, compile_errors(), []
+    hooked = at.user_defined_pre_hook or at.user_defined_post_hook or at.reset_to_zero or at.restore_value
+    chosen, launched = (indexed[0], _NOT_LAUNCHED) if len(indexed) == 1 else (None, _NOT_LAUNCHED)
+    for index, config in indexed if chosen is None else ():
+        try:
+            if hooked:
+                from tunevault.engine.inprocess import make_kernel_call
+
+                make_kernel_call(at, args, kwargs, at.nargs, config)()
+                at.pre_hook({**at.nargs, **kwargs, **config.all_kwargs()}, reset_only=True)
+            else:
+                launched = launch(at, args, kwargs, config, config.all_kwargs())
+        except errors as exc:
+            failures.append(f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        chosen = (index, config)
+        break
+    if chosen is None:
+        raise TuningError(f"{st.kernel_id.name}: no config compiles for this call; errors: {'; '.join(failures)}")
+    stock.record(at, key, chosen[1])
+    _log_first(st, *chosen)
+    return chosen[1], launched
+
+
+def _log_first(st: Any, index: int, config: Config) -> None:
+    """``mode="first"``'s one line per kernel (the first time it decides a key)."""
+    if not st.first_logged:
+        st.first_logged = True
+        log.info("tunevault[first]: %s: %d candidate configs, picked #%d %s", st.kernel_id.name,
+                 len(st.autotuner.configs), index if index < len(st.autotuner.configs) else -1, config)
+
+
+def _stored(rt: Any, st: Any, key: TuningKey, allowed: set[int] | None = None) -> Decision | None:
+    """The stored decision for ``key`` if it names a declared config this call may launch."""
     decision = rt.lookup(st.kernel_id, key)
     if decision is None:
         return None
@@ -118,35 +167,44 @@ def _stored_config(rt: Any, st: Any, key: TuningKey) -> Any:
                      "not declare; ignoring it", st.kernel_id.name, key.describe(), decision.config_index,
                      decision.config.describe())
         return None
+    if allowed is not None and index not in allowed:
+        rt.warn_once(("pruned-out", decision.store_key),
+                     "tunevault: %s: stored decision for %s names config #%d, which this call's "
+                     "prune_configs excludes; deciding again", st.kernel_id.name, key.describe(), index)
+        return None
     rt.used[(st.kernel_id.name, key.text)] = decision
-    return st.autotuner.configs[index]
+    return decision
 
 
 def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[str, Any],
-             key: TuningKey) -> Any:
-    name = st.kernel_id.name
+             key: TuningKey, stock_key: tuple, indexed: Indexed) -> Config:
+    name, at = st.kernel_id.name, st.autotuner
     rt.stats.add(name, rt.phase, "misses")
     policy = rt.on_miss
     if policy == "tune":
-        return tune(rt, st, args, kwargs, key)
+        return tune(rt, st, args, kwargs, key, stock_key, indexed)
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
     rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
     rt.notify("missed", st, key, args, kwargs)
     if policy == "error":
         rt.stats.add(name, rt.phase, "errors")
         raise TuningMiss(message, name, key, nearest)
-    return fallback_config(rt, st, args, kwargs, key, nearest, message, policy)
+    config = fallback_config(rt, st, args, kwargs, key, nearest, message, policy, indexed)
+    stock.record(at, stock_key, config)
+    return config
 
 
 def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey,
-                    nearest: TuningKey | None, message: str, policy: str) -> Any:
-    """The nearest decided key's config, else the first config that compiles (no benchmarking)."""
+                    nearest: TuningKey | None, message: str, policy: str, indexed: Indexed) -> Config:
+    """The nearest decided key's config if pruning allows it, else the first pruned config that
+    compiles (no benchmarking)."""
     rt.stats.add(st.kernel_id.name, rt.phase, "fallbacks")
     config = None
     if nearest is not None:
-        config = _stored_config(rt, st, nearest)
+        decision = _stored(rt, st, nearest, {i for i, _ in indexed})
+        config = None if decision is None else st.autotuner.configs[decision.config_index]
     if config is None:
-        config = _first_compiling(st, args, kwargs)
+        config = _first_compiling(st, args, kwargs, [c for _, c in indexed])
     rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s config %s (%s)",
                  message, "nearest key's" if nearest is not None else "first compiling", config, policy)
     rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase)
@@ -155,10 +213,10 @@ def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: 
     return config
 
 
-def _first_compiling(st: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+def _first_compiling(st: Any, args: tuple, kwargs: dict[str, Any], configs: list[Config]) -> Config:
     """First config whose kernel compiles for these arguments, found without launching it."""
     at, errors = st.autotuner, compile_errors()
-    for config in at.configs:
+    for config in configs:
         try:
             at.fn.warmup(*args, **{k: v for k, v in kwargs.items() if k != "warmup"}, **config.all_kwargs())
         except errors:
@@ -166,88 +224,94 @@ def _first_compiling(st: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         except Exception:
             return config  # warmup unsupported here (e.g. interpreter): let the launch decide
         return config
-    return at.configs[0]
+    return configs[0]
 
 
-def tune(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> Any:
+def tune(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey, stock_key: tuple | None = None,
+         indexed: Indexed | None = None) -> Config:
     """Tune under the key's lease, so a key is benchmarked once fleet-wide; returns the config to launch.
 
-    Others wait for the holder's decision and adopt it (policy/lease.py)."""
+    Others wait for the holder's decision and adopt it (policy/lease.py). Called by the miss path
+    with the pruned candidates, and by background tuning (which prunes here, off the request path).
+    """
     from tunevault.policy.lease import lease_name, under_lease
 
-    def adopt() -> Any:  # another process published it meanwhile: a store hit for observers (capture)
-        config = _stored_config(rt, st, key)
-        if config is not None:
-            rt.notify("hit", st, key, args, kwargs)
+    at = st.autotuner
+    if indexed is None:
+        at.nargs = dict(zip(at.arg_names, args, strict=False))
+        indexed = _indexed(at, at.prune_configs(kwargs))
+    allowed = {i for i, _ in indexed}
+
+    def adopt() -> Config | None:  # another process published it meanwhile: a store hit for observers
+        decision = _stored(rt, st, key, allowed)
+        if decision is None:
+            return None
+        rt.notify("hit", st, key, args, kwargs)
+        config = at.configs[decision.config_index]
+        if stock_key is not None:
+            stock.after_decision(at, stock_key, config, stock.timings_by_config(at.configs, decision.candidates),
+                                 None, fresh=False)
         return config
 
     name = lease_name(st.kernel_id.digest, rt.fingerprint.digest, key.text)
     return under_lease(rt, name, f"{st.kernel_id.name} [{key.describe()}]", adopt,
-                       lambda: _tune_here(rt, st, args, kwargs, key))
+                       lambda: _tune_here(rt, st, args, kwargs, key, stock_key, indexed))
 
 
-def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> Any:
-    """Prune, benchmark, select deterministically, publish; returns the config to launch."""
+def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey, stock_key: tuple | None,
+               indexed: Indexed) -> Config:
+    """Benchmark the pruned configs, select deterministically, publish; returns the config to launch."""
     from tunevault.core.identity import provenance
     from tunevault.engine.tuner import measure
 
     at, kid = st.autotuner, st.kernel_id
     started = time.perf_counter()
-    pruned = prune(at, args, kwargs)
-    declared = {id(c): i for i, c in enumerate(at.configs)}
-    indexed = []
-    for j, config in enumerate(pruned):
-        i = declared.get(id(config))
-        if i is None:
-            i = next((n for n, c in enumerate(at.configs) if c == config), None)
-        indexed.append((len(at.configs) + j if i is None else i, config))
-    if len(indexed) == 1:
-        index, config = indexed[0]
-        results = [CandidateResult(index, _spec(st, index, config), ())]
-        winner_index, margin = index, None
-    else:
-        verbose = _print_autotuning()
-        if verbose:  # stock Triton's per-config lines
-            for _i, c in indexed:
-                print(f"Autotuning kernel {at.base_fn.__name__} with config {c}")
-        results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed])
-        if verbose:
-            for r in results:
-                if r.error:
-                    print(f"Autotuning failed with {r.error}")
-        try:
-            winner, margin = select(results, rt.settings.tolerance)
-        except NoWorkingConfig:
-            rt.stats.add(kid.name, rt.phase, "errors")
-            first = next((r.error for r in results if r.error), "unknown")
-            raise TuningError(f"{kid.name}: every config failed for key {key.describe()}; "
-                              f"first error: {first}") from None
-        winner_index = winner.index
+    verbose = stock.print_enabled()
+    if verbose:  # stock Triton's per-config lines
+        for _i, c in indexed:
+            print(f"Autotuning kernel {at.base_fn.__name__} with config {c}")
+    results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed])
+    if verbose:
+        for r in results:
+            if r.error:
+                print(f"Autotuning failed with {r.error}")
+    try:
+        winner, margin = select(results, rt.settings.tolerance)
+    except NoWorkingConfig:
+        rt.stats.add(kid.name, rt.phase, "errors")
+        first = next((r.error for r in results if r.error), "unknown")
+        raise TuningError(f"{kid.name}: every config failed for key {key.describe()}; "
+                          f"first error: {first}") from None
     seconds = time.perf_counter() - started
-    config = dict(indexed)[winner_index]
+    config = dict(indexed)[winner.index]
     notes = {**dict(provenance()), **dict(getattr(results, "notes", ()))}  # engine: where/how it was tuned
-    decision = Decision(kid, rt.fingerprint, key, winner_index, _spec(st, winner_index, config), tuple(results),
+    decision = Decision(kid, rt.fingerprint, key, winner.index, _spec(st, winner.index, config), tuple(results),
                         margin, seconds, tuple(sorted(notes.items())))
-    if winner_index < len(at.configs):
+    allowed = {i for i, _ in indexed}
+    if winner.index < len(at.configs):
         published = rt.publish(decision)
-        # A stored entry naming no declared config was rejected on lookup but still wins the put
-        # (first writer): launch what was measured here, never that entry's index.
-        if st.declared_index(published.config_index, published.config) is None:
+        # A stored entry this call may not launch (undeclared, or excluded by this call's pruning)
+        # still wins the put (first writer): launch what was measured here, never that entry.
+        index = st.declared_index(published.config_index, published.config)
+        if index is None or index not in allowed:
             rt.decided[decision.store_key] = decision
         else:
             decision = published
-        config = at.configs[decision.config_index]
+        config = dict(indexed)[decision.config_index]
     else:
         rt.warn_once(("pruned", kid.name), "tunevault: %s: early_config_prune returned a config the kernel "
                      "does not declare; its decisions are kept in memory only", kid.name)
     rt.used[(kid.name, key.text)] = decision
     _report_tuning(rt, st, key, decision, results, seconds, args, kwargs)
-    full = {**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}
-    at.pre_hook(full, reset_only=True)
+    at.pre_hook({**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}, reset_only=True)
+    if stock_key is not None:
+        pruned = [c for i, c in indexed if i >= len(at.configs)]
+        stock.after_decision(at, stock_key, config, stock.timings_by_config(at.configs, results, pruned),
+                             seconds, fresh=True)
     return config
 
 
-def _spec(st: Any, index: int, config: Any) -> Any:
+def _spec(st: Any, index: int, config: Config) -> Any:
     from tunevault.core.identity import config_spec
 
     return st.specs[index] if index < len(st.specs) else config_spec(config)
@@ -266,19 +330,3 @@ def _report_tuning(rt: Any, st: Any, key: TuningKey, decision: Decision, results
     rt.events.emit("tuning", kernel=name, key=key.to_json(), seconds=seconds, configs=len(results),
                    failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase)
     rt.notify("tuned", st, key, args, kwargs)
-    if _print_autotuning():
-        configs = st.autotuner.configs
-        best = configs[decision.config_index] if decision.config_index < len(configs) else decision.config
-        print(f"Triton autotuning for function {st.autotuner.base_fn.__name__},\nwith key as {key.describe()},\n"
-              f"finished after {seconds:.2f}s,\nbest config selected: {best};")
-
-
-def _print_autotuning() -> bool:
-    try:
-        from triton import knobs
-
-        return bool(knobs.autotuning.print)
-    except (ImportError, AttributeError):
-        import os
-
-        return os.environ.get("TRITON_PRINT_AUTOTUNING", "0") == "1"

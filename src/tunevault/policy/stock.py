@@ -1,0 +1,187 @@
+"""What the installed Triton's ``Autotuner.run`` does around a decision, done the same way here.
+
+tunevault changes only *how* a config is decided (stored, tuned once, fallen back to); what a
+user or a tool can observe of the autotuner stays stock: the autotuner's own ``prune_configs``
+(so each release's pruning rules apply unchanged), ``cache`` keyed by Triton's own key,
+``best_config``, ``configs_timings``, ``bench_time``, the ``reset_only`` pre-hook after
+benchmarking, ``TRITON_PRINT_AUTOTUNING``'s lines and ``knobs.autotuning.listener``.
+Release differences are detected on the installed Triton, never assumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from tunevault.core.model import CandidateResult
+
+if TYPE_CHECKING:
+    from triton import Config
+
+
+def stock_key(arg_names: list[str], keys: list[str], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """Triton's own tuning key, exactly as ``Autotuner.run`` builds it (dtype as a string)."""
+    all_args = {**dict(zip(arg_names, args, strict=False)), **kwargs}
+    named = {k: v for k, v in all_args.items() if k in arg_names}
+    key = [named[k] for k in keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+@functools.lru_cache(maxsize=1)
+def single_pruned_skips_benchmark() -> bool:
+    """Whether this Triton decides a key whose pruning leaves one config without benchmarking it.
+
+    Newer releases do (and then neither print nor call the listener); 3.4-3.6 benchmark it.
+    Read off the installed ``triton/runtime/autotuner.py`` itself (not ``Autotuner.run``, which
+    tunevault replaces), so a release in between is followed too.
+    """
+    import triton.runtime.autotuner as module
+
+    try:
+        source = inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
+    return "len(pruned_configs) == 1" in source
+
+
+def listener() -> Callable[..., Any] | None:
+    """``knobs.autotuning.listener`` where this Triton has one (3.8+) and it is set."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover - every supported Triton has knobs
+        return None
+    return getattr(knobs.autotuning, "listener", None)
+
+
+def print_enabled() -> bool:
+    try:
+        from triton import knobs
+
+        return bool(knobs.autotuning.print)
+    except (ImportError, AttributeError):  # pragma: no cover
+        import os
+
+        return os.environ.get("TRITON_PRINT_AUTOTUNING", "0") == "1"
+
+
+def jit_function(autotuner: Any) -> Any:
+    """The function the listener is told about: the JIT function under any wrappers."""
+    from tunevault.core.identity import jit_of
+
+    return jit_of(autotuner)
+
+
+def timings_by_config(configs: list[Config], results: list[CandidateResult] | tuple[CandidateResult, ...],
+                      pruned: list[Config] | None = None) -> dict[Config, list[float]]:
+    """``configs_timings`` as Triton fills it: each measured config -> its quantiles; failures inf."""
+    out: dict[Config, list[float]] = {}
+    extra = pruned or []
+    for r in results:
+        if 0 <= r.index < len(configs):
+            config = configs[r.index]
+        elif 0 <= r.index - len(configs) < len(extra):
+            config = extra[r.index - len(configs)]
+        else:
+            continue
+        out[config] = list(r.timings) if r.ok else [float("inf")] * 3
+    return out
+
+
+def after_decision(autotuner: Any, key: tuple, config: Config, timings: dict[Config, list[float]] | None,
+                   bench_time: float | None, fresh: bool) -> None:
+    """Fill the autotuner's public state and tell Triton's observers, as stock does after deciding.
+
+    ``fresh``: benchmarked here (stock's ``used_cached_result`` False); otherwise a stored
+    decision, which observers see as Triton's disk-cache hit.
+    """
+    record(autotuner, key, config)
+    if timings is not None:
+        autotuner.configs_timings = timings
+    if fresh and bench_time is not None:
+        autotuner.bench_time = bench_time
+    notify = listener()
+    if notify is not None:
+        notify(fn=jit_function(autotuner), key=key, best_config=config,
+               configs_timings=getattr(autotuner, "configs_timings", timings),
+               duration=bench_time if fresh else None, cache_hit=not fresh)
+    if fresh and print_enabled():
+        print(f"Triton autotuning for function {autotuner.base_fn.__name__},\nwith key as {key},\n"
+              f"finished after {bench_time or 0.0:.2f}s,\nbest config selected: {config};")
+
+
+def record(autotuner: Any, key: tuple, config: Config) -> None:
+    """Put tunevault's decision into ``autotuner.cache`` without invalidating the hot path."""
+    cache = autotuner.cache
+    if isinstance(cache, MirroredCache):
+        cache.record(key, config)
+    else:
+        cache[key] = config
+
+
+class MirroredCache(dict):  # type: ignore[type-arg]
+    """``Autotuner.cache`` while tunevault is installed: a plain dict that tells tunevault when
+    someone else changes it, so ``cache.clear()`` still means "decide again" and a config written
+    into it by hand is launched, exactly as stock Triton reads its cache.
+
+    Reads are dict's own (no Python in the way); tunevault's own writes use ``dict.__setitem__``.
+    """
+
+    __slots__ = ("_on_change", "_own")
+
+    def __init__(self, contents: Mapping[tuple, Config], on_change: Callable[[], None]) -> None:
+        super().__init__(contents)
+        self._on_change = on_change
+        self._own: set[tuple] = set()
+
+    def record(self, key: tuple, config: Config) -> None:
+        super().__setitem__(key, config)
+        self._own.add(key)
+
+    def without_own(self) -> dict[tuple, Config]:
+        """What stock Triton would have: entries written by others (before install, or by hand)."""
+        return {k: v for k, v in self.items() if k not in self._own}
+
+    def _changed(self) -> None:
+        self._own.intersection_update(self.keys())
+        self._on_change()
+
+    def __setitem__(self, key: tuple, value: Config) -> None:
+        super().__setitem__(key, value)
+        self._own.discard(key)
+        self._on_change()
+
+    def __delitem__(self, key: tuple) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def pop(self, *args: Any) -> Any:
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+    def popitem(self) -> tuple[tuple, Config]:
+        item = super().popitem()
+        self._changed()
+        return item
+
+    def setdefault(self, key: tuple, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            super().__setitem__(key, value)
+            self._own.discard(key)
+        self._on_change()
+
+    def __ior__(self, other: Any) -> MirroredCache:
+        self.update(other)
+        return self

@@ -1,0 +1,265 @@
+"""tunevault behaves as the installed Triton's autotuner does, only with managed decisions.
+
+Each test names the root cause it guards (issue 10). Where it can, a test runs the same scenario
+on stock Triton and under tunevault and compares what a user would observe.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.autotuner import Autotuner
+
+import kernels_conformance as kc
+from conftest import TESTS, subprocess_env
+
+STOCK_RUN = Autotuner.run
+
+
+def _fresh(**options: Any) -> Any:
+    return triton.autotune(configs=kc.configs(), key=["n"], **options)(kc._Recording(kc.copy_kernel))
+
+
+def _counting_bench(seen: list[int]) -> Callable[..., list[float]]:
+    def do_bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+        kernel_call()
+        seen.append(kc.LAUNCHED[-1])
+        return [float(kc.LAUNCHED[-1])] * 3  # smaller BLOCK "wins": deterministic
+    return do_bench
+
+
+def _on_both(scenario: Callable[[], Any], sqlite_url: str, mode: str = "tune") -> tuple[Any, Any]:
+    """``scenario()`` on stock Triton, then under tunevault: what each observed."""
+    import tunevault
+
+    tunevault.uninstall()
+    assert Autotuner.run is STOCK_RUN
+    kc.clear()
+    stock = scenario()
+    tunevault.install(mode=mode, store=sqlite_url)
+    kc.clear()
+    ours = scenario()
+    return stock, ours
+
+
+# 1. A decision is never reused across different pruning.
+
+def test_two_prune_functions_one_jit_function_share_no_decision(tv: Any) -> None:
+    kc.clear()
+    kc.run(kc.small, 100)
+    assert set(kc.LAUNCHED) <= {16, 32} and kc.PRUNED == ["small"]
+    kc.clear()
+    kc.run(kc.large, 100)  # same JIT function, same key, other pruning: its own prune, its own configs
+    assert set(kc.LAUNCHED) <= {64, 128} and kc.PRUNED == ["large"]
+    assert tv.stats()["kernels"]["total"]["warmup"]["tunings"] == 2  # each tuned its own key
+
+
+def test_two_prune_functions_across_processes_sharing_one_sqlite_file(sqlite_url: str) -> None:
+    def child(which: str) -> dict[str, Any]:
+        out = subprocess.run([sys.executable, str(TESTS / "kernels_conformance.py"), which, "100", sqlite_url],
+                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = child("small")
+    assert set(first["launched"]) <= {16, 32} and first["tunings"] == 1
+    second = child("large")  # the store holds a decision for "small" at the same key: not for this kernel
+    assert set(second["launched"]) <= {64, 128} and second["pruned"] == ["large"] and second["tunings"] == 1
+    again = child("large")  # its own decision now comes from the store, and its prune still runs
+    assert set(again["launched"]) <= {64, 128} and again["pruned"] == ["large"] and again["tunings"] == 0
+
+
+def test_heuristics_edit_retunes(tmp_path: Path, sqlite_url: str) -> None:
+    module = tmp_path / "heur_kernel.py"
+    template = (TESTS / "kernels_conformance.py").read_text()
+
+    def child(expr: str) -> dict[str, Any]:
+        module.write_text(template.replace("plain = _autotuned()",
+                                           f"plain = triton.autotune(configs=configs(), key=['n'])("
+                                           f"triton.heuristics({{'UNUSED': lambda a: {expr}}})(copy_kernel))"))
+        env = subprocess_env(PYTHONPATH=f"{tmp_path}:{subprocess_env()['PYTHONPATH']}")
+        out = subprocess.run([sys.executable, str(module), "plain", "100", sqlite_url], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert child("1")["tunings"] == 1
+    assert child("1")["tunings"] == 0  # unchanged: the stored decision serves
+    assert child("2")["tunings"] == 1  # the heuristic changed: decide again
+
+
+# 2. first mode prunes, and tries configs as Triton's benchmark would.
+
+def test_first_mode_launches_the_first_config_its_prune_allows() -> None:
+    import tunevault
+
+    tunevault.install(mode="first", store="memory://")
+    kc.clear()
+    kc.run(kc.large, 100)
+    assert kc.PRUNED == ["large"] and set(kc.LAUNCHED) == {64}
+    seen: list[str] = []
+    perf = _fresh(prune_configs_by={"perf_model": lambda **kw: seen.append("perf") or -kw["BLOCK"], "top_k": 2})
+    kc.clear()
+    kc.run(perf, 100)
+    assert seen and set(kc.LAUNCHED) == {128}  # perf_model ranks 128 first
+
+
+FAILURES: list[str] = []
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 48}), triton.Config({"BLOCK": 32})], key=["n"],
+                 post_hook=lambda nargs, exception: exception is not None and FAILURES.append(str(exception)))
+@triton.jit
+def no_48(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    tl.static_assert(BLOCK != 48, "BLOCK=48 does not build")
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+
+
+def test_first_mode_post_hook_sees_a_failing_config() -> None:
+    import tunevault
+
+    tunevault.install(mode="first", store="memory://")
+    FAILURES.clear()
+    x = torch.arange(40, dtype=torch.float32)
+    out = torch.empty_like(x)
+    no_48[(2,)](x, out, 40)
+    assert torch.equal(out, x)
+    assert no_48.best_config.kwargs["BLOCK"] == 32 and len(FAILURES) == 1 and "48" in FAILURES[0]
+
+
+# 3. All configs pruned away: Triton's own error, as stock raises it.
+
+def test_prune_to_nothing_raises_what_stock_raises(sqlite_url: str) -> None:
+    def scenario() -> tuple[type, str]:
+        kernel = _fresh(prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: []})
+        with pytest.raises(Exception) as err:
+            kc.run(kernel, 100)
+        return type(err.value), str(err.value)
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert ours == stock
+
+
+# 4. The autotuner's public state, and cache.clear() meaning "decide again".
+
+def test_public_state_matches_stock(sqlite_url: str) -> None:
+    def scenario() -> dict[str, Any]:
+        seen: list[int] = []
+        kernel = _fresh(do_bench=_counting_bench(seen))
+        kc.run(kernel, 100)
+        kc.run(kernel, 100)
+        kc.run(kernel, 50)
+        return {"cache": {k: str(v) for k, v in kernel.cache.items()}, "best": str(kernel.best_config),
+                "timings": sorted((str(c), t) for c, t in kernel.configs_timings.items()),
+                "bench_time": isinstance(getattr(kernel, "bench_time", None), float), "benchmarked": seen,
+                "nargs": kernel.nargs}
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert ours == stock
+
+
+def test_cache_clear_decides_again_and_a_hand_written_entry_is_launched(tv: Any) -> None:
+    seen: list[int] = []
+    kernel = _fresh(do_bench=_counting_bench(seen))
+    kc.run(kernel, 100)
+    (key, config), = kernel.cache.items()
+    assert key == (100, "torch.float32", "torch.float32") and config.kwargs["BLOCK"] == 16
+    kernel.cache[key] = kc.configs()[3]  # by hand, as stock honours it
+    kc.clear()
+    kc.run(kernel, 100)
+    assert kc.LAUNCHED == [128]
+    kernel.cache.clear()  # decide again: the store answers, nothing is benchmarked
+    kc.clear()
+    n_bench = len(seen)
+    kc.run(kernel, 100)
+    assert kc.LAUNCHED == [16] and len(seen) == n_bench and len(kernel.cache) == 1
+
+
+def test_uninstall_leaves_a_plain_cache_without_tunevault_decisions(tv: Any) -> None:
+    kernel = _fresh()
+    kernel.cache[(7, "torch.float32", "torch.float32")] = kc.configs()[2]  # written by the user: kept
+    kc.run(kernel, 100)
+    assert len(kernel.cache) == 2
+    tv.uninstall()
+    assert type(kernel.cache) is dict and list(kernel.cache) == [(7, "torch.float32", "torch.float32")]
+
+
+# 5. Triton's listener, with the installed version's semantics: a store hit is a cache hit.
+
+@pytest.mark.skipif(not hasattr(triton.knobs.autotuning, "listener"), reason="this Triton has no listener")
+def test_listener_sees_fresh_tuning_then_store_hits(sqlite_url: str) -> None:
+    import tunevault
+
+    heard: list[dict[str, Any]] = []
+    triton.knobs.autotuning.listener = lambda **kw: heard.append(kw)
+    try:
+        tunevault.install(mode="tune", store=sqlite_url)
+        kernel = _fresh(do_bench=_counting_bench([]))
+        kc.run(kernel, 100)
+        kc.run(kernel, 100)  # in-memory hit: not heard
+        kernel.cache.clear()
+        kc.run(kernel, 100)  # store hit: a cache hit for the listener
+        tunevault.install(mode="tune", store=sqlite_url)  # a "restart" on the same store
+        kc.run(kernel, 100)
+    finally:
+        triton.knobs.autotuning.listener = None
+    assert [h["cache_hit"] for h in heard] == [False, True, True]
+    assert heard[0]["duration"] > 0 and all(h["duration"] is None for h in heard[1:])
+    assert all(h["key"] == (100, "torch.float32", "torch.float32") for h in heard)
+    assert all(h["best_config"].kwargs["BLOCK"] == 16 for h in heard)
+    assert len(heard[0]["configs_timings"]) == 4 and heard[2]["configs_timings"] == heard[0]["configs_timings"]
+
+
+# 6. The installed version's pruning rules (fractional top_k, a single survivor).
+
+def test_fractional_top_k_after_early_prune_benchmarks_what_stock_does(sqlite_url: str) -> None:
+    def scenario() -> list[int]:
+        seen: list[int] = []
+        kernel = _fresh(do_bench=_counting_bench(seen),
+                        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: configs[:3],
+                                          "perf_model": lambda **kw: kw["BLOCK"], "top_k": 0.5})
+        kc.run(kernel, 100)
+        return seen
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert ours == stock
+
+
+def test_single_surviving_config_is_handled_as_stock_handles_it(sqlite_url: str) -> None:
+    def scenario() -> tuple[list[int], list[int]]:
+        seen: list[int] = []
+        kernel = _fresh(do_bench=_counting_bench(seen),
+                        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: configs[1:2]})
+        kc.run(kernel, 100)
+        return seen, list(kc.LAUNCHED)
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert ours == stock
+
+
+# 7. An Autotuner over something that is not a Triton kernel keeps stock behaviour.
+
+def test_autotuner_over_a_plain_object_runs_stock(tv: Any) -> None:
+    launched: list[int] = []
+
+    class Kernel:
+        fn = staticmethod(lambda: None)
+
+        def run(self, **kwargs: Any) -> None:
+            launched.append(kwargs["BLOCK"])
+
+    tuner = Autotuner(Kernel(), arg_names=[], configs=kc.configs(), key=[], reset_to_zero=None, restore_value=None,
+                      do_bench=lambda call, quantiles: (call(), [float(launched[-1])] * 3)[1])
+    tuner.run()
+    assert launched == [16, 32, 64, 128, 16] and tuner.best_config.kwargs["BLOCK"] == 16
