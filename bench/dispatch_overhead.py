@@ -110,12 +110,20 @@ def build_cases(device: str) -> list[Case]:
     def positional(kernel: Any, cfg: dict) -> None:
         kernel[pos_grid](a, b, c, M, N, KK, sam, sak, sbk, sbn, **cfg)
 
+    R, C = 64, 256
+    x = torch.empty(R, C, device=device, dtype=torch.float32)
+    sums = torch.empty(R, device=device, dtype=torch.float32)
+
+    def row_sum(kernel: Any, cfg: dict) -> None:
+        kernel[(R,)](x, sums, C, x.stride(0), **cfg)
+
     return [
         Case("fla_kwargs", gk.fla_probe, fla,
              "heuristics over autotune, 9 positional args (5 tensors/None), 6 keyword constexprs, "
              "4 key args"),
         Case("positional", gk.positional_probe, positional,
              "10 positional args (3 tensors), 2 key args"),
+        Case("row_sum", gk.row_sum_probe, row_sum, "4 positional args (2 tensors), 1 key arg"),
     ]
 
 

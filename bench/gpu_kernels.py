@@ -54,6 +54,16 @@ def positional_probe(a, b, c, M, N, K, sam, sak, sbk, sbn, BM: tl.constexpr, BN:
     tl.store(c + tl.program_id(0), 1.0)
 
 
+@triton.autotune(
+    configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((128, 4), (256, 4), (512, 8))],
+    key=["N"],
+    do_bench=_tie_bench,
+)
+@triton.jit
+def row_sum_probe(x, out, N, stride, BLOCK: tl.constexpr):
+    tl.store(out + tl.program_id(0), 1.0)
+
+
 # --- real kernels for the GPU suite -------------------------------------------------------------
 
 def _matmul_configs() -> list[triton.Config]:

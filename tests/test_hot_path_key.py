@@ -85,6 +85,13 @@ def test_raw_key_matches_triton_for_every_call_shape() -> None:
     for _round in range(2):  # the second round runs on the plans the first one cached
         for at, args, kwargs in calls:
             assert states[id(at)].raw_key(args, kwargs) == triton_key(at, args, kwargs), (args, kwargs)
+    # Code specialised on each call shape (as a miss does) stays exact for every other shape.
+    for example_at, example_args, example_kwargs in calls:
+        state = KernelState(example_at)
+        state.key_fns.specialise(example_args, example_kwargs)
+        for at, args, kwargs in calls:
+            if at is example_at:
+                assert state.raw_key(args, kwargs) == triton_key(at, args, kwargs), (example_args, args, kwargs)
 
 
 def test_keyword_key_args_hit_without_launching_more_and_retune_on_a_new_dtype(tv: Any) -> None:

@@ -12,14 +12,7 @@ import threading
 from typing import Any
 
 from tunevault.core.model import KernelId, TuningKey
-
-# Exact types whose instances can never have a ``dtype`` attribute (no class attribute, no
-# instance dict): skipping them saves a failing ``hasattr`` per scalar argument on the hot path.
-_NO_DTYPE = frozenset({int, float, bool, str, bytes, complex, type(None)})
-try:
-    from torch import Tensor as _Tensor  # the common case, tested first: ``type(a) is _Tensor``
-except ImportError:  # pragma: no cover - torch is a dependency; keep the module importable
-    _Tensor = None  # type: ignore[assignment,misc]
+from tunevault.integration.key_code import RawKeyFn, make_raw_key
 
 
 def is_kernel(autotuner: Any) -> bool:
@@ -39,7 +32,7 @@ def dtype_label(dtype: Any) -> str:
 
 
 class KernelState:
-    __slots__ = ("autotuner", "arg_names", "argset", "keys", "_pos", "_key_refs", "hits", "lock",
+    __slots__ = ("autotuner", "arg_names", "argset", "keys", "key_fns", "hits", "lock",
                  "_kernel_id", "_specs", "n_hits", "first_logged", "__weakref__")
 
     def __init__(self, autotuner: Any) -> None:
@@ -47,10 +40,10 @@ class KernelState:
         self.arg_names: list[str] = list(autotuner.arg_names)
         self.argset = frozenset(self.arg_names)
         self.keys: list[str] = list(autotuner.keys)
-        self._pos = {n: i for i, n in enumerate(self.arg_names)}
-        # per number of positional args: where each key value comes from (position, or -1: by name)
-        self._key_refs: dict[int, list[tuple[int, str]]] = {}
-        self.hits: dict[tuple, tuple[Any, dict[str, Any]]] = {}
+        # per number of positional args: Triton's key recipe as straight-line code (key_code.py)
+        self.key_fns = _KeyFns(self.arg_names, self.keys)
+        # raw key -> (config, its launch kwargs, its pre_hook): everything a hit needs, precomputed
+        self.hits: dict[tuple, tuple[Any, dict[str, Any], Any]] = {}
         self.lock = threading.RLock()
         self._kernel_id: KernelId | None = None
         self._specs: list[Any] | None = None
@@ -60,42 +53,10 @@ class KernelState:
     def raw_key(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
         """Triton's key for this call: key arg values, then dtypes of args in ``_args`` order.
 
-        Hot path: no dict of named args is built. Key values come from positions worked out once
-        per number of positional args (or by name from ``kwargs``); dtypes from positional args,
-        then from keyword args that are kernel args, in call order, as Triton's
-        ``{**nargs, **kwargs}`` orders them. (A name given both positionally and by keyword is
-        not re-ordered here: such a call cannot launch, the JIT function rejects it.)
+        Dtype objects rather than their strings; a name given both positionally and by keyword is
+        not re-ordered (such a call cannot launch: the JIT function rejects it).
         """
-        refs = self._key_refs.get(len(args))
-        if refs is None:
-            refs = self._refs_for(len(args))
-        key = []
-        for i, name in refs:
-            if i >= 0:
-                key.append(args[i])
-            elif name in kwargs:  # a key arg not passed at all is left out, as Triton does
-                key.append(kwargs[name])
-        for a in args:
-            t = type(a)
-            if t is _Tensor or (t not in _NO_DTYPE and hasattr(a, "dtype")):
-                key.append(a.dtype)
-        if len(kwargs) != 2 or "grid" not in kwargs or "warmup" not in kwargs:  # more than launch's own
-            argset = self.argset
-            for k, v in kwargs.items():
-                t = type(v)
-                if t not in _NO_DTYPE and k in argset and (t is _Tensor or hasattr(v, "dtype")):
-                    key.append(v.dtype)
-        return tuple(key)
-
-    def _refs_for(self, n_args: int) -> list[tuple[int, str]]:
-        pos = self._pos
-        refs = [(pos[k] if pos[k] < n_args else -1, k) for k in self.keys if k in pos]
-        self._key_refs[n_args] = refs
-        return refs
-
-    def _raw_key_named(self, named: dict[str, Any]) -> tuple:
-        return tuple([named[k] for k in self.keys if k in named]
-                     + [v.dtype for v in named.values() if hasattr(v, "dtype")])
+        return self.key_fns[len(args)](args, kwargs)
 
     def named_args(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Triton's ``_args``: positional args by name, then keyword args that are kernel args."""
@@ -129,7 +90,7 @@ class KernelState:
         return self._specs
 
     def remember(self, raw_key: tuple, config: Any) -> None:
-        self.hits[raw_key] = (config, config.all_kwargs())
+        self.hits[raw_key] = (config, config.all_kwargs(), config.pre_hook)
 
     def declared_index(self, index: int, spec: Any) -> int | None:
         """The declared config a stored decision names, or None: entries cannot inject configs."""
@@ -137,3 +98,24 @@ class KernelState:
         if 0 <= index < len(specs) and specs[index] == spec:
             return index
         return None
+
+
+class _KeyFns(dict):  # type: ignore[type-arg]
+    """Number of positional args -> its raw-key function, generated on first use."""
+
+    __slots__ = ("arg_names", "keys", "specialised")
+
+    def __init__(self, arg_names: list[str], keys: list[str]) -> None:
+        super().__init__()
+        self.arg_names, self.keys = arg_names, keys
+        self.specialised: set[int] = set()
+
+    def __missing__(self, n_args: int) -> RawKeyFn:
+        fn = self[n_args] = make_raw_key(n_args, self.arg_names, self.keys)
+        return fn
+
+    def specialise(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Once per number of positional args, on a miss: code for calls shaped like this one."""
+        if len(args) not in self.specialised:
+            self.specialised.add(len(args))
+            self[len(args)] = make_raw_key(len(args), self.arg_names, self.keys, (args, kwargs))

@@ -53,18 +53,27 @@ def _run(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = _attach(self)
     if state is None:
         return _original_run(self, *args, **kwargs)
-    raw_key = state.raw_key(args, kwargs)
+    raw_key = state.key_fns[len(args)](args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
         return resolve(_runtime, state, args, kwargs, raw_key)
     state.n_hits += 1
-    if _hit_hook is not None:
-        _hit_hook(state, raw_key, args, kwargs)
-    config, cfg_kwargs = hit
+    config, cfg_kwargs, pre_hook = hit
     self.best_config = config
-    if config.pre_hook is not None:
-        config.pre_hook({**dict(zip(self.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
+    if pre_hook is not None:
+        pre_hook({**dict(zip(self.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
     return self.fn.run(*args, **kwargs, **cfg_kwargs)
+
+
+def _run_counting_hits(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """``_run`` while key capture counts in-memory hits (``set_hit_hook``): the plain hot path
+    pays nothing for capture when it is off."""
+    state = self.__dict__.get(STATE_ATTR)
+    if state is not None and _hit_hook is not None:
+        raw_key = state.key_fns[len(args)](args, kwargs)
+        if raw_key in state.hits:
+            _hit_hook(state, raw_key, args, kwargs)
+    return _run(self, *args, **kwargs)
 
 
 def install(settings: Settings) -> Runtime:
@@ -82,7 +91,7 @@ def install(settings: Settings) -> Runtime:
         _runtime = Runtime(settings)
         if _original_run is None:
             _original_run = Autotuner.run
-            Autotuner.run = _run
+            Autotuner.run = _run if _hit_hook is None else _run_counting_hits
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
 
@@ -120,7 +129,12 @@ def _drop_states() -> None:
 def set_hit_hook(hook: Any) -> None:
     """Install (or with None remove) the in-memory-hit counter used by key capture."""
     global _hit_hook
-    _hit_hook = hook
+    with _lock:
+        _hit_hook = hook
+        if _original_run is not None:
+            from triton.runtime.autotuner import Autotuner
+
+            Autotuner.run = _run if hook is None else _run_counting_hits
 
 
 def runtime() -> Runtime | None:

@@ -41,7 +41,9 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
-def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any]) -> Any:
+def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
+           pre_hook: Any = None) -> Any:
+    """Stock's final launch of the decided config: ``best_config``, the config's pre_hook, the run."""
     autotuner.best_config = config
     if config.pre_hook is not None:
         config.pre_hook({**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
@@ -54,6 +56,7 @@ def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tupl
         hit = st.hits.get(raw_key)
         if hit is not None:
             return launch(st.autotuner, args, kwargs, *hit)
+        st.key_fns.specialise(args, kwargs)
         at = st.autotuner
         at.nargs = dict(zip(at.arg_names, args, strict=False))
         try:
