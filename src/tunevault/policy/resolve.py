@@ -13,6 +13,7 @@ from typing import Any
 from tunevault.core.model import CandidateResult, Decision, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy.diagnose import TuningMiss, explain_miss
+from tunevault.policy.fallback import choose_fallback, settle
 
 log = logging.getLogger("tunevault")
 
@@ -140,16 +141,17 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
 
 def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey,
                     nearest: TuningKey | None, message: str, policy: str) -> Any:
-    """The nearest decided key's config, else the first config that compiles (no benchmarking)."""
+    """A config predicted from decided neighbours, else the nearest decided key's, else the first
+    that compiles (policy/fallback.py); no benchmarking."""
     rt.stats.add(st.kernel_id.name, rt.phase, "fallbacks")
-    config = None
-    if nearest is not None:
-        config = _stored_config(rt, st, nearest)
-    if config is None:
-        config = _first_compiling(st, args, kwargs)
-    rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s config %s (%s)",
-                 message, "nearest key's" if nearest is not None else "first compiling", config, policy)
-    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase)
+
+    def nearest_config() -> Any:
+        return None if nearest is None else _stored_config(rt, st, nearest)
+
+    config, how, fields = choose_fallback(rt, st, key, nearest_config, lambda: _first_compiling(st, args, kwargs))
+    rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s (%s)", message, how, policy)
+    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase,
+                   **fields)
     if policy == "background":
         rt.submit_background(st, args, kwargs, key)
     return config
@@ -264,7 +266,8 @@ def _report_tuning(rt: Any, st: Any, key: TuningKey, decision: Decision, results
              key.describe(), seconds, len(results), failed, decision.config_index, decision.config.describe(),
              margin)
     rt.events.emit("tuning", kernel=name, key=key.to_json(), seconds=seconds, configs=len(results),
-                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase)
+                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase,
+                   **settle(rt, name, key, decision.config_index, results))
     rt.notify("tuned", st, key, args, kwargs)
     if _print_autotuning():
         configs = st.autotuner.configs
