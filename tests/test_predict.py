@@ -193,6 +193,24 @@ def test_neighbours_bracket_the_gap_and_extrapolate_from_one_side() -> None:
     assert predict(at(8), []).config_index is None
 
 
+def test_the_neighbour_table_is_parsed_once_until_a_decision_is_added() -> None:
+    from tunevault.policy.fallback import Predictions
+
+    reads: list[int] = []
+    decided = [plain(m, {0: 1.0, 1: 1.1}) for m in (16, 256)]
+
+    def listing() -> list[Decision]:
+        reads.append(len(decided))
+        return list(decided)
+
+    cache = Predictions()
+    first = cache.table(KID, listing, SPECS)
+    assert cache.table(KID, listing, SPECS) is first and reads == [2]
+    decided.append(plain(64, {0: 1.5, 1: 1.0}))
+    cache.invalidate(KID.digest)  # what Runtime.publish and a store hit do
+    assert cache.table(KID, listing, SPECS).predict(at(60)).config_index == 1 and reads == [2, 3]
+
+
 def test_regret_is_measured_against_the_tuned_winner_or_says_why_not() -> None:
     results = [CandidateResult(0, SPECS[0], (2.0,)), CandidateResult(1, SPECS[1], (1.6,)),
                CandidateResult(2, SPECS[2], (), "OutOfResources")]

@@ -32,6 +32,7 @@ class Predictions:
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         self._tables: dict[str, tuple[float, NeighbourTable]] = {}
+        self._generations: dict[str, int] = {}  # per kernel digest: decisions added so far
         self._pending: dict[tuple[str, str], Prediction] = {}
 
     def table(self, kernel: KernelId, decisions: Callable[[], Iterable[Decision]],
@@ -39,17 +40,20 @@ class Predictions:
         now = time.monotonic()
         with self._lock:
             cached = self._tables.get(kernel.digest)
+            generation = self._generations.get(kernel.digest, 0)
         if cached is not None and now - cached[0] <= self.max_age_s:
             return cached[1]
         table = NeighbourTable(decisions(), declared)
-        with self._lock:
-            self._tables[kernel.digest] = (now, table)
+        with self._lock:  # a decision added while this one was built: keep it for this miss only
+            if self._generations.get(kernel.digest, 0) == generation:
+                self._tables[kernel.digest] = (now, table)
         return table
 
     def invalidate(self, kernel_digest: str) -> None:
         """A decision of this kernel was added: the next miss re-reads the decisions."""
         with self._lock:
             self._tables.pop(kernel_digest, None)
+            self._generations[kernel_digest] = self._generations.get(kernel_digest, 0) + 1
 
     def remember(self, kernel: str, key: TuningKey, prediction: Prediction) -> None:
         with self._lock:
@@ -72,7 +76,19 @@ class PredictingRuntime(Protocol):
     def warn_once(self, token: Any, msg: str, *args: Any) -> bool: ...
 
 
-def choose_fallback(rt: PredictingRuntime, st: Any, key: TuningKey, nearest: Callable[[], Config | None],
+class MissedKernel(Protocol):
+    """What this module needs from integration.kernel_state.KernelState."""
+
+    autotuner: Any  # the triton Autotuner: its ``configs`` are what a prediction indexes
+
+    @property
+    def kernel_id(self) -> KernelId: ...
+
+    @property
+    def specs(self) -> list[ConfigSpec]: ...
+
+
+def choose_fallback(rt: PredictingRuntime, st: MissedKernel, key: TuningKey, nearest: Callable[[], Config | None],
                     first: Callable[[], Config]) -> tuple[Config, str, dict[str, Any]]:
     """The config a miss launches, what the warning says of it, and the ``fallback`` event's fields.
 
@@ -94,7 +110,7 @@ def choose_fallback(rt: PredictingRuntime, st: Any, key: TuningKey, nearest: Cal
     return config, f"{how} config {config}; no prediction: {why}", {"predicted": None, "not_predicted": why}
 
 
-def _predict(rt: PredictingRuntime, st: Any, key: TuningKey) -> Prediction:
+def _predict(rt: PredictingRuntime, st: MissedKernel, key: TuningKey) -> Prediction:
     try:
         table = rt.predictions.table(st.kernel_id, lambda: rt.decisions_of(st.kernel_id), st.specs)
         return table.predict(key)
