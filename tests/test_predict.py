@@ -207,8 +207,23 @@ def test_the_neighbour_table_is_parsed_once_until_a_decision_is_added() -> None:
     first = cache.table(KID, listing, SPECS)
     assert cache.table(KID, listing, SPECS) is first and reads == [2]
     decided.append(plain(64, {0: 1.5, 1: 1.0}))
-    cache.invalidate(KID.digest)  # what Runtime.publish and a store hit do
+    cache.invalidate(KID.digest)  # what Runtime.publish does
     assert cache.table(KID, listing, SPECS).predict(at(60)).config_index == 1 and reads == [2, 3]
+
+
+def test_report_summarises_regret_and_counts_what_was_not_measured() -> None:
+    def tuning(prediction: object) -> dict:
+        return {"event": "tuning", "kernel": "m:k", "phase": "serving", "seconds": 1.0, "prediction": prediction}
+
+    events = [{"event": "fallback", "kernel": "m:k", "phase": "serving", "predicted": {"config": 1}},
+              {"event": "fallback", "kernel": "m:k", "phase": "serving", "predicted": None},
+              {"event": "fallback", "kernel": "m:k", "phase": "serving"},  # written before predictions existed
+              tuning({"regret": 0.01}), tuning({"regret": 0.03}), tuning({"regret": 0.2}),
+              tuning({"regret": None, "note": "pruned"}), tuning({"regret": "0.5"}), tuning(None)]
+    row = report.summarize_events(events)["m:k"]
+    assert (row["fallbacks"], row["predicted"], row["regret_n"], row["regret_unmeasured"]) == (3, 1, 3, 2)
+    assert (row["regret_median"], row["regret_max"]) == (0.03, 0.2)
+    assert report.regret_cell(row) == "3.0% / 20.0% (n=3), 2 not measured"
 
 
 def test_regret_is_measured_against_the_tuned_winner_or_says_why_not() -> None:

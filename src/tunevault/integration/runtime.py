@@ -87,7 +87,6 @@ class Runtime:
             return None
         if found is not None:
             self.decided[skey] = found
-            self.predictions.invalidate(kernel.digest)
         return found
 
     def publish(self, decision: Decision) -> Decision:
