@@ -8,7 +8,9 @@ matplotlib is an optional extra, imported only to draw, on its Agg canvas (no di
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from collections import defaultdict
 from typing import Any
 
@@ -47,8 +49,10 @@ def load(path: str | os.PathLike[str]) -> tuple[str, Any]:
 
 
 def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per kernel: tunings and tuning seconds per phase, misses, fallbacks, errors."""
+    """Per kernel: tunings and tuning seconds per phase, misses, fallbacks (predicted ones too),
+    errors, and the real regret of predicted configs measured when their key was tuned later."""
     out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    regrets: dict[str, list[float]] = defaultdict(list)
     for e in events:
         kind, kernel = e.get("event"), e.get("kernel")
         if not isinstance(kernel, str):
@@ -57,22 +61,49 @@ def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, float]
         if kind == "tuning":
             row[f"tunings_{phase}"] += 1
             row[f"seconds_{phase}"] += float(e.get("seconds") or 0.0)
+            _settled(e.get("prediction"), row, regrets[kernel])
         elif kind == "miss":
             row["misses"] += 1
             row["errors"] += e.get("policy") == "error"
         elif kind == "fallback":
             row["fallbacks"] += 1
+            row["predicted"] += isinstance(e.get("predicted"), dict)
+    for kernel, values in regrets.items():
+        if values:
+            out[kernel].update(regret_median=statistics.median(values), regret_max=max(values),
+                               regret_n=len(values))
     return {k: dict(v) for k, v in out.items()}
+
+
+def _settled(outcome: object, row: dict[str, float], regrets: list[float]) -> None:
+    """A tuning event's ``prediction``: the regret of the config a fallback predicted for this key."""
+    if not isinstance(outcome, dict):
+        return
+    value = outcome.get("regret")
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        regrets.append(float(value))
+    else:
+        row["regret_unmeasured"] += 1
+
+
+def regret_cell(row: dict[str, float]) -> str:
+    """"1.2% / 8.0% (n=5)": median and max regret of predicted configs, and how many were measured."""
+    n, unmeasured = int(row.get("regret_n", 0)), int(row.get("regret_unmeasured", 0))
+    if not n and not unmeasured:
+        return ""
+    text = f"{row['regret_median']:.1%} / {row['regret_max']:.1%} (n={n})" if n else "(n=0)"
+    return text + (f", {unmeasured} not measured" if unmeasured else "")
 
 
 def events_table(events: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = ["kernel", "tunings (warmup)", "tunings (serving)", "tuning s (warmup)", "tuning s (serving)",
-               "misses", "fallbacks", "errors"]
+               "misses", "fallbacks", "predicted", "prediction regret (median / max)", "errors"]
     rows = []
     for kernel, r in sorted(summarize_events(events).items(), key=lambda kv: -_seconds(kv[1])):
         rows.append([kernel, int(r.get("tunings_warmup", 0)), int(r.get("tunings_serving", 0)),
                      f"{r.get('seconds_warmup', 0.0):.2f}", f"{r.get('seconds_serving', 0.0):.2f}",
-                     int(r.get("misses", 0)), int(r.get("fallbacks", 0)), int(r.get("errors", 0))])
+                     int(r.get("misses", 0)), int(r.get("fallbacks", 0)), int(r.get("predicted", 0)),
+                     regret_cell(r), int(r.get("errors", 0))])
     return headers, rows
 
 

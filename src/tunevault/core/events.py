@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger("tunevault")
 
-COUNTERS = ("hits", "misses", "tunings", "fallbacks", "errors", "tuning_seconds", "benchmark_runs")
+COUNTERS = ("hits", "misses", "tunings", "fallbacks", "predicted", "errors", "tuning_seconds", "benchmark_runs")
 
 
 class Stats:

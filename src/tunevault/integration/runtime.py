@@ -12,6 +12,7 @@ from typing import Any
 
 from tunevault.core.events import EventLog, Stats
 from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
+from tunevault.policy.fallback import Predictions
 from tunevault.policy.settings import Settings
 from tunevault.store.base import Query, Store, StoreUnavailable
 
@@ -32,6 +33,7 @@ class Runtime:
         self.decided: dict[tuple[str, str, str], Decision] = {}
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
         self.observers: list[Any] = []  # e.g. key capture; called as observer(kind, state, key, nargs)
+        self.predictions = Predictions()  # configs for missed keys, predicted from decided neighbours
 
     @property
     def phase(self) -> str:
@@ -95,19 +97,24 @@ class Runtime:
             self.warn_once(("put", type(exc)), "tunevault: store write failed (%s); decision kept in memory", exc)
             published = decision
         self.decided[published.store_key] = published
+        self.predictions.invalidate(published.kernel.digest)
         return published
 
     def decided_keys(self, kernel: KernelId) -> list[TuningKey]:
         """Every key of ``kernel`` decided for this fingerprint (for miss diagnosis)."""
+        return [d.key for d in self.decisions_of(kernel)]
+
+    def decisions_of(self, kernel: KernelId) -> list[Decision]:
+        """Every decision of ``kernel`` for this fingerprint, this process's first (for predictions)."""
         fp = self.fingerprint.digest
-        keys = {d.key.text: d.key for d in self.decided.values()
-                if d.kernel.digest == kernel.digest and d.fingerprint.digest == fp}
+        found = {d.key.text: d for d in self.decided.values()
+                 if d.kernel.digest == kernel.digest and d.fingerprint.digest == fp}
         try:
             for d in self.store.decisions(Query(kernel_digest=kernel.digest, fingerprint_digest=fp)):
-                keys.setdefault(d.key.text, d.key)
+                found.setdefault(d.key.text, d)
         except Exception as exc:
             self.warn_once(("list", type(exc)), "tunevault: store listing failed (%s)", exc)
-        return list(keys.values())
+        return list(found.values())
 
     def notify(self, kind: str, state: Any, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
         """Tell observers (key capture) how a key was resolved; an observer never breaks a call."""

@@ -17,6 +17,7 @@ from tunevault.core.model import CandidateResult, Decision, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy import stock
 from tunevault.policy.diagnose import TuningMiss, explain_miss
+from tunevault.policy.fallback import choose_fallback, settle
 
 log = logging.getLogger("tunevault")
 
@@ -199,18 +200,21 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
 
 def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey,
                     nearest: TuningKey | None, message: str, policy: str, indexed: Indexed) -> Config:
-    """The nearest decided key's config if pruning allows it, else the first pruned config that
-    compiles (no benchmarking)."""
+    """A config predicted from decided neighbours, else the nearest decided key's, else the first
+    that compiles (policy/fallback.py); only configs this call's pruning keeps; no benchmarking."""
     rt.stats.add(st.kernel_id.name, rt.phase, "fallbacks")
-    config = None
-    if nearest is not None:
-        decision = _stored(rt, st, nearest, {i for i, _ in indexed})
-        config = None if decision is None else st.autotuner.configs[decision.config_index]
-    if config is None:
-        config = _first_compiling(st, args, kwargs, [c for _, c in indexed])
-    rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s config %s (%s)",
-                 message, "nearest key's" if nearest is not None else "first compiling", config, policy)
-    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase)
+    allowed = {i for i, _ in indexed}
+
+    def nearest_config() -> Config | None:
+        decision = None if nearest is None else _stored(rt, st, nearest, allowed)
+        return None if decision is None else st.autotuner.configs[decision.config_index]
+
+    config, how, fields = choose_fallback(rt, st, key, nearest_config,
+                                          lambda: _first_compiling(st, args, kwargs, [c for _, c in indexed]),
+                                          allowed)
+    rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s (%s)", message, how, policy)
+    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase,
+                   **fields)
     if policy == "background":
         rt.submit_background(st, args, kwargs, key)
     return config
@@ -331,5 +335,6 @@ def _report_tuning(rt: Any, st: Any, key: TuningKey, decision: Decision, results
              key.describe(), seconds, len(results), failed, decision.config_index, decision.config.describe(),
              margin)
     rt.events.emit("tuning", kernel=name, key=key.to_json(), seconds=seconds, configs=len(results),
-                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase)
+                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase,
+                   **settle(rt, name, key, decision.config_index, results))
     rt.notify("tuned", st, key, args, kwargs)

@@ -1,0 +1,221 @@
+"""Predict a config for a key no warmup met, from every candidate's timings at decided neighbours.
+
+The miss diagnosis (diagnose.py) names what differs; this chooses what to launch. Categorical
+key elements (dtypes, bools, strings, None) must match; numeric ones are compared on a log2
+scale. At each neighbour every config's time is normalised by that key's best, and configs are
+scored by the distance-weighted mean of that ratio over the nearest keys on each side of the
+gap, so a config good on both sides beats one that wins on one side and loses on the other.
+Pure and cheap: no benchmarking, no device, no store; ``NeighbourTable`` parses decisions once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tunevault.core.model import ConfigSpec, Decision, JsonScalar, TuningKey
+
+PER_SIDE = 2  # neighbours taken below and above the missing key, per numeric element
+FAILED_MIN = 4.0  # a config that failed at a neighbour scores at least this (normalised time) there
+ABSENT_MARGIN = 0.01  # a config not measured at a neighbour scores 1% over the worst that ran there
+NO_TIMINGS_OTHERS = 2.0  # a decision without timings: its winner scores 1, every other config this
+
+Signature = tuple[tuple[str, bool, JsonScalar], ...]
+
+
+def is_numeric(value: JsonScalar) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def log_coord(value: float) -> float:
+    """log2 that also takes 0 and negatives (sizes are >= 1, where it is ~log2)."""
+    return math.copysign(math.log2(1.0 + abs(value)), value)
+
+
+def signature(key: TuningKey) -> Signature:
+    """The categorical part of a key: labels in order, values of non-numeric elements."""
+    return tuple((label, is_numeric(v), None if is_numeric(v) else v) for label, v in key.items)
+
+
+def coords(key: TuningKey) -> tuple[float, ...]:
+    return tuple(log_coord(float(v)) for _label, v in key.items if is_numeric(v))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted config (declared index) or, with ``config_index`` None, why there is none."""
+
+    config_index: int | None
+    neighbours: tuple[TuningKey, ...] = ()
+    penalty: float | None = None  # expected normalised time - 1 (0: as fast as the neighbours' best)
+    unmatched: tuple[str, ...] = ()  # "dtype(x): float16 -> float32": categorical elements no decision has
+    note: str = ""  # why there is none, where neither of the above says it
+
+    def sources(self) -> str:
+        """The neighbours by their numeric elements only (the categorical ones are all equal)."""
+        parts = [" ".join(f"{lb}={v}" for lb, v in k.items if is_numeric(v)) or k.describe()
+                 for k in self.neighbours]
+        return ", ".join(parts)
+
+    def why_not(self) -> str:
+        if self.note:
+            return self.note
+        if self.unmatched:
+            return "no decided key matches " + ", ".join(self.unmatched)
+        return "no decided key to predict from"
+
+    def to_json(self) -> dict[str, Any]:
+        if self.config_index is None:
+            return {"config": None, "why": self.why_not()}
+        return {"config": self.config_index, "neighbours": [k.to_json() for k in self.neighbours],
+                "expected_penalty": None if self.penalty is None else round(self.penalty, 6)}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One decided key, parsed: where it is and how each config did there (time / best time)."""
+
+    key: TuningKey
+    coords: tuple[float, ...]
+    ratios: dict[int, float]  # config index -> normalised time, for configs that ran
+    failed: frozenset[int]  # configs that failed to compile or run here
+    failed_score: float  # what a failed config scores here
+    absent_score: float  # what a config not measured here scores (just over the worst that ran)
+    row: tuple[float, ...] = ()  # score per config of the table's ``configs`` (filled by the table)
+
+    def score(self, index: int) -> float:
+        ratio = self.ratios.get(index)
+        if ratio is not None:
+            return ratio
+        return self.failed_score if index in self.failed else self.absent_score
+
+    def dense(self, configs: Sequence[int]) -> Point:
+        """This point with its scores laid out over ``configs``, so predictions add rows of floats."""
+        return replace(self, row=tuple(self.score(i) for i in configs))
+
+
+def parse(decision: Decision, declared: Sequence[ConfigSpec] | None = None) -> Point | None:
+    """A Point from a decision's candidates, keeping only declared configs; None if it says nothing."""
+
+    def valid(index: int, spec: ConfigSpec) -> bool:
+        return declared is None or (0 <= index < len(declared) and declared[index] == spec)
+
+    timed = {c.index: c.timings[0] for c in decision.candidates
+             if c.ok and c.timings[0] > 0 and valid(c.index, c.config)}
+    point_coords = coords(decision.key)
+    failed = frozenset(c.index for c in decision.candidates if c.error is not None)
+    if not timed:  # tuned alone, or timings not kept: the winner is all we know
+        if not valid(decision.config_index, decision.config):
+            return None
+        return Point(decision.key, point_coords, {decision.config_index: 1.0}, failed, FAILED_MIN,
+                     NO_TIMINGS_OTHERS)
+    best = min(timed.values())
+    ratios = {i: t / best for i, t in timed.items()}
+    worst = max(ratios.values())
+    return Point(decision.key, point_coords, ratios, failed, max(FAILED_MIN, 2.0 * worst),
+                 worst * (1.0 + ABSENT_MARGIN))
+
+
+class NeighbourTable:
+    """One kernel's decisions on one fingerprint, grouped by their categorical elements."""
+
+    def __init__(self, decisions: Iterable[Decision], declared: Sequence[ConfigSpec] | None = None) -> None:
+        parsed = [(signature(d.key), parse(d, declared)) for d in decisions]
+        self.configs = tuple(sorted({i for _s, p in parsed if p is not None for i in p.ratios}))
+        self.groups: dict[Signature, list[Point]] = {}
+        for sig, point in parsed:
+            if point is not None:
+                self.groups.setdefault(sig, []).append(point.dense(self.configs))
+        self.spans = {sig: tuple((min(col), max(col)) for col in zip(*(p.coords for p in points), strict=True))
+                      for sig, points in self.groups.items()}  # per numeric element: lowest, highest
+
+    def __len__(self) -> int:
+        return sum(len(points) for points in self.groups.values())
+
+    def predict(self, key: TuningKey, per_side: int = PER_SIDE) -> Prediction:
+        sig = signature(key)
+        points = self.groups.get(sig)
+        if not points:
+            return Prediction(None, unmatched=self.unmatched(key))
+        chosen = neighbours(coords(key), points, per_side, self.spans[sig])
+        index, score = best_config(chosen, self.configs)
+        return Prediction(index, tuple(p.key for p, _w in chosen), max(0.0, score - 1.0))
+
+    def unmatched(self, key: TuningKey) -> tuple[str, ...]:
+        """The categorical elements that differ from the nearest group of decided keys."""
+        if not self.groups:
+            return ()
+        mine = signature(key)
+
+        def diffs(sig: Signature) -> list[str]:
+            theirs = {label: (num, v) for label, num, v in sig}
+            ours = {label: (num, v) for label, num, v in mine}
+            out = []
+            for label in dict.fromkeys([*theirs, *ours]):
+                a, b = theirs.get(label), ours.get(label)
+                if a != b and not (a is not None and b is not None and a[0] and b[0]):
+                    out.append(f"{label}: {_shown(a)} -> {_shown(b)}")
+            return out
+
+        return tuple(min((diffs(sig) for sig in self.groups), key=lambda d: (len(d), d)))
+
+
+def _shown(entry: tuple[bool, JsonScalar] | None) -> str:
+    if entry is None:
+        return "(absent)"
+    return "(a number)" if entry[0] else str(entry[1])
+
+
+def neighbours(target: tuple[float, ...], points: Sequence[Point], per_side: int = PER_SIDE,
+               spans: Sequence[tuple[float, float]] | None = None) -> list[tuple[Point, float]]:
+    """The keys to learn from, each with its weight (inverse squared log2 distance, summing to 1).
+
+    Per numeric element: the ``per_side`` nearest keys below the missing key and above it, so a
+    gap is bracketed whenever decided keys lie on both sides; plus the ``per_side`` nearest overall.
+    ``spans`` (lowest and highest coordinate per element) saves looking for a side that is empty.
+    """
+    dist = [math.dist(target, p.coords) for p in points]
+    exact = [p for p, d in zip(points, dist, strict=True) if d == 0.0]
+    if exact:
+        return [(p, 1.0 / len(exact)) for p in exact]
+    order = sorted(range(len(points)), key=lambda i: (dist[i], points[i].key.text))
+    picked: dict[int, None] = dict.fromkeys(order[:per_side])
+    for j, t in enumerate(target):
+        lo, hi = spans[j] if spans else (-math.inf, math.inf)
+        if lo == hi == t:
+            continue  # this element is the same at every point: no side to bracket
+        below = per_side if lo >= t else 0  # no point below: nothing to look for there
+        above = per_side if hi <= t else 0
+        for i in order:  # nearest first: stop once both sides are filled
+            if below == above == per_side:
+                break
+            v = points[i].coords[j]
+            if v < t and below < per_side:
+                below += 1
+                picked[i] = None
+            elif v > t and above < per_side:
+                above += 1
+                picked[i] = None
+    weights = {i: 1.0 / dist[i] ** 2 for i in picked}
+    total = sum(weights.values())
+    return [(points[i], w / total) for i, w in sorted(weights.items(), key=lambda kv: -kv[1])]
+
+
+def best_config(chosen: Sequence[tuple[Point, float]], configs: Sequence[int]) -> tuple[int, float]:
+    """The config with the lowest weighted mean normalised time, and that mean (ties: lowest index).
+
+    A config measured at none of the ``chosen`` points scores above every config measured at one
+    (ABSENT_MARGIN), so it is never picked while one that ran is there."""
+    total = [0.0] * len(configs)
+    for p, w in chosen:
+        total = [t + w * x for t, x in zip(total, p.row, strict=True)]  # rows are laid out over configs
+    score, index = min(zip(total, configs, strict=True))
+    return index, score
+
+
+def predict(key: TuningKey, decisions: Iterable[Decision], declared: Sequence[ConfigSpec] | None = None,
+            per_side: int = PER_SIDE) -> Prediction:
+    """One-shot prediction (the runtime keeps a NeighbourTable per kernel instead)."""
+    return NeighbourTable(decisions, declared).predict(key, per_side)

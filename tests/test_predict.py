@@ -1,0 +1,258 @@
+"""Predicted fallbacks: a missed key launches the config its decided neighbours' timings favour."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels_predict as kp
+import tunevault
+from conftest import count_launches
+from tunevault import report
+from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
+from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
+from tunevault.engine import background
+from tunevault.integration.kernel_state import KernelState
+from tunevault.integration.triton_adapter import runtime
+from tunevault.policy.fallback import regret
+from tunevault.policy.predict import NeighbourTable, predict
+from tunevault.store.sqlite import SqliteStore
+
+KERNEL = "kernels_predict:scale2"
+BEST_AT_100 = {0: 3.0, 1: 1.0, 2: 1.6, 3: 2.0}  # config 1 wins at n=100
+BEST_AT_1000 = {0: 3.0, 1: 1.6, 2: 1.0, 3: 1.3}  # config 2 wins at n=1000
+
+
+def key_of(n: int, dtype: torch.dtype = torch.float32) -> TuningKey:
+    x = torch.empty(n, dtype=dtype)
+    return KernelState(kp.scale2).labelled_key({"x_ptr": x, "out_ptr": x, "n": n})
+
+
+def decided(n: int, times: dict[int, float | str]) -> Decision:
+    """A decision as tuning writes it: every candidate's timings (ms) or its error."""
+    specs = [config_spec(c) for c in kp.scale2.configs]
+    cands = tuple(CandidateResult(i, specs[i], (t, 0.98 * t, 1.02 * t)) if isinstance(t, float)
+                  else CandidateResult(i, specs[i], (), t) for i, t in times.items())
+    winner = min((c for c in cands if c.ok), key=lambda c: c.timings[0]).index
+    return Decision(kernel_id(kp.scale2), current_fingerprint(), key_of(n), winner, specs[winner], cands)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[str]:
+    """A real SQLite store holding decisions for n=100 and n=1000; yields its URL."""
+    path = tmp_path / "decided.db"
+    db = SqliteStore(path)
+    for d in (decided(100, BEST_AT_100), decided(1000, BEST_AT_1000)):
+        db.put(d)
+    db.close()
+    yield f"sqlite:///{path}"
+
+
+def serving(url: str, on_miss: str = "fallback", **options: str) -> None:
+    tunevault.install(mode="tune", store=url, **options)
+    tunevault.seal(on_miss=on_miss)
+
+
+def counters() -> dict[str, float]:
+    return tunevault.stats()["kernels"][KERNEL]["serving"]
+
+
+def events(kind: str) -> list[dict]:
+    rt = runtime()
+    assert rt is not None
+    return [e for e in rt.events.recent if e["event"] == kind]
+
+
+def test_missed_keys_launch_the_nearer_sides_config_without_benchmarking(store: str, caplog) -> None:
+    serving(store)
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    with count_launches(kp.scale2) as launches:
+        kp.run(120)
+        assert kp.scale2.best_config is kp.scale2.configs[1]
+        kp.run(900)
+        assert kp.scale2.best_config is kp.scale2.configs[2]
+    assert launches.count == 2  # one launch per call: nothing was benchmarked
+    stats = counters()
+    assert stats["predicted"] == 2 and stats["fallbacks"] == 2
+    assert stats["benchmark_runs"] == 0 and stats["tunings"] == 0
+    first = next(r.getMessage() for r in caplog.records if "n=120" in r.getMessage())
+    assert "nearest decided key differs in n: 1000 -> 120" in first  # the diagnosis stays as it was
+    assert "using predicted config" in first and "from n=100, n=1000" in first
+    fallback = events("fallback")[0]["predicted"]
+    assert fallback["config"] == 1 and 0.0 <= fallback["expected_penalty"] < 0.05
+    assert [dict(map(tuple, k))["n"] for k in fallback["neighbours"]] == [100, 1000]
+
+
+def test_a_config_good_on_both_sides_wins_between_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db = SqliteStore(tmp_path / "c.db")
+    db.put(decided(100, {0: 3.0, 1: 1.0, 2: 1.8, 3: 1.1}))  # 3 is 10% off the best on both sides
+    db.put(decided(1000, {0: 3.0, 1: 1.8, 2: 1.0, 3: 1.1}))
+    db.close()
+    serving(url)
+    with count_launches(kp.scale2) as launches:
+        kp.run(316)  # the middle on a log scale: each side's winner is 80% off on the other side
+        assert kp.scale2.best_config is kp.scale2.configs[3]
+        kp.run(110)  # close to n=100: its winner
+        assert kp.scale2.best_config is kp.scale2.configs[1]
+    assert launches.count == 2 and counters()["benchmark_runs"] == 0
+    assert events("fallback")[0]["predicted"]["expected_penalty"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_a_dtype_no_decision_has_is_named_and_the_nearest_key_serves(store: str, caplog) -> None:
+    serving(store)
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    with count_launches(kp.scale2) as launches:
+        kp.run(120, torch.float16)
+    assert launches.count == 1
+    # Documented fallback: the nearest decided key as the diagnosis ranks it (n=1000 sorts first).
+    assert kp.scale2.best_config is kp.scale2.configs[2]
+    why = "no decided key matches dtype(x_ptr): float32 -> float16, dtype(out_ptr): float32 -> float16"
+    assert events("fallback")[0]["not_predicted"] == why and events("fallback")[0]["predicted"] is None
+    assert any(f"using nearest key's config {kp.scale2.configs[2]}; no prediction: {why}" in r.getMessage()
+               for r in caplog.records)
+    assert counters()["predicted"] == 0 and counters()["fallbacks"] == 1
+
+
+def test_background_tuning_measures_the_prediction_and_the_report_shows_it(store: str, tmp_path: Path,
+                                                                             capsys) -> None:
+    log = tmp_path / "events.jsonl"
+    serving(store, on_miss="background", events=str(log))
+    kp.run(120)  # predicted now, tuned off the request path
+    assert background.drain(timeout=180)
+    tuning = events("tuning")[0]
+    outcome = tuning["prediction"]
+    assert outcome["config"] == 1 and outcome["expected_penalty"] is not None
+    assert outcome["measured"] is True and isinstance(outcome["regret"], float)
+    assert outcome["winner"] == tuning["winner"]
+    kp.run(125)  # the new decision reached the neighbour table: n=120 is now the nearest neighbour
+    neighbours = [dict(map(tuple, k))["n"] for k in events("fallback")[-1]["predicted"]["neighbours"]]
+    assert neighbours[0] == 120
+    assert background.drain(timeout=180)
+    tunevault.uninstall()
+
+    kind, data = report.load(log)
+    row = report.summarize_events(data)[KERNEL]
+    assert kind == "events" and row["predicted"] == 2 and row["fallbacks"] == 2 and row["regret_n"] == 2
+    from tunevault.cli.main import main
+
+    assert main(["report", str(log)]) == 0
+    table = capsys.readouterr().out
+    assert "predicted" in table and "(n=2)" in table
+
+
+# --------------------------------------------------------------- the predictor on its own
+
+
+KID = KernelId("m:k", "src", "cfg", ("M",))
+SPECS = [ConfigSpec((("BLOCK", b),), ()) for b in (16, 32, 64, 128)]
+
+
+def plain(m: int, times: dict[int, float | str], dtype: str = "float16") -> Decision:
+    cands = tuple(CandidateResult(i, SPECS[i], (t,)) if isinstance(t, float) else CandidateResult(i, SPECS[i], (), t)
+                  for i, t in times.items())
+    winner = min((c for c in cands if c.ok), key=lambda c: c.timings[0]).index
+    return Decision(KID, current_fingerprint(), TuningKey((("M", m), ("dtype(a)", dtype))), winner, SPECS[winner],
+                    cands)
+
+
+def at(m: int, dtype: str = "float16") -> TuningKey:
+    return TuningKey((("M", m), ("dtype(a)", dtype)))
+
+
+def test_a_config_that_failed_at_a_neighbour_is_penalised() -> None:
+    decisions = [plain(64, {0: 1.0, 1: "OutOfResources", 2: 1.15}), plain(256, {0: 1.6, 1: 1.0, 2: 1.2})]
+    prediction = predict(at(128), decisions)
+    assert prediction.config_index == 2  # 1 wins above but failed below; 0 is 60% off above
+    assert prediction.penalty == pytest.approx(0.175, abs=0.005)
+    absent = [plain(64, {0: 1.0, 2: 1.15}), decisions[1]]  # 1 not measured below: scored as the worst there
+    assert predict(at(128), absent).config_index == 1
+
+
+def test_configs_not_declared_or_not_measured_are_never_predicted() -> None:
+    forged = ConfigSpec((("BLOCK", 16),), (("num_warps", 32),))
+    d = plain(64, {0: 2.0, 1: 1.5})
+    d = Decision(KID, d.fingerprint, d.key, 1, SPECS[1],
+                 (*d.candidates, CandidateResult(2, forged, (0.5,))))  # a config the kernel does not declare
+    assert predict(at(80), [d], declared=SPECS).config_index == 1
+    assert predict(at(80), [d]).config_index == 2  # without the declared list it would be taken
+
+
+def test_neighbours_bracket_the_gap_and_extrapolate_from_one_side() -> None:
+    table = NeighbourTable([plain(m, {0: 1.0, 1: 1.1}) for m in (1, 4, 16, 64, 256, 1024)], SPECS)
+    inside = table.predict(at(100))
+    assert [dict(k.items)["M"] for k in inside.neighbours] == [64, 256, 16, 1024]
+    beyond = table.predict(at(4096))
+    assert [dict(k.items)["M"] for k in beyond.neighbours] == [1024, 256]
+    assert table.predict(at(100, "float32")).unmatched == ("dtype(a): float16 -> float32",)
+    assert predict(at(8), []).config_index is None
+
+
+def test_the_neighbour_table_is_parsed_once_until_a_decision_is_added() -> None:
+    from tunevault.policy.fallback import Predictions
+
+    reads: list[int] = []
+    decided = [plain(m, {0: 1.0, 1: 1.1}) for m in (16, 256)]
+
+    def listing() -> list[Decision]:
+        reads.append(len(decided))
+        return list(decided)
+
+    cache = Predictions()
+    first = cache.table(KID, listing, SPECS)
+    assert cache.table(KID, listing, SPECS) is first and reads == [2]
+    decided.append(plain(64, {0: 1.5, 1: 1.0}))
+    cache.invalidate(KID.digest)  # what Runtime.publish does
+    assert cache.table(KID, listing, SPECS).predict(at(60)).config_index == 1 and reads == [2, 3]
+
+
+def test_report_summarises_regret_and_counts_what_was_not_measured() -> None:
+    def tuning(prediction: object) -> dict:
+        return {"event": "tuning", "kernel": "m:k", "phase": "serving", "seconds": 1.0, "prediction": prediction}
+
+    events = [{"event": "fallback", "kernel": "m:k", "phase": "serving", "predicted": {"config": 1}},
+              {"event": "fallback", "kernel": "m:k", "phase": "serving", "predicted": None},
+              {"event": "fallback", "kernel": "m:k", "phase": "serving"},  # written before predictions existed
+              tuning({"regret": 0.01}), tuning({"regret": 0.03}), tuning({"regret": 0.2}),
+              tuning({"regret": None, "note": "pruned"}), tuning({"regret": "0.5"}), tuning(None)]
+    row = report.summarize_events(events)["m:k"]
+    assert (row["fallbacks"], row["predicted"], row["regret_n"], row["regret_unmeasured"]) == (3, 1, 3, 2)
+    assert (row["regret_median"], row["regret_max"]) == (0.03, 0.2)
+    assert report.regret_cell(row) == "3.0% / 20.0% (n=3), 2 not measured"
+
+
+def test_regret_is_measured_against_the_tuned_winner_or_says_why_not() -> None:
+    results = [CandidateResult(0, SPECS[0], (2.0,)), CandidateResult(1, SPECS[1], (1.6,)),
+               CandidateResult(2, SPECS[2], (), "OutOfResources")]
+    assert regret(0, 1, results)["regret"] == pytest.approx(0.25)
+    assert regret(1, 1, results) == {"config": 1, "winner": 1, "regret": 0.0, "measured": True, "note": ""}
+    assert "failed here: OutOfResources" in regret(2, 1, results)["note"]
+    missing = regret(3, 1, results)
+    assert missing["regret"] is None and missing["measured"] is False
+    assert missing["note"] == "the predicted config was not measured (pruned for this key)"
+    assert json.dumps(missing)  # goes into the tuning event as is
+
+
+def test_regret_bench_runs_in_cpu_smoke_mode(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import TESTS, subprocess_env
+
+    script = TESTS.parent / "bench" / "predict_regret.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--budget", "120"],
+                          capture_output=True, text=True, timeout=240, env=subprocess_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "results.json").read_text())
+    measured = {s["name"]: s["kernels"] for s in doc["sweeps"]}
+    for name in ("matmul", "rmsnorm"):
+        (kernel,) = measured[name]
+        assert kernel["keys"] == 4 and set(kernel["summary"]) == {"first", "today", "nearest", "predicted"}
+        assert all(row["choices"]["predicted"] in range(kernel["configs"]) for row in kernel["rows"])
+    assert "| kernel, sweep | fallback rule | median regret | max regret | keys within 5% |" in (
+        tmp_path / "summary.md").read_text()
