@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -309,7 +310,12 @@ class WorkerSession:
             return self._fail(index, "the worker sent invalid timings")
         if error is not None:
             return self._fail(index, str(error))
-        return CandidateResult(index, self.specs[index], tuple(float(t) for t in timings), None)
+        n, iqr = ev.get("n", 0), ev.get("iqr")
+        finite = iqr is None or isinstance(iqr, int | float) and math.isfinite(iqr) and iqr >= 0
+        if not (type(n) is int and n >= 0 and finite):
+            n, iqr = 0, None  # noise unknown: the candidate ties by tolerance alone
+        return CandidateResult(index, self.specs[index], tuple(float(t) for t in timings), None, n,
+                               None if iqr is None else float(iqr))
 
     def close(self) -> None:
         if not self.locked:

@@ -91,15 +91,18 @@ class Worker:
         for index in [int(i) for i in msg["configs"]]:
             self.emit(ev="start", index=index)
             before = self.launches
+            spread: dict[str, Any] = {}
             if mode == "validate":
                 error = session.validate([index], reference)[index]
                 timings: list[float] = []
             else:
                 result = session.time([index], mode)[index]
                 error, timings = result.error, list(result.timings)
+                spread = {"n": result.n, "iqr": result.iqr}
             if not all(math.isfinite(t) for t in timings):
                 error, timings = f"benchmark returned {timings}", []
-            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before)
+            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
+                      **spread)
             if error is not None and not healthy(error):
                 return False
         self.emit(ev="done")

@@ -216,7 +216,7 @@ def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: Tunin
                 if r.error:
                     print(f"Autotuning failed with {r.error}")
         try:
-            winner, margin = select(results, rt.settings.tolerance)
+            winner, margin = select(results, rt.settings.tolerance, rt.settings.confidence)
         except NoWorkingConfig:
             rt.stats.add(kid.name, rt.phase, "errors")
             first = next((r.error for r in results if r.error), "unknown")
