@@ -92,7 +92,7 @@ class Judgement:
         parts = [f"within {self.tolerance:.1%}: {_list(self.within)}"] if self.within else []
         if noisy:
             parts.append(f"not slower at {self.confidence:.1%} confidence: {_list(noisy)}")
-        who = "the fastest and earliest declared" if w == f.index else "earliest declared"
+        who = "fastest and earliest declared" if w == f.index else "earliest declared"
         return (f"#{w} wins as the {who} of {len(self.tied)} tied with the fastest #{f.index} "
                 f"({_median(f):.4g} ms); " + "; ".join(parts))
 
