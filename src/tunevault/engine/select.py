@@ -6,12 +6,13 @@ go to the earliest declared config. A fixed band alone cannot be deterministic: 
 machine every config straddles its edge, and equal configs then pick a different winner in
 every process. Here the noise widens the tie exactly as far as it reaches.
 
-The test: medians compared with their standard errors (``sqrt(pi/2) * sigma / sqrt(n)``, sigma
-from the interquartile range, never below the noise pooled over all candidates, which steadies
-estimates from a few runs), one-sided, Bonferroni-corrected for comparing with the fastest of
-k candidates (the fastest of k equal configs is fast by luck). A candidate loses the tie only
-when the corrected confidence that it is slower reaches ``confidence``. Candidates whose noise
-is unknown (a kernel's own ``do_bench``) tie by ``tolerance`` alone.
+The test: centers (medians; the fastest run under the CPU timer) compared with their standard
+errors (``sqrt(pi/2) * sigma / sqrt(n)``, sigma from the interquartile range, never below the
+largest noise any candidate of the batch showed, at the fastest's scale), one-sided and
+Bonferroni-corrected for comparing with the fastest of k candidates (the fastest of k equal
+configs is fast by luck). A candidate loses the tie only when the corrected confidence that it
+is slower reaches ``confidence``. Candidates whose noise is unknown (a kernel's own
+``do_bench``) tie by ``tolerance`` alone.
 """
 
 from __future__ import annotations
@@ -44,10 +45,9 @@ def pooled_noise(candidates: Sequence[CandidateResult]) -> float | None:
     return max(rel) if rel else None
 
 
-def _stderr(c: CandidateResult, pooled: float | None) -> float | None:
-    """Standard error of ``c``'s median; None when its noise is unknown."""
+def _stderr(c: CandidateResult, floor: float | None) -> float | None:
+    """Standard error of ``c``'s center, its sigma at least ``floor``; None when noise is unknown."""
     own = c.iqr / IQR_SIGMAS if c.n >= 3 and c.iqr is not None else None
-    floor = None if pooled is None else pooled * _median(c)
     if c.n < 1 or (own is None and floor is None):
         return None
     sigma = max(s for s in (own, floor) if s is not None)
@@ -56,10 +56,14 @@ def _stderr(c: CandidateResult, pooled: float | None) -> float | None:
 
 def slower_confidence(c: CandidateResult, fastest: CandidateResult, pooled: float | None,
                       compared: int) -> float | None:
-    """Confidence that ``c`` is slower than ``fastest``, corrected for ``compared`` comparisons."""
+    """Confidence that ``c`` is slower than ``fastest``, corrected for ``compared`` comparisons.
+
+    The pooled noise applies at the fastest's scale: load adds time in bursts of a given length,
+    so a config ten times slower is not ten times noisier for it."""
     if c is fastest:
         return 0.0
-    se_c, se_f = _stderr(c, pooled), _stderr(fastest, pooled)
+    floor = None if pooled is None else pooled * _median(fastest)
+    se_c, se_f = _stderr(c, floor), _stderr(fastest, floor)
     if se_c is None or se_f is None:
         return None
     gap, scale = _median(c) - _median(fastest), math.hypot(se_c, se_f)

@@ -12,6 +12,7 @@ from typing import Any
 
 from tunevault.core.model import CandidateResult, Decision, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
+from tunevault.policy.capture_guard import capture_fallback, capturing
 from tunevault.policy.diagnose import TuningMiss, explain_miss
 
 log = logging.getLogger("tunevault")
@@ -127,6 +128,8 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
     name = st.kernel_id.name
     rt.stats.add(name, rt.phase, "misses")
     policy = rt.on_miss
+    if policy == "tune" and capturing():  # never benchmark inside a CUDA graph capture
+        return capture_fallback(rt, st, args, kwargs, key, fallback_config)
     if policy == "tune":
         return tune(rt, st, args, kwargs, key)
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
