@@ -34,10 +34,13 @@ def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
                         candidates: Sequence[tuple[int, Any, ConfigSpec]], deadline: float) -> Any:
     """A started WorkerSession, or None (with one warning per kernel) when isolation cannot apply."""
     from tunevault.capture.argspec import CallSpec
-    from tunevault.engine.isolated import IsolationUnavailable, WorkerSession, kernel_target
+    from tunevault.engine.hints import of_targets
+    from tunevault.engine.isolated import IsolationUnavailable, WorkerSession, hint_imports, kernel_target
 
     at, name = st.autotuner, st.kernel_id.name
     target, why = kernel_target(at)
+    if target is not None:  # a worker started later imports it first thing
+        hint_imports(of_targets([target]))
     if target is not None and any(i >= len(at.configs) for i, _, _ in candidates):
         target, why = None, "early_config_prune returned configs the kernel does not declare"
     spec = background.current_spec()

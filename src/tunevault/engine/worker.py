@@ -125,6 +125,8 @@ class Worker:
             return self.run(msg)
         elif op == "prepare":
             prepare()
+        elif op == "import":
+            import_modules(msg.get("modules"))
         elif op == "close":
             self.sessions.pop(int(sid), None)
             release_memory()
@@ -146,6 +148,16 @@ def prepare() -> None:
             torch.cuda.init()
     except Exception:
         pass  # the session will report whatever is wrong with the device
+
+
+def import_modules(names: Any) -> None:
+    """Import the kernels' modules the server named, ahead of their first session (best effort)."""
+    for name in names if isinstance(names, list) else ():
+        if isinstance(name, str) and name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # the session that needs it reports the failure
+                print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def healthy(error: str) -> bool:
