@@ -32,11 +32,22 @@ def test_a_config_clearly_slower_than_its_noise_loses_the_tie() -> None:
     assert j.reason().startswith("#1 wins as the fastest and earliest declared of 2 tied")
 
 
-def test_a_noisy_config_widens_every_comparison_of_its_batch() -> None:
-    # #0 happened to run between bursts of load (tight timings); #2 did not: the machine was noisy.
-    calm = judge([timed(0, 1.10, 0.005), timed(1, 1.00, 0.005)], 0.02)
-    noisy = judge([timed(0, 1.10, 0.005), timed(1, 1.00, 0.005), timed(2, 3.0, 0.9)], 0.02)
-    assert calm.tied == (1,) and noisy.tied == (0, 1)
+def test_the_cpu_timer_gives_every_config_its_batch_spread() -> None:
+    # Load from elsewhere is the machine's: a config that ran between bursts reports them all the same.
+    import torch
+
+    import kernels_engine as ke
+    from tunevault.core.identity import config_spec
+    from tunevault.engine.inprocess import InProcessSession
+
+    at = ke.add_delayed
+    x, y = torch.randn(64), torch.randn(64)
+    configs = {i: at.configs[i] for i in (3, 7)}  # 10 ms and 70 ms
+    session = InProcessSession(at, (x, y, torch.empty(64), 64), {"grid": (1,), "warmup": False}, configs,
+                               {i: config_spec(c) for i, c in configs.items()})
+    timed = session.time([3, 7], "full")
+    assert {r.n for r in timed.values()} == {3} and len({r.iqr for r in timed.values()}) == 1
+    assert judge(list(timed.values()), 0.02).tied == (3,)  # 60 ms apart: no burst hides that
 
 
 def test_higher_confidence_ties_more() -> None:

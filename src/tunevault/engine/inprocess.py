@@ -231,9 +231,16 @@ class InProcessSession:
                     del calls[i]
                     continue
                 times[i].append((time.perf_counter() - t0) * 1e3)
+        # Load from other processes is the machine's, not a config's: a config that happened to run
+        # between its bursts has not shown how noisy the machine was. Each reports the batch's spread.
+        spreads = {i: spread(times[i]) for i in calls if times[i]}
+        batch = max((iqr for _n, iqr in spreads.values() if iqr is not None), default=None)
         for i in calls:
-            out[i] = (CandidateResult(i, self.specs[i], tuple(summarize(times[i], CPU_QUANTILES)), None,
-                                      *spread(times[i])) if times[i] else self._skipped(i))
+            out[i] = self._skipped(i)
+            if i in spreads:
+                n, iqr = spreads[i]
+                out[i] = CandidateResult(i, self.specs[i], tuple(summarize(times[i], CPU_QUANTILES)), None, n,
+                                         None if iqr is None else batch)
         return {i: out[i] for i in indices}
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ every process. Here the noise widens the tie exactly as far as it reaches.
 
 The test: centers (medians; the fastest run under the CPU timer) compared with their standard
 errors (``sqrt(pi/2) * sigma / sqrt(n)``, sigma from the interquartile range, never below the
-largest noise any candidate of the batch showed, at the fastest's scale), one-sided and
+batch's typical noise at the fastest's scale), one-sided and
 Bonferroni-corrected for comparing with the fastest of k candidates (the fastest of k equal
 configs is fast by luck). A candidate loses the tie only when the corrected confidence that it
 is slower reaches ``confidence``. Candidates whose noise is unknown (a kernel's own
@@ -18,6 +18,7 @@ is slower reaches ``confidence``. Candidates whose noise is unknown (a kernel's 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -37,12 +38,11 @@ def _median(c: CandidateResult) -> float:
 
 
 def pooled_noise(candidates: Sequence[CandidateResult]) -> float | None:
-    """The machine's relative noise (sigma / center of one run) while these candidates were timed:
-    the largest seen over candidates timed 3+ times. Load from elsewhere is the machine's, not a
-    config's: a config that happened to run between its bursts has not shown how noisy it was."""
+    """The typical relative spread (sigma / center) of one run, over candidates timed 3+ times:
+    a floor under each candidate's own, which a few runs can underestimate."""
     rel = [c.iqr / IQR_SIGMAS / _median(c) for c in candidates
            if c.ok and c.n >= 3 and c.iqr is not None and _median(c) > 0]
-    return max(rel) if rel else None
+    return statistics.median(rel) if rel else None
 
 
 def _stderr(c: CandidateResult, floor: float | None) -> float | None:
