@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,23 +42,6 @@ for _p in (str(HERE), str(HERE.parent / "src")):
 
 def log(msg: str) -> None:
     print(f"[capture_guard] {msg}", file=sys.stderr, flush=True)
-
-
-class FlagProbe:
-    """The CPU smoke's stand-in for a capture: a flag raised around the "captured" calls."""
-
-    def __init__(self) -> None:
-        self.capturing = threading.Event()
-        self.last_seen = 0.0
-
-    def here(self) -> bool:
-        if self.capturing.is_set():
-            self.last_seen = time.monotonic()
-            return True
-        return False
-
-    def anywhere(self) -> bool:
-        return self.here()
 
 
 @contextlib.contextmanager
@@ -161,7 +143,7 @@ def run(report: dict[str, Any], smoke: bool, budget: float, started: float) -> N
     graph, captured, error = None, False, None
     with count_executions([gk.rmsnorm, gk.matmul]) as launched:
         if smoke:
-            probe = FlagProbe()
+            probe = graphs.FlagProbe()
             previous = graphs.use_probe(probe)
             probe.capturing.set()
             try:

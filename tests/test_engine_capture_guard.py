@@ -9,7 +9,6 @@ with ``torch.cuda.graph`` on a GPU.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,26 +19,8 @@ import kernels_engine as ke
 import tunevault
 from test_engine_background import count_executions
 from tunevault.engine import background, graphs
+from tunevault.engine.graphs import FlagProbe
 from tunevault.integration.triton_adapter import runtime
-
-
-class FlagProbe:
-    """A capture is in progress while ``capturing`` is set; counts how often it was asked."""
-
-    def __init__(self) -> None:
-        self.capturing = threading.Event()
-        self.last_seen = 0.0
-        self.asked = 0
-
-    def here(self) -> bool:
-        self.asked += 1
-        if self.capturing.is_set():
-            self.last_seen = time.monotonic()
-            return True
-        return False
-
-    def anywhere(self) -> bool:
-        return self.here()
 
 
 @pytest.fixture

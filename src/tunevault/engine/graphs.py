@@ -6,8 +6,8 @@ on it are recorded, not run; synchronising, allocating or timing there invalidat
 calls from any other thread of the process. So the miss path asks the probe before it would
 benchmark, and background tuning waits until captures are over.
 
-The probe is a seam: :func:`use_probe` installs another implementation of :class:`CaptureProbe`
-(tests on a CPU give it a real predicate of their own; an embedder may know its capture phases).
+The probe is a seam: :func:`use_probe` installs another implementation of :class:`CaptureProbe`,
+e.g. a :class:`FlagProbe` an embedder raises around its capture phase (tests on a CPU do).
 """
 
 from __future__ import annotations
@@ -89,6 +89,27 @@ class TorchCaptureProbe:
             with self._lock:
                 self.last_seen = time.monotonic()
         return bool(busy)
+
+
+class FlagProbe:
+    """Captures as a caller declares them: one is in progress while ``capturing`` is set. For an
+    embedder that knows its capture phase (and for tests on machines without CUDA graphs).
+    ``asked`` counts how often it was asked (a waiting background tuner asks repeatedly)."""
+
+    def __init__(self) -> None:
+        self.capturing = threading.Event()
+        self.last_seen = 0.0
+        self.asked = 0
+
+    def here(self) -> bool:
+        self.asked += 1
+        if self.capturing.is_set():
+            self.last_seen = time.monotonic()
+            return True
+        return False
+
+    def anywhere(self) -> bool:
+        return self.here()
 
 
 _probe: CaptureProbe = TorchCaptureProbe()
