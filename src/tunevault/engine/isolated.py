@@ -163,6 +163,7 @@ def prestart(manifest: str | None = None) -> None:
     generation = _generation
 
     def run() -> None:
+        global _retire_when_free
         with _lock:
             holding.set()
             if _worker is not None and _worker.alive():
@@ -173,8 +174,9 @@ def prestart(manifest: str | None = None) -> None:
             except WorkerDied as exc:
                 log.debug("tunevault: prestarting the tuning worker failed: %s", exc)
                 return
-            if generation != _generation:  # uninstalled meanwhile
+            if generation != _generation:  # uninstalled, or the warmup ended, meanwhile
                 w.close()
+                _retire_when_free = False
                 return
             from tunevault.engine.hints import from_manifest
 
