@@ -21,8 +21,8 @@ from tunevault.core.model import TuningKey
 from tunevault.engine import background, graphs
 from tunevault.policy.diagnose import explain_miss
 
-# resolve.fallback_config: (rt, state, args, kwargs, key, nearest, message, policy) -> config
-Fallback = Callable[[Any, Any, tuple, dict[str, Any], TuningKey, TuningKey | None, str, str], Any]
+# The miss path's fallback for this call: (nearest decided key, why, how it is handled) -> config to launch
+Fallback = Callable[[TuningKey | None, str, str], Any]
 
 
 def capturing() -> bool:
@@ -37,8 +37,7 @@ def capture_fallback(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key:
     rt.stats.add(name, rt.phase, "capture_fallbacks")
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
     rt.events.emit("capture_fallback", kernel=name, key=key.to_json(), phase=rt.phase, diagnosis=message)
-    config = fallback(rt, st, args, kwargs, key, nearest, f"{message}; a CUDA graph is being captured",
-                      "tuned in the background once capture ends")
+    config = fallback(nearest, f"{message}; a CUDA graph is being captured", "tuned once the capture ends")
     # The arguments' ArgSpec cannot be taken now (it reads index tensors back from the device):
     # the job holds them and takes it once the capture is over.
     background.submit(rt, st, args, kwargs, key, during_capture=True)

@@ -129,7 +129,8 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
     rt.stats.add(name, rt.phase, "misses")
     policy = rt.on_miss
     if policy == "tune" and capturing():  # never benchmark inside a CUDA graph capture
-        return capture_fallback(rt, st, args, kwargs, key, fallback_config)
+        return capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
+            rt, st, args, kwargs, key, nearest, why, how))
     if policy == "tune":
         return tune(rt, st, args, kwargs, key)
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
