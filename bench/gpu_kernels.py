@@ -112,9 +112,14 @@ def _rmsnorm_configs() -> list[triton.Config]:
     return [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4) for w in (1, 2, 4, 8)]  # 12 configs
 
 
-@triton.autotune(configs=_rmsnorm_configs(), key=["n_cols"])
+def _rmsnorm_small_configs() -> list[triton.Config]:
+    if SMOKE:
+        return [triton.Config({"ROWS": r}, num_warps=1) for r in (1, 2, 4)]
+    return [triton.Config({"ROWS": r}, num_warps=w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16, 32)]  # 24
+
+
 @triton.jit
-def rmsnorm(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rmsnorm_rows(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -125,6 +130,20 @@ def rmsnorm(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS: tl.constex
             x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
             tl.store(out_ptr + row * stride + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_rmsnorm_configs(), key=["n_cols"])
+@triton.jit
+def rmsnorm(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    _rmsnorm_rows(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS, BLOCK_N)
+
+
+@triton.autotune(configs=_rmsnorm_small_configs(), key=["n_rows", "n_cols"])
+@triton.jit
+def rmsnorm_small(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same RMSNorm with 24 configs, tuned per row count: for decode-sized batches it runs in a
+    few microseconds, where eager timing measures the launch rather than the kernel."""
+    _rmsnorm_rows(x_ptr, w_ptr, out_ptr, n_rows, n_cols, stride, eps, ROWS, BLOCK_N)
 
 
 def _chunk_configs() -> list[triton.Config]:
@@ -175,13 +194,13 @@ def run_matmul(a, b, c=None):
     return c
 
 
-def run_rmsnorm(x, w, out=None, eps: float = 1e-6):
+def run_rmsnorm(x, w, out=None, eps: float = 1e-6, kernel=None):
     import torch
 
     n_rows, n_cols = x.shape
     if out is None:
         out = torch.empty_like(x)
-    rmsnorm[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](
+    (kernel or rmsnorm)[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](
         x, w, out, n_rows, n_cols, x.stride(0), eps, BLOCK_N=triton.next_power_of_2(n_cols))
     return out
 
@@ -200,7 +219,7 @@ def run_chunk_fwd_o(q, k, v, g=None, o=None, BT: int = 64):
 
 # --- the suite's workloads: one entry per tuning key ----------------------------------------------
 
-KERNELS = {"matmul": matmul, "rmsnorm": rmsnorm, "chunk_fwd_o": chunk_fwd_o}
+KERNELS = {"matmul": matmul, "rmsnorm": rmsnorm, "chunk_fwd_o": chunk_fwd_o, "rmsnorm_small": rmsnorm_small}
 
 
 def workloads(few: bool = False) -> list[tuple[str, dict[str, int]]]:
@@ -236,10 +255,10 @@ def make_launch(kernel: str, shape: dict[str, int], device: str):
         a, b = rand(shape["M"], shape["K"]), rand(shape["K"], shape["N"])
         c = torch.empty(shape["M"], shape["N"], dtype=dtype, device=device)
         return lambda: run_matmul(a, b, c)
-    if kernel == "rmsnorm":
+    if kernel in ("rmsnorm", "rmsnorm_small"):
         x, w = rand(shape["rows"], shape["cols"]), rand(shape["cols"])
         out = torch.empty_like(x)
-        return lambda: run_rmsnorm(x, w, out)
+        return lambda: run_rmsnorm(x, w, out, kernel=KERNELS[kernel])
     if kernel == "chunk_fwd_o":
         T, H, K, V = shape["T"], shape["H"], shape["K"], shape["V"]
         q, k, v = rand(T, H, K), rand(T, H, K), rand(T, H, V)

@@ -88,3 +88,7 @@ def run_py(code: str, timeout: float = 240, **env: str) -> Any:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "determinism: the one-winner-under-noise acceptance test (issue 11)")

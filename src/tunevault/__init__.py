@@ -63,6 +63,16 @@ def seal(on_miss: str = "fallback") -> None:
     rt.on_miss = on_miss
     rt.sealed = True
     rt.events.emit("seal", on_miss=on_miss)
+    _warmup_ended()
+
+
+def _warmup_ended() -> None:
+    """The isolated tuning worker exits now, not after its idle timeout (that is for serving misses)."""
+    import sys
+
+    isolated = sys.modules.get("tunevault.engine.isolated")  # never imported just to say so
+    if isolated is not None:
+        isolated.warmup_ended()
 
 
 def stats() -> dict[str, Any]:
@@ -92,7 +102,10 @@ def warmup(manifest: Any, device: str | None = None, progress: Any = None) -> An
     """
     from tunevault.capture.replay import warmup as replay
 
-    return replay(manifest, device=device, progress=progress)
+    try:
+        return replay(manifest, device=device, progress=progress)
+    finally:
+        _warmup_ended()
 
 
 def check(manifest: Any, store: str | None = None) -> Any:

@@ -195,9 +195,15 @@ def _show_one(d: Decision, here: Fingerprint) -> None:
     for c in sorted(d.candidates, key=lambda c: c.index):
         times = [f"{t:.4f}" for t in c.timings[:3]] + [""] * (3 - len(c.timings[:3]))
         status = "chosen" if c.index == d.config_index else ("failed: " + c.error if c.error else "")
-        rows.append([f"#{c.index}", c.config.describe(), *times, status])
+        status = status or ("screened out" if c.screened else "")
+        noise = [str(c.n or ""), "" if c.iqr is None else f"{c.iqr:.4f}", "" if c.slower is None else f"{c.slower:.3f}"]
+        rows.append([f"#{c.index}", c.config.describe(), *times, *noise, status])
+    if "selection" in prov:  # why the winner won: ties follow the measured noise (engine/select.py)
+        print(f"  why:         {prov['selection']}")
     if rows:
-        print_table(["#", "config", "median ms", "p20 ms", "p80 ms", ""], rows)
+        if fp.target == "interpreter":
+            print("  (CPU timer: the median column holds each config's fastest run)")
+        print_table(["#", "config", "median ms", "p20 ms", "p80 ms", "runs", "IQR ms", "slower?", ""], rows)
 
 
 # ---------------------------------------------------------------------------- export import rm

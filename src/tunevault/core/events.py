@@ -16,7 +16,8 @@ from typing import Any
 
 log = logging.getLogger("tunevault")
 
-COUNTERS = ("hits", "misses", "tunings", "fallbacks", "predicted", "errors", "tuning_seconds", "benchmark_runs")
+COUNTERS = ("hits", "misses", "tunings", "fallbacks", "predicted", "errors", "tuning_seconds", "benchmark_runs",
+            "capture_fallbacks")
 
 
 class Stats:

@@ -191,20 +191,39 @@ class TuningKey:
 
 @dataclass(frozen=True)
 class CandidateResult:
-    """One config's measurement: timings in ms (median, p20, p80) or why it failed."""
+    """One config's measurement: timings in ms (median, p20, p80) or why it failed.
+
+    ``n`` and ``iqr`` say how noisy the timings were (0 and None when unknown, e.g. a kernel's own
+    ``do_bench``); ``screened`` marks timings from the short screen only (the config was judged
+    slower there and not timed carefully); ``slower`` is the selection's confidence that this
+    config is slower than the fastest. All four are optional in stored JSON, so older entries read.
+    """
 
     index: int
     config: ConfigSpec
     timings: tuple[float, ...] = ()
     error: str | None = None
+    n: int = 0
+    iqr: float | None = None
+    slower: float | None = None
+    screened: bool = False
 
     @property
     def ok(self) -> bool:
         return self.error is None and bool(self.timings)
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "config": self.config.to_json(), "timings": list(self.timings),
-                "error": self.error}
+        out = {"index": self.index, "config": self.config.to_json(), "timings": list(self.timings),
+               "error": self.error}
+        if self.n:
+            out["n"] = self.n
+        if self.iqr is not None:
+            out["iqr"] = self.iqr
+        if self.slower is not None:
+            out["slower"] = self.slower
+        if self.screened:
+            out["screened"] = True
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> CandidateResult:
@@ -213,7 +232,14 @@ class CandidateResult:
         _require(isinstance(t, list) and all(_is_number(x) for x in t), "candidate.timings")
         err = data.get("error")
         _require(err is None or isinstance(err, str), "candidate.error")
-        return cls(data["index"], ConfigSpec.from_json(data.get("config")), tuple(float(x) for x in t), err)
+        n, iqr, slower = data.get("n", 0), data.get("iqr"), data.get("slower")
+        _require(_is_int(n) and n >= 0, "candidate.n")
+        _require(iqr is None or (_is_number(iqr) and iqr >= 0), "candidate.iqr")
+        _require(slower is None or (_is_number(slower) and 0 <= slower <= 1), "candidate.slower")
+        screened = data.get("screened", False)
+        _require(isinstance(screened, bool), "candidate.screened")
+        return cls(data["index"], ConfigSpec.from_json(data.get("config")), tuple(float(x) for x in t), err,
+                   n, None if iqr is None else float(iqr), None if slower is None else float(slower), screened)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ One daemon thread works through a queue of keys. Each job carries a CallSpec of 
 arguments (or, when they cannot be captured, copies of them), so the request's own tensors are
 never touched after the call returns. The tuned config is published to the store and swapped
 into the kernel's in-memory dict, so the next call with that key launches it.
+
+A key missed during a CUDA graph capture is the exception: taking a CallSpec reads index tensors
+back from the device, which a capture forbids, so the job holds the arguments (the graph's own
+static buffers) and takes the CallSpec once captures are over. No job benchmarks while a capture
+is in progress anywhere in the process (engine.graphs.wait_until_quiet).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Job:
     key: Any
     spec: Any = None  # CallSpec
     copies: tuple[tuple, dict[str, Any]] | None = None
+    held: tuple[tuple, dict[str, Any]] | None = None  # arguments met during a capture, read after it
 
     @property
     def token(self) -> tuple[int, str, str]:
@@ -54,20 +60,21 @@ def _copy(value: Any) -> Any:
     return value.detach().clone() if hasattr(value, "detach") and hasattr(value, "clone") else value
 
 
-def submit(rt: Any, state: Any, args: tuple, kwargs: dict[str, Any], key: Any) -> None:
-    """Queue ``key`` for tuning; returns at once (a CallSpec capture is the only work done here)."""
+def submit(rt: Any, state: Any, args: tuple, kwargs: dict[str, Any], key: Any,
+           during_capture: bool = False) -> None:
+    """Queue ``key`` for tuning; returns at once (a CallSpec capture is the only work done here,
+    and none while a CUDA graph is captured: ``during_capture`` defers it until captures end)."""
     global _thread
-    from tunevault.capture.argspec import CallSpec
 
     job = Job(rt, state, state.raw_key(args, kwargs), key)
     with _cond:
         if job.token in _pending:
             return
         _pending.add(job.token)
-    try:
-        job.spec = CallSpec.of(state.autotuner, args, kwargs)
-    except Exception:
-        job.copies = (tuple(_copy(a) for a in args), {k: _copy(v) for k, v in kwargs.items()})
+    if during_capture:
+        job.held = (tuple(args), dict(kwargs))
+    else:
+        _describe(job, args, kwargs)
     with _cond:
         _queue.append(job)
         if _thread is None or not _thread.is_alive():
@@ -75,6 +82,16 @@ def submit(rt: Any, state: Any, args: tuple, kwargs: dict[str, Any], key: Any) -
             _thread.start()
         _cond.notify_all()
     rt.events.emit("background_queued", kernel=state.kernel_id.name, key=key.to_json())
+
+
+def _describe(job: Job, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Give ``job`` a CallSpec of the arguments, or copies of them when they cannot be described."""
+    from tunevault.capture.argspec import CallSpec
+
+    try:
+        job.spec = CallSpec.of(job.state.autotuner, args, kwargs)
+    except Exception:
+        job.copies = (tuple(_copy(a) for a in args), {k: _copy(v) for k, v in kwargs.items()})
 
 
 def _loop() -> None:
@@ -108,12 +125,22 @@ def _device(args: tuple, kwargs: dict[str, Any]) -> Any:
 def _run(job: Job) -> None:
     import contextlib
 
+    from tunevault.engine.graphs import wait_until_quiet
     from tunevault.integration.triton_adapter import runtime
     from tunevault.policy.resolve import tune
 
     rt, st = job.rt, job.state
+    wait_until_quiet()  # benchmarking now would invalidate a capture in progress
     if runtime() is not rt:  # uninstalled or re-installed since the miss: nothing to update
         return
+    if job.held is not None:  # the capture is over: the graph's buffers can be read now
+        held, job.held = job.held, None
+        device = _device(*held)
+        if device is not None:
+            import torch
+
+            torch.cuda.synchronize(device)  # what the graph's last replay wrote, not half of it
+        _describe(job, *held)
     name, token = st.kernel_id.name, _current.set(job)
     try:
         args, kwargs = job.spec.build(st.autotuner, seed=0) if job.spec is not None else job.copies

@@ -56,16 +56,21 @@ def bench_candidates(autotuner: Any, args: tuple, kwargs: dict[str, Any], nargs:
                      candidates: Sequence[tuple[int, Any, ConfigSpec]], benchmarker: Callable[..., Any],
                      on_launch: Callable[[], None] | None = None) -> list[CandidateResult]:
     """Time each (declared index, Config, spec); a config that fails is recorded, not raised."""
+    from tunevault.engine.timing import fills_samples, spread
+
     results = []
     for index, config, spec in candidates:
         check_conflicts(kwargs, config)
         call = make_kernel_call(autotuner, args, kwargs, nargs, config, on_launch)
+        runs: list[float] = []
         try:
-            timings = benchmarker(call, quantiles=(0.5, 0.2, 0.8))
+            extra = {"samples": runs} if fills_samples(benchmarker) else {}
+            timings = benchmarker(call, quantiles=(0.5, 0.2, 0.8), **extra)
             values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
             if not values or not all(math.isfinite(v) and v >= 0 for v in values):
                 raise RuntimeError(f"benchmark returned {values}")  # Triton reports failures as inf
-            results.append(CandidateResult(index, spec, tuple(values)))
+            n, iqr = spread(runs)
+            results.append(CandidateResult(index, spec, tuple(values), None, n, iqr))
         except Exception as exc:  # compile errors, OutOfResources, launch failures: this config loses
             log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
             results.append(CandidateResult(index, spec, (), f"{type(exc).__name__}: {exc}"[:500]))
@@ -182,22 +187,23 @@ class InProcessSession:
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
         from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer
 
-        if uses_cpu_timer(self.autotuner) and len(indices) > 1:
+        if uses_cpu_timer(self.autotuner):
             return self._interleaved(indices, 1 if effort == "screen" else cpu_reps())
-        bench = benchmarker_for(self.autotuner, effort)
         out: dict[int, CandidateResult] = {}
         for i in indices:
             if self._late():
                 out[i] = self._skipped(i)
                 continue
+            bench = benchmarker_for(self.autotuner, effort, self.configs[i])
             out[i] = bench_candidates(self.autotuner, self.args, self.kwargs, self.nargs,
                                       [(i, self.configs[i], self.specs[i])], bench, self.on_launch)[0]
         return out
 
     def _interleaved(self, indices: Sequence[int], reps: int) -> dict[int, CandidateResult]:
         """CPU timing in rounds (one run of each config per round): a burst of load from elsewhere
-        then slows every config a little instead of one config a lot."""
-        from tunevault.engine.timing import summarize
+        then slows every config a little instead of one config a lot. Each round starts one config
+        further on, so no config is always first (or always right after a given other one)."""
+        from tunevault.engine.timing import CPU_QUANTILES, spread, summarize
 
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
@@ -211,10 +217,12 @@ class InProcessSession:
             except Exception as exc:
                 out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
         times: dict[int, list[float]] = {i: [] for i in calls}
-        for _round in range(max(1, reps)):
+        for r in range(max(1, reps)):
             if self._late():
                 break
-            for i, call in list(calls.items()):
+            ring = list(calls.items())
+            start = r % len(ring) if ring else 0
+            for i, call in ring[start:] + ring[:start]:
                 t0 = time.perf_counter()
                 try:
                     call()
@@ -223,9 +231,16 @@ class InProcessSession:
                     del calls[i]
                     continue
                 times[i].append((time.perf_counter() - t0) * 1e3)
+        # Load from other processes is the machine's, not a config's: a config that happened to run
+        # between its bursts has not shown how noisy the machine was. Each reports the batch's spread.
+        spreads = {i: spread(times[i]) for i in calls if times[i]}
+        batch = max((iqr for _n, iqr in spreads.values() if iqr is not None), default=None)
         for i in calls:
-            out[i] = (CandidateResult(i, self.specs[i], tuple(summarize(times[i], (0.5, 0.2, 0.8))))
-                      if times[i] else self._skipped(i))
+            out[i] = self._skipped(i)
+            if i in spreads:
+                n, iqr = spreads[i]
+                out[i] = CandidateResult(i, self.specs[i], tuple(summarize(times[i], CPU_QUANTILES)), None, n,
+                                         None if iqr is None else batch)
         return {i: out[i] for i in indices}
 
     def close(self) -> None:

@@ -14,12 +14,13 @@ import contextlib
 import importlib
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
@@ -38,11 +39,15 @@ log = logging.getLogger("tunevault")
 
 START_TIMEOUT = 120.0  # importing torch and triton in a cold process
 PRESTART_IDLE = 600.0  # until its first session a worker holds no device memory, only its imports
+WATCH_S, WATCH_EVERY = 600.0, 0.5  # how long, how often a prestarted worker learns the server's imports
 _refs: weakref.WeakKeyDictionary[Any, tuple[str | None, str]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 _worker: WorkerProcess | None = None
 _sids = itertools.count(1)
 _generation = 0  # bumped by retire_idle: a prestart still in flight then closes what it started
+_hint_lock = threading.Lock()  # orders import hints with (re)starts of the worker
+_hinted: dict[str, None] = {}  # modules every new worker imports first, in the order learned
+_retire_when_free = False  # warmup ended while a session was open: close the worker after it
 
 
 class IsolationUnavailable(RuntimeError):
@@ -102,19 +107,63 @@ def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerP
         w.close()
         w = _worker = None
     if w is None:
-        w = _worker = spawn(env, min(timeout, START_TIMEOUT))
+        w = spawn(env, min(timeout, START_TIMEOUT))
+        _adopt(w)
     return w
 
 
-def prestart() -> None:
+def _adopt(w: WorkerProcess) -> None:
+    """Make ``w`` the worker, and have it import every module learned so far first."""
+    global _worker
+    with _hint_lock:
+        if _hinted:
+            w.send({"op": "import", "modules": list(_hinted)})
+        _worker = w
+
+
+def hint_imports(modules: Iterable[str]) -> None:
+    """Have the worker import ``modules`` (kernels' modules) before their first session; never blocks
+    on a session, and a worker started later imports them first thing."""
+    from tunevault.engine.hints import importable
+
+    with _hint_lock:
+        new = [m for m in dict.fromkeys(modules) if m not in _hinted and importable(m)]
+        if not new:
+            return
+        _hinted.update(dict.fromkeys(new))
+        w = _worker
+        if w is not None and w.alive():
+            with contextlib.suppress(WorkerDied):
+                w.send({"op": "import", "modules": new})
+
+
+def _watch(w: WorkerProcess) -> None:
+    """While the prestarted worker waits for its first session, send it every module of this
+    process that defines an autotuned kernel, as the server imports them."""
+    from tunevault.engine.hints import loaded_kernel_modules
+
+    seen: set[str] = set()
+    end = time.monotonic() + WATCH_S
+    while time.monotonic() < end and _worker is w and w.alive() and not w.opened:
+        try:
+            hint_imports(loaded_kernel_modules(seen))
+        except Exception as exc:  # never let learning break tuning
+            log.debug("tunevault: learning the kernels' modules failed: %s", exc)
+            return
+        time.sleep(WATCH_EVERY)
+
+
+def prestart(manifest: str | None = None) -> None:
     """Start the worker now, in the background, so its start-up (imports, about 5 s on a GPU host)
     overlaps the server's own instead of delaying the first tuning. A tuning that arrives before
-    it is ready waits for it rather than starting a second one."""
+    it is ready waits for it rather than starting a second one. The worker then imports the
+    kernels' modules while the server starts: those a key ``manifest`` of an earlier run names,
+    and those the server itself imports meanwhile (engine.hints)."""
     holding = threading.Event()
     generation = _generation
 
     def run() -> None:
-        global _worker
+        global _retire_when_free
         with _lock:
             holding.set()
             if _worker is not None and _worker.alive():
@@ -125,27 +174,45 @@ def prestart() -> None:
             except WorkerDied as exc:
                 log.debug("tunevault: prestarting the tuning worker failed: %s", exc)
                 return
-            if generation != _generation:  # uninstalled meanwhile
+            if generation != _generation:  # uninstalled, or the warmup ended, meanwhile
                 w.close()
+                _retire_when_free = False
                 return
-            _worker = w
+            from tunevault.engine.hints import from_manifest
+
+            hint_imports(from_manifest(manifest))
+            _adopt(w)
+        threading.Thread(target=_watch, args=(w,), name="tunevault-learn-imports", daemon=True).start()
 
     threading.Thread(target=run, name="tunevault-prestart", daemon=True).start()
     holding.wait(1.0)  # the lock is taken before install() returns, so no tuning races past it
 
 
-def retire_idle() -> None:
-    """Close the worker unless a session is open (uninstall: nothing will use it any more)."""
-    global _generation, _worker
+def retire_idle(after_session: bool = False) -> None:
+    """Close the worker unless a session is open (uninstall: nothing will use it any more).
+
+    ``after_session``: a worker busy with a session is closed as soon as that session ends,
+    rather than after its idle timeout (see :func:`warmup_ended`)."""
+    global _generation, _worker, _retire_when_free
     _generation += 1
     if not _lock.acquire(blocking=False):
-        return  # a tuning or a prestart holds it; the worker idles out by itself
+        _retire_when_free = after_session  # else a tuning or a prestart holds it: it idles out by itself
+        return
     try:
         if _worker is not None and not _worker.opened:
             _worker.close()
             _worker = None
+        else:
+            _retire_when_free = after_session
     finally:
         _lock.release()
+
+
+def warmup_ended() -> None:
+    """Warmup is over (``seal()``, the end of ``warmup()``): the worker exits now, releasing its
+    device memory, instead of idling for ``TUNEVAULT_WORKER_IDLE`` seconds; that idle timeout is
+    for misses at serving time, which start a worker again."""
+    retire_idle(after_session=True)
 
 
 def retire(kill: bool = False) -> None:
@@ -309,9 +376,15 @@ class WorkerSession:
             return self._fail(index, "the worker sent invalid timings")
         if error is not None:
             return self._fail(index, str(error))
-        return CandidateResult(index, self.specs[index], tuple(float(t) for t in timings), None)
+        n, iqr = ev.get("n", 0), ev.get("iqr")
+        finite = iqr is None or isinstance(iqr, int | float) and math.isfinite(iqr) and iqr >= 0
+        if not (type(n) is int and n >= 0 and finite):
+            n, iqr = 0, None  # noise unknown: the candidate ties by tolerance alone
+        return CandidateResult(index, self.specs[index], tuple(float(t) for t in timings), None, n,
+                               None if iqr is None else float(iqr))
 
     def close(self) -> None:
+        global _retire_when_free
         if not self.locked:
             return
         w = _worker
@@ -319,5 +392,8 @@ class WorkerSession:
             with contextlib.suppress(WorkerDied):
                 w.send({"op": "close", "sid": self.sid})
             w.opened.discard(self.sid)
+        if _retire_when_free and w is not None and not w.opened:  # warmup ended during this session
+            _retire_when_free = False
+            retire()
         self.locked = False
         _lock.release()

@@ -35,6 +35,7 @@ class WorkerProcess:
         self.last_used = time.monotonic()
         self.eof = False
         self.idle = float(env.get("TUNEVAULT_WORKER_IDLE") or 30)  # as last told: it exits after this
+        self._send_lock = threading.Lock()  # import hints come from other threads than the session's
         for target in (self._read_events, self._read_stderr):
             threading.Thread(target=target, name=f"tunevault-worker-{self.pid}", daemon=True).start()
 
@@ -68,8 +69,9 @@ class WorkerProcess:
         data = (json.dumps(msg, allow_nan=False) + "\n").encode()
         try:
             assert self.proc.stdin is not None
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
+            with self._send_lock:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
         except (OSError, ValueError) as exc:
             raise WorkerDied(f"cannot write to the worker: {exc}") from exc
         self.last_used = time.monotonic()

@@ -1,9 +1,11 @@
 """Search: precompile, validate, then successive halving over the survivors.
 
 A short screen ranks every candidate; only the best fraction (and anything close to the
-fastest screen time) is timed carefully. Any screened-out candidate whose screen time still
-falls within the tolerance band of the best careful time is timed carefully too, so the
-choice stays within the band of what exhaustive careful timing would pick.
+fastest screen time) is timed carefully. Any screened-out candidate that the screen cannot tell
+apart from its fastest (engine.select's tie: within the tolerance, or within the noise) is timed
+carefully too, together with the careful ones it may tie with, in one batch: ties are judged
+within one batch only, never across two that a change of machine load (or the screen's colder
+runs) could tell apart. Selection then compares the carefully timed candidates.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine.select import band_top
+from tunevault.engine.select import DEFAULT_CONFIDENCE, NoWorkingConfig, judge, pooled_noise
 
-HALVING_MIN = 4  # below this many candidates a screen costs more than it saves
+HALVING_MIN = 8  # below this many, a screen saves little: the configs it might tie are timed again anyway
 KEEP_FRACTION = 0.25
 SCREEN_BAND = 0.05  # also keep anything within 5% of the fastest screen time
 
@@ -29,10 +32,6 @@ class Session(Protocol):
     def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]: ...
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]: ...
-
-
-def _median(r: CandidateResult) -> float:
-    return r.timings[0]
 
 
 def _low(r: CandidateResult) -> float:
@@ -51,23 +50,26 @@ def survivors(screen: dict[int, CandidateResult], order: Sequence[int]) -> list[
     return [i for i in order if i in chosen]
 
 
-def halving(session: Session, order: Sequence[int],
-            tolerance: float) -> tuple[dict[int, CandidateResult], str]:
-    """Screen all, time the best carefully; returns results by index and a one-line summary."""
+def halving(session: Session, order: Sequence[int], tolerance: float,
+            confidence: float = DEFAULT_CONFIDENCE) -> tuple[dict[int, CandidateResult], str]:
+    """Screen all, time the best carefully; returns results by index and a one-line summary.
+
+    A screened-out config that the screen cannot tell apart from the screen's fastest (judged
+    within the screen, one batch, with the careful timings' noise) is timed carefully too, in
+    one batch with the careful configs it may tie with."""
     started = time.perf_counter()
     screen = session.time(order, "screen")
     screened_s = time.perf_counter() - started
     careful = session.time(survivors(screen, order), "full")
-    while True:  # a screened-out config that might tie with the best careful time gets a careful look
-        best = min((r for r in careful.values() if r.ok), key=_median, default=None)
-        if best is None:
-            break
-        top = band_top(best, tolerance)
-        again = [i for i in order if i not in careful and screen[i].ok and _low(screen[i]) <= top]
-        if not again:
-            break
-        careful.update(session.time(again, "full"))
-    results = {i: careful.get(i, screen[i]) for i in order}
+    try:
+        noise = pooled_noise(list(careful.values()))
+        unsure = set(judge(list(screen.values()), tolerance, confidence, noise).tied) - set(careful)
+        if unsure:
+            tied = judge(list(careful.values()), tolerance, confidence).tied
+            careful.update(session.time([i for i in order if i in unsure or i in tied], "full"))
+    except NoWorkingConfig:
+        pass
+    results = {i: careful.get(i, replace(screen[i], screened=True)) for i in order}
     return results, (f"halving: screened {len(order)} in {screened_s:.2f}s, "
                      f"timed {len(careful)} carefully")
 
@@ -76,7 +78,8 @@ Notes = list[tuple[str, Any]]
 
 
 def search(session: Session, order: Sequence[int], specs: dict[int, ConfigSpec], tolerance: float,
-           validate: bool = False, exhaustive: bool = False) -> tuple[list[CandidateResult], Notes]:
+           validate: bool = False, exhaustive: bool = False,
+           confidence: float = DEFAULT_CONFIDENCE) -> tuple[list[CandidateResult], Notes]:
     """Results for every candidate in ``order`` (failed ones carry their error) and provenance notes."""
     results: dict[int, CandidateResult] = {}
     notes: list[tuple[str, Any]] = []
@@ -104,7 +107,7 @@ def search(session: Session, order: Sequence[int], specs: dict[int, ConfigSpec],
             results.update(session.time(live, "full"))
             notes.append(("search", f"exhaustive: timed {len(live)} carefully"))
         else:
-            timed, summary = halving(session, live, tolerance)
+            timed, summary = halving(session, live, tolerance, confidence)
             results.update(timed)
             notes.append(("search", summary))
         lap("timing")

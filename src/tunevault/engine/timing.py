@@ -16,6 +16,11 @@ from typing import Any
 
 Benchmarker = Callable[..., Sequence[float]]
 EFFORTS = ("screen", "full")
+# What the CPU timer reports as (center, p20, p80): the center is the fastest run, not the median.
+# Load from other processes only ever adds time, in bursts longer than a run, so on a shared
+# machine half of one config's runs can be slowed at once while another's are not; the fastest
+# run is what the config costs (Chen & Revels, "Robust benchmarking in noisy environments", 2016).
+CPU_QUANTILES = (0.0, 0.2, 0.8)
 
 
 def interpreting() -> bool:
@@ -40,13 +45,23 @@ def summarize(times: Sequence[float], quantiles: Sequence[float]) -> list[float]
     return [statistics.median(ordered) if q == 0.5 else quantile(ordered, q) for q in quantiles]
 
 
+def spread(times: Sequence[float]) -> tuple[int, float | None]:
+    """How many runs, and their interquartile range (None below 3 runs: too few to say)."""
+    if len(times) < 3:
+        return len(times), None
+    ordered = sorted(times)
+    return len(ordered), quantile(ordered, 0.75) - quantile(ordered, 0.25)
+
+
 def cpu_reps() -> int:
     return max(1, int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "5")))
 
 
 def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int | None = None,
-              **_: Any) -> list[float]:
-    """Median-based wall-clock timing in milliseconds, one untimed warm-up call first."""
+              samples: list[float] | None = None, **_: Any) -> list[float]:
+    """Median-based wall-clock timing in milliseconds, one untimed warm-up call first.
+
+    ``samples``, when given, receives every run's time (the selection judges noise from them)."""
     n = reps or cpu_reps()
     fn()
     times = []
@@ -54,12 +69,22 @@ def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+    if samples is not None:
+        samples.extend(times)
     return summarize(times, quantiles)
 
 
-def cpu_screen(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), **_: Any) -> list[float]:
+def cpu_screen(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8),
+               samples: list[float] | None = None, **_: Any) -> list[float]:
     """One warm-up and one timed call: enough to rank candidates under the interpreter."""
-    return cpu_bench(fn, quantiles, reps=1)
+    return cpu_bench(fn, quantiles, reps=1, samples=samples)
+
+
+def fills_samples(bench: Benchmarker) -> bool:
+    """Whether ``bench`` is one of ours, which accept a ``samples`` list (Triton's do_bench does not)."""
+    from tunevault.engine import gpu_timing
+
+    return getattr(bench, "func", bench) in (cpu_bench, cpu_screen, gpu_timing.gpu_bench)
 
 
 def _cuda_ready() -> bool:
@@ -71,17 +96,20 @@ def _cuda_ready() -> bool:
         return False
 
 
-def benchmarker_for(autotuner: Any, effort: str = "full") -> Benchmarker:
-    """The kernel's own ``do_bench`` if it declared one, else ours (GPU or CPU), else the driver's."""
+def benchmarker_for(autotuner: Any, effort: str = "full", config: Any = None) -> Benchmarker:
+    """The kernel's own ``do_bench`` if it declared one, else ours (GPU or CPU), else the driver's.
+
+    On a GPU ours replays a captured CUDA graph for short kernels when ``config`` and the
+    kernel's hooks allow it (gpu_timing.graph_safe)."""
     own = getattr(autotuner, "_do_bench", None)
     if own is not None:
         return own
     if interpreting():
         return cpu_screen if effort == "screen" else cpu_bench
     if _cuda_ready():
-        from tunevault.engine.gpu_timing import gpu_bench
+        from tunevault.engine.gpu_timing import gpu_bench, graph_safe
 
-        return functools.partial(gpu_bench, effort=effort)
+        return functools.partial(gpu_bench, effort=effort, graph=graph_safe(autotuner, config))
     return autotuner.do_bench
 
 

@@ -16,6 +16,7 @@ from tunevault.engine import background
 from tunevault.engine.gpu_timing import MemoryProbe
 from tunevault.engine.inprocess import InProcessSession
 from tunevault.engine.search import search
+from tunevault.engine.select import DEFAULT_CONFIDENCE, NoWorkingConfig, annotate, judge
 from tunevault.engine.timing import has_own_benchmarker
 
 
@@ -33,10 +34,13 @@ def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
                         candidates: Sequence[tuple[int, Any, ConfigSpec]], deadline: float) -> Any:
     """A started WorkerSession, or None (with one warning per kernel) when isolation cannot apply."""
     from tunevault.capture.argspec import CallSpec
-    from tunevault.engine.isolated import IsolationUnavailable, WorkerSession, kernel_target
+    from tunevault.engine.hints import of_targets
+    from tunevault.engine.isolated import IsolationUnavailable, WorkerSession, hint_imports, kernel_target
 
     at, name = st.autotuner, st.kernel_id.name
     target, why = kernel_target(at)
+    if target is not None:  # a worker started later imports it first thing
+        hint_imports(of_targets([target]))
     if target is not None and any(i >= len(at.configs) for i, _, _ in candidates):
         target, why = None, "early_config_prune returned configs the kernel does not declare"
     spec = background.current_spec()
@@ -79,11 +83,24 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
     if session is None:
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
                                    {i: s for i, _, s in candidates}, counted, deadline)
+    confidence = confidence_of(settings)
     try:
         results, notes = search(session, [i for i, _, _ in candidates], {i: s for i, _, s in candidates},
-                                settings.tolerance, settings.validate, has_own_benchmarker(st.autotuner))
+                                settings.tolerance, settings.validate, has_own_benchmarker(st.autotuner),
+                                confidence)
     finally:
         session.close()
+    try:  # why the winner wins, and each candidate's confidence of being slower, go into the decision
+        judgement = judge(results, settings.tolerance, confidence)
+        results = annotate(results, judgement)
+        notes = [*notes, ("selection", judgement.reason()), ("confidence", confidence)]
+    except NoWorkingConfig:
+        pass  # the caller reports it
     out = Measured(results)
     out.notes = [*opened, *notes, ("tuned_in", session.where), *probe.delta(include_driver=session.where == "process")]
     return out
+
+
+def confidence_of(settings: Any) -> float:
+    """The configured confidence (policy.settings ``confidence``), or the default."""
+    return float(getattr(settings, "confidence", DEFAULT_CONFIDENCE))

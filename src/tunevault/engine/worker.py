@@ -91,15 +91,18 @@ class Worker:
         for index in [int(i) for i in msg["configs"]]:
             self.emit(ev="start", index=index)
             before = self.launches
+            spread: dict[str, Any] = {}
             if mode == "validate":
                 error = session.validate([index], reference)[index]
                 timings: list[float] = []
             else:
                 result = session.time([index], mode)[index]
                 error, timings = result.error, list(result.timings)
+                spread = {"n": result.n, "iqr": result.iqr}
             if not all(math.isfinite(t) for t in timings):
                 error, timings = f"benchmark returned {timings}", []
-            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before)
+            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
+                      **spread)
             if error is not None and not healthy(error):
                 return False
         self.emit(ev="done")
@@ -122,6 +125,8 @@ class Worker:
             return self.run(msg)
         elif op == "prepare":
             prepare()
+        elif op == "import":
+            import_modules(msg.get("modules"))
         elif op == "close":
             self.sessions.pop(int(sid), None)
             release_memory()
@@ -143,6 +148,16 @@ def prepare() -> None:
             torch.cuda.init()
     except Exception:
         pass  # the session will report whatever is wrong with the device
+
+
+def import_modules(names: Any) -> None:
+    """Import the kernels' modules the server named, ahead of their first session (best effort)."""
+    for name in names if isinstance(names, list) else ():
+        if isinstance(name, str) and name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # the session that needs it reports the failure
+                print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def healthy(error: str) -> bool:

@@ -95,7 +95,7 @@ def install(settings: Settings) -> Runtime:
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
 
-            isolated.prestart()
+            isolated.prestart(settings.capture)  # a manifest names the kernels' modules to import
         log.debug("tunevault installed: %s", settings)
         return _runtime
 

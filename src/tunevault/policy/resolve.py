@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tunevault.core.model import CandidateResult, Decision, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy import stock
+from tunevault.policy.capture_guard import capture_fallback, capturing
 from tunevault.policy.diagnose import TuningMiss, explain_miss
 from tunevault.policy.fallback import choose_fallback, settle
 
@@ -185,6 +186,11 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
     name, at = st.kernel_id.name, st.autotuner
     rt.stats.add(name, rt.phase, "misses")
     policy = rt.on_miss
+    if policy == "tune" and capturing():  # never benchmark inside a CUDA graph capture
+        config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
+            rt, st, args, kwargs, key, nearest, why, how, indexed))
+        stock.record(at, stock_key, config)
+        return config
     if policy == "tune":
         return tune(rt, st, args, kwargs, key, stock_key, indexed)
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
@@ -283,7 +289,7 @@ def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: Tunin
             if r.error:
                 print(f"Autotuning failed with {r.error}")
     try:
-        winner, margin = select(results, rt.settings.tolerance)
+        winner, margin = select(results, rt.settings.tolerance, rt.settings.confidence)
     except NoWorkingConfig:
         rt.stats.add(kid.name, rt.phase, "errors")
         first = next((r.error for r in results if r.error), "unknown")

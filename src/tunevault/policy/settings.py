@@ -41,6 +41,7 @@ class Settings:
     prestart: bool = True  # start the isolated worker at install, so its start-up overlaps the server's
     validate: bool = False
     tolerance: float = 0.02
+    confidence: float = 0.999  # ties: a config loses one only when this sure it is slower (engine.select)
     tune_timeout: float = 300.0
     config_timeout: float = 60.0  # one config in the isolated worker (compile + run)
     lease_wait: float = 600.0
@@ -53,6 +54,8 @@ class Settings:
             raise ValueError(f"tunevault on_miss must be one of {', '.join(ON_MISS)}; got {self.on_miss!r}")
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError(f"tunevault tolerance must be in [0, 1); got {self.tolerance!r}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"tunevault confidence must be in [0.5, 1); got {self.confidence!r}")
         if self.tune_timeout <= 0 or self.lease_wait < 0:
             raise ValueError("tunevault tune_timeout must be > 0 and lease_wait >= 0")
         if self.config_timeout <= 0:
@@ -76,7 +79,8 @@ class Settings:
                           ("prestart", "TUNEVAULT_PRESTART")):
             if var in e:
                 kw[name] = _flag(e[var])
-        for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
+        for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("confidence", "TUNEVAULT_CONFIDENCE"),
+                          ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
                           ("config_timeout", "TUNEVAULT_CONFIG_TIMEOUT"),
                           ("lease_wait", "TUNEVAULT_LEASE_WAIT"), ("lease_ttl", "TUNEVAULT_LEASE_TTL")):
             if e.get(var):

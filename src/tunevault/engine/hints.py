@@ -1,0 +1,69 @@
+"""Which modules the tuning worker should import before its first key.
+
+A worker that imports a kernel's module (and with it the kernel's whole library) only when the
+first key arrives makes that key wait for the import: seconds for a large library. The server
+knows those modules earlier: from a key manifest recorded by a previous run, or from its own
+imports as it starts (every module that defines an autotuned kernel). The worker imports them
+while the server is still starting (engine.isolated sends them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_SKIP = ("__main__", "__mp_main__", "tunevault", "triton", "torch")  # nothing to learn, or not importable
+
+
+def importable(module: str) -> bool:
+    """A dotted module name a fresh process could import (not ``__main__``, nor our own)."""
+    return bool(_MODULE.fullmatch(module)) and module.split(".", 1)[0] not in _SKIP
+
+
+def of_targets(targets: Iterable[str]) -> list[str]:
+    """The modules of ``module:qualname`` kernel targets (manifest entries, worker targets)."""
+    return list(dict.fromkeys(m for t in targets if importable(m := t.partition(":")[0])))
+
+
+def from_manifest(path: str | os.PathLike[str] | None) -> list[str]:
+    """The kernels' modules a key manifest names; none when there is no readable manifest there."""
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        from tunevault.capture import manifest
+
+        return of_targets(e.kernel for e in manifest.read(path))
+    except Exception:
+        return []
+
+
+def _defines_kernel(value: Any) -> bool:
+    kind = type(value)
+    if kind.__name__ not in ("Autotuner", "Heuristics") or not kind.__module__.startswith("triton."):
+        return False
+    from tunevault.engine.worker import find_autotuner
+
+    return find_autotuner(value) is not None
+
+
+def loaded_kernel_modules(seen: set[str]) -> list[str]:
+    """Modules imported in this process since the last call (``seen`` remembers) that define an
+    autotuned kernel at their top level."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        if name in seen:
+            continue
+        seen.add(name)
+        if not importable(name):
+            continue
+        try:
+            values = list(vars(module).values())
+        except TypeError:
+            continue
+        if any(_defines_kernel(v) for v in values):
+            found.append(name)
+    return found

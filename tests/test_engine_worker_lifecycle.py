@@ -1,0 +1,130 @@
+"""The isolated worker's lifecycle around a warmup: it learns the kernels' modules while the server
+starts, and exits as soon as the warmup ends (real worker subprocesses throughout)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels_engine as ke
+import tunevault
+from tunevault.capture import manifest as mf
+from tunevault.core.model import TuningKey
+from tunevault.engine import isolated
+
+LEARNED = '''
+import os
+import triton
+import triton.language as tl
+
+if os.environ.get("TUNEVAULT_WORKER") == "1":  # the worker imported this module: say so
+    open(os.path.join(os.environ["TV_TEST_GATE_DIR"], f"imported-{__name__}-{os.getpid()}"), "w").close()
+
+
+@triton.autotune(configs=[triton.Config({"B": 16}), triton.Config({"B": 32})], key=["n"])
+@triton.jit
+def kernel(x, n, B: tl.constexpr):
+    tl.store(x + tl.arange(0, B), 0.0)
+'''
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def tune_in_worker(sqlite_url: str) -> int:
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False)
+    x, y = torch.randn(64), torch.randn(64)
+    assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+    pid = isolated.worker_pid()
+    assert pid is not None
+    return pid
+
+
+def test_seal_ends_the_warmup_and_the_idle_worker_with_it(sqlite_url: str) -> None:
+    pid = tune_in_worker(sqlite_url)
+    tunevault.seal()
+    assert isolated.worker_pid() is None and gone(pid)  # not TUNEVAULT_WORKER_IDLE seconds later
+
+
+def test_a_worker_busy_at_the_seal_exits_when_its_session_ends(sqlite_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    monkeypatch.setenv(ke.GATE_DIR_VAR, str(tmp_path))  # add_gated's config 0 waits for the gate, in the worker
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False)
+    x, y = torch.randn(64), torch.randn(64)
+    tuning = threading.Thread(target=ke.run_add, args=(ke.add_gated, x, y))
+    tuning.start()
+    while isolated.worker_pid() is None or not isolated._worker.opened:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    pid = isolated.worker_pid()
+    tunevault.seal()
+    assert isolated.worker_pid() == pid  # a session is open: the seal does not cut it short
+    Path(ke.gate_path()).touch()
+    tuning.join(timeout=120)
+    assert isolated.worker_pid() is None and gone(pid)  # gone with the session's end
+
+
+def test_warmup_from_a_manifest_ends_with_the_worker_gone(sqlite_url: str, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.jsonl"
+    with tunevault.capture(keys):
+        tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'first.db'}")
+        ke.run_add(ke.add_equal, torch.randn(80), torch.randn(80))
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False)
+    report = tunevault.warmup(keys)
+    assert report.counts()["tuned"] == 1
+    assert isolated.worker_pid() is None
+
+
+@pytest.fixture
+def learned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A fresh kernel module on sys.path (so also on the worker's), and where the worker says it imported it."""
+    name = f"learned_{os.getpid()}_{time.monotonic_ns()}"
+    (tmp_path / f"{name}.py").write_text(LEARNED)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv(ke.GATE_DIR_VAR, str(marks))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, marks
+    sys.modules.pop(name, None)
+
+
+def imported_by(marks: Path, name: str, limit: float = 120.0) -> list[int]:
+    """Pids of the processes that imported ``name`` as a worker (waits for the first, at most ``limit``)."""
+    end = time.monotonic() + limit
+    while not list(marks.glob(f"imported-{name}-*")) and time.monotonic() < end:
+        time.sleep(0.05)
+    return [int(p.name.rsplit("-", 1)[1]) for p in marks.glob(f"imported-{name}-*")]
+
+
+def test_the_prestarted_worker_imports_kernel_modules_as_the_server_imports_them(
+        sqlite_url: str, learned: tuple[str, Path]) -> None:
+    import importlib
+
+    name, marks = learned
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)  # prestarts the worker
+    importlib.import_module(name)  # the server goes on starting: it imports a library with kernels
+    pids = imported_by(marks, name)
+    assert pids == [isolated.worker_pid()] and os.getpid() not in pids
+    assert tunevault.stats()["kernels"] == {"total": {}}  # before any key was tuned
+
+
+def test_the_prestarted_worker_imports_the_modules_a_manifest_names(
+        sqlite_url: str, learned: tuple[str, Path], tmp_path: Path) -> None:
+    name, marks = learned
+    keys = tmp_path / "earlier-run.jsonl"
+    mf.append(keys, [mf.line(f"{name}:kernel", TuningKey((("n", 16),)), {"hit": 1}, 0.0, 0.0, 1, "host")])
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, capture=str(keys))
+    pids = imported_by(marks, name)
+    assert pids == [isolated.worker_pid()] and name not in sys.modules  # the server never imported it
