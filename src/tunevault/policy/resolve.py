@@ -231,9 +231,9 @@ def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: Tunin
     if winner_index < len(at.configs):
         published = rt.publish(decision)
         # A stored entry naming no declared config was rejected on lookup but still wins the put
-        # (first writer): launch what was measured here, never that entry's index.
+        # (first writer): launch what was measured here, never that entry's index, and replace it.
         if st.declared_index(published.config_index, published.config) is None:
-            rt.decided[decision.store_key] = decision
+            rt.supersede(published, decision)
         else:
             decision = published
         config = at.configs[decision.config_index]
