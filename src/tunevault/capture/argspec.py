@@ -120,11 +120,12 @@ class ArgSpec:
             return 0
         return 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
 
-    def build(self, device: str | None = None, generators: Generators | None = None) -> Any:
+    def build(self, device: str | None = None, generators: Generators | None = None, slack: int = 0) -> Any:
         """A fresh argument equivalent to the captured one (random data, same layout).
 
         Data is generated on the target device: filling a large tensor on the host and copying
-        it over costs a tuning worker seconds per key."""
+        it over costs a tuning worker seconds per key. ``slack``: allocate at least this many
+        elements behind the view (an untrusted call indexes up to its largest integer scalar)."""
         if self.kind == "scalar":
             return self.value
         if self.kind == "tl_dtype":
@@ -135,9 +136,11 @@ class ArgSpec:
         _require(isinstance(dtype, torch.dtype), f"unknown dtype {self.dtype!r}")
         dev = torch.device(device or self.device)
         gen = (generators or Generators(0)).on(dev)
-        size = self.storage_size()
-        if self.values is not None and len(self.values) == size:
+        size = max(self.storage_size(), slack)
+        if self.values is not None and len(self.values) == self.storage_size():
             flat = torch.tensor(self.values, dtype=torch.int64, device=dev).to(dtype)
+            if size > len(self.values):
+                flat = torch.cat([flat, torch.zeros(size - len(self.values), dtype=dtype, device=dev)])
         elif self.values is not None or self.low is not None:
             lo = int(self.low if self.low is not None else min(self.values or (0,)))
             hi = int(self.high if self.high is not None else max(self.values or (0,)))
@@ -237,35 +240,29 @@ class CallSpec:
                    tuple((str(k), ArgSpec.from_json(v)) for k, v in kwargs.items()),
                    tuple(tuple(g) for g in grids), untrusted)
 
-    def check(self, autotuner: Any, limit: int | None = None) -> None:
-        """Refuse (InvalidEntry, with the reason) a call that cannot be what a real call looked like.
+    def check(self, autotuner: Any, limit: int | None = None) -> int:
+        """Refuse (InvalidEntry, with the reason) a call that cannot be what a real call looked like;
+        return the slack every rebuilt tensor gets (elements), so indexing up to a size stays in memory.
 
-        - its tensors together exceed ``limit`` bytes (``$TUNEVAULT_REPLAY_MAX_BYTES``, default 8 GiB);
         - an integer scalar is larger than every tensor argument's element count, so it cannot be a
           size, stride or offset into them and the kernel would index out of bounds (names with
-          ``seed``, ``philox`` or ``rng`` index nothing and are exempt);
-        - a captured grid launches more programs than the largest tensor has elements."""
+          ``seed``, ``philox`` or ``rng`` index nothing and are exempt); the largest one that passes
+          is the slack: a tensor forged smaller than the sizes it is used with still has the memory;
+        - a captured grid launches more programs than the largest tensor has elements;
+        - its tensors, with the slack, together exceed ``limit`` bytes (``$TUNEVAULT_REPLAY_MAX_BYTES``,
+          default 8 GiB)."""
         import torch
 
-        limit = max_bytes() if limit is None else limit
         named = [*zip(autotuner.arg_names, self.args, strict=False), *self.kwargs]
-        tensors, total = [], 0
-        for name, spec in named:
-            if spec.kind != "tensor":
-                continue
-            dtype = getattr(torch, spec.dtype, None)
-            _require(isinstance(dtype, torch.dtype), f"unknown dtype {spec.dtype!r} for {name}")
-            tensors.append(spec.storage_size())
-            total += tensors[-1] * dtype.itemsize
-        if total > limit:
-            raise InvalidEntry(f"the rebuilt tensors would take {total} bytes, over the {limit}-byte cap "
-                               f"({MAX_BYTES_VAR})")
-        largest = max(tensors, default=0)
+        tensors = [(name, spec) for name, spec in named if spec.kind == "tensor"]
         if not tensors:
-            return
-        for name, spec in named:
-            if spec.kind == "scalar" and _is_int(spec.value) and spec.value > largest and not NOT_A_SIZE.search(name):
-                raise InvalidEntry(f"{name}={spec.value} is larger than every tensor argument ({largest} elements "
+            return 0  # nothing to index into, nothing to allocate
+        largest = max(spec.storage_size() for _, spec in tensors)
+        sized = [(name, spec.value) for name, spec in named
+                 if spec.kind == "scalar" and _is_int(spec.value) and not NOT_A_SIZE.search(name)]
+        for name, value in sized:
+            if value > largest:
+                raise InvalidEntry(f"{name}={value} is larger than every tensor argument ({largest} elements "
                                    "at most): the kernel would read or write out of bounds")
         for i, grid in enumerate(self.grids):
             programs = 1
@@ -274,14 +271,24 @@ class CallSpec:
             if programs > max(largest, 1):
                 raise InvalidEntry(f"the grid of config #{i} launches {programs} programs, more than the largest "
                                    f"tensor has elements ({largest})")
+        slack = max([0, *(value for _, value in sized)])
+        limit = max_bytes() if limit is None else limit
+        total = 0
+        for name, spec in tensors:
+            dtype = getattr(torch, spec.dtype, None)
+            _require(isinstance(dtype, torch.dtype), f"unknown dtype {spec.dtype!r} for {name}")
+            total += max(spec.storage_size(), slack) * dtype.itemsize
+        if total > limit:
+            raise InvalidEntry(f"the rebuilt tensors would take {total} bytes, over the {limit}-byte cap "
+                               f"({MAX_BYTES_VAR})")
+        return slack
 
     def build(self, autotuner: Any, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
-        if self.untrusted:
-            self.check(autotuner)
+        slack = self.check(autotuner) if self.untrusted else 0
         gen = Generators(seed)
-        args = tuple(a.build(device, gen) for a in self.args)
-        kwargs = {k: v.build(device, gen) for k, v in self.kwargs}
+        args = tuple(a.build(device, gen, slack) for a in self.args)
+        kwargs = {k: v.build(device, gen, slack) for k, v in self.kwargs}
         table = [(c.kwargs, g) for c, g in zip(autotuner.configs, self.grids, strict=False)]
 
         def grid(meta: dict[str, Any]) -> tuple[int, ...]:
