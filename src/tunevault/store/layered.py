@@ -43,7 +43,7 @@ class LayeredStore:
         except Exception as exc:  # a remote must never break or stall a kernel call
             self._remote_failed(what, exc)
             return default
-        if self._remote_down:
+        if self._remote_down and getattr(self.remote, "available", True):  # a swallowed failure is no answer
             with self._lock:
                 self._remote_down = False
             log.info("tunevault: remote store %s answers again", self.remote.url)

@@ -195,7 +195,7 @@ class SqliteStore:
         if not os.path.isfile(self.path):
             return False
         for option in ("mode=ro", "immutable=1"):
-            target = f"file:{urllib.parse.quote(self.path)}?{option}"
+            target = f"file:{urllib.parse.quote('/' + self.path.lstrip('/'))}?{option}"  # "//x": no URI authority
             try:
                 db = sqlite3.connect(target, uri=True, timeout=self._timeout)
                 try:
