@@ -24,10 +24,10 @@ import kernels_hostile as kh
 import slow_faults as sf
 import tunevault
 from tunevault.integration.triton_adapter import runtime
+from tunevault.store.redis import DEADLINE_S
 
 N = kh.SIZES[0]
-DEADLINE_S = 1.0
-REDIS_OPS = {"tune": 8, "fallback": 4}
+REDIS_OPS = {"tune": 12, "fallback": 4}  # remote operations a miss may make (docs/robustness.md)
 ALLOW = ("--allow-module", "kernels_hostile")
 
 

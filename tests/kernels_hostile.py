@@ -78,24 +78,12 @@ class Launches:
 
 @contextmanager
 def launches(autotuner: Any) -> Iterator[Launches]:
-    fn = autotuner.fn
-    while type(fn).__name__ in ("Heuristics", "Autotuner"):
-        fn = fn.fn
-    record, original = Launches(autotuner), fn.run
-    had_own = "run" in fn.__dict__
+    from conftest import observe_launches
 
-    def recording_run(*args: Any, **kwargs: Any) -> Any:
-        record.seen.append({k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
-        return original(*args, **kwargs)
-
-    fn.run = recording_run
-    try:
+    record = Launches(autotuner)
+    with observe_launches(autotuner, lambda kw: record.seen.append(
+            {k: v for k, v in kw.items() if k not in ("grid", "warmup")})):
         yield record
-    finally:
-        if had_own:
-            fn.run = original
-        else:
-            del fn.run
 
 
 def call_checked(kernel: Any, n: int, call: Callable[[], torch.Tensor] | None = None) -> Launches:

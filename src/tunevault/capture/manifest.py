@@ -185,10 +185,9 @@ def _verify(doc: Any, key: str | bytes) -> None:
     if not isinstance(doc, dict):
         raise ManifestError("not a manifest line")
     try:
-        check_signature("line", doc, key)
+        check_signature("the line", doc, key, "capture it with TUNEVAULT_BUNDLE_KEY set")
     except BundleError as exc:
-        raise ManifestError(str(exc).replace("tuning bundle line", "the line")
-                            .replace("`tunevault export --winners-only --sign`", "capture with the key set")) from None
+        raise ManifestError(str(exc)) from None
 
 
 def _merge(merged: dict[tuple[str, str], ManifestEntry], entry: ManifestEntry, host: str, pid: int) -> None:

@@ -22,8 +22,9 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 def bundle_key(args: argparse.Namespace) -> str | None:
     """The HMAC key: ``--key-file`` if given, else ``$TUNEVAULT_BUNDLE_KEY``."""
     if getattr(args, "key_file", None):
-        with open(args.key_file, encoding="utf-8") as f:
-            key = f.read().strip()
+        from tunevault.core.untrusted import read_document
+
+        key = read_document(args.key_file, limit=1 << 16).decode("utf-8").strip()  # never blocks on a FIFO
         if not key:
             raise ValueError(f"key file {args.key_file} is empty")
         return key

@@ -63,6 +63,7 @@ class EventLog:
         self.recent: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._warned = False
+        self._refused = False  # the path is not a regular file: never tried again
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"event": kind, "time": time.time(), "pid": os.getpid(), **fields}
@@ -71,11 +72,11 @@ class EventLog:
             if len(self.recent) > self.keep:
                 del self.recent[: len(self.recent) - self.keep]
         log.debug("event %s", event)
-        if self.path:
-            self._append(event)
+        if self.path and not self._refused:
+            self._append(self.path, event)
         return event
 
-    def _append(self, event: dict[str, Any]) -> None:
+    def _append(self, path: str, event: dict[str, Any]) -> None:
         """One write per line; a path that is not a regular file (a FIFO without a reader would
         block the tuning call forever) is refused once, with a warning, and not tried again."""
         try:
@@ -83,18 +84,18 @@ class EventLog:
         except ValueError:  # a NaN or infinity in a field: keep the line valid JSON
             line = (json.dumps(_finite(event), default=str, separators=(",", ":")) + "\n").encode()
         try:
-            fd = open_sink(self.path)  # type: ignore[arg-type]
+            fd = open_sink(path)
             try:
                 os.write(fd, line)
             finally:
                 os.close(fd)
         except Refused as exc:
-            self.path = None
+            self._refused = True
             log.warning("tunevault: not writing events: %s; events stay in memory", exc)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                log.warning("tunevault: cannot write events to %s (%s); events stay in memory", self.path, exc)
+                log.warning("tunevault: cannot write events to %s (%s); events stay in memory", path, exc)
 
 
 def _finite(event: dict[str, Any]) -> dict[str, Any]:

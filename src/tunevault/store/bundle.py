@@ -156,7 +156,7 @@ def _checked(where: str, doc: Any, key: str | bytes | None) -> tuple[Fingerprint
     if doc.get("schema") != SCHEMA:
         raise BundleError(f"tuning bundle {where} has schema {str(doc.get('schema'))[:40]}; this tunevault "
                           f"reads schema {SCHEMA}")
-    check_signature(where, doc, key)
+    check_signature(f"tuning bundle {where}", doc, key)
     fingerprint = None
     if doc.get("fingerprint") is not None:
         try:
@@ -188,27 +188,28 @@ def load_bundle(path: str | os.PathLike[str],
     return fingerprint, decisions
 
 
-def check_signature(where: str, doc: dict[str, Any], key: str | bytes | None) -> None:
-    """With a key, the document must carry a valid signature; without one it is not checked."""
+def check_signature(what: str, doc: dict[str, Any], key: str | bytes | None,
+                    how_to_sign: str = "sign it with `tunevault export --winners-only --sign`") -> None:
+    """With a key, ``doc`` must carry a valid signature (BundleError naming ``what`` otherwise);
+    without one it is not checked."""
     sig = doc.get("signature")
     if key is None:
         if sig is not None:
-            log.debug("tunevault: bundle %s is signed but no TUNEVAULT_BUNDLE_KEY is set; not verified", where)
+            log.debug("tunevault: %s is signed but no TUNEVAULT_BUNDLE_KEY is set; not verified", what)
         return
     secret = key_bytes(key)
     if sig is None:
-        raise BundleError(f"tuning bundle {where} is not signed, but TUNEVAULT_BUNDLE_KEY is set; "
-                          "refusing it (sign it with `tunevault export --winners-only --sign`)")
+        raise BundleError(f"{what} is not signed, but TUNEVAULT_BUNDLE_KEY is set; refusing it ({how_to_sign})")
     if not isinstance(sig, dict) or sig.get("alg") != ALGORITHM:
         alg = sig.get("alg") if isinstance(sig, dict) else sig
-        raise BundleError(f"tuning bundle {where} is signed with {str(alg)[:40]!r}; only {ALGORITHM} is accepted")
+        raise BundleError(f"{what} is signed with {str(alg)[:40]!r}; only {ALGORITHM} is accepted")
     given = sig.get("hmac")
     if not (isinstance(given, str) and _HEX64.fullmatch(given)):
-        raise BundleError(f"tuning bundle {where}: its signature is malformed; refusing it")
+        raise BundleError(f"{what}: its signature is malformed; refusing it")
     expected = hmac.new(secret, _signed_body(doc), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(given.encode("ascii"), expected.encode("ascii")):
-        raise BundleError(f"tuning bundle {where}: signature does not verify (the file was modified after "
-                          "signing, or TUNEVAULT_BUNDLE_KEY is not the key it was signed with); refusing it")
+        raise BundleError(f"{what}: signature does not verify (the file was modified after signing, or "
+                          "TUNEVAULT_BUNDLE_KEY is not the key it was signed with); refusing it")
 
 
 class BundleStore:
