@@ -11,7 +11,7 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +52,37 @@ class LaunchCounter:
 
 
 @contextlib.contextmanager
-def count_launches(autotuner: Any) -> Iterator[LaunchCounter]:
+def observe_launches(autotuner: Any, observe: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """``observe(kwargs)`` for every execution below the autotuner (the JIT function's own ``run``)."""
     fn = autotuner.fn
     while type(fn).__name__ in ("Heuristics", "Autotuner"):
         fn = fn.fn
-    counter, original = LaunchCounter(), fn.run
+    original = fn.run
     had_own = "run" in fn.__dict__  # Triton 3.4's InterpretedFunction sets run per instance
 
-    def counting_run(*args: Any, **kwargs: Any) -> Any:
-        counter.count += 1
+    def observed_run(*args: Any, **kwargs: Any) -> Any:
+        observe(kwargs)
         return original(*args, **kwargs)
 
-    fn.run = counting_run
+    fn.run = observed_run
     try:
-        yield counter
+        yield
     finally:
         if had_own:
             fn.run = original
         else:
             del fn.run  # drop the instance attribute: the class method shows through again
+
+
+@contextlib.contextmanager
+def count_launches(autotuner: Any) -> Iterator[LaunchCounter]:
+    counter = LaunchCounter()
+
+    def count(kwargs: dict[str, Any]) -> None:
+        counter.count += 1
+
+    with observe_launches(autotuner, count):
+        yield counter
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -204,5 +204,8 @@ def test_import_checks_a_signed_bundle(tv: Any, sqlite_url: str, tmp_path: Path,
     del doc["signature"]
     bundle.write_text(json.dumps(doc))
     third = f"sqlite:///{tmp_path / 'third.db'}"
+    code, _, err = cli(capsys, "--store", third, "import", str(bundle))  # a downgrade: refused with a key
+    assert code == 2 and "is not signed" in err and open_store(third).count() == 0
+    monkeypatch.delenv("TUNEVAULT_BUNDLE_KEY")
     code, out, _ = cli(capsys, "--store", third, "import", str(bundle), "--json")
     assert code == 1 and "fingerprint header" in json.loads(out)["rejections"][0]["reason"]

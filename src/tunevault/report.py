@@ -7,7 +7,6 @@ matplotlib is an optional extra, imported only to draw, on its Agg canvas (no di
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -15,6 +14,8 @@ from collections import defaultdict
 from typing import Any
 
 from tunevault.capture import manifest as mf
+from tunevault.core.model import MAX_SECONDS, TIME_RANGE
+from tunevault.core.untrusted import lines, loads
 
 WARMUP, SERVING, MISS, ERROR = "#4C72B0", "#DD4444", "#F0A030", "#8B1A1A"
 
@@ -28,21 +29,35 @@ def short(kernel: str) -> str:
 
 
 def load(path: str | os.PathLike[str]) -> tuple[str, Any]:
-    """``("events", [event, ...])`` or ``("manifest", [ManifestEntry, ...])``, by the file's content."""
-    with open(path, encoding="utf-8") as fh:
-        rows = []
-        for text in fh:
-            try:
-                rows.append(json.loads(text))
-            except ValueError:
-                continue
-    rows = [r for r in rows if isinstance(r, dict)]
+    """``("events", [event, ...])`` or ``("manifest", [ManifestEntry, ...])``, by the file's content.
+
+    Only a regular file is read, line by line; a line that is not a well-formed event (wrong
+    types, times or durations out of range, too deep) is left out, so a table never fails on data."""
+    rows = []
+    for _n, text in lines(path):
+        try:
+            row = loads(text or b"", what="line")
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     if any(r.get("format") == mf.FORMAT for r in rows):
         return "manifest", mf.read(path)
-    if any(isinstance(r.get("event"), str) for r in rows):
-        return "events", sorted((r for r in rows if isinstance(r.get("event"), str)),
-                                key=lambda r: float(r.get("time", 0.0)))
+    events = [r for r in rows if _event_ok(r)]
+    if events:
+        return "events", sorted(events, key=lambda r: float(r.get("time", 0.0)))
     raise ValueError(f"{os.fspath(path)}: neither a tunevault events log nor a key manifest")
+
+
+def _event_ok(row: dict[str, Any]) -> bool:
+    """The fields the tables and pictures use have the types and ranges they need."""
+    def number(name: str, low: float, high: float) -> bool:
+        v = row.get(name, low)
+        return type(v) in (int, float) and low <= v <= high
+
+    return (isinstance(row.get("event"), str) and number("time", *TIME_RANGE)
+            and number("seconds", 0.0, MAX_SECONDS) and isinstance(row.get("kernel", ""), str)
+            and isinstance(row.get("phase", "warmup"), str))
 
 
 # ---------------------------------------------------------------------- tables

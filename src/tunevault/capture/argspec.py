@@ -4,17 +4,26 @@ Tensors keep shape, stride, dtype and device; small integer tensors (index tenso
 ``cu_seqlens``) keep their values verbatim, larger ones their range, so a replayed kernel
 indexes memory the way the captured one did. Grids are captured per declared config,
 because a grid is usually a lambda of the meta-parameters and cannot be serialised.
+A CallSpec read from a manifest is checked before anything is allocated (``CallSpec.check``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunevault.core.model import InvalidEntry, JsonScalar
 
 SMALL_INT_TENSOR = 4096
 LAUNCH_KWARGS = ("grid", "warmup")
+# Bounds on what a manifest may ask a replay to build (manifests come from other machines).
+MAX_BYTES_VAR = "TUNEVAULT_REPLAY_MAX_BYTES"
+MAX_BYTES = 8 << 30  # all tensors of one rebuilt call together
+MAX_RANK, MAX_DIM, MAX_ARGS, MAX_GRIDS = 16, 1 << 48, 1024, 4096
+MAX_INT = 1 << 62
+NOT_A_SIZE = re.compile(r"seed|philox|rng", re.IGNORECASE)  # integer arguments that index nothing
 
 
 def _require(cond: bool, what: str) -> None:
@@ -84,17 +93,24 @@ class ArgSpec:
         if data["kind"] != "tensor":
             v = data.get("value")
             _require(v is None or isinstance(v, bool | int | float | str), "argspec.value must be a scalar")
+            _require(not isinstance(v, int) or -MAX_INT <= v <= MAX_INT, "argspec.value out of range")
+            _require(not isinstance(v, str) or len(v) <= 1000, "argspec.value too long")
             return cls(data["kind"], v)
         shape, stride = data.get("shape"), data.get("stride")
         for seq in (shape, stride):
-            _require(isinstance(seq, list) and all(isinstance(x, int) and x >= 0 for x in seq), "argspec shape")
+            _require(isinstance(seq, list) and len(seq) <= MAX_RANK
+                     and all(_is_int(x) and 0 <= x < MAX_DIM for x in seq), "argspec shape")
         _require(len(shape) == len(stride), "argspec shape and stride differ in rank")
-        _require(isinstance(data.get("dtype"), str) and isinstance(data.get("device"), str), "argspec dtype")
+        _require(isinstance(data.get("dtype"), str) and isinstance(data.get("device"), str)
+                 and len(data["dtype"]) + len(data["device"]) <= 200, "argspec dtype")
         values = data.get("values")
-        _require(values is None or (isinstance(values, list) and all(isinstance(v, int) for v in values)),
-                 "argspec.values must be integers")
+        _require(values is None or (isinstance(values, list) and len(values) <= SMALL_INT_TENSOR
+                                    and all(_is_int(v) and -MAX_INT <= v <= MAX_INT for v in values)),
+                 "argspec.values must be at most 4096 integers")
         low, high = data.get("low"), data.get("high")
         _require((low is None) == (high is None), "argspec low/high come together")
+        _require(low is None or (_is_number(low) and _is_number(high) and -MAX_INT <= low <= high <= MAX_INT),
+                 "argspec low/high must be numbers, low <= high")
         return cls("tensor", shape=tuple(shape), stride=tuple(stride), dtype=data["dtype"], device=data["device"],
                    values=None if values is None else tuple(values),
                    low=None if low is None else float(low), high=None if high is None else float(high))
@@ -104,11 +120,12 @@ class ArgSpec:
             return 0
         return 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
 
-    def build(self, device: str | None = None, generators: Generators | None = None) -> Any:
+    def build(self, device: str | None = None, generators: Generators | None = None, slack: int = 0) -> Any:
         """A fresh argument equivalent to the captured one (random data, same layout).
 
         Data is generated on the target device: filling a large tensor on the host and copying
-        it over costs a tuning worker seconds per key."""
+        it over costs a tuning worker seconds per key. ``slack``: allocate at least this many
+        elements behind the view (an untrusted call indexes up to its largest integer scalar)."""
         if self.kind == "scalar":
             return self.value
         if self.kind == "tl_dtype":
@@ -119,9 +136,11 @@ class ArgSpec:
         _require(isinstance(dtype, torch.dtype), f"unknown dtype {self.dtype!r}")
         dev = torch.device(device or self.device)
         gen = (generators or Generators(0)).on(dev)
-        size = self.storage_size()
-        if self.values is not None and len(self.values) == size:
+        size = max(self.storage_size(), slack)
+        if self.values is not None and len(self.values) == self.storage_size():
             flat = torch.tensor(self.values, dtype=torch.int64, device=dev).to(dtype)
+            if size > len(self.values):
+                flat = torch.cat([flat, torch.zeros(size - len(self.values), dtype=dtype, device=dev)])
         elif self.values is not None or self.low is not None:
             lo = int(self.low if self.low is not None else min(self.values or (0,)))
             hi = int(self.high if self.high is not None else max(self.values or (0,)))
@@ -161,6 +180,25 @@ def _tl_dtype(name: str) -> Any:
     raise InvalidEntry(f"unknown triton dtype {name!r}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def max_bytes() -> int:
+    """The cap on one rebuilt call's tensors: ``$TUNEVAULT_REPLAY_MAX_BYTES`` (bytes), default 8 GiB."""
+    raw = os.environ.get(MAX_BYTES_VAR, "").strip()
+    if not raw:
+        return MAX_BYTES
+    try:
+        return int(float(raw))
+    except (ValueError, OverflowError):
+        raise ValueError(f"{MAX_BYTES_VAR} must be a number of bytes; got {raw!r}") from None
+
+
 @dataclass(frozen=True)
 class CallSpec:
     """A whole call: positional and keyword arguments, and the grid each declared config launches."""
@@ -168,6 +206,7 @@ class CallSpec:
     args: tuple[ArgSpec, ...]
     kwargs: tuple[tuple[str, ArgSpec], ...]
     grids: tuple[tuple[int, ...], ...] = ()  # by declared config index
+    untrusted: bool = field(default=False, compare=False, repr=False)  # read from a file: check before building
 
     @classmethod
     def of(cls, autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> CallSpec:
@@ -188,21 +227,68 @@ class CallSpec:
                 "grids": [list(g) for g in self.grids]}
 
     @classmethod
-    def from_json(cls, data: Any) -> CallSpec:
+    def from_json(cls, data: Any, untrusted: bool = True) -> CallSpec:
+        """``untrusted`` (a manifest from elsewhere): ``build`` first checks sizes (see ``check``)."""
         _require(isinstance(data, dict), "callspec must be an object")
         args, kwargs, grids = data.get("args"), data.get("kwargs"), data.get("grids", [])
         _require(isinstance(args, list) and isinstance(kwargs, dict) and isinstance(grids, list), "callspec")
+        _require(len(args) + len(kwargs) <= MAX_ARGS and len(grids) <= MAX_GRIDS, "callspec too large")
         for g in grids:
-            _require(isinstance(g, list) and all(isinstance(x, int) and x >= 0 for x in g), "callspec.grids")
+            _require(isinstance(g, list) and len(g) <= 3 and all(_is_int(x) and 0 <= x < 1 << 31 for x in g),
+                     "callspec.grids")
         return cls(tuple(ArgSpec.from_json(a) for a in args),
                    tuple((str(k), ArgSpec.from_json(v)) for k, v in kwargs.items()),
-                   tuple(tuple(g) for g in grids))
+                   tuple(tuple(g) for g in grids), untrusted)
+
+    def check(self, autotuner: Any, limit: int | None = None) -> int:
+        """Refuse (InvalidEntry, with the reason) a call that cannot be what a real call looked like;
+        return the slack every rebuilt tensor gets (elements), so indexing up to a size stays in memory.
+
+        - an integer scalar is larger than every tensor argument's element count, so it cannot be a
+          size, stride or offset into them and the kernel would index out of bounds (names with
+          ``seed``, ``philox`` or ``rng`` index nothing and are exempt); the largest one that passes
+          is the slack: a tensor forged smaller than the sizes it is used with still has the memory;
+        - a captured grid launches more programs than the largest tensor has elements;
+        - its tensors, with the slack, together exceed ``limit`` bytes (``$TUNEVAULT_REPLAY_MAX_BYTES``,
+          default 8 GiB)."""
+        import torch
+
+        named = [*zip(autotuner.arg_names, self.args, strict=False), *self.kwargs]
+        tensors = [(name, spec) for name, spec in named if spec.kind == "tensor"]
+        if not tensors:
+            return 0  # nothing to index into, nothing to allocate
+        largest = max(spec.storage_size() for _, spec in tensors)
+        sized = [(name, spec.value) for name, spec in named
+                 if spec.kind == "scalar" and _is_int(spec.value) and not NOT_A_SIZE.search(name)]
+        for name, value in sized:
+            if value > largest:
+                raise InvalidEntry(f"{name}={value} is larger than every tensor argument ({largest} elements "
+                                   "at most): the kernel would read or write out of bounds")
+        for i, grid in enumerate(self.grids):
+            programs = 1
+            for n in grid:
+                programs *= n
+            if programs > max(largest, 1):
+                raise InvalidEntry(f"the grid of config #{i} launches {programs} programs, more than the largest "
+                                   f"tensor has elements ({largest})")
+        slack = max([0, *(value for _, value in sized)])
+        limit = max_bytes() if limit is None else limit
+        total = 0
+        for name, spec in tensors:
+            dtype = getattr(torch, spec.dtype, None)
+            _require(isinstance(dtype, torch.dtype), f"unknown dtype {spec.dtype!r} for {name}")
+            total += max(spec.storage_size(), slack) * dtype.itemsize
+        if total > limit:
+            raise InvalidEntry(f"the rebuilt tensors would take {total} bytes, over the {limit}-byte cap "
+                               f"({MAX_BYTES_VAR})")
+        return slack
 
     def build(self, autotuner: Any, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
+        slack = self.check(autotuner) if self.untrusted else 0
         gen = Generators(seed)
-        args = tuple(a.build(device, gen) for a in self.args)
-        kwargs = {k: v.build(device, gen) for k, v in self.kwargs}
+        args = tuple(a.build(device, gen, slack) for a in self.args)
+        kwargs = {k: v.build(device, gen, slack) for k, v in self.kwargs}
         table = [(c.kwargs, g) for c, g in zip(autotuner.configs, self.grids, strict=False)]
 
         def grid(meta: dict[str, Any]) -> tuple[int, ...]:

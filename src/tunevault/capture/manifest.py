@@ -4,24 +4,39 @@ Each line is one process's counts for one (kernel, key) since its previous flush
 never read or rewrite the file: appends under an exclusive ``flock`` on an ``O_APPEND``
 descriptor lose nothing. Readers sum the lines of a key; the first line carrying an ArgSpec
 (``callspec``) is the one replayed.
+
+A manifest names modules that ``warmup`` and ``check`` import: it is code. With a key
+(``TUNEVAULT_BUNDLE_KEY``) every line carries the same HMAC-SHA256 signature as a bundle, and a
+reader with a key refuses the whole manifest if any line is unsigned or does not verify.
+Without a key a malformed line (wrong types, too deep, too long) is skipped with its reason.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunevault.core.model import InvalidEntry, TuningKey
+from tunevault.core.model import TIME_RANGE, InvalidEntry, TuningKey
+from tunevault.core.untrusted import lines, loads, open_sink
 
 log = logging.getLogger("tunevault")
 
 FORMAT = "tunevault-manifest/1"
 OUTCOMES = ("hit", "tuned", "missed")
+LOCK_WAIT_S = 2.0  # a writer waits this long for another one's lock, then keeps its counts for later
+MAX_KERNEL_NAME = 1000
+_FROM_ENV = object()  # read(): take the key from $TUNEVAULT_BUNDLE_KEY
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be trusted: with a key set, a line is unsigned or does not verify."""
 
 
 @dataclass
@@ -52,8 +67,9 @@ class ManifestEntry:
 
 
 def line(kernel: str, key: TuningKey, counts: dict[str, int], first_seen: float, last_seen: float, pid: int,
-         host: str, callspec: dict[str, Any] | None = None, callspec_error: str | None = None) -> str:
-    """One manifest line (keys in a fixed, readable order)."""
+         host: str, callspec: dict[str, Any] | None = None, callspec_error: str | None = None,
+         sign_key: str | bytes | None = None) -> str:
+    """One manifest line (keys in a fixed, readable order), signed when ``sign_key`` is given."""
     rec: dict[str, Any] = {"format": FORMAT, "kernel": kernel, "key": key.to_json(),
                            "count": sum(counts.values()), **{o: int(counts.get(o, 0)) for o in OUTCOMES},
                            "first_seen": round(first_seen, 6), "last_seen": round(last_seen, 6),
@@ -62,18 +78,25 @@ def line(kernel: str, key: TuningKey, counts: dict[str, int], first_seen: float,
         rec["callspec"] = callspec
     if callspec_error is not None:
         rec["callspec_error"] = callspec_error
+    if sign_key is not None:
+        from tunevault.store.bundle import ALGORITHM, signature
+
+        rec["signature"] = {"alg": ALGORITHM, "hmac": signature(rec, sign_key)}
     return json.dumps(rec, separators=(", ", ": "), allow_nan=False) + "\n"
 
 
-def append(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
-    """Append ``lines`` in one locked write, so concurrent writers never interleave."""
-    data = "".join(lines).encode()
+def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
+    """Append ``new_lines`` in one locked write, so concurrent writers never interleave.
+
+    Raises OSError (or Refused, a ValueError, for a path that is not a regular file) and never
+    blocks for long: a FIFO is refused at open, another writer's lock is waited for a bounded time."""
+    data = "".join(new_lines).encode()
     if not data:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_sink(path)
     try:
-        _lock(fd)
+        _lock(fd, os.fspath(path))
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -81,53 +104,90 @@ def append(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
         os.close(fd)  # closing releases the lock
 
 
-def _lock(fd: int) -> None:
+def _lock(fd: int, path: str) -> None:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: O_APPEND alone
         return
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise OSError(errno.EWOULDBLOCK, f"{path} stayed locked by another writer for "
+                              f"{LOCK_WAIT_S:.0f} s; the counts are kept for the next flush") from None
+            time.sleep(0.01)
 
 
 def _parse(raw: Any) -> tuple[ManifestEntry, str, int]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise InvalidEntry("not a tunevault manifest line")
     kernel = raw.get("kernel")
-    if not isinstance(kernel, str) or ":" not in kernel:
+    if not isinstance(kernel, str) or ":" not in kernel or len(kernel) > MAX_KERNEL_NAME:
         raise InvalidEntry("kernel must be 'module:qualname'")
     counts = {o: raw.get(o, 0) for o in OUTCOMES}
-    if not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+    if not all(type(v) is int and 0 <= v < 2**63 for v in counts.values()):
         raise InvalidEntry("counts must be non-negative integers")
     first, last = raw.get("first_seen", 0.0), raw.get("last_seen", 0.0)
-    if not all(isinstance(t, int | float) for t in (first, last)):
-        raise InvalidEntry("first_seen/last_seen must be numbers")
+    if not all(type(t) in (int, float) and TIME_RANGE[0] <= t <= TIME_RANGE[1] for t in (first, last)):
+        raise InvalidEntry("first_seen/last_seen must be times (seconds since 1970)")
     spec, err = raw.get("callspec"), raw.get("callspec_error")
     if spec is not None and not isinstance(spec, dict):
         raise InvalidEntry("callspec must be an object")
     entry = ManifestEntry(kernel, TuningKey.from_json(raw.get("key")), spec,
-                          err if isinstance(err, str) else None, counts, float(first), float(last))
+                          err[:1000] if isinstance(err, str) else None, counts, float(first), float(last))
     host, pid = raw.get("host"), raw.get("pid")
-    return entry, host if isinstance(host, str) else "?", pid if isinstance(pid, int) else -1
+    return entry, host[:200] if isinstance(host, str) else "?", pid if type(pid) is int else -1
 
 
-def read(path: str | os.PathLike[str]) -> list[ManifestEntry]:
-    """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order."""
+def read(path: str | os.PathLike[str], key: Any = _FROM_ENV) -> list[ManifestEntry]:
+    """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order.
+
+    ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``) makes every line's signature mandatory: one line
+    that is unsigned, malformed or does not verify refuses the whole manifest (ManifestError).
+    A path that is not a regular file is refused (Refused) without blocking."""
+    if key is _FROM_ENV:
+        from tunevault.store.bundle import key_from_env
+
+        key = key_from_env()
     merged: dict[tuple[str, str], ManifestEntry] = {}
     bad = 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, 1):
-            if not text.strip():
-                continue
-            try:
-                entry, host, pid = _parse(json.loads(text))
-            except (ValueError, InvalidEntry) as exc:
-                bad += 1
-                log.debug("tunevault: %s:%d: skipped: %s", path, lineno, exc)
-                continue
-            _merge(merged, entry, host, pid)
+    for lineno, raw in lines(path):
+        if raw is not None and not raw.strip():
+            continue
+        try:
+            if raw is None:
+                raise InvalidEntry("line too long")
+            doc = loads(raw, what="line")
+            if key is not None:
+                _verify(doc, key)
+            entry, host, pid = _parse(doc)
+        except ManifestError as exc:
+            raise ManifestError(f"{os.fspath(path)}:{lineno}: {exc}; refusing the whole manifest") from None
+        except Exception as exc:  # whatever a line holds, it is that line's problem only
+            if key is not None:
+                raise ManifestError(f"{os.fspath(path)}:{lineno}: {str(exc)[:200]}; with TUNEVAULT_BUNDLE_KEY set, "
+                                    "every line must be a valid signed line; refusing the whole manifest") from None
+            bad += 1
+            log.debug("tunevault: %s:%d: skipped: %s", path, lineno, str(exc)[:200])
+            continue
+        _merge(merged, entry, host, pid)
     if bad:
         log.warning("tunevault: %s: skipped %d malformed line(s)", path, bad)
     return sorted(merged.values(), key=lambda e: (e.first_seen, e.kernel, e.key.text))
+
+
+def _verify(doc: Any, key: str | bytes) -> None:
+    from tunevault.store.bundle import BundleError, check_signature
+
+    if not isinstance(doc, dict):
+        raise ManifestError("not a manifest line")
+    try:
+        check_signature("the line", doc, key, "capture it with TUNEVAULT_BUNDLE_KEY set")
+    except BundleError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def _merge(merged: dict[tuple[str, str], ManifestEntry], entry: ManifestEntry, host: str, pid: int) -> None:

@@ -43,9 +43,11 @@ class _Record:
 class Recorder:
     """Counts keys for one manifest path and appends them to it."""
 
-    def __init__(self, path: str | os.PathLike[str], flush_interval: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], flush_interval: float = 10.0,
+                 sign_key: str | bytes | None = None) -> None:
         self.path = os.fspath(path)
         self.flush_interval = flush_interval
+        self.sign_key = sign_key  # TUNEVAULT_BUNDLE_KEY: every line is signed, as bundles are
         self._records: dict[tuple[str, str], _Record] = {}
         self._by_raw: dict[tuple[Any, tuple], tuple[_Record, int]] = {}
         self._lock = threading.RLock()
@@ -127,11 +129,11 @@ class Recorder:
                 spec = None if rec.spec_written else rec.callspec
                 counted = dict(zip(manifest.OUTCOMES, delta, strict=True))
                 lines.append(manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host,
-                                           spec, None if rec.spec_written else rec.error))
+                                           spec, None if rec.spec_written else rec.error, self.sign_key))
                 done.append((rec, counts))
             try:
                 manifest.append(self.path, lines)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: not a regular file (a FIFO would block exit)
                 self._warn(exc)
                 return 0
             for rec, counts in done:
@@ -221,7 +223,7 @@ def on_install(settings: Any) -> None:
             _from_settings = None
         if wanted and _from_settings is None:
             _register_hooks()
-            _from_settings = Recorder(wanted)
+            _from_settings = Recorder(wanted, sign_key=settings.bundle_key)
         _attach()
 
 
@@ -235,6 +237,15 @@ def on_uninstall() -> None:
         _attach()
 
 
+def _sign_key(installed: str | None) -> str | None:
+    """The installed runtime's key, else ``$TUNEVAULT_BUNDLE_KEY``: capture signs whenever one is set."""
+    if installed is not None:
+        return installed
+    from tunevault.store.bundle import key_from_env
+
+    return key_from_env()
+
+
 @contextlib.contextmanager
 def capture(path: str | os.PathLike[str], flush_interval: float = 10.0) -> Iterator[Recorder]:
     """Record every key resolved inside the block to the manifest at ``path`` (JSON lines, appended)."""
@@ -243,7 +254,8 @@ def capture(path: str | os.PathLike[str], flush_interval: float = 10.0) -> Itera
     if runtime() is None:
         log.warning("tunevault: capture(%s): tunevault is not installed, so no key is resolved by it yet; "
                     "call tunevault.install() first", os.fspath(path))
-    rec = Recorder(path, flush_interval)
+    rt = runtime()
+    rec = Recorder(path, flush_interval, _sign_key(rt.settings.bundle_key if rt is not None else None))
     with _lock:
         _register_hooks()
         _stack.append(rec)

@@ -22,12 +22,15 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 def bundle_key(args: argparse.Namespace) -> str | None:
     """The HMAC key: ``--key-file`` if given, else ``$TUNEVAULT_BUNDLE_KEY``."""
     if getattr(args, "key_file", None):
-        with open(args.key_file, encoding="utf-8") as f:
-            key = f.read().strip()
+        from tunevault.core.untrusted import read_document
+
+        key = read_document(args.key_file, limit=1 << 16).decode("utf-8").strip()  # never blocks on a FIFO
         if not key:
             raise ValueError(f"key file {args.key_file} is empty")
         return key
-    return os.environ.get("TUNEVAULT_BUNDLE_KEY") or None
+    from tunevault.store.bundle import key_from_env
+
+    return key_from_env()  # set but empty: a configuration error, never "no key"
 
 
 def load_side(spec: str, key: str | None) -> tuple[str, list[Decision]]:
@@ -43,9 +46,9 @@ def load_side(spec: str, key: str | None) -> tuple[str, list[Decision]]:
             return store.url, list(store.decisions())
         finally:
             store.close()
-    with open(spec, "rb") as f:
-        head = f.read(len(SQLITE_MAGIC))
-    if head == SQLITE_MAGIC:
+    from tunevault.core.untrusted import head
+
+    if head(spec, len(SQLITE_MAGIC)) == SQLITE_MAGIC:  # a regular file only: never blocks on a FIFO
         return load_side("sqlite:///" + os.path.abspath(spec), key)
     try:
         return spec, load_bundle(spec, key)[1]

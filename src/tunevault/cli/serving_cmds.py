@@ -20,6 +20,7 @@ def register(sub: Any) -> None:
                                    "fingerprint in the store. Exit status 1 if any key has none.")
     p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _allow_module_flag(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("warmup", help="replay a key manifest: tune every captured key not yet decided",
@@ -28,6 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
     p.add_argument("--device", help="build tensors on this device instead of the captured one (e.g. cuda:0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _allow_module_flag(p)
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("report", help="tuning cost per kernel and a timeline, from events or a manifest",
@@ -39,14 +41,23 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _allow_module_flag(p: argparse.ArgumentParser) -> None:
+    """A manifest names modules to import, and importing runs their code: limit which ones."""
+    p.add_argument("--allow-module", action="append", metavar="PREFIX",
+                   help="import kernels only from modules under PREFIX (repeatable; default: any module, "
+                        "or $TUNEVAULT_ALLOW_MODULES); other lines are skipped with the reason")
+
+
 def _key(item: Any) -> str:
     return item.key.describe() or "(empty key)"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from tunevault.capture.locate import allow_modules
     from tunevault.policy.check import check
 
-    result = check(args.manifest, store=args.store)
+    with allow_modules(args.allow_module):
+        result = check(args.manifest, store=args.store)
     if args.json:
         print_json(result.to_json())
         return 0 if result.ok else 1
@@ -62,11 +73,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     import tunevault
+    from tunevault.capture.locate import allow_modules
     from tunevault.capture.replay import warmup
 
     tunevault.install(mode="tune", store=args.store, on_miss="tune")
     try:
-        with _progress(quiet=args.json) as progress:
+        with allow_modules(args.allow_module), _progress(quiet=args.json) as progress:
             report = warmup(args.manifest, device=args.device, progress=progress)
     finally:
         tunevault.uninstall()

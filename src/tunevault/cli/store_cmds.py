@@ -14,7 +14,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tunevault.cli.output import print_json, print_table
@@ -243,32 +242,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def read_document(path: str) -> tuple[list[Any], Fingerprint | None]:
     """An export (or bundle) file's entries and fingerprint header; a file that is not one at all, or
-    whose signature fails with ``TUNEVAULT_BUNDLE_KEY`` set, is a ValueError naming it."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-        doc = json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a UTF-8 text file ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a tunevault export (expected an object with format {EXPORT_FORMAT!r})")
-    if doc.get("schema") != EXPORT_SCHEMA:
-        raise ValueError(f"{path}: export schema {doc.get('schema')!r} is not supported (this tunevault "
-                         f"reads schema {EXPORT_SCHEMA})")
-    if not isinstance(doc.get("decisions"), list):
-        raise ValueError(f"{path}: 'decisions' must be a list")
-    key, sig = os.environ.get("TUNEVAULT_BUNDLE_KEY"), doc.get("signature")
-    if key and sig is not None:  # a signed bundle is checked; an unsigned export imports as usual
-        from tunevault.store.bundle import signature
+    that is unsigned or fails its signature with ``TUNEVAULT_BUNDLE_KEY`` set, is a ValueError naming it."""
+    from tunevault.store.bundle import key_from_env
+    from tunevault.store.bundle import read_document as read_checked
 
-        if not (isinstance(sig, dict) and sig.get("hmac") == signature(doc, key)):
-            raise ValueError(f"{path}: signature does not verify with TUNEVAULT_BUNDLE_KEY; nothing imported")
-    try:
-        header = doc.get("fingerprint")
-        return doc["decisions"], None if header is None else Fingerprint.from_json(header)
-    except InvalidEntry as exc:
-        raise ValueError(f"{path}: invalid fingerprint header: {exc}") from None
+    fingerprint, entries = read_checked(path, key_from_env())
+    return entries, fingerprint
 
 
 def parse_entry(entry: Any, fingerprint: Fingerprint | None = None) -> Decision:

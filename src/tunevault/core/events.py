@@ -2,17 +2,21 @@
 
 Events go to the ``tunevault`` logger at DEBUG and, when a path is configured, to a JSON-lines
 file that several processes may append to (one ``write`` per line on an O_APPEND descriptor).
+The path is only ever a regular file: anything else is refused once, never waited on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import defaultdict
 from typing import Any
+
+from tunevault.core.untrusted import Refused, open_sink
 
 log = logging.getLogger("tunevault")
 
@@ -60,6 +64,7 @@ class EventLog:
         self.recent: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._warned = False
+        self._refused = False  # the path is not a regular file: never tried again
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"event": kind, "time": time.time(), "pid": os.getpid(), **fields}
@@ -68,19 +73,31 @@ class EventLog:
             if len(self.recent) > self.keep:
                 del self.recent[: len(self.recent) - self.keep]
         log.debug("event %s", event)
-        if self.path:
-            self._append(event)
+        if self.path and not self._refused:
+            self._append(self.path, event)
         return event
 
-    def _append(self, event: dict[str, Any]) -> None:
-        line = (json.dumps(event, default=str, separators=(",", ":")) + "\n").encode()
+    def _append(self, path: str, event: dict[str, Any]) -> None:
+        """One write per line; a path that is not a regular file (a FIFO without a reader would
+        block the tuning call forever) is refused once, with a warning, and not tried again."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            line = (json.dumps(event, default=str, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        except ValueError:  # a NaN or infinity in a field: keep the line valid JSON
+            line = (json.dumps(_finite(event), default=str, separators=(",", ":")) + "\n").encode()
+        try:
+            fd = open_sink(path)
             try:
                 os.write(fd, line)
             finally:
                 os.close(fd)
+        except Refused as exc:
+            self._refused = True
+            log.warning("tunevault: not writing events: %s; events stay in memory", exc)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                log.warning("tunevault: cannot write events to %s (%s); events stay in memory", self.path, exc)
+                log.warning("tunevault: cannot write events to %s (%s); events stay in memory", path, exc)
+
+
+def _finite(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in event.items()}

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from tunevault.core import untrusted
+
 SCHEMA_VERSION = 1
+TIME_RANGE = (0.0, 32503680000.0)  # 1970 to 3000: every platform's localtime() takes these
+MAX_SECONDS = 1e9  # a tuning that took longer than 30 years is not a measurement
 
 JsonScalar = str | int | float | bool | None
 
@@ -29,10 +33,6 @@ def canonical_json(obj: Any) -> str:
 
 def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidEntry(f"{name} is not allowed in stored JSON")
 
 
 def _require(cond: bool, what: str) -> None:
@@ -289,8 +289,12 @@ class Decision:
         _require(margin is None or _is_number(margin), "margin")
         secs = data.get("tuning_seconds", 0.0)
         _require(_is_number(secs), "tuning_seconds")
+        _require(0.0 <= secs <= MAX_SECONDS, "tuning_seconds out of range")
         prov = data.get("provenance", {})
         _require(isinstance(prov, dict) and all(_is_scalar(v) for v in prov.values()), "provenance")
+        when = prov.get("time")
+        _require(when is None or (_is_number(when) and TIME_RANGE[0] <= when <= TIME_RANGE[1]),
+                 "provenance.time must be a time between 1970 and 3000")
         return cls(
             kernel=KernelId.from_json(data.get("kernel")),
             fingerprint=Fingerprint.from_json(data.get("fingerprint")),
@@ -305,10 +309,11 @@ class Decision:
 
     @classmethod
     def loads(cls, text: str | bytes) -> Decision:
+        """Parse a stored entry strictly (bounded nesting, finite numbers, valid Unicode, no
+        duplicate keys): whatever the text holds, the only error is InvalidEntry."""
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
-            return cls.from_json(data)
+            return cls.from_json(untrusted.loads(text, what="entry"))
         except InvalidEntry:
             raise
-        except (ValueError, UnicodeDecodeError, RecursionError, TypeError) as exc:
-            raise InvalidEntry(f"not a valid decision: {exc}") from exc
+        except Exception as exc:
+            raise InvalidEntry(f"not a valid decision: {str(exc)[:300]}") from exc

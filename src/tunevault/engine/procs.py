@@ -1,7 +1,9 @@
 """A worker subprocess seen from the server: JSON lines over pipes, every wait bounded.
 
 Reader threads turn the worker's stdout into a queue of events (``None`` marks its death) and
-keep the tail of its stderr for error messages, so the server never blocks on a pipe.
+keep the tail of its stderr for error messages, so the server never blocks on a pipe. Only lines
+framed with the worker's session token count as events: kernel code running in the worker (a
+config ``pre_hook``) that writes to its descriptors cannot forge a result.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,8 +30,10 @@ class WorkerDied(RuntimeError):
 
 
 class WorkerProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], env: dict[str, str]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], env: dict[str, str], token: str = "") -> None:
         self.proc, self.env, self.pid = proc, env, proc.pid
+        self.token = token.encode()
+        self.forged = 0  # unframed lines seen on the protocol pipe (kernel code writing to it)
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.tail: deque[str] = deque(maxlen=40)
         self.opened: set[int] = set()
@@ -43,16 +48,27 @@ class WorkerProcess:
         assert self.proc.stdout is not None
         try:
             for line in iter(self.proc.stdout.readline, b""):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
+                event = self._unframe(line)
+                if event is not None:
                     self.events.put(event)
         except (OSError, ValueError):
             pass
         finally:
             self.events.put(None)
+
+    def _unframe(self, line: bytes) -> dict[str, Any] | None:
+        """The event after the token (bytes before it are someone else's partial write), or None."""
+        at = line.find(self.token + b" ") if self.token else 0
+        try:
+            event = json.loads(line[at + len(self.token):]) if at >= 0 else None
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            self.forged += 1
+            if self.forged == 1:
+                log.debug("tunevault: ignoring an unframed line on the worker's protocol pipe: %r", line[:200])
+            return None
+        return event
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -219,7 +235,14 @@ def spawn(env: dict[str, str], timeout: float) -> WorkerProcess:
                                 start_new_session=True)
     except OSError as exc:
         raise WorkerDied(f"cannot start a worker: {exc}") from exc
-    worker = WorkerProcess(proc, env)
+    token = secrets.token_hex(16)  # in this process and the worker's memory only, never in its environment
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write((json.dumps({"op": "hello", "token": token}) + "\n").encode())
+        proc.stdin.flush()
+    except (OSError, ValueError):
+        pass  # it died at once: the wait below says so
+    worker = WorkerProcess(proc, env, token)
     try:
         worker.wait_for(("ready",), timeout)
     except queue.Empty:

@@ -1,7 +1,11 @@
 """The disposable tuning worker: ``python -m tunevault.engine.worker``.
 
 Speaks JSON lines only (requests on stdin, events on a private copy of stdout; the kernel's own
-prints go to stderr). It imports the kernel by ``module:qualname``, checks it is the kernel
+prints go to stderr). The first request carries a per-process token that only the server and
+this process's memory know (never the environment or argv); every event line starts with it,
+so a line that kernel code writes to an inherited descriptor is ignored by the server.
+
+It imports the kernel by ``module:qualname``, checks it is the kernel
 the server asked for, rebuilds the arguments from a CallSpec and runs the engine's stages on
 them. Each config is announced before it runs, so when this process dies the server knows
 which config killed it. It exits on end of input, after ``TUNEVAULT_WORKER_IDLE`` idle
@@ -50,13 +54,16 @@ def import_kernel(target: str) -> Any:
 
 
 class Worker:
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, token: str = "") -> None:
         self.out = out
+        self.token = token
         self.sessions: dict[int, Any] = {}
         self.launches = 0
 
     def emit(self, **event: Any) -> None:
-        self.out.write(json.dumps(event, allow_nan=False) + "\n")
+        """One framed line, written whole (``os.write`` of one buffer, below the pipe's atomic size
+        for every event but long error messages)."""
+        self.out.write(f"{self.token} {json.dumps(event, allow_nan=False)}\n")
         self.out.flush()
 
     def counted(self) -> None:
@@ -77,7 +84,7 @@ class Worker:
         if kernel_id(at).digest != msg["digest"]:
             raise Fatal(f"{target} imported in the worker is a different kernel (source or configs differ)")
         try:
-            args, kwargs = CallSpec.from_json(msg["callspec"]).build(at, seed=0)
+            args, kwargs = CallSpec.from_json(msg["callspec"], untrusted=False).build(at, seed=0)  # the server's call
         except Exception as exc:
             raise Fatal(f"cannot rebuild the arguments of {target}: {type(exc).__name__}: {exc}") from exc
         configs = dict(enumerate(at.configs))
@@ -198,9 +205,12 @@ def main() -> int:
 
     import tunevault.engine.inprocess  # noqa: F401
 
-    worker = Worker(out)
-    worker.emit(ev="ready", pid=os.getpid())
     lines = LineReader(sys.stdin.fileno())
+    token = hello(lines)
+    if token is None:
+        return 2  # not started by a server (or it went away before saying hello)
+    worker = Worker(out, token)
+    worker.emit(ev="ready", pid=os.getpid())
     while True:
         line = lines.readline(None if worker.sessions else idle)  # never idle out mid-tuning
         if line is None:
@@ -218,6 +228,17 @@ def main() -> int:
                 return 3
         except Exception as exc:  # a bug or a bad request: report it and stay up
             worker.emit(ev="fatal", sid=msg.get("sid"), message=f"{type(exc).__name__}: {exc}"[:500])
+
+
+def hello(lines: LineReader, timeout: float = 60.0) -> str | None:
+    """The session token from the server's first line, ``{"op": "hello", "token": ...}``."""
+    line = lines.readline(timeout)
+    try:
+        msg = json.loads(line) if line is not None else None
+    except ValueError:
+        return None
+    token = msg.get("token") if isinstance(msg, dict) and msg.get("op") == "hello" else None
+    return token if isinstance(token, str) and token.isalnum() and len(token) >= 16 else None
 
 
 class LineReader:

@@ -14,7 +14,7 @@ from tunevault.core.events import EventLog, Stats
 from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
 from tunevault.policy.fallback import Predictions
 from tunevault.policy.settings import Settings
-from tunevault.store.base import Query, Store, StoreUnavailable
+from tunevault.store.base import Query, Store
 
 log = logging.getLogger("tunevault")
 
@@ -59,7 +59,7 @@ class Runtime:
             from tunevault.store.layered import open_layered
 
             return open_layered(self.settings)
-        except (StoreUnavailable, OSError) as exc:
+        except Exception as exc:  # nothing a store, a bundle or a file holds may raise into a kernel call
             from tunevault.store.memory import MemoryStore
 
             self.warn_once(("store", self.settings.store),
@@ -99,6 +99,20 @@ class Runtime:
         self.decided[published.store_key] = published
         self.predictions.invalidate(published.kernel.digest)
         return published
+
+    def supersede(self, stale: Decision, decision: Decision) -> None:
+        """The store holds ``stale``, which names a config the kernel does not declare: replace it
+        with ``decision`` (just tuned here), so the key is not re-tuned after every restart."""
+        from tunevault.store.base import supersede
+
+        try:
+            supersede(self.store, stale, decision)
+            log.info("tunevault: %s [%s]: replaced a stored decision naming an undeclared config #%d",
+                     decision.kernel.name, decision.key.describe(), stale.config_index)
+        except Exception as exc:
+            self.warn_once(("supersede", type(exc)), "tunevault: could not replace a stored decision naming an "
+                           "undeclared config (%s); the new decision is kept in memory", exc)
+        self.decided[decision.store_key] = decision
 
     def decided_keys(self, kernel: KernelId) -> list[TuningKey]:
         """Every key of ``kernel`` decided for this fingerprint (for miss diagnosis)."""

@@ -303,10 +303,13 @@ def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: Tunin
     allowed = {i for i, _ in indexed}
     if winner.index < len(at.configs):
         published = rt.publish(decision)
-        # A stored entry this call may not launch (undeclared, or excluded by this call's pruning)
-        # still wins the put (first writer): launch what was measured here, never that entry.
+        # A stored entry this call may not launch still wins the put (first writer): launch what was
+        # measured here, never that entry. One naming no declared config is replaced; one this
+        # call's pruning excludes stays (another call of the same kernel may launch it).
         index = st.declared_index(published.config_index, published.config)
-        if index is None or index not in allowed:
+        if index is None:
+            rt.supersede(published, decision)
+        elif index not in allowed:
             rt.decided[decision.store_key] = decision
         else:
             decision = published

@@ -62,6 +62,10 @@ class Settings:
             raise ValueError(f"tunevault config_timeout must be > 0; got {self.config_timeout!r}")
         if self.lease_ttl <= 0:
             raise ValueError(f"tunevault lease_ttl must be > 0; got {self.lease_ttl!r}")
+        if self.bundle_key is not None and not self.bundle_key.strip():
+            from tunevault.store.bundle import EMPTY_KEY  # an empty key must not mean "no signatures"
+
+            raise ValueError(EMPTY_KEY)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -71,7 +75,7 @@ class Settings:
                   "remote": "TUNEVAULT_REMOTE", "bundle_key": "TUNEVAULT_BUNDLE_KEY",
                   "capture": "TUNEVAULT_CAPTURE", "events": "TUNEVAULT_EVENTS"}
         for name, var in simple.items():
-            if e.get(var):
+            if e.get(var) or (name == "bundle_key" and var in e):  # an empty key is an error, not "no key"
                 kw[name] = e[var].strip().lower() if name in ("mode", "on_miss") else e[var]
         if e.get("TUNEVAULT_BUNDLE"):
             kw["bundles"] = _paths(e["TUNEVAULT_BUNDLE"])

@@ -8,7 +8,7 @@ miss plus a warning, never an exception into a kernel call.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -59,6 +59,17 @@ class Store(Protocol):
     def release(self, name: str, holder: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def supersede(store: Store, stale: Decision, decision: Decision) -> Decision:
+    """Replace a stored entry that names no declared config (``stale``) with a re-tuned decision.
+
+    First writer wins everywhere else; this is the one exception, and only for an entry that can
+    never be launched. Compare-and-swap: returns the decision the store holds afterwards."""
+    replace: Callable[[Decision, Decision], Decision] | None = getattr(store, "supersede", None)
+    if replace is None:
+        return store.put(decision)
+    return replace(stale, decision)
 
 
 class StoreUnavailable(RuntimeError):

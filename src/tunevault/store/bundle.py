@@ -7,6 +7,8 @@ or whose signature does not verify is rejected whole; without a key its signatur
 
 It is the same document ``tunevault export`` writes (so ``tunevault import`` reads a bundle too),
 plus a ``fingerprint`` header and the optional ``signature``; any export file loads as a bundle.
+A bundle comes from elsewhere: only a regular file of bounded size is read, with bounded nesting,
+and whatever it holds, loading raises BundleError (one refusal) and nothing else.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import hashlib
 import hmac
 import json
 import os
+import re
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
 from tunevault.core.model import Decision, Fingerprint, InvalidEntry, canonical_json
+from tunevault.core.untrusted import MAX_DOCUMENT_BYTES, Refused, loads
+from tunevault.core.untrusted import read_document as read_file
 from tunevault.store.base import Query, Store, StoreUnavailable, log
 
 # The one definition of the export / bundle document's format; the CLI's export and import use it too.
@@ -28,6 +34,10 @@ FORMAT = "tunevault-decisions"
 SCHEMA = 1
 ALGORITHM = "hmac-sha256"
 EVERYTHING = Query()
+KEY_VARIABLE = "TUNEVAULT_BUNDLE_KEY"
+EMPTY_KEY = (f"{KEY_VARIABLE} is set but empty (an empty secret file?): an empty key would switch signature "
+             "checks off; set a real key, or unset it to run without signatures")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(ValueError):
@@ -39,14 +49,14 @@ def winner_only(decision: Decision) -> Decision:
     return replace(decision, candidates=())
 
 
-def _key_bytes(key: str | bytes) -> bytes:
-    return key if isinstance(key, bytes) else key.encode()
+def _signed_body(document: dict[str, Any]) -> bytes:
+    body = canonical_json({k: v for k, v in document.items() if k != "signature"})
+    return body.encode()  # canonical JSON is ASCII
 
 
 def signature(document: dict[str, Any], key: str | bytes) -> str:
     """HMAC-SHA256 over the canonical JSON of the document without its signature."""
-    body = canonical_json({k: v for k, v in document.items() if k != "signature"})
-    return hmac.new(_key_bytes(key), body.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(key_bytes(key), _signed_body(document), hashlib.sha256).hexdigest()
 
 
 def make_bundle(decisions: Iterable[Decision], fingerprint: Fingerprint,
@@ -61,7 +71,7 @@ def make_bundle(decisions: Iterable[Decision], fingerprint: Fingerprint,
         "fingerprint": fingerprint.to_json(),
         "decisions": [d.to_json() for d in ordered],
     }
-    if key:
+    if key is not None:
         doc["signature"] = {"alg": ALGORITHM, "hmac": signature(doc, key)}
     return doc
 
@@ -104,59 +114,102 @@ def export_bundle(store: Store, path: str | os.PathLike[str], fingerprint: str |
     return write_bundle(path, store.decisions(query), fp, key)
 
 
-def load_bundle(path: str | os.PathLike[str],
-                key: str | bytes | None = None) -> tuple[Fingerprint | None, list[Decision]]:
-    """Read and check a bundle. Raises BundleError when it cannot be trusted or read at all;
-    a malformed or foreign entry inside a good bundle is skipped with a warning."""
-    path = os.fspath(path)
+def key_bytes(key: str | bytes) -> bytes:
+    """The HMAC key as bytes; an empty key is a configuration error, never "no key"."""
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogatepass")
+    if not raw.strip():
+        raise BundleError(EMPTY_KEY)
+    return raw
+
+
+def key_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """``$TUNEVAULT_BUNDLE_KEY``: None when unset; set but empty is a BundleError (a ValueError)."""
+    value = (os.environ if env is None else env).get(KEY_VARIABLE)
+    if value is None:
+        return None
+    key_bytes(value)
+    return value
+
+
+def read_document(path: str | os.PathLike[str], key: str | bytes | None = None,
+                  ) -> tuple[Fingerprint | None, list[Any]]:
+    """An export or bundle file's fingerprint header and raw entries, checked as a whole.
+
+    ``-`` reads standard input. Raises BundleError (and nothing else) when the file cannot be
+    read, is not a tunevault document of this schema, or, with a key, is unsigned or does not
+    verify. Entries are returned unparsed: each is validated by its reader."""
+    where = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read tuning bundle {path}: {exc}") from exc
+        raw = sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1) if where == "-" else read_file(where)
+        if len(raw) > MAX_DOCUMENT_BYTES:
+            raise Refused(f"{where} is larger than the {MAX_DOCUMENT_BYTES} bytes tunevault reads")
+        return _checked(where, loads(raw, what=where), key)
+    except BundleError:
+        raise
+    except Exception as exc:  # whatever a hostile file does, it is refused here, named, and nothing else
+        raise BundleError(f"cannot read tuning bundle {where}: {exc}") from None
+
+
+def _checked(where: str, doc: Any, key: str | bytes | None) -> tuple[Fingerprint | None, list[Any]]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise BundleError(f"{path} is not a tunevault bundle or export (no \"format\": \"{FORMAT}\")")
+        raise BundleError(f"{where} is not a tunevault export or bundle (no \"format\": \"{FORMAT}\")")
     if doc.get("schema") != SCHEMA:
-        raise BundleError(f"tuning bundle {path} has schema {doc.get('schema')!r}; this tunevault reads "
-                          f"schema {SCHEMA}")
-    _check_signature(path, doc, key)
+        raise BundleError(f"tuning bundle {where} has schema {str(doc.get('schema'))[:40]}; this tunevault "
+                          f"reads schema {SCHEMA}")
+    check_signature(f"tuning bundle {where}", doc, key)
     fingerprint = None
     if doc.get("fingerprint") is not None:
         try:
             fingerprint = Fingerprint.from_json(doc["fingerprint"])
         except InvalidEntry as exc:
-            raise BundleError(f"tuning bundle {path} has an invalid fingerprint: {exc}") from exc
+            raise BundleError(f"tuning bundle {where} has an invalid fingerprint: {exc}") from None
     entries = doc.get("decisions")
     if not isinstance(entries, list):
-        raise BundleError(f"tuning bundle {path} has no decisions list")
+        raise BundleError(f"tuning bundle {where} has no decisions list")
+    return fingerprint, entries
+
+
+def load_bundle(path: str | os.PathLike[str],
+                key: str | bytes | None = None) -> tuple[Fingerprint | None, list[Decision]]:
+    """Read and check a bundle. Raises BundleError when it cannot be trusted or read at all (and
+    nothing else); a malformed or foreign entry inside a good bundle is skipped with a warning."""
+    path = os.fspath(path)
+    fingerprint, entries = read_document(path, key)
     decisions = []
     for i, entry in enumerate(entries):
         try:
             decision = Decision.from_json(entry)
             if fingerprint is not None and decision.fingerprint != fingerprint:
                 raise InvalidEntry("its fingerprint differs from the bundle's")
-        except (InvalidEntry, TypeError, ValueError) as exc:
-            log.warning("tunevault: ignoring malformed decision #%d in bundle %s: %s", i, path, exc)
+        except Exception as exc:  # one bad entry costs that entry, never the bundle or a kernel call
+            log.warning("tunevault: ignoring malformed decision #%d in bundle %s: %s", i, path, str(exc)[:300])
             continue
         decisions.append(decision)
     return fingerprint, decisions
 
 
-def _check_signature(path: str, doc: dict[str, Any], key: str | bytes | None) -> None:
+def check_signature(what: str, doc: dict[str, Any], key: str | bytes | None,
+                    how_to_sign: str = "sign it with `tunevault export --winners-only --sign`") -> None:
+    """With a key, ``doc`` must carry a valid signature (BundleError naming ``what`` otherwise);
+    without one it is not checked."""
     sig = doc.get("signature")
-    if not key:
+    if key is None:
         if sig is not None:
-            log.debug("tunevault: bundle %s is signed but no TUNEVAULT_BUNDLE_KEY is set; not verified", path)
+            log.debug("tunevault: %s is signed but no TUNEVAULT_BUNDLE_KEY is set; not verified", what)
         return
-    if not isinstance(sig, dict) or not isinstance(sig.get("hmac"), str):
-        raise BundleError(f"tuning bundle {path} is not signed, but TUNEVAULT_BUNDLE_KEY is set; "
-                          "refusing it (sign it with `tunevault export --winners-only --sign`)")
-    if sig.get("alg") != ALGORITHM:
-        raise BundleError(f"tuning bundle {path} is signed with {sig.get('alg')!r}; "
-                          f"only {ALGORITHM} is accepted")
-    if not hmac.compare_digest(sig["hmac"], signature(doc, key)):
-        raise BundleError(f"tuning bundle {path}: signature does not verify (the file was modified after "
-                          "signing, or TUNEVAULT_BUNDLE_KEY is not the key it was signed with); refusing it")
+    secret = key_bytes(key)
+    if sig is None:
+        raise BundleError(f"{what} is not signed, but TUNEVAULT_BUNDLE_KEY is set; refusing it ({how_to_sign})")
+    if not isinstance(sig, dict) or sig.get("alg") != ALGORITHM:
+        alg = sig.get("alg") if isinstance(sig, dict) else sig
+        raise BundleError(f"{what} is signed with {str(alg)[:40]!r}; only {ALGORITHM} is accepted")
+    given = sig.get("hmac")
+    if not (isinstance(given, str) and _HEX64.fullmatch(given)):
+        raise BundleError(f"{what}: its signature is malformed; refusing it")
+    expected = hmac.new(secret, _signed_body(doc), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(given.encode("ascii"), expected.encode("ascii")):
+        raise BundleError(f"{what}: signature does not verify (the file was modified after signing, or "
+                          "TUNEVAULT_BUNDLE_KEY is not the key it was signed with); refusing it")
 
 
 class BundleStore:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from tunevault.core.model import Decision, Fingerprint
 from tunevault.policy.settings import Settings
-from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store
+from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, supersede
 
 T = TypeVar("T")
 EVERYTHING = Query()
@@ -43,7 +43,7 @@ class LayeredStore:
         except Exception as exc:  # a remote must never break or stall a kernel call
             self._remote_failed(what, exc)
             return default
-        if self._remote_down:
+        if self._remote_down and getattr(self.remote, "available", True):  # a swallowed failure is no answer
             with self._lock:
                 self._remote_down = False
             log.info("tunevault: remote store %s answers again", self.remote.url)
@@ -98,6 +98,18 @@ class LayeredStore:
             log.warning("tunevault: %s [%s]: the local store %s holds config #%d but the fleet chose #%d; "
                         "using the fleet's", decision.kernel.name, decision.key.describe(), self.local.url,
                         local.config_index, published.config_index)
+        return winner if published is not None else local
+
+    def supersede(self, stale: Decision, decision: Decision) -> Decision:
+        """Replace ``stale`` where it is stored (remote first, then local, which also shadows a bundle)."""
+        published = self._remote("supersede", lambda r: supersede(r, stale, decision), None)
+        winner = decision if published is None else published
+        try:
+            local = supersede(self.local, stale, winner)
+        except Exception:
+            if published is None:
+                raise
+            return published
         return winner if published is not None else local
 
     def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
@@ -156,6 +168,10 @@ def open_bundles(paths: Sequence[str], key: str | None, current: Fingerprint | N
             bundle = BundleStore(path, key)
         except BundleError as exc:
             log.error("tunevault: %s; continuing without it", exc)
+            continue
+        except Exception as exc:  # whatever a bundle holds, it costs that bundle, never a kernel call
+            log.error("tunevault: tuning bundle %s refused (%s: %s); continuing without it", path,
+                      type(exc).__name__, str(exc)[:300])
             continue
         usable = bundle.count() if current is None else sum(
             1 for _ in bundle.decisions(Query(fingerprint_digest=current.digest)))

@@ -36,6 +36,15 @@ class MemoryStore:
         with self._lock:
             return self._decisions.setdefault(decision.store_key, decision)
 
+    def supersede(self, stale: Decision, decision: Decision) -> Decision:
+        """Replace ``stale`` with a re-tuned ``decision`` unless another one replaced it first."""
+        with self._lock:
+            current = self._decisions.get(decision.store_key)
+            if current is not None and current != stale:
+                return current
+            self._decisions[decision.store_key] = decision
+            return decision
+
     def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
         with self._lock:  # snapshot, so callers may delete while iterating
             matched = [d for d in self._decisions.values() if query.matches(d)]

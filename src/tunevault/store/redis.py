@@ -2,7 +2,9 @@
 
 First writer wins by construction (``SET NX``), leases are ``SET NX PX`` with a compare-and-delete
 release, payloads are the same validated JSON as everywhere else. The network is never trusted
-to be there: short socket timeouts, no client-side retries, and after a failure the store
+to be there: short socket timeouts, no client-side retries, a deadline on every whole operation
+(a server that trickles one valid byte per socket timeout never completes a read in time, so
+per-read timeouts alone do not bound it), and after a failure or a missed deadline the store
 backs off (fails fast without touching the network) instead of paying a timeout on every call.
 """
 
@@ -14,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tunevault.core.model import Decision
 from tunevault.store.base import Query, StoreUnavailable, log
@@ -23,6 +25,7 @@ T = TypeVar("T")
 EVERYTHING = Query()
 PREFIX = "tunevault:v1:"
 SOCKET_TIMEOUT_S = 0.5
+DEADLINE_S = 1.0  # one whole operation: connect, every round trip, every read (at least 2 socket timeouts)
 BACKOFF_S = (1.0, 60.0)  # first and longest pause after a failure; doubles in between
 
 # Renew when ours, else take when free: one round trip, atomic on the server.
@@ -66,6 +69,23 @@ def index_key(kernel_digest: str, fingerprint_digest: str) -> str:
 INDEXES = PREFIX + "indexes"  # set of "kernel_digest:fingerprint_digest" pairs with an index
 
 
+def _split_deadline(url: str) -> tuple[str, float | None]:
+    """``?deadline=S`` is tunevault's, not redis-py's: take it out of the URL the client sees."""
+    parts = urlsplit(url)
+    if "deadline" not in parts.query:
+        return url, None
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in pairs if k == "deadline"]
+    try:
+        deadline = float(values[-1])
+    except ValueError:
+        raise StoreUnavailable(f"redis store URL: deadline must be a number of seconds, got {values[-1]!r}") from None
+    if not 0 < deadline < 3600:
+        raise StoreUnavailable(f"redis store URL: deadline must be in (0, 3600) seconds, got {deadline}")
+    rest = urlencode([(k, v) for k, v in pairs if k != "deadline"])
+    return parts._replace(query=rest).geturl(), deadline
+
+
 def _display(url: str) -> str:
     """The URL without its password, for messages."""
     parts = urlsplit(url)
@@ -87,12 +107,15 @@ class RedisStore:
         self.url = url
         self._where = _display(url)
         timeout = SOCKET_TIMEOUT_S if timeout_s is None else timeout_s
+        client_url, deadline = _split_deadline(url)
         try:  # options in the URL's query (e.g. ?socket_timeout=2 across a WAN) override these
             self._client = redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                client_url, socket_timeout=timeout, socket_connect_timeout=timeout,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        except (ValueError, redis.RedisError) as exc:
-            raise StoreUnavailable(f"bad redis store URL {url!r}: {exc}") from exc
+        except (ValueError, TypeError, redis.RedisError) as exc:
+            raise StoreUnavailable(f"bad redis store URL {self._where!r}: {exc}") from exc
+        socket_timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout") or timeout
+        self.deadline = deadline or max(DEADLINE_S, 2 * float(socket_timeout))
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._lock = threading.Lock()
         self._down_until = 0.0
@@ -109,23 +132,38 @@ class RedisStore:
         return time.monotonic() >= self._down_until
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one round trip; a failure starts (or lengthens) the backoff and raises StoreUnavailable."""
+        """Run one operation within ``self.deadline``; a failure or a missed deadline starts (or
+        lengthens) the backoff and raises StoreUnavailable."""
         now = time.monotonic()
         if now < self._down_until:
             raise StoreUnavailable(f"redis store {self._where} unreachable; retrying in "
                                    f"{self._down_until - now:.1f} s")
+        expired = threading.Event()
+        watchdog = threading.Timer(self.deadline, self._expire, (expired,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             result = fn()
-        except self._errors as exc:
+        except Exception as exc:  # after the watchdog closed the socket, any error may surface
+            watchdog.cancel()
             with self._lock:
                 self._down_until = time.monotonic() + self._pause
                 pause, self._pause = self._pause, min(self._pause * 2, BACKOFF_S[1])
-            raise StoreUnavailable(f"redis store {self._where} failed to {what} "
-                                   f"({type(exc).__name__}: {exc}); not retrying for {pause:.0f} s") from exc
+            why = (f"no complete answer within its {self.deadline:.1f} s deadline" if expired.is_set()
+                   else f"{type(exc).__name__}: {exc}")
+            raise StoreUnavailable(f"redis store {self._where} failed to {what} ({why}); "
+                                   f"not retrying for {pause:.0f} s") from exc
+        watchdog.cancel()
         if self._pause != BACKOFF_S[0]:
             with self._lock:
                 self._pause = BACKOFF_S[0]
         return result
+
+    def _expire(self, expired: threading.Event) -> None:
+        """The deadline passed: close the connections, so the read in progress fails now."""
+        expired.set()
+        with contextlib.suppress(Exception):
+            self._client.connection_pool.disconnect()
 
     # -- validation --------------------------------------------------------------------------
 
@@ -178,14 +216,30 @@ class RedisStore:
         existing = None if stored is None else self._decode(where, stored, (kd, fd), kt)
         if existing is not None:
             return existing
-        # The entry is corrupt (or vanished): heal it, unless someone else healed it first.
+        return self._replace(decision, where, stored, payload)  # corrupt (or vanished): heal it
+
+    def _replace(self, decision: Decision, where: str, stored: Any, payload: str) -> Decision:
+        """Write ``payload`` over ``stored`` unless someone else changed the entry first; return the winner."""
         if stored is None:
             won = self._call("publish", lambda: self._client.set(where, payload, nx=True))
         else:
             won = self._call("publish", lambda: self._scripts["swap"](keys=[where], args=[stored, payload]))
         if won:
             return decision
-        return self.get(kd, fd, kt) or decision
+        return self.get(*decision.store_key) or decision
+
+    def supersede(self, stale: Decision, decision: Decision) -> Decision:
+        """Replace ``stale`` (an entry naming a config its kernel does not declare) with a re-tuned
+        ``decision``, unless the entry meanwhile holds another valid decision; return what it holds."""
+        kd, fd, kt = decision.store_key
+        where = entry_key(kd, fd, kt)
+        stored = self._call("read", lambda: self._client.get(where))
+        if stored is None:
+            return self.put(decision)
+        current = self._decode(where, stored, (kd, fd), kt)
+        if current is not None and current != stale:
+            return current
+        return self._replace(decision, where, stored, decision.dumps())
 
     def _indexes(self, query: Query) -> list[tuple[str, str]]:
         if query.kernel_digest is not None and query.fingerprint_digest is not None:

@@ -14,6 +14,7 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -71,6 +72,13 @@ def _immediate(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+def _refuse_dangling_link(path: str) -> None:
+    """SQLite would create a dangling symlink's target, wherever it points: refuse instead."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise StoreUnavailable(f"tuning store {path} is a symlink to {os.readlink(path)!r}, which does not "
+                               "exist; refusing to create it (point the store at a real path)")
+
+
 def _where(query: Query) -> tuple[str, list[Any]]:
     """The SQL side of a Query; ``instr`` keeps the kernel filter a case-sensitive substring."""
     tests = (("kernel_digest = ?", query.kernel_digest), ("fingerprint_digest = ?", query.fingerprint_digest),
@@ -92,14 +100,18 @@ class SqliteStore:
         self._warned: set[Any] = set()
         self._closed = False
         self._write_lock, self._write_lock_pid = threading.Lock(), os.getpid()
+        self._target, self._uri = self.path, False  # what sqlite3.connect opens (a URI when read-only)
+        self.read_only: str | None = None  # why this store was opened read-only, if it was
         try:
+            _refuse_dangling_link(self.path)
             parent = os.path.dirname(self.path)
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
             self._write(self._init_schema)
         except (OSError, sqlite3.Error) as exc:
-            self.close()
-            raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}") from exc
+            if not self._open_read_only(exc):
+                self.close()
+                raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}") from exc
         except StoreUnavailable:
             self.close()
             raise
@@ -114,7 +126,7 @@ class SqliteStore:
             if held.pid == os.getpid():
                 return held.db
             _FORK_ORPHANS.append(held)  # closing it here could checkpoint the parent's WAL
-        db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None,
+        db = sqlite3.connect(self._target, timeout=self._timeout, isolation_level=None, uri=self._uri,
                              check_same_thread=False)  # only so close() may close it
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
@@ -143,6 +155,8 @@ class SqliteStore:
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Writers of one process take turns on a lock (woken at once) before SQLite's busy wait
         (which polls with sleeps, and starves under contention): only processes contend in SQLite."""
+        if self.read_only is not None:
+            raise StoreUnavailable(f"tuning store {self.path} is read-only here ({self.read_only})")
         if self._write_lock_pid != os.getpid():  # another thread may have held it at fork time
             self._write_lock, self._write_lock_pid = threading.Lock(), os.getpid()
         lock = self._write_lock
@@ -171,6 +185,33 @@ class SqliteStore:
             for ddl in _TABLES.values():
                 db.execute(ddl)
             db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
+
+    def _open_read_only(self, exc: BaseException) -> bool:
+        """A decided store in a directory or on a mount this process cannot write: read it as is.
+
+        ``mode=ro`` first (a WAL file needs its ``-shm`` then); on read-only media, where nobody
+        can write the file either, ``immutable=1``. Writes and leases then raise StoreUnavailable,
+        so new decisions stay in memory with one warning, and every stored key is still a hit."""
+        if not os.path.isfile(self.path):
+            return False
+        for option in ("mode=ro", "immutable=1"):
+            target = f"file:{urllib.parse.quote('/' + self.path.lstrip('/'))}?{option}"  # "//x": no URI authority
+            try:
+                db = sqlite3.connect(target, uri=True, timeout=self._timeout)
+                try:
+                    version = db.execute("PRAGMA user_version").fetchone()[0]
+                    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                continue
+            if version != LAYOUT_VERSION or not set(_TABLES) <= tables:
+                return False
+            self._target, self._uri, self.read_only = target, True, f"cannot write: {exc}"
+            log.info("tunevault: tuning store %s is not writable (%s); reading its decisions (%s), keeping new "
+                     "ones in memory", self.path, exc, option)
+            return True
+        return False
 
     # -- validation and warnings ------------------------------------------------------------
 
@@ -306,6 +347,26 @@ class SqliteStore:
             self._write(txn)
         except (sqlite3.Error, StoreUnavailable) as exc:
             log.warning("could not release lease %r in %s (%s); it will expire", name, self.path, exc)
+
+    def supersede(self, stale: Decision, decision: Decision) -> Decision:
+        """Replace ``stale`` (an entry that names a config its kernel does not declare) with a re-tuned
+        ``decision``, unless the row meanwhile holds another valid decision; return what it holds."""
+        key = decision.store_key
+
+        def txn(db: sqlite3.Connection) -> Decision:
+            with _immediate(db):
+                row = db.execute(f"SELECT {_COLUMNS} FROM decisions WHERE {_ROW_KEY}", key).fetchone()
+                current = None if row is None else self._decode(row)
+                if current is not None and current != stale:
+                    return current  # someone else superseded it first
+                db.execute("INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
+                           (*key, decision.kernel.name, decision.dumps(), time.time()))
+                return decision
+
+        try:
+            return self._write(txn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot write to tuning store {self.path}: {exc}") from exc
 
     def close(self) -> None:
         """Close every thread's connection opened by this process; later reads miss, writes raise."""

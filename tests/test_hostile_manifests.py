@@ -1,0 +1,139 @@
+"""Issue 14, breakages 7 and 8: a manifest is code, and its arguments are not to be trusted.
+
+Signed manifests (capture signs with the bundle key; check and warmup refuse what does not
+verify), ``--allow-module``, an import guard that survives ``SystemExit``, and arguments checked
+against each other and a byte cap before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kernels_hostile as kh
+import tunevault
+from conftest import subprocess_env
+from hostile import cli, env
+
+pytestmark = pytest.mark.timeout(240)
+ALLOW = ("--allow-module", "kernels_hostile")
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A manifest captured from real calls, signed with key "k", and the store they were tuned into."""
+    where = tmp_path_factory.mktemp("captured")
+    url = f"sqlite:///{where / 'tuned.db'}"
+    tunevault.install(mode="tune", store=url, capture=str(where / "keys.jsonl"), bundle_key="k")
+    for n in kh.SIZES:
+        kh.call_checked(kh.add_one, n)
+    tunevault.uninstall()  # flushes the capture
+    return where / "keys.jsonl", url
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+
+
+def write_lines(path: Path, lines: list[Any]) -> Path:
+    path.write_text("".join((t if isinstance(t, str) else json.dumps(t)) + "\n" for t in lines))
+    return path
+
+
+def test_capture_signs_and_check_warmup_refuse_what_does_not_verify(tmp_path: Path,
+                                                                     captured: tuple[Path, str]) -> None:
+    manifest, url = captured
+    lines = lines_of(manifest)
+    assert len(lines) == len(kh.SIZES) and all(ln["signature"]["alg"] == "hmac-sha256" for ln in lines)
+    with env(TUNEVAULT_BUNDLE_KEY="k"):
+        assert cli("--store", url, "check", str(manifest), *ALLOW)[0] == 0
+        tampered = dict(lines[0], kernel="this:s")
+        unsigned = {k: v for k, v in lines[0].items() if k != "signature"}
+        for name, bad in (("tampered", tampered), ("unsigned", unsigned)):
+            path = write_lines(tmp_path / f"{name}.jsonl", [lines[1], bad])
+            for command in ("check", "warmup"):
+                code, out, err = cli("--store", url, command, str(path))
+                assert code == 2 and "refusing the whole manifest" in err and ":2:" in err, err
+                assert "Beautiful is better" not in out
+    with env(TUNEVAULT_BUNDLE_KEY=None):  # no key: signatures are not checked
+        assert cli("--store", url, "check", str(write_lines(tmp_path / "u.jsonl", [unsigned])))[0] == 0
+
+
+def test_allow_module_keeps_a_manifest_from_importing_anything_else(tmp_path: Path, captured: tuple[Path, str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest, url = captured
+    (tmp_path / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted code ran')\n"
+                                         "print('Beautiful is better than ugly.')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # as the current folder is, under `python -m`
+    first = lines_of(manifest)[0]
+    planted = {k: v for k, v in first.items() if k != "signature"} | {"kernel": "planted:add_one"}
+    zen = planted | {"kernel": "this:s"}
+    path = write_lines(tmp_path / "m.jsonl", [planted, zen, {k: v for k, v in first.items() if k != "signature"}])
+    for command in ("check", "warmup"):
+        code, out, _ = cli("--store", url, command, str(path), *ALLOW, "--json")
+        assert code == 1 and not (tmp_path / "ran").exists() and "Beautiful" not in out
+        refused = {i["kernel"]: "not under an allowed prefix" in i["reason"] for i in json.loads(out)["items"]}
+        assert refused == {"planted:add_one": True, "this:s": True, "kernels_hostile:add_one": False}, refused
+
+
+def test_system_exit_from_an_imported_module_does_not_end_warmup(tmp_path: Path, captured: tuple[Path, str]) -> None:
+    manifest, url = captured
+    first = {k: v for k, v in lines_of(manifest)[0].items() if k != "signature"}
+    path = write_lines(tmp_path / "m.jsonl", [first | {"kernel": "unittest.__main__:x"}, first])
+    proc = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", url, "warmup", str(path), "--json"],
+                          capture_output=True, text=True, timeout=180, env=subprocess_env())
+    assert proc.returncode == 1, proc.stderr  # a report, not an abort: one key skipped
+    items = {i["kernel"]: i for i in json.loads(proc.stdout[proc.stdout.index("{"):])["items"]}
+    exited = items["unittest.__main__:x"]
+    assert exited["status"] == "skipped" and "SystemExit" in exited["reason"]
+    assert items["kernels_hostile:add_one"]["status"] == "decided"
+
+
+def callspec_line(captured: tuple[Path, str], edit: Any) -> dict[str, Any]:
+    line = {k: v for k, v in lines_of(captured[0])[0].items() if k != "signature"}
+    edit(line["callspec"])
+    return line
+
+
+def _huge(spec: dict[str, Any]) -> None:
+    for arg in spec["args"][:2]:
+        arg.update(shape=[1_200_000_000], stride=[1])  # 2 x 4.8 GB of float32 > the 8 GiB default cap
+
+
+def _n_beyond_buffers(spec: dict[str, Any]) -> None:
+    for arg in spec["args"][:2]:
+        arg.update(shape=[16], stride=[1])
+    spec["args"][2]["value"] = 10**6
+
+
+def _grid(spec: dict[str, Any]) -> None:
+    spec["grids"] = [[1 << 30, 1, 1]] * 3
+
+
+@pytest.mark.parametrize(("edit", "reason"), [(_huge, "byte cap"), (_n_beyond_buffers, "out of bounds"),
+                                              (_grid, "programs")])
+def test_arguments_that_cannot_be_real_are_skipped_with_the_reason(tmp_path: Path, captured: tuple[Path, str],
+                                                                   edit: Any, reason: str) -> None:
+    line = callspec_line(captured, edit)
+    line["key"] = [["n", 10**6] if k == "n" and edit is _n_beyond_buffers else [k, v] for k, v in line["key"]]
+    path = write_lines(tmp_path / "m.jsonl", [line])
+    with kh.launches(kh.add_one) as seen:
+        code, out, _ = cli("--store", "memory://", "warmup", str(path), *ALLOW, "--json")
+    (item,) = json.loads(out)["items"]
+    assert code == 1 and item["status"] == "skipped" and reason in item["reason"], item
+    assert seen.seen == [], "nothing launched"
+
+
+def test_deeply_nested_or_overlong_lines_are_skipped_as_malformed(tmp_path: Path, captured: tuple[Path, str]) -> None:
+    manifest, url = captured
+    good = {k: v for k, v in lines_of(manifest)[0].items() if k != "signature"}
+    deep = '{"format": "tunevault-manifest/1", "kernel": "m:k", "key": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = write_lines(tmp_path / "m.jsonl", [deep, good, "x" * 100, deep[:5000]])
+    for command in ("check", "warmup"):
+        code, out, _ = cli("--store", url, command, str(path), *ALLOW, "--json")
+        assert code == 0 and len(json.loads(out)["items"]) == 1
