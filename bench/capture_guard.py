@@ -107,8 +107,9 @@ def run(report: dict[str, Any], smoke: bool, budget: float, started: float) -> N
     import torch
 
     import gpu_kernels as gk
-    from tunevault.engine import background, graphs
+    from tunevault.engine import graphs
     from tunevault.integration.triton_adapter import runtime
+    from tunevault.policy import background
 
     device = "cpu" if smoke else "cuda"
     dtype = torch.float32 if smoke else torch.float16

@@ -16,8 +16,8 @@ import triton
 
 import kernels_engine as ke
 import tunevault
-from tunevault.engine import background
 from tunevault.integration.triton_adapter import runtime
+from tunevault.policy import background
 
 # Set before any worker starts, so every worker can see the gate the tests open.
 if ke.GATE_DIR_VAR not in os.environ:

@@ -18,9 +18,10 @@ import torch
 import kernels_engine as ke
 import tunevault
 from test_engine_background import count_executions
-from tunevault.engine import background, graphs
+from tunevault.engine import graphs
 from tunevault.engine.graphs import FlagProbe
 from tunevault.integration.triton_adapter import runtime
+from tunevault.policy import background
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from conftest import count_launches
 from tunevault import report
 from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
-from tunevault.engine import background
 from tunevault.integration.kernel_state import KernelState
 from tunevault.integration.triton_adapter import runtime
+from tunevault.policy import background
 from tunevault.policy.fallback import regret
 from tunevault.policy.predict import NeighbourTable, predict
 from tunevault.store.sqlite import SqliteStore

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine import background
+from tunevault.engine import context
 from tunevault.engine.gpu_timing import MemoryProbe
 from tunevault.engine.inprocess import InProcessSession
 from tunevault.engine.search import search
@@ -43,7 +43,7 @@ def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
         hint_imports(of_targets([target]))
     if target is not None and any(i >= len(at.configs) for i, _, _ in candidates):
         target, why = None, "early_config_prune returned configs the kernel does not declare"
-    spec = background.current_spec()
+    spec = context.current_spec()
     if target is not None and spec is None:
         try:
             spec = CallSpec.of(at, args, kwargs)
@@ -76,7 +76,7 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
 
     session: Any = None
     opened: list[tuple[str, Any]] = []
-    if settings.isolate or background.in_background():
+    if settings.isolate or context.in_background():
         started = time.perf_counter()
         session = open_worker_session(rt, st, args, kwargs, candidates, deadline)
         opened.append(("worker_open_s", round(time.perf_counter() - started, 3)))

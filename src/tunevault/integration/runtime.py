@@ -22,6 +22,7 @@ log = logging.getLogger("tunevault")
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.closed = False
         self.on_miss = settings.on_miss
         self.sealed = False
         self.stats = Stats()
@@ -139,12 +140,13 @@ class Runtime:
                 self.warn_once(("observer", type(exc)), "tunevault: observer failed: %s", exc)
 
     def submit_background(self, state: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> None:
-        """Queue ``key`` for tuning off the request path (engine.background)."""
-        from tunevault.engine.background import submit
+        """Queue ``key`` for tuning off the request path (policy.background)."""
+        from tunevault.policy.background import submit
 
         submit(self, state, args, kwargs, key)
 
     def close(self) -> None:
+        self.closed = True  # background jobs queued for this runtime are dropped (policy.background)
         with self._lock:
             if self._store is not None:
                 try:

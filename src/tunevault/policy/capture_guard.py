@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tunevault.core.model import TuningKey
-from tunevault.engine import background, graphs
+from tunevault.engine import graphs
+from tunevault.policy import background
 from tunevault.policy.diagnose import explain_miss
 
 # The miss path's fallback for this call: (nearest decided key, why, how it is handled) -> config to launch

@@ -9,11 +9,13 @@ A key missed during a CUDA graph capture is the exception: taking a CallSpec rea
 back from the device, which a capture forbids, so the job holds the arguments (the graph's own
 static buffers) and takes the CallSpec once captures are over. No job benchmarks while a capture
 is in progress anywhere in the process (engine.graphs.wait_until_quiet).
+
+An on-miss policy, so it lives here and calls the miss path's ``tune``; the engine learns that
+it tunes for a background job through ``engine.context``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 from collections import deque
@@ -28,7 +30,6 @@ _queue: deque[Job] = deque()
 _pending: set[tuple[int, str, str]] = set()
 _busy = 0
 _thread: threading.Thread | None = None
-_current: contextvars.ContextVar[Job | None] = contextvars.ContextVar("tunevault_job", default=None)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Job:
     state: Any
     raw_key: tuple
     key: Any
+    stock_key: tuple = ()  # Triton's own key, for the autotuner's ``cache``
     spec: Any = None  # CallSpec
     copies: tuple[tuple, dict[str, Any]] | None = None
     held: tuple[tuple, dict[str, Any]] | None = None  # arguments met during a capture, read after it
@@ -44,16 +46,6 @@ class Job:
     @property
     def token(self) -> tuple[int, str, str]:
         return (id(self.rt), self.state.kernel_id.digest, self.key.text)
-
-
-def in_background() -> bool:
-    return _current.get() is not None
-
-
-def current_spec() -> Any:
-    """The CallSpec of the job being tuned on this thread, if any (the worker needs no rebuild)."""
-    job = _current.get()
-    return None if job is None else job.spec
 
 
 def _copy(value: Any) -> Any:
@@ -66,7 +58,9 @@ def submit(rt: Any, state: Any, args: tuple, kwargs: dict[str, Any], key: Any,
     and none while a CUDA graph is captured: ``during_capture`` defers it until captures end)."""
     global _thread
 
-    job = Job(rt, state, state.raw_key(args, kwargs), key)
+    from tunevault.policy.stock import stock_key
+
+    job = Job(rt, state, state.raw_key(args, kwargs), key, stock_key(state.arg_names, state.keys, args, kwargs))
     with _cond:
         if job.token in _pending:
             return
@@ -125,13 +119,14 @@ def _device(args: tuple, kwargs: dict[str, Any]) -> Any:
 def _run(job: Job) -> None:
     import contextlib
 
+    from tunevault.engine.context import tuning_in_background
     from tunevault.engine.graphs import wait_until_quiet
-    from tunevault.integration.triton_adapter import runtime
+    from tunevault.policy import stock
     from tunevault.policy.resolve import tune
 
     rt, st = job.rt, job.state
     wait_until_quiet()  # benchmarking now would invalidate a capture in progress
-    if runtime() is not rt:  # uninstalled or re-installed since the miss: nothing to update
+    if rt.closed:  # uninstalled or re-installed since the miss: nothing to update
         return
     if job.held is not None:  # the capture is over: the graph's buffers can be read now
         held, job.held = job.held, None
@@ -141,11 +136,12 @@ def _run(job: Job) -> None:
 
             torch.cuda.synchronize(device)  # what the graph's last replay wrote, not half of it
         _describe(job, *held)
-    name, token = st.kernel_id.name, _current.set(job)
+    name = st.kernel_id.name
     try:
         args, kwargs = job.spec.build(st.autotuner, seed=0) if job.spec is not None else job.copies
         device = _device(args, kwargs)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(tuning_in_background(job.spec))
             if device is not None:  # a new thread starts on device 0; the request's may differ
                 import torch
 
@@ -156,10 +152,9 @@ def _run(job: Job) -> None:
                      "(%s); keeping the fallback config", name, job.key.describe(), exc)
         rt.events.emit("background_failed", kernel=name, key=job.key.to_json(), error=str(exc)[:500])
         return
-    finally:
-        _current.reset(token)
-    with st.lock:
+    with st.lock:  # the tuned config replaces the fallback, in both in-memory dicts
         st.remember(job.raw_key, config)
+        stock.record(st.autotuner, job.stock_key, config)
     rt.events.emit("background_tuned", kernel=name, key=job.key.to_json(), config=str(config))
 
 
