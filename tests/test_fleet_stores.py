@@ -18,7 +18,6 @@ import pytest
 
 import redis_server
 from tunevault.core.model import ConfigSpec, Decision, Fingerprint, KernelId, TuningKey
-from tunevault.policy.settings import Settings
 from tunevault.store.base import Query, Store, StoreUnavailable, open_store
 from tunevault.store.bundle import BundleError, BundleStore, load_bundle, write_bundle
 from tunevault.store.layered import LayeredStore, open_layered
@@ -172,7 +171,7 @@ def test_layered_put_adopts_the_fleet_winner(tmp_path: Path, rstore: Store) -> N
 @pytest.mark.parametrize("failure", ["kill", "pause"])
 def test_layered_survives_a_dead_or_hung_redis(tmp_path: Path, server: redis_server.RedisServer, failure: str,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    layered = open_layered(Settings(store=f"sqlite:///{tmp_path / 'local.db'}", remote=server.url))
+    layered = open_layered(f"sqlite:///{tmp_path / 'local.db'}", remote=server.url)
     assert isinstance(layered, LayeredStore)
     before = decision(1)
     assert layered.put(before) == before
@@ -197,7 +196,7 @@ def test_layered_survives_a_dead_or_hung_redis(tmp_path: Path, server: redis_ser
 
 def test_layered_with_unopenable_remote_keeps_local(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="tunevault"):
-        store = open_layered(Settings(store=f"sqlite:///{tmp_path / 'l.db'}", remote="nosuch://x"))
+        store = open_layered(f"sqlite:///{tmp_path / 'l.db'}", remote="nosuch://x")
     assert isinstance(store, SqliteStore)
     assert any("remote store nosuch://x not used" in w for w in warnings_of(caplog))
     store.close()
@@ -258,8 +257,7 @@ def test_open_layered_rejects_a_bad_bundle_and_keeps_working(tmp_path: Path,
     write_bundle(bad, [decision(2)], FP, key="k")
     bad.write_text(bad.read_text().replace('"BLOCK": 32', '"BLOCK": 64'))
     with caplog.at_level(logging.INFO, logger="tunevault"):
-        store = open_layered(Settings(store=f"sqlite:///{tmp_path / 'l.db'}", bundles=(str(good), str(bad)),
-                                      bundle_key="k"))
+        store = open_layered(f"sqlite:///{tmp_path / 'l.db'}", bundles=(str(good), str(bad)), bundle_key="k")
     assert isinstance(store, LayeredStore) and len(store.bundles) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(str(bad) in e and "signature does not verify" in e for e in errors), errors

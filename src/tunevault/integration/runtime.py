@@ -59,7 +59,8 @@ class Runtime:
         try:
             from tunevault.store.layered import open_layered
 
-            return open_layered(self.settings)
+            return open_layered(self.settings.store, self.settings.remote, self.settings.bundles,
+                                self.settings.bundle_key)
         except Exception as exc:  # nothing a store, a bundle or a file holds may raise into a kernel call
             from tunevault.store.memory import MemoryStore
 

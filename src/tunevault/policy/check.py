@@ -74,7 +74,7 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
     settings = _settings(store)
     fp = current_fingerprint()
     result = CheckResult(fp, settings.store)
-    opened = open_layered(settings)
+    opened = open_layered(settings.store, settings.remote, settings.bundles, settings.bundle_key)
     try:
         for entry in entries:
             result.items.append(_check_one(opened, fp, entry, kernel_id))

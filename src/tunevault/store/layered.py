@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tunevault.core.model import Decision, Fingerprint
-from tunevault.policy.settings import Settings
 from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, supersede
 
 T = TypeVar("T")
@@ -191,36 +190,37 @@ def _fingerprint_diff(theirs: Fingerprint, ours: Fingerprint) -> str:
     return ", ".join(f"{k}: bundle {a[k]!r}, here {b[k]!r}" for k in a if a[k] != b.get(k)) or "same fields"
 
 
-def open_layered(settings: Settings) -> Store:
-    """The plain local store when nothing else is configured, else a LayeredStore.
+def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] = (),
+                 bundle_key: str | None = None) -> Store:
+    """The plain local store (URL ``store``) when nothing else is configured, else a LayeredStore
+    over it, the ``remote`` store's URL and the read-only ``bundles`` (checked with ``bundle_key``).
 
     A remote that cannot be opened (no ``redis`` package, bad URL) is dropped with a warning; a
     local store that cannot be opened is replaced by memory when a remote or bundle remains.
     """
-    remote: Store | None = None
-    if settings.remote and settings.remote != settings.store:
+    remote_store: Store | None = None
+    if remote and remote != store:
         try:
-            remote = open_store(settings.remote)
+            remote_store = open_store(remote)
         except (StoreUnavailable, ValueError, OSError) as exc:
-            log.warning("tunevault: remote store %s not used: %s", settings.remote, exc)
-    bundles: list[Store] = []
-    if settings.bundles:
+            log.warning("tunevault: remote store %s not used: %s", remote, exc)
+    opened: list[Store] = []
+    if bundles:
         from tunevault.core.identity import current_fingerprint
 
-        bundles = open_bundles(settings.bundles, settings.bundle_key, current_fingerprint())
+        opened = open_bundles(bundles, bundle_key, current_fingerprint())
     try:
-        local = open_store(settings.store)
+        local = open_store(store)
     except (StoreUnavailable, OSError, ValueError) as exc:
-        if remote is None and not bundles:
+        if remote_store is None and not opened:
             raise StoreUnavailable(str(exc)) from exc  # the runtime degrades to memory, with a warning
         from tunevault.store.memory import MemoryStore
 
-        log.warning("tunevault: local store %s is unusable (%s); keeping local decisions in memory",
-                    settings.store, exc)
+        log.warning("tunevault: local store %s is unusable (%s); keeping local decisions in memory", store, exc)
         local = MemoryStore()
-    if remote is None and not bundles:
+    if remote_store is None and not opened:
         return local
-    return LayeredStore(local, remote, bundles)
+    return LayeredStore(local, remote_store, opened)
 
 
 def describe_layers(store: Any) -> list[str]:
