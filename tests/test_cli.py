@@ -48,7 +48,7 @@ def test_info_reports_fingerprint_store_and_count(tv: Any, sqlite_url: str, caps
     assert before["fingerprint"]["target"] == "interpreter" and before["interpreter"] is True
     assert len(before["fingerprint"]["digest"]) == 16
     assert before["versions"]["tunevault"] and before["versions"]["triton"]
-    assert before["store"] == {"url": sqlite_url, "entries": 0, "this_machine": 0}
+    assert before["store"] == {"url": sqlite_url, "entries": 0, "this_machine": 0, "damage": []}
     tune_two(tv)
     after = cli_json(capsys, "--store", sqlite_url, "info")
     assert after["store"]["entries"] == 2 and after["store"]["this_machine"] == 2

@@ -46,23 +46,29 @@ def load(path: str | os.PathLike[str]) -> tuple[str, Any]:
 # ---------------------------------------------------------------------- tables
 
 
-def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per kernel: tunings and tuning seconds per phase, misses, fallbacks, errors."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
+SECONDS = ("seconds_warmup", "seconds_serving")
+
+
+def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, int | float]]:
+    """Per kernel, always the same keys: tunings (int) and tuning seconds per phase, misses, fallbacks, errors."""
+    out: dict[str, dict[str, int | float]] = {}
     for e in events:
         kind, kernel = e.get("event"), e.get("kernel")
         if not isinstance(kernel, str):
             continue
-        row, phase = out[kernel], e.get("phase", "warmup")
+        row = out.setdefault(kernel, {**dict.fromkeys(COUNTS, 0), **dict.fromkeys(SECONDS, 0.0)})
+        phase = "serving" if e.get("phase") == "serving" else "warmup"
         if kind == "tuning":
             row[f"tunings_{phase}"] += 1
-            row[f"seconds_{phase}"] += float(e.get("seconds") or 0.0)
+            seconds = e.get("seconds")
+            row[f"seconds_{phase}"] += float(seconds) if isinstance(seconds, int | float) else 0.0
         elif kind == "miss":
             row["misses"] += 1
-            row["errors"] += e.get("policy") == "error"
+            row["errors"] += int(e.get("policy") == "error")
         elif kind == "fallback":
             row["fallbacks"] += 1
-    return {k: dict(v) for k, v in out.items()}
+    return {k: {**v, **{s: round(float(v[s]), 6) for s in SECONDS}} for k, v in out.items()}
 
 
 def events_table(events: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -84,7 +90,7 @@ def manifest_table(entries: list[mf.ManifestEntry]) -> tuple[list[str], list[lis
     return headers, rows
 
 
-def _seconds(row: dict[str, float]) -> float:
+def _seconds(row: dict[str, int | float]) -> float:
     return row.get("seconds_warmup", 0.0) + row.get("seconds_serving", 0.0)
 
 
@@ -101,6 +107,12 @@ def _figure(width: float, height: float) -> Any:
 
 def plot_events(events: list[dict[str, Any]], out: str | os.PathLike[str]) -> str:
     """Tuning seconds per kernel (warmup vs serving) and a timeline of tunings and misses with the seal."""
+    events_figure(events).savefig(out)
+    return os.fspath(out)
+
+
+def events_figure(events: list[dict[str, Any]]) -> Any:
+    """The picture of :func:`plot_events`, as a matplotlib Figure."""
     summary = summarize_events(events)
     kernels = sorted(summary, key=lambda k: _seconds(summary[k]))
     rows = max(1, len(kernels))
@@ -118,10 +130,12 @@ def plot_events(events: list[dict[str, Any]], out: str | os.PathLike[str]) -> st
     bars.set_xlabel("tuning seconds")
     bars.set_title("Where tuning time went")
     bars.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if rows < 4 else -0.12), fontsize=8, ncol=2)
-    bars.set_xlim(0, max([a + b for a, b in zip(warm, serve, strict=True)] + [1e-3]) * 1.35)
+    longest = max([a + b for a, b in zip(warm, serve, strict=True)], default=0.0)
+    bars.set_xlim(0, longest * 1.35 if longest > 0 else 1.0)  # no tunings: 0..1 s, not 0..0.001 s
+    if longest <= 0:
+        bars.text(0.5, 0.5, "no tunings", transform=bars.transAxes, ha="center", va="center", color="grey")
     _timeline(line, events, {k: i for i, k in enumerate(kernels)})
-    fig.savefig(out)
-    return os.fspath(out)
+    return fig
 
 
 def _timeline(ax: Any, events: list[dict[str, Any]], rows: dict[str, int]) -> None:

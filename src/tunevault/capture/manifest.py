@@ -110,23 +110,27 @@ def _parse(raw: Any) -> tuple[ManifestEntry, str, int]:
     return entry, host if isinstance(host, str) else "?", pid if isinstance(pid, int) else -1
 
 
-def read(path: str | os.PathLike[str]) -> list[ManifestEntry]:
-    """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order."""
+def read(path: str | os.PathLike[str], malformed: list[tuple[int, str]] | None = None) -> list[ManifestEntry]:
+    """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order.
+
+    Malformed lines are skipped with one warning, or, when ``malformed`` is a list, appended to it
+    as ``(line number, reason)`` for the caller to report (a preflight fails on them).
+    """
     merged: dict[tuple[str, str], ManifestEntry] = {}
-    bad = 0
-    with open(path, encoding="utf-8") as fh:
+    bad: list[tuple[int, str]] = [] if malformed is None else malformed
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, text in enumerate(fh, 1):
             if not text.strip():
                 continue
             try:
                 entry, host, pid = _parse(json.loads(text))
-            except (ValueError, InvalidEntry) as exc:
-                bad += 1
+            except (ValueError, InvalidEntry, RecursionError) as exc:
+                bad.append((lineno, str(exc) if isinstance(exc, InvalidEntry) else f"not JSON ({exc})"))
                 log.debug("tunevault: %s:%d: skipped: %s", path, lineno, exc)
                 continue
             _merge(merged, entry, host, pid)
-    if bad:
-        log.warning("tunevault: %s: skipped %d malformed line(s)", path, bad)
+    if bad and malformed is None:
+        log.warning("tunevault: %s: skipped %d malformed line(s)", path, len(bad))
     return sorted(merged.values(), key=lambda e: (e.first_seen, e.kernel, e.key.text))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -17,17 +18,17 @@ from tunevault.cli.output import print_json, print_table
 def register(sub: Any) -> None:
     p = sub.add_parser("check", help="preflight: exit 1 if a captured key has no decision on this machine",
                        description="For every key in MANIFEST, look up a decision for this machine's "
-                                   "fingerprint in the store. Exit status 1 if any key has none.")
-    p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+                                   "fingerprint in the store. Exit status 1 if any key has none or any line "
+                                   "of MANIFEST is malformed, 2 if MANIFEST holds no captured key.")
+    _manifest_args(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("warmup", help="replay a key manifest: tune every captured key not yet decided",
                        description="Import each captured kernel, rebuild its arguments from the captured "
-                                   "ArgSpec and run it in tune mode, so its decision lands in the store.")
-    p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
+                                   "ArgSpec and run it in tune mode, so its decision lands in the store. "
+                                   "Exit status as for check.")
+    _manifest_args(p)
     p.add_argument("--device", help="build tensors on this device instead of the captured one (e.g. cuda:0)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("report", help="tuning cost per kernel and a timeline, from events or a manifest",
@@ -39,17 +40,33 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _manifest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
+    p.add_argument("--path", action="append", default=[], metavar="DIR",
+                   help="also import kernels from DIR (repeatable); the current directory is always searched")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _key(item: Any) -> str:
     return item.key.describe() or "(empty key)"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from tunevault.cli.doctor_cmd import store_damage
+    from tunevault.cli.store_cmds import damaged, open_cli_store
     from tunevault.policy.check import check
 
-    result = check(args.manifest, store=args.store)
+    entries, malformed = load_manifest(args)
+    result = check(entries, store=args.store)
+    store = open_cli_store(args)
+    try:
+        damage = store_damage(store)
+    finally:
+        store.close()
     if args.json:
-        print_json(result.to_json())
-        return 0 if result.ok else 1
+        ok = result.ok and not malformed and not damage
+        print_json({**result.to_json(), "ok": ok, "malformed": _malformed_json(malformed), "damage": damage})
+        return damaged(result.store, damage) or (0 if ok else 1)
     rows = [[i.kernel, _key(i), "yes" if i.decided else "NO", i.config or i.reason] for i in result.items]
     fp = result.fingerprint
     print_table(["kernel", "key", "decided", "config / reason"], rows,
@@ -57,22 +74,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     missing = len(result.missing)
     print(f"{len(result.items) - missing}/{len(result.items)} keys decided"
           + (f"; {missing} missing: run `tunevault warmup {args.manifest}`" if missing else ""))
-    return 0 if result.ok else 1
+    _explain(args, [i.reason for i in result.items], malformed)
+    return damaged(result.store, damage) or (0 if result.ok and not malformed else 1)
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     import tunevault
     from tunevault.capture.replay import warmup
 
+    entries, malformed = load_manifest(args)
     tunevault.install(mode="tune", store=args.store, on_miss="tune")
     try:
         with _progress(quiet=args.json) as progress:
-            report = warmup(args.manifest, device=args.device, progress=progress)
+            report = warmup(entries, device=args.device, progress=progress)
     finally:
         tunevault.uninstall()
+    ok = report.ok and not malformed
     if args.json:
-        print_json(report.to_json())
-        return 0 if report.ok else 1
+        print_json({**report.to_json(), "ok": ok, "malformed": _malformed_json(malformed)})
+        return 0 if ok else 1
     odd = [i for i in report.items if i.status in ("skipped", "failed")]
     if odd:
         rows = [[i.kernel, _key(i), i.status, i.reason] for i in odd]
@@ -81,7 +101,55 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     print(f"warmup: {counts['tuned']} tuned, {counts['decided']} already decided, "
           f"{counts['skipped']} skipped, {counts['failed']} failed "
           f"({sum(i.seconds for i in report.items):.1f} s tuning)")
-    return 0 if report.ok else 1
+    _explain(args, [i.reason for i in report.items], malformed)
+    return 0 if ok else 1
+
+
+def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
+    """The manifest's entries and malformed lines, after the two things a replay needs first.
+
+    Triton's interpreter is switched on when there is no GPU (before any kernel module imports
+    Triton), and the current directory and ``--path`` folders go on the import path, as
+    ``python -m`` would put the current directory, so the application's kernels import.
+    A manifest without one valid key is a ValueError (exit 2): a preflight must not pass on it.
+    """
+    from tunevault.capture import manifest as mf
+    from tunevault.core.machine import use_interpreter_if_no_gpu
+
+    use_interpreter_if_no_gpu()
+    for folder in [os.getcwd(), *args.path][::-1]:
+        folder = os.path.abspath(folder)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    malformed: list[tuple[int, str]] = []
+    entries = mf.read(args.manifest, malformed)
+    if not entries:
+        what = f"{len(malformed)} malformed line(s), no valid one" if malformed else "it is empty"
+        raise ValueError(f"{args.manifest} holds no captured key ({what}); a manifest is written by "
+                         f"TUNEVAULT_CAPTURE or tunevault.capture(){_lines(args.manifest, malformed)}")
+    return entries, malformed
+
+
+def _lines(path: str, malformed: list[tuple[int, str]], limit: int = 10) -> str:
+    shown = "".join(f"\n  {path}:{n}: {reason}" for n, reason in malformed[:limit])
+    more = len(malformed) - limit
+    return shown + (f"\n  ... and {more} more malformed line(s)" if more > 0 else "")
+
+
+def _malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    return [{"line": n, "reason": reason} for n, reason in malformed]
+
+
+def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple[int, str]]) -> None:
+    """What the user must fix, after the table: malformed lines, kernels whose module did not import."""
+    if malformed:
+        print(f"FAIL: {args.manifest} has {len(malformed)} malformed line(s){_lines(args.manifest, malformed)}",
+              file=sys.stderr)
+    missing = sorted({m for r in reasons for m in re.findall(r"No module named '([^']+)'", r)})
+    if missing:
+        print(f"hint: no module named {', '.join(missing)}: run from the folder the application imports it "
+              f"from, or pass --path DIR (searched first: {', '.join([os.getcwd(), *args.path])})",
+              file=sys.stderr)
 
 
 class _Plain:

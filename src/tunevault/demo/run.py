@@ -20,26 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tunevault.core.machine import use_interpreter_if_no_gpu
+
 DEMO_MODULE = "tunevault.demo.kernels"  # the kernels' qualified names start with this
 CALLS_PER_KERNEL = 2  # the first call (maybe tuning) and one steady-state call
-
-
-def interpreter_flag() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-
-
-def use_interpreter_if_no_gpu() -> bool:
-    """Switch on Triton's interpreter when no GPU is usable and the user did not choose; return whether on.
-
-    Must run before any ``@triton.jit`` decorator does (``jit`` picks the interpreter then).
-    ``torch.cuda.is_available()`` asks the driver for a device count; it creates no CUDA context.
-    """
-    if "TRITON_INTERPRET" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-    return interpreter_flag()
 
 
 class _Counter:
