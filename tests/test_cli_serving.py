@@ -92,6 +92,7 @@ def test_warmup_then_check_from_the_app_folder_without_a_gpu(app: Path, tmp_path
     warm = tunevault_script(app, "--store", store, "warmup", "keys.jsonl")
     assert warm.returncode == 0, warm.stdout + warm.stderr
     assert "1 tuned, 0 already decided, 0 skipped, 0 failed" in warm.stdout
+    assert warm.stderr.count(f"[INFO] tunevault: tuned {APP_MODULE}:twice [n=40") == 1  # as install() logs it
     check = tunevault_script(app, "--store", store, "check", "keys.jsonl", "--json")
     assert check.returncode == 0, check.stdout + check.stderr
     result = json.loads(check.stdout)
