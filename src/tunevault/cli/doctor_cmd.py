@@ -43,6 +43,14 @@ def damage_message(url: str, problems: list[str]) -> str:
             f"decisions on damaged pages are missing. Run `tunevault --store {url} doctor --repair`")
 
 
+def damaged(url: str, problems: list[str]) -> int:
+    """Exit status 1, with the reason on stderr, when the store's file is damaged; else 0."""
+    if not problems:
+        return 0
+    print(f"tunevault: {damage_message(url, problems)}", file=sys.stderr)
+    return 1
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import store_url
     from tunevault.store.sqlite import path_of_url, quick_check

@@ -7,6 +7,7 @@ Each module in ``COMMAND_MODULES`` exposes ``register(subparsers)``; every subpa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -72,8 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except BrokenPipeError:
         # `tunevault show ... | head`: the reader has what it wanted; stop quietly, as cat does.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor: nothing to quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (ValueError, OSError, StoreUnavailable) as exc:
         print(f"tunevault {args.command}: error: {exc}", file=sys.stderr)

@@ -52,8 +52,8 @@ def _key(item: Any) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from tunevault.cli.doctor_cmd import store_damage
-    from tunevault.cli.store_cmds import damaged, open_cli_store
+    from tunevault.cli.doctor_cmd import damaged, store_damage
+    from tunevault.cli.store_cmds import open_cli_store
     from tunevault.policy.check import check
 
     entries, malformed = load_manifest(args)

@@ -49,16 +49,6 @@ def open_cli_store(args: argparse.Namespace) -> Store:
         raise OSError(f"{exc}{hint}") from exc
 
 
-def damaged(url: str, problems: list[str]) -> int:
-    """Exit status 1, with the reason on stderr, when the store's file is damaged; else 0."""
-    from tunevault.cli.doctor_cmd import damage_message
-
-    if not problems:
-        return 0
-    print(f"tunevault: {damage_message(url, problems)}", file=sys.stderr)
-    return 1
-
-
 def this_machine() -> Fingerprint:
     """This machine's fingerprint, as a process tuning here would compute it (interpreter if no GPU)."""
     from tunevault.core import machine
@@ -156,6 +146,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"             unavailable: {st['error']}")
     else:
         print(f"entries:     {st['entries']} ({st['this_machine']} for this machine)")
+    from tunevault.cli.doctor_cmd import damaged
+
     return damaged(st["url"], st.get("damage", [])) or status
 
 
@@ -172,6 +164,8 @@ def _load(args: argparse.Namespace) -> tuple[Fingerprint, list[Decision], str, l
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from tunevault.cli.doctor_cmd import damaged
+
     here, found, url, damage = _load(args)
     if args.json:
         print_json([summary(d, here) for d in found])
@@ -184,6 +178,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from tunevault.cli.doctor_cmd import damaged
+
     here, found, url, damage = _load(args)
     if args.json:
         print_json([{"this_machine": d.fingerprint.digest == here.digest, "decision": d.to_json()}
@@ -243,7 +239,7 @@ def export_document(decisions: list[Decision], args: argparse.Namespace) -> dict
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tunevault.cli.doctor_cmd import store_damage
+    from tunevault.cli.doctor_cmd import damaged, store_damage
 
     store = open_cli_store(args)
     try:

@@ -24,6 +24,9 @@ from typing import TextIO
 
 log = logging.getLogger("tunevault")
 FORMAT = "[%(levelname)s] %(message)s"
+# The level tunevault holds its logger at, so that every record reaches the routing filter. No
+# application sets level 1, so any other level on the logger is the application's own choice.
+HELD = 1
 
 
 def app_configured() -> bool:
@@ -102,13 +105,10 @@ def show_logs(level: int | None = None) -> None:
     if route is not None and log.level != route.held and level is None:
         return  # ... or set its level after an earlier activation
     unconfigured = env_level() if level is None else level
-    held = min(logging.DEBUG, unconfigured)
     if route is None:
-        route = _RouteByConfiguration(held, unconfigured)
+        route = _RouteByConfiguration(HELD, unconfigured)
         log.addFilter(route)
-    elif level is not None or route.unconfigured != unconfigured:
-        route.unconfigured = unconfigured
-        route.held = held
+    route.unconfigured = unconfigured
     if handler is None:
         log.addHandler(_StderrFallback())
     log.setLevel(route.held)
