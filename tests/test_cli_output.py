@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import tunevault
 from conftest import subprocess_env
 from test_cli import cli, cli_json, tune_two
 from tunevault import report
-from tunevault.demo import kernels
 from tunevault.store.base import open_store
 
 READERS = '''
@@ -109,14 +105,3 @@ def test_report_picture_without_tunings_has_readable_axis_labels() -> None:
     boxes = [t.get_window_extent(canvas.get_renderer()) for t in bars.get_xticklabels() if t.get_text()]
     assert len(boxes) >= 2
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-
-
-def test_fallback_warning_prints_configs_without_repr_noise(sqlite_url: str,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    tunevault.install(mode="tune", store=sqlite_url, on_miss="fallback")
-    caplog.set_level(logging.WARNING, logger="tunevault")
-    x, y = torch.randn(33), torch.randn(33)
-    torch.testing.assert_close(kernels.run_scaled_add(x, y), 2.0 * x + y)
-    (warning,) = [r.getMessage() for r in caplog.records if "no decision for" in r.getMessage()]
-    assert "config BLOCK=64 num_ctas=1 num_stages=3 num_warps=1" in textwrap.dedent(warning)
-    assert "None" not in warning

@@ -88,7 +88,7 @@ def _tuned_decision(sqlite_url: str) -> Any:
     tunevault.install(mode="tune", store=sqlite_url)
     kc.run_unary(kc.add_one, 40)
     tunevault.uninstall()
-    store = SqliteStore(sqlite_url.removeprefix("sqlite:///"))
+    store = SqliteStore(sqlite_url.removeprefix("sqlite://"))
     (decision,) = list(store.decisions())
     store.close()
     return decision

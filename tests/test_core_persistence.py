@@ -63,7 +63,7 @@ def test_each_key_tunes_once_and_is_stored(tv: Any, sqlite_url: str) -> None:
         with count_launches(kc.add_one) as launches:
             assert torch.equal(kc.run_unary(kc.add_one, n, dtype), kc.expected_unary(n, dtype))
         assert (launches.count > 1) is tunes, (n, dtype, launches.count)
-    keys = [json.loads(k) for _name, k in rows(Path(sqlite_url.removeprefix("sqlite:///")))]
+    keys = [json.loads(k) for _name, k in rows(Path(sqlite_url.removeprefix("sqlite://")))]
     assert sorted(keys) == sorted([
         [["n", 40], ["dtype(x_ptr)", "float32"], ["dtype(out_ptr)", "float32"]],
         [["n", 48], ["dtype(x_ptr)", "float32"], ["dtype(out_ptr)", "float32"]],

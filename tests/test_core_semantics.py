@@ -21,7 +21,7 @@ def _clear_seen() -> None:
 
 
 def stored(url: str) -> list[dict[str, Any]]:
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as con:
+    with sqlite3.connect(url.removeprefix("sqlite://")) as con:
         return [json.loads(p) for (p,) in con.execute("SELECT payload FROM decisions ORDER BY created")]
 
 

@@ -85,6 +85,6 @@ def test_eight_threads_with_different_keys_get_their_own_results(tv: Any, sqlite
 
     from tunevault.store.sqlite import SqliteStore
 
-    store = SqliteStore(sqlite_url.removeprefix("sqlite:///"))
+    store = SqliteStore(sqlite_url.removeprefix("sqlite://"))
     assert store.count() == 3 * threads_n  # every thread's keys, for every kernel, stored
     store.close()

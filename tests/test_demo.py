@@ -57,7 +57,9 @@ def test_warm_restart_runs_no_benchmarks_then_serving_is_sealed(tv: Any, sqlite_
     screen = capsys.readouterr().out
     assert "warm restart: 0 benchmark runs" in screen
     assert f"a key warmup never saw:\n  {serving['diagnosis']}\n" in screen
-    assert "(fallback): 0 benchmark runs, 0 tunings, result matches torch" in screen
+    assert f"-> served with nearest key's config {serving['served_with'].split(' config ')[1]}: 0 benchmark " \
+           "runs, 0 tunings, result matches torch" in screen
+    assert "None" not in serving["served_with"]  # BLOCK=256 num_warps=4, not Triton's repr
 
     # Had the store forgotten (memory://, a wiped cache), the restart would have tuned like the cold
     # run did: the demo must fail then, naming it.

@@ -98,7 +98,7 @@ def test_diff_stores_and_bundles(tmp_path: Path, tuned: tuple[str, dict],
     assert "agree on all 2 key(s)" in capsys.readouterr().out
 
     other = SqliteStore(tmp_path / "other.db")
-    small, large = sorted(SqliteStore(url[len("sqlite:///"):]).decisions(), key=lambda d: d.key.items[0][1])
+    small, large = sorted(SqliteStore(url[len("sqlite://"):]).decisions(), key=lambda d: d.key.items[0][1])
     flipped = (small.config_index + 1) % 3
     other.put(replace(small, config_index=flipped, config=small.candidates[flipped].config))
     assert main(["diff", str(bundle), str(tmp_path / "other.db"), "--json"]) == 1

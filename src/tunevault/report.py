@@ -46,29 +46,23 @@ def load(path: str | os.PathLike[str]) -> tuple[str, Any]:
 # ---------------------------------------------------------------------- tables
 
 
-COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
-SECONDS = ("seconds_warmup", "seconds_serving")
-
-
-def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, int | float]]:
-    """Per kernel, always the same keys: tunings (int) and tuning seconds per phase, misses, fallbacks, errors."""
-    out: dict[str, dict[str, int | float]] = {}
+def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per kernel: tunings and tuning seconds per phase, misses, fallbacks, errors."""
+    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for e in events:
         kind, kernel = e.get("event"), e.get("kernel")
         if not isinstance(kernel, str):
             continue
-        row = out.setdefault(kernel, {**dict.fromkeys(COUNTS, 0), **dict.fromkeys(SECONDS, 0.0)})
-        phase = "serving" if e.get("phase") == "serving" else "warmup"
+        row, phase = out[kernel], e.get("phase", "warmup")
         if kind == "tuning":
             row[f"tunings_{phase}"] += 1
-            seconds = e.get("seconds")
-            row[f"seconds_{phase}"] += float(seconds) if isinstance(seconds, int | float) else 0.0
+            row[f"seconds_{phase}"] += float(e.get("seconds") or 0.0)
         elif kind == "miss":
             row["misses"] += 1
-            row["errors"] += int(e.get("policy") == "error")
+            row["errors"] += e.get("policy") == "error"
         elif kind == "fallback":
             row["fallbacks"] += 1
-    return {k: {**v, **{s: round(float(v[s]), 6) for s in SECONDS}} for k, v in out.items()}
+    return {k: dict(v) for k, v in out.items()}
 
 
 def events_table(events: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -90,7 +84,7 @@ def manifest_table(entries: list[mf.ManifestEntry]) -> tuple[list[str], list[lis
     return headers, rows
 
 
-def _seconds(row: dict[str, int | float]) -> float:
+def _seconds(row: dict[str, float]) -> float:
     return row.get("seconds_warmup", 0.0) + row.get("seconds_serving", 0.0)
 
 

@@ -203,6 +203,29 @@ def _progress(quiet: bool) -> Any:
     return _Plain(quiet)
 
 
+# Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
+REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
+
+
+def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
+    """The same keys for every kernel, counts as integers: what a script can rely on.
+
+    A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
+    (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
+    """
+    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", *(k for row in summary.values() for k in row)})
+
+    def value(key: str, row: dict[str, float]) -> int | float | None:
+        v = row.get(key)
+        if key.startswith("seconds_"):
+            return round(float(v or 0.0), 6)
+        if key.startswith("regret_") and key != "regret_n":  # statistics of predicted fallbacks
+            return None if v is None else float(v)
+        return int(v or 0)
+
+    return {kernel: {k: value(k, row) for k in keys} for kernel, row in summary.items()}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tunevault import report
 
@@ -212,7 +235,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     kind, data = report.load(path)
     if args.json:
-        summary = report.summarize_events(data) if kind == "events" else [e.to_json() for e in data]
+        summary = fixed_keys(report.summarize_events(data)) if kind == "events" else [e.to_json() for e in data]
         print_json({"kind": kind, "summary": summary})
     else:
         headers, rows = report.events_table(data) if kind == "events" else report.manifest_table(data)

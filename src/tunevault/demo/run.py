@@ -136,6 +136,7 @@ def serve_unseen_key(tunevault: Any, device: str) -> dict[str, Any]:
     explain the miss in one line."""
     import torch
 
+    from tunevault.core.identity import config_spec
     from tunevault.demo import kernels as k
 
     tunevault.seal(on_miss="fallback")
@@ -151,7 +152,9 @@ def serve_unseen_key(tunevault: Any, device: str) -> dict[str, Any]:
         log.removeHandler(caught)
     serving = tunevault.stats()["kernels"].get(f"{DEMO_MODULE}:scaled_add", {}).get("serving", {})
     warning = next((line for line in caught.lines if "no decision for" in line), "")
-    diagnosis, _, served_with = warning.removeprefix("tunevault: ").partition("; using ")
+    diagnosis, _, using = warning.removeprefix("tunevault: ").partition("; using ")
+    how = using.split(" config", 1)[0] or "?"  # "nearest key's", "first compiling", ...
+    served_with = f"{how} config {_compact(config_spec(k.scaled_add.best_config))}"
     expected = (2.0 * x.float() + y.float())
     return {
         "kernel": "scaled_add",

@@ -32,13 +32,6 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
-def described(config: Any) -> str:
-    """``BLOCK=64 num_warps=4``: a Config as the CLI prints it, without ``maxnreg: None`` noise."""
-    from tunevault.core.identity import config_spec
-
-    return config_spec(config).describe()
-
-
 def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Any, cfg_kwargs: dict[str, Any]) -> Any:
     autotuner.best_config = config
     if config.pre_hook is not None:
@@ -83,7 +76,7 @@ def first_working(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key
         if not st.first_logged:
             st.first_logged = True
             log.info("tunevault[%s]: %s: %d candidate configs, picked #%d %s", why, st.kernel_id.name,
-                     len(at.configs), at.configs.index(config) if config in at.configs else -1, described(config))
+                     len(at.configs), at.configs.index(config) if config in at.configs else -1, config)
         return ret
     raise TuningError(f"{st.kernel_id.name}: no config compiles for this call; errors: {'; '.join(failures)}")
 
@@ -106,7 +99,7 @@ def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tupl
         if config is not None:
             rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
             log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
-                      key.describe(), described(config))
+                      key.describe(), config)
             rt.notify("hit", st, key, args, kwargs)
         else:
             config = _on_miss(rt, st, args, kwargs, named, key)
@@ -156,9 +149,8 @@ def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: 
     if config is None:
         config = _first_compiling(st, args, kwargs)
     rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s config %s (%s)",
-                 message, "nearest key's" if nearest is not None else "first compiling", described(config), policy)
-    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=described(config),
-                   phase=rt.phase)
+                 message, "nearest key's" if nearest is not None else "first compiling", config, policy)
+    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase)
     if policy == "background":
         rt.submit_background(st, args, kwargs, key)
     return config
