@@ -75,12 +75,12 @@ class _RouteByConfiguration(logging.Filter):
     """On the ``tunevault`` logger, whose level tunevault holds low: lets through what the application's
     levels would (when it configured logging) or what ``TUNEVAULT_LOG_LEVEL`` asks (when it did not)."""
 
-    def __init__(self, held: int, unconfigured: int) -> None:
+    def __init__(self, unconfigured: int) -> None:
         super().__init__()
-        self.held, self.unconfigured = held, unconfigured
+        self.unconfigured = unconfigured
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if log.level != self.held:
+        if log.level != HELD:
             return True  # the application set tunevault's level itself: it already decided
         if app_configured():
             parent = log.parent
@@ -102,13 +102,13 @@ def show_logs(level: int | None = None) -> None:
     handler, route = _ours()
     if handler is None and (log.handlers or log.level != logging.NOTSET):
         return  # the application set the tunevault logger up itself
-    if route is not None and log.level != route.held and level is None:
+    if route is not None and log.level != HELD and level is None:
         return  # ... or set its level after an earlier activation
     unconfigured = env_level() if level is None else level
     if route is None:
-        route = _RouteByConfiguration(HELD, unconfigured)
+        route = _RouteByConfiguration(unconfigured)
         log.addFilter(route)
     route.unconfigured = unconfigured
     if handler is None:
         log.addHandler(_StderrFallback())
-    log.setLevel(route.held)
+    log.setLevel(HELD)
