@@ -12,7 +12,7 @@ import pytest
 
 from conftest import subprocess_env
 from tunevault.policy import settings as settings_module
-from tunevault.policy.settings import Settings
+from tunevault.policy.settings import Settings, env_problems
 
 IN_CODE = '''
 import logging, sys, torch
@@ -74,17 +74,20 @@ def test_bad_mode_in_the_environment_is_one_warning_and_install_still_works() ->
 def test_explicit_options_win_and_a_bad_variable_warns_once(monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(settings_module, "_warned", set())
-    env = {"TUNEVAULT_MODE": "bogus", "TUNEVAULT_ON_MISS": "loud", "TUNEVAULT_TOLERANCE": "lots"}
-    with pytest.raises(ValueError, match="TUNEVAULT_MODE='bogus'"):
-        Settings.from_env(env)
-    chosen = Settings.from_env(env, mode="tune", on_miss="error", tolerance=0.05)
+    for var, value in (("TUNEVAULT_MODE", "bogus"), ("TUNEVAULT_ON_MISS", "loud"), ("TUNEVAULT_TOLERANCE", "lots")):
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError):
+        Settings.from_env()
+    assert sorted(env_problems()) == ["TUNEVAULT_MODE", "TUNEVAULT_ON_MISS", "TUNEVAULT_TOLERANCE"]
+    chosen = Settings.for_install(mode="tune", on_miss="error", tolerance=0.05)
     assert (chosen.mode, chosen.on_miss, chosen.tolerance) == ("tune", "error", 0.05)
+    assert caplog.records == []  # every bad variable was overridden: nothing to say
 
     caplog.set_level(logging.WARNING, logger="tunevault")
     for _ in range(2):
-        s = Settings.for_install(env, mode="first")
+        s = Settings.for_install(mode="first")
         assert (s.mode, s.on_miss, s.tolerance) == ("first", "tune", 0.02)  # the defaults
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["tunevault: ignoring TUNEVAULT_ON_MISS='loud': on_miss must be one of tune, fallback, "
                         "error, background; got 'loud'; using the default",
-                        "tunevault: ignoring TUNEVAULT_TOLERANCE='lots': must be a number; using the default"]
+                        "tunevault: ignoring TUNEVAULT_TOLERANCE must be a number; got 'lots'; using the default"]

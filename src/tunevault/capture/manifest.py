@@ -113,24 +113,25 @@ def _parse(raw: Any) -> tuple[ManifestEntry, str, int]:
 def read(path: str | os.PathLike[str], malformed: list[tuple[int, str]] | None = None) -> list[ManifestEntry]:
     """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order.
 
-    Malformed lines are skipped with one warning, or, when ``malformed`` is a list, appended to it
-    as ``(line number, reason)`` for the caller to report (a preflight fails on them).
-    """
+    Malformed lines are skipped with one warning or, when ``malformed`` is a list, appended to it as
+    ``(line number, reason)`` for the caller to report (a preflight fails on them)."""
     merged: dict[tuple[str, str], ManifestEntry] = {}
-    bad: list[tuple[int, str]] = [] if malformed is None else malformed
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    bad = 0
+    with open(path, encoding="utf-8") as fh:
         for lineno, text in enumerate(fh, 1):
             if not text.strip():
                 continue
             try:
                 entry, host, pid = _parse(json.loads(text))
-            except (ValueError, InvalidEntry, RecursionError) as exc:
-                bad.append((lineno, str(exc) if isinstance(exc, InvalidEntry) else f"not JSON ({exc})"))
+            except (ValueError, InvalidEntry) as exc:
+                bad += 1
+                if malformed is not None:
+                    malformed.append((lineno, str(exc)[:200]))
                 log.debug("tunevault: %s:%d: skipped: %s", path, lineno, exc)
                 continue
             _merge(merged, entry, host, pid)
     if bad and malformed is None:
-        log.warning("tunevault: %s: skipped %d malformed line(s)", path, len(bad))
+        log.warning("tunevault: %s: skipped %d malformed line(s)", path, bad)
     return sorted(merged.values(), key=lambda e: (e.first_seen, e.kernel, e.key.text))
 
 

@@ -46,9 +46,7 @@ def load_side(spec: str, key: str | None) -> tuple[str, list[Decision]]:
     with open(spec, "rb") as f:
         head = f.read(len(SQLITE_MAGIC))
     if head == SQLITE_MAGIC:
-        from tunevault.store.sqlite import url_of_path
-
-        return load_side(url_of_path(spec), key)
+        return load_side("sqlite:///" + os.path.abspath(spec), key)
     try:
         return spec, load_bundle(spec, key)[1]
     except BundleError as exc:

@@ -18,17 +18,17 @@ from tunevault.cli.output import print_json, print_table
 def register(sub: Any) -> None:
     p = sub.add_parser("check", help="preflight: exit 1 if a captured key has no decision on this machine",
                        description="For every key in MANIFEST, look up a decision for this machine's "
-                                   "fingerprint in the store. Exit status 1 if any key has none or any line "
-                                   "of MANIFEST is malformed, 2 if MANIFEST holds no captured key.")
-    _manifest_args(p)
+                                   "fingerprint in the store. Exit status 1 if any key has none.")
+    p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("warmup", help="replay a key manifest: tune every captured key not yet decided",
                        description="Import each captured kernel, rebuild its arguments from the captured "
-                                   "ArgSpec and run it in tune mode, so its decision lands in the store. "
-                                   "Exit status as for check.")
-    _manifest_args(p)
+                                   "ArgSpec and run it in tune mode, so its decision lands in the store.")
+    p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
     p.add_argument("--device", help="build tensors on this device instead of the captured one (e.g. cuda:0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("report", help="tuning cost per kernel and a timeline, from events or a manifest",
@@ -38,13 +38,7 @@ def register(sub: Any) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="draw the picture to this file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_report)
-
-
-def _manifest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
-    p.add_argument("--path", action="append", default=[], metavar="DIR",
-                   help="also import kernels from DIR (repeatable); the current directory is always searched")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _manifest_readers(sub)
 
 
 def _key(item: Any) -> str:
@@ -105,53 +99,6 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
-    """The manifest's entries and malformed lines, after the two things a replay needs first.
-
-    Triton's interpreter is switched on when there is no GPU (before any kernel module imports
-    Triton), and the current directory and ``--path`` folders go on the import path, as
-    ``python -m`` would put the current directory, so the application's kernels import.
-    A manifest without one valid key is a ValueError (exit 2): a preflight must not pass on it.
-    """
-    from tunevault.capture import manifest as mf
-    from tunevault.core.machine import use_interpreter_if_no_gpu
-
-    use_interpreter_if_no_gpu()
-    for folder in [os.getcwd(), *args.path][::-1]:
-        folder = os.path.abspath(folder)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-    malformed: list[tuple[int, str]] = []
-    entries = mf.read(args.manifest, malformed)
-    if not entries:
-        what = f"{len(malformed)} malformed line(s), no valid one" if malformed else "it is empty"
-        raise ValueError(f"{args.manifest} holds no captured key ({what}); a manifest is written by "
-                         f"TUNEVAULT_CAPTURE or tunevault.capture(){_lines(args.manifest, malformed)}")
-    return entries, malformed
-
-
-def _lines(path: str, malformed: list[tuple[int, str]], limit: int = 10) -> str:
-    shown = "".join(f"\n  {path}:{n}: {reason}" for n, reason in malformed[:limit])
-    more = len(malformed) - limit
-    return shown + (f"\n  ... and {more} more malformed line(s)" if more > 0 else "")
-
-
-def _malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
-    return [{"line": n, "reason": reason} for n, reason in malformed]
-
-
-def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple[int, str]]) -> None:
-    """What the user must fix, after the table: malformed lines, kernels whose module did not import."""
-    if malformed:
-        print(f"FAIL: {args.manifest} has {len(malformed)} malformed line(s){_lines(args.manifest, malformed)}",
-              file=sys.stderr)
-    missing = sorted({m for r in reasons for m in re.findall(r"No module named '([^']+)'", r)})
-    if missing:
-        print(f"hint: no module named {', '.join(missing)}: run from the folder the application imports it "
-              f"from, or pass --path DIR (searched first: {', '.join([os.getcwd(), *args.path])})",
-              file=sys.stderr)
-
-
 class _Plain:
     """Progress as one line per key when rich is not installed."""
 
@@ -203,29 +150,6 @@ def _progress(quiet: bool) -> Any:
     return _Plain(quiet)
 
 
-# Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
-REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
-
-
-def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
-    """The same keys for every kernel, counts as integers: what a script can rely on.
-
-    A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
-    (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
-    """
-    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", *(k for row in summary.values() for k in row)})
-
-    def value(key: str, row: dict[str, float]) -> int | float | None:
-        v = row.get(key)
-        if key.startswith("seconds_"):
-            return round(float(v or 0.0), 6)
-        if key.startswith("regret_") and key != "regret_n":  # statistics of predicted fallbacks
-            return None if v is None else float(v)
-        return int(v or 0)
-
-    return {kernel: {k: value(k, row) for k in keys} for kernel, row in summary.items()}
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from tunevault import report
 
@@ -249,3 +173,86 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"picture written to {out}")
     return 0
+
+
+# ---------------------------------------------------------------------- check and warmup: reading the manifest
+
+
+def _manifest_readers(sub: Any) -> None:
+    """check and warmup import the application's kernels and must not pass on a file that is not a manifest."""
+    for name in ("check", "warmup"):
+        p = sub.choices[name]
+        p.add_argument("--path", action="append", default=[], metavar="DIR",
+                       help="also import kernels from DIR (repeatable); the current directory is always searched")
+        p.epilog = ("Exit status 1 if any key has no decision here or any line of the manifest is malformed "
+                    "(each is listed with its line number), 2 if the manifest holds no valid key.")
+
+
+def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
+    """The manifest's entries and malformed lines, after the two things a replay needs first.
+
+    Triton's interpreter is switched on when there is no GPU (before any kernel module imports
+    Triton), and the current directory and ``--path`` folders go on the import path, as
+    ``python -m`` would put the current directory, so the application's kernels import.
+    A manifest without one valid key is a ValueError (exit 2): a preflight must not pass on it.
+    """
+    from tunevault.capture import manifest as mf
+    from tunevault.core.machine import use_interpreter_if_no_gpu
+
+    use_interpreter_if_no_gpu()
+    for folder in [os.getcwd(), *args.path][::-1]:
+        folder = os.path.abspath(folder)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    malformed: list[tuple[int, str]] = []
+    entries = mf.read(args.manifest, malformed=malformed)
+    if not entries:
+        what = f"{len(malformed)} malformed line(s), no valid one" if malformed else "it is empty"
+        raise ValueError(f"{args.manifest} holds no captured key ({what}); a manifest is written by "
+                         f"TUNEVAULT_CAPTURE or tunevault.capture(){_lines(args.manifest, malformed)}")
+    return entries, malformed
+
+
+def _lines(path: str, malformed: list[tuple[int, str]], limit: int = 10) -> str:
+    shown = "".join(f"\n  {path}:{n}: {reason}" for n, reason in malformed[:limit])
+    more = len(malformed) - limit
+    return shown + (f"\n  ... and {more} more malformed line(s)" if more > 0 else "")
+
+
+def _malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    return [{"line": n, "reason": reason} for n, reason in malformed]
+
+
+def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple[int, str]]) -> None:
+    """What the user must fix, after the table: malformed lines, kernels whose module did not import."""
+    if malformed:
+        print(f"FAIL: {args.manifest} has {len(malformed)} malformed line(s){_lines(args.manifest, malformed)}",
+              file=sys.stderr)
+    missing = sorted({m for r in reasons for m in re.findall(r"No module named '([^']+)'", r)})
+    if missing:
+        print(f"hint: no module named {', '.join(missing)}: run from the folder the application imports it "
+              f"from, or pass --path DIR (searched first: {', '.join([os.getcwd(), *args.path])})",
+              file=sys.stderr)
+
+
+# Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
+REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
+
+
+def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
+    """The same keys for every kernel, counts as integers: what a script can rely on.
+
+    A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
+    (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
+    """
+    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", *(k for row in summary.values() for k in row)})
+
+    def value(key: str, row: dict[str, float]) -> int | float | None:
+        v = row.get(key)
+        if key.startswith("seconds_"):
+            return round(float(v or 0.0), 6)
+        if key.startswith("regret_") and key != "regret_n":  # statistics of predicted fallbacks
+            return None if v is None else float(v)
+        return int(v or 0)
+
+    return {kernel: {k: value(k, row) for k in keys} for kernel, row in summary.items()}

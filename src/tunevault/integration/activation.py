@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from tunevault.integration.logs import show_logs
-from tunevault.policy.settings import Settings, warn_once
+from tunevault.policy.settings import Settings, env_problems, warn_once
 
 log = logging.getLogger("tunevault")
 
@@ -73,7 +73,8 @@ def activate_from_env() -> bool:
         try:
             settings = Settings.from_env()
         except Exception as exc:
-            warn_once(str(exc), f"tunevault: not activated from environment: {exc}")
+            for problem in env_problems().values() or [str(exc)]:
+                warn_once(problem, f"tunevault: not activated from environment: {problem}")
             return False
         _settled = True
         if TRIGGER in sys.modules:

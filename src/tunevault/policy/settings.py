@@ -18,17 +18,17 @@ ON_MISS = ("tune", "fallback", "error", "background")
 
 def default_store_url() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return "sqlite:///" + str(Path(base, "tunevault", "tunevault.db").absolute())  # four slashes: absolute
+    return "sqlite:///" + str(Path(base, "tunevault", "tunevault.db").absolute())
 
 
-_ENV = {"mode": "TUNEVAULT_MODE", "on_miss": "TUNEVAULT_ON_MISS", "store": "TUNEVAULT_STORE",
-        "remote": "TUNEVAULT_REMOTE", "bundles": "TUNEVAULT_BUNDLE", "bundle_key": "TUNEVAULT_BUNDLE_KEY",
-        "capture": "TUNEVAULT_CAPTURE", "events": "TUNEVAULT_EVENTS", "isolate": "TUNEVAULT_ISOLATE",
-        "prestart": "TUNEVAULT_PRESTART", "validate": "TUNEVAULT_VALIDATE", "tolerance": "TUNEVAULT_TOLERANCE",
-        "tune_timeout": "TUNEVAULT_TUNE_TIMEOUT", "config_timeout": "TUNEVAULT_CONFIG_TIMEOUT",
-        "lease_wait": "TUNEVAULT_LEASE_WAIT", "lease_ttl": "TUNEVAULT_LEASE_TTL"}
-_FLAGS = ("isolate", "prestart", "validate")  # read when set at all ("" is off)
-_NUMBERS = ("tolerance", "tune_timeout", "config_timeout", "lease_wait", "lease_ttl")
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _paths(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
 _warned: set[str] = set()
 
 
@@ -40,61 +40,24 @@ def warn_once(problem: str, message: str) -> None:
         logging.getLogger("tunevault").warning("%s", message)
 
 
-def _problem(name: str, value: object) -> str | None:
-    """What is wrong with one setting's value, as the end of a sentence; None when it is fine."""
-    if name == "mode" and value not in MODES:
-        return f"must be one of {', '.join(MODES)}; got {value!r}"
-    if name == "on_miss" and value not in ON_MISS:
-        return f"must be one of {', '.join(ON_MISS)}; got {value!r}"
-    if name == "tolerance" and not (isinstance(value, int | float) and 0.0 <= value < 1.0):
-        return f"must be in [0, 1); got {value!r}"
-    if name in ("tune_timeout", "config_timeout", "lease_ttl") and not (isinstance(value, int | float)
-                                                                        and value > 0):
-        return f"must be > 0; got {value!r}"
-    if name == "lease_wait" and not (isinstance(value, int | float) and value >= 0):
-        return f"must be >= 0; got {value!r}"
-    return None
+def variable(option: str) -> str:
+    """The environment variable of an ``install()`` option (``bundles`` reads ``TUNEVAULT_BUNDLE``)."""
+    return "TUNEVAULT_BUNDLE" if option == "bundles" else f"TUNEVAULT_{option.upper()}"
 
 
-def _given(options: Mapping[str, object]) -> set[str]:
-    return {k for k, v in options.items() if v is not None}
-
-
-def _from_env(env: Mapping[str, str], given: set[str]) -> tuple[dict[str, object], dict[str, str]]:
-    """Field values from the variables not overridden by ``given``, and a message per bad variable."""
-    values: dict[str, object] = {}
-    problems: dict[str, str] = {}
-    for name, var in _ENV.items():
-        raw = env.get(var)
-        if name in given or raw is None or (not raw.strip() and name not in _FLAGS):
+def env_problems(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each ``TUNEVAULT_*`` variable that :meth:`Settings.from_env` refuses, judged alone:
+    ``{variable: "TUNEVAULT_MODE='bogus': mode must be one of ..."}``."""
+    problems = {}
+    for var, value in (os.environ if env is None else env).items():
+        if not var.startswith("TUNEVAULT_"):
             continue
-        value: object = raw
-        if name in ("mode", "on_miss"):
-            value = raw.strip().lower()
-        elif name == "bundles":
-            value = _paths(raw)
-        elif name in _FLAGS:
-            value = _flag(raw)
-        elif name in _NUMBERS:
-            try:
-                value = float(raw)
-            except ValueError:
-                problems[name] = f"{var}={raw!r}: must be a number"
-                continue
-        problem = _problem(name, value)
-        if problem:
-            problems[name] = f"{var}={raw!r}: {name} {problem}"
-        else:
-            values[name] = value
-    return values, problems
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _paths(value: str | None) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+        try:
+            Settings.from_env({var: value})
+        except ValueError as exc:
+            why = str(exc).removeprefix("tunevault ")
+            problems[var] = why if why.startswith(var) else f"{var}={value!r}: {why}"
+    return problems
 
 
 @dataclass(frozen=True)
@@ -117,30 +80,44 @@ class Settings:
     lease_ttl: float = 30.0
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            problem = _problem(f.name, getattr(self, f.name))
-            if problem:
-                raise ValueError(f"tunevault {f.name} {problem}")
+        if self.mode not in MODES:
+            raise ValueError(f"tunevault mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.on_miss not in ON_MISS:
+            raise ValueError(f"tunevault on_miss must be one of {', '.join(ON_MISS)}; got {self.on_miss!r}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"tunevault tolerance must be in [0, 1); got {self.tolerance!r}")
+        if self.tune_timeout <= 0 or self.lease_wait < 0:
+            raise ValueError("tunevault tune_timeout must be > 0 and lease_wait >= 0")
+        if self.config_timeout <= 0:
+            raise ValueError(f"tunevault config_timeout must be > 0; got {self.config_timeout!r}")
+        if self.lease_ttl <= 0:
+            raise ValueError(f"tunevault lease_ttl must be > 0; got {self.lease_ttl!r}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **options: object) -> Settings:
-        """``TUNEVAULT_*`` with ``options`` on top: a given option wins, its variable is not even read.
-
-        A bad value of a variable that is read is a ValueError naming the variable and its value.
-        """
-        values, problems = _from_env(os.environ if env is None else env, _given(options))
-        if problems:
-            raise ValueError("; ".join(problems.values()))
-        return cls(**values).with_options(**options)  # type: ignore[arg-type]
-
-    @classmethod
-    def for_install(cls, env: Mapping[str, str] | None = None, **options: object) -> Settings:
-        """As :meth:`from_env`, but a bad variable is one warning per process and its default is used:
-        ``install()``'s explicit arguments must work whatever the environment says."""
-        values, problems = _from_env(os.environ if env is None else env, _given(options))
-        for problem in problems.values():
-            warn_once(problem, f"tunevault: ignoring {problem}; using the default")
-        return cls(**values).with_options(**options)  # type: ignore[arg-type]
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        kw: dict[str, object] = {}
+        simple = {"mode": "TUNEVAULT_MODE", "on_miss": "TUNEVAULT_ON_MISS", "store": "TUNEVAULT_STORE",
+                  "remote": "TUNEVAULT_REMOTE", "bundle_key": "TUNEVAULT_BUNDLE_KEY",
+                  "capture": "TUNEVAULT_CAPTURE", "events": "TUNEVAULT_EVENTS"}
+        for name, var in simple.items():
+            if e.get(var):
+                kw[name] = e[var].strip().lower() if name in ("mode", "on_miss") else e[var]
+        if e.get("TUNEVAULT_BUNDLE"):
+            kw["bundles"] = _paths(e["TUNEVAULT_BUNDLE"])
+        for name, var in (("isolate", "TUNEVAULT_ISOLATE"), ("validate", "TUNEVAULT_VALIDATE"),
+                          ("prestart", "TUNEVAULT_PRESTART")):
+            if var in e:
+                kw[name] = _flag(e[var])
+        for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
+                          ("config_timeout", "TUNEVAULT_CONFIG_TIMEOUT"),
+                          ("lease_wait", "TUNEVAULT_LEASE_WAIT"), ("lease_ttl", "TUNEVAULT_LEASE_TTL")):
+            if e.get(var):
+                try:
+                    kw[name] = float(e[var])
+                except ValueError:
+                    raise ValueError(f"{var} must be a number; got {e[var]!r}") from None
+        return cls(**kw)  # type: ignore[arg-type]
 
     def with_options(self, **options: object) -> Settings:
         known = {f.name for f in fields(self)}
@@ -151,3 +128,16 @@ class Settings:
         if isinstance(given.get("bundles"), str):
             given["bundles"] = _paths(given["bundles"])  # type: ignore[arg-type]
         return replace(self, **given)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_install(cls, **options: object) -> Settings:
+        """``install()``'s settings: its explicit options win and their variables are not even read;
+        a bad variable it does read is one warning per process, and its default is used."""
+        env = {k: v for k, v in os.environ.items() if k.startswith("TUNEVAULT_")}
+        for name, value in options.items():
+            if value is not None:
+                env.pop(variable(name), None)
+        for var, problem in env_problems(env).items():
+            warn_once(problem, f"tunevault: ignoring {problem}; using the default")
+            del env[var]
+        return cls.from_env(env).with_options(**options)
