@@ -30,6 +30,9 @@ def _paths(value: str | None) -> tuple[str, ...]:
 
 
 _warned: set[str] = set()
+# Variables whose refused value is never replaced by the default: for a signing key the default is
+# "no key", which would switch signature checks off.
+MUST_HOLD = frozenset({"TUNEVAULT_BUNDLE_KEY"})
 
 
 def warn_once(problem: str, message: str) -> None:
@@ -138,6 +141,8 @@ class Settings:
             if value is not None:
                 env.pop(variable(name), None)
         for var, problem in env_problems(env).items():
+            if var in MUST_HOLD:
+                raise ValueError(problem)
             warn_once(problem, f"tunevault: ignoring {problem}; using the default")
             del env[var]
         return cls.from_env(env).with_options(**options)
