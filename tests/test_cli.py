@@ -48,7 +48,7 @@ def test_info_reports_fingerprint_store_and_count(tv: Any, sqlite_url: str, caps
     assert before["fingerprint"]["target"] == "interpreter" and before["interpreter"] is True
     assert len(before["fingerprint"]["digest"]) == 16
     assert before["versions"]["tunevault"] and before["versions"]["triton"]
-    assert before["store"] == {"url": sqlite_url, "entries": 0, "this_machine": 0}
+    assert before["store"] == {"url": sqlite_url, "entries": 0, "this_machine": 0, "damage": []}
     tune_two(tv)
     after = cli_json(capsys, "--store", sqlite_url, "info")
     assert after["store"]["entries"] == 2 and after["store"]["this_machine"] == 2
@@ -127,7 +127,8 @@ def test_import_rejects_bad_entries_and_keeps_good_ones(tv: Any, sqlite_url: str
     wrong_type = {**second, "config_index": "1"}
     swapped = json.loads(json.dumps(second))
     swapped["config"]["kwargs"] = {"ROWS": 64}  # disagrees with its own measurement of that index
-    doc["decisions"] = [first, wrong_type, swapped, {"schema": 99}, "not an object"]
+    beyond = {**second, "config_index": 99}  # not one of its own candidates (#0-#2)
+    doc["decisions"] = [first, wrong_type, swapped, beyond, {"schema": 99}, "not an object"]
     tampered = tmp_path / "tampered.json"
     tampered.write_text(json.dumps(doc))
 
@@ -135,10 +136,11 @@ def test_import_rejects_bad_entries_and_keeps_good_ones(tv: Any, sqlite_url: str
     code, out, _ = cli(capsys, "--store", fresh, "import", str(tampered), "--json")
     report = json.loads(out)
     assert code == 1  # any rejection fails the command; the valid entries are still imported
-    assert (report["added"], report["skipped"], report["rejected"]) == (1, 0, 4)
-    assert [r["index"] for r in report["rejections"]] == [1, 2, 3, 4]
+    assert (report["added"], report["skipped"], report["rejected"]) == (1, 0, 5)
+    assert [r["index"] for r in report["rejections"]] == [1, 2, 3, 4, 5]
     assert "measurement" in report["rejections"][1]["reason"]
-    assert "schema" in report["rejections"][2]["reason"]
+    assert "config_index 99 is not one of its own candidates (#0, #1, #2)" in report["rejections"][2]["reason"]
+    assert "schema" in report["rejections"][3]["reason"]
     assert open_store(fresh).count() == 1
 
     for text, message in (("{not json", "not JSON"), ('{"format": "other"}', "not a tunevault export"),

@@ -57,7 +57,7 @@ def test_damaged_store_file_is_a_miss_with_a_warning(tmp_path: Path, sqlite_url:
                                                      caplog: pytest.LogCaptureFixture) -> None:
     import tunevault
 
-    path = Path(sqlite_url.removeprefix("sqlite://"))
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
     tunevault.install(mode="tune", store=sqlite_url)
     kc.run_unary(kc.add_one, 40)
     tunevault.uninstall()
@@ -76,7 +76,7 @@ def test_damaged_store_file_is_a_miss_with_a_warning(tmp_path: Path, sqlite_url:
 def test_corrupt_row_is_a_miss_then_heals(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
     import tunevault
 
-    path = sqlite_url.removeprefix("sqlite://")
+    path = sqlite_url.removeprefix("sqlite:///")
     tunevault.install(mode="tune", store=sqlite_url)
     kc.run_unary(kc.add_one, 40)
     tunevault.uninstall()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from conftest import subprocess_env
+from tunevault.cli.demo_cmd import _benched, _print_report, _verdict
 from tunevault.demo import kernels
 from tunevault.store.base import Query, open_store
 
@@ -23,7 +23,7 @@ def demo(store: str, *argv: str, **env: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=e)
 
 
-def test_warm_restart_runs_no_benchmarks(tv: Any, sqlite_url: str) -> None:
+def test_warm_restart_runs_no_benchmarks_then_serving_is_sealed(tv: Any, sqlite_url: str, capsys: Any) -> None:
     # A stale decision for one demo key is already stored: the demo must clear it so cold really tunes.
     x, y = torch.randn(1000, generator=torch.Generator().manual_seed(0)), torch.randn(1000)
     kernels.run_scaled_add(x, y)
@@ -44,16 +44,25 @@ def test_warm_restart_runs_no_benchmarks(tv: Any, sqlite_url: str) -> None:
         assert (w["key"], w["config_index"]) == (c["key"], c["config_index"])
 
     store = open_store(sqlite_url)
-    assert len(list(store.decisions(Query(kernel="tunevault.demo.kernels")))) == 3
+    assert len(list(store.decisions(Query(kernel="tunevault.demo.kernels")))) == 3  # nothing stored at serve time
     store.close()
 
+    # The serving contract, on the same screen: sealed, an unseen key (float16) is served without
+    # benchmarking, and one line says why it missed.
+    serving = warm["serving"]
+    assert serving["bench_runs"] == 0 and serving["tunings"] == 0 and serving["fallbacks"] == 1 and serving["ok"]
+    assert serving["diagnosis"].startswith("scaled_add: no decision for n=1000 dtype(x_ptr)=float16")
+    assert "nearest decided key differs in dtype(x_ptr): float32 -> float16" in serving["diagnosis"]
+    _print_report(cold, warm, "tunevault")
+    screen = capsys.readouterr().out
+    assert "warm restart: 0 benchmark runs" in screen
+    assert f"a key warmup never saw:\n  {serving['diagnosis']}\n" in screen
+    assert f"-> served with nearest key's config {serving['served_with'].split(' config ')[1]}: 0 benchmark " \
+           "runs, 0 tunings, result matches torch" in screen
+    assert "None" not in serving["served_with"]  # BLOCK=256 num_warps=4, not Triton's repr
 
-def test_demo_fails_when_the_store_forgets(tmp_path: Path) -> None:
-    """memory:// lives and dies with each process: the warm run must tune again, and the demo says so."""
-    proc = demo("memory://")
-    assert proc.returncode == 1
-    assert "cleared 0 stored decision(s)" in proc.stdout
-    for name in ("scaled_add", "row_sum", "matmul"):
-        assert name in proc.stdout
-    assert "warm restart: 0 benchmark runs" not in proc.stdout
-    assert "FAIL: warm restart benchmarked" in proc.stderr
+    # Had the store forgotten (memory://, a wiped cache), the restart would have tuned like the cold
+    # run did: the demo must fail then, naming it.
+    ok, problems = _verdict(cold, {**cold, "phase": "warm", "serving": serving})
+    cold_runs = sum(_benched(r) for r in cold["kernels"])
+    assert not ok and problems == [f"warm restart benchmarked ({cold_runs} runs): decisions were not reused"]

@@ -160,7 +160,7 @@ def test_threads_lose_nothing(store: Store) -> None:
 def test_open_store_urls(tmp_path: Path) -> None:
     assert isinstance(open_store("memory://"), MemoryStore)
     s = SqliteStore(tmp_path / "db.sqlite")
-    assert s.url == f"sqlite://{tmp_path / 'db.sqlite'}"
+    assert s.url == f"sqlite:///{tmp_path / 'db.sqlite'}"  # four slashes: an absolute path
     s.put(make_decision(1))
     again = open_store(s.url)
     assert isinstance(again, SqliteStore) and again.path == s.path

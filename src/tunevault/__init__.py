@@ -28,7 +28,7 @@ def install(mode: str = "tune", **options: Any) -> Settings:
     """
     from tunevault.integration import activation
 
-    return activation.install(Settings.from_env().with_options(mode=mode, **options))
+    return activation.install(Settings.for_install(mode=mode, **options))
 
 
 def uninstall() -> None:

@@ -147,6 +147,12 @@ def _figure(width: float, height: float) -> Any:
 
 def plot_events(events: list[dict[str, Any]], out: str | os.PathLike[str]) -> str:
     """Tuning seconds per kernel (warmup vs serving) and a timeline of tunings and misses with the seal."""
+    events_figure(events).savefig(out)
+    return os.fspath(out)
+
+
+def events_figure(events: list[dict[str, Any]]) -> Any:
+    """The picture of :func:`plot_events`, as a matplotlib Figure."""
     summary = summarize_events(events)
     kernels = sorted(summary, key=lambda k: _seconds(summary[k]))
     rows = max(1, len(kernels))
@@ -164,10 +170,12 @@ def plot_events(events: list[dict[str, Any]], out: str | os.PathLike[str]) -> st
     bars.set_xlabel("tuning seconds")
     bars.set_title("Where tuning time went")
     bars.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if rows < 4 else -0.12), fontsize=8, ncol=2)
-    bars.set_xlim(0, max([a + b for a, b in zip(warm, serve, strict=True)] + [1e-3]) * 1.35)
+    longest = max([a + b for a, b in zip(warm, serve, strict=True)], default=0.0)
+    bars.set_xlim(0, longest * 1.35 if longest > 0 else 1.0)  # no tunings: 0..1 s, not 0..0.001 s
+    if longest <= 0:
+        bars.text(0.5, 0.5, "no tunings", transform=bars.transAxes, ha="center", va="center", color="grey")
     _timeline(line, events, {k: i for i, k in enumerate(kernels)})
-    fig.savefig(out)
-    return os.fspath(out)
+    return fig
 
 
 def _timeline(ax: Any, events: list[dict[str, Any]], rows: dict[str, int]) -> None:

@@ -142,8 +142,12 @@ def _parse(raw: Any) -> tuple[ManifestEntry, str, int]:
     return entry, host[:200] if isinstance(host, str) else "?", pid if type(pid) is int else -1
 
 
-def read(path: str | os.PathLike[str], key: Any = _FROM_ENV) -> list[ManifestEntry]:
+def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
+         malformed: list[tuple[int, str]] | None = None) -> list[ManifestEntry]:
     """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order.
+
+    Malformed lines are skipped with one warning or, when ``malformed`` is a list, appended to it as
+    ``(line number, reason)`` for the caller to report (a preflight fails on them).
 
     ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``) makes every line's signature mandatory: one line
     that is unsigned, malformed or does not verify refuses the whole manifest (ManifestError).
@@ -171,10 +175,12 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV) -> list[ManifestEnt
                 raise ManifestError(f"{os.fspath(path)}:{lineno}: {str(exc)[:200]}; with TUNEVAULT_BUNDLE_KEY set, "
                                     "every line must be a valid signed line; refusing the whole manifest") from None
             bad += 1
+            if malformed is not None:
+                malformed.append((lineno, str(exc)[:200]))
             log.debug("tunevault: %s:%d: skipped: %s", path, lineno, str(exc)[:200])
             continue
         _merge(merged, entry, host, pid)
-    if bad:
+    if bad and malformed is None:
         log.warning("tunevault: %s: skipped %d malformed line(s)", path, bad)
     return sorted(merged.values(), key=lambda e: (e.first_seen, e.kernel, e.key.text))
 

@@ -1,4 +1,7 @@
-"""``tunevault demo``: tune three real kernels in a fresh process, then restart and tune nothing.
+"""``tunevault demo``: tune three real kernels in a fresh process, restart and tune nothing, then serve.
+
+After the warm restart the warm process seals and serves a key warmup never saw: one line says
+why it missed, and nothing is benchmarked (the serving contract).
 
 The parent never imports torch or triton: each phase is ``python -m tunevault.demo.run`` in a
 new process (a real restart), which picks Triton's interpreter itself when there is no GPU.
@@ -79,6 +82,12 @@ def _verdict(cold: dict[str, Any], warm: dict[str, Any]) -> tuple[bool, list[str
                             f"cold chose #{c['config_index']}")
     if not sum(_benched(r) for r in cold["kernels"]):
         problems.append("cold run did not benchmark: the store still held decisions for the demo kernels")
+    serving = warm.get("serving") or {}
+    if serving.get("bench_runs", 1) or serving.get("tunings", 1):
+        problems.append(f"serving after the seal benchmarked ({serving.get('bench_runs')} runs, "
+                        f"{serving.get('tunings')} tunings)")
+    if not serving.get("diagnosis") or not serving.get("ok"):
+        problems.append("serving an unseen key after the seal gave no one-line diagnosis or a wrong result")
     return not problems, problems
 
 
@@ -134,4 +143,9 @@ def _print_report(cold: dict[str, Any], warm: dict[str, Any], cli: str) -> None:
     speedup = f" ({cold_ms / warm_ms:.0f}x)" if warm_ms > 0 else ""
     print(f"warm restart: {warm_runs} benchmark runs (cold: {cold_runs}); "
           f"time to first results {cold_ms:.0f} ms -> {warm_ms:.0f} ms{speedup}")
+    serving = warm.get("serving") or {}
+    print("serving: sealed, then scaled_add with float16 inputs, a key warmup never saw:")
+    print(f"  {serving.get('diagnosis') or '(no diagnosis)'}")
+    print(f"  -> served with {serving.get('served_with') or '?'}: {serving.get('bench_runs')} benchmark runs, "
+          f"{serving.get('tunings')} tunings, result {'matches' if serving.get('ok') else 'DIFFERS from'} torch")
     print(f"every candidate's timings: {cli} show matmul; all decisions: {cli} ls")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -39,6 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="draw the picture to this file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_report)
+    _manifest_readers(sub)
 
 
 def _allow_module_flag(p: argparse.ArgumentParser) -> None:
@@ -54,13 +56,22 @@ def _key(item: Any) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from tunevault.capture.locate import allow_modules
+    from tunevault.cli.doctor_cmd import damaged, store_damage
+    from tunevault.cli.store_cmds import open_cli_store
     from tunevault.policy.check import check
 
+    entries, malformed = load_manifest(args)
     with allow_modules(args.allow_module):
-        result = check(args.manifest, store=args.store)
+        result = check(entries, store=args.store)
+    store = open_cli_store(args)
+    try:
+        damage = store_damage(store)
+    finally:
+        store.close()
     if args.json:
-        print_json(result.to_json())
-        return 0 if result.ok else 1
+        ok = result.ok and not malformed and not damage
+        print_json({**result.to_json(), "ok": ok, "malformed": _malformed_json(malformed), "damage": damage})
+        return damaged(result.store, damage) or (0 if ok else 1)
     rows = [[i.kernel, _key(i), "yes" if i.decided else "NO", i.config or i.reason] for i in result.items]
     fp = result.fingerprint
     print_table(["kernel", "key", "decided", "config / reason"], rows,
@@ -68,7 +79,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     missing = len(result.missing)
     print(f"{len(result.items) - missing}/{len(result.items)} keys decided"
           + (f"; {missing} missing: run `tunevault warmup {args.manifest}`" if missing else ""))
-    return 0 if result.ok else 1
+    _explain(args, [i.reason for i in result.items], malformed)
+    return damaged(result.store, damage) or (0 if result.ok and not malformed else 1)
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
@@ -76,15 +88,17 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from tunevault.capture.locate import allow_modules
     from tunevault.capture.replay import warmup
 
+    entries, malformed = load_manifest(args)
     tunevault.install(mode="tune", store=args.store, on_miss="tune")
     try:
         with allow_modules(args.allow_module), _progress(quiet=args.json) as progress:
-            report = warmup(args.manifest, device=args.device, progress=progress)
+            report = warmup(entries, device=args.device, progress=progress)
     finally:
         tunevault.uninstall()
+    ok = report.ok and not malformed
     if args.json:
-        print_json(report.to_json())
-        return 0 if report.ok else 1
+        print_json({**report.to_json(), "ok": ok, "malformed": _malformed_json(malformed)})
+        return 0 if ok else 1
     odd = [i for i in report.items if i.status in ("skipped", "failed")]
     if odd:
         rows = [[i.kernel, _key(i), i.status, i.reason] for i in odd]
@@ -93,7 +107,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     print(f"warmup: {counts['tuned']} tuned, {counts['decided']} already decided, "
           f"{counts['skipped']} skipped, {counts['failed']} failed "
           f"({sum(i.seconds for i in report.items):.1f} s tuning)")
-    return 0 if report.ok else 1
+    _explain(args, [i.reason for i in report.items], malformed)
+    return 0 if ok else 1
 
 
 class _Plain:
@@ -156,7 +171,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     kind, data = report.load(path)
     if args.json:
-        summary = report.summarize_events(data) if kind == "events" else [e.to_json() for e in data]
+        summary = fixed_keys(report.summarize_events(data)) if kind == "events" else [e.to_json() for e in data]
         print_json({"kind": kind, "summary": summary})
     else:
         headers, rows = report.events_table(data) if kind == "events" else report.manifest_table(data)
@@ -170,3 +185,86 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"picture written to {out}")
     return 0
+
+
+# ---------------------------------------------------------------------- check and warmup: reading the manifest
+
+
+def _manifest_readers(sub: Any) -> None:
+    """check and warmup import the application's kernels and must not pass on a file that is not a manifest."""
+    for name in ("check", "warmup"):
+        p = sub.choices[name]
+        p.add_argument("--path", action="append", default=[], metavar="DIR",
+                       help="also import kernels from DIR (repeatable); the current directory is always searched")
+        p.epilog = ("Exit status 1 if any key has no decision here or any line of the manifest is malformed "
+                    "(each is listed with its line number), 2 if the manifest holds no valid key.")
+
+
+def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
+    """The manifest's entries and malformed lines, after the two things a replay needs first.
+
+    Triton's interpreter is switched on when there is no GPU (before any kernel module imports
+    Triton), and the current directory and ``--path`` folders go on the import path, as
+    ``python -m`` would put the current directory, so the application's kernels import.
+    A manifest without one valid key is a ValueError (exit 2): a preflight must not pass on it.
+    """
+    from tunevault.capture import manifest as mf
+    from tunevault.core.machine import use_interpreter_if_no_gpu
+
+    use_interpreter_if_no_gpu()
+    for folder in [os.getcwd(), *args.path][::-1]:
+        folder = os.path.abspath(folder)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    malformed: list[tuple[int, str]] = []
+    entries = mf.read(args.manifest, malformed=malformed)
+    if not entries:
+        what = f"{len(malformed)} malformed line(s), no valid one" if malformed else "it is empty"
+        raise ValueError(f"{args.manifest} holds no captured key ({what}); a manifest is written by "
+                         f"TUNEVAULT_CAPTURE or tunevault.capture(){_lines(args.manifest, malformed)}")
+    return entries, malformed
+
+
+def _lines(path: str, malformed: list[tuple[int, str]], limit: int = 10) -> str:
+    shown = "".join(f"\n  {path}:{n}: {reason}" for n, reason in malformed[:limit])
+    more = len(malformed) - limit
+    return shown + (f"\n  ... and {more} more malformed line(s)" if more > 0 else "")
+
+
+def _malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    return [{"line": n, "reason": reason} for n, reason in malformed]
+
+
+def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple[int, str]]) -> None:
+    """What the user must fix, after the table: malformed lines, kernels whose module did not import."""
+    if malformed:
+        print(f"FAIL: {args.manifest} has {len(malformed)} malformed line(s){_lines(args.manifest, malformed)}",
+              file=sys.stderr)
+    missing = sorted({m for r in reasons for m in re.findall(r"No module named '([^']+)'", r)})
+    if missing:
+        print(f"hint: no module named {', '.join(missing)}: run from the folder the application imports it "
+              f"from, or pass --path DIR (searched first: {', '.join([os.getcwd(), *args.path])})",
+              file=sys.stderr)
+
+
+# Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
+REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
+
+
+def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
+    """The same keys for every kernel, counts as integers: what a script can rely on.
+
+    A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
+    (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
+    """
+    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", *(k for row in summary.values() for k in row)})
+
+    def value(key: str, row: dict[str, float]) -> int | float | None:
+        v = row.get(key)
+        if key.startswith("seconds_"):
+            return round(float(v or 0.0), 6)
+        if key.startswith("regret_") and key != "regret_n":  # statistics of predicted fallbacks
+            return None if v is None else float(v)
+        return int(v or 0)
+
+    return {kernel: {k: value(k, row) for k in keys} for kernel, row in summary.items()}

@@ -43,16 +43,17 @@ def open_cli_store(args: argparse.Namespace) -> Store:
     try:
         return open_store(url)
     except StoreUnavailable as exc:
-        raise OSError(str(exc)) from exc
+        hint = (f"; see `tunevault --store {url} doctor`" if url.startswith("sqlite:")
+                and any(w in str(exc) for w in ("malformed", "not a database")) else "")
+        raise OSError(f"{exc}{hint}") from exc
 
 
 def this_machine() -> Fingerprint:
     """This machine's fingerprint, as a process tuning here would compute it (interpreter if no GPU)."""
-    from tunevault.core.identity import current_fingerprint
-    from tunevault.demo.run import use_interpreter_if_no_gpu
+    from tunevault.core import machine
 
-    use_interpreter_if_no_gpu()
-    return current_fingerprint()
+    machine.use_interpreter_if_no_gpu()
+    return machine.this_machine()
 
 
 def machine_label(fp: Fingerprint, here: Fingerprint) -> str:
@@ -102,15 +103,14 @@ def summary(d: Decision, here: Fingerprint) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-    import triton
-
     import tunevault
+    from tunevault.core import machine
 
     here = this_machine()
+    torch = machine.torch_build() or {}
     info: dict[str, Any] = {
-        "versions": {"tunevault": tunevault.__version__, "triton": triton.__version__,
-                     "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"tunevault": tunevault.__version__, "triton": machine.triton_version(),
+                     "torch": torch.get("__version__"), "python": platform.python_version()},
         "fingerprint": {**here.to_json(), "digest": here.digest},
         "interpreter": here.target == "interpreter",
         "store": {"url": store_url(args)},
@@ -122,11 +122,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["store"]["error"] = str(exc)
         status = 1
     else:
+        from tunevault.cli.doctor_cmd import store_damage
+
         try:
-            info["store"].update(entries=store.count(), this_machine=sum(
-                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))))
+            info["store"].update(url=store.url, entries=store.count(), this_machine=sum(
+                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))), damage=store_damage(store))
         finally:
             store.close()
+        status = 1 if info["store"]["damage"] else 0
     if args.json:
         print_json(info)
         return status
@@ -142,32 +145,41 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"             unavailable: {st['error']}")
     else:
         print(f"entries:     {st['entries']} ({st['this_machine']} for this machine)")
-    return status
+    from tunevault.cli.doctor_cmd import damaged
+
+    return damaged(st["url"], st.get("damage", [])) or status
 
 
-def _load(args: argparse.Namespace) -> tuple[Fingerprint, list[Decision], str]:
+def _load(args: argparse.Namespace) -> tuple[Fingerprint, list[Decision], str, list[str]]:
+    """This machine, the selected decisions, the store's URL and what its integrity check found."""
+    from tunevault.cli.doctor_cmd import store_damage
+
     here = this_machine()
     store = open_cli_store(args)
     try:
-        return here, select(store, args, here), store.url
+        return here, select(store, args, here), store.url, store_damage(store)
     finally:
         store.close()
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    here, found, url = _load(args)
+    from tunevault.cli.doctor_cmd import damaged
+
+    here, found, url, damage = _load(args)
     if args.json:
         print_json([summary(d, here) for d in found])
-        return 0
+        return damaged(url, damage)
     rows = [[d.kernel.name, d.key.describe(), f"#{d.config_index} {d.config.describe()}",
              machine_label(d.fingerprint, here), when(d)] for d in found]
     print_table(["kernel", "key", "chosen config", "machine", "when"], rows,
                 title=f"{len(rows)} decision(s) in {url}")
-    return 0
+    return damaged(url, damage)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    here, found, url = _load(args)
+    from tunevault.cli.doctor_cmd import damaged
+
+    here, found, url, damage = _load(args)
     if args.json:
         print_json([{"this_machine": d.fingerprint.digest == here.digest, "decision": d.to_json()}
                     for d in found])
@@ -175,17 +187,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         _show_one(d, here)
     if not found:
         print(f"no decisions for kernels matching {args.kernel!r} in {url}", file=sys.stderr)
-    return 0 if found else 1
+    return damaged(url, damage) or (0 if found else 1)
 
 
 def _show_one(d: Decision, here: Fingerprint) -> None:
     prov = dict(d.provenance)
     fp = d.fingerprint
-    margin = "alone (nothing to compare)" if d.margin is None else f"{d.margin:+.1%} to the runner-up"
+    rank = "" if prov.get("rank") is None else f" rank {prov['rank']}"
     print(f"\n{d.kernel.name}  [{d.key.describe()}]")
-    print(f"  chosen:      #{d.config_index} {d.config.describe()}  ({margin})")
-    print(f"  tuned:       {when(d)} on {prov.get('host', '?')} pid {prov.get('pid', '?')} rank "
-          f"{prov.get('rank')}, {d.tuning_seconds:.2f} s; tunevault {prov.get('tunevault', '?')}")
+    print(f"  chosen:      #{d.config_index} {d.config.describe()}  ({margin_text(d.margin)})")
+    print(f"  tuned:       {when(d)} on {prov.get('host', '?')} pid {prov.get('pid', '?')}{rank}, "
+          f"{d.tuning_seconds:.2f} s; tunevault {prov.get('tunevault', '?')}")
     print(f"  valid on:    {machine_label(fp, here)} machine: {fp.device}, {fp.target}, triton {fp.triton}, "
           f"cuda {fp.cuda} (fingerprint {fp.digest})")
     print(f"  kernel:      source {d.kernel.source_hash}, configs {d.kernel.configs_hash} "
@@ -205,6 +217,16 @@ def _show_one(d: Decision, here: Fingerprint) -> None:
         print_table(["#", "config", "median ms", "p20 ms", "p80 ms", "runs", "IQR ms", "slower?", ""], rows)
 
 
+def margin_text(margin: float | None) -> str:
+    """The margin to the runner-up, explained when it is negative (a faster config lost a tie)."""
+    if margin is None:
+        return "alone (nothing to compare)"
+    if margin >= 0:
+        return f"{margin:+.1%} to the runner-up"
+    return (f"{margin:+.1%} to the runner-up: a config {-margin:.1%} faster was within the tie tolerance, "
+            f"and ties go to the earliest declared config, so every process picks the same one")
+
+
 # ---------------------------------------------------------------------------- export import rm
 
 
@@ -222,9 +244,12 @@ def export_document(decisions: list[Decision], args: argparse.Namespace) -> dict
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tunevault.cli.doctor_cmd import damaged, store_damage
+
     store = open_cli_store(args)
     try:
         doc = export_document(select(store, args), args)
+        damage = store_damage(store)
     finally:
         store.close()
     text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
@@ -237,7 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         os.replace(tmp, args.file)  # a reader never sees half a file
     print(f"exported {len(doc['decisions'])} decision(s) from {store.url} to {args.file}",
           file=sys.stderr if args.file == "-" else sys.stdout)
-    return 0
+    return damaged(store.url, damage)
 
 
 def read_document(path: str) -> tuple[list[Any], Fingerprint | None]:
@@ -256,6 +281,10 @@ def parse_entry(entry: Any, fingerprint: Fingerprint | None = None) -> Decision:
     d.dumps()  # NaN/inf timings cannot be stored: ValueError
     if fingerprint is not None and d.fingerprint != fingerprint:
         raise InvalidEntry("its fingerprint differs from the file's fingerprint header")
+    measured = sorted(c.index for c in d.candidates)
+    if measured and d.config_index not in measured:
+        raise InvalidEntry(f"config_index {d.config_index} is not one of its own candidates "
+                           f"(#{', #'.join(map(str, measured))})")
     for c in d.candidates:
         if c.index == d.config_index and c.config != d.config:
             raise InvalidEntry(f"config #{d.config_index} is {d.config.describe()} but its measurement "

@@ -4,7 +4,8 @@
 on ``URL``, calls each demo kernel, and prints one JSON line: per kernel the key, the chosen
 config, how many kernel executions were benchmarking (counted below the autotuner, on the
 JIT/interpreted function's own ``run``), the time to the first result and whether the result
-matches torch. Nothing here imports triton before the backend is chosen: with no GPU, Triton's
+matches torch. The warm phase then seals and serves a key warmup never saw (``serving``).
+Nothing here imports triton before the backend is chosen: with no GPU, Triton's
 interpreter must be switched on before the first ``@triton.jit`` runs.
 """
 
@@ -20,26 +21,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tunevault.core.machine import use_interpreter_if_no_gpu
+from tunevault.integration.logs import show_logs
+
 DEMO_MODULE = "tunevault.demo.kernels"  # the kernels' qualified names start with this
 CALLS_PER_KERNEL = 2  # the first call (maybe tuning) and one steady-state call
-
-
-def interpreter_flag() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
-
-
-def use_interpreter_if_no_gpu() -> bool:
-    """Switch on Triton's interpreter when no GPU is usable and the user did not choose; return whether on.
-
-    Must run before any ``@triton.jit`` decorator does (``jit`` picks the interpreter then).
-    ``torch.cuda.is_available()`` asks the driver for a device count; it creates no CUDA context.
-    """
-    if "TRITON_INTERPRET" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
-    return interpreter_flag()
 
 
 class _Counter:
@@ -133,6 +119,55 @@ def _run_case(rt: Any, name: str, autotuner: Any, call: Callable[[], Any], ref: 
     }
 
 
+class _Warnings(logging.Handler):
+    """The warnings tunevault logs while serving: the fallback's one-line diagnosis is among them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def serve_unseen_key(tunevault: Any, device: str) -> dict[str, Any]:
+    """The serving contract after a warm restart: seal, then serve a key warmup never saw (float16
+    inputs; every decision is for float32). It must launch a known config without benchmarking and
+    explain the miss in one line."""
+    import torch
+
+    from tunevault.core.identity import config_spec
+    from tunevault.demo import kernels as k
+
+    tunevault.seal(on_miss="fallback")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1)).to(device, torch.float16)
+    y = torch.ones(1000, device=device, dtype=torch.float16)
+    caught = _Warnings()
+    log = logging.getLogger("tunevault")
+    log.addHandler(caught)
+    try:
+        with count_launches(k.scaled_add) as counter:
+            outs = [k.run_scaled_add(x, y, 2.0) for _ in range(CALLS_PER_KERNEL)]
+    finally:
+        log.removeHandler(caught)
+    serving = tunevault.stats()["kernels"].get(f"{DEMO_MODULE}:scaled_add", {}).get("serving", {})
+    warning = next((line for line in caught.lines if "no decision for" in line), "")
+    diagnosis, _, using = warning.removeprefix("tunevault: ").partition("; using ")
+    how = using.split(" config", 1)[0] or "?"  # "nearest key's", "first compiling", ...
+    served_with = f"{how} config {_compact(config_spec(k.scaled_add.best_config))}"
+    expected = (2.0 * x.float() + y.float())
+    return {
+        "kernel": "scaled_add",
+        "diagnosis": diagnosis,
+        "served_with": served_with,
+        "calls": CALLS_PER_KERNEL,
+        "bench_runs": counter.launches - CALLS_PER_KERNEL,
+        "tunings": int(serving.get("tunings", 0)),
+        "fallbacks": int(serving.get("fallbacks", 0)),
+        "ok": all(bool(torch.allclose(o.float(), expected, rtol=1e-2, atol=1e-2)) for o in outs),
+    }
+
+
 def run_phase(phase: str, store: str) -> dict[str, Any]:
     interpret = use_interpreter_if_no_gpu()
     import tunevault
@@ -150,16 +185,18 @@ def run_phase(phase: str, store: str) -> dict[str, Any]:
         counters = stats.get(row["name"], {}).get("warmup", {})
         row["tunings"] = int(counters.get("tunings", 0))
         row["tuner_benchmark_runs"] = int(counters.get("benchmark_runs", 0))
+    serving = serve_unseen_key(tunevault, device) if phase == "warm" else None
     fp = current_fingerprint()
     tunevault.uninstall()
     return {
+        "serving": serving,
         "phase": phase,
         "store": store,
         "interpreter": interpret,
         "fingerprint": {**fp.to_json(), "digest": fp.digest},
         "pid": os.getpid(),
         "kernels": kernels,
-        "ok": all(r["ok"] for r in kernels),
+        "ok": all(r["ok"] for r in kernels) and (serving is None or serving["ok"]),
     }
 
 
@@ -168,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", choices=("cold", "warm"), required=True)
     parser.add_argument("--store", required=True, help="store URL the phase reads and writes")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    show_logs(logging.WARNING)  # the parent shows this process's stderr only when it fails
     result = run_phase(args.phase, args.store)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0 if result["ok"] else 1

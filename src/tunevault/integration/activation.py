@@ -6,8 +6,8 @@ not) checks the variable and, only when it is set to a mode other than ``off``, 
 one-shot import hook patches ``Autotuner.run`` right after the ``triton`` package has finished
 importing (never halfway through it), so a process that never uses Triton pays nothing for it, and
 kernels defined before or after are all covered (the patch is on the class).
-``TUNEVAULT_LOG_LEVEL`` (default ``INFO``) sets how much tunevault prints to stderr while the
-application has not configured logging itself.
+Every activation (this hook, ``tunevault.install()``, the CLI) shows tunevault's log lines the
+same way: see :mod:`tunevault.integration.logs`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 import threading
 from typing import Any
 
-from tunevault.policy.settings import Settings
+from tunevault.integration.logs import show_logs
+from tunevault.policy.settings import Settings, env_problems, warn_once
 
 log = logging.getLogger("tunevault")
 
@@ -35,6 +36,7 @@ def install(settings: Settings) -> Settings:
     _settled = True
     from tunevault.integration import triton_adapter
 
+    show_logs()
     triton_adapter.install(settings)
     if settings.capture or "tunevault.capture.recorder" in sys.modules:  # key capture follows the runtime
         from tunevault.capture import recorder
@@ -67,13 +69,14 @@ def activate_from_env() -> bool:
     with _lock:
         if _settled:
             return True
+        show_logs()
         try:
             settings = Settings.from_env()
         except Exception as exc:
-            log.warning("tunevault: not activated from environment: %s", exc)
+            for problem in env_problems().values() or [str(exc)]:
+                warn_once(problem, f"tunevault: not activated from environment: {problem}")
             return False
         _settled = True
-        _show_logs()
         if TRIGGER in sys.modules:
             _install_now(settings)
         else:
@@ -158,22 +161,3 @@ class _PatchingLoader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loader, name)
-
-
-class _UnconfiguredHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Prints to stderr only while the application has configured no logging of its own."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger().handlers:
-            super().emit(record)
-
-
-def _show_logs() -> None:
-    """Make the one-line-per-tuning INFO messages visible without a code change."""
-    if log.handlers or log.level != logging.NOTSET:
-        return  # the application set tunevault's logging up itself
-    level = os.environ.get("TUNEVAULT_LOG_LEVEL", "INFO").strip().upper()
-    handler = _UnconfiguredHandler()
-    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(level if isinstance(logging.getLevelName(level), int) else logging.INFO)

@@ -31,6 +31,7 @@ class Runtime:
         self._fingerprint: Fingerprint | None = None
         self._lock = threading.RLock()
         self._warned: set[Any] = set()
+        self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
         self.observers: list[Any] = []  # e.g. key capture; called as observer(kind, state, key, nargs)
@@ -131,6 +132,23 @@ class Runtime:
         except Exception as exc:
             self.warn_once(("list", type(exc)), "tunevault: store listing failed (%s)", exc)
         return list(found.values())
+
+    def damage_note(self) -> str:
+        """``"; the tuning store ... is damaged ..."`` for a miss message, or ``""``.
+
+        A damaged SQLite file reads as missing decisions; a miss must say so. Checked once per
+        process (SQLite's quick_check), on the first miss that is explained.
+        """
+        with self._lock:
+            if self._damage is None:
+                try:
+                    check = getattr(self.store, "integrity_problems", None)
+                    problems = check() if check is not None else []
+                except Exception as exc:
+                    problems = [f"integrity check failed: {exc}"]
+                self._damage = (f"; the tuning store {self.settings.store} is damaged ({problems[0]}): "
+                                f"run `tunevault --store {self.settings.store} doctor`") if problems else ""
+            return self._damage
 
     def notify(self, kind: str, state: Any, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
         """Tell observers (key capture) how a key was resolved; an observer never breaks a call."""

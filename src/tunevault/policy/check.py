@@ -8,6 +8,7 @@ kernel as it is now, so a changed kernel source shows up as undecided, as it wou
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +54,10 @@ class CheckResult:
 
 
 def _settings(store: str | None) -> Any:
-    from tunevault.integration.triton_adapter import runtime
     from tunevault.policy.settings import Settings
 
-    rt = runtime()
+    adapter = sys.modules.get("tunevault.integration.triton_adapter")  # not imported: nothing installed
+    rt = adapter.runtime() if adapter is not None else None
     base = rt.settings if rt is not None and store is None else Settings.from_env()
     return base.with_options(store=store)
 
@@ -67,12 +68,14 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
 
     ``store`` defaults to the installed runtime's store, else ``$TUNEVAULT_STORE`` / the user cache.
     """
-    from tunevault.core.identity import current_fingerprint, kernel_id
+    from tunevault.core.machine import this_machine
     from tunevault.store.layered import open_layered
 
     entries = mf.read(source) if isinstance(source, str | os.PathLike) else list(source)
     settings = _settings(store)
-    fp = current_fingerprint()
+    fp = this_machine()  # without importing torch: a preflight runs no kernel
+    from tunevault.core.identity import kernel_id
+
     result = CheckResult(fp, settings.store)
     opened = open_layered(settings.store, settings.remote, settings.bundles, settings.bundle_key)
     try:

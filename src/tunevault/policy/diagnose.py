@@ -36,6 +36,8 @@ def explain_miss(kernel: str, key: TuningKey, decided: Sequence[TuningKey]) -> t
     if not near:
         return f"{head}; no key of this kernel is decided for this machine", None
     diffs = key.differences(near[0])
+    if not diffs:  # the nearest is this very key: its stored decision was not usable (an undeclared config)
+        return f"{head}; the decision stored for this very key names no config this kernel declares: ignored", None
     text = ", ".join(f"{label}: {old} -> {new}" for label, old, new in diffs)
     more = f" (and {len(near) - 1} other key(s) as near)" if len(near) > 1 else ""
     return f"{head}; nearest decided key differs in {text}{more}", near[0]

@@ -194,6 +194,7 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
     if policy == "tune":
         return tune(rt, st, args, kwargs, key, stock_key, indexed)
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
+    message += rt.damage_note()
     rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
     rt.notify("missed", st, key, args, kwargs)
     if policy == "error":

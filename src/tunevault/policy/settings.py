@@ -6,7 +6,9 @@ an option given to ``install()`` overrides the variable.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -25,6 +27,40 @@ def _flag(value: str | None) -> bool:
 
 def _paths(value: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
+_warned: set[str] = set()
+# Variables whose refused value is never replaced by the default: for a signing key the default is
+# "no key", which would switch signature checks off.
+MUST_HOLD = frozenset({"TUNEVAULT_BUNDLE_KEY"})
+
+
+def warn_once(problem: str, message: str) -> None:
+    """One warning per problem per process: the startup hook (which some Pythons run twice) and
+    ``install()`` may all meet the same bad variable."""
+    if problem not in _warned:
+        _warned.add(problem)
+        logging.getLogger("tunevault").warning("%s", message)
+
+
+def variable(option: str) -> str:
+    """The environment variable of an ``install()`` option (``bundles`` reads ``TUNEVAULT_BUNDLE``)."""
+    return "TUNEVAULT_BUNDLE" if option == "bundles" else f"TUNEVAULT_{option.upper()}"
+
+
+def env_problems(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each ``TUNEVAULT_*`` variable that :meth:`Settings.from_env` refuses, judged alone:
+    ``{variable: "TUNEVAULT_MODE='bogus': mode must be one of ..."}``."""
+    problems = {}
+    for var, value in (os.environ if env is None else env).items():
+        if not var.startswith("TUNEVAULT_"):
+            continue
+        try:
+            Settings.from_env({var: value})
+        except ValueError as exc:
+            why = str(exc).removeprefix("tunevault ")
+            problems[var] = why if why.startswith(var) else f"{var}={value!r}: {why}"
+    return problems
 
 
 @dataclass(frozen=True)
@@ -103,3 +139,18 @@ class Settings:
         if isinstance(given.get("bundles"), str):
             given["bundles"] = _paths(given["bundles"])  # type: ignore[arg-type]
         return replace(self, **given)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_install(cls, **options: object) -> Settings:
+        """``install()``'s settings: its explicit options win and their variables are not even read;
+        a bad variable it does read is one warning per process, and its default is used."""
+        env = {k: v for k, v in os.environ.items() if k.startswith("TUNEVAULT_")}
+        for name, value in options.items():
+            if value is not None:
+                env.pop(variable(name), None)
+        for var, problem in env_problems(env).items():
+            if var in MUST_HOLD:
+                raise ValueError(problem)
+            warn_once(problem, f"tunevault: ignoring {problem}; using the default")
+            del env[var]
+        return cls.from_env(env).with_options(**options)

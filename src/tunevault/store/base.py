@@ -1,8 +1,9 @@
 """The one small interface every store implements, and URL-based selection.
 
-Stores are selected by URL like httpx transports: ``sqlite:///abs/path.db``, ``memory://``,
-``redis://host:port/0``. A store validates everything it reads: a malformed entry is a
-miss plus a warning, never an exception into a kernel call.
+Stores are selected by URL like httpx transports: ``sqlite:///relative/path.db`` or
+``sqlite:////absolute/path.db`` (SQLAlchemy's forms), ``memory://``, ``redis://host:port/0``.
+A store validates everything it reads: a malformed entry is a miss plus a warning, never an
+exception into a kernel call.
 """
 
 from __future__ import annotations
@@ -80,17 +81,16 @@ def open_store(url: str) -> Store:
     """Open the store a URL names; raises StoreUnavailable or ValueError for a bad URL."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"store URL {url!r} has no scheme; use sqlite:///path, memory:// or redis://host:port/db")
+        raise ValueError(f"store URL {url!r} has no scheme; use sqlite:////abs/path.db, memory:// or "
+                         "redis://host:port/db")
     if scheme == "memory":
         from tunevault.store.memory import MemoryStore
 
         return MemoryStore()
     if scheme == "sqlite":
-        from tunevault.store.sqlite import SqliteStore
+        from tunevault.store.sqlite import SqliteStore, path_of_url
 
-        if not rest.startswith("/"):
-            raise ValueError(f"sqlite store needs an absolute path (sqlite:///abs/path.db), got {url!r}")
-        return SqliteStore(rest)
+        return SqliteStore(path_of_url(url))
     if scheme in ("redis", "rediss", "unix"):
         from tunevault.store.redis import RedisStore
 

@@ -131,6 +131,11 @@ class LayeredStore:
     def count(self) -> int:
         return sum(1 for _ in self.decisions())
 
+    def integrity_problems(self) -> list[str]:
+        """The local store's own integrity check, where it has one (SQLite)."""
+        check = getattr(self.local, "integrity_problems", None)
+        return check() if check is not None else []
+
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """On the remote when it answers (one tuning fleet-wide), else on the local store (one per host)."""
         if self.remote is not None:

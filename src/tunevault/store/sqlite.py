@@ -41,6 +41,25 @@ T = TypeVar("T")
 EVERYTHING = Query()  # shared default: Query is frozen, so one instance is safe
 
 
+def quick_check(path: str, limit: int = 20, db: sqlite3.Connection | None = None) -> list[str]:
+    """``PRAGMA quick_check`` on ``path`` (or the open ``db``): [] when sound, else SQLite's findings.
+
+    It reads every page (seconds for gigabytes, milliseconds for a tuning store) without the
+    slower index cross-checks of ``integrity_check``. A file SQLite cannot read at all is one finding.
+    """
+    own = db is None
+    try:
+        if db is None:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+        rows = db.execute(f"PRAGMA quick_check({max(1, int(limit))})").fetchall()
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        return [str(exc)]
+    finally:
+        if own and db is not None:
+            db.close()
+    return [str(r[0]) for r in rows if r and r[0] != "ok"]
+
+
 class _ThreadConn:
     """Holds one thread's connection; weak-referenceable (sqlite3.Connection is not)."""
 
@@ -87,12 +106,33 @@ def _where(query: Query) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(parts) if parts else ""), params
 
 
+def path_of_url(url: str) -> str:
+    """The absolute file path of a ``sqlite:`` URL, read as SQLAlchemy does.
+
+    ``sqlite:///rel/tv.db`` is relative to the current directory, ``sqlite:////abs/tv.db`` is
+    absolute; anything else (``sqlite://host/x``, no path) is a ValueError that shows both forms.
+    """
+    rest = url.partition("://")[2]
+    if not rest.startswith("/") or not rest.strip("/"):
+        raise ValueError(f"{url!r} is not a SQLite URL with a path: use sqlite:///relative/path.db (three "
+                         f"slashes: relative to the current directory) or sqlite:////absolute/path.db (four)")
+    path = rest[1:]
+    if path.startswith("/"):
+        path = "/" + path.lstrip("/")  # POSIX keeps a leading "//"; a path never needs it
+    return os.path.abspath(path)
+
+
+def url_of_path(path: str | os.PathLike[str]) -> str:
+    """The URL :func:`path_of_url` reads back as ``path`` (four slashes: absolute)."""
+    return "sqlite:///" + os.path.abspath(os.fspath(path))
+
+
 class SqliteStore:
     """Decisions and tuning leases in one SQLite file; safe across threads and processes."""
 
     def __init__(self, path: str | os.PathLike[str], timeout_s: float = 10.0) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self.url = "sqlite://" + self.path  # "sqlite:///abs/path", which open_store reads back
+        self.url = url_of_path(self.path)
         self._timeout = timeout_s
         self._local = threading.local()
         self._conns: weakref.WeakSet[_ThreadConn] = weakref.WeakSet()
@@ -316,6 +356,14 @@ class SqliteStore:
             return int(self._run(lambda db: db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]))
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot read tuning store {self.path}: {exc}") from exc
+
+    def integrity_problems(self, limit: int = 20) -> list[str]:
+        """What SQLite's own ``PRAGMA quick_check`` finds wrong with the file: [] when it is sound.
+
+        A damaged page reads as missing rows (or as an error the read path turns into a miss), so a
+        damaged store looks empty unless asked; ``tunevault doctor`` repairs it.
+        """
+        return quick_check(self.path, limit, self._db())
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take the lease if absent, expired or ours (renew). Wall-clock time: processes share it."""

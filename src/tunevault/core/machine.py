@@ -1,0 +1,180 @@
+"""This machine, cheaply: which backend runs kernels, and the fingerprint decisions are made for.
+
+One rule for every command, the demo and the tests' subprocesses: when ``TRITON_INTERPRET`` is
+unset and torch can use no GPU, kernels run in Triton's interpreter (the variable is set before
+Triton is imported, because ``@triton.jit`` picks the interpreter when it decorates).
+
+Commands that only read decisions (``tunevault info``, ``ls``, ``show``, ``check``) need this
+machine's fingerprint to say which decisions are valid here. Asking torch and Triton costs
+seconds (mostly importing torch), so without a GPU the same fingerprint is read from the
+installed packages' own files: Triton's ``__version__`` line and torch's generated
+``version.py`` (both parsed, never executed). Triton's cache-invalidating environment variables
+are asked from Triton itself only when one that could be one is set. With a GPU, the driver
+must be asked, through torch and Triton, as a tuning process does.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+from tunevault.core.model import Fingerprint
+
+# Variables Triton reads that never change generated code (so never part of a fingerprint).
+_NOT_CODEGEN = frozenset({"TRITON_INTERPRET", "TRITON_CACHE_DIR", "TRITON_HOME"})
+# Prefixes of every cache-invalidating variable Triton 3.4-3.9 knows (GetEnv.hpp); with none of
+# these set, ``get_cache_invalidating_env_vars()`` is empty and Triton need not be imported.
+_CODEGEN_PREFIXES = ("TRITON_", "MLIR_", "LLVM_", "AMDGCN_", "NVPTX_", "DISABLE_", "ENABLE_", "ALLOW_", "USE_")
+_VERSION_LINE = re.compile(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", re.MULTILINE)
+
+
+def interpreter_flag() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def use_interpreter_if_no_gpu() -> bool:
+    """Switch on Triton's interpreter when no GPU is usable and the user did not choose; return whether on."""
+    if "TRITON_INTERPRET" not in os.environ and not gpu_usable():
+        os.environ["TRITON_INTERPRET"] = "1"
+    return interpreter_flag()
+
+
+def gpu_usable() -> bool:
+    """Whether torch can put tensors on a GPU here, answered without importing torch when possible.
+
+    A CPU build of torch has no GPU whatever the hardware; a CUDA build has one when the CUDA
+    driver reports a device (``cuInit`` and ``cuDeviceGetCount`` create no context and honour
+    ``CUDA_VISIBLE_DEVICES``). Anything less certain asks torch itself.
+    """
+    if "torch" not in sys.modules:
+        build = torch_build()
+        if build is not None and build.get("cuda") is None and build.get("hip") is None:
+            return False
+        if build is not None and build.get("hip") is None:
+            devices = _cuda_device_count()
+            if devices is not None:
+                return devices > 0
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _cuda_device_count() -> int | None:
+    """Devices the CUDA driver reports; 0 without a driver; None if the driver could not be asked."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0  # no NVIDIA driver installed: no GPU torch could use
+    try:
+        if lib.cuInit(0) != 0:  # e.g. CUDA_ERROR_NO_DEVICE (all hidden by CUDA_VISIBLE_DEVICES)
+            return 0
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return None
+        return count.value
+    except (AttributeError, OSError):
+        return None
+
+
+def _package_file(package: str, name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), name)
+    return path if path.is_file() else None
+
+
+def torch_build() -> dict[str, str | None] | None:
+    """``__version__``, ``cuda`` and ``hip`` of the installed torch, from its generated ``version.py``.
+
+    Read as literals, never executed; None when it is missing or not the simple file expected.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        v = torch.version
+        return {"__version__": str(torch.__version__), "cuda": v.cuda, "hip": getattr(v, "hip", None)}
+    path = _package_file("torch", "version.py")
+    if path is None:
+        return None
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    found: dict[str, str | None] = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else (
+            node.target if isinstance(node, ast.AnnAssign) else None)
+        if isinstance(target, ast.Name) and target.id in ("__version__", "cuda", "hip") and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            if value is not None and not isinstance(value, str):
+                return None
+            found[target.id] = value
+    return found if "__version__" in found and "cuda" in found else None
+
+
+def triton_version() -> str | None:
+    """The installed Triton's ``__version__`` (its ``__init__.py`` line when Triton is not imported)."""
+    triton = sys.modules.get("triton")
+    if triton is not None:
+        return str(triton.__version__)
+    path = _package_file("triton", "__init__.py")
+    if path is None:
+        return None
+    try:
+        m = _VERSION_LINE.search(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m.group(1) if m else None
+
+
+def _codegen_env() -> tuple[tuple[str, str], ...]:
+    """Triton's cache-invalidating variables, as Triton normalises them; imports Triton only if one may be set."""
+    maybe = [k for k in os.environ if k.startswith(_CODEGEN_PREFIXES) and k not in _NOT_CODEGEN]
+    if not maybe and "triton" not in sys.modules:
+        return ()
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+
+        env = get_cache_invalidating_env_vars()
+    except Exception:
+        return ()
+    return tuple(sorted((str(k), str(v)) for k, v in env.items() if v is not None))
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter: Triton's own knob once imported, else the variable."""
+    triton = sys.modules.get("triton")
+    if triton is not None:
+        try:
+            return bool(triton.knobs.runtime.interpret)
+        except AttributeError:
+            pass
+    return interpreter_flag()
+
+
+def this_machine() -> Fingerprint:
+    """The fingerprint a process tuning here records, as cheaply as possible; changes nothing.
+
+    Equal to ``identity.current_fingerprint()`` in this process; the interpreter is not switched on
+    here (commands call :func:`use_interpreter_if_no_gpu` first).
+    """
+    if interpreting():
+        build, triton = torch_build(), triton_version()
+        if build is not None and triton is not None:
+            hip = build.get("hip")
+            cuda = build.get("cuda") or (f"hip-{hip}" if hip else "none")
+            return Fingerprint(triton=triton, target="interpreter", device="cpu", cuda=cuda, env=_codegen_env())
+    from tunevault.core.identity import current_fingerprint
+
+    return current_fingerprint()

@@ -1,0 +1,107 @@
+"""The CLI is quick and honest: no torch or Triton for commands that run no kernel, clean output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tunevault
+from conftest import subprocess_env
+from test_cli import cli, cli_json, tune_two
+from tunevault import report
+from tunevault.store.base import open_store
+
+READERS = '''
+import json, sys
+from tunevault.cli.main import main
+
+manifest, url = sys.argv[1], sys.argv[2]
+imported = {}
+for argv in (["--version"], ["info", "--json"], ["ls", "--json"], ["show", "scaled_add"], ["export", "-"],
+             ["doctor"], ["rm", "--kernel", "nothing", "--dry-run"], ["check", manifest]):
+    status = main(["--store", url, *argv])
+    imported[argv[0]] = [status] + sorted(m for m in ("torch", "triton") if m in sys.modules)
+from tunevault.core.identity import current_fingerprint  # now torch and Triton may come
+print(json.dumps({"imported": imported, "slow_digest": current_fingerprint().digest}))
+'''
+
+
+def test_commands_that_run_no_kernel_import_neither_torch_nor_triton(tv: Any, sqlite_url: str,
+                                                                      tmp_path: Path) -> None:
+    manifest = tmp_path / "keys.jsonl"
+    with tunevault.capture(manifest):
+        tune_two(tv)
+    tv.uninstall()
+    env = subprocess_env()
+    env.pop("TRITON_INTERPRET")  # the CLI finds out by itself that there is no GPU
+    proc = subprocess.run([sys.executable, "-c", READERS, str(manifest), sqlite_url], capture_output=True,
+                          text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    for command in ("--version", "info", "ls", "show", "export", "doctor", "rm"):
+        assert result["imported"][command] == [0], (command, result)
+    assert result["imported"]["check"][:1] == [0] and "torch" not in result["imported"]["check"]
+    listing = json.loads(proc.stdout[proc.stdout.index("\n[") + 1:proc.stdout.index("\n]") + 2])
+    assert len(listing) == 2 and all(row["this_machine"] for row in listing)  # same fingerprint as tuning
+    assert f'"digest": "{result["slow_digest"]}"' in proc.stdout  # info's cheap one equals torch's and Triton's
+
+
+def test_version_show_and_broken_pipe(tv: Any, sqlite_url: str, capsys: Any) -> None:
+    code, out, _ = cli(capsys, "--version")
+    assert code == 0 and out.startswith(f"tunevault {tunevault.__version__} (Triton ") and "torch " in out
+    tune_two(tv)
+    store = open_store(sqlite_url)
+    decision = next(iter(store.decisions()))
+    store.delete()
+    store.put(dataclasses.replace(decision, margin=-0.014))  # a faster config lost the tie
+    store.close()
+    code, out, _ = cli(capsys, "--store", sqlite_url, "show", decision.kernel.name)
+    assert code == 0 and "rank None" not in out and " pid " in out
+    assert "-1.4% to the runner-up: a config 1.4% faster was within the tie tolerance" in out
+
+    proc = subprocess.Popen([sys.executable, "-m", "tunevault.cli.main", "--store", sqlite_url, "show", "scaled"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # `| head` that has read enough
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Broken pipe" not in err and "BrokenPipeError" not in err and "Traceback" not in err
+
+
+EVENTS = [
+    {"event": "miss", "kernel": "app:attn", "policy": "error", "phase": "serving", "time": 10.0},
+    {"event": "fallback", "kernel": "app:norm", "phase": "serving", "time": 11.0},
+    {"event": "seal", "on_miss": "fallback", "time": 9.0},
+]
+
+
+def test_report_json_has_integer_counts_and_fixed_keys(tmp_path: Path, capsys: Any) -> None:
+    log = tmp_path / "events.jsonl"
+    tuning = {"event": "tuning", "kernel": "app:mm", "seconds": 0.5, "phase": "warmup", "time": 8.0}
+    log.write_text("".join(json.dumps(e) + "\n" for e in [tuning, *EVENTS]))
+    summary = cli_json(capsys, "report", str(log))["summary"]
+    assert sorted(summary) == ["app:attn", "app:mm", "app:norm"]
+    assert len({tuple(sorted(row)) for row in summary.values()}) == 1  # the same keys for every kernel
+    for row in summary.values():
+        assert all(isinstance(v, int) for k, v in row.items() if not k.startswith("seconds_")), row
+    assert summary["app:mm"]["tunings_warmup"] == 1 and summary["app:attn"]["errors"] == 1
+
+
+def test_report_picture_without_tunings_has_readable_axis_labels() -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = report.events_figure(EVENTS)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    bars = fig.axes[0]
+    boxes = [t.get_window_extent(canvas.get_renderer()) for t in bars.get_xticklabels() if t.get_text()]
+    assert len(boxes) >= 2
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

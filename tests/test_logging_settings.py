@@ -1,0 +1,93 @@
+"""One line per tuning however tunevault is switched on; explicit options win over the environment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import subprocess_env
+from tunevault.policy import settings as settings_module
+from tunevault.policy.settings import Settings, env_problems
+
+IN_CODE = '''
+import logging, sys, torch
+import tunevault
+from tunevault.demo import kernels
+
+def tune(n):
+    kernels.run_scaled_add(torch.randn(n), torch.randn(n))
+    print(f"--- after n={n}", file=sys.stderr, flush=True)
+
+tunevault.install(store="memory://")
+tune(64)  # the application configured no logging: tunevault's own stderr line
+logging.basicConfig(level=logging.INFO, format="APP %(levelname)s %(message)s")
+tune(65)  # now the application's handler and level decide
+logging.getLogger().setLevel(logging.WARNING)
+tune(66)  # ... and its WARNING level hides the INFO line
+'''
+
+
+def phases(stderr: str) -> list[str]:
+    return stderr.split("--- after n=")
+
+
+def test_install_in_code_logs_one_line_per_tuning_following_the_app() -> None:
+    proc = subprocess.run([sys.executable, "-c", IN_CODE], capture_output=True, text=True, timeout=240,
+                          env=subprocess_env(TUNEVAULT_LOG_LEVEL="DEBUG"))
+    assert proc.returncode == 0, proc.stderr
+    unconfigured, configured, quiet, _ = phases(proc.stderr)
+    assert unconfigured.count("[INFO] tunevault: tuned tunevault.demo.kernels:scaled_add [n=64") == 1
+    assert "[DEBUG] tunevault" in unconfigured  # TUNEVAULT_LOG_LEVEL applies while the app configured none
+    assert configured.count("APP INFO tunevault: tuned tunevault.demo.kernels:scaled_add [n=65") == 1
+    assert "[INFO]" not in configured and "[DEBUG]" not in configured and "APP DEBUG" not in configured
+    assert "tuned" not in quiet
+
+
+def test_environment_activation_logs_the_same_line() -> None:
+    code = "import torch\nfrom tunevault.demo import kernels\nkernels.run_scaled_add(torch.randn(64), torch.randn(64))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env=subprocess_env(TUNEVAULT_MODE="tune", TUNEVAULT_STORE="memory://"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("[INFO] tunevault: tuned tunevault.demo.kernels:scaled_add [n=64") == 1
+
+
+def test_bad_mode_in_the_environment_is_one_warning_and_install_still_works() -> None:
+    code = textwrap.dedent('''
+        import json, tunevault
+        tunevault.install("tune", store="memory://")  # an explicit argument wins over TUNEVAULT_MODE
+        print(json.dumps(tunevault.installed()))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                          env=subprocess_env(TUNEVAULT_MODE="bogus"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) is True
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "[WARNING] tunevault: not activated from environment: TUNEVAULT_MODE='bogus': mode must be one of "
+        "off, tune, first; got 'bogus'"]
+
+
+def test_explicit_options_win_and_a_bad_variable_warns_once(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(settings_module, "_warned", set())
+    for var, value in (("TUNEVAULT_MODE", "bogus"), ("TUNEVAULT_ON_MISS", "loud"), ("TUNEVAULT_TOLERANCE", "lots")):
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError):
+        Settings.from_env()
+    assert sorted(env_problems()) == ["TUNEVAULT_MODE", "TUNEVAULT_ON_MISS", "TUNEVAULT_TOLERANCE"]
+    chosen = Settings.for_install(mode="tune", on_miss="error", tolerance=0.05)
+    assert (chosen.mode, chosen.on_miss, chosen.tolerance) == ("tune", "error", 0.05)
+    assert caplog.records == []  # every bad variable was overridden: nothing to say
+
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    for _ in range(2):
+        s = Settings.for_install(mode="first")
+        assert (s.mode, s.on_miss, s.tolerance) == ("first", "tune", 0.02)  # the defaults
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["tunevault: ignoring TUNEVAULT_ON_MISS='loud': on_miss must be one of tune, fallback, "
+                        "error, background; got 'loud'; using the default",
+                        "tunevault: ignoring TUNEVAULT_TOLERANCE must be a number; got 'lots'; using the default"]
