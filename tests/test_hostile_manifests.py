@@ -136,4 +136,6 @@ def test_deeply_nested_or_overlong_lines_are_skipped_as_malformed(tmp_path: Path
     path = write_lines(tmp_path / "m.jsonl", [deep, good, "x" * 100, deep[:5000]])
     for command in ("check", "warmup"):
         code, out, _ = cli("--store", url, command, str(path), *ALLOW, "--json")
-        assert code == 0 and len(json.loads(out)["items"]) == 1
+        result = json.loads(out)  # skipped, never a crash; a preflight then fails on the malformed lines
+        assert code == 1 and len(result["items"]) == 1
+        assert [m["line"] for m in result["malformed"]] == [1, 3, 4]
