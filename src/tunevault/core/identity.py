@@ -77,6 +77,12 @@ def config_spec(cfg: triton.Config) -> ConfigSpec:
     return ConfigSpec(tuple(sorted(kwargs.items())), options, None if hook is None else _qualified(hook))
 
 
+def describe_config(cfg: triton.Config) -> str:
+    """A config as log lines and events print it: its meta-parameters and the options that are set
+    (``BLOCK=64 num_warps=4``), not ``Config.__str__``'s ``maxnreg: None``."""
+    return config_spec(cfg).describe()
+
+
 @functools.lru_cache(maxsize=1)
 def _jit_types() -> tuple[type, ...]:
     """Classes whose instances wrap a kernel-side python function, as far as this Triton has them."""

@@ -119,6 +119,7 @@ def _device(args: tuple, kwargs: dict[str, Any]) -> Any:
 def _run(job: Job) -> None:
     import contextlib
 
+    from tunevault.core.identity import describe_config
     from tunevault.engine.context import tuning_in_background
     from tunevault.engine.graphs import wait_until_quiet
     from tunevault.policy import stock
@@ -155,7 +156,7 @@ def _run(job: Job) -> None:
     with st.lock:  # the tuned config replaces the fallback, in both in-memory dicts
         st.remember(job.raw_key, config)
         stock.record(st.autotuner, job.stock_key, config)
-    rt.events.emit("background_tuned", kernel=name, key=job.key.to_json(), config=str(config))
+    rt.events.emit("background_tuned", kernel=name, key=job.key.to_json(), config=describe_config(config))
 
 
 def drain(timeout: float | None = None) -> bool:

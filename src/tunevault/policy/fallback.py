@@ -105,14 +105,16 @@ def choose_fallback(rt: PredictingRuntime, st: MissedKernel, key: TuningKey, nea
         name, config = st.kernel_id.name, st.autotuner.configs[prediction.config_index]
         rt.stats.add(name, rt.phase, "predicted")
         rt.predictions.remember(name, key, prediction)
-        words = (f"predicted config {config} from {prediction.sources()} "
+        words = (f"predicted config {describe_config(config)} from {prediction.sources()} "
                  f"(expected penalty {prediction.penalty:+.1%} vs tuning this key)")
         return config, words, {"predicted": prediction.to_json()}
     config, how = nearest(), "nearest key's"
     if config is None:
         config, how = first(), "first compiling"
     why = prediction.why_not()
-    return config, f"{how} config {config}; no prediction: {why}", {"predicted": None, "not_predicted": why}
+    text = f"{how} config {describe_config(config)}; no prediction: {why}"
+    return config, text, {"predicted": None, "not_predicted": why}
+
 
 
 def _predict(rt: PredictingRuntime, st: MissedKernel, key: TuningKey) -> Prediction:
@@ -163,3 +165,9 @@ def regret(predicted: int, winner: int, results: Sequence[CandidateResult]) -> d
     else:
         out.update(regret=mine.timings[0] / best.timings[0] - 1.0, measured=True)
     return out
+
+
+def describe_config(config: Config) -> str:
+    from tunevault.core.identity import describe_config as describe  # imports Triton: not at start-up
+
+    return describe(config)

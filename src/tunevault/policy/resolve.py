@@ -18,7 +18,7 @@ from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
 from tunevault.policy.diagnose import TuningMiss, explain_miss
-from tunevault.policy.fallback import choose_fallback, settle
+from tunevault.policy.fallback import choose_fallback, describe_config, settle
 
 log = logging.getLogger("tunevault")
 
@@ -157,7 +157,7 @@ def _log_first(st: Any, index: int, config: Config) -> None:
     if not st.first_logged:
         st.first_logged = True
         log.info("tunevault[first]: %s: %d candidate configs, picked #%d %s", st.kernel_id.name,
-                 len(st.autotuner.configs), index if index < len(st.autotuner.configs) else -1, config)
+                 len(st.autotuner.configs), index if index < len(st.autotuner.configs) else -1, describe_config(config))
 
 
 def _stored(rt: Any, st: Any, key: TuningKey, allowed: set[int] | None = None) -> Decision | None:
@@ -220,8 +220,8 @@ def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: 
                                           lambda: _first_compiling(st, args, kwargs, [c for _, c in indexed]),
                                           allowed)
     rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s (%s)", message, how, policy)
-    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=str(config), phase=rt.phase,
-                   **fields)
+    rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=describe_config(config),
+                   phase=rt.phase, **fields)
     if policy == "background":
         rt.submit_background(st, args, kwargs, key)
     return config
