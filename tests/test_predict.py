@@ -14,7 +14,7 @@ import kernels_predict as kp
 import tunevault
 from conftest import count_launches
 from tunevault import report
-from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
+from tunevault.core.identity import config_spec, current_fingerprint, describe_config, kernel_id
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
 from tunevault.integration.kernel_state import KernelState
 from tunevault.integration.triton_adapter import runtime
@@ -114,8 +114,8 @@ def test_a_dtype_no_decision_has_is_named_and_the_nearest_key_serves(store: str,
     assert kp.scale2.best_config is kp.scale2.configs[2]
     why = "no decided key matches dtype(x_ptr): float32 -> float16, dtype(out_ptr): float32 -> float16"
     assert events("fallback")[0]["not_predicted"] == why and events("fallback")[0]["predicted"] is None
-    assert any(f"using nearest key's config {kp.scale2.configs[2]}; no prediction: {why}" in r.getMessage()
-               for r in caplog.records)
+    said = f"using nearest key's config {describe_config(kp.scale2.configs[2])}; no prediction: {why}"
+    assert any(said in r.getMessage() for r in caplog.records)
     assert counters()["predicted"] == 0 and counters()["fallbacks"] == 1
 
 
