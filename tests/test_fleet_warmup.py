@@ -89,12 +89,13 @@ def events(tmp_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
 
 
-def assert_shared_without_waiting(tmp_path: Path) -> None:
-    """Every key benchmarked by exactly one process; nobody waited while a key was still free."""
-    launched = ks.launches(tmp_path / "launch.log")
+def assert_shared_without_waiting(tmp_path: Path, pids: set[int] | None = None) -> None:
+    """Every key benchmarked by exactly one of ``pids`` (default: every process); none of them waited
+    while a key was still free."""
+    launched = {n: ps & pids if pids else ps for n, ps in ks.launches(tmp_path / "launch.log").items()}
     assert sorted(launched) == SIZES
-    assert all(len(pids) == 1 for pids in launched.values()), f"a key was benchmarked twice: {launched}"
-    evs = events(tmp_path)
+    assert all(len(ps) == 1 for ps in launched.values()), f"a key was benchmarked twice: {launched}"
+    evs = [e for e in events(tmp_path) if not pids or e["pid"] in pids]
     first_taken: dict[str, float] = {}
     for e in evs:
         if e["event"] == "lease_taken":
@@ -118,16 +119,20 @@ def test_two_ranks_on_one_sqlite_store_tune_each_key_once(tmp_path: Path, manife
         "every rank leaves with every decision loaded, the same ones"
 
 
-def test_two_hosts_sharing_redis_tune_each_key_once(tmp_path: Path, manifest: Path,
-                                                    redis: redis_server.RedisServer) -> None:
+def test_hosts_sharing_redis_tune_each_key_once_per_fingerprint(tmp_path: Path, manifest: Path,
+                                                                redis: redis_server.RedisServer) -> None:
     hosts = [{"TUNEVAULT_STORE": f"sqlite:///{tmp_path / f'host{i}.db'}", "TUNEVAULT_REMOTE": redis.url}
-             for i in range(2)]
+             for i in range(3)]
+    hosts[2]["TRITON_DEFAULT_FP_FUSION"] = "0"  # a codegen setting in the fingerprint: "another GPU model"
     ranks = finish(start_ranks(tmp_path, manifest, hosts))
-    assert all(r["ok"] for r in ranks) and sum(r["counts"]["tuned"] for r in ranks) == len(SIZES)
-    assert_shared_without_waiting(tmp_path)
+    assert all(r["ok"] for r in ranks)
+    assert sum(r["counts"]["tuned"] for r in ranks[:2]) == len(SIZES)
+    assert_shared_without_waiting(tmp_path, {ranks[0]["pid"], ranks[1]["pid"]})
     assert ranks[0]["chosen"] == ranks[1]["chosen"]
     for i in range(2):  # each host's own file now holds every decision: it restarts without the network
         assert SqliteStore(tmp_path / f"host{i}.db").count() == len(SIZES)
+    assert ranks[2]["counts"]["tuned"] == len(SIZES), "the other fingerprint tuned its own keys"
+    assert_shared_without_waiting(tmp_path, {ranks[2]["pid"]})
 
 
 def test_a_killed_holder_loses_its_key_to_the_other_after_the_lease_expires(tmp_path: Path,

@@ -119,11 +119,8 @@ class PlainDisplay:
     def __init__(self, board: Board) -> None:
         self.board = board
 
-    def __enter__(self) -> PlainDisplay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def close(self) -> None:
+        """Nothing to take down: every line is already printed."""
 
     def update(self, worker: WorkerView | None = None, view: KeyView | None = None) -> None:
         if view is None or worker is None:
@@ -146,14 +143,11 @@ class RichDisplay:
                                  console=Console(stderr=True), transient=False)
         self.overall = self.progress.add_task("warmup", total=board.total)
         self.rows = {w.index: self.progress.add_task(w.label, total=board.total) for w in board.workers}
+        self.progress.start()
 
-    def __enter__(self) -> RichDisplay:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.update()
-        self.progress.__exit__(None, None, None)
+        self.progress.stop()
 
     def update(self, worker: WorkerView | None = None, view: KeyView | None = None) -> None:
         b = self.board

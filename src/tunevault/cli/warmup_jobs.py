@@ -25,6 +25,7 @@ from typing import Any
 from tunevault.cli.warmup_board import Board, WorkerView, display
 
 MARK = "@tunevault-warmup "
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # unless the user set them
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +36,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _gpu_count() -> int:
-    from tunevault.engine.timing import interpreting
-
-    if interpreting():
+    """Visible GPUs; none under the interpreter (decided from the variable: importing Triton here
+    would delay every child's start)."""
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
         return 0
     import torch
 
@@ -105,30 +106,33 @@ def run(args: argparse.Namespace) -> int:
         env = {**os.environ, "TUNEVAULT_WARMUP_WORKER": f"{worker.index}/{len(gpus)}"}
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+        else:  # interpreter processes: split the cores instead of each one threading over all of them
+            threads = str(max(1, (os.cpu_count() or 1) // len(gpus)))
+            env.update({var: env.get(var, threads) for var in THREAD_VARS})
         proc = subprocess.Popen(_child_command(args, gpu), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
         worker.pid, tails[worker.index] = proc.pid, deque(maxlen=30)
         procs.append(proc)
         threading.Thread(target=_read, args=(worker, proc, events, tails[worker.index]), daemon=True).start()
+    screen = display(board, quiet=args.json)
     try:
-        with display(board, quiet=args.json) as screen:
-            running = len(procs)
-            while running:
-                try:
-                    worker, msg = events.get(timeout=1.0)
-                except queue.Empty:
-                    screen.update()
-                    continue
-                kind = msg.get("t")
-                if kind == "item":
-                    screen.update(worker, board.settle(worker, msg))
-                elif kind == "tuning":
-                    worker.current = str(msg.get("what", ""))[:80]
-                elif kind == "done":
-                    worker.finished = True
-                elif kind == "exit":
-                    worker.exit_code, running = int(msg["code"]), running - 1
+        running = len(procs)
+        while running:
+            try:
+                worker, msg = events.get(timeout=1.0)
+            except queue.Empty:
                 screen.update()
+                continue
+            kind = msg.get("t")
+            if kind == "item":
+                screen.update(worker, board.settle(worker, msg))
+            elif kind == "tuning":
+                worker.current = str(msg.get("what", ""))[:80]
+            elif kind == "done":
+                worker.finished = True
+            elif kind == "exit":
+                worker.exit_code, running = int(msg["code"]), running - 1
+            screen.update()
     except KeyboardInterrupt:
         for proc in procs:
             proc.terminate()
@@ -136,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             proc.wait()
         print("tunevault warmup: interrupted", file=sys.stderr)
         return 130
+    finally:
+        screen.close()
     return _summary(args, board, tails)
 
 
