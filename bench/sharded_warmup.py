@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if jobs < 2:
         results["notes"].append(f"only {jobs} GPU visible: the sharded run needs 2 or more")
     repeats = args.repeats or (5 if cpu else 2)
+    gpus = None if cpu else (args.devices or ",".join(str(i) for i in range(jobs)))  # no GPU probe per run
     last: dict[int, float] = {}
     for repeat in range(repeats):
         pair = {}
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             if j in last and left < 1.5 * last[j]:
                 results["notes"].append(f"repeat {repeat}, {j} process(es): skipped, {left:.0f} s of budget left")
                 continue
-            devices = args.devices if j > 1 else (args.devices.split(",")[0] if args.devices else None)
+            devices = gpus if j > 1 or gpus is None else gpus.split(",")[0]
             run = run_variant(out, j, repeat, cpu, devices, max(10.0, left))
             results["runs"].append(run)
             if "wall_s" in run and not run.get("error"):
