@@ -158,6 +158,28 @@ def test_a_killed_holder_loses_its_key_to_the_other_after_the_lease_expires(tmp_
     assert SqliteStore(tmp_path / "shared.db").count() == len(SIZES)
 
 
+def test_a_held_key_is_skipped_and_taken_last_once_its_holder_is_gone(tmp_path: Path, manifest: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunevault.capture.manifest import read
+    from tunevault.core.identity import current_fingerprint, kernel_id
+    from tunevault.policy.lease import lease_name
+
+    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/1")  # this process starts its walk at the held key
+    held = read(manifest)[0].key
+    store = SqliteStore(tmp_path / "held.db")
+    name = lease_name(kernel_id(ks.shard_scale).digest, current_fingerprint().digest, held.text)
+    assert store.try_lease(name, "another-host:1:dead", 3.0)  # taken by a process that died at once
+    tunevault.install(mode="tune", store=store.url, events=str(tmp_path / "events.jsonl"))
+    report = tunevault.warmup(manifest)
+    assert report.ok and report.counts()["tuned"] == len(SIZES)
+    evs = [e for e in events(tmp_path) if e["event"].startswith("lease_")]
+    assert evs[0]["event"] == "lease_skipped" and evs[0]["key"] == held.to_json(), "skipped, not waited on"
+    taken = [e for e in evs if e["event"] == "lease_taken"]
+    assert taken[-1]["key"] == held.to_json() and taken[-1]["revisited"], "taken last, once its lease expired"
+    for wait in (e for e in evs if e["event"] == "lease_wait"):  # waited only with nothing else left to do
+        assert wait["remaining"] == 1 and wait["time"] > taken[-2]["time"]
+
+
 def test_cli_jobs_share_the_keys_and_summarise(tmp_path: Path, manifest: Path) -> None:
     env = subprocess_env(TV_LAUNCH_LOG=str(tmp_path / "launch.log"), TUNEVAULT_EVENTS=str(tmp_path / "events.jsonl"),
                          TUNEVAULT_CPU_BENCH_REPS="3")
