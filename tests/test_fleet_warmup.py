@@ -158,17 +158,23 @@ def test_a_killed_holder_loses_its_key_to_the_other_after_the_lease_expires(tmp_
     assert SqliteStore(tmp_path / "shared.db").count() == len(SIZES)
 
 
-def test_a_held_key_is_skipped_and_taken_last_once_its_holder_is_gone(tmp_path: Path, manifest: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def hold_first_key(tmp_path: Path, manifest: Path, ttl: float) -> tuple[SqliteStore, Any]:
+    """A store where "another process" holds the lease of the manifest's first key for ``ttl`` s."""
     from tunevault.capture.manifest import read
     from tunevault.core.identity import current_fingerprint, kernel_id
     from tunevault.policy.lease import lease_name
 
-    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/1")  # this process starts its walk at the held key
     held = read(manifest)[0].key
     store = SqliteStore(tmp_path / "held.db")
     name = lease_name(kernel_id(ks.shard_scale).digest, current_fingerprint().digest, held.text)
-    assert store.try_lease(name, "another-host:1:dead", 3.0)  # taken by a process that died at once
+    assert store.try_lease(name, "another-host:1:x", ttl)
+    return store, held
+
+
+def test_a_held_key_is_skipped_and_taken_last_once_its_holder_is_gone(tmp_path: Path, manifest: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/1")  # this process starts its walk at the held key
+    store, held = hold_first_key(tmp_path, manifest, 3.0)  # taken by a process that died at once
     tunevault.install(mode="tune", store=store.url, events=str(tmp_path / "events.jsonl"))
     report = tunevault.warmup(manifest)
     assert report.ok and report.counts()["tuned"] == len(SIZES)
@@ -178,6 +184,21 @@ def test_a_held_key_is_skipped_and_taken_last_once_its_holder_is_gone(tmp_path: 
     assert taken[-1]["key"] == held.to_json() and taken[-1]["revisited"], "taken last, once its lease expired"
     for wait in (e for e in evs if e["event"] == "lease_wait"):  # waited only with nothing else left to do
         assert wait["remaining"] == 1 and wait["time"] > taken[-2]["time"]
+
+
+def test_a_key_held_past_lease_wait_is_tuned_here_without_waiting_again(
+        tmp_path: Path, manifest: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/1")
+    store, held = hold_first_key(tmp_path, manifest, 600.0)  # alive and renewing, but never finishing
+    tunevault.install(mode="tune", store=store.url, lease_wait=0.5)
+    with caplog.at_level(logging.INFO, logger="tunevault"):
+        report = tunevault.warmup(manifest)
+    assert report.ok and report.counts()["tuned"] == len(SIZES)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("tuning here too" in m for m in said) == 1
+    assert not any("waiting up to" in m for m in said), "the tuning path waited for the holder again"
 
 
 def test_cli_jobs_share_the_keys_and_summarise(tmp_path: Path, manifest: Path) -> None:

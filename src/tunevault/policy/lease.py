@@ -68,16 +68,22 @@ class Heartbeat:
 
 
 @contextmanager
-def holding(store: Any, name: str, holder: str, ttl_s: float, what: str) -> Iterator[None]:
-    """While this thread works under a lease it took itself: renew it, and let ``under_lease``
-    on this thread know it is already held here (taking it again would wait on ourselves)."""
+def taken_here(name: str) -> Iterator[None]:
+    """Tell ``under_lease`` on this thread that ``name`` needs no taking: this thread already tunes
+    that key (holding its lease, or done waiting for its holder); taking it would wait on ourselves."""
     names: set[str] = _taken_here.__dict__.setdefault("names", set())
     names.add(name)
     try:
-        with Heartbeat(store, name, holder, ttl_s, what):
-            yield
+        yield
     finally:
         names.discard(name)
+
+
+@contextmanager
+def holding(store: Any, name: str, holder: str, ttl_s: float, what: str) -> Iterator[None]:
+    """While this thread works under a lease it took itself: renew it; ``under_lease`` skips it."""
+    with taken_here(name), Heartbeat(store, name, holder, ttl_s, what):
+        yield
 
 
 def under_lease(rt: Any, name: str, what: str, lookup: Callable[[], T | None], work: Callable[[], T]) -> T:

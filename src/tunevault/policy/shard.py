@@ -30,7 +30,7 @@ from typing import Protocol
 from tunevault.capture.replay import WarmupItem
 from tunevault.core.events import EventLog
 from tunevault.core.model import TuningKey
-from tunevault.policy.lease import POLL_S, holding, new_holder
+from tunevault.policy.lease import POLL_S, holding, new_holder, taken_here
 from tunevault.store.base import Store
 
 log = logging.getLogger("tunevault")
@@ -131,7 +131,7 @@ class _Walk:
                            "them", getattr(self.store, "url", self.store), exc)
             return self.settled(task, self.tune(task))
         if not taken:
-            return self.held(i, task)
+            return self.held(i, task, lease)
         self.emit("lease_taken", task, lease=lease, revisited=i in self.first_held)
         try:
             if task.decided():  # published while we took the lease: its holder just finished
@@ -142,7 +142,7 @@ class _Walk:
             self.store.release(lease, holder)
         return self.settled(task, item)
 
-    def held(self, i: int, task: Task) -> WarmupItem | None:
+    def held(self, i: int, task: Task, lease: str) -> WarmupItem | None:
         now = time.monotonic()
         if i not in self.first_held:
             self.first_held[i] = now
@@ -155,7 +155,8 @@ class _Walk:
         log.warning("tunevault warmup: %s: no decision after %.0f s while another process holds its lease "
                     "(lease_wait); tuning here too, the first decision published is the one kept",
                     task.what, now - since)
-        return self.settled(task, self.tune(task))
+        with taken_here(lease):  # the tuning path must not wait for the holder all over again
+            return self.settled(task, self.tune(task))
 
     def tune(self, task: Task) -> WarmupItem:
         if self.started is not None:
