@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -180,6 +181,7 @@ def run_variant(out: Path, jobs: int, repeat: int, cpu: bool, devices: str | Non
     if devices:
         cmd += ["--devices", devices]
     print(f"[sharded_warmup] {tag}: {' '.join(cmd[3:])}", flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -187,15 +189,18 @@ def run_variant(out: Path, jobs: int, repeat: int, cpu: bool, devices: str | Non
     except subprocess.TimeoutExpired:
         return {"tag": tag, "jobs": jobs, "repeat": repeat, "error": f"over the budget ({timeout:.0f} s)"}
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # every process of the run, waited for
+    cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     (out / "logs").mkdir(exist_ok=True)
     (out / "logs" / f"{tag}.stderr").write_text(done.stderr)
     try:
         report = json.loads(done.stdout)
     except ValueError:
         return {"tag": tag, "jobs": jobs, "repeat": repeat, "wall_s": wall, "error": done.stderr[-2000:]}
-    print(f"[sharded_warmup] {tag}: {wall:.1f} s, {report['counts']}, per process "
-          f"{[w['tuned'] for w in report['workers']]}", flush=True)
-    return {"tag": tag, "jobs": jobs, "repeat": repeat, "wall_s": wall, "exit_code": done.returncode,
+    print(f"[sharded_warmup] {tag}: {wall:.1f} s ({cpu_s / wall:.2f} cores busy), {report['counts']}, per "
+          f"process {[w['tuned'] for w in report['workers']]}", flush=True)
+    return {"tag": tag, "jobs": jobs, "repeat": repeat, "wall_s": wall, "cpu_s": round(cpu_s, 3),
+            "cores_busy": round(cpu_s / wall, 2), "exit_code": done.returncode,
             "counts": report["counts"], "workers": report["workers"], "store": str(store)}
 
 
@@ -246,11 +251,13 @@ def summarize(results: dict[str, Any]) -> str:
     runs = [r for r in results["runs"] if "wall_s" in r and not r.get("error")]
     walls = {j: [r["wall_s"] for r in runs if r["jobs"] == j] for j in (1, results["jobs"])}
     lines = [f"# Sharded warmup ({results['mode']}, {results['keys']} keys, {results['jobs']} processes vs 1)", "",
-             "| processes | wall time (median) | runs | keys tuned per process |", "|---|---|---|---|"]
+             "| processes | wall time (median) | runs, s | cores busy (CPU s / wall s) | keys tuned per process |",
+             "|---|---|---|---|---|"]
     for j, ws in walls.items():
         per = [[w["tuned"] for w in r["workers"]] for r in runs if r["jobs"] == j]
+        busy = ", ".join(str(r.get("cores_busy", "-")) for r in runs if r["jobs"] == j)
         med = f"{statistics.median(ws):.1f} s" if ws else "-"
-        lines.append(f"| {j} | {med} | {', '.join(f'{w:.1f}' for w in ws)} | {per} |")
+        lines.append(f"| {j} | {med} | {', '.join(f'{w:.1f}' for w in ws)} | {busy} | {per} |")
     if results.get("ratio") is not None:
         pairs = results["pair_ratios"]
         lines += ["", f"**{results['jobs']} processes / 1 process: {results['ratio']:.2f}x** (medians; target "
