@@ -95,15 +95,25 @@ def stats() -> dict[str, Any]:
     return {"installed": True, "sealed": rt.sealed, "on_miss": rt.on_miss, "kernels": snap}
 
 
-def warmup(manifest: Any, device: str | None = None, progress: Any = None) -> Any:
-    """Tune every key a captured manifest lists that has no decision yet (replaying rebuilt arguments).
+def warmup(manifest: Any = None, device: str | None = None, progress: Any = None) -> Any:
+    """Tune every key a captured manifest lists that has no decision yet; call it on every rank.
 
-    Returns a report with ``counts()`` (tuned / decided / skipped / failed), ``items`` and ``ok``.
+    Processes on the same store (SQLite on a host, ``TUNEVAULT_REMOTE`` across hosts) divide the
+    keys through leases, never a collective; each returns when every key is settled, with the
+    decisions loaded. ``manifest`` defaults to ``$TUNEVAULT_WARMUP``. Returns a report with
+    ``counts()`` (tuned / decided / skipped / failed), ``items`` and ``ok``.
     """
-    from tunevault.capture.replay import warmup as replay
+    from tunevault.integration.shared_warmup import warmup as shared
 
+    if manifest is None:
+        from tunevault.integration.triton_adapter import runtime
+
+        rt = runtime()
+        manifest = (rt.settings if rt is not None else Settings.from_env()).warmup
+        if manifest is None:
+            raise ValueError("tunevault.warmup() needs a manifest (or TUNEVAULT_WARMUP)")
     try:
-        return replay(manifest, device=device, progress=progress)
+        return shared(manifest, device=device, progress=progress)
     finally:
         _warmup_ended()
 

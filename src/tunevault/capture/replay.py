@@ -2,7 +2,8 @@
 
 For each (kernel, key): import the kernel, rebuild equivalent arguments from its ArgSpec
 (index tensors such as ``cu_seqlens`` keep their captured values), check that they give the
-captured key, and call the Autotuner in tune mode so the decision lands in the store.
+captured key, and call the Autotuner in tune mode so the decision lands in the store. Which
+process replays which key is decided by the store's leases (policy/shard.py).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -
     return autotuner, args, kwargs
 
 
-def _entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list[mf.ManifestEntry]:
+def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list[mf.ManifestEntry]:
     if isinstance(source, str | os.PathLike):
         return mf.read(source)
     return list(source)
@@ -83,36 +84,15 @@ def _entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> lis
 
 def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: str | None = None,
            progress: Callable[[int, int, WarmupItem], None] | None = None) -> WarmupReport:
-    """Tune every captured key that has no decision yet; installs tunevault for the call if needed."""
-    import tunevault
-    from tunevault.integration.triton_adapter import runtime
+    """Tune every captured key that has no decision yet, sharing the keys with every other process
+    on the same store (integration/shared_warmup.py); installs tunevault for the call if needed."""
+    from tunevault.integration.shared_warmup import warmup as shared
 
-    entries = _entries(source)
-    installed_here = runtime() is None
-    if installed_here:
-        tunevault.install(mode="tune")
-    rt = runtime()
-    assert rt is not None
-    if rt.settings.mode != "tune":
-        raise RuntimeError(f"tunevault warmup needs mode 'tune', installed mode is {rt.settings.mode!r}")
-    saved, rt.on_miss = rt.on_miss, "tune"
-    report = WarmupReport()
-    try:
-        for n, entry in enumerate(entries, 1):
-            item = _replay_one(rt, entry, device)
-            report.items.append(item)
-            log.debug("tunevault warmup: %s %s [%s] %s", item.status, entry.kernel, entry.key.describe(),
-                      item.reason)
-            if progress is not None:
-                progress(n, len(entries), item)
-    finally:
-        rt.on_miss = saved
-        if installed_here:
-            tunevault.uninstall()
-    return report
+    return shared(source, device=device, progress=progress)
 
 
-def _replay_one(rt: Any, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
+def replay_one(rt: Any, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
+    """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
     from tunevault.core.identity import kernel_id
     from tunevault.integration.triton_adapter import STATE_ATTR
 

@@ -12,6 +12,7 @@ import re
 import sys
 from typing import Any
 
+from tunevault.cli import warmup_jobs
 from tunevault.cli.output import print_json, print_table
 
 
@@ -31,6 +32,7 @@ def register(sub: Any) -> None:
     p.add_argument("--device", help="build tensors on this device instead of the captured one (e.g. cuda:0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _allow_module_flag(p)
+    warmup_jobs.add_options(p)
     p.set_defaults(func=cmd_warmup)
 
     p = sub.add_parser("report", help="tuning cost per kernel and a timeline, from events or a manifest",
@@ -84,6 +86,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
+    if args.jobs is not None:  # N processes share the keys
+        return warmup_jobs.run(args)
     import tunevault
     from tunevault.capture.locate import allow_modules
     from tunevault.capture.replay import warmup

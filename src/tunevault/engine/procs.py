@@ -163,6 +163,12 @@ def visible_devices() -> list[str]:
     return [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
 
 
+def physical_device(index: int) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` entry that pins a child to this process's GPU ``index``."""
+    visible = visible_devices()
+    return visible[index] if index < len(visible) else str(index)
+
+
 def worker_env(device: int | None) -> dict[str, str]:
     """This process's environment, minus activation, with its import path and (on a GPU) one device."""
     env = {k: v for k, v in os.environ.items() if k != "TUNEVAULT_MODE"}  # the worker never installs
@@ -171,8 +177,7 @@ def worker_env(device: int | None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["TUNEVAULT_WORKER"] = "1"
     if device is not None:  # pin the worker to the server's device: it sees exactly one GPU
-        visible = visible_devices()
-        env["CUDA_VISIBLE_DEVICES"] = visible[device] if device < len(visible) else str(device)
+        env["CUDA_VISIBLE_DEVICES"] = physical_device(device)
     return env
 
 

@@ -36,6 +36,7 @@ class Runtime:
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
         self.observers: list[Any] = []  # e.g. key capture; called as observer(kind, state, key, nargs)
         self.predictions = Predictions()  # configs for missed keys, predicted from decided neighbours
+        self.pending_warmup = settings.warmup if settings.mode == "tune" else None  # TUNEVAULT_WARMUP
 
     @property
     def phase(self) -> str:
@@ -78,7 +79,19 @@ class Runtime:
         log.warning(msg, *args)
         return True
 
+    def take_pending_warmup(self) -> str | None:
+        """The ``TUNEVAULT_WARMUP`` manifest not yet warmed up, claimed by the caller (once per process)."""
+        with self._lock:
+            path, self.pending_warmup = self.pending_warmup, None
+        return path
+
     def lookup(self, kernel: KernelId, key: TuningKey) -> Decision | None:
+        if self.pending_warmup is not None:  # the first miss warms the manifest up, shared with peers
+            path = self.take_pending_warmup()
+            if path is not None:
+                from tunevault.integration.shared_warmup import warm_up_pending
+
+                warm_up_pending(self, path)
         skey = (kernel.digest, self.fingerprint.digest, key.text)
         found = self.decided.get(skey)
         if found is not None:

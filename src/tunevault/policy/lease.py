@@ -16,13 +16,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 log = logging.getLogger("tunevault")
 
 T = TypeVar("T")
 POLL_S = (0.02, 0.5)  # first and longest pause between looks at the store while waiting
+_taken_here = threading.local()  # .names: leases this thread took itself (sharded warmup) and holds now
 
 
 def lease_name(kernel_digest: str, fingerprint_digest: str, key_text: str) -> str:
@@ -65,12 +67,34 @@ class Heartbeat:
                             self.what)
 
 
+@contextmanager
+def taken_here(name: str) -> Iterator[None]:
+    """Tell ``under_lease`` on this thread that ``name`` needs no taking: this thread already tunes
+    that key (holding its lease, or done waiting for its holder); taking it would wait on ourselves."""
+    names: set[str] = _taken_here.__dict__.setdefault("names", set())
+    names.add(name)
+    try:
+        yield
+    finally:
+        names.discard(name)
+
+
+@contextmanager
+def holding(store: Any, name: str, holder: str, ttl_s: float, what: str) -> Iterator[None]:
+    """While this thread works under a lease it took itself: renew it; ``under_lease`` skips it."""
+    with taken_here(name), Heartbeat(store, name, holder, ttl_s, what):
+        yield
+
+
 def under_lease(rt: Any, name: str, what: str, lookup: Callable[[], T | None], work: Callable[[], T]) -> T:
     """``work()`` under the lease ``name``, unless a decision appears (``lookup()``) first.
 
     ``what`` names the kernel and key in messages. Store failures never block: without a usable
     lease the process tunes by itself, exactly as it would with no store at all.
     """
+    if name in _taken_here.__dict__.get("names", ()):  # the sharded warmup took it for this very tuning
+        found = lookup()
+        return found if found is not None else work()
     store, settings = rt.store, rt.settings
     holder, ttl = new_holder(), settings.lease_ttl
     deadline = time.monotonic() + settings.lease_wait

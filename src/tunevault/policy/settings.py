@@ -82,6 +82,7 @@ class Settings:
     config_timeout: float = 60.0  # one config in the isolated worker (compile + run)
     lease_wait: float = 600.0
     lease_ttl: float = 30.0
+    warmup: str | None = None  # a key manifest warmed up (keys shared with peers) at the first miss
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -109,7 +110,7 @@ class Settings:
         kw: dict[str, object] = {}
         simple = {"mode": "TUNEVAULT_MODE", "on_miss": "TUNEVAULT_ON_MISS", "store": "TUNEVAULT_STORE",
                   "remote": "TUNEVAULT_REMOTE", "bundle_key": "TUNEVAULT_BUNDLE_KEY",
-                  "capture": "TUNEVAULT_CAPTURE", "events": "TUNEVAULT_EVENTS"}
+                  "capture": "TUNEVAULT_CAPTURE", "events": "TUNEVAULT_EVENTS", "warmup": "TUNEVAULT_WARMUP"}
         for name, var in simple.items():
             if e.get(var) or (name == "bundle_key" and var in e):  # an empty key is an error, not "no key"
                 kw[name] = e[var].strip().lower() if name in ("mode", "on_miss") else e[var]

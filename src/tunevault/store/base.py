@@ -59,6 +59,9 @@ class Store(Protocol):
 
     def release(self, name: str, holder: str) -> None: ...
 
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the live lease ``name`` (the holder text as given), or None."""
+
     def close(self) -> None: ...
 
 

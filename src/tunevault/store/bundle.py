@@ -244,6 +244,9 @@ class BundleStore:
     def release(self, name: str, holder: str) -> None:
         """Nothing to release."""
 
+    def lease_holder(self, name: str) -> str | None:
+        return None
+
     def close(self) -> None:
         """Nothing to close: the file was read whole at open."""
 

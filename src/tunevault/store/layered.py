@@ -144,6 +144,14 @@ class LayeredStore:
                 return taken
         return self.local.try_lease(name, holder, ttl_s)
 
+    def lease_holder(self, name: str) -> str | None:
+        """From wherever ``try_lease`` would take it: the remote when it answers, else the local store."""
+        if self.remote is not None:
+            found = self._remote("lease", lambda r: (r.lease_holder(name),), None)
+            if found is not None:
+                return found[0]
+        return self.local.lease_holder(name)
+
     def release(self, name: str, holder: str) -> None:
         """Release wherever it was taken: both releases are compare-and-delete, so this is safe."""
         if self.remote is not None:

@@ -71,6 +71,11 @@ class MemoryStore:
             self._leases[name] = (holder, now + ttl_s)
             return True
 
+    def lease_holder(self, name: str) -> str | None:
+        with self._lock:
+            current = self._leases.get(name)
+        return current[0] if current is not None and current[1] > time.monotonic() else None
+
     def release(self, name: str, holder: str) -> None:
         """Release only if ``holder`` still holds it: a late release must not free a successor's lease."""
         with self._lock:

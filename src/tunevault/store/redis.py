@@ -316,6 +316,12 @@ class RedisStore:
         return bool(self._call("take a lease", lambda: self._scripts["take"](
             keys=[PREFIX + "lease:" + name], args=[holder, ttl_ms])))
 
+    def lease_holder(self, name: str) -> str | None:
+        raw = self._call("read a lease", lambda: self._client.get(PREFIX + "lease:" + name))
+        if isinstance(raw, bytes):
+            return raw.decode("utf-8", "replace")
+        return raw if isinstance(raw, str) else None
+
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
         try:

@@ -384,6 +384,16 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot take lease {name!r} in tuning store {self.path}: {exc}") from exc
 
+    def lease_holder(self, name: str) -> str | None:
+        sql = "SELECT holder, expires FROM leases WHERE name = ?"
+        try:
+            row = self._run(lambda db: db.execute(sql, (name,)).fetchone())
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read lease {name!r} in tuning store {self.path}: {exc}") from exc
+        if row is None or not isinstance(row[1], int | float) or row[1] <= time.time():
+            return None
+        return row[0] if isinstance(row[0], str) else None
+
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
 

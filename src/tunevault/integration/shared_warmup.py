@@ -1,0 +1,136 @@
+"""Warm a key manifest up in this process, sharing its keys with every process on the same store.
+
+``tunevault.warmup(manifest)`` on each server rank, ``tunevault warmup`` (alone or with
+``--jobs N``) and ``TUNEVAULT_WARMUP`` all come here. The keys are divided through the store's
+leases (policy/shard.py), never through a collective: ranks that start late or restart join
+whatever is left, a rank whose store already holds every key returns at once, and every rank
+returns only when every key is settled, with every decision loaded, so all ranks launch the
+same configs. With ``TUNEVAULT_REMOTE`` the leases live on Redis: hosts of one fingerprint share
+the work; another GPU model's keys (another fingerprint in every lease name) are its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+
+from tunevault.capture import manifest as mf
+from tunevault.capture.locate import KernelNotFound, import_autotuner
+from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one
+from tunevault.core.model import KernelId
+from tunevault.integration.runtime import Runtime
+from tunevault.policy.lease import lease_name
+from tunevault.policy.shard import Sharing, Task, share
+
+log = logging.getLogger("tunevault")
+
+WORKER_VAR = "TUNEVAULT_WARMUP_WORKER"  # "i/n": set by ``tunevault warmup --jobs`` for its children
+
+
+class EntryTask:
+    """One manifest entry as a shareable task; the kernel is imported once, on first use."""
+
+    def __init__(self, runtime: Runtime, entry: mf.ManifestEntry, device: str | None) -> None:
+        self.runtime, self.entry, self.device = runtime, entry, device
+        self.kernel, self.key = entry.kernel, entry.key
+        self.what = f"{entry.kernel} [{entry.key.describe() or 'empty key'}]"
+        self._lease: str | WarmupItem | None = None
+        self._kernel_id: KernelId | None = None
+
+    def lease(self) -> str | WarmupItem:
+        if self._lease is None:
+            self._lease = self._identify()
+        return self._lease
+
+    def _identify(self) -> str | WarmupItem:
+        from tunevault.core.identity import kernel_id
+
+        try:
+            autotuner = import_autotuner(self.kernel)
+        except KernelNotFound as exc:
+            return WarmupItem(self.kernel, self.key, "skipped", f"kernel not importable: {exc}")
+        if len(autotuner.configs) <= 1:
+            return WarmupItem(self.kernel, self.key, "decided", "one config: nothing to tune")
+        self._kernel_id = kernel_id(autotuner)
+        return lease_name(self._kernel_id.digest, self.runtime.fingerprint.digest, self.key.text)
+
+    def decided(self) -> bool:
+        return self._kernel_id is not None and self.runtime.lookup(self._kernel_id, self.key) is not None
+
+    def tune(self) -> WarmupItem:
+        return replay_one(self.runtime, self.entry, self.device)
+
+
+def start_index(count: int, env: dict[str, str] | None = None) -> int:
+    """Where this participant starts its walk: its share of the list when it knows its worker or rank
+    number (``--jobs`` children, torchrun's RANK / WORLD_SIZE), else a random point."""
+    e = os.environ if env is None else env
+    pairs = [tuple(e.get(WORKER_VAR, "").partition("/")[::2]), (e.get("RANK", ""), e.get("WORLD_SIZE", "")),
+             (e.get("LOCAL_RANK", ""), e.get("LOCAL_WORLD_SIZE", ""))]
+    for index, size in pairs:
+        if index.isdigit() and size.isdigit() and int(index) < int(size):
+            return int(index) * count // int(size) if count else 0
+    return random.randrange(count) if count else 0
+
+
+def _same_manifest(source: object, pending: str | None) -> bool:
+    if pending is None or not isinstance(source, str | os.PathLike):
+        return False
+    return os.path.abspath(os.fspath(source)) == os.path.abspath(pending)
+
+
+def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: str | None = None,
+           progress: Callable[[int, int, WarmupItem], None] | None = None,
+           started: Callable[[Task], None] | None = None) -> WarmupReport:
+    """Settle every key of the manifest together with the other processes on the store.
+
+    Returns once every key is decided, skipped or failed (the report says which, and why);
+    installs tunevault (tune mode) for the call when it is not installed.
+    """
+    from tunevault.integration import activation, triton_adapter
+    from tunevault.policy.settings import Settings
+
+    keys = entries(source)
+    installed_here = triton_adapter.runtime() is None
+    if installed_here:
+        activation.install(Settings.from_env().with_options(mode="tune"))
+    runtime = triton_adapter.runtime()
+    assert runtime is not None
+    if runtime.settings.mode != "tune":
+        raise RuntimeError(f"tunevault warmup needs mode 'tune', installed mode is {runtime.settings.mode!r}")
+    if _same_manifest(source, runtime.pending_warmup):
+        runtime.take_pending_warmup()  # this call is that warmup
+    saved, runtime.on_miss = runtime.on_miss, "tune"
+    try:
+        tasks = [EntryTask(runtime, entry, device) for entry in keys]
+        settings = runtime.settings
+        sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
+                          start=start_index(len(tasks)))
+        items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
+    finally:
+        runtime.on_miss = saved
+        if installed_here:
+            activation.uninstall()
+    return WarmupReport(items)
+
+
+def warm_up_pending(runtime: Runtime, path: str) -> None:
+    """``TUNEVAULT_WARMUP``: run at the process's first store lookup; never raises into the call."""
+    from tunevault.integration.triton_adapter import runtime as installed
+
+    if installed() is not runtime:
+        return
+    if runtime.sealed:
+        log.warning("tunevault: TUNEVAULT_WARMUP=%s not run: the process sealed before its first miss", path)
+        return
+    try:
+        report = warmup(path)
+    except Exception as exc:
+        log.warning("tunevault: TUNEVAULT_WARMUP=%s failed (%s: %s); keys are tuned as they are met",
+                    path, type(exc).__name__, exc)
+        return
+    counts = report.counts()
+    log.info("tunevault: warmup of %s: %d tuned here, %d decided, %d skipped, %d failed", path,
+             counts["tuned"], counts["decided"], counts["skipped"], counts["failed"])

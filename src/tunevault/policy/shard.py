@@ -1,0 +1,233 @@
+"""Share out a warmup's keys through the store's leases: many processes, no collective, no waiting.
+
+Every participant walks the same keys, each from its own starting point. A key already decided
+counts as decided; a key nobody holds is leased without waiting, tuned through the normal
+tuning path (which publishes the decision) and released; a key another process holds is
+skipped and revisited later. Only when every key left is held by someone else does a
+participant poll the store, with backoff, until those keys are decided or their holders'
+leases expire (then it takes them). A participant therefore never waits on a peer while it
+still has work, and a peer that dies costs one lease time to live, not a deadlock.
+
+Keys that cannot be tuned (kernel not importable, arguments not rebuildable, every config
+failing) are recorded once in the store for the whole fleet: a small JSON record held as a
+lease named ``failed:...`` with a time to live, so the others skip them with that reason
+instead of retrying. Records are validated on read; a malformed one is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tunevault.capture.replay import WarmupItem
+from tunevault.core.events import EventLog
+from tunevault.core.model import TuningKey
+from tunevault.policy.lease import POLL_S, holding, new_holder, taken_here
+from tunevault.store.base import Store
+
+log = logging.getLogger("tunevault")
+
+FAILED_FORMAT = "tunevault-failed-key/1"
+FAILED_TTL_S = 3600.0  # how long the fleet trusts a failure before someone tries the key again
+RECORDED = ("skipped", "failed")  # outcomes worth telling the fleet about
+MAX_REASON = 400
+
+
+class Task(Protocol):
+    """One key of the warmup, as the participant that walks it sees it."""
+
+    kernel: str  # module:qualname, as the manifest names it
+    key: TuningKey
+    what: str  # "kernel [key]" for messages
+
+    def lease(self) -> str | WarmupItem:
+        """The key's tuning lease name, or the outcome when it cannot be tuned here at all."""
+
+    def decided(self) -> bool:
+        """Whether the store holds a decision for the key (loading it into this process)."""
+
+    def tune(self) -> WarmupItem:
+        """Tune the key through the normal tuning path, so its decision is published."""
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """How a participant shares: its leases' time to live, how long it trusts a live holder."""
+
+    fingerprint: str  # digest: records are per environment, like decisions
+    lease_ttl: float = 30.0
+    lease_wait: float = 600.0  # a key held this long without a decision is tuned here too
+    failed_ttl: float = FAILED_TTL_S
+    start: int = 0  # where in the key list this participant begins its walk
+
+
+def failed_record_name(kernel: str, fingerprint: str, key_text: str) -> str:
+    """Named by the manifest's identity (kernel name, not digest): known even when the import fails."""
+    kernel_hash = hashlib.sha256(kernel.encode()).hexdigest()[:16]
+    return f"failed:{kernel_hash}:{fingerprint}:{hashlib.sha256(key_text.encode()).hexdigest()[:32]}"
+
+
+def failed_record(item: WarmupItem) -> str:
+    return json.dumps({"format": FAILED_FORMAT, "kernel": item.kernel, "key": item.key.text,
+                       "status": item.status, "reason": item.reason[:MAX_REASON],
+                       "by": f"{socket.gethostname()}:{os.getpid()}", "time": round(time.time(), 3)},
+                      separators=(",", ":"))
+
+
+def read_failed_record(text: str | None, kernel: str, key: TuningKey) -> WarmupItem | None:
+    """The recorded outcome, if ``text`` is a well-formed record for exactly this kernel and key."""
+    if text is None:
+        return None
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    if not (isinstance(rec, dict) and rec.get("format") == FAILED_FORMAT and rec.get("kernel") == kernel
+            and rec.get("key") == key.text and rec.get("status") in RECORDED):
+        return None
+    reason, by = rec.get("reason"), rec.get("by")
+    reason = reason[:MAX_REASON] if isinstance(reason, str) else "no reason recorded"
+    by = by[:200] if isinstance(by, str) else "another process"
+    return WarmupItem(kernel, key, rec["status"], f"{reason} (recorded by {by})")
+
+
+class _Walk:
+    """One participant's pass over the keys; returns when every key is settled."""
+
+    def __init__(self, tasks: Sequence[Task], store: Store, sharing: Sharing, events: EventLog | None,
+                 started: Callable[[Task], None] | None) -> None:
+        self.tasks, self.store, self.sharing, self.events, self.started = tasks, store, sharing, events, started
+        self.first_held: dict[int, float] = {}  # key index -> when this participant first found it held
+        self.warned: set[str] = set()
+
+    def emit(self, kind: str, task: Task, **fields: object) -> None:
+        if self.events is not None:
+            self.events.emit(kind, kernel=task.kernel, key=task.key.to_json(), **fields)
+
+    def attempt(self, i: int) -> WarmupItem | None:
+        """The key's outcome, or None when another process holds it (revisit it later)."""
+        task = self.tasks[i]
+        record = self.failed_record(task)
+        if record is not None:
+            return record
+        lease = task.lease()
+        if isinstance(lease, WarmupItem):
+            return self.settled(task, lease)
+        if task.decided():
+            return WarmupItem(task.kernel, task.key, "decided")
+        holder = new_holder()
+        try:
+            taken = self.store.try_lease(lease, holder, self.sharing.lease_ttl)
+        except Exception as exc:
+            self.warn_once("lease", "tunevault warmup: cannot take tuning leases in %s (%s); tuning without "
+                           "them", getattr(self.store, "url", self.store), exc)
+            return self.settled(task, self.tune(task))
+        if not taken:
+            return self.held(i, task, lease)
+        self.emit("lease_taken", task, lease=lease, revisited=i in self.first_held)
+        try:
+            if task.decided():  # published while we took the lease: its holder just finished
+                return WarmupItem(task.kernel, task.key, "decided")
+            with holding(self.store, lease, holder, self.sharing.lease_ttl, task.what):
+                item = self.tune(task)
+        finally:
+            self.store.release(lease, holder)
+        return self.settled(task, item)
+
+    def held(self, i: int, task: Task, lease: str) -> WarmupItem | None:
+        now = time.monotonic()
+        if i not in self.first_held:
+            self.first_held[i] = now
+            self.emit("lease_skipped", task)
+            log.debug("tunevault warmup: %s is being tuned by another process; moving on", task.what)
+            return None
+        since = self.first_held[i]
+        if now - since < self.sharing.lease_wait:
+            return None
+        log.warning("tunevault warmup: %s: no decision after %.0f s while another process holds its lease "
+                    "(lease_wait); tuning here too, the first decision published is the one kept",
+                    task.what, now - since)
+        with taken_here(lease):  # the tuning path must not wait for the holder all over again
+            return self.settled(task, self.tune(task))
+
+    def tune(self, task: Task) -> WarmupItem:
+        if self.started is not None:
+            self.started(task)
+        return task.tune()
+
+    def settled(self, task: Task, item: WarmupItem) -> WarmupItem:
+        """Tell the fleet once about a key that cannot be tuned; pass every outcome through."""
+        if item.status in RECORDED:
+            name = failed_record_name(task.kernel, self.sharing.fingerprint, task.key.text)
+            try:
+                first = self.store.try_lease(name, failed_record(item), self.sharing.failed_ttl)
+            except Exception as exc:
+                log.debug("tunevault warmup: could not record %s as not tunable: %s", task.what, exc)
+                first = False
+            if first:
+                self.emit("key_failed", task, status=item.status, reason=item.reason)
+                log.warning("tunevault warmup: %s %s: %s", item.status, task.what, item.reason)
+        return item
+
+    def failed_record(self, task: Task) -> WarmupItem | None:
+        read = getattr(self.store, "lease_holder", None)
+        if read is None:
+            return None
+        name = failed_record_name(task.kernel, self.sharing.fingerprint, task.key.text)
+        try:
+            return read_failed_record(read(name), task.kernel, task.key)
+        except Exception as exc:
+            self.warn_once("record", "tunevault warmup: cannot read failed-key records (%s)", exc)
+            return None
+
+    def warn_once(self, token: str, msg: str, *args: object) -> None:
+        if token not in self.warned:
+            self.warned.add(token)
+            log.warning(msg, *args)
+
+
+def share(tasks: Sequence[Task], store: Store, sharing: Sharing, events: EventLog | None = None,
+          progress: Callable[[int, int, WarmupItem], None] | None = None,
+          started: Callable[[Task], None] | None = None) -> list[WarmupItem]:
+    """Settle every task together with whoever else walks the same keys; items in ``tasks`` order.
+
+    ``progress(done, total, item)`` follows each settled key; ``started(task)`` each tuning begun.
+    """
+    walk = _Walk(tasks, store, sharing, events, started)
+    n = len(tasks)
+    pending = [(sharing.start + j) % n for j in range(n)] if n else []
+    items: dict[int, WarmupItem] = {}
+    pause, waiting = POLL_S[0], False
+    while pending:
+        left = []
+        for i in pending:
+            item = walk.attempt(i)
+            if item is None:
+                left.append(i)
+                continue
+            items[i] = item
+            if progress is not None:
+                progress(len(items), n, item)
+        progressed, pending = len(left) < len(pending), left
+        if not pending:
+            break
+        if progressed:  # keys may have been freed meanwhile: walk the rest again at once
+            pause, waiting = POLL_S[0], False
+            continue
+        if not waiting:  # every key left is held by another process: only now does this one wait
+            waiting = True
+            if events is not None:
+                events.emit("lease_wait", remaining=len(pending))
+            log.info("tunevault warmup: the %d key(s) left are being tuned by other processes; waiting for "
+                     "their decisions (or for their leases to expire)", len(pending))
+        time.sleep(pause * random.uniform(0.8, 1.2))
+        pause = min(pause * 2, POLL_S[1])
+    return [items[i] for i in range(n)]

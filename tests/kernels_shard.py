@@ -1,0 +1,76 @@
+"""A cheap kernel for sharded-warmup tests, importable as ``kernels_shard:shard_scale``.
+
+Every benchmark launch of it is counted below the autotuner: the configs' ``pre_hook`` appends
+``pid n`` to the file named by ``$TV_LAUNCH_LOG`` (one O_APPEND write per line), so a test can
+tell which processes benchmarked which key; with ``$TV_HANG_N`` set, a launch for that size
+touches ``$TV_HANG_FILE`` and hangs (a process to kill mid-key). ``no_config_works`` fails with
+every config. ``write_manifest`` builds a key manifest from sizes without running anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from tunevault.capture import manifest as mf
+from tunevault.capture.argspec import CallSpec
+from tunevault.core.identity import kernel_id
+from tunevault.integration.kernel_state import KernelState
+
+
+def _count(nargs: dict[str, Any]) -> None:
+    path, n = os.environ.get("TV_LAUNCH_LOG"), int(nargs["n"])
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()} {n}\n".encode())
+        finally:
+            os.close(fd)
+    if os.environ.get("TV_HANG_N") == str(n):
+        Path(os.environ["TV_HANG_FILE"]).touch()
+        time.sleep(3600)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}, pre_hook=_count) for b in (32, 64)], key=["n"])
+@triton.jit
+def shard_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (3, 5)], key=["n"])
+@triton.jit
+def no_config_works(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)  # not a power of two: no config builds
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def write_manifest(path: Path, sizes: list[int], kernel: Any = shard_scale, name: str | None = None) -> list[int]:
+    """One manifest line per size, as capture would write it (``name`` renames the kernel)."""
+    state, lines = KernelState(kernel), []
+    for i, n in enumerate(sizes):
+        x = torch.rand(n)
+        args = (x, torch.empty_like(x), n)
+        kwargs = {"grid": lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),)}
+        key = state.labelled_key(state.named_args(args, kwargs))
+        spec = CallSpec.of(kernel, args, kwargs).to_json()
+        lines.append(mf.line(name or kernel_id(kernel).name, key, {"hit": 1}, i, i, os.getpid(), "test", spec))
+    mf.append(path, lines)
+    return sizes
+
+
+def launches(path: Path) -> dict[int, set[int]]:
+    """Size -> the pids that benchmarked it, from ``$TV_LAUNCH_LOG``."""
+    out: dict[int, set[int]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            pid, n = line.split()
+            out.setdefault(int(n), set()).add(int(pid))
+    return out

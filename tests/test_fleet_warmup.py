@@ -1,0 +1,285 @@
+"""Sharded warmup: processes divide a manifest's keys through the store's leases, with no collective.
+
+Benchmark launches are counted below the autotuner (the test kernel's config ``pre_hook`` logs
+``pid n`` per launch), and events files show who took which lease and when anyone waited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kernels_shard as ks
+import redis_server
+import tunevault
+from conftest import count_launches, subprocess_env
+from tunevault.policy.shard import read_failed_record
+from tunevault.store.sqlite import SqliteStore
+
+SIZES = [64 + 29 * i for i in range(16)]
+
+RANK = r"""
+import json, logging, os, sys, time
+from pathlib import Path
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+import tunevault
+from tunevault.integration.triton_adapter import runtime
+
+tunevault.install(mode="tune")  # store, remote, events and lease time to live from TUNEVAULT_*
+Path(os.environ["TV_DIR"], f"ready.{os.getpid()}").touch()
+while not Path(os.environ["TV_DIR"], "go").exists():
+    time.sleep(0.01)
+report = tunevault.warmup(os.environ["TV_MANIFEST"])
+chosen = {d.key.text: d.config_index for d in runtime().decided.values()}
+print(json.dumps({"pid": os.getpid(), "ok": report.ok, "counts": report.counts(), "chosen": chosen}))
+"""
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.jsonl"
+    ks.write_manifest(path, SIZES)
+    return path
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[redis_server.RedisServer]:
+    yield from redis_server.serve(tmp_path)
+
+
+def start_ranks(tmp_path: Path, manifest: Path, envs: list[dict[str, str]]) -> list[subprocess.Popen[str]]:
+    """Processes that install, meet at a file barrier, then call ``tunevault.warmup`` at once."""
+    procs = []
+    for rank, extra in enumerate(envs):
+        env = subprocess_env(TV_DIR=str(tmp_path), TV_MANIFEST=str(manifest),
+                             TV_LAUNCH_LOG=str(tmp_path / "launch.log"), TUNEVAULT_CPU_BENCH_REPS="3",
+                             TUNEVAULT_EVENTS=str(tmp_path / "events.jsonl"),
+                             RANK=str(rank), WORLD_SIZE=str(len(envs)), **extra)
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready.*"))) < len(procs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "ranks never got ready"
+        time.sleep(0.02)
+    (tmp_path / "go").touch()
+    return procs
+
+
+def finish(procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, f"rank failed ({p.returncode}):\n{stdout}\n{stderr}"
+        assert "waiting up to" not in stderr, "a process blocked on another's lease:\n" + stderr
+        out.append({**json.loads(stdout.strip().splitlines()[-1]), "stderr": stderr})
+    return out
+
+
+def events(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+
+
+def assert_shared_without_waiting(tmp_path: Path, pids: set[int] | None = None) -> None:
+    """Every key benchmarked by exactly one of ``pids`` (default: every process); none of them waited
+    while a key was still free."""
+    launched = {n: ps & pids if pids else ps for n, ps in ks.launches(tmp_path / "launch.log").items()}
+    assert sorted(launched) == SIZES
+    assert all(len(ps) == 1 for ps in launched.values()), f"a key was benchmarked twice: {launched}"
+    evs = [e for e in events(tmp_path) if not pids or e["pid"] in pids]
+    first_taken: dict[str, float] = {}
+    for e in evs:
+        if e["event"] == "lease_taken":
+            text = json.dumps(e["key"])
+            first_taken[text] = min(first_taken.get(text, e["time"]), e["time"])
+    assert len(first_taken) == len(SIZES)
+    for wait in (e for e in evs if e["event"] == "lease_wait"):
+        free = [k for k, t in first_taken.items() if t > wait["time"]]
+        assert not free, f"pid {wait['pid']} waited while {len(free)} key(s) were still untaken"
+    tunings = [e for e in evs if e["event"] == "tuning"]
+    assert len(tunings) == len(SIZES)
+
+
+def test_two_ranks_on_one_sqlite_store_tune_each_key_once(tmp_path: Path, manifest: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    ranks = finish(start_ranks(tmp_path, manifest, [{"TUNEVAULT_STORE": store}] * 2))
+    assert all(r["ok"] and r["counts"]["tuned"] + r["counts"]["decided"] == len(SIZES) for r in ranks)
+    assert sum(r["counts"]["tuned"] for r in ranks) == len(SIZES)
+    assert_shared_without_waiting(tmp_path)
+    assert ranks[0]["chosen"] == ranks[1]["chosen"] and len(ranks[0]["chosen"]) == len(SIZES), \
+        "every rank leaves with every decision loaded, the same ones"
+
+
+def test_hosts_sharing_redis_tune_each_key_once_per_fingerprint(tmp_path: Path, manifest: Path,
+                                                                redis: redis_server.RedisServer) -> None:
+    hosts = [{"TUNEVAULT_STORE": f"sqlite:///{tmp_path / f'host{i}.db'}", "TUNEVAULT_REMOTE": redis.url}
+             for i in range(3)]
+    hosts[2]["TRITON_DEFAULT_FP_FUSION"] = "0"  # a codegen setting in the fingerprint: "another GPU model"
+    ranks = finish(start_ranks(tmp_path, manifest, hosts))
+    assert all(r["ok"] for r in ranks)
+    assert sum(r["counts"]["tuned"] for r in ranks[:2]) == len(SIZES)
+    assert_shared_without_waiting(tmp_path, {ranks[0]["pid"], ranks[1]["pid"]})
+    assert ranks[0]["chosen"] == ranks[1]["chosen"]
+    for i in range(2):  # each host's own file now holds every decision: it restarts without the network
+        assert SqliteStore(tmp_path / f"host{i}.db").count() == len(SIZES)
+    assert ranks[2]["counts"]["tuned"] == len(SIZES), "the other fingerprint tuned its own keys"
+    assert_shared_without_waiting(tmp_path, {ranks[2]["pid"]})
+
+
+def test_a_killed_holder_loses_its_key_to_the_other_after_the_lease_expires(tmp_path: Path,
+                                                                          manifest: Path) -> None:
+    store, orphan = f"sqlite:///{tmp_path / 'shared.db'}", SIZES[0]
+    common = {"TUNEVAULT_STORE": store, "TUNEVAULT_LEASE_TTL": "1.5"}
+    victim, survivor = start_ranks(tmp_path, manifest, [  # rank 0 starts its walk at the orphan and hangs there
+        {**common, "TV_HANG_N": str(orphan), "TV_HANG_FILE": str(tmp_path / "hung")}, common])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "hung").exists():
+        assert time.monotonic() < deadline and victim.poll() is None, victim.communicate()
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    (result,) = finish([survivor])
+    assert result["ok"] and result["counts"]["tuned"] + result["counts"]["decided"] == len(SIZES)
+    launched = ks.launches(tmp_path / "launch.log")
+    assert launched[orphan] == {victim.pid, result["pid"]}, "the orphan was tuned again, by the survivor"
+    assert all(len(launched[n]) == 1 for n in SIZES[1:])
+    taken = [e for e in events(tmp_path) if e["event"] == "lease_taken" and e["pid"] == result["pid"]
+             and dict(map(tuple, e["key"]))["n"] == orphan]
+    assert len(taken) == 1
+    assert SqliteStore(tmp_path / "shared.db").count() == len(SIZES)
+
+
+def hold_first_key(tmp_path: Path, manifest: Path, ttl: float) -> tuple[SqliteStore, Any]:
+    """A store where "another process" holds the lease of the manifest's first key for ``ttl`` s."""
+    from tunevault.capture.manifest import read
+    from tunevault.core.identity import current_fingerprint, kernel_id
+    from tunevault.policy.lease import lease_name
+
+    held = read(manifest)[0].key
+    store = SqliteStore(tmp_path / "held.db")
+    name = lease_name(kernel_id(ks.shard_scale).digest, current_fingerprint().digest, held.text)
+    assert store.try_lease(name, "another-host:1:x", ttl)
+    return store, held
+
+
+def test_a_held_key_is_skipped_and_taken_last_once_its_holder_is_gone(tmp_path: Path, manifest: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/1")  # this process starts its walk at the held key
+    store, held = hold_first_key(tmp_path, manifest, 3.0)  # taken by a process that died at once
+    tunevault.install(mode="tune", store=store.url, events=str(tmp_path / "events.jsonl"))
+    report = tunevault.warmup(manifest)
+    assert report.ok and report.counts()["tuned"] == len(SIZES)
+    evs = [e for e in events(tmp_path) if e["event"].startswith("lease_")]
+    assert evs[0]["event"] == "lease_skipped" and evs[0]["key"] == held.to_json(), "skipped, not waited on"
+    taken = [e for e in evs if e["event"] == "lease_taken"]
+    assert taken[-1]["key"] == held.to_json() and taken[-1]["revisited"], "taken last, once its lease expired"
+    for wait in (e for e in evs if e["event"] == "lease_wait"):  # waited only with nothing else left to do
+        assert wait["remaining"] == 1 and wait["time"] > taken[-2]["time"]
+
+
+def test_a_key_held_past_lease_wait_is_tuned_here_without_waiting_again(
+        tmp_path: Path, manifest: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/1")
+    store, held = hold_first_key(tmp_path, manifest, 600.0)  # alive and renewing, but never finishing
+    tunevault.install(mode="tune", store=store.url, lease_wait=0.5)
+    with caplog.at_level(logging.INFO, logger="tunevault"):
+        report = tunevault.warmup(manifest)
+    assert report.ok and report.counts()["tuned"] == len(SIZES)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("tuning here too" in m for m in said) == 1
+    assert not any("waiting up to" in m for m in said), "the tuning path waited for the holder again"
+
+
+def test_cli_jobs_share_the_keys_and_summarise(tmp_path: Path, manifest: Path) -> None:
+    env = subprocess_env(TV_LAUNCH_LOG=str(tmp_path / "launch.log"), TUNEVAULT_EVENTS=str(tmp_path / "events.jsonl"),
+                         TUNEVAULT_CPU_BENCH_REPS="3")
+    store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", store, "warmup", str(manifest), "--jobs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"warmup: {len(SIZES)} tuned, 0 already decided, 0 skipped, 0 failed" in done.stdout
+    assert "2 processes" in done.stdout and f"[{len(SIZES)}/{len(SIZES)}]" in done.stderr  # plain progress
+    assert_shared_without_waiting(tmp_path)
+
+    again = subprocess.run(cmd[:-1] + ["1", "--json"], capture_output=True, text=True, env=env, timeout=180)
+    report = json.loads(again.stdout)
+    assert again.returncode == 0 and report["ok"]
+    assert report["counts"] == {"tuned": 0, "decided": len(SIZES), "skipped": 0, "failed": 0}
+    assert [w["tuned"] for w in report["workers"]] == [0]
+
+
+def test_keys_that_cannot_be_tuned_are_recorded_once_for_everyone(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    ks.write_manifest(path, [40], kernel=ks.no_config_works)
+    ks.write_manifest(path, [40], name="no_such_module_here:kernel")
+    store = f"sqlite:///{tmp_path / 'bad.db'}"
+
+    tunevault.install(mode="tune", store=store, events=str(tmp_path / "events.jsonl"))
+    first = tunevault.warmup(path)
+    assert [i.status for i in first.items] == ["failed", "skipped"]
+    assert "every config failed" in first.items[0].reason and "not importable" in first.items[1].reason
+    tunevault.uninstall()
+
+    tunevault.install(mode="tune", store=store, events=str(tmp_path / "events.jsonl"))  # "another process"
+    with count_launches(ks.no_config_works) as launches:
+        second = tunevault.warmup(path)
+    assert launches.count == 0, "the recorded failure was not retried"
+    assert [i.status for i in second.items] == ["failed", "skipped"] and not second.ok
+    assert all("recorded by" in i.reason for i in second.items)
+    assert sum(1 for e in events(tmp_path) if e["event"] == "key_failed") == 2
+
+
+def test_failed_key_records_are_validated_on_read() -> None:
+    from tunevault.capture.replay import WarmupItem
+    from tunevault.core.model import TuningKey
+    from tunevault.policy.shard import failed_record
+
+    key = TuningKey((("n", 4),))
+    good = failed_record(WarmupItem("m:k", key, "failed", "boom"))
+    assert read_failed_record(good, "m:k", key).reason.startswith("boom (recorded by ")
+    other_key = TuningKey((("n", 5),))
+    for text in (None, "not json", "[]", good.replace("failed", "tuned"), json.dumps({"format": "x"})):
+        assert read_failed_record(text, "m:k", key) is None
+    assert read_failed_record(good, "m:other", key) is None and read_failed_record(good, "m:k", other_key) is None
+
+
+def test_a_warm_store_returns_at_once_and_env_warmup_runs_at_the_first_miss(tmp_path: Path, manifest: Path) -> None:
+    import torch
+
+    store, events_path = f"sqlite:///{tmp_path / 'warm.db'}", tmp_path / "events.jsonl"
+    tunevault.install(mode="tune", store=store, warmup=str(manifest), events=str(events_path))
+    x = torch.rand(10)
+    ks.shard_scale[(1,)](x, torch.empty_like(x), 10)  # the first miss warms the whole manifest up first
+    assert SqliteStore(tmp_path / "warm.db").count() == len(SIZES) + 1
+    tunevault.uninstall()
+
+    tunevault.install(mode="tune", store=store, events=str(events_path))
+    report = tunevault.warmup(manifest)
+    assert report.ok and report.counts()["decided"] == len(SIZES)
+    kinds = [e["event"] for e in events(tmp_path)]
+    assert kinds.count("lease_taken") == len(SIZES) and kinds.count("tuning") == len(SIZES) + 1
+
+
+def test_jobs_plan_pins_one_gpu_per_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunevault.cli.warmup_jobs import plan
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert plan("3", "0,1") == ["4", "5", "4"]
+    assert plan(None, "1") == ["5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert plan("2", None) == [None, None]  # the interpreter: CPU processes, no GPU to pin
+    assert plan(None, None) == [None] * (os.cpu_count() or 1)
+    for bad in (("0", None), ("x", None), ("2", "a,b"), ("2", "-1")):
+        with pytest.raises(ValueError):
+            plan(*bad)
