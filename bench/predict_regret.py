@@ -117,7 +117,7 @@ def build_sweeps(smoke: bool) -> list[Sweep]:
 
 def measure(sweep: Sweep, deadline: float) -> None:
     from config_timer import record_calls, time_all
-    from tunevault.integration.kernel_state import KernelState
+    from tunevault.core.kernel_state import KernelState
 
     for i in coarse_to_fine(len(sweep.workloads)):
         label, workload = sweep.workloads[i]

@@ -61,7 +61,7 @@ def recording(lines: dict[tuple[str, str], str]) -> Iterator[None]:
     from tunevault.capture import manifest as mf
     from tunevault.capture.argspec import CallSpec
     from tunevault.core.identity import kernel_id
-    from tunevault.integration.kernel_state import KernelState
+    from tunevault.core.kernel_state import KernelState
 
     original, states = Autotuner.run, {}
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from tunevault.capture import manifest as mf
 from tunevault.capture.argspec import CallSpec
 from tunevault.core.identity import kernel_id
-from tunevault.integration.kernel_state import KernelState
+from tunevault.core.kernel_state import KernelState
 
 
 def _count(nargs: dict[str, Any]) -> None:

@@ -15,9 +15,9 @@ import torch
 import tunevault
 from conftest import count_launches
 from tunevault.core.identity import current_fingerprint, kernel_id
+from tunevault.core.kernel_state import KernelState
 from tunevault.demo.kernels import run_scaled_add, scaled_add
 from tunevault.engine.timing import cpu_bench
-from tunevault.integration.kernel_state import KernelState
 from tunevault.policy.lease import lease_name
 from tunevault.store.sqlite import SqliteStore
 

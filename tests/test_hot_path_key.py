@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from conftest import count_launches  # noqa: E402
-from tunevault.integration.kernel_state import KernelState  # noqa: E402
+from tunevault.core.kernel_state import KernelState  # noqa: E402
 
 
 @triton.heuristics({"USE_G": lambda args: args["g"] is not None})

@@ -15,8 +15,8 @@ import tunevault
 from conftest import count_launches
 from tunevault import report
 from tunevault.core.identity import config_spec, current_fingerprint, describe_config, kernel_id
+from tunevault.core.kernel_state import KernelState
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
-from tunevault.integration.kernel_state import KernelState
 from tunevault.integration.triton_adapter import runtime
 from tunevault.policy import background
 from tunevault.policy.fallback import regret

@@ -4,6 +4,9 @@ Two feeds: the runtime's observers (a key resolved on the miss path: hit in the 
 or missed) and, only while capturing, a hook the adapter calls on in-memory hits, which costs
 one dict lookup and two increments. Counts are flushed as manifest lines periodically, at
 exit and when :func:`capture` ends; a forked child starts counting afresh.
+
+The runtime sits above this layer: it hands itself over as a :class:`Host` at every
+(re)installation (``on_install``), and recording attaches through that, never by importing it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from tunevault.capture import manifest
 
@@ -27,6 +30,23 @@ _lock = threading.RLock()
 _stack: list[Recorder] = []  # capture() recorders, innermost last
 _from_settings: Recorder | None = None  # TUNEVAULT_CAPTURE / install(capture=...)
 _hooks_registered = False
+_host: Host | None = None  # the installed runtime's side of key capture (integration.activation)
+
+
+class Host(Protocol):
+    """What key capture needs from the runtime it records for."""
+
+    def installed(self) -> bool:
+        """Whether tunevault is installed now (keys are resolved by it)."""
+        ...
+
+    def sign_key(self) -> str | None:
+        """The installed settings' ``bundle_key``, which capture signs lines with."""
+        ...
+
+    def attach(self, recorder: Recorder | None) -> None:
+        """Feed ``recorder`` (None: no recorder) from the runtime's observers and in-memory hits."""
+        ...
 
 
 class _Record:
@@ -179,15 +199,9 @@ def _active() -> Recorder | None:
 
 
 def _attach() -> None:
-    """Point the current runtime's observer list and the adapter's hit hook at the active recorder."""
-    from tunevault.integration import triton_adapter
-
-    rec, rt = _active(), triton_adapter.runtime()
-    if rt is not None:
-        rt.observers[:] = [o for o in rt.observers if not isinstance(getattr(o, "__self__", None), Recorder)]
-        if rec is not None:
-            rt.observers.append(rec.observe)
-    triton_adapter.set_hit_hook(rec.hit if rec is not None and rt is not None else None)
+    """Point the runtime's observers and the adapter's hit hook at the active recorder."""
+    if _host is not None:
+        _host.attach(_active())
 
 
 def _register_hooks() -> None:
@@ -213,10 +227,11 @@ def _after_fork_all() -> None:
         rec._after_fork()
 
 
-def on_install(settings: Any) -> None:
+def on_install(settings: Any, host: Host) -> None:
     """Called after (re)installation: follow ``settings.capture`` and re-attach the active recorder."""
-    global _from_settings
+    global _from_settings, _host
     with _lock:
+        _host = host
         wanted = settings.capture
         if _from_settings is not None and _from_settings.path != wanted:
             _from_settings.close()
@@ -249,13 +264,11 @@ def _sign_key(installed: str | None) -> str | None:
 @contextlib.contextmanager
 def capture(path: str | os.PathLike[str], flush_interval: float = 10.0) -> Iterator[Recorder]:
     """Record every key resolved inside the block to the manifest at ``path`` (JSON lines, appended)."""
-    from tunevault.integration.triton_adapter import runtime
-
-    if runtime() is None:
+    installed = _host is not None and _host.installed()
+    if not installed:
         log.warning("tunevault: capture(%s): tunevault is not installed, so no key is resolved by it yet; "
                     "call tunevault.install() first", os.fspath(path))
-    rt = runtime()
-    rec = Recorder(path, flush_interval, _sign_key(rt.settings.bundle_key if rt is not None else None))
+    rec = Recorder(path, flush_interval, _sign_key(_host.sign_key() if installed and _host is not None else None))
     with _lock:
         _register_hooks()
         _stack.append(rec)

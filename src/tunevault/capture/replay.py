@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,7 @@ class WarmupReport:
 def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -> tuple[Any, tuple, dict]:
     """``(autotuner, args, kwargs)`` equivalent to the captured call; raises KernelNotFound/InvalidEntry."""
     from tunevault.capture.argspec import CallSpec
-    from tunevault.integration.kernel_state import KernelState
+    from tunevault.core.kernel_state import KernelState
 
     autotuner = import_autotuner(entry.kernel)
     if entry.callspec is None:
@@ -82,19 +82,10 @@ def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list
     return list(source)
 
 
-def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: str | None = None,
-           progress: Callable[[int, int, WarmupItem], None] | None = None) -> WarmupReport:
-    """Tune every captured key that has no decision yet, sharing the keys with every other process
-    on the same store (integration/shared_warmup.py); installs tunevault for the call if needed."""
-    from tunevault.integration.shared_warmup import warmup as shared
-
-    return shared(source, device=device, progress=progress)
-
-
 def replay_one(rt: Any, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
     from tunevault.core.identity import kernel_id
-    from tunevault.integration.triton_adapter import STATE_ATTR
+    from tunevault.core.kernel_state import STATE_ATTR
 
     def item(status: str, reason: str = "", seconds: float = 0.0) -> WarmupItem:
         return WarmupItem(entry.kernel, entry.key, status, reason, seconds)

@@ -90,7 +90,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         return warmup_jobs.run(args)
     import tunevault
     from tunevault.capture.locate import allow_modules
-    from tunevault.capture.replay import warmup
+    from tunevault.integration.shared_warmup import warmup
 
     entries, malformed = load_manifest(args)
     tunevault.install(mode="tune", store=args.store, on_miss="tune")

@@ -17,10 +17,13 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.integration.logs import show_logs
 from tunevault.policy.settings import Settings, env_problems, warn_once
+
+if TYPE_CHECKING:
+    from tunevault.capture.recorder import Recorder
 
 log = logging.getLogger("tunevault")
 
@@ -38,10 +41,9 @@ def install(settings: Settings) -> Settings:
 
     show_logs()
     triton_adapter.install(settings)
-    if settings.capture or "tunevault.capture.recorder" in sys.modules:  # key capture follows the runtime
-        from tunevault.capture import recorder
+    from tunevault.capture import recorder
 
-        recorder.on_install(settings)
+    recorder.on_install(settings, _CaptureHost())  # key capture follows the runtime
     return settings
 
 
@@ -161,3 +163,29 @@ class _PatchingLoader:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loader, name)
+
+
+class _CaptureHost:
+    """The runtime's side of key capture (capture.recorder.Host): capture sits below the adapter."""
+
+    def installed(self) -> bool:
+        from tunevault.integration.triton_adapter import runtime
+
+        return runtime() is not None
+
+    def sign_key(self) -> str | None:
+        from tunevault.integration.triton_adapter import runtime
+
+        rt = runtime()
+        return None if rt is None else rt.settings.bundle_key
+
+    def attach(self, recorder: Recorder | None) -> None:
+        from tunevault.capture.recorder import Recorder
+        from tunevault.integration import triton_adapter
+
+        rt = triton_adapter.runtime()
+        if rt is not None:
+            rt.observers[:] = [o for o in rt.observers if not isinstance(getattr(o, "__self__", None), Recorder)]
+            if recorder is not None:
+                rt.observers.append(recorder.observe)
+        triton_adapter.set_hit_hook(recorder.hit if recorder is not None and rt is not None else None)

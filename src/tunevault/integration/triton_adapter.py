@@ -13,7 +13,7 @@ import threading
 import weakref
 from typing import Any
 
-from tunevault.integration.kernel_state import KernelState, is_kernel
+from tunevault.core.kernel_state import STATE_ATTR, KernelState, is_kernel
 from tunevault.integration.runtime import Runtime
 from tunevault.policy.resolve import resolve
 from tunevault.policy.settings import Settings
@@ -21,7 +21,6 @@ from tunevault.policy.stock import MirroredCache
 
 log = logging.getLogger("tunevault")
 
-STATE_ATTR = "_tunevault_state"
 _lock = threading.RLock()
 _original_run: Any = None
 _runtime: Runtime | None = None

@@ -11,8 +11,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from tunevault.core.key_code import RawKeyFn, make_raw_key
 from tunevault.core.model import KernelId, TuningKey
-from tunevault.integration.key_code import RawKeyFn, make_raw_key
+
+STATE_ATTR = "_tunevault_state"  # where the adapter keeps a KernelState on its Autotuner
 
 
 def is_kernel(autotuner: Any) -> bool:
