@@ -20,8 +20,8 @@ from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one
 from tunevault.core.model import KernelId
-from tunevault.integration.runtime import Runtime
 from tunevault.policy.lease import lease_name
+from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, share
 
 log = logging.getLogger("tunevault")

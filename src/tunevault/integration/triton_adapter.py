@@ -14,8 +14,8 @@ import weakref
 from typing import Any
 
 from tunevault.core.kernel_state import STATE_ATTR, KernelState, is_kernel
-from tunevault.integration.runtime import Runtime
 from tunevault.policy.resolve import resolve
+from tunevault.policy.runtime import Runtime
 from tunevault.policy.settings import Settings
 from tunevault.policy.stock import MirroredCache
 
@@ -87,7 +87,7 @@ def install(settings: Settings) -> Runtime:
         if _runtime is not None:
             _runtime.close()
         _drop_states()
-        _runtime = Runtime(settings)
+        _runtime = Runtime(settings, _warm_up_pending)
         if _original_run is None:
             _original_run = Autotuner.run
             Autotuner.run = _run if _hit_hook is None else _run_counting_hits
@@ -97,6 +97,13 @@ def install(settings: Settings) -> Runtime:
             isolated.prestart(settings.capture)  # a manifest names the kernels' modules to import
         log.debug("tunevault installed: %s", settings)
         return _runtime
+
+
+def _warm_up_pending(runtime: Runtime, manifest: str) -> None:
+    """``TUNEVAULT_WARMUP``: the runtime's first miss warms the manifest up (shared with peers)."""
+    from tunevault.integration.shared_warmup import warm_up_pending
+
+    warm_up_pending(runtime, manifest)
 
 
 def uninstall() -> None:

@@ -20,7 +20,11 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.policy.runtime import Runtime
 
 log = logging.getLogger("tunevault")
 
@@ -34,8 +38,8 @@ _thread: threading.Thread | None = None
 
 @dataclass
 class Job:
-    rt: Any
-    state: Any
+    rt: Runtime
+    state: KernelState
     raw_key: tuple
     key: Any
     stock_key: tuple = ()  # Triton's own key, for the autotuner's ``cache``
@@ -52,7 +56,7 @@ def _copy(value: Any) -> Any:
     return value.detach().clone() if hasattr(value, "detach") and hasattr(value, "clone") else value
 
 
-def submit(rt: Any, state: Any, args: tuple, kwargs: dict[str, Any], key: Any,
+def submit(rt: Runtime, state: KernelState, args: tuple, kwargs: dict[str, Any], key: Any,
            during_capture: bool = False) -> None:
     """Queue ``key`` for tuning; returns at once (a CallSpec capture is the only work done here,
     and none while a CUDA graph is captured: ``during_capture`` defers it until captures end)."""

@@ -15,12 +15,17 @@ replace with a predicate of their own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import TuningKey
 from tunevault.engine import graphs
 from tunevault.policy import background
 from tunevault.policy.diagnose import explain_miss
+
+if TYPE_CHECKING:
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.policy.runtime import Runtime
+
 
 # The miss path's fallback for this call: (nearest decided key, why, how it is handled) -> config to launch
 Fallback = Callable[[TuningKey | None, str, str], Any]
@@ -31,7 +36,7 @@ def capturing() -> bool:
     return graphs.probe().anywhere()
 
 
-def capture_fallback(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey,
+def capture_fallback(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
                      fallback: Fallback) -> Any:
     """The config to launch for a miss during a capture, found without touching the device."""
     name = st.kernel_id.name

@@ -18,7 +18,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from tunevault.policy.runtime import Runtime
 
 log = logging.getLogger("tunevault")
 
@@ -86,7 +89,7 @@ def holding(store: Any, name: str, holder: str, ttl_s: float, what: str) -> Iter
         yield
 
 
-def under_lease(rt: Any, name: str, what: str, lookup: Callable[[], T | None], work: Callable[[], T]) -> T:
+def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None], work: Callable[[], T]) -> T:
     """``work()`` under the lease ``name``, unless a decision appears (``lookup()``) first.
 
     ``what`` names the kernel and key in messages. Store failures never block: without a usable

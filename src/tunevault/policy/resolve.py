@@ -25,6 +25,9 @@ log = logging.getLogger("tunevault")
 if TYPE_CHECKING:
     from triton import Config
 
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.policy.runtime import Runtime
+
 Indexed = list  # of (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
@@ -52,7 +55,7 @@ def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Config, 
     return autotuner.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
-def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
+def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
     """Decide a config for a call whose raw key missed the in-memory dict, and launch it."""
     with st.lock:
         hit = st.hits.get(raw_key)
@@ -83,7 +86,7 @@ def resolve(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], raw_key: tupl
 _NOT_LAUNCHED = object()
 
 
-def _decide(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: tuple) -> tuple[Config, Any]:
+def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple) -> tuple[Config, Any]:
     """The config for a new key, and the launch's result where deciding already launched it."""
     at = st.autotuner
     indexed = _indexed(at, at.prune_configs(kwargs))  # the installed Triton's pruning, its errors
@@ -120,7 +123,8 @@ def _indexed(at: Any, pruned: list[Config]) -> Indexed:
     return out
 
 
-def first_working(st: Any, args: tuple, kwargs: dict[str, Any], key: tuple, indexed: Indexed) -> tuple[Config, Any]:
+def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
+                  indexed: Indexed) -> tuple[Config, Any]:
     """The first pruned config that builds and runs, never timed (``mode="first"``).
 
     Where the autotuner has hooks (its own pre/post hook, ``reset_to_zero``, ``restore_value``),
@@ -152,7 +156,7 @@ def first_working(st: Any, args: tuple, kwargs: dict[str, Any], key: tuple, inde
     return chosen[1], launched
 
 
-def _log_first(st: Any, index: int, config: Config) -> None:
+def _log_first(st: KernelState, index: int, config: Config) -> None:
     """``mode="first"``'s one line per kernel (the first time it decides a key)."""
     if not st.first_logged:
         st.first_logged = True
@@ -160,7 +164,7 @@ def _log_first(st: Any, index: int, config: Config) -> None:
                  len(st.autotuner.configs), index if index < len(st.autotuner.configs) else -1, describe_config(config))
 
 
-def _stored(rt: Any, st: Any, key: TuningKey, allowed: set[int] | None = None) -> Decision | None:
+def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | None = None) -> Decision | None:
     """The stored decision for ``key`` if it names a declared config this call may launch."""
     decision = rt.lookup(st.kernel_id, key)
     if decision is None:
@@ -181,7 +185,7 @@ def _stored(rt: Any, st: Any, key: TuningKey, allowed: set[int] | None = None) -
     return decision
 
 
-def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[str, Any],
+def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], named: dict[str, Any],
              key: TuningKey, stock_key: tuple, indexed: Indexed) -> Config:
     name, at = st.kernel_id.name, st.autotuner
     rt.stats.add(name, rt.phase, "misses")
@@ -205,7 +209,7 @@ def _on_miss(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], named: dict[
     return config
 
 
-def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey,
+def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
                     nearest: TuningKey | None, message: str, policy: str, indexed: Indexed) -> Config:
     """A config predicted from decided neighbours, else the nearest decided key's, else the first
     that compiles (policy/fallback.py); only configs this call's pruning keeps; no benchmarking."""
@@ -227,7 +231,7 @@ def fallback_config(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: 
     return config
 
 
-def _first_compiling(st: Any, args: tuple, kwargs: dict[str, Any], configs: list[Config]) -> Config:
+def _first_compiling(st: KernelState, args: tuple, kwargs: dict[str, Any], configs: list[Config]) -> Config:
     """First config whose kernel compiles for these arguments, found without launching it."""
     at, errors = st.autotuner, compile_errors()
     for config in configs:
@@ -241,8 +245,8 @@ def _first_compiling(st: Any, args: tuple, kwargs: dict[str, Any], configs: list
     return configs[0]
 
 
-def tune(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey, stock_key: tuple | None = None,
-         indexed: Indexed | None = None) -> Config:
+def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
+         stock_key: tuple | None = None, indexed: Indexed | None = None) -> Config:
     """Tune under the key's lease, so a key is benchmarked once fleet-wide; returns the config to launch.
 
     Others wait for the holder's decision and adopt it (policy/lease.py). Called by the miss path
@@ -272,8 +276,8 @@ def tune(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey, 
                        lambda: _tune_here(rt, st, args, kwargs, key, stock_key, indexed))
 
 
-def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey, stock_key: tuple | None,
-               indexed: Indexed) -> Config:
+def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
+               stock_key: tuple | None, indexed: Indexed) -> Config:
     """Benchmark the pruned configs, select deterministically, publish; returns the config to launch."""
     from tunevault.core.identity import provenance
     from tunevault.engine.tuner import measure
@@ -328,13 +332,13 @@ def _tune_here(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any], key: Tunin
     return config
 
 
-def _spec(st: Any, index: int, config: Config) -> Any:
+def _spec(st: KernelState, index: int, config: Config) -> Any:
     from tunevault.core.identity import config_spec
 
     return st.specs[index] if index < len(st.specs) else config_spec(config)
 
 
-def _report_tuning(rt: Any, st: Any, key: TuningKey, decision: Decision, results: list[CandidateResult],
+def _report_tuning(rt: Runtime, st: KernelState, key: TuningKey, decision: Decision, results: list[CandidateResult],
                    seconds: float, args: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
     name = st.kernel_id.name
     failed = sum(1 for r in results if r.error)

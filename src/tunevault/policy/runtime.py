@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.events import EventLog, Stats
 from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
@@ -16,12 +17,20 @@ from tunevault.policy.fallback import Predictions
 from tunevault.policy.settings import Settings
 from tunevault.store.base import Query, Store
 
+if TYPE_CHECKING:
+    from tunevault.core.kernel_state import KernelState
+
 log = logging.getLogger("tunevault")
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    """Everything a miss needs: settings, the store (opened on the first miss), decisions seen,
+    counters, events, observers. ``warm_up(runtime, manifest)`` runs ``TUNEVAULT_WARMUP``'s
+    manifest at the first miss; the integration layer, which replays manifests, hands it in."""
+
+    def __init__(self, settings: Settings, warm_up: Callable[[Runtime, str], None] | None = None) -> None:
         self.settings = settings
+        self.warm_up = warm_up
         self.closed = False
         self.on_miss = settings.on_miss
         self.sealed = False
@@ -88,10 +97,8 @@ class Runtime:
     def lookup(self, kernel: KernelId, key: TuningKey) -> Decision | None:
         if self.pending_warmup is not None:  # the first miss warms the manifest up, shared with peers
             path = self.take_pending_warmup()
-            if path is not None:
-                from tunevault.integration.shared_warmup import warm_up_pending
-
-                warm_up_pending(self, path)
+            if path is not None and self.warm_up is not None:
+                self.warm_up(self, path)
         skey = (kernel.digest, self.fingerprint.digest, key.text)
         found = self.decided.get(skey)
         if found is not None:
@@ -163,7 +170,7 @@ class Runtime:
                                 f"run `tunevault --store {self.settings.store} doctor`") if problems else ""
             return self._damage
 
-    def notify(self, kind: str, state: Any, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
+    def notify(self, kind: str, state: KernelState, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
         """Tell observers (key capture) how a key was resolved; an observer never breaks a call."""
         for observer in list(self.observers):
             try:
@@ -171,7 +178,7 @@ class Runtime:
             except Exception as exc:
                 self.warn_once(("observer", type(exc)), "tunevault: observer failed: %s", exc)
 
-    def submit_background(self, state: Any, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> None:
+    def submit_background(self, state: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> None:
         """Queue ``key`` for tuning off the request path (policy.background)."""
         from tunevault.policy.background import submit
 
