@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -201,9 +202,11 @@ class InProcessSession:
 
     def _interleaved(self, indices: Sequence[int], reps: int) -> dict[int, CandidateResult]:
         """CPU timing in rounds (one run of each config per round): a burst of load from elsewhere
-        then slows every config a little instead of one config a lot. Each round starts one config
-        further on, so no config is always first (or always right after a given other one)."""
-        from tunevault.engine.timing import CPU_QUANTILES, spread, summarize
+        then slows every config a little instead of one config a lot. Each round runs the configs
+        in a new random order, so no config is always first (or always right after a given other one).
+        At least ``reps`` rounds; more while they fit in ``CPU_ROUNDS_S`` (up to ``CPU_MAX_ROUNDS``),
+        so each config of a short kernel meets a quiet moment of a loaded machine."""
+        from tunevault.engine.timing import CPU_MAX_ROUNDS, CPU_QUANTILES, CPU_ROUNDS_S, spread, summarize
 
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
@@ -217,12 +220,17 @@ class InProcessSession:
             except Exception as exc:
                 out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
         times: dict[int, list[float]] = {i: [] for i in calls}
-        for r in range(max(1, reps)):
+        # A new order every round, different in every process: two processes tuning the same kernel
+        # at once would otherwise run their rounds in step, and each config would keep meeting the
+        # same phase of the other's work.
+        order = random.Random(os.getpid() * 1_000_003 + len(calls))
+        r, started = 0, time.perf_counter()
+        while r < max(1, reps) or (r < CPU_MAX_ROUNDS and time.perf_counter() - started < CPU_ROUNDS_S):
             if self._late():
                 break
             ring = list(calls.items())
-            start = r % len(ring) if ring else 0
-            for i, call in ring[start:] + ring[:start]:
+            order.shuffle(ring)
+            for i, call in ring:
                 t0 = time.perf_counter()
                 try:
                     call()
@@ -231,6 +239,7 @@ class InProcessSession:
                     del calls[i]
                     continue
                 times[i].append((time.perf_counter() - t0) * 1e3)
+            r += 1
         # Load from other processes is the machine's, not a config's: a config that happened to run
         # between its bursts has not shown how noisy the machine was. Each reports the batch's spread.
         spreads = {i: spread(times[i]) for i in calls if times[i]}
