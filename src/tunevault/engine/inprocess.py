@@ -203,10 +203,8 @@ class InProcessSession:
     def _interleaved(self, indices: Sequence[int], reps: int) -> dict[int, CandidateResult]:
         """CPU timing in rounds (one run of each config per round): a burst of load from elsewhere
         then slows every config a little instead of one config a lot. Each round runs the configs
-        in a new random order, so no config is always first (or always right after a given other one).
-        At least ``reps`` rounds; more while they fit in ``CPU_ROUNDS_S`` (up to ``CPU_MAX_ROUNDS``),
-        so each config of a short kernel meets a quiet moment of a loaded machine."""
-        from tunevault.engine.timing import CPU_MAX_ROUNDS, CPU_QUANTILES, CPU_ROUNDS_S, spread, summarize
+        in a new random order, so no config is always first (or always right after a given other one)."""
+        from tunevault.engine.timing import CPU_QUANTILES, spread, summarize
 
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
@@ -224,8 +222,7 @@ class InProcessSession:
         # at once would otherwise run their rounds in step, and each config would keep meeting the
         # same phase of the other's work.
         order = random.Random(os.getpid() * 1_000_003 + len(calls))
-        r, started = 0, time.perf_counter()
-        while r < max(1, reps) or (r < CPU_MAX_ROUNDS and time.perf_counter() - started < CPU_ROUNDS_S):
+        for _round in range(max(1, reps)):
             if self._late():
                 break
             ring = list(calls.items())
@@ -239,7 +236,6 @@ class InProcessSession:
                     del calls[i]
                     continue
                 times[i].append((time.perf_counter() - t0) * 1e3)
-            r += 1
         # Load from other processes is the machine's, not a config's: a config that happened to run
         # between its bursts has not shown how noisy the machine was. Each reports the batch's spread.
         spreads = {i: spread(times[i]) for i in calls if times[i]}

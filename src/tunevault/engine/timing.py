@@ -53,11 +53,6 @@ def spread(times: Sequence[float]) -> tuple[int, float | None]:
     return len(ordered), quantile(ordered, 0.75) - quantile(ordered, 0.25)
 
 
-CPU_ROUNDS_S = 0.25  # interleaved CPU timing keeps adding rounds while they fit in this long...
-CPU_MAX_ROUNDS = 30  # ...up to this many: on a loaded 2-core machine 5 rounds of a 2 ms kernel let
-# one of five equal configs look 40% faster than the rest (tests/test_engine_determinism.py)
-
-
 def cpu_reps() -> int:
     return max(1, int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "5")))
 
