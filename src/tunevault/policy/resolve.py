@@ -47,11 +47,12 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 
 
 def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
-           pre_hook: Any = None) -> Any:
-    """Stock's final launch of the decided config: ``best_config``, the config's pre_hook, the run."""
+           pre_hook: Any) -> Any:
+    """Stock's final launch of the decided config: ``best_config``, the config's ``pre_hook``, the run.
+    Takes a KernelState hit as it is stored: (config, its launch kwargs, its pre_hook)."""
     autotuner.best_config = config
-    if config.pre_hook is not None:
-        config.pre_hook({**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
+    if pre_hook is not None:
+        pre_hook({**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
     return autotuner.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
@@ -105,11 +106,20 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
-    rt.notify("hit", st, tkey, args, kwargs)
+    return _adopt(rt, st, decision, key, args, kwargs), _NOT_LAUNCHED
+
+
+def _adopt(rt: Runtime, st: KernelState, decision: Decision, stock_key: tuple | None, args: tuple,
+           kwargs: dict[str, Any]) -> Config:
+    """Launch a stored decision's config: a store hit for observers (key capture), and for the
+    autotuner's public state and Triton's listener a disk-cache hit, as stock reports one."""
+    at = st.autotuner
+    rt.notify("hit", st, decision.key, args, kwargs)
     config = at.configs[decision.config_index]
-    stock.after_decision(at, key, config, stock.timings_by_config(at.configs, decision.candidates), None,
-                         fresh=False)
-    return config, _NOT_LAUNCHED
+    if stock_key is not None:
+        stock.after_decision(at, stock_key, config, stock.timings_by_config(at.configs, decision.candidates),
+                             None, fresh=False)
+    return config
 
 
 def _indexed(at: Any, pruned: list[Config]) -> Indexed:
@@ -134,8 +144,8 @@ def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tup
     """
     at, errors, failures = st.autotuner, compile_errors(), []
     hooked = at.user_defined_pre_hook or at.user_defined_post_hook or at.reset_to_zero or at.restore_value
-    chosen, launched = (indexed[0], _NOT_LAUNCHED) if len(indexed) == 1 else (None, _NOT_LAUNCHED)
-    for index, config in indexed if chosen is None else ():
+    chosen, launched = (indexed[0] if len(indexed) == 1 else None), _NOT_LAUNCHED
+    for index, config in indexed if chosen is None else ():  # a single config is not tried: stock's rule
         try:
             if hooked:
                 from tunevault.engine.inprocess import make_kernel_call
@@ -143,7 +153,7 @@ def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tup
                 make_kernel_call(at, args, kwargs, at.nargs, config)()
                 at.pre_hook({**at.nargs, **kwargs, **config.all_kwargs()}, reset_only=True)
             else:
-                launched = launch(at, args, kwargs, config, config.all_kwargs())
+                launched = launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
         except errors as exc:
             failures.append(f"{type(exc).__name__}: {exc}"[:300])
             continue
@@ -260,16 +270,9 @@ def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key:
         indexed = _indexed(at, at.prune_configs(kwargs))
     allowed = {i for i, _ in indexed}
 
-    def adopt() -> Config | None:  # another process published it meanwhile: a store hit for observers
+    def adopt() -> Config | None:  # another process published it meanwhile
         decision = _stored(rt, st, key, allowed)
-        if decision is None:
-            return None
-        rt.notify("hit", st, key, args, kwargs)
-        config = at.configs[decision.config_index]
-        if stock_key is not None:
-            stock.after_decision(at, stock_key, config, stock.timings_by_config(at.configs, decision.candidates),
-                                 None, fresh=False)
-        return config
+        return None if decision is None else _adopt(rt, st, decision, stock_key, args, kwargs)
 
     name = lease_name(st.kernel_id.digest, rt.fingerprint.digest, key.text)
     return under_lease(rt, name, f"{st.kernel_id.name} [{key.describe()}]", adopt,

@@ -67,13 +67,6 @@ def print_enabled() -> bool:
         return os.environ.get("TRITON_PRINT_AUTOTUNING", "0") == "1"
 
 
-def jit_function(autotuner: Any) -> Any:
-    """The function the listener is told about: the JIT function under any wrappers."""
-    from tunevault.core.identity import jit_of
-
-    return jit_of(autotuner)
-
-
 def timings_by_config(configs: list[Config], results: list[CandidateResult] | tuple[CandidateResult, ...],
                       pruned: list[Config] | None = None) -> dict[Config, list[float]]:
     """``configs_timings`` as Triton fills it: each measured config -> its quantiles; failures inf."""
@@ -104,7 +97,9 @@ def after_decision(autotuner: Any, key: tuple, config: Config, timings: dict[Con
         autotuner.bench_time = bench_time
     notify = listener()
     if notify is not None:
-        notify(fn=jit_function(autotuner), key=key, best_config=config,
+        from tunevault.core.identity import jit_of  # the JIT function under any wrappers
+
+        notify(fn=jit_of(autotuner), key=key, best_config=config,
                configs_timings=getattr(autotuner, "configs_timings", timings),
                duration=bench_time if fresh else None, cache_hit=not fresh)
     if fresh and print_enabled():
