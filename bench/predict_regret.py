@@ -194,7 +194,8 @@ def analyse(sweep: Sweep) -> list[dict[str, Any]]:
             others = [d for t, d in decisions.items() if t != key.text]
             picked, detail = choices(key, others, specs, first)
             regret = {rule: (times[c] / best - 1.0) if c in times else math.inf for rule, c in picked.items()}
-            rows.append({"key": label, "tuning_key": key.describe(), "best_ms": best,
+            rows.append({"key": label, "tuning_key": key.describe(), "best_ms": best, "times": times,
+                         "failed": sorted(r.index for r in results if not r.ok),
                          "best_config": min(times, key=times.__getitem__), "choices": picked, "regret": regret,
                          **detail})
         out.append({"kernel": getattr(at.base_fn, "__qualname__", str(at)), "configs": len(at.configs),
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for results.json and summary.md")
     p.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run (measuring stops early)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and configs under TRITON_INTERPRET=1")
+    p.add_argument("--only", help="comma-separated sweep names (matmul, rmsnorm, fla_l2norm_tokens, ...)")
     args = p.parse_args(argv)
     smoke = args.smoke or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if smoke:
@@ -288,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                            "torch": torch.__version__, "budget_s": args.budget, "sweeps": []}
     print(f"[predict_regret] {device}, triton {triton.__version__}, budget {args.budget:.0f} s", flush=True)
     sweeps = build_sweeps(smoke)
+    if args.only:
+        sweeps = [s for s in sweeps if s.name in args.only.split(",")]
     for n, sweep in enumerate(sweeps):
         entry: dict[str, Any] = {"name": sweep.name, "title": sweep.title, "note": sweep.note, "kernels": []}
         try:
