@@ -157,19 +157,24 @@ def task_runtime(spec: dict[str, Any]) -> dict[str, Any]:
         def bench(fn: Any) -> float:
             return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
+    from determinism_gpu import replay_ms
+
     device, out = "cpu" if SMOKE else "cuda", []
     for item in spec["keys"]:
         at = gk.autotuner_of(gk.KERNELS[item["kernel"]])
         launch = gk.make_launch(item["kernel"], item["shape"], device)
         saved, times = at.configs, {i: [] for i in item["configs"]}
+        graph: dict[int, list[float]] = {i: [] for i in item["configs"]}
         try:
             for _round in range(spec.get("rounds", 3)):
                 for i in item["configs"]:
                     at.configs = [saved[i]]  # one config: stock launches it without tuning
                     times[i].append(bench(launch))
+                    graph[i].append(replay_ms(launch))
         finally:
             at.configs = saved
-        out.append({"key": item["key"], "ms": {str(i): sorted(t)[len(t) // 2] for i, t in times.items()}})
+        out.append({"key": item["key"], "ms": {str(i): sorted(t)[len(t) // 2] for i, t in times.items()},
+                    "graph_ms": {str(i): sorted(t)[len(t) // 2] for i, t in graph.items()}})
     return {"keys": out}
 
 
@@ -200,8 +205,10 @@ def task_main(name: str, spec: dict[str, Any]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 class Suite:
-    def __init__(self, out: Path, quick: bool, budget: float, agreement_runs: int) -> None:
+    def __init__(self, out: Path, quick: bool, budget: float, agreement_runs: int,
+                 skip: frozenset[str] = frozenset()) -> None:
         self.out, self.quick, self.budget, self.agreement_runs = out, quick, budget, agreement_runs
+        self.skip = skip
         self.t0 = time.monotonic()
         self.tmp = Path(tempfile.mkdtemp(prefix="tunevault-gpu-suite-"))
         self.n_child = 0
@@ -218,6 +225,9 @@ class Suite:
         (self.out / "results.json").write_text(json.dumps(self.report, indent=1, default=str) + "\n")
 
     def part(self, name: str, needs_s: float, fn: Any) -> Any:
+        if name in self.skip:
+            self.report["skipped"].append(f"{name}: --skip")
+            return None
         if self.left() < needs_s:
             self.report["skipped"].append(f"{name}: {self.left():.0f}s of the budget left, "
                                           f"needs ~{needs_s:.0f}s")
@@ -304,10 +314,18 @@ class Suite:
         rows = []
         for s, t, r in zip(cold["stock"]["keys"], cold["tunevault"]["keys"], res["keys"], strict=True):
             ms_s, ms_t = r["ms"][str(s["config_index"])], r["ms"][str(t["config_index"])]
+            g_s, g_t = r["graph_ms"][str(s["config_index"])], r["graph_ms"][str(t["config_index"])]
+            # A kernel shorter than 0.1 ms runs in a server's CUDA graph: priced by graph replay (inputs
+            # warm in L2 after the first launch), as tunevault times it; longer ones by do_bench (L2 flushed).
+            short = min(g_s, g_t) < 0.1
             rows.append({"key": s["key"], "stock_config": s["config_index"], "stock_ms": ms_s,
                          "tunevault_config": t["config_index"], "tunevault_ms": ms_t,
-                         "slowdown": ms_t / ms_s - 1})
-        return {"keys": rows, "worst_slowdown": max(r["slowdown"] for r in rows)}
+                         "stock_graph_ms": g_s, "tunevault_graph_ms": g_t,
+                         "slowdown_flushed": ms_t / ms_s - 1, "slowdown_graph": g_t / g_s - 1,
+                         "priced_by": "graph replay" if short else "do_bench",
+                         "slowdown": (g_t / g_s if short else ms_t / ms_s) - 1})
+        return {"keys": rows, "worst_slowdown": max(r["slowdown"] for r in rows),
+                "worst_slowdown_flushed": max(r["slowdown_flushed"] for r in rows)}
 
     def memory(self, cold: dict[str, Any]) -> dict[str, Any]:
         out = {side: cold[side].get("mem") for side in ("stock", "tunevault")}
@@ -420,7 +438,11 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]
                          _f(m.get("driver_used_delta_ratio"), "{:.2f}x"), ""))
     rt = parts.get("chosen_runtime")
     if rt:
-        rows.append(("chosen config runtime (worst key)", "", "", f"{rt['worst_slowdown']:+.1%}", "<= +2%"))
+        rows.append(("chosen config runtime vs stock's (worst key; graph replay below 0.1 ms)", "", "",
+                     f"{rt['worst_slowdown']:+.1%}", "<= +2%"))
+        if "worst_slowdown_flushed" in rt:
+            rows.append(("  same, every kernel by do_bench (L2 flushed before each run)", "", "",
+                         f"{rt['worst_slowdown_flushed']:+.1%}", ""))
     mem = parts.get("memory")
     if mem and mem.get("stock"):
         for what, name in (("driver_used_delta", "GPU memory held after tuning (driver)"),
@@ -493,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=480.0,
                    help="seconds; parts that no longer fit are skipped")
     p.add_argument("--agreement-runs", type=int, help="fresh processes per side (default 5, quick 3)")
+    p.add_argument("--skip", default="", help="comma-separated parts not to run (e.g. agreement,warm_restart)")
     p.add_argument("--task", choices=sorted(TASKS), help=argparse.SUPPRESS)
     p.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -506,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = a.agreement_runs or (3 if a.quick or a.cpu_smoke else 5)
-    suite = Suite(out, a.quick, a.budget, runs)
+    suite = Suite(out, a.quick, a.budget, runs, frozenset(x.strip() for x in a.skip.split(",") if x.strip()))
     try:
         suite.run()
     finally:

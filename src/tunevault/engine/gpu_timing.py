@@ -96,6 +96,95 @@ def _host_launch_us(fn: Callable[[], Any], runs: int = 5) -> float:
     return best
 
 
+class ConfigTimer:
+    """One config's launches, set up once and timed as often as asked: the first (compiling) call,
+    the L2 flush, the spin that hides the host's launch latency, the runtime estimate and, for a
+    short kernel that allows it, the captured CUDA graph. ``round(ms)`` returns per-launch times."""
+
+    def __init__(self, fn: Callable[[], Any], graph: Any = None, warmup_ms: float = 0.0,
+                 flush: Any = None) -> None:
+        import torch
+
+        self.fn, self.graph, self.replay = fn, graph, None
+        device = torch.cuda.current_device()
+        fn()
+        torch.cuda.synchronize()
+        self.flush = flush if flush is not None else new_flush(device)
+        self.spin = 0
+        if hasattr(torch.cuda, "_sleep"):
+            self.spin = int(min(2000.0, 1.5 * _host_launch_us(fn) + 10.0) * cycles_per_us(device))
+            torch.cuda.synchronize()
+        self.estimate = max(sorted(self._eager(3))[1], 1e-3)
+        if graph is not None and self.estimate < GRAPH_BELOW_MS:
+            self.replay = _capture(fn, self.estimate)
+            if self.replay is None:
+                _no_graphs.add(graph)
+        if self.replay is None:
+            for _i in range(max(1, int(warmup_ms / self.estimate))):
+                fn()
+
+    @property
+    def by_graph(self) -> bool:
+        return self.replay is not None
+
+    def _prepare(self) -> None:
+        import torch
+
+        self.flush.zero_()
+        if self.spin:
+            torch.cuda._sleep(self.spin)
+
+    def _eager(self, n: int) -> list[float]:
+        import torch
+
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends, strict=True):
+            self._prepare()
+            s.record()
+            self.fn()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+    def round(self, ms: float, min_reps: int = 1, max_reps: int = 500) -> list[float]:
+        """Per-launch times of about ``ms`` of timed work (at least ``min_reps`` runs or replays)."""
+        import torch
+
+        if self.replay is None:
+            return self._eager(min(max_reps, max(min_reps, int(ms / self.estimate))))
+        graph, launches = self.replay
+        n = min(max_reps, max(min_reps, int(ms / (self.estimate * launches))))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends, strict=True):
+            self._prepare()
+            s.record()
+            graph.replay()
+            e.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) / launches for s, e in zip(starts, ends, strict=True)]
+
+    def close(self) -> None:
+        if self.replay is not None:
+            self.replay[0].reset()
+            self.replay = None
+
+
+def new_flush(device: int) -> Any:
+    """A buffer as large as the L2 cache; zeroing it evicts whatever a previous run left there."""
+    import torch
+
+    return torch.empty(max(1, l2_cache_bytes(device) // 4), dtype=torch.int32, device=device)
+
+
+def refuse_in_capture() -> None:
+    import torch
+
+    if torch.cuda.is_current_stream_capturing():
+        raise CaptureInProgress("refusing to benchmark inside a CUDA graph capture")
+
+
 def gpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), effort: str = "full",
               warmup_ms: float | None = None, rep_ms: float | None = None, graph: Any = None,
               samples: list[float] | None = None, **_: Any) -> list[float]:
@@ -103,58 +192,21 @@ def gpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8
 
     ``graph``: the kernel (from graph_safe) when a short ``fn`` may be timed by graph replay.
     ``samples`` receives every timed run (per launch), for the selection's noise estimate."""
-    import torch
-
-    if torch.cuda.is_current_stream_capturing():
-        raise CaptureInProgress("refusing to benchmark inside a CUDA graph capture")
+    refuse_in_capture()
     w_ms, r_ms, min_reps, max_reps = EFFORT.get(effort, EFFORT["full"])
-    w_ms = w_ms if warmup_ms is None else warmup_ms
-    r_ms = r_ms if rep_ms is None else rep_ms
-    device = torch.cuda.current_device()
-    fn()
-    torch.cuda.synchronize()
-    flush = torch.empty(max(1, l2_cache_bytes(device) // 4), dtype=torch.int32, device=device)
-    spin = 0
-    if hasattr(torch.cuda, "_sleep"):
-        spin = int(min(2000.0, 1.5 * _host_launch_us(fn) + 10.0) * cycles_per_us(device))
-        torch.cuda.synchronize()
-
-    def prepare() -> None:
-        flush.zero_()
-        if spin:
-            torch.cuda._sleep(spin)
-
-    def timed(n: int) -> list[float]:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends, strict=True):
-            prepare()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-
-    estimate = max(sorted(timed(3))[1], 1e-3)
-    times = None
-    if graph is not None and estimate < GRAPH_BELOW_MS:
-        times = _graph_times(fn, estimate, r_ms, min_reps, max_reps, prepare)
-        if times is None:
-            _no_graphs.add(graph)
-    if times is None:
-        n_warmup = max(1, int(w_ms / estimate))
-        n_rep = min(max_reps, max(min_reps, int(r_ms / estimate)))
-        for _i in range(n_warmup):
-            fn()
-        times = timed(n_rep)
+    timer = ConfigTimer(fn, graph, w_ms if warmup_ms is None else warmup_ms)
+    try:
+        times = timer.round(r_ms if rep_ms is None else rep_ms, min_reps, max_reps)
+    finally:
+        timer.close()
     if samples is not None:
         samples.extend(times)
     return summarize(times, quantiles)
 
 
-def _graph_times(fn: Callable[[], Any], estimate: float, rep_ms: float, min_reps: int, max_reps: int,
-                 prepare: Callable[[], None]) -> list[float] | None:
-    """Per-launch times from replays of a captured graph of N launches; None if capture fails.
+def _capture(fn: Callable[[], Any], estimate: float) -> tuple[Any, int] | None:
+    """A captured graph of N launches of ``fn`` (one replay lasts about GRAPH_REPLAY_MS), replayed
+    once; None if capture fails.
 
     Captured on a side stream in thread-local mode, so other threads of the process stay free to
     use CUDA meanwhile; no ``torch.cuda.graph`` context (it would empty the process's cache)."""
@@ -177,18 +229,7 @@ def _graph_times(fn: Callable[[], Any], estimate: float, rep_ms: float, min_reps
     except Exception:
         torch.cuda.synchronize()
         return None
-    replay_ms = estimate * launches
-    n_rep = min(max_reps, max(min_reps, int(rep_ms / replay_ms)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for s, e in zip(starts, ends, strict=True):
-        prepare()
-        s.record()
-        graph.replay()
-        e.record()
-    torch.cuda.synchronize()
-    graph.reset()
-    return [s.elapsed_time(e) / launches for s, e in zip(starts, ends, strict=True)]
+    return graph, launches
 
 
 class MemoryProbe:

@@ -104,7 +104,7 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
         except Exception as exc:
             log.debug("tunevault: precompile of %s failed: %s", configs[0], exc)
         rest = rest[1:]
-    workers = threads or min(8, len(rest), os.cpu_count() or 1)
+    workers = threads or min(16, len(rest), os.cpu_count() or 1)  # ptxas runs as a process: threads overlap it
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tunevault-compile") as pool:
         try:
             from triton.runtime._async_compile import AsyncCompileMode
@@ -186,10 +186,12 @@ class InProcessSession:
         return out
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
-        from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer
+        from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer, uses_gpu_rounds
 
         if uses_cpu_timer(self.autotuner):
             return self._interleaved(indices, 1 if effort == "screen" else cpu_reps())
+        if effort == "full" and uses_gpu_rounds(self.autotuner):
+            return self._gpu_rounds(indices)
         out: dict[int, CandidateResult] = {}
         for i in indices:
             if self._late():
@@ -199,6 +201,33 @@ class InProcessSession:
             out[i] = bench_candidates(self.autotuner, self.args, self.kwargs, self.nargs,
                                       [(i, self.configs[i], self.specs[i])], bench, self.on_launch)[0]
         return out
+
+    def _gpu_rounds(self, indices: Sequence[int]) -> dict[int, CandidateResult]:
+        """Careful GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""
+        from tunevault.engine.gpu_timing import graph_safe
+        from tunevault.engine.rounds import time_in_rounds
+
+        out: dict[int, CandidateResult] = {}
+        calls: dict[int, Callable[[], None]] = {}
+        for i in indices:
+            try:
+                check_conflicts(self.kwargs, self.configs[i])
+                calls[i] = make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
+                                            self.on_launch)
+            except Exception as exc:
+                out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
+        graphs = {i: graph_safe(self.autotuner, self.configs[i]) for i in calls}
+        timed = time_in_rounds(calls, graphs, late=self._late)
+        for i in calls:
+            if i in timed.errors:
+                log.debug("tunevault: config %s failed: %s", self.specs[i].describe(), timed.errors[i])
+                out[i] = CandidateResult(i, self.specs[i], (), timed.errors[i])
+            elif i in timed.medians:
+                center, n, iqr = timed.summary(i)
+                out[i] = CandidateResult(i, self.specs[i], center, None, n, iqr)
+            else:
+                out[i] = self._skipped(i)
+        return {i: out[i] for i in indices}
 
     def _interleaved(self, indices: Sequence[int], reps: int) -> dict[int, CandidateResult]:
         """CPU timing in rounds (one run of each config per round): a burst of load from elsewhere

@@ -113,6 +113,11 @@ def benchmarker_for(autotuner: Any, effort: str = "full", config: Any = None) ->
     return autotuner.do_bench
 
 
+def uses_gpu_rounds(autotuner: Any) -> bool:
+    """Whether careful timing runs our GPU timer in interleaved rounds (engine/rounds.py)."""
+    return not interpreting() and not has_own_benchmarker(autotuner) and _cuda_ready()
+
+
 def uses_cpu_timer(autotuner: Any) -> bool:
     return interpreting() and not has_own_benchmarker(autotuner)
 

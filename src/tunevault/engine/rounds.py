@@ -1,0 +1,81 @@
+"""Careful GPU timing in short interleaved rounds: every contender once per round, in a new order.
+
+Timing one config in one block measures it at one moment: the GPU's clocks, the memory system
+and other work drift over a tuning by more than the block's own spread (an H200 measured a
+2 us kernel's block medians 5% apart within one process, each block's spread under 1%), so a
+selection that trusts a block's spread ties too little and flips between processes. Short
+rounds give every contender the same moments, and the spread of its round medians is the noise
+the selection must see. The total timed work per config is the ``full`` effort's, cut in rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+from collections.abc import Callable, Mapping
+
+from tunevault.engine.gpu_timing import EFFORT, ConfigTimer, new_flush, refuse_in_capture
+from tunevault.engine.timing import quantile, spread
+
+ROUNDS = 16
+
+
+class RoundsResult:
+    """Per config: each round's median and every per-launch sample, or the error that stopped it."""
+
+    def __init__(self) -> None:
+        self.medians: dict[int, list[float]] = {}
+        self.samples: dict[int, list[float]] = {}
+        self.errors: dict[int, str] = {}
+        self.by_graph: dict[int, bool] = {}
+
+    def summary(self, index: int) -> tuple[tuple[float, float, float], int, float | None]:
+        """(center, p20, p80) in ms, the number of rounds and their medians' interquartile range."""
+        medians, ordered = self.medians[index], sorted(self.samples[index])
+        n, iqr = spread(medians)
+        return (statistics.median(medians), quantile(ordered, 0.2), quantile(ordered, 0.8)), n, iqr
+
+
+def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int, object],
+                   rounds: int = ROUNDS, late: Callable[[], bool] = lambda: False) -> RoundsResult:
+    """Time every call in ``rounds`` interleaved rounds; ``graphs[i]`` allows graph replay for call i."""
+    import torch
+
+    refuse_in_capture()
+    warmup_ms, rep_ms, _min, max_reps = EFFORT["full"]
+    out = RoundsResult()
+    flush = new_flush(torch.cuda.current_device())
+    timers: dict[int, ConfigTimer] = {}
+    try:
+        for i, call in calls.items():
+            try:
+                timers[i] = ConfigTimer(call, graphs.get(i), warmup_ms, flush)
+                out.by_graph[i] = timers[i].by_graph
+            except Exception as exc:  # compile errors, out of resources, launch failures: this config loses
+                out.errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+        # A new order every round, different in every process, so no config always follows another.
+        order = random.Random(os.getpid() * 1_000_003 + len(timers))
+        per_round = rep_ms / max(1, rounds)
+        for _r in range(max(1, rounds)):
+            if late() and out.medians:
+                break
+            ring = list(timers.items())
+            order.shuffle(ring)
+            for i, timer in ring:
+                if i in out.errors:
+                    continue
+                try:
+                    times = timer.round(per_round, 1, max(1, max_reps // rounds))
+                except Exception as exc:
+                    out.errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+                    continue
+                out.medians.setdefault(i, []).append(statistics.median(times))
+                out.samples.setdefault(i, []).extend(times)
+    finally:
+        for timer in timers.values():
+            timer.close()
+    for i in out.errors:
+        out.medians.pop(i, None)
+        out.samples.pop(i, None)
+    return out
