@@ -1,6 +1,6 @@
 """Sharded warmup: wall time of one warmup process vs N over the same manifest, side by side in one run.
 
-    PYTHONPATH=src python bench/sharded_warmup.py --out OUT_DIR [--jobs 2] [--budget 900]      # GPUs
+    PYTHONPATH=src python bench/sharded_warmup.py --out OUT_DIR [--jobs 2] [--keys 80] [--budget 900]  # GPUs
     TRITON_INTERPRET=1 PYTHONPATH=src python bench/sharded_warmup.py --cpu --out OUT_DIR        # CPU
 
 Builds one key manifest (without tuning anything: each call is recorded, then launched once with
@@ -12,9 +12,13 @@ the config the N-process run chose vs the single process's, identical or within 
 
 GPU mode: ``bench/gpu_kernels.py`` kernels (matmul, rmsnorm, chunk_fwd_o) over 25 shapes, plus
 flash-linear-attention's autotuned kernels when ``fla`` is importable (skipped with a note when
-not); ``--jobs`` defaults to the number of visible GPUs, one process per GPU. CPU mode: the demo
-kernels under the interpreter, N processes on the CPU's cores. Writes ``results.json`` and
-``summary.md`` into ``--out``; stops starting runs when ``--budget`` seconds would be exceeded.
+not), then more shapes of the suite's kernels until the manifest holds ``--keys`` keys (default
+80; ``--keys 40`` is the first two alone); ``--jobs`` defaults to the number of visible GPUs, one
+process per GPU. CPU mode: the demo kernels under the interpreter (34 keys), N processes on the
+CPU's cores. Writes ``results.json`` and ``summary.md`` into ``--out``; stops starting runs when
+``--budget`` seconds would be exceeded. Each run records, per process, its start-up (spawned to
+its first key, with the phases the process reported), its walk over the keys, its tuning time
+and its exit (``tunevault warmup --json``'s ``workers``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,18 @@ GPU_WORK = ([("matmul", {"M": m, "N": n, "K": k}) for m, n, k in (
             + [("chunk_fwd_o", {"T": 8192, "H": h, "K": k, "V": v, "BT": bt}) for h, k, v, bt in (
                 (16, 64, 128, 64), (16, 64, 128, 32), (8, 64, 128, 64), (32, 64, 128, 64), (16, 128, 128, 64),
                 (16, 64, 64, 64))])
+# More keys for ``--keys`` past the 40 of GPU_WORK and flash-linear-attention (a real manifest holds
+# hundreds): serving-like shapes of the same kernels, interleaved so any prefix mixes the kernels.
+_MORE = [
+    [("matmul", {"M": m, "N": n, "K": k}) for n, k in ((11008, 4096), (4096, 11008), (6144, 4096))
+     for m in (2048, 512, 256, 128, 64, 32, 16, 8)],
+    [("rmsnorm", {"rows": 8192, "cols": c}) for c in (512, 768, 1536, 2560, 3584, 5632, 7168)],
+    [("rmsnorm_small", {"rows": r, "cols": c}) for c in (2048, 4096) for r in (1, 4, 16, 64)],
+    [("chunk_fwd_o", {"T": 8192, "H": h, "K": k, "V": v, "BT": bt}) for h, k, v, bt in (
+        (4, 64, 128, 64), (8, 128, 128, 64), (32, 128, 128, 64), (16, 64, 256, 64), (8, 64, 64, 32),
+        (32, 64, 64, 64), (64, 64, 128, 64), (16, 128, 64, 32))]]
+GPU_MORE = [w for i in range(max(map(len, _MORE))) for w in (group[i] for group in _MORE if i < len(group))]
+GPU_KEYS = 80  # default size of the GPU manifest
 
 
 # --- building the manifest (in a child process: ``--task manifest``) ------------------------------
@@ -106,15 +122,19 @@ def cpu_launches() -> list[tuple[str, Callable[[], Any]]]:
 
 
 def gpu_launches() -> tuple[list[tuple[str, Callable[[], Any]]], list[str]]:
+    """GPU_WORK, flash-linear-attention's kernels, then GPU_MORE: the manifest keeps the first ``--keys``."""
     import gpu_kernels as gk
 
-    out = [(gk.label(k, s), gk.make_launch(k, s, "cuda")) for k, s in GPU_WORK]
+    def launch(kernel: str, shape: dict[str, int]) -> Callable[[], Any]:
+        return lambda: gk.make_launch(kernel, shape, "cuda")()  # inputs allocated only if it is recorded
+
+    out = [(gk.label(k, s), launch(k, s)) for k, s in GPU_WORK]
     notes = []
     try:
         out += fla_launches()
     except ImportError as exc:
         notes.append(f"flash-linear-attention not importable ({exc}): its kernels are not in the manifest")
-    return out, notes
+    return out + [(gk.label(k, s), launch(k, s)) for k, s in GPU_MORE], notes
 
 
 def fla_launches() -> list[tuple[str, Callable[[], Any]]]:
@@ -144,17 +164,21 @@ def fla_launches() -> list[tuple[str, Callable[[], Any]]]:
     return out
 
 
-def task_manifest(out: Path, cpu: bool) -> int:
+def task_manifest(out: Path, cpu: bool, keys: int) -> int:
     import torch
 
     launches, notes = (cpu_launches(), []) if cpu else gpu_launches()
     lines: dict[tuple[str, str], str] = {}
     with recording(lines), torch.no_grad():
         for label, launch in launches:
+            if not cpu and len(lines) >= keys:
+                break
             try:
                 launch()
             except Exception as exc:  # a third-party op that does not run here: leave its keys out
                 notes.append(f"{label}: not recorded ({type(exc).__name__}: {str(exc)[:200]})")
+    if not cpu and len(lines) < keys:
+        notes.append(f"--keys {keys}: the GPU workloads give {len(lines)} keys")
     (out / "manifest.jsonl").write_text("".join(lines.values()))
     kernels = sorted({k for k, _ in lines})
     print(json.dumps({"keys": len(lines), "kernels": kernels, "notes": notes}))
@@ -251,13 +275,17 @@ def summarize(results: dict[str, Any]) -> str:
     runs = [r for r in results["runs"] if "wall_s" in r and not r.get("error")]
     walls = {j: [r["wall_s"] for r in runs if r["jobs"] == j] for j in (1, results["jobs"])}
     lines = [f"# Sharded warmup ({results['mode']}, {results['keys']} keys, {results['jobs']} processes vs 1)", "",
-             "| processes | wall time (median) | runs, s | cores busy (CPU s / wall s) | keys tuned per process |",
-             "|---|---|---|---|---|"]
+             "| processes | wall time (median) | runs, s | cores busy (CPU s / wall s) | keys tuned per process "
+             "| start-up per process, s | tuning per process, s |",
+             "|---|---|---|---|---|---|---|"]
     for j, ws in walls.items():
         per = [[w["tuned"] for w in r["workers"]] for r in runs if r["jobs"] == j]
         busy = ", ".join(str(r.get("cores_busy", "-")) for r in runs if r["jobs"] == j)
         med = f"{statistics.median(ws):.1f} s" if ws else "-"
-        lines.append(f"| {j} | {med} | {', '.join(f'{w:.1f}' for w in ws)} | {busy} | {per} |")
+        startup = [[w.get("startup_s") for w in r["workers"]] for r in runs if r["jobs"] == j]
+        tuning = [[w["tuning_s"] for w in r["workers"]] for r in runs if r["jobs"] == j]
+        lines.append(f"| {j} | {med} | {', '.join(f'{w:.1f}' for w in ws)} | {busy} | {per} | {startup} "
+                     f"| {tuning} |")
     if results.get("ratio") is not None:
         pairs = results["pair_ratios"]
         lines += ["", f"**{results['jobs']} processes / 1 process: {results['ratio']:.2f}x** (medians; target "
@@ -281,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, help="processes of the sharded run (default: 2 on a CPU, else visible GPUs)")
     p.add_argument("--devices", help="GPUs of the sharded run, e.g. 0,1 (default: all visible)")
     p.add_argument("--repeats", type=int, help="pairs of runs (default 5 on a CPU, 2 on GPUs)")
+    p.add_argument("--keys", type=int, default=GPU_KEYS,
+                   help=f"GPU mode: keys in the manifest (default {GPU_KEYS}; 40 is GPU_WORK and "
+                        "flash-linear-attention alone); the CPU manifest is fixed")
     p.add_argument("--budget", type=float, default=900.0, help="seconds for the whole benchmark")
     p.add_argument("--task", choices=["manifest"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -289,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu:
         os.environ["TRITON_INTERPRET"] = "1"
     if args.task == "manifest":
-        return task_manifest(out, args.cpu)
+        return task_manifest(out, args.cpu, args.keys)
     deadline = time.monotonic() + args.budget
     cpu = args.cpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     jobs = args.jobs or (2 if cpu else gpu_count())
-    task = [sys.executable, __file__, "--task", "manifest", "--out", str(out)] + (["--cpu"] if cpu else [])
+    task = [sys.executable, __file__, "--task", "manifest", "--out", str(out), "--keys", str(args.keys)] + (
+        ["--cpu"] if cpu else [])
     made = subprocess.run(task, capture_output=True, text=True, env=child_env(cpu, out / "triton-cache" / "manifest"),
                           timeout=max(30.0, deadline - time.monotonic()))
     if made.returncode != 0:

@@ -219,6 +219,29 @@ def test_cli_jobs_share_the_keys_and_summarise(tmp_path: Path, manifest: Path) -
     assert [w["tuned"] for w in report["workers"]] == [0]
 
 
+def test_cli_jobs_report_each_workers_startup(tmp_path: Path, manifest: Path) -> None:
+    """--json says where each child's time went: start-up (spawned to first key, with its phases),
+    the walk, the exit; the walk holds the tuning. Warm store: every key decided, all is start-up."""
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3")
+    store = f"sqlite:///{tmp_path / 'startup.db'}"
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", store, "warmup", str(manifest), "--json",
+           "--jobs", "2"]
+    for expect in ("tuned", "decided"):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        report = json.loads(done.stdout)
+        assert done.returncode == 0 and report["ok"], done.stderr
+        assert set(report["counts"]) >= {expect} and report["counts"][expect] == len(SIZES)
+        assert 0 <= report["spawn_s"] < report["seconds"]
+        for w in report["workers"]:
+            assert 0 < w["startup_s"] < report["seconds"] and w["walk_s"] >= 0 and 0 <= w["exit_s"] < 5, w
+            assert w["startup_s"] + w["walk_s"] + w["exit_s"] <= report["seconds"] + 0.1, w
+            assert w["tuning_s"] <= w["walk_s"] + 0.1, w
+            phases = w["startup_phases"]
+            assert {"python_s", "interpreter_s", "manifest_s", "imports_s", "install_s", "first_key_s",
+                    "kernels_s", "kernels_done_at_s"} <= set(phases), phases
+            assert all(v >= 0 for v in phases.values()) and phases["imports_s"] < w["startup_s"], phases
+
+
 def test_keys_that_cannot_be_tuned_are_recorded_once_for_everyone(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     ks.write_manifest(path, [40], kernel=ks.no_config_works)
@@ -269,6 +292,39 @@ def test_a_warm_store_returns_at_once_and_env_warmup_runs_at_the_first_miss(tmp_
     assert report.ok and report.counts()["decided"] == len(SIZES)
     kinds = [e["event"] for e in events(tmp_path)]
     assert kinds.count("lease_taken") == len(SIZES) and kinds.count("tuning") == len(SIZES) + 1
+
+
+def test_cuda_visible_devices_are_read_as_torch_reads_them() -> None:
+    from tunevault.core.machine import visible_devices_spec
+
+    assert visible_devices_spec("0,1") == ["0", "1"]
+    assert visible_devices_spec(" 3 , 1gpu") == ["3", "1"]  # strtoul: "1gpu" is 1
+    assert visible_devices_spec("") == [] and visible_devices_spec("-1") == []
+    assert visible_devices_spec("0,-1,2") == ["0"] and visible_devices_spec("0,x,2") == ["0"]  # ends the list
+    assert visible_devices_spec("1,1") == []  # a repeated device hides them all
+    assert visible_devices_spec("GPU-a1b2,GPU-c3d4") == ["GPU-a1b2", "GPU-c3d4"]
+    assert visible_devices_spec("GPU-a1b2,0,GPU-c3d4") == ["GPU-a1b2"]
+    assert visible_devices_spec("MIG-x") == ["MIG-x"]
+
+
+def test_gpu_count_imports_no_torch() -> None:
+    """The parent of --jobs counts GPUs before starting any child: without importing torch (seconds)."""
+    code = ("import json, sys\nfrom tunevault.core.machine import gpu_count\n"
+            "print(json.dumps([gpu_count(), 'torch' in sys.modules]))")
+    for variables in ({}, {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": ""}):
+        env = {k: v for k, v in subprocess_env(**variables).items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        count, torch_imported = json.loads(done.stdout)
+        assert not torch_imported, done.stderr
+        if not _cuda_build():  # this torch can use no GPU, whatever the variable says
+            assert count == 0
+
+
+def _cuda_build() -> bool:
+    from tunevault.core.machine import torch_build
+
+    build = torch_build()
+    return build is None or build.get("cuda") is not None
 
 
 def test_jobs_plan_pins_one_gpu_per_child(monkeypatch: pytest.MonkeyPatch) -> None:

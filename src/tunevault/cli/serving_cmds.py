@@ -212,7 +212,6 @@ def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, 
     ``python -m`` would put the current directory, so the application's kernels import.
     A manifest without one valid key is a ValueError (exit 2): a preflight must not pass on it.
     """
-    from tunevault.capture import manifest as mf
     from tunevault.core.machine import use_interpreter_if_no_gpu
 
     use_interpreter_if_no_gpu()
@@ -220,6 +219,15 @@ def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, 
         folder = os.path.abspath(folder)
         if folder not in sys.path:
             sys.path.insert(0, folder)
+    return read_manifest(args)
+
+
+def read_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
+    """The manifest's entries and malformed lines; a ValueError (exit 2) when it holds no valid key.
+
+    Reading imports no kernel: ``warmup --jobs`` reads it here while its children start."""
+    from tunevault.capture import manifest as mf
+
     malformed: list[tuple[int, str]] = []
     entries = mf.read(args.manifest, malformed=malformed)
     if not entries:

@@ -28,10 +28,32 @@ class WorkerView:
     current: str = ""
     exit_code: int | None = None
     finished: bool = False  # sent its final report
+    # Where a worker's time went, on this process's clock: spawned, ready to walk the keys (its
+    # start-up, with the phases it reported), done with the walk, exited (its teardown).
+    spawned: float = 0.0
+    ready_at: float | None = None
+    done_at: float | None = None
+    exit_at: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return f"worker {self.index}" + (f" (GPU {self.device})" if self.device is not None else "")
+
+    def ready(self, msg: dict[str, Any]) -> None:
+        """The child's start-up report: it is about to start its first key (or had none to start)."""
+        self.ready_at = time.monotonic()
+        phases = msg.get("phases")
+        if isinstance(phases, dict):
+            self.phases = {str(k): round(float(v), 3) for k, v in phases.items() if isinstance(v, int | float)}
+
+    def timeline(self) -> dict[str, float | None]:
+        """Seconds: spawn to ready (start-up), ready to done (the walk), done to exit (teardown)."""
+        def span(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round(b - a, 3)
+
+        return {"startup_s": span(self.spawned or None, self.ready_at), "walk_s": span(self.ready_at, self.done_at),
+                "exit_s": span(self.done_at, self.exit_at)}
 
 
 @dataclass
@@ -53,6 +75,7 @@ class Board:
     workers: list[WorkerView]
     keys: dict[str, KeyView] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    spawn_s: float | None = None  # from the run's start until every child was started
     first_tuned: float | None = None  # when the first key was tuned: the rate is measured from there
 
     def settle(self, worker: WorkerView, item: dict[str, Any]) -> KeyView | None:
@@ -107,8 +130,10 @@ class Board:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "counts": self.counts(), "seconds": round(self.elapsed(), 3),
+                "spawn_s": None if self.spawn_s is None else round(self.spawn_s, 3),
                 "workers": [{"worker": w.index, "device": w.device, "pid": w.pid, "tuned": w.tuned,
-                             "tuning_s": round(w.tuning_s, 3), "exit_code": w.exit_code} for w in self.workers],
+                             "tuning_s": round(w.tuning_s, 3), "exit_code": w.exit_code, **w.timeline(),
+                             "startup_phases": w.phases} for w in self.workers],
                 "items": [{"kernel": k.kernel, "key": k.key, "status": k.status, "reason": k.reason,
                            "worker": k.by} for k in self.keys.values()]}
 

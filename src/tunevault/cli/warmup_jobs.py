@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -35,16 +36,6 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", metavar="0,1,...", help="with --jobs: the GPUs to use (default: all visible)")
 
 
-def _gpu_count() -> int:
-    """Visible GPUs; none under the interpreter (decided from the variable: importing Triton here
-    would delay every child's start)."""
-    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def plan(jobs: str | None, devices: str | None) -> list[str | None]:
     """Each child's ``CUDA_VISIBLE_DEVICES`` value (None: no GPU), one entry per child."""
     from tunevault.engine.procs import physical_device
@@ -57,7 +48,9 @@ def plan(jobs: str | None, devices: str | None) -> list[str | None]:
         if not gpus or min(gpus) < 0:
             raise ValueError(f"--devices takes GPU indices such as 0,1; got {devices!r}")
     else:
-        gpus = list(range(_gpu_count()))
+        from tunevault.core.machine import gpu_count  # no torch: each child starts that much sooner
+
+        gpus = list(range(gpu_count()))
     if jobs in (None, "auto"):
         count = len(gpus) or os.cpu_count() or 1
     elif not str(jobs).isdigit() or int(jobs) < 1:
@@ -69,7 +62,7 @@ def plan(jobs: str | None, devices: str | None) -> list[str | None]:
 
 
 def _child_command(args: argparse.Namespace, gpu: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "tunevault.cli.warmup_jobs", args.manifest]
+    cmd = [sys.executable, "-m", "tunevault.cli.warmup_child", args.manifest]
     if args.store:
         cmd += ["--store", args.store]
     device = args.device or ("cuda:0" if gpu is not None else None)  # the child sees its GPU as cuda:0
@@ -93,37 +86,63 @@ def _read(worker: WorkerView, proc: subprocess.Popen[str], events: queue.Queue[A
     events.put((worker, {"t": "exit", "code": proc.wait()}))
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``--jobs`` path of ``tunevault warmup``: start the children, follow them, summarise.
-
-    The manifest is read here as the single-process path reads it (interpreter switch, import
-    path, malformed lines fail the run); the children inherit the import path, the interpreter
-    and ``--allow-module`` through their environment."""
+def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Queue[Any]
+           ) -> tuple[list[subprocess.Popen[str]], dict[int, deque[str]]]:
+    """Start every child at once: each one's start-up (interpreter, torch, CUDA) runs in parallel."""
     from tunevault.capture.locate import ALLOW_VAR
-    from tunevault.cli.serving_cmds import load_manifest
+    from tunevault.cli.warmup_child import SPAWNED_VAR
 
-    entries, malformed = load_manifest(args)
-    total = len(entries)
-    gpus = plan(args.jobs, args.devices)
-    board = Board(total, [WorkerView(i, gpu) for i, gpu in enumerate(gpus)])
-    events: queue.Queue[Any] = queue.Queue()
+    base = {**os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *map(os.path.abspath, args.path),
+                                                      os.environ.get("PYTHONPATH", "")] if p)}
+    if args.allow_module:
+        base[ALLOW_VAR] = ",".join(args.allow_module)
     procs, tails = [], {}
-    for worker, gpu in zip(board.workers, gpus, strict=True):
-        env = {**os.environ, "TUNEVAULT_WARMUP_WORKER": f"{worker.index}/{len(gpus)}",
-               "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *map(os.path.abspath, args.path),
-                                                         os.environ.get("PYTHONPATH", "")] if p)}
-        if args.allow_module:
-            env[ALLOW_VAR] = ",".join(args.allow_module)
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
+    for worker in workers:
+        env = {**base, "TUNEVAULT_WARMUP_WORKER": f"{worker.index}/{len(workers)}"}
+        if worker.device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = worker.device
         else:  # interpreter processes: split the cores instead of each one threading over all of them
-            threads = str(max(1, (os.cpu_count() or 1) // len(gpus)))
+            threads = str(max(1, (os.cpu_count() or 1) // len(workers)))
             env.update({var: env.get(var, threads) for var in THREAD_VARS})
-        proc = subprocess.Popen(_child_command(args, gpu), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+        env[SPAWNED_VAR] = repr(time.time())  # the child measures its start-up from here
+        worker.spawned = time.monotonic()
+        proc = subprocess.Popen(_child_command(args, worker.device), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
         worker.pid, tails[worker.index] = proc.pid, deque(maxlen=30)
         procs.append(proc)
         threading.Thread(target=_read, args=(worker, proc, events, tails[worker.index]), daemon=True).start()
+    return procs, tails
+
+
+def _stop(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``--jobs`` path of ``tunevault warmup``: start the children, follow them, summarise.
+
+    The children start first; the manifest is read here meanwhile, for the progress display and
+    its malformed lines (a manifest without a valid key stops them and fails the run, as the
+    single-process path does). They inherit the import path and ``--allow-module`` through their
+    environment, and each decides on Triton's interpreter itself, as the single-process path does,
+    where the check initialises the CUDA driver it needs anyway."""
+    from tunevault.cli.serving_cmds import read_manifest
+
+    began = time.monotonic()
+    workers = [WorkerView(i, gpu) for i, gpu in enumerate(plan(args.jobs, args.devices))]
+    events: queue.Queue[Any] = queue.Queue()
+    procs, tails = _spawn(args, workers, events)
+    spawned_s = time.monotonic() - began
+    try:
+        entries, malformed = read_manifest(args)
+    except BaseException:
+        _stop(procs)
+        raise
+    board = Board(len(entries), workers, started=began, spawn_s=spawned_s)
     screen = display(board, quiet=args.json)
     try:
         running = len(procs)
@@ -134,20 +153,19 @@ def run(args: argparse.Namespace) -> int:
                 screen.update()
                 continue
             kind = msg.get("t")
-            if kind == "item":
+            if kind == "ready":
+                worker.ready(msg)
+            elif kind == "item":
                 screen.update(worker, board.settle(worker, msg))
             elif kind == "tuning":
                 worker.current = str(msg.get("what", ""))[:80]
             elif kind == "done":
-                worker.finished = True
+                worker.finished, worker.done_at = True, time.monotonic()
             elif kind == "exit":
-                worker.exit_code, running = int(msg["code"]), running - 1
+                worker.exit_code, worker.exit_at, running = int(msg["code"]), time.monotonic(), running - 1
             screen.update()
     except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
+        _stop(procs)
         print("tunevault warmup: interrupted", file=sys.stderr)
         return 130
     finally:
@@ -182,39 +200,3 @@ def _summary(args: argparse.Namespace, board: Board, tails: dict[int, deque[str]
           f"failed" + (f", {unsettled} not settled" if unsettled else "")
           + f" ({len(board.workers)} processes, {board.elapsed():.1f} s; tuned per process: {share})")
     return 0 if ok else 1
-
-
-def child_main(argv: list[str] | None = None) -> int:
-    """One worker: warm the manifest up on the store, reporting each key as a marked JSON line."""
-    p = argparse.ArgumentParser(prog="tunevault-warmup-worker")
-    p.add_argument("manifest")
-    p.add_argument("--store")
-    p.add_argument("--device")
-    args = p.parse_args(argv)
-    import logging
-
-    import tunevault
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    from tunevault.integration.shared_warmup import warmup
-
-    lock = threading.Lock()
-
-    def say(**msg: Any) -> None:
-        with lock:
-            sys.stdout.write(MARK + json.dumps(msg, default=str) + "\n")
-            sys.stdout.flush()
-
-    tunevault.install(mode="tune", store=args.store, on_miss="tune")
-    try:
-        report = warmup(args.manifest, device=args.device,
-                        progress=lambda done, total, item: say(t="item", **item.to_json()),
-                        started=lambda task: say(t="tuning", what=task.what))
-    finally:
-        tunevault.uninstall()
-    say(t="done", ok=report.ok, counts=report.counts())
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())

@@ -178,3 +178,105 @@ def this_machine() -> Fingerprint:
     from tunevault.core.identity import current_fingerprint
 
     return current_fingerprint()
+
+
+# ----------------------------------------------------------------- how many GPUs, without importing torch
+# ``tunevault warmup --jobs`` starts one process per GPU: asking torch first (seconds to import a
+# CUDA build) would delay every child's start. torch's own answer is NVML's device count taking
+# CUDA_VISIBLE_DEVICES into account (torch.cuda.device_count); the same is asked here directly.
+
+
+def visible_devices_spec(value: str) -> list[str]:
+    """The devices a ``CUDA_VISIBLE_DEVICES`` value makes visible, by torch's rules.
+
+    Ordinals are read like ``strtoul`` (``1gpu`` is 1), a negative or unreadable entry ends the
+    list, a repeated entry makes it empty; ``GPU-``/``MIG-`` UUID lists stop at the first entry
+    without the prefix. ``""`` and ``"-1"`` hide every device."""
+    entries = value.split(",")
+    if value.startswith(("GPU-", "MIG-")):
+        prefix = value[:4]
+        found: list[str] = []
+        for entry in entries:
+            if entry in found:
+                return []
+            if not entry.startswith(prefix):
+                break
+            found.append(entry)
+        return found
+    ordinals: list[str] = []
+    for entry in entries:
+        m = re.match(r"[+-]?\d+", entry.strip())
+        if m is None or int(m.group()) < 0:
+            break
+        ordinal = str(int(m.group()))
+        if ordinal in ordinals:
+            return []
+        ordinals.append(ordinal)
+    return ordinals
+
+
+def _nvml_device_count() -> int | None:
+    """Physical GPUs NVML reports (it ignores CUDA_VISIBLE_DEVICES); None if NVML cannot be asked."""
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if lib.nvmlInit_v2() != 0:
+            return None
+        count = ctypes.c_uint(0)
+        ok = lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
+        lib.nvmlShutdown()
+        return count.value if ok else None
+    except (AttributeError, OSError):
+        return None
+
+
+def _smi_device_count() -> int | None:
+    """Physical GPUs ``nvidia-smi -L`` lists; None without a working nvidia-smi."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
+
+
+def gpu_count() -> int:
+    """GPUs torch would see here (``torch.cuda.device_count()``, 0 when CUDA is unusable), asked
+    without importing torch: 0 under the interpreter or with a CPU build of torch; else
+    CUDA_VISIBLE_DEVICES (bounded by the physical count, as torch bounds it), NVML, ``nvidia-smi
+    -L``, the CUDA driver, and torch itself only when none of them answers (or on ROCm)."""
+    if interpreter_flag():
+        return 0
+    if "torch" not in sys.modules:
+        build = torch_build()
+        if build is not None and build.get("cuda") is None and build.get("hip") is None:
+            return 0
+        if build is not None and build.get("hip") is None:
+            count = _count_without_torch()
+            if count is not None:
+                return count
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _count_without_torch() -> int | None:
+    physical = _nvml_device_count()
+    if physical is None:
+        physical = _smi_device_count()
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return physical if physical is not None else _cuda_device_count()
+    visible = visible_devices_spec(value)
+    if not visible:
+        return 0
+    if visible[0].startswith("MIG-"):
+        return None  # torch asks the CUDA runtime for MIG instances: so do we, through torch
+    if physical is None:
+        return _cuda_device_count()  # the driver applies CUDA_VISIBLE_DEVICES itself
+    if visible[0].startswith("GPU-"):
+        return len(visible)
+    # an ordinal past the last GPU ends the list, as in torch._device_count_nvml
+    return next((i for i, v in enumerate(visible) if int(v) >= physical), len(visible))

@@ -83,11 +83,14 @@ def _same_manifest(source: object, pending: str | None) -> bool:
 
 def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: str | None = None,
            progress: Callable[[int, int, WarmupItem], None] | None = None,
-           started: Callable[[Task], None] | None = None) -> WarmupReport:
+           started: Callable[[Task], None] | None = None, *,
+           read_from: str | os.PathLike[str] | None = None) -> WarmupReport:
     """Settle every key of the manifest together with the other processes on the store.
 
     Returns once every key is decided, skipped or failed (the report says which, and why);
-    installs tunevault (tune mode) for the call when it is not installed.
+    installs tunevault (tune mode) for the call when it is not installed. ``read_from``: the file
+    ``source`` was read from, when the caller read it already (a ``TUNEVAULT_WARMUP`` naming that
+    file is then this call, as when ``source`` is the file).
     """
     from tunevault.integration import activation, triton_adapter
     from tunevault.policy.settings import Settings
@@ -100,7 +103,7 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
     assert runtime is not None
     if runtime.settings.mode != "tune":
         raise RuntimeError(f"tunevault warmup needs mode 'tune', installed mode is {runtime.settings.mode!r}")
-    if _same_manifest(source, runtime.pending_warmup):
+    if _same_manifest(source if read_from is None else read_from, runtime.pending_warmup):
         runtime.take_pending_warmup()  # this call is that warmup
     saved, runtime.on_miss = runtime.on_miss, "tune"
     try:
