@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 bench/predict_regret.py --out OUT_DIR [--budget 230]
     TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/predict_regret.py --smoke --out /tmp/smoke   # CPU plumbing
+    PYTHONPATH=src python3 bench/predict_regret.py --reanalyse OUT_DIR/results.json [--out DIR]  # no GPU
 
 Sweeps: an fp16 matmul over M (N=K=4096, 24 configs), an RMSNorm over N (12 configs), and
 flash-linear-attention's autotuned l2norm kernels over tokens and width when ``fla`` imports.
@@ -12,6 +13,9 @@ the key's fastest time, minus one. Rules: the first config that runs; what tunev
 before prediction (the diagnosis's nearest key, ties broken by key text); the nearest decided
 key by log2 distance; tunevault's predictor (policy/predict.py, called on those decisions).
 Writes results.json (after every sweep) and summary.md into --out; prints the table last.
+Each row keeps every config's median (``times``), the configs that failed and the key, and
+decisions use medians alone (``decide``), so ``--reanalyse`` rebuilds the whole analysis from a
+results.json without a GPU: any rule, or a changed predictor, judged on measured data.
 """
 
 from __future__ import annotations
@@ -140,13 +144,17 @@ def measure(sweep: Sweep, deadline: float) -> None:
                   + (f"#{best.index} {best.timings[0] * 1e3:.1f} us" if best else "none"), flush=True)
 
 
-def decide(at: Any, key: Any, results: list[Any]) -> Any:
-    from tunevault.core.identity import current_fingerprint, kernel_id
-    from tunevault.core.model import Decision
+def decide(kid: Any, key: Any, results: list[Any]) -> Any:
+    """The decision tuning would store, from each config's median alone: ``select`` then ties by
+    tolerance only (no noise estimates), in the GPU path and in re-analysis alike."""
+    from tunevault.core.identity import current_fingerprint
+    from tunevault.core.model import CandidateResult, Decision
     from tunevault.engine.select import select
 
-    winner, margin = select(results, 0.02)
-    return Decision(kernel_id(at), current_fingerprint(), key, winner.index, winner.config, tuple(results), margin)
+    cands = tuple(CandidateResult(r.index, r.config, (r.timings[0],)) if r.ok
+                  else CandidateResult(r.index, r.config, (), r.error or "failed") for r in results)
+    winner, margin = select(cands, 0.02)
+    return Decision(kid, current_fingerprint(), key, winner.index, winner.config, cands, margin)
 
 
 def choices(key: Any, others: list[Any], specs: list[Any], first: int) -> tuple[dict[str, int], dict[str, Any]]:
@@ -176,31 +184,82 @@ def choices(key: Any, others: list[Any], specs: list[Any], first: int) -> tuple[
 
 
 def analyse(sweep: Sweep) -> list[dict[str, Any]]:
-    from tunevault.core.identity import config_spec
+    from tunevault.core.identity import config_spec, kernel_id
 
     out = []
     for group in sweep.measured.values():
-        at, entries = group["at"], list(group["entries"].values())
-        entries = [e for e in entries if any(r.ok for r in e[2])]
-        if len(entries) < 3:
-            continue
-        specs = [config_spec(c) for c in at.configs]
-        decisions = {key.text: decide(at, key, results) for _label, key, results in entries}
-        rows = []
-        for label, key, results in sorted(entries, key=lambda e: _order(e[1])):
-            times = {r.index: r.timings[0] for r in results if r.ok}
-            best = min(times.values())
-            first = min(times)
-            others = [d for t, d in decisions.items() if t != key.text]
-            picked, detail = choices(key, others, specs, first)
-            regret = {rule: (times[c] / best - 1.0) if c in times else math.inf for rule, c in picked.items()}
-            rows.append({"key": label, "tuning_key": key.describe(), "best_ms": best, "times": times,
-                         "failed": sorted(r.index for r in results if not r.ok),
-                         "best_config": min(times, key=times.__getitem__), "choices": picked, "regret": regret,
-                         **detail})
-        out.append({"kernel": getattr(at.base_fn, "__qualname__", str(at)), "configs": len(at.configs),
-                    "keys": len(rows), "rows": rows, "summary": summarise(rows)})
+        at = group["at"]
+        kernel = analyse_kernel(getattr(at.base_fn, "__qualname__", str(at)), kernel_id(at),
+                                [config_spec(c) for c in at.configs], list(group["entries"].values()))
+        if kernel is not None:
+            out.append(kernel)
     return out
+
+
+def analyse_kernel(name: str, kid: Any, specs: list[Any], entries: list[tuple[str, Any, list[Any]]]
+                   ) -> dict[str, Any] | None:
+    """Leave-one-out over one kernel's keys: ``entries`` are (label, TuningKey, CandidateResults)."""
+    entries = [e for e in entries if any(r.ok for r in e[2])]
+    if len(entries) < 3:
+        return None
+    decisions = {key.text: decide(kid, key, results) for _label, key, results in entries}
+    rows = []
+    for label, key, results in sorted(entries, key=lambda e: _order(e[1])):
+        times = {r.index: r.timings[0] for r in results if r.ok}
+        best = min(times.values())
+        first = min(times)
+        others = [d for t, d in decisions.items() if t != key.text]
+        picked, detail = choices(key, others, specs, first)
+        regret = {rule: (times[c] / best - 1.0) if c in times else math.inf for rule, c in picked.items()}
+        rows.append({"key": label, "tuning_key": key.describe(), "key_items": key.to_json(), "best_ms": best,
+                     "times": times, "failed": sorted(r.index for r in results if not r.ok),
+                     "best_config": min(times, key=times.__getitem__), "choices": picked, "regret": regret,
+                     **detail})
+    return {"kernel": name, "configs": len(specs), "config_specs": [s.to_json() for s in specs],
+            "keys": len(rows), "rows": rows, "summary": summarise(rows)}
+
+
+def reanalyse(path: Path) -> dict[str, Any]:
+    """Every sweep's leave-one-out analysis rebuilt from a results.json's per-config ``times`` and
+    ``failed`` (no GPU): the same decisions (``decide``), rules and summary as the run that wrote it."""
+    from tunevault.core.model import CandidateResult, ConfigSpec, KernelId, TuningKey
+
+    source = json.loads(path.read_text())
+    doc = {**source, "sweeps": [], "reanalysed_from": str(path),
+           "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    for sweep in source["sweeps"]:
+        kernels = []
+        for k in sweep["kernels"]:
+            if not all("times" in r for r in k["rows"]):
+                raise SystemExit(f"{path}: {sweep['name']} rows carry no per-config times (an older run)")
+            specs = ([ConfigSpec.from_json(c) for c in k["config_specs"]] if "config_specs" in k
+                     else [ConfigSpec((("config", i),), ()) for i in range(k["configs"])])
+            entries = []
+            for r in k["rows"]:
+                key = TuningKey.from_json(r["key_items"]) if "key_items" in r else parse_key(r["tuning_key"])
+                results = [CandidateResult(int(i), specs[int(i)], (float(t),)) for i, t in r["times"].items()]
+                results += [CandidateResult(i, specs[i], (), "failed") for i in r["failed"]]
+                entries.append((r["key"], key, sorted(results, key=lambda c: c.index)))
+            kid = KernelId(k["kernel"], "reanalysed", "reanalysed", tuple(lb for lb, _v in entries[0][1].items))
+            if (kernel := analyse_kernel(k["kernel"], kid, specs, entries)) is not None:
+                kernels.append(kernel)
+        doc["sweeps"].append({**sweep, "kernels": kernels})
+    return doc
+
+
+def parse_key(described: str) -> Any:
+    """A TuningKey from ``TuningKey.describe()`` (rows written before ``key_items`` was stored)."""
+    from tunevault.core.model import TuningKey
+
+    def value(text: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+    return TuningKey(tuple((label, value(v)) for label, v in (part.split("=", 1) for part in described.split())))
 
 
 def _order(key: Any) -> list[tuple[int, float | str]]:
@@ -240,7 +299,8 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Unseen-key fallback regret (leave-one-out), {doc['device']}", "",
              f"`{doc['command']}`  ", f"Triton {doc['triton']}, torch {doc['torch']}, "
              f"{doc['elapsed_s']:.0f} s of a {doc['budget_s']:.0f} s budget"
-             + (" (SMOKE: CPU plumbing only, timings are noise)" if doc["smoke"] else ""),
+             + (" (SMOKE: CPU plumbing only, timings are noise)" if doc["smoke"] else "")
+             + (f"; re-analysed from `{doc['reanalysed_from']}`" if doc.get("reanalysed_from") else ""),
              "", "| kernel, sweep | fallback rule | median regret | max regret | keys within 5% |",
              "|---|---|---|---|---|"]
     for sweep in doc["sweeps"]:
@@ -268,11 +328,25 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for results.json and summary.md")
+    p.add_argument("--out", help="directory for results.json and summary.md (required unless --reanalyse)")
     p.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run (measuring stops early)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and configs under TRITON_INTERPRET=1")
     p.add_argument("--only", help="comma-separated sweep names (matmul, rmsnorm, fla_l2norm_tokens, ...)")
+    p.add_argument("--reanalyse", metavar="RESULTS_JSON", type=Path,
+                   help="no GPU: rebuild every sweep's analysis from a results.json's per-config times")
     args = p.parse_args(argv)
+    if args.reanalyse:
+        doc = reanalyse(args.reanalyse)
+        summary = markdown(doc)
+        if args.out:
+            out_dir = Path(args.out)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "results.json").write_text(json.dumps(finite(doc), indent=1, default=str))
+            (out_dir / "summary.md").write_text(summary)
+        print(summary)
+        return 0
+    if not args.out:
+        p.error("--out is required (unless --reanalyse)")
     smoke = args.smoke or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if smoke:
         os.environ["TRITON_INTERPRET"] = "1"

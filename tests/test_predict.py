@@ -256,3 +256,32 @@ def test_regret_bench_runs_in_cpu_smoke_mode(tmp_path: Path) -> None:
         assert all(row["choices"]["predicted"] in range(kernel["configs"]) for row in kernel["rows"])
     assert "| kernel, sweep | fallback rule | median regret | max regret | keys within 5% |" in (
         tmp_path / "summary.md").read_text()
+
+
+def test_an_outlier_neighbour_does_not_dominate() -> None:
+    # Measured shape (matmul on an H200, M sweep): 1536 is the only key where config 0 wins; every
+    # other neighbour says config 1. 1536 is the nearest key to 2048 (log2), and a mean weighted by
+    # inverse squared distance followed it (35% off at 2048); the weighted median does not.
+    decisions = [plain(1024, {0: 1.26, 1: 1.0, 2: 1.6}), plain(1536, {0: 1.0, 1: 1.19, 2: 1.5}),
+                 plain(3072, {0: 1.10, 1: 1.0, 2: 1.6}), plain(4096, {0: 1.10, 1: 1.0, 2: 1.6})]
+    prediction = predict(at(2048), decisions)
+    assert prediction.config_index == 1
+    assert [dict(k.items)["M"] for k in prediction.neighbours][0] == 1536  # the nearest, outvoted
+    # One neighbour's catastrophe still counts where it holds the weight: next to 1536, 0 is kept.
+    assert predict(at(1600), decisions).config_index == 0
+
+
+def test_equidistant_neighbours_weigh_the_same_whatever_their_key_text() -> None:
+    # log2(1 + M): M=3 sits exactly between M=1 and M=7, and M=0 / M=15 one step further out.
+    decisions = [plain(0, {0: 1.0, 1: 1.9, 2: 1.2}), plain(1, {0: 1.0, 1: 1.8, 2: 1.1}),
+                 plain(7, {0: 1.8, 1: 1.0, 2: 1.1}), plain(15, {0: 1.9, 1: 1.0, 2: 1.2})]
+    table = NeighbourTable(decisions, SPECS)
+    from tunevault.policy.predict import coords, neighbours
+
+    (group,) = table.groups.values()
+    chosen = neighbours(coords(at(3)), group, per_side=1)
+    assert sorted(dict(p.key.items)["M"] for p, _w in chosen) == [1, 7]
+    assert [w for _p, w in chosen] == pytest.approx([0.5, 0.5])
+    for order in (decisions, decisions[::-1]):  # the compromise, 10% off on both sides, either way round
+        prediction = predict(at(3), order)
+        assert prediction.config_index == 2 and prediction.penalty == pytest.approx(0.1, abs=0.02)

@@ -2,9 +2,27 @@
 
 The miss diagnosis (diagnose.py) names what differs; this chooses what to launch. Categorical
 key elements (dtypes, bools, strings, None) must match; numeric ones are compared on a log2
-scale. At each neighbour every config's time is normalised by that key's best, and configs are
-scored by the distance-weighted mean of that ratio over the nearest keys on each side of the
-gap, so a config good on both sides beats one that wins on one side and loses on the other.
+scale. The neighbours are the nearest keys on each side of the gap (``PER_SIDE`` per side and
+overall; keys at the same distance as the last one taken come too, so equidistant keys are
+never picked by their text). At each neighbour every config's time is normalised by that key's
+best, and a config scores the weighted median of its normalised times over the neighbours,
+weights inversely proportional to log2 distance, read off the weighted distribution with linear
+interpolation (each neighbour sits at the middle of its weight). Lowest score wins.
+
+Why a median, why 1/distance, why interpolated:
+
+- A median is robust: one neighbour cannot drag a config's score unless it holds half the weight.
+  A mean with inverse-square weights let the single nearest key decide alone, even when it is an
+  outlier its own neighbours contradict (matmul on an H200: M=1536 is the only key where its
+  winner wins; predicting M=2048 from it cost 35%), and let one bad neighbour rule a config out.
+- 1/distance rather than 1/distance squared: with the squared weights the nearest key holds more
+  than half the weight almost everywhere, and the median degenerates into "the nearest key".
+- Interpolated: with two neighbours (a bracket) the score moves smoothly between their values,
+  so a config good on both sides (10% off each) still beats each side's winner (80% off on the
+  other side), as the mean did; with three or more, a config good only where little weight is
+  (the "compromise" that is one side's winner and 10% off on the other) no longer beats the
+  config the nearer majority rates best. Measured with ``bench/predict_regret.py --reanalyse``.
+
 Pure and cheap: no benchmarking, no device, no store; ``NeighbourTable`` parses decisions once.
 """
 
@@ -170,49 +188,67 @@ def _shown(entry: tuple[bool, JsonScalar] | None) -> str:
 
 def neighbours(target: tuple[float, ...], points: Sequence[Point], per_side: int = PER_SIDE,
                spans: Sequence[tuple[float, float]] | None = None) -> list[tuple[Point, float]]:
-    """The keys to learn from, each with its weight (inverse squared log2 distance, summing to 1).
+    """The keys to learn from, each with its weight (inverse log2 distance, summing to 1).
 
     Per numeric element: the ``per_side`` nearest keys below the missing key and above it, so a
     gap is bracketed whenever decided keys lie on both sides; plus the ``per_side`` nearest overall.
-    ``spans`` (lowest and highest coordinate per element) saves looking for a side that is empty.
+    A key as far as the last one taken on its side (or overall) is taken too: ties are not broken
+    by key text. ``spans`` (lowest and highest coordinate per element) saves looking for a side
+    that is empty.
     """
     dist = [math.dist(target, p.coords) for p in points]
     exact = [p for p, d in zip(points, dist, strict=True) if d == 0.0]
     if exact:
         return [(p, 1.0 / len(exact)) for p in exact]
-    order = sorted(range(len(points)), key=lambda i: (dist[i], points[i].key.text))
-    picked: dict[int, None] = dict.fromkeys(order[:per_side])
+    order = sorted(range(len(points)), key=lambda i: dist[i])
+    cut = dist[order[min(per_side, len(order)) - 1]]
+    picked: dict[int, None] = dict.fromkeys(i for i in order if dist[i] <= cut)
     for j, t in enumerate(target):
         lo, hi = spans[j] if spans else (-math.inf, math.inf)
         if lo == hi == t:
             continue  # this element is the same at every point: no side to bracket
-        below = per_side if lo >= t else 0  # no point below: nothing to look for there
-        above = per_side if hi <= t else 0
-        for i in order:  # nearest first: stop once both sides are filled
-            if below == above == per_side:
-                break
+        last = {-1: math.inf if lo >= t else -1.0, 1: math.inf if hi <= t else -1.0}  # side -> cut distance
+        taken = {-1: per_side if lo >= t else 0, 1: per_side if hi <= t else 0}
+        for i in order:  # nearest first: stop once both sides are filled beyond ties
             v = points[i].coords[j]
-            if v < t and below < per_side:
-                below += 1
+            if v == t:
+                continue
+            side = -1 if v < t else 1
+            if taken[side] < per_side or dist[i] <= last[side]:
+                taken[side] += 1
+                last[side] = dist[i]
                 picked[i] = None
-            elif v > t and above < per_side:
-                above += 1
-                picked[i] = None
-    weights = {i: 1.0 / dist[i] ** 2 for i in picked}
+            elif all(dist[i] > last[s] for s in (-1, 1)):
+                break
+    weights = {i: 1.0 / dist[i] for i in picked}
     total = sum(weights.values())
     return [(points[i], w / total) for i, w in sorted(weights.items(), key=lambda kv: -kv[1])]
 
 
 def best_config(chosen: Sequence[tuple[Point, float]], configs: Sequence[int]) -> tuple[int, float]:
-    """The config with the lowest weighted mean normalised time, and that mean (ties: lowest index).
+    """The config with the lowest weighted median normalised time, and that median (ties: lowest index).
 
     A config measured at none of the ``chosen`` points scores above every config measured at one
     (ABSENT_MARGIN), so it is never picked while one that ran is there."""
-    total = [0.0] * len(configs)
-    for p, w in chosen:
-        total = [t + w * x for t, x in zip(total, p.row, strict=True)]  # rows are laid out over configs
-    score, index = min(zip(total, configs, strict=True))
+    weights = [w for _p, w in chosen]
+    columns = zip(*(p.row for p, _w in chosen), strict=True)  # rows are laid out over configs
+    score, index = min((weighted_median(col, weights), i) for col, i in zip(columns, configs, strict=True))
     return index, score
+
+
+def weighted_median(values: Sequence[float], weights: Sequence[float]) -> float:
+    """The median of ``values`` under ``weights`` (summing to 1), each value at the middle of its
+    weight and linear in between: two equal weights give the mean, one weight over half its value."""
+    pairs = sorted(zip(values, weights, strict=True))
+    below, prev_mid, prev_value = 0.0, -1.0, pairs[0][0]
+    for value, weight in pairs:
+        mid = below + weight / 2.0
+        if mid >= 0.5:
+            if prev_mid < 0.0:
+                return value
+            return prev_value + (value - prev_value) * (0.5 - prev_mid) / (mid - prev_mid)
+        below, prev_mid, prev_value = below + weight, mid, value
+    return prev_value
 
 
 def predict(key: TuningKey, decisions: Iterable[Decision], declared: Sequence[ConfigSpec] | None = None,
