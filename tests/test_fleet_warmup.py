@@ -339,3 +339,19 @@ def test_jobs_plan_pins_one_gpu_per_child(monkeypatch: pytest.MonkeyPatch) -> No
     for bad in (("0", None), ("x", None), ("2", "a,b"), ("2", "-1")):
         with pytest.raises(ValueError):
             plan(*bad)
+
+
+def test_each_participant_walks_its_own_kernels_first_then_helps_from_the_far_end() -> None:
+    """Kernels are dealt out whole (largest first, to the least loaded), the same deal everywhere."""
+    from tunevault.integration.shared_warmup import walk
+    from tunevault.policy.shard import affinity_order
+
+    kernels = ["m:a", "m:a", "m:b", "m:a", "m:b", "m:c"]
+    assert affinity_order(kernels, 0, 2) == [0, 1, 3, 5, 4, 2]
+    assert affinity_order(kernels, 1, 2) == [2, 4, 5, 3, 1, 0]
+    for me in range(3):
+        assert sorted(affinity_order(kernels, me, 3)) == list(range(len(kernels)))
+    assert walk(kernels, {"TUNEVAULT_WARMUP_WORKER": "1/2"}) == [2, 4, 5, 3, 1, 0]
+    assert walk(kernels, {"RANK": "0", "WORLD_SIZE": "2"}) == [0, 1, 3, 5, 4, 2]
+    rotation = walk(kernels, {})  # no place known: a random starting point, every key once
+    assert sorted(rotation) == list(range(6)) and rotation == [(rotation[0] + j) % 6 for j in range(6)]

@@ -111,10 +111,9 @@ def prefetch_kernels(kernels: list[str]) -> None:
             import_autotuner(kernel)
 
 
-def walk_order(kernels: list[str], start: int) -> list[str]:
-    """Distinct kernel names in the order a walk from ``start`` meets them."""
-    n = len(kernels)
-    return list(dict.fromkeys(kernels[(start + j) % n] for j in range(n)))
+def walk_order(kernels: list[str], order: list[int]) -> list[str]:
+    """Distinct kernel names in the order a walk meets them."""
+    return list(dict.fromkeys(kernels[i] for i in order))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         helper = clock.background("triton_helper", build_triton_helper)
     with clock.phase("manifest_s"):
         from tunevault.capture import manifest as mf
-        from tunevault.integration.shared_warmup import start_index
+        from tunevault.integration.shared_warmup import walk
 
         entries = mf.read(args.manifest)
     with clock.phase("imports_s"):
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 triton.runtime.driver.active  # noqa: B018  (created here: no thread races to create it)
     kernels = [e.kernel for e in entries]
     if kernels:
-        clock.background("kernels", lambda: prefetch_kernels(walk_order(kernels, start_index(len(kernels)))))
+        clock.background("kernels", lambda: prefetch_kernels(walk_order(kernels, walk(kernels))))
     lock = threading.Lock()
     ready: list[bool] = []
 

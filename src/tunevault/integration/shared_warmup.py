@@ -22,7 +22,7 @@ from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_o
 from tunevault.core.model import KernelId
 from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
-from tunevault.policy.shard import Sharing, Task, share
+from tunevault.policy.shard import Sharing, Task, affinity_order, share
 
 log = logging.getLogger("tunevault")
 
@@ -63,16 +63,27 @@ class EntryTask:
         return replay_one(self.runtime, self.entry, self.device)
 
 
-def start_index(count: int, env: dict[str, str] | None = None) -> int:
-    """Where this participant starts its walk: its share of the list when it knows its worker or rank
-    number (``--jobs`` children, torchrun's RANK / WORLD_SIZE), else a random point."""
+def participant(env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """This process's (index, count) among the warmup's participants, when it knows them
+    (``--jobs`` children, torchrun's RANK / WORLD_SIZE or LOCAL_RANK / LOCAL_WORLD_SIZE)."""
     e = os.environ if env is None else env
     pairs = [tuple(e.get(WORKER_VAR, "").partition("/")[::2]), (e.get("RANK", ""), e.get("WORLD_SIZE", "")),
              (e.get("LOCAL_RANK", ""), e.get("LOCAL_WORLD_SIZE", ""))]
     for index, size in pairs:
         if index.isdigit() and size.isdigit() and int(index) < int(size):
-            return int(index) * count // int(size) if count else 0
-    return random.randrange(count) if count else 0
+            return int(index), int(size)
+    return None
+
+
+def walk(kernels: Sequence[str], env: dict[str, str] | None = None) -> list[int]:
+    """The order this process walks the keys in: its own kernels first when it knows its place
+    (policy.shard.affinity_order), else from a random point, so unnumbered peers spread out."""
+    me = participant(env)
+    if me is not None:
+        return affinity_order(kernels, *me)
+    n = len(kernels)
+    start = random.randrange(n) if n else 0
+    return [(start + j) % n for j in range(n)]
 
 
 def _same_manifest(source: object, pending: str | None) -> bool:
@@ -110,7 +121,7 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         tasks = [EntryTask(runtime, entry, device) for entry in keys]
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
-                          start=start_index(len(tasks)))
+                          order=tuple(walk([t.kernel for t in tasks])))
         items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
     finally:
         runtime.on_miss = saved

@@ -66,7 +66,28 @@ class Sharing:
     lease_ttl: float = 30.0
     lease_wait: float = 600.0  # a key held this long without a decision is tuned here too
     failed_ttl: float = FAILED_TTL_S
-    start: int = 0  # where in the key list this participant begins its walk
+    order: tuple[int, ...] = ()  # the order this participant walks the keys in (empty: as listed)
+
+
+def affinity_order(kernels: Sequence[str], me: int, size: int) -> list[int]:
+    """Participant ``me`` of ``size``: the keys of the kernels it owns first, then everyone else's
+    from the far end.
+
+    Compiling a kernel's configs is most of a cold tuning, and a kernel's later keys reuse its
+    compiled configs; participants that each start on a slice of one kernel's keys compile the
+    same configs at once. So kernels are dealt out whole (largest first, to the least loaded
+    participant: the same deal everywhere, as every participant reads the same list), and a
+    participant done with its own helps the others from the end of their lists, where it meets
+    their owners last."""
+    groups: dict[str, list[int]] = {}
+    for i, kernel in enumerate(kernels):
+        groups.setdefault(kernel, []).append(i)
+    load, owner = [0] * max(1, size), {}
+    for kernel in sorted(groups, key=lambda k: (-len(groups[k]), k)):
+        target = min(range(len(load)), key=lambda w: (load[w], w))
+        owner[kernel], load[target] = target, load[target] + len(groups[kernel])
+    mine = [i for i, k in enumerate(kernels) if owner[k] == me]
+    return mine + [i for i in reversed(range(len(kernels))) if owner[kernels[i]] != me]
 
 
 def failed_record_name(kernel: str, fingerprint: str, key_text: str) -> str:
@@ -203,7 +224,7 @@ def share(tasks: Sequence[Task], store: Store, sharing: Sharing, events: EventLo
     """
     walk = _Walk(tasks, store, sharing, events, started)
     n = len(tasks)
-    pending = [(sharing.start + j) % n for j in range(n)] if n else []
+    pending = list(sharing.order) if sorted(sharing.order) == list(range(n)) else list(range(n))
     items: dict[int, WarmupItem] = {}
     pause, waiting = POLL_S[0], False
     while pending:
