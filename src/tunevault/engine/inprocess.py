@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine.rounds import Settle
 
 log = logging.getLogger("tunevault")
 
@@ -150,9 +149,8 @@ class InProcessSession:
 
     def __init__(self, autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: dict[int, Any],
                  specs: dict[int, ConfigSpec], on_launch: Callable[[], None] | None = None,
-                 deadline: float | None = None, settle: Settle | None = None) -> None:
+                 deadline: float | None = None) -> None:
         self.autotuner, self.args, self.kwargs = autotuner, args, kwargs
-        self.settle = settle  # the selection's tie rule: GPU rounds settle borderline ties with it
         self.nargs = dict(zip(autotuner.arg_names, args, strict=False))
         self.configs, self.specs, self.on_launch, self.deadline = configs, specs, on_launch, deadline
         self.validator: Any = None
@@ -204,12 +202,6 @@ class InProcessSession:
                                       [(i, self.configs[i], self.specs[i])], bench, self.on_launch)[0]
         return out
 
-    def times_together(self, effort: str) -> bool:
-        """Whether ``time`` must see all of a batch at once (interleaved GPU rounds), not one by one."""
-        from tunevault.engine.timing import uses_gpu_rounds
-
-        return effort == "full" and uses_gpu_rounds(self.autotuner)
-
     def _gpu_rounds(self, indices: Sequence[int]) -> dict[int, CandidateResult]:
         """Careful GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""
         from tunevault.engine.gpu_timing import graph_safe
@@ -225,7 +217,7 @@ class InProcessSession:
             except Exception as exc:
                 out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
         graphs = {i: graph_safe(self.autotuner, self.configs[i]) for i in calls}
-        timed = time_in_rounds(calls, graphs, late=self._late, settle=self.settle)
+        timed = time_in_rounds(calls, graphs, late=self._late)
         for i in calls:
             if i in timed.errors:
                 log.debug("tunevault: config %s failed: %s", self.specs[i].describe(), timed.errors[i])

@@ -34,7 +34,6 @@ from tunevault.engine.procs import (
     spawn,
     worker_env,
 )
-from tunevault.engine.rounds import Settle
 
 log = logging.getLogger("tunevault")
 
@@ -247,13 +246,12 @@ class WorkerSession:
 
     def __init__(self, target: str, digest: str, callspec: dict[str, Any], specs: dict[int, ConfigSpec],
                  deadline: float, config_timeout: float,
-                 on_launches: Callable[[int], None] | None = None, settle: Settle | None = None) -> None:
+                 on_launches: Callable[[int], None] | None = None) -> None:
         device = device_index(callspec)
         self.callspec = pin(callspec) if device is not None else callspec
         self.env = worker_env(device)
         self.target, self.digest, self.specs = target, digest, specs
         self.deadline, self.config_timeout, self.on_launches = deadline, config_timeout, on_launches
-        self.settle = settle
         self.sid = next(_sids)
         self.reference: int | None = None
         self.locked = False
@@ -277,8 +275,7 @@ class WorkerSession:
             w = _acquire_worker(self.env, max(1.0, self._left()), first)
             if self.sid not in w.opened:
                 w.send({"op": "open", "sid": self.sid, "kernel": self.target, "digest": self.digest,
-                        "callspec": self.callspec, "idle": idle_timeout(),
-                        "settle": None if self.settle is None else [self.settle.tolerance, self.settle.confidence]})
+                        "callspec": self.callspec, "idle": idle_timeout()})
                 ev = w.wait_for(("opened", "fatal"), min(self._left(), START_TIMEOUT))
                 if ev["ev"] == "fatal":
                     raise IsolationUnavailable(ev.get("message", "the worker refused the kernel"))

@@ -15,7 +15,6 @@ from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine import context
 from tunevault.engine.gpu_timing import MemoryProbe
 from tunevault.engine.inprocess import InProcessSession
-from tunevault.engine.rounds import Settle
 from tunevault.engine.search import search
 from tunevault.engine.select import DEFAULT_CONFIDENCE, NoWorkingConfig, annotate, judge
 from tunevault.engine.timing import has_own_benchmarker
@@ -55,7 +54,7 @@ def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
             rt.stats.add(name, rt.phase, "benchmark_runs", n)
 
         session = WorkerSession(target, st.kernel_id.digest, spec.to_json(), {i: s for i, _, s in candidates},
-                                deadline, config_timeout(rt.settings), launched, settle_of(rt.settings))
+                                deadline, config_timeout(rt.settings), launched)
         try:
             session.start()
             return session
@@ -83,7 +82,7 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
         opened.append(("worker_open_s", round(time.perf_counter() - started, 3)))
     if session is None:
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
-                                   {i: s for i, _, s in candidates}, counted, deadline, settle_of(settings))
+                                   {i: s for i, _, s in candidates}, counted, deadline)
     confidence = confidence_of(settings)
     try:
         results, notes = search(session, [i for i, _, _ in candidates], {i: s for i, _, s in candidates},
@@ -100,10 +99,6 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
     out = Measured(results)
     out.notes = [*opened, *notes, ("tuned_in", session.where), *probe.delta(include_driver=session.where == "process")]
     return out
-
-
-def settle_of(settings: Any) -> Settle:
-    return Settle(float(settings.tolerance), confidence_of(settings))
 
 
 def confidence_of(settings: Any) -> float:

@@ -24,8 +24,6 @@ import select
 import sys
 from typing import Any
 
-from tunevault.engine.rounds import Settle
-
 STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "device-side assert",
           "an illegal instruction", "CUDA error: unknown error")
 
@@ -91,17 +89,13 @@ class Worker:
             raise Fatal(f"cannot rebuild the arguments of {target}: {type(exc).__name__}: {exc}") from exc
         configs = dict(enumerate(at.configs))
         specs = {i: config_spec(c) for i, c in configs.items()}
-        self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted,
-                                                          settle=settle_from(msg.get("settle")))
+        self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted)
 
     def run(self, msg: dict[str, Any]) -> bool:
         """Run configs one by one; returns False when a sticky device error means this process must go."""
         session = self.sessions[int(msg["sid"])]
         mode, reference = str(msg["mode"]), msg.get("reference")
-        indices = [int(i) for i in msg["configs"]]
-        if len(indices) > 1 and session.times_together(mode):
-            return self.run_together(session, mode, indices)
-        for index in indices:
+        for index in [int(i) for i in msg["configs"]]:
             self.emit(ev="start", index=index)
             before = self.launches
             spread: dict[str, Any] = {}
@@ -116,23 +110,6 @@ class Worker:
                 error, timings = f"benchmark returned {timings}", []
             self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
                       **spread)
-            if error is not None and not healthy(error):
-                return False
-        self.emit(ev="done")
-        return True
-
-    def run_together(self, session: Any, mode: str, indices: list[int]) -> bool:
-        """Time a batch at once (interleaved GPU rounds); its launches are counted on the first result."""
-        before = self.launches
-        results = session.time(indices, mode)
-        for index in indices:
-            result = results[index]
-            timings, error = list(result.timings), result.error
-            if not all(math.isfinite(t) for t in timings):
-                error, timings = f"benchmark returned {timings}", []
-            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
-                      n=result.n, iqr=result.iqr)
-            before = self.launches
             if error is not None and not healthy(error):
                 return False
         self.emit(ev="done")
@@ -161,15 +138,6 @@ class Worker:
             self.sessions.pop(int(sid), None)
             release_memory()
         return True
-
-
-def settle_from(value: object) -> Settle | None:
-    """The server's tie rule from an open message: [tolerance, confidence], or None."""
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
-        tolerance, confidence = float(value[0]), float(value[1])
-        if 0.0 <= tolerance < 1.0 and 0.5 <= confidence < 1.0:
-            return Settle(tolerance, confidence)
-    return None
 
 
 def prepare() -> None:
