@@ -202,6 +202,12 @@ class InProcessSession:
                                       [(i, self.configs[i], self.specs[i])], bench, self.on_launch)[0]
         return out
 
+    def times_together(self, effort: str) -> bool:
+        """Whether ``time`` must see all of a batch at once (interleaved GPU rounds), not one by one."""
+        from tunevault.engine.timing import uses_gpu_rounds
+
+        return effort == "full" and uses_gpu_rounds(self.autotuner)
+
     def _gpu_rounds(self, indices: Sequence[int]) -> dict[int, CandidateResult]:
         """Careful GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""
         from tunevault.engine.gpu_timing import graph_safe

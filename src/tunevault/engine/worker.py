@@ -95,7 +95,10 @@ class Worker:
         """Run configs one by one; returns False when a sticky device error means this process must go."""
         session = self.sessions[int(msg["sid"])]
         mode, reference = str(msg["mode"]), msg.get("reference")
-        for index in [int(i) for i in msg["configs"]]:
+        indices = [int(i) for i in msg["configs"]]
+        if len(indices) > 1 and session.times_together(mode):
+            return self.run_together(session, mode, indices)
+        for index in indices:
             self.emit(ev="start", index=index)
             before = self.launches
             spread: dict[str, Any] = {}
@@ -110,6 +113,24 @@ class Worker:
                 error, timings = f"benchmark returned {timings}", []
             self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
                       **spread)
+            if error is not None and not healthy(error):
+                return False
+        self.emit(ev="done")
+        return True
+
+    def run_together(self, session: Any, mode: str, indices: list[int]) -> bool:
+        """Time a batch at once (interleaved GPU rounds): a config's result follows the batch, its
+        launches counted with it. A fault loses the batch, which the server sends again."""
+        before = self.launches
+        results = session.time(indices, mode)
+        for index in indices:
+            result = results[index]
+            timings, error = list(result.timings), result.error
+            if not all(math.isfinite(t) for t in timings):
+                error, timings = f"benchmark returned {timings}", []
+            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
+                      n=result.n, iqr=result.iqr)
+            before = self.launches
             if error is not None and not healthy(error):
                 return False
         self.emit(ev="done")
