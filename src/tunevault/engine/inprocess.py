@@ -228,7 +228,7 @@ class InProcessSession:
             if i in timed.errors:
                 log.debug("tunevault: config %s failed: %s", self.specs[i].describe(), timed.errors[i])
                 out[i] = CandidateResult(i, self.specs[i], (), timed.errors[i])
-            elif i in timed.medians:
+            elif i in timed.fastest:
                 center, n, iqr = timed.summary(i)
                 out[i] = CandidateResult(i, self.specs[i], center, None, n, iqr)
             else:
