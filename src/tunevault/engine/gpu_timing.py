@@ -123,10 +123,6 @@ class ConfigTimer:
             for _i in range(max(1, int(warmup_ms / self.estimate))):
                 fn()
 
-    @property
-    def by_graph(self) -> bool:
-        return self.replay is not None
-
     def _prepare(self) -> None:
         import torch
 

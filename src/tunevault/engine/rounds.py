@@ -34,7 +34,6 @@ class RoundsResult:
         self.fastest: dict[int, list[float]] = {}
         self.samples: dict[int, list[float]] = {}
         self.errors: dict[int, str] = {}
-        self.by_graph: dict[int, bool] = {}
 
     def summary(self, index: int) -> tuple[tuple[float, float, float], int, float | None]:
         """(fastest, p20, p80) in ms, the number of rounds and the interquartile range of their fastest."""
@@ -57,7 +56,6 @@ def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int,
         for i, call in calls.items():
             try:
                 timers[i] = ConfigTimer(call, graphs.get(i), warmup_ms, flush)
-                out.by_graph[i] = timers[i].by_graph
             except Exception as exc:  # compile errors, out of resources, launch failures: this config loses
                 out.errors[i] = f"{type(exc).__name__}: {exc}"[:500]
         # A new order every round, different in every process, so no config always follows another.
