@@ -231,9 +231,16 @@ def best_config(chosen: Sequence[tuple[Point, float]], configs: Sequence[int]) -
     A config measured at none of the ``chosen`` points scores above every config measured at one
     (ABSENT_MARGIN), so it is never picked while one that ran is there."""
     weights = [w for _p, w in chosen]
-    columns = zip(*(p.row for p, _w in chosen), strict=True)  # rows are laid out over configs
-    score, index = min((weighted_median(col, weights), i) for col, i in zip(columns, configs, strict=True))
-    return index, score
+    columns = list(zip(*(p.row for p, _w in chosen), strict=True))  # rows are laid out over configs
+    lowest = [min(col) for col in columns]
+    best: tuple[float, int] = (math.inf, configs[0])
+    # A weighted median is never below its column's lowest value: once that exceeds the best score
+    # so far, no later config (in order of lowest value) can win, and most configs go unscored.
+    for j in sorted(range(len(configs)), key=lambda j: (lowest[j], configs[j])):
+        if lowest[j] > best[0]:
+            break
+        best = min(best, (weighted_median(columns[j], weights), configs[j]))
+    return best[1], best[0]
 
 
 def weighted_median(values: Sequence[float], weights: Sequence[float]) -> float:
