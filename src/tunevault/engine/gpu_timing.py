@@ -131,6 +131,10 @@ class ConfigTimer:
             torch.cuda._sleep(self.spin)
 
     def _eager(self, n: int) -> list[float]:
+        return self._timed(n, self.fn, 1)
+
+    def _timed(self, n: int, run: Callable[[], Any], launches: int) -> list[float]:
+        """``n`` runs of ``run``, each after a flush and a spin, in ms per launch (``launches`` per run)."""
         import torch
 
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
@@ -138,28 +142,18 @@ class ConfigTimer:
         for s, e in zip(starts, ends, strict=True):
             self._prepare()
             s.record()
-            self.fn()
+            run()
             e.record()
         torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+        return [s.elapsed_time(e) / launches for s, e in zip(starts, ends, strict=True)]
 
     def round(self, ms: float, min_reps: int = 1, max_reps: int = 500) -> list[float]:
         """Per-launch times of about ``ms`` of timed work (at least ``min_reps`` runs or replays)."""
-        import torch
-
         if self.replay is None:
             return self._eager(min(max_reps, max(min_reps, int(ms / self.estimate))))
         graph, launches = self.replay
         n = min(max_reps, max(min_reps, int(ms / (self.estimate * launches))))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends, strict=True):
-            self._prepare()
-            s.record()
-            graph.replay()
-            e.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) / launches for s, e in zip(starts, ends, strict=True)]
+        return self._timed(n, graph.replay, launches)
 
     def close(self) -> None:
         if self.replay is not None:

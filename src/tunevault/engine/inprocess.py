@@ -186,11 +186,11 @@ class InProcessSession:
         return out
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
-        from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer, uses_gpu_rounds
+        from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer
 
         if uses_cpu_timer(self.autotuner):
             return self._interleaved(indices, 1 if effort == "screen" else cpu_reps())
-        if effort == "full" and uses_gpu_rounds(self.autotuner):
+        if self.times_together(effort):
             return self._gpu_rounds(indices)
         out: dict[int, CandidateResult] = {}
         for i in indices:

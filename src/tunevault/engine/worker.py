@@ -109,11 +109,7 @@ class Worker:
                 result = session.time([index], mode)[index]
                 error, timings = result.error, list(result.timings)
                 spread = {"n": result.n, "iqr": result.iqr}
-            if not all(math.isfinite(t) for t in timings):
-                error, timings = f"benchmark returned {timings}", []
-            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
-                      **spread)
-            if error is not None and not healthy(error):
+            if not self.report(index, error, timings, self.launches - before, **spread):
                 return False
         self.emit(ev="done")
         return True
@@ -125,16 +121,19 @@ class Worker:
         results = session.time(indices, mode)
         for index in indices:
             result = results[index]
-            timings, error = list(result.timings), result.error
-            if not all(math.isfinite(t) for t in timings):
-                error, timings = f"benchmark returned {timings}", []
-            self.emit(ev="result", index=index, timings=timings, error=error, launches=self.launches - before,
-                      n=result.n, iqr=result.iqr)
-            before = self.launches
-            if error is not None and not healthy(error):
+            if not self.report(index, result.error, list(result.timings), self.launches - before,
+                               n=result.n, iqr=result.iqr):
                 return False
+            before = self.launches
         self.emit(ev="done")
         return True
+
+    def report(self, index: int, error: str | None, timings: list[float], launches: int, **spread: Any) -> bool:
+        """Send one config's result; False when its error is a sticky device error (this process must go)."""
+        if not all(math.isfinite(t) for t in timings):
+            error, timings = f"benchmark returned {timings}", []
+        self.emit(ev="result", index=index, timings=timings, error=error, launches=launches, **spread)
+        return error is None or healthy(error)
 
     def handle(self, msg: dict[str, Any]) -> bool:
         op, sid = msg.get("op"), msg.get("sid")
