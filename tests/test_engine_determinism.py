@@ -10,7 +10,9 @@ Select it alone with ``-m determinism``.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,5 +45,6 @@ def test_determinism_equal_cost_configs_one_winner_over_fresh_processes() -> Non
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(AT_ONCE) as pool:
         stores = [f"sqlite:///{os.path.join(tmp, f'store{i}.db')}" for i in range(PROCESSES)]
         runs = list(pool.map(lambda store: run_py(CODE, TV_STORE=store), stores))
+    print(json.dumps(runs), file=sys.stderr)  # shown whole on a failure (the assertion's repr is cut short)
     assert len({r["chosen"] for r in runs}) == 1, runs
     assert runs[0]["chosen"] == 0, runs  # all tied: the earliest declared config
