@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import triton
 import triton.language as tl
@@ -273,3 +275,31 @@ def autotuner_of(kernel):
     while type(fn).__name__ != "Autotuner":
         fn = fn.fn
     return fn
+
+
+def fla_launches(device: str) -> list[tuple[str, Callable[[], Any]]]:
+    """flash-linear-attention's own @triton.autotune kernels (a library not written here), reached
+    through its public ops: (label, launch) per call; ImportError when ``fla`` is not installed."""
+    import torch
+    import torch.nn.functional as F
+    from fla.modules.l2norm import l2norm_fwd
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.utils.cumsum import chunk_local_cumsum
+
+    dev, bf16 = device, torch.bfloat16
+    out: list[tuple[str, Callable[[], Any]]] = []
+    for d in (64, 128, 256, 512):
+        x = torch.randn(8192, d, device=dev, dtype=bf16)
+        out.append((f"fla.l2norm_fwd[D={d}]", lambda x=x: l2norm_fwd(x)))
+    for h in (4, 8, 16):
+        g = F.logsigmoid(torch.randn(1, 8192, h, device=dev, dtype=torch.float32))
+        out.append((f"fla.chunk_local_cumsum[H={h}]", lambda g=g: chunk_local_cumsum(g, chunk_size=64)))
+    for h, kd, vd in ((8, 128, 128), (16, 128, 128)):
+        q, k = (torch.randn(1, 4096, h, kd, device=dev, dtype=bf16) for _ in range(2))
+        k = F.normalize(k, p=2, dim=-1)
+        v = torch.randn(1, 4096, h, vd, device=dev, dtype=bf16)
+        g = F.logsigmoid(torch.randn(1, 4096, h, device=dev, dtype=torch.float32))
+        beta = torch.rand(1, 4096, h, device=dev, dtype=bf16).sigmoid()
+        out.append((f"fla.chunk_gated_delta_rule[H={h},K={kd},V={vd}]",
+                    lambda q=q, k=k, v=v, g=g, beta=beta: chunk_gated_delta_rule(q, k, v, g, beta)))
+    return out

@@ -131,37 +131,10 @@ def gpu_launches() -> tuple[list[tuple[str, Callable[[], Any]]], list[str]]:
     out = [(gk.label(k, s), launch(k, s)) for k, s in GPU_WORK]
     notes = []
     try:
-        out += fla_launches()
+        out += gk.fla_launches("cuda")
     except ImportError as exc:
         notes.append(f"flash-linear-attention not importable ({exc}): its kernels are not in the manifest")
     return out + [(gk.label(k, s), launch(k, s)) for k, s in GPU_MORE], notes
-
-
-def fla_launches() -> list[tuple[str, Callable[[], Any]]]:
-    """flash-linear-attention's own @triton.autotune kernels, reached through its public ops."""
-    import torch
-    import torch.nn.functional as F
-    from fla.modules.l2norm import l2norm_fwd
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    from fla.ops.utils.cumsum import chunk_local_cumsum
-
-    dev, bf16 = "cuda", torch.bfloat16
-    out: list[tuple[str, Callable[[], Any]]] = []
-    for d in (64, 128, 256, 512):
-        x = torch.randn(8192, d, device=dev, dtype=bf16)
-        out.append((f"fla.l2norm_fwd[D={d}]", lambda x=x: l2norm_fwd(x)))
-    for h in (4, 8, 16):
-        g = F.logsigmoid(torch.randn(1, 8192, h, device=dev, dtype=torch.float32))
-        out.append((f"fla.chunk_local_cumsum[H={h}]", lambda g=g: chunk_local_cumsum(g, chunk_size=64)))
-    for h, kd, vd in ((8, 128, 128), (16, 128, 128)):
-        q, k = (torch.randn(1, 4096, h, kd, device=dev, dtype=bf16) for _ in range(2))
-        k = F.normalize(k, p=2, dim=-1)
-        v = torch.randn(1, 4096, h, vd, device=dev, dtype=bf16)
-        g = F.logsigmoid(torch.randn(1, 4096, h, device=dev, dtype=torch.float32))
-        beta = torch.rand(1, 4096, h, device=dev, dtype=bf16).sigmoid()
-        out.append((f"fla.chunk_gated_delta_rule[H={h},K={kd},V={vd}]",
-                    lambda q=q, k=k, v=v, g=g, beta=beta: chunk_gated_delta_rule(q, k, v, g, beta)))
-    return out
 
 
 def task_manifest(out: Path, cpu: bool, keys: int) -> int:
@@ -183,6 +156,58 @@ def task_manifest(out: Path, cpu: bool, keys: int) -> int:
     kernels = sorted({k for k, _ in lines})
     print(json.dumps({"keys": len(lines), "kernels": kernels, "notes": notes}))
     return 0
+
+
+def task_referee(out: Path, path: str) -> int:
+    """Time each differing key's two picks side by side in this one process (tunevault's careful GPU
+    timing, three times): a referee that neither run's screen or device biased."""
+    from tunevault.capture import manifest
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.core.identity import config_spec
+    from tunevault.engine.inprocess import InProcessSession
+    from tunevault.engine.worker import find_autotuner, import_kernel
+
+    entries = {e.ident: e for e in manifest.read(out / "manifest.jsonl")}
+    verdicts = []
+    for d in json.loads(Path(path).read_text()):
+        entry = entries.get((d["kernel"], d["key_text"]))
+        if entry is None or entry.callspec is None:
+            verdicts.append({**d, "error": "not in the manifest with a callspec"})
+            continue
+        at = find_autotuner(import_kernel(d["kernel"]))
+        args, kwargs = CallSpec.from_json(entry.callspec, untrusted=False).build(at, seed=0)
+        picks = [d["one_index"], d["many_index"]]
+        session = InProcessSession(at, args, kwargs, {i: at.configs[i] for i in picks},
+                                   {i: config_spec(at.configs[i]) for i in picks})
+        ratios = []
+        for _ in range(3):
+            timed = session.time(picks, "full")
+            a, b = (timed[i].timings[0] if timed[i].ok else float("inf") for i in picks)
+            ratios.append(b / a)
+        verdicts.append({**d, "many_vs_one": round(statistics.median(ratios), 4), "ratios": ratios})
+    print(json.dumps(verdicts))
+    return 0
+
+
+def referee(out: Path, differences: list[dict[str, Any]], cache: Path, tolerance: float,
+            timeout: float) -> list[dict[str, Any]]:
+    """The referee's verdict per differing key (within the tie band when the slower pick is within
+    ``tolerance`` of the faster), or an error note."""
+    if not differences:
+        return []
+    todo = out / "referee.json"
+    todo.write_text(json.dumps(differences))
+    env = {**child_env(False, cache), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+    done = subprocess.run([sys.executable, __file__, "--task", "referee", "--out", str(out), "--todo", str(todo)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+    try:
+        verdicts = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [{"error": done.stderr[-1500:]}]
+    for v in verdicts:
+        r = v.get("many_vs_one")
+        v["tie_band"] = r is not None and max(r, 1 / r) <= 1 + tolerance
+    return verdicts
 
 
 # --- the runs ---------------------------------------------------------------------------------------
@@ -266,8 +291,9 @@ def agreement(one: str, many: str, tolerance: float) -> dict[str, Any]:
             rows["tie_band"] += 1
         else:
             rows["different"] += 1
-            differ.append({"kernel": ident[0], "key": da.key.describe(), "one": da.config.describe(),
-                           "many": db.config.describe()})
+            differ.append({"kernel": ident[0], "key": da.key.describe(), "key_text": ident[1],
+                           "one": da.config.describe(), "many": db.config.describe(),
+                           "one_index": da.config_index, "many_index": db.config_index})
     return {**rows, "keys": len(a.keys() & b.keys()), "differences": differ}
 
 
@@ -298,6 +324,12 @@ def summarize(results: dict[str, Any]) -> str:
     for r in results.get("agreement", []):
         lines.append(f"- decisions, repeat {r['repeat']}: {r['identical']}/{r['keys']} identical, {r['tie_band']} "
                      f"within the tie band, {r['different']} different, {r['missing']} on one side only")
+        verdicts = [v for v in r.get("referee", []) if "many_vs_one" in v]
+        if verdicts:
+            tied = sum(v["tie_band"] for v in verdicts)
+            each = ", ".join(f"{v['kernel'].rsplit(':', 1)[-1]} {v['many_vs_one']:.3f}" for v in verdicts)
+            lines.append(f"  - the {len(verdicts)} different keys timed side by side on one GPU (referee): "
+                         f"{tied} within the tie band; {each}")
     lines += [f"- note: {n}" for n in results.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -313,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"GPU mode: keys in the manifest (default {GPU_KEYS}; 40 is GPU_WORK and "
                         "flash-linear-attention alone); the CPU manifest is fixed")
     p.add_argument("--budget", type=float, default=900.0, help="seconds for the whole benchmark")
-    p.add_argument("--task", choices=["manifest"], help=argparse.SUPPRESS)
+    p.add_argument("--task", choices=["manifest", "referee"], help=argparse.SUPPRESS)
+    p.add_argument("--todo", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     if args.task == "manifest":
         return task_manifest(out, args.cpu, args.keys)
+    if args.task == "referee":
+        return task_referee(out, args.todo)
     deadline = time.monotonic() + args.budget
     cpu = args.cpu or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     jobs = args.jobs or (2 if cpu else gpu_count())
@@ -359,7 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(pair) == 2:
             from tunevault.policy.settings import Settings
 
-            agree = agreement(pair[1]["store"], pair[jobs]["store"], Settings().tolerance)
+            tolerance = Settings().tolerance
+            agree = agreement(pair[1]["store"], pair[jobs]["store"], tolerance)
+            if not cpu and agree["differences"]:
+                left = deadline - time.monotonic()
+                agree["referee"] = referee(out, agree["differences"], out / "triton-cache" / f"r{repeat}-jobs1",
+                                           tolerance, max(30.0, left)) if left > 60 else [
+                                               {"error": f"skipped: {left:.0f} s of budget left"}]
             results["agreement"].append({"repeat": repeat, **agree})
             results["pair_ratios"].append(round(pair[jobs]["wall_s"] / pair[1]["wall_s"], 3))
         ok = [r for r in results["runs"] if "wall_s" in r and not r.get("error")]

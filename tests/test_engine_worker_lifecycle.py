@@ -87,11 +87,22 @@ def test_warmup_from_a_manifest_ends_with_the_worker_gone(sqlite_url: str, tmp_p
     assert isolated.worker_pid() is None
 
 
-@pytest.fixture
-def learned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """A fresh kernel module on sys.path (so also on the worker's), and where the worker says it imported it."""
+SLOW_IMPORT = '''
+import os
+import time
+
+if os.environ.get("TUNEVAULT_WORKER") != "1":  # the server's import of a large library takes seconds
+    time.sleep(1.5)
+'''
+
+
+@pytest.fixture(params=["quick", "slow"])
+def learned(request: pytest.FixtureRequest, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A fresh kernel module on sys.path (so also on the worker's), and where the worker says it imported it.
+    "slow": the server's import takes long enough for the worker's watch to see it half done."""
     name = f"learned_{os.getpid()}_{time.monotonic_ns()}"
-    (tmp_path / f"{name}.py").write_text(LEARNED)
+    (tmp_path / f"{name}.py").write_text((SLOW_IMPORT if request.param == "slow" else "") + LEARNED)
     marks = tmp_path / "marks"
     marks.mkdir()
     monkeypatch.setenv(ke.GATE_DIR_VAR, str(marks))

@@ -52,11 +52,14 @@ def _defines_kernel(value: Any) -> bool:
 
 def loaded_kernel_modules(seen: set[str]) -> list[str]:
     """Modules imported in this process since the last call (``seen`` remembers) that define an
-    autotuned kernel at their top level."""
+    autotuned kernel at their top level. A module whose import is still running (a large library
+    takes seconds) is looked at again on a later call, once its kernels exist."""
     found = []
     for name, module in list(sys.modules.items()):
         if name in seen:
             continue
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            continue  # still being imported: its kernels may not be defined yet; look again next time
         seen.add(name)
         if not importable(name):
             continue

@@ -153,12 +153,13 @@ def _watch(w: WorkerProcess) -> None:
         time.sleep(WATCH_EVERY)
 
 
-def prestart(manifest: str | None = None) -> None:
+def prestart(manifest: str | None = None, context: bool = False) -> None:
     """Start the worker now, in the background, so its start-up (imports, about 5 s on a GPU host)
     overlaps the server's own instead of delaying the first tuning. A tuning that arrives before
     it is ready waits for it rather than starting a second one. The worker then imports the
     kernels' modules while the server starts: those a key ``manifest`` of an earlier run names,
-    and those the server itself imports meanwhile (engine.hints)."""
+    and those the server itself imports meanwhile (engine.hints). ``context``: the server will tune
+    in it at start-up, so it also creates its CUDA context now (see worker.prepare)."""
     holding = threading.Event()
     generation = _generation
 
@@ -170,7 +171,7 @@ def prestart(manifest: str | None = None) -> None:
                 return
             try:
                 w = spawn(worker_env(likely_device()), START_TIMEOUT)
-                w.send({"op": "prepare", "idle": PRESTART_IDLE})
+                w.send({"op": "prepare", "idle": PRESTART_IDLE, "context": context})
             except WorkerDied as exc:
                 log.debug("tunevault: prestarting the tuning worker failed: %s", exc)
                 return

@@ -151,28 +151,41 @@ class Worker:
         elif op == "run":
             return self.run(msg)
         elif op == "prepare":
-            prepare()
+            prepare(bool(msg.get("context")))
         elif op == "import":
             import_modules(msg.get("modules"))
         elif op == "close":
+            # The session's tensors go with it (reference counts); the allocator keeps their blocks for
+            # the next key. No full collection here: with a large library loaded it costs the next
+            # key a few hundred ms, and the worker's memory goes back when it exits.
             self.sessions.pop(int(sid), None)
-            release_memory()
         return True
 
 
-def prepare() -> None:
-    """While prestarted and waiting: load what the first session needs, short of a CUDA context.
+def prepare(context: bool = False) -> None:
+    """While prestarted and waiting: load what the first session needs.
 
-    ``torch.cuda.init()`` loads the CUDA libraries and initializes the driver; the context (and
-    its device memory) is created only by the first allocation, when a session opens."""
+    ``torch.cuda.init()`` loads the CUDA libraries and initializes the driver. With ``context``
+    (the server tunes in this worker during its start-up) the CUDA context of the one device this
+    worker sees is created too, with Triton's driver helpers and the timer's spin kernel, so the
+    first key does not wait for them; otherwise the first session's allocation creates it."""
     import tunevault.capture.argspec  # noqa: F401
     import tunevault.core.identity  # noqa: F401
 
     try:
         import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.init()
+        if not torch.cuda.is_available():
+            return
+        torch.cuda.init()
+        if context:
+            from triton.runtime.driver import driver
+
+            from tunevault.engine.gpu_timing import cycles_per_us
+
+            torch.empty(1, device="cuda")
+            driver.active.get_current_target()
+            cycles_per_us(torch.cuda.current_device())
     except Exception:
         pass  # the session will report whatever is wrong with the device
 

@@ -94,7 +94,8 @@ def install(settings: Settings) -> Runtime:
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
 
-            isolated.prestart(settings.capture)  # a manifest names the kernels' modules to import
+            # a manifest names the kernels' modules to import; tuning isolated means it tunes at start-up
+            isolated.prestart(settings.capture, context=settings.isolate)
         log.debug("tunevault installed: %s", settings)
         return _runtime
 
