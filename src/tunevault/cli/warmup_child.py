@@ -155,7 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                 triton.runtime.driver.active  # noqa: B018  (created here: no thread races to create it)
     kernels = [e.kernel for e in entries]
     if kernels:
-        clock.background("kernels", lambda: prefetch_kernels(walk_order(kernels, walk(kernels))))
+        from tunevault.engine.context import hold_timing
+
+        imported = threading.Event()
+        hold_timing(imported)  # importing a library holds the GIL: the first keys compile meanwhile, not time
+
+        def prefetch() -> None:
+            try:
+                prefetch_kernels(walk_order(kernels, walk(kernels)))
+            finally:
+                imported.set()
+
+        clock.background("kernels", prefetch)
     lock = threading.Lock()
     ready: list[bool] = []
 

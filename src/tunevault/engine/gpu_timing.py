@@ -115,13 +115,27 @@ class ConfigTimer:
             self.spin = int(min(2000.0, 1.5 * _host_launch_us(fn) + 10.0) * cycles_per_us(device))
             torch.cuda.synchronize()
         self.estimate = max(sorted(self._eager(3))[1], 1e-3)
-        if graph is not None and self.estimate < GRAPH_BELOW_MS:
-            self.replay = _capture(fn, self.estimate)
-            if self.replay is None:
-                _no_graphs.add(graph)
+        self.wants_graph = graph is not None and self.estimate < GRAPH_BELOW_MS
+        if self.wants_graph:
+            self.capture()
         if self.replay is None:
-            for _i in range(max(1, int(warmup_ms / self.estimate))):
-                fn()
+            self._warm(warmup_ms)
+
+    def _warm(self, warmup_ms: float) -> None:
+        for _i in range(max(1, int(warmup_ms / self.estimate))):
+            self.fn()
+
+    def capture(self) -> None:
+        """Capture the graph of N launches (again); a kernel whose capture fails is timed eagerly."""
+        self.replay = _capture(self.fn, self.estimate)
+        if self.replay is None:
+            _no_graphs.add(self.graph)
+
+    def eager_only(self, warmup_ms: float) -> None:
+        """Time eager runs from now on, like a config whose capture failed (see rounds.one_method)."""
+        if self.replay is not None:
+            self.close()
+            self._warm(warmup_ms)
 
     def _prepare(self) -> None:
         import torch

@@ -155,6 +155,7 @@ class InProcessSession:
         self.nargs = dict(zip(autotuner.arg_names, args, strict=False))
         self.configs, self.specs, self.on_launch, self.deadline = configs, specs, on_launch, deadline
         self.validator: Any = None
+        self.on_setup: Callable[[int | None], None] | None = None  # batch timing: config i runs first
 
     def _late(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -187,12 +188,15 @@ class InProcessSession:
         return out
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
+        from tunevault.engine.context import wait_until_quiet
         from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer
+
+        wait_until_quiet()
 
         if uses_cpu_timer(self.autotuner):
             return self._interleaved(indices, 1 if effort == "screen" else cpu_reps())
         if self.times_together(effort):
-            return self._gpu_rounds(indices)
+            return self._gpu_rounds(indices, effort)
         out: dict[int, CandidateResult] = {}
         for i in indices:
             if self._late():
@@ -207,10 +211,10 @@ class InProcessSession:
         """Whether ``time`` must see all of a batch at once (interleaved GPU rounds), not one by one."""
         from tunevault.engine.timing import uses_gpu_rounds
 
-        return effort == "full" and uses_gpu_rounds(self.autotuner)
+        return effort in ("screen", "full") and uses_gpu_rounds(self.autotuner)
 
-    def _gpu_rounds(self, indices: Sequence[int]) -> dict[int, CandidateResult]:
-        """Careful GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""
+    def _gpu_rounds(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
+        """GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""
         from tunevault.engine.gpu_timing import graph_safe
         from tunevault.engine.rounds import time_in_rounds
 
@@ -224,7 +228,7 @@ class InProcessSession:
             except Exception as exc:
                 out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
         graphs = {i: graph_safe(self.autotuner, self.configs[i]) for i in calls}
-        timed = time_in_rounds(calls, graphs, late=self._late)
+        timed = time_in_rounds(calls, graphs, effort, late=self._late, on_setup=self.on_setup)
         for i in calls:
             if i in timed.errors:
                 log.debug("tunevault: config %s failed: %s", self.specs[i].describe(), timed.errors[i])

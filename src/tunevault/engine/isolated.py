@@ -356,8 +356,8 @@ class WorkerSession:
                                 "without it", self.target, self.specs[current].describe(), reason)
                 return current is not None or progressed, f"worker died ({reason})"
             kind = ev.get("ev")
-            if kind == "start" and ev.get("index") in pending:
-                current = ev["index"]
+            if kind == "start":  # index None: every config of a batch has run once
+                current = ev.get("index") if ev.get("index") in pending else None
             elif kind == "result" and ev.get("index") in pending:
                 out[ev["index"]] = self._result(ev)
                 pending.remove(ev["index"])

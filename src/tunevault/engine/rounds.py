@@ -13,6 +13,12 @@ on an H200 the fastest was the statistic that ranked microsecond configs the sam
 process (the ratio of two RMSNorm configs: 1.014-1.018 over three processes by the fastest,
 1.026-1.058 by the median of round medians; bench/timing_noise.py). The noise the selection sees
 is the spread of each round's fastest.
+
+The screen runs the same way, in fewer rounds of less work: a screen that timed one config
+after another gave a burst of load on the host all of one config's runs. And one batch is timed
+by one method: where a short kernel's graph capture fails for one config, every config of the
+batch is timed eagerly (an H200 warmup compared a 2 us kernel's eager 14 us with its rivals'
+1.6 us replays, and a matmul screened out by its eager time was the fastest by replay).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable, Mapping
 from tunevault.engine.gpu_timing import EFFORT, ConfigTimer, new_flush, refuse_in_capture
 from tunevault.engine.timing import quantile, spread
 
-ROUNDS = 16
+ROUNDS = {"screen": 4, "full": 16}
 
 
 class RoundsResult:
@@ -42,26 +48,36 @@ class RoundsResult:
         return (ordered[0], quantile(ordered, 0.2), quantile(ordered, 0.8)), n, iqr
 
 
-def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int, object],
-                   rounds: int = ROUNDS, late: Callable[[], bool] = lambda: False) -> RoundsResult:
-    """Time every call in ``rounds`` interleaved rounds; ``graphs[i]`` allows graph replay for call i."""
+def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int, object], effort: str = "full",
+                   late: Callable[[], bool] = lambda: False,
+                   on_setup: Callable[[int | None], None] | None = None) -> RoundsResult:
+    """Time every call in interleaved rounds; ``graphs[i]`` allows graph replay for call i.
+
+    ``on_setup(i)`` is called before config i first runs (a fault then names it), and
+    ``on_setup(None)`` once every config has run."""
     import torch
 
     refuse_in_capture()
-    warmup_ms, rep_ms, _min, max_reps = EFFORT["full"]
+    warmup_ms, rep_ms, _min, max_reps = EFFORT[effort]
+    rounds = ROUNDS[effort]
     out = RoundsResult()
     flush = new_flush(torch.cuda.current_device())
     timers: dict[int, ConfigTimer] = {}
     try:
         for i, call in calls.items():
+            if on_setup is not None:
+                on_setup(i)
             try:
                 timers[i] = ConfigTimer(call, graphs.get(i), warmup_ms, flush)
             except Exception as exc:  # compile errors, out of resources, launch failures: this config loses
                 out.errors[i] = f"{type(exc).__name__}: {exc}"[:500]
+        if on_setup is not None:
+            on_setup(None)
+        one_method(timers, warmup_ms)
         # A new order every round, different in every process, so no config always follows another.
         order = random.Random(os.getpid() * 1_000_003 + len(timers))
-        per_round = rep_ms / max(1, rounds)
-        for _r in range(max(1, rounds)):
+        per_round = rep_ms / rounds
+        for _r in range(rounds):
             if late() and out.fastest:
                 break
             ring = list(timers.items())
@@ -83,3 +99,15 @@ def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int,
         out.fastest.pop(i, None)
         out.samples.pop(i, None)
     return out
+
+
+def one_method(timers: Mapping[int, ConfigTimer], warmup_ms: float) -> None:
+    """Every timer replays a graph, or none does: a config whose capture failed (twice) times the
+    whole batch eagerly, since a replay and an eager run of one kernel measure different things."""
+    wanted = [t for t in timers.values() if t.wants_graph]
+    for timer in wanted:
+        if timer.replay is None:
+            timer.capture()  # once more: a capture can fail for a passing reason
+    if any(t.replay is None for t in wanted):
+        for timer in wanted:
+            timer.eager_only(warmup_ms)

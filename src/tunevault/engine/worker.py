@@ -116,9 +116,14 @@ class Worker:
 
     def run_together(self, session: Any, mode: str, indices: list[int]) -> bool:
         """Time a batch at once (interleaved GPU rounds): a config's result follows the batch, its
-        launches counted with it. A fault loses the batch, which the server sends again."""
+        launches counted with it. Each config is announced before its first run, so a fault there
+        names it; a fault later loses the batch, which the server sends again."""
         before = self.launches
-        results = session.time(indices, mode)
+        session.on_setup = lambda index: self.emit(ev="start", index=index)
+        try:
+            results = session.time(indices, mode)
+        finally:
+            session.on_setup = None
         for index in indices:
             result = results[index]
             if not self.report(index, result.error, list(result.timings), self.launches - before,
