@@ -202,16 +202,16 @@ class InProcessSession:
             if self._late():
                 out[i] = self._skipped(i)
                 continue
-            bench = benchmarker_for(self.autotuner, effort, self.configs[i])
+            bench = benchmarker_for(self.autotuner)
             out[i] = bench_candidates(self.autotuner, self.args, self.kwargs, self.nargs,
                                       [(i, self.configs[i], self.specs[i])], bench, self.on_launch)[0]
         return out
 
     def times_together(self, effort: str) -> bool:
         """Whether ``time`` must see all of a batch at once (interleaved GPU rounds), not one by one."""
-        from tunevault.engine.timing import uses_gpu_rounds
+        from tunevault.engine.timing import EFFORTS, uses_gpu_rounds
 
-        return effort in ("screen", "full") and uses_gpu_rounds(self.autotuner)
+        return effort in EFFORTS and uses_gpu_rounds(self.autotuner)
 
     def _gpu_rounds(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
         """GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""

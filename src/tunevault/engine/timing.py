@@ -7,7 +7,6 @@ comes in two efforts: ``screen`` (a few runs, to rank candidates) and ``full`` (
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import time
@@ -73,17 +72,11 @@ def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8
     return summarize(times, quantiles)
 
 
-def cpu_screen(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8),
-               samples: list[float] | None = None, **_: Any) -> list[float]:
-    """One warm-up and one timed call: enough to rank candidates under the interpreter."""
-    return cpu_bench(fn, quantiles, reps=1, samples=samples)
-
-
 def fills_samples(bench: Benchmarker) -> bool:
     """Whether ``bench`` is one of ours, which accept a ``samples`` list (Triton's do_bench does not)."""
     from tunevault.engine import gpu_timing
 
-    return getattr(bench, "func", bench) in (cpu_bench, cpu_screen, gpu_timing.gpu_bench)
+    return getattr(bench, "func", bench) in (cpu_bench, gpu_timing.gpu_bench)
 
 
 def _cuda_ready() -> bool:
@@ -95,21 +88,12 @@ def _cuda_ready() -> bool:
         return False
 
 
-def benchmarker_for(autotuner: Any, effort: str = "full", config: Any = None) -> Benchmarker:
-    """The kernel's own ``do_bench`` if it declared one, else ours (GPU or CPU), else the driver's.
-
-    On a GPU ours replays a captured CUDA graph for short kernels when ``config`` and the
-    kernel's hooks allow it (gpu_timing.graph_safe)."""
+def benchmarker_for(autotuner: Any) -> Benchmarker:
+    """What times a candidate on its own: the kernel's own ``do_bench`` if it declared one, else the
+    driver's. Our timers time candidates together instead (InProcessSession.time): the CPU timer in
+    rounds under the interpreter, the GPU timer in interleaved rounds on a GPU."""
     own = getattr(autotuner, "_do_bench", None)
-    if own is not None:
-        return own
-    if interpreting():
-        return cpu_screen if effort == "screen" else cpu_bench
-    if _cuda_ready():
-        from tunevault.engine.gpu_timing import gpu_bench, graph_safe
-
-        return functools.partial(gpu_bench, effort=effort, graph=graph_safe(autotuner, config))
-    return autotuner.do_bench
+    return own if own is not None else autotuner.do_bench
 
 
 def uses_gpu_rounds(autotuner: Any) -> bool:
