@@ -285,15 +285,18 @@ class InProcessSession:
                 rounds[-1][i] = (time.perf_counter() - t0) * 1e3
         times = paired(rounds, calls)
         # Load from other processes is the machine's, not a config's: a config that happened to run
-        # between its bursts has not shown how noisy the machine was. Each reports the batch's spread.
+        # between its bursts has not shown how noisy the machine was. Each reports the batch's
+        # spread, relative to its own center (the runs are ratios to their round's median).
         spreads = {i: spread(times[i]) for i in calls if times[i]}
-        batch = max((iqr for _n, iqr in spreads.values() if iqr is not None), default=None)
+        centers = {i: summarize(times[i], CPU_QUANTILES) for i in spreads}
+        batch = max((iqr / centers[i][0] for i, (_n, iqr) in spreads.items() if iqr is not None and centers[i][0] > 0),
+                    default=None)
         for i in calls:
             out[i] = self._skipped(i)
             if i in spreads:
                 n, iqr = spreads[i]
-                out[i] = CandidateResult(i, self.specs[i], tuple(summarize(times[i], CPU_QUANTILES)), None, n,
-                                         None if iqr is None else batch)
+                out[i] = CandidateResult(i, self.specs[i], tuple(centers[i]), None, n,
+                                         None if iqr is None or batch is None else batch * centers[i][0])
         return {i: out[i] for i in indices}
 
     def close(self) -> None:

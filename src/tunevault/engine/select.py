@@ -6,10 +6,10 @@ go to the earliest declared config. A fixed band alone cannot be deterministic: 
 machine every config straddles its edge, and equal configs then pick a different winner in
 every process. Here the noise widens the tie exactly as far as it reaches.
 
-The test: centers (medians; the fastest run in the GPU's rounds) compared with their standard
-errors (``sqrt(pi/2) * sigma / sqrt(n)``, sigma from the interquartile range, never below the
-batch's typical noise at the fastest's scale), one-sided and
-Bonferroni-corrected for comparing with the fastest of k candidates (the fastest of k equal
+The test: centers (medians; the fastest run in the GPU's rounds) compared by their ratio, in
+logs, with their relative standard errors (``sqrt(pi/2) * sigma / sqrt(n)``, sigma from the
+interquartile range, never below the batch's typical noise at the fastest's scale), one-sided
+and Bonferroni-corrected for comparing with the fastest of k candidates (the fastest of k equal
 configs is fast by luck). A candidate loses the tie only when the corrected confidence that it
 is slower reaches ``confidence``. Candidates whose noise is unknown (a kernel's own
 ``do_bench``) tie by ``tolerance`` alone.
@@ -66,7 +66,12 @@ def slower_confidence(c: CandidateResult, fastest: CandidateResult, pooled: floa
     se_c, se_f = _stderr(c, floor), _stderr(fastest, floor)
     if se_c is None or se_f is None:
         return None
-    gap, scale = _median(c) - _median(fastest), math.hypot(se_c, se_f)
+    if _median(c) <= 0 or _median(fastest) <= 0:
+        return None
+    # In logs: a ratio's noise is relative, and a config 8x slower is not hidden by the fast one's
+    # absolute spread (a loaded CPU measured 98 ms +- 37 against 12 ms +- 37: 0.998 in linear terms).
+    gap = math.log(_median(c) / _median(fastest))
+    scale = math.hypot(se_c / _median(c), se_f / _median(fastest))
     if scale <= 0:
         return 1.0 if gap > 0 else 0.0
     p_value = 0.5 * math.erfc(gap / scale / math.sqrt(2))  # P(a gap this large | no difference)

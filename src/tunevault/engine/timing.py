@@ -52,7 +52,14 @@ def spread(times: Sequence[float]) -> tuple[int, float | None]:
 
 
 def cpu_reps() -> int:
-    return max(1, int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "5")))
+    """Timed rounds per config under the interpreter (``TUNEVAULT_CPU_BENCH_REPS``).
+
+    15 by default: on a loaded machine the scheduler preempts a run for a whole time slice, several
+    times a run's length. With 5 rounds, a config preempted in 4 of them had a median and an
+    interquartile range both in the preempted mode and looked confidently slower than its equal
+    twins (2 of 18 eight-process determinism runs under load failed, as did one CI run); with 15, 12
+    of 15 would have to be preempted."""
+    return max(1, int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "15")))
 
 
 def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int | None = None,
