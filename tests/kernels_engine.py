@@ -97,6 +97,25 @@ def add_fails(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
 
 
+HICCUPS = {"calls": 0}
+
+
+def hiccup_once(nargs: dict) -> None:
+    """The first timed run (the second call: the first is the warm-up) is preempted for 50 ms."""
+    HICCUPS["calls"] += 1
+    if HICCUPS["calls"] == 2:
+        time.sleep(0.05)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=w, num_stages=s,
+                                        pre_hook=hiccup_once if (s, w) == (2, 1) else None)
+                          for s in (2, 3) for w in (1, 2, 4, 8)], key=["n"])
+@triton.jit
+def add_equal8_hiccup(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Eight configs of equal cost (enough to screen); the first is preempted in its first timed run."""
+    _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
+
+
 @triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=w) for w in (1, 2, 4, 8, 16)], key=["n"])
 @triton.jit
 def add_equal(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):

@@ -39,6 +39,20 @@ def test_halving_finds_the_fast_config_with_fewer_careful_timings(sqlite_url: st
     assert decision.margin is not None and decision.margin > 1.0  # the runner-up is far behind
 
 
+def test_one_preempted_screen_run_does_not_screen_out_a_tied_config(sqlite_url: str) -> None:
+    # Eight equal configs; the earliest declared is preempted for 50 ms in its first timed run, as
+    # a loaded machine's scheduler does. The screen keeps it (its fastest of a few rounds) and it
+    # wins the tie, as it does when nothing is preempted.
+    ke.HICCUPS["calls"] = 0
+    tunevault.install(mode="tune", store=sqlite_url)
+    x, y = torch.randn(64), torch.randn(64)
+    assert torch.equal(ke.run_add(ke.add_equal8_hiccup, x, y), x + y)
+    (decision,) = runtime().used.values()
+    assert ke.HICCUPS["calls"] >= 2  # the hiccup happened
+    assert dict(decision.provenance)["search"].startswith("halving: screened 8 in ")
+    assert decision.config_index == 0, dict(decision.provenance)["selection"]
+
+
 def test_no_timing_starts_while_this_process_holds_it(sqlite_url: str) -> None:
     """A warmup worker importing a library in the background holds timing until the import ends."""
     import threading

@@ -189,12 +189,21 @@ class InProcessSession:
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
         from tunevault.engine.context import wait_until_quiet
-        from tunevault.engine.timing import benchmarker_for, cpu_reps, uses_cpu_timer
+        from tunevault.engine.timing import (
+            CPU_QUANTILES,
+            CPU_SCREEN_QUANTILES,
+            CPU_SCREEN_ROUNDS,
+            benchmarker_for,
+            cpu_reps,
+            uses_cpu_timer,
+        )
 
         wait_until_quiet()
 
         if uses_cpu_timer(self.autotuner):
-            return self._interleaved(indices, 1 if effort == "screen" else cpu_reps())
+            if effort == "screen":
+                return self._interleaved(indices, CPU_SCREEN_ROUNDS, CPU_SCREEN_QUANTILES)
+            return self._interleaved(indices, cpu_reps(), CPU_QUANTILES)
         if self.times_together(effort):
             return self._gpu_rounds(indices, effort)
         out: dict[int, CandidateResult] = {}
@@ -240,17 +249,19 @@ class InProcessSession:
                 out[i] = self._skipped(i)
         return {i: out[i] for i in indices}
 
-    def _interleaved(self, indices: Sequence[int], reps: int) -> dict[int, CandidateResult]:
+    def _interleaved(self, indices: Sequence[int], reps: int,
+                     quantiles: Sequence[float]) -> dict[int, CandidateResult]:
         """CPU timing in rounds (one run of each config per round): a burst of load from elsewhere
         then slows every config a little instead of one config a lot. Each round runs the configs
         in a new random order, so no config is always first (or always right after a given other one).
 
         Configs are compared within a round (each run over its round's median), then across rounds
-        by the median of those ratios: on a loaded machine the load comes in phases longer than a
-        round, and a config's fastest run mostly says whether it met a quiet moment (on two shared
-        cores, five equal configs' fastest runs split 1.35 ms against 1.85 ms in 3 tunings of 160).
-        The ratios are scaled back to milliseconds by the quietest round's median."""
-        from tunevault.engine.timing import CPU_QUANTILES, spread, summarize
+        by the median of those ratios (``quantiles``' first; the screen takes the fastest): on a
+        loaded machine the load comes in phases longer than a round, and a config's fastest run
+        mostly says whether it met a quiet moment (on two shared cores, five equal configs' fastest
+        runs split 1.35 ms against 1.85 ms in 3 tunings of 160). The ratios are scaled back to
+        milliseconds by the quietest round's median."""
+        from tunevault.engine.timing import spread, summarize
 
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
@@ -288,7 +299,7 @@ class InProcessSession:
         # between its bursts has not shown how noisy the machine was. Each reports the batch's
         # spread, relative to its own center (the runs are ratios to their round's median).
         spreads = {i: spread(times[i]) for i in calls if times[i]}
-        centers = {i: summarize(times[i], CPU_QUANTILES) for i in spreads}
+        centers = {i: summarize(times[i], quantiles) for i in spreads}
         batch = max((iqr / centers[i][0] for i, (_n, iqr) in spreads.items() if iqr is not None and centers[i][0] > 0),
                     default=None)
         for i in calls:

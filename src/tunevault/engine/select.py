@@ -6,12 +6,12 @@ go to the earliest declared config. A fixed band alone cannot be deterministic: 
 machine every config straddles its edge, and equal configs then pick a different winner in
 every process. Here the noise widens the tie exactly as far as it reaches.
 
-The test: centers (medians; the fastest run in the GPU's rounds) compared by their ratio, in
-logs, with their relative standard errors (``sqrt(pi/2) * sigma / sqrt(n)``, sigma from the
-interquartile range, never below the batch's typical noise at the fastest's scale), one-sided
-and Bonferroni-corrected for comparing with the fastest of k candidates (the fastest of k equal
-configs is fast by luck). A candidate loses the tie only when the corrected confidence that it
-is slower reaches ``confidence``. Candidates whose noise is unknown (a kernel's own
+The test: centers (medians; the fastest run in the GPU's rounds and in the CPU screen) compared
+by their ratio, in logs, with their relative standard errors (``sqrt(pi/2) * sigma / sqrt(n)``,
+sigma from the interquartile range, never below the batch's typical noise at the fastest's
+scale), one-sided and Bonferroni-corrected for comparing with the fastest of k candidates (the
+fastest of k equal configs is fast by luck). A candidate loses the tie only when the corrected
+confidence that it is slower reaches ``confidence``. Candidates whose noise is unknown (a kernel's own
 ``do_bench``) tie by ``tolerance`` alone.
 """
 

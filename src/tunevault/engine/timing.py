@@ -19,6 +19,12 @@ EFFORTS = ("screen", "full")
 # median, engine/inprocess.py): the median, since a loaded machine's quiet moments are luck that
 # some configs meet and others do not.
 CPU_QUANTILES = (0.5, 0.2, 0.8)
+# The CPU screen's: its fastest paired run of a few rounds. A screen only has to keep every config
+# that may tie, and a preemption only ever adds time: with one run per config, the earliest of
+# eight equal configs was screened out by one preempted run in 5 of 60 tunings on a loaded 2-core
+# machine, and another config won.
+CPU_SCREEN_QUANTILES = (0.0, 0.2, 0.8)
+CPU_SCREEN_ROUNDS = 4  # as the GPU screen's (engine/rounds.py)
 
 
 def interpreting() -> bool:
