@@ -21,7 +21,7 @@ EFFORTS = ("screen", "full")
 CPU_QUANTILES = (0.5, 0.2, 0.8)
 # The CPU screen's: its fastest paired run of a few rounds. A screen only has to keep every config
 # that may tie, and a preemption only ever adds time: with one run per config, the earliest of
-# eight equal configs was screened out by one preempted run in 5 of 60 tunings on a loaded 2-core
+# eight equal configs was screened out by one preempted run in 12 of 120 tunings on a loaded 2-core
 # machine, and another config won.
 CPU_SCREEN_QUANTILES = (0.0, 0.2, 0.8)
 CPU_SCREEN_ROUNDS = 4  # as the GPU screen's (engine/rounds.py)
