@@ -91,3 +91,34 @@ def test_explicit_options_win_and_a_bad_variable_warns_once(monkeypatch: pytest.
     assert messages == ["tunevault: ignoring TUNEVAULT_ON_MISS='loud': on_miss must be one of tune, fallback, "
                         "error, background; got 'loud'; using the default",
                         "tunevault: ignoring TUNEVAULT_TOLERANCE must be a number; got 'lots'; using the default"]
+
+
+def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    import kernels_engine as ke
+    import tunevault
+    from tunevault.engine import timing
+    from tunevault.integration.triton_adapter import runtime
+
+    timing._ignore_cpu_reps.cache_clear()
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "lots")
+    assert timing.cpu_reps() == timing.cpu_reps() == timing.DEFAULT_CPU_REPS
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "0")
+    assert timing.cpu_reps() == timing.DEFAULT_CPU_REPS
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "4")
+    assert timing.cpu_reps() == 4
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "lots")
+    tunevault.install(mode="tune", store="memory://")
+    try:
+        x, y = torch.randn(64), torch.randn(64)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)  # the kernel call is not broken by it
+        (decision,) = runtime().used.values()
+        assert {c.n for c in decision.candidates} == {timing.DEFAULT_CPU_REPS}
+    finally:
+        tunevault.uninstall()
+    assert [r.getMessage() for r in caplog.records] == [
+        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='lots': not a positive integer; using the default (15)",
+        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='0': not a positive integer; using the default (15)"]

@@ -7,6 +7,8 @@ comes in two efforts: ``screen`` (a few runs, to rank candidates) and ``full`` (
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import statistics
 import time
@@ -65,7 +67,28 @@ def cpu_reps() -> int:
     interquartile range both in the preempted mode and looked confidently slower than its equal
     twins (2 of 18 eight-process determinism runs under load failed, as did one CI run); with 15, 12
     of 15 would have to be preempted."""
-    return max(1, int(os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "15")))
+    raw = os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "").strip()
+    if not raw:
+        return DEFAULT_CPU_REPS
+    try:
+        reps = int(raw)
+    except ValueError:
+        reps = 0
+    if reps < 1:
+        _ignore_cpu_reps(raw)
+        return DEFAULT_CPU_REPS
+    return reps
+
+
+DEFAULT_CPU_REPS = 15
+
+
+@functools.cache
+def _ignore_cpu_reps(raw: str) -> None:
+    """One warning per process and value, as for every malformed variable (policy/settings.py)."""
+    logging.getLogger("tunevault").warning(
+        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS=%r: not a positive integer; using the default (%d)",
+        raw, DEFAULT_CPU_REPS)
 
 
 def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int | None = None,
