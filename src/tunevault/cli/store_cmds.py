@@ -213,7 +213,8 @@ def _show_one(d: Decision, here: Fingerprint) -> None:
         print(f"  why:         {prov['selection']}")
     if rows:
         if fp.target == "interpreter":
-            print("  (CPU timer: each run is taken over its round's median; times are in ms of the quietest round)")
+            print("  (CPU timer: each run is taken over its round's median; times are in ms of the quietest round;"
+                  " a screened-out config's median column holds its fastest screen run)")
         print_table(["#", "config", "median ms", "p20 ms", "p80 ms", "runs", "IQR ms", "slower?", ""], rows)
 
 

@@ -317,10 +317,11 @@ class InProcessSession:
 def paired(rounds: Sequence[dict[int, float]], keep: Iterable[int]) -> dict[int, list[float]]:
     """Each config's runs relative to their round's median, in ms of the quietest round's median."""
     keep = set(keep)
-    levels = [statistics.median(r.values()) for r in rounds if r]
+    filled = [r for r in rounds if r]
+    levels = [statistics.median(r.values()) for r in filled]
     scale = min(levels, default=0.0)
     out: dict[int, list[float]] = {i: [] for i in keep}
-    for r, level in zip([r for r in rounds if r], levels, strict=True):
+    for r, level in zip(filled, levels, strict=True):
         for i, t in r.items():
             if i in keep and level > 0:
                 out[i].append(t / level * scale)

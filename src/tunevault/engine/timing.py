@@ -27,6 +27,7 @@ CPU_QUANTILES = (0.5, 0.2, 0.8)
 # machine, and another config won.
 CPU_SCREEN_QUANTILES = (0.0, 0.2, 0.8)
 CPU_SCREEN_ROUNDS = 4  # as the GPU screen's (engine/rounds.py)
+DEFAULT_CPU_REPS = 15  # careful rounds; TUNEVAULT_CPU_BENCH_REPS overrides (cpu_reps says why 15)
 
 
 def interpreting() -> bool:
@@ -78,9 +79,6 @@ def cpu_reps() -> int:
         _ignore_cpu_reps(raw)
         return DEFAULT_CPU_REPS
     return reps
-
-
-DEFAULT_CPU_REPS = 15
 
 
 @functools.cache
