@@ -52,10 +52,12 @@ def no_config_works(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
 
-def write_manifest(path: Path, sizes: list[int], kernel: Any = shard_scale, name: str | None = None) -> list[int]:
-    """One manifest line per size, as capture would write it (``name`` renames the kernel)."""
+def write_manifest(path: Path, sizes: list[int], kernel: Any = shard_scale, name: str | None = None,
+                   first_seen: int = 0) -> list[int]:
+    """One manifest line per size, as capture would write it (``name`` renames the kernel; keys are
+    read back in the order they were first seen, from ``first_seen`` on)."""
     state, lines = KernelState(kernel), []
-    for i, n in enumerate(sizes):
+    for i, n in enumerate(sizes, start=first_seen):
         x = torch.rand(n)
         args = (x, torch.empty_like(x), n)
         kwargs = {"grid": lambda meta, n=n: (triton.cdiv(n, meta["BLOCK"]),)}

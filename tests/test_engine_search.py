@@ -51,24 +51,3 @@ def test_one_preempted_screen_run_does_not_screen_out_a_tied_config(sqlite_url: 
     assert ke.HICCUPS["calls"] >= 2  # the hiccup happened
     assert dict(decision.provenance)["search"].startswith("halving: screened 8 in ")
     assert decision.config_index == 0, dict(decision.provenance)["selection"]
-
-
-def test_no_timing_starts_while_this_process_holds_it(sqlite_url: str) -> None:
-    """A warmup worker importing a library in the background holds timing until the import ends."""
-    import threading
-    import time
-
-    from tunevault.engine.context import hold_timing
-
-    tunevault.install(mode="tune", store=sqlite_url)
-    importing = threading.Event()
-    hold_timing(importing)
-    x, y = torch.randn(64), torch.randn(64)
-    tuning = threading.Thread(target=ke.run_add, args=(ke.add_equal, x, y))
-    tuning.start()
-    time.sleep(1.0)
-    runs = tunevault.stats()["kernels"].get("total", {}).get("warmup", {}).get("benchmark_runs", 0)
-    assert runs == 0 and tuning.is_alive()  # compiled (nothing to compile here), then waited
-    importing.set()
-    tuning.join(timeout=60)
-    assert not tuning.is_alive() and len(runtime().used) == 1

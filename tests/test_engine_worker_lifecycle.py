@@ -139,3 +139,32 @@ def test_the_prestarted_worker_imports_the_modules_a_manifest_names(
     tunevault.install(mode="tune", store=sqlite_url, isolate=True, capture=str(keys))
     pids = imported_by(marks, name)
     assert pids == [isolated.worker_pid()] and name not in sys.modules  # the server never imported it
+
+
+SETS_TRITON_VAR = '''
+import os
+
+os.environ["TRITON_TV_TEST_SET_AT_IMPORT"] = "ieee"  # as flash-linear-attention sets TRITON_F32_DEFAULT
+'''
+
+
+def test_a_library_that_sets_a_triton_variable_at_import_keeps_the_prestarted_worker(
+        sqlite_url: str, learned: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's import set a TRITON_* variable after the worker started; the worker imported the
+    same library and set it too, so it tunes the first key (it was replaced, and the first key of an
+    H200 run waited 19 s for a fresh worker to import flash-linear-attention again)."""
+    import importlib
+
+    name, marks = learned
+    source = marks.parent / f"{name}.py"
+    source.write_text(SETS_TRITON_VAR + source.read_text())
+    monkeypatch.delenv("TRITON_TV_TEST_SET_AT_IMPORT", raising=False)  # gone again after the test
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)  # prestarts the worker
+    module = importlib.import_module(name)
+    assert os.environ["TRITON_TV_TEST_SET_AT_IMPORT"] == "ieee"
+    (prestarted,) = imported_by(marks, name)
+    x = torch.zeros(32)
+    module.kernel[(1,)](x, 16)
+    (decision,) = tunevault.integration.triton_adapter.runtime().used.values()
+    assert dict(decision.provenance)["tuned_in"] == "worker"
+    assert isolated.worker_pid() == prestarted  # the same worker

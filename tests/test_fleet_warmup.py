@@ -237,9 +237,36 @@ def test_cli_jobs_report_each_workers_startup(tmp_path: Path, manifest: Path) ->
             assert w["startup_s"] + w["walk_s"] + w["exit_s"] <= report["seconds"] + 0.1, w
             assert w["tuning_s"] <= w["walk_s"] + 0.1, w
             phases = w["startup_phases"]
-            assert {"python_s", "interpreter_s", "manifest_s", "imports_s", "install_s", "first_key_s",
-                    "kernels_s", "kernels_done_at_s"} <= set(phases), phases
+            assert {"python_s", "interpreter_s", "manifest_s", "imports_s", "install_s",
+                    "first_key_s"} <= set(phases), phases
             assert all(v >= 0 for v in phases.values()) and phases["imports_s"] < w["startup_s"], phases
+
+
+LATE_LIB = """
+import os, time
+from pathlib import Path
+Path(os.environ["TV_IMPORTED"]).write_text(repr(time.time()))
+from kernels_shard import shard_scale
+"""
+
+
+def test_a_kernel_library_is_imported_when_the_walk_reaches_its_keys(tmp_path: Path, manifest: Path) -> None:
+    """No import runs on a thread beside the first keys' compiles and timings (it competed with them
+    for the GIL): the walk imports a library when it first reaches one of its keys, and not before."""
+    (tmp_path / "late_lib.py").write_text(LATE_LIB)
+    ks.write_manifest(manifest, [50, 70], name="late_lib:shard_scale", first_seen=len(SIZES))  # walked last
+    imported = tmp_path / "imported"
+    env = subprocess_env(TUNEVAULT_EVENTS=str(tmp_path / "events.jsonl"), TUNEVAULT_CPU_BENCH_REPS="3",
+                         TV_IMPORTED=str(imported))
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / 'late.db'}",
+           "warmup", str(manifest), "--jobs", "1", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["counts"]["tuned"] == len(SIZES) + 2
+    tuned_at = sorted(e["time"] for e in events(tmp_path) if e["event"] == "tuning")
+    assert len(tuned_at) == len(SIZES) + 2
+    assert tuned_at[len(SIZES) - 1] < float(imported.read_text()) < tuned_at[len(SIZES)]
 
 
 def test_keys_that_cannot_be_tuned_are_recorded_once_for_everyone(tmp_path: Path) -> None:

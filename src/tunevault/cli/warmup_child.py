@@ -10,9 +10,11 @@ child overlaps what can overlap and reports where the rest went:
   driver API (ctypes releases the GIL, so it runs beside the imports; torch and Triton later
   use that same context), and Triton's C helper module, compiled once per Triton cache, is built
   while torch imports (the driver is created only after it, so it is never compiled twice);
-- once Triton's driver exists: the manifest's kernel modules import on a thread, in the order
-  this worker walks its keys. Python's import locks make the walk wait for a module that is
-  still importing; nothing is imported twice.
+- the manifest's kernel modules are not imported here: the walk imports each one when it first
+  reaches one of its keys, on its own thread, between keys. An import on a thread beside the
+  first key's compile threads competed with them for the GIL (on an H200 a kernel library's
+  import took ~10 s that way, and timing had to wait for it), and a worker that never reaches a
+  library's keys never pays for it.
 
 One ``ready`` event carries the phases (seconds) and ``since_start_s``, measured from the
 parent's spawn time (``TUNEVAULT_WARMUP_SPAWNED``, a ``time.time()``): it is sent when the first
@@ -102,20 +104,6 @@ def build_triton_helper() -> None:
     CudaUtils()
 
 
-def prefetch_kernels(kernels: list[str]) -> None:
-    """Import each kernel's module, in walk order; failures are left for the walk to report."""
-    from tunevault.capture.locate import KernelNotFound, import_autotuner
-
-    for kernel in kernels:
-        with contextlib.suppress(KernelNotFound):
-            import_autotuner(kernel)
-
-
-def walk_order(kernels: list[str], order: list[int]) -> list[str]:
-    """Distinct kernel names in the order a walk meets them."""
-    return list(dict.fromkeys(kernels[i] for i in order))
-
-
 def main(argv: list[str] | None = None) -> int:
     """One worker: warm the manifest up on the store, reporting each key as a marked JSON line."""
     clock = StartupClock(os.environ.get(SPAWNED_VAR))
@@ -138,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         helper = clock.background("triton_helper", build_triton_helper)
     with clock.phase("manifest_s"):
         from tunevault.capture import manifest as mf
-        from tunevault.integration.shared_warmup import walk
-
         entries = mf.read(args.manifest)
     with clock.phase("imports_s"):
         import torch  # noqa: F401  (imported here so that its time is its own phase)
@@ -153,20 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                 helper.join()
             with contextlib.suppress(Exception):
                 triton.runtime.driver.active  # noqa: B018  (created here: no thread races to create it)
-    kernels = [e.kernel for e in entries]
-    if kernels:
-        from tunevault.engine.context import hold_timing
-
-        imported = threading.Event()
-        hold_timing(imported)  # importing a library holds the GIL: the first keys compile meanwhile, not time
-
-        def prefetch() -> None:
-            try:
-                prefetch_kernels(walk_order(kernels, walk(kernels)))
-            finally:
-                imported.set()
-
-        clock.background("kernels", prefetch)
     lock = threading.Lock()
     ready: list[bool] = []
 

@@ -188,7 +188,6 @@ class InProcessSession:
         return out
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
-        from tunevault.engine.context import wait_until_quiet
         from tunevault.engine.timing import (
             CPU_QUANTILES,
             CPU_SCREEN_QUANTILES,
@@ -197,8 +196,6 @@ class InProcessSession:
             cpu_reps,
             uses_cpu_timer,
         )
-
-        wait_until_quiet()
 
         if uses_cpu_timer(self.autotuner):
             if effort == "screen":

@@ -27,7 +27,6 @@ from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine.procs import (
     WorkerDied,
     WorkerProcess,
-    comparable,
     device_index,
     likely_device,
     pin,
@@ -103,7 +102,10 @@ def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerP
     w = _worker
     # Between sessions a worker close to its idle timeout is about to exit by itself: replace it.
     stale = first and w is not None and time.monotonic() - w.last_used > w.idle - min(1.0, w.idle / 2)
-    if w is not None and (stale or not w.alive() or comparable(w.env) != comparable(env)):
+    differs = w.differs_from(env, min(timeout, START_TIMEOUT)) if w is not None and not stale else []
+    if w is not None and (stale or not w.alive() or differs):
+        log.debug("tunevault: replacing tuning worker %d (%s)", w.pid,
+                  "idle too long" if stale else "exited" if not w.alive() else f"environment differs: {differs}")
         w.close()
         w = _worker = None
     if w is None:
@@ -132,6 +134,7 @@ def hint_imports(modules: Iterable[str]) -> None:
             return
         _hinted.update(dict.fromkeys(new))
         w = _worker
+        log.debug("tunevault: the worker (%s) will import %s", "running" if w is not None else "not started", new)
         if w is not None and w.alive():
             with contextlib.suppress(WorkerDied):
                 w.send({"op": "import", "modules": new})

@@ -70,6 +70,26 @@ class WorkerProcess:
             return None
         return event
 
+    def differs_from(self, env: dict[str, str], timeout: float) -> list[str]:
+        """The variables (of ``comparable``) on which this worker's environment differs from ``env``.
+
+        Where the spawn-time environment differs, the worker is asked for its own, after the imports
+        it was asked for before: a library may set a variable at import (flash-linear-attention sets
+        ``TRITON_F32_DEFAULT``), in the server and in the worker alike, and that worker is still the
+        right one. An unanswered question counts as a difference."""
+        theirs = comparable(env)
+        if comparable(self.env) != theirs and self.alive():
+            try:
+                self.send({"op": "env"})
+                reported = self.wait_for(("env",), timeout).get("env")
+                if isinstance(reported, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in reported.items()):
+                    self.env = reported
+            except (WorkerDied, queue.Empty):
+                pass
+        mine = comparable(self.env)
+        return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         with contextlib.suppress(OSError, ValueError):

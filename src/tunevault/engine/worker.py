@@ -22,6 +22,7 @@ import math
 import os
 import select
 import sys
+import time
 from typing import Any
 
 STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "device-side assert",
@@ -159,6 +160,10 @@ class Worker:
             prepare(bool(msg.get("context")))
         elif op == "import":
             import_modules(msg.get("modules"))
+        elif op == "env":  # after the imports asked before it: what they set (procs.WorkerProcess.live_env)
+            from tunevault.engine.procs import comparable
+
+            self.emit(ev="env", env=comparable(dict(os.environ)))
         elif op == "close":
             # The session's tensors go with it (reference counts); the allocator keeps their blocks for
             # the next key. No full collection here: with a large library loaded it costs the next
@@ -199,10 +204,13 @@ def import_modules(names: Any) -> None:
     """Import the kernels' modules the server named, ahead of their first session (best effort)."""
     for name in names if isinstance(names, list) else ():
         if isinstance(name, str) and name not in sys.modules:
+            began = time.perf_counter()
             try:
                 importlib.import_module(name)
             except Exception as exc:  # the session that needs it reports the failure
                 print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            print(f"tunevault worker: imported {name} in {time.perf_counter() - began:.2f}s", file=sys.stderr)
 
 
 def healthy(error: str) -> bool:
