@@ -382,3 +382,16 @@ def test_each_participant_walks_its_own_kernels_first_then_helps_from_the_far_en
     assert walk(kernels, {"RANK": "0", "WORLD_SIZE": "2"}) == [0, 1, 3, 5, 4, 2]
     rotation = walk(kernels, {})  # no place known: a random starting point, every key once
     assert sorted(rotation) == list(range(6)) and rotation == [(rotation[0] + j) % 6 for j in range(6)]
+
+
+def test_a_library_that_fits_one_participants_share_is_dealt_whole() -> None:
+    """Importing a library is paid by each participant that walks its keys: one owns all of it."""
+    from tunevault.policy.shard import affinity_order
+
+    suite = ["suite:a"] * 3 + ["suite:d"] * 2 + ["suite:e"] * 2  # 7 keys: more than a share of 5
+    lib = ["fla.ops.x:f", "fla.ops.y:g", "fla.modules.z:h"]  # 3 keys of three modules of one library
+    kernels = suite + lib
+    owned = [set(affinity_order(kernels, me, 2)[:5]) for me in range(2)]
+    fla_keys = set(range(len(suite), len(kernels)))
+    assert fla_keys <= owned[0] or fla_keys <= owned[1]
+    assert owned[0] | owned[1] == set(range(len(kernels))) and not owned[0] & owned[1]
