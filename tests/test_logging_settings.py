@@ -122,3 +122,33 @@ def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: py
     assert [r.getMessage() for r in caplog.records] == [
         "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='lots': not a positive integer; using the default (15)",
         "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='0': not a positive integer; using the default (15)"]
+
+
+def test_a_malformed_worker_idle_time_is_one_warning_and_the_default(monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """``TUNEVAULT_WORKER_IDLE=soon`` raised a ValueError out of the kernel call when a key was tuned
+    in the isolated worker; now the worker idles for the default and tuning goes on there."""
+    import torch
+
+    import kernels_engine as ke
+    import tunevault
+    from tunevault.engine import procs
+    from tunevault.integration.triton_adapter import runtime
+
+    procs._ignore_idle.cache_clear()
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    for bad in ("soon", "-1", "nan"):
+        assert procs.idle_timeout({"TUNEVAULT_WORKER_IDLE": bad}) == procs.DEFAULT_IDLE_S
+    assert procs.idle_timeout({"TUNEVAULT_WORKER_IDLE": "2.5"}) == 2.5
+    monkeypatch.setenv("TUNEVAULT_WORKER_IDLE", "soon")
+    tunevault.install(mode="tune", store="memory://", isolate=True, prestart=False)
+    try:
+        x, y = torch.randn(64), torch.randn(64)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+        (decision,) = runtime().used.values()
+        assert dict(decision.provenance)["tuned_in"] == "worker"
+    finally:
+        tunevault.uninstall()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tunevault: ignoring TUNEVAULT_WORKER_IDLE={bad!r}: not a positive number of seconds; using the default (30)"
+        for bad in ("soon", "-1", "nan")]

@@ -15,7 +15,6 @@ import importlib
 import itertools
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ from tunevault.engine.procs import (
     WorkerDied,
     WorkerProcess,
     device_index,
+    idle_timeout,
     likely_device,
     pin,
     spawn,
@@ -51,10 +51,6 @@ _retire_when_free = False  # warmup ended while a session was open: close the wo
 
 class IsolationUnavailable(RuntimeError):
     """The worker cannot tune this kernel; the caller tunes in process instead."""
-
-
-def idle_timeout() -> float:
-    return float(os.environ.get("TUNEVAULT_WORKER_IDLE", "30"))
 
 
 def kernel_target(autotuner: Any) -> tuple[str | None, str]:

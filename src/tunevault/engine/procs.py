@@ -9,8 +9,10 @@ config ``pre_hook``) that writes to its descriptors cannot forge a result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -23,6 +25,30 @@ from collections import deque
 from typing import Any
 
 log = logging.getLogger("tunevault")
+DEFAULT_IDLE_S = 30.0
+
+
+def idle_timeout(env: dict[str, str] | None = None, warn: bool = True) -> float:
+    """Seconds an idle worker waits for its next session before it exits (``TUNEVAULT_WORKER_IDLE``);
+    anything but a positive number is one warning (``warn``) and the default."""
+    raw = (os.environ if env is None else env).get("TUNEVAULT_WORKER_IDLE", "").strip()
+    if not raw:
+        return DEFAULT_IDLE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if math.isfinite(value) and value > 0:
+        return value
+    if warn:
+        _ignore_idle(raw)
+    return DEFAULT_IDLE_S
+
+
+@functools.cache
+def _ignore_idle(raw: str) -> None:
+    log.warning("tunevault: ignoring TUNEVAULT_WORKER_IDLE=%r: not a positive number of seconds; using the "
+                "default (%g)", raw, DEFAULT_IDLE_S)
 
 
 class WorkerDied(RuntimeError):
@@ -39,7 +65,7 @@ class WorkerProcess:
         self.opened: set[int] = set()
         self.last_used = time.monotonic()
         self.eof = False
-        self.idle = float(env.get("TUNEVAULT_WORKER_IDLE") or 30)  # as last told: it exits after this
+        self.idle = idle_timeout(env, warn=False)  # as last told: it exits after this
         self._send_lock = threading.Lock()  # import hints come from other threads than the session's
         for target in (self._read_events, self._read_stderr):
             threading.Thread(target=target, name=f"tunevault-worker-{self.pid}", daemon=True).start()

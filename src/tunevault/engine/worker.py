@@ -245,7 +245,9 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything the kernel or a library prints must not corrupt the protocol
     faulthandler.enable()
-    idle = float(os.environ.get("TUNEVAULT_WORKER_IDLE", "30"))
+    from tunevault.engine.procs import idle_timeout
+
+    idle = idle_timeout(warn=False)  # the server warned about a malformed value
     import torch  # noqa: F401  (import cost belongs to start-up, not to the first config)
     import triton  # noqa: F401
 
