@@ -160,7 +160,7 @@ class Worker:
             prepare(bool(msg.get("context")))
         elif op == "import":
             import_modules(msg.get("modules"))
-        elif op == "env":  # after the imports asked before it: what they set (procs.WorkerProcess.live_env)
+        elif op == "env":  # after the imports asked before it: what they set (procs.WorkerProcess.differs_from)
             from tunevault.engine.procs import comparable
 
             self.emit(ev="env", env=comparable(dict(os.environ)))

@@ -93,18 +93,15 @@ def affinity_order(kernels: Sequence[str], me: int, size: int) -> list[int]:
     for kernel in groups:
         libraries.setdefault(library(kernel), []).append(kernel)
     fair = len(kernels) / max(1, size)
-    units: list[list[str]] = []
+    units: list[tuple[int, list[str]]] = []  # (keys, kernels) dealt to one participant
     for members in libraries.values():
-        if sum(len(groups[k]) for k in members) <= fair:
-            units.append(members)
-        else:
-            units.extend([k] for k in members)
+        keys = sum(len(groups[k]) for k in members)
+        units.extend([(keys, members)] if keys <= fair else [(len(groups[k]), [k]) for k in members])
     load, owner = [0] * max(1, size), {}
-    for unit in sorted(units, key=lambda u: (-sum(len(groups[k]) for k in u), u[0])):
+    for keys, unit in sorted(units, key=lambda u: (-u[0], u[1][0])):
         target = min(range(len(load)), key=lambda w: (load[w], w))
-        for kernel in unit:
-            owner[kernel] = target
-        load[target] += sum(len(groups[k]) for k in unit)
+        owner.update(dict.fromkeys(unit, target))
+        load[target] += keys
     mine = [i for i, k in enumerate(kernels) if owner[k] == me]
     return mine + [i for i in reversed(range(len(kernels))) if owner[kernels[i]] != me]
 
