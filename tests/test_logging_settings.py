@@ -99,10 +99,11 @@ def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: py
 
     import kernels_engine as ke
     import tunevault
+    from tunevault.core import env
     from tunevault.engine import timing
     from tunevault.integration.triton_adapter import runtime
 
-    timing._ignore_cpu_reps.cache_clear()
+    env._ignore.cache_clear()
     caplog.set_level(logging.WARNING, logger="tunevault")
     monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "lots")
     assert timing.cpu_reps() == timing.cpu_reps() == timing.DEFAULT_CPU_REPS
@@ -132,10 +133,11 @@ def test_a_malformed_worker_idle_time_is_one_warning_and_the_default(monkeypatch
 
     import kernels_engine as ke
     import tunevault
+    from tunevault.core import env
     from tunevault.engine import procs
     from tunevault.integration.triton_adapter import runtime
 
-    procs._ignore_idle.cache_clear()
+    env._ignore.cache_clear()
     caplog.set_level(logging.WARNING, logger="tunevault")
     for bad in ("soon", "-1", "nan"):
         assert procs.idle_timeout({"TUNEVAULT_WORKER_IDLE": bad}) == procs.DEFAULT_IDLE_S

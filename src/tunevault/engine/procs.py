@@ -9,10 +9,8 @@ config ``pre_hook``) that writes to its descriptors cannot forge a result.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import math
 import os
 import queue
 import secrets
@@ -24,31 +22,15 @@ import time
 from collections import deque
 from typing import Any
 
+from tunevault.core.env import positive
+
 log = logging.getLogger("tunevault")
 DEFAULT_IDLE_S = 30.0
 
 
 def idle_timeout(env: dict[str, str] | None = None, warn: bool = True) -> float:
-    """Seconds an idle worker waits for its next session before it exits (``TUNEVAULT_WORKER_IDLE``);
-    anything but a positive number is one warning (``warn``) and the default."""
-    raw = (os.environ if env is None else env).get("TUNEVAULT_WORKER_IDLE", "").strip()
-    if not raw:
-        return DEFAULT_IDLE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if math.isfinite(value) and value > 0:
-        return value
-    if warn:
-        _ignore_idle(raw)
-    return DEFAULT_IDLE_S
-
-
-@functools.cache
-def _ignore_idle(raw: str) -> None:
-    log.warning("tunevault: ignoring TUNEVAULT_WORKER_IDLE=%r: not a positive number of seconds; using the "
-                "default (%g)", raw, DEFAULT_IDLE_S)
+    """Seconds an idle worker waits for its next session before it exits (``TUNEVAULT_WORKER_IDLE``)."""
+    return positive("TUNEVAULT_WORKER_IDLE", DEFAULT_IDLE_S, float, "a positive number of seconds", env, warn)
 
 
 class WorkerDied(RuntimeError):

@@ -7,13 +7,13 @@ comes in two efforts: ``screen`` (a few runs, to rank candidates) and ``full`` (
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from tunevault.core.env import positive
 
 Benchmarker = Callable[..., Sequence[float]]
 EFFORTS = ("screen", "full")
@@ -68,25 +68,7 @@ def cpu_reps() -> int:
     interquartile range both in the preempted mode and looked confidently slower than its equal
     twins (2 of 18 eight-process determinism runs under load failed, as did one CI run); with 15, 12
     of 15 would have to be preempted."""
-    raw = os.environ.get("TUNEVAULT_CPU_BENCH_REPS", "").strip()
-    if not raw:
-        return DEFAULT_CPU_REPS
-    try:
-        reps = int(raw)
-    except ValueError:
-        reps = 0
-    if reps < 1:
-        _ignore_cpu_reps(raw)
-        return DEFAULT_CPU_REPS
-    return reps
-
-
-@functools.cache
-def _ignore_cpu_reps(raw: str) -> None:
-    """One warning per process and value, as for every malformed variable (policy/settings.py)."""
-    logging.getLogger("tunevault").warning(
-        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS=%r: not a positive integer; using the default (%d)",
-        raw, DEFAULT_CPU_REPS)
+    return positive("TUNEVAULT_CPU_BENCH_REPS", DEFAULT_CPU_REPS, int, "a positive integer")
 
 
 def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int | None = None,
