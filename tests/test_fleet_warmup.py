@@ -269,6 +269,49 @@ def test_a_kernel_library_is_imported_when_the_walk_reaches_its_keys(tmp_path: P
     assert tuned_at[len(SIZES) - 1] < float(imported.read_text()) < tuned_at[len(SIZES)]
 
 
+PEER_LIB = """
+import os
+if os.environ.get("TV_IMPORTED"):
+    with open(os.environ["TV_IMPORTED"], "a") as log:
+        log.write(f"{os.getpid()}\\n")
+import triton
+import triton.language as tl
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])
+@triton.jit
+def peer_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 3.0, mask=offs < n)
+"""
+
+
+def test_a_jobs_child_never_imports_a_library_a_peer_warmed_up(tmp_path: Path, manifest: Path) -> None:
+    """A library dealt whole to one ``--jobs`` child is imported by that child alone: the other,
+    reaching its keys at the end of its walk, sees them decided under the manifest's kernel name
+    instead of importing the library to compute their digests (~10 s for flash-linear-attention)."""
+    import importlib.util
+
+    (tmp_path / "peer_lib.py").write_text(PEER_LIB)
+    spec = importlib.util.spec_from_file_location("peer_lib", tmp_path / "peer_lib.py")
+    peer_lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_lib)  # not in sys.modules: only to write its manifest line
+    ks.write_manifest(manifest, [50], kernel=peer_lib.peer_scale, first_seen=len(SIZES))
+    imported = tmp_path / "imported"
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_IMPORTED=str(imported))
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / 'peer.db'}",
+           "warmup", str(manifest), "--jobs", "2", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["counts"]["tuned"] == len(SIZES) + 1 and report["ok"]
+    peer = [i for i in report["items"] if i["kernel"] == "peer_lib:peer_scale"]
+    assert [i["status"] for i in peer] == ["tuned"]
+    importers = imported.read_text().split()
+    assert len(importers) == 1, f"peer_lib imported by {importers}"
+    assert importers == [str(w["pid"]) for w in report["workers"] if w["worker"] == peer[0]["worker"]]
+
+
 def test_keys_that_cannot_be_tuned_are_recorded_once_for_everyone(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     ks.write_manifest(path, [40], kernel=ks.no_config_works)

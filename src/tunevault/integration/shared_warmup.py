@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 
 from tunevault.capture import manifest as mf
@@ -23,6 +24,7 @@ from tunevault.core.model import KernelId
 from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, affinity_order, share
+from tunevault.store.base import Query
 
 log = logging.getLogger("tunevault")
 
@@ -58,6 +60,17 @@ class EntryTask:
 
     def decided(self) -> bool:
         return self._kernel_id is not None and self.runtime.lookup(self._kernel_id, self.key) is not None
+
+    def decided_by_name(self) -> bool:
+        module = self.kernel.partition(":")[0]
+        if self._lease is not None or module in sys.modules:
+            return False  # identified, or cheap to identify: the kernel's digest decides
+        query = Query(kernel=self.kernel, fingerprint_digest=self.runtime.fingerprint.digest, key_text=self.key.text)
+        try:
+            return any(d.kernel.name == self.kernel for d in self.runtime.store.decisions(query))
+        except Exception as exc:  # then the module is imported and the key judged by its digest
+            log.debug("tunevault warmup: cannot list decisions by kernel name (%s)", exc)
+            return False
 
     def tune(self) -> WarmupItem:
         return replay_one(self.runtime, self.entry, self.device)
@@ -121,7 +134,7 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         tasks = [EntryTask(runtime, entry, device) for entry in keys]
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
-                          order=tuple(walk([t.kernel for t in tasks])))
+                          order=tuple(walk([t.kernel for t in tasks])), by_name=WORKER_VAR in os.environ)
         items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
     finally:
         runtime.on_miss = saved
