@@ -24,18 +24,41 @@ from tunevault.core.model import KernelId
 from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, affinity_order, share
-from tunevault.store.base import Query
+from tunevault.store.base import Query, Store
 
 log = logging.getLogger("tunevault")
 
 WORKER_VAR = "TUNEVAULT_WARMUP_WORKER"  # "i/n": set by ``tunevault warmup --jobs`` for its children
 
 
+class DecidedNames:
+    """The (kernel name, key text) pairs the store holds decisions for on this fingerprint.
+
+    Listed again only when asked about a pair it lacks, so a walk over a peer's decided keys reads
+    the store about once, not once a key (a Redis store lists every decision of the fingerprint
+    for any query by name); a miss is followed by importing the module, after which its keys are
+    judged by digest and never asked about here again."""
+
+    def __init__(self, store: Store, fingerprint: str) -> None:
+        self.store, self.fingerprint = store, fingerprint
+        self.pairs: set[tuple[str, str]] = set()
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        if pair not in self.pairs:
+            try:
+                self.pairs = {(d.kernel.name, d.key.text)
+                              for d in self.store.decisions(Query(fingerprint_digest=self.fingerprint))}
+            except Exception as exc:  # then the key is judged by its digest, after an import
+                log.debug("tunevault warmup: cannot list the store's decisions (%s)", exc)
+        return pair in self.pairs
+
+
 class EntryTask:
     """One manifest entry as a shareable task; the kernel is imported once, on first use."""
 
-    def __init__(self, runtime: Runtime, entry: mf.ManifestEntry, device: str | None) -> None:
-        self.runtime, self.entry, self.device = runtime, entry, device
+    def __init__(self, runtime: Runtime, entry: mf.ManifestEntry, device: str | None,
+                 names: DecidedNames | None = None) -> None:
+        self.runtime, self.entry, self.device, self.names = runtime, entry, device, names
         self.kernel, self.key = entry.kernel, entry.key
         self.what = f"{entry.kernel} [{entry.key.describe() or 'empty key'}]"
         self._lease: str | WarmupItem | None = None
@@ -62,15 +85,9 @@ class EntryTask:
         return self._kernel_id is not None and self.runtime.lookup(self._kernel_id, self.key) is not None
 
     def decided_by_name(self) -> bool:
-        module = self.kernel.partition(":")[0]
-        if self._lease is not None or module in sys.modules:
+        if self.names is None or self._lease is not None or self.kernel.partition(":")[0] in sys.modules:
             return False  # identified, or cheap to identify: the kernel's digest decides
-        query = Query(kernel=self.kernel, fingerprint_digest=self.runtime.fingerprint.digest, key_text=self.key.text)
-        try:
-            return any(d.kernel.name == self.kernel for d in self.runtime.store.decisions(query))
-        except Exception as exc:  # then the module is imported and the key judged by its digest
-            log.debug("tunevault warmup: cannot list decisions by kernel name (%s)", exc)
-            return False
+        return (self.kernel, self.key.text) in self.names
 
     def tune(self) -> WarmupItem:
         return replay_one(self.runtime, self.entry, self.device)
@@ -131,10 +148,12 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         runtime.take_pending_warmup()  # this call is that warmup
     saved, runtime.on_miss = runtime.on_miss, "tune"
     try:
-        tasks = [EntryTask(runtime, entry, device) for entry in keys]
+        by_name = WORKER_VAR in os.environ
+        names = DecidedNames(runtime.store, runtime.fingerprint.digest) if by_name else None
+        tasks = [EntryTask(runtime, entry, device, names) for entry in keys]
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
-                          order=tuple(walk([t.kernel for t in tasks])), by_name=WORKER_VAR in os.environ)
+                          order=tuple(walk([t.kernel for t in tasks])), by_name=by_name)
         items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
     finally:
         runtime.on_miss = saved
