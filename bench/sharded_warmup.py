@@ -280,6 +280,14 @@ def agreement(one: str, many: str, tolerance: float) -> dict[str, Any]:
         ok = {r.index: r.timings[0] for r in d.candidates if r.ok}
         return index in ok and ok[index] <= min(ok.values()) * (1.0 + tolerance)
 
+    def evidence(d: Any) -> dict[str, Any]:
+        """Why a run chose as it did (kept here: the stores may not come back from a device)."""
+        prov = dict(d.provenance)
+        ranked = sorted((r for r in d.candidates if r.ok), key=lambda r: r.timings[0])[:8]
+        return {"search": prov.get("search"), "selection": prov.get("selection"),
+                "candidates": [{"index": r.index, "timings": list(r.timings), "n": r.n, "iqr": r.iqr,
+                                "screened": r.screened} for r in ranked]}
+
     a, b = by_key(one), by_key(many)
     rows = {"identical": 0, "tie_band": 0, "different": 0, "missing": len(a.keys() ^ b.keys())}
     differ = []
@@ -293,7 +301,8 @@ def agreement(one: str, many: str, tolerance: float) -> dict[str, Any]:
             rows["different"] += 1
             differ.append({"kernel": ident[0], "key": da.key.describe(), "key_text": ident[1],
                            "one": da.config.describe(), "many": db.config.describe(),
-                           "one_index": da.config_index, "many_index": db.config_index})
+                           "one_index": da.config_index, "many_index": db.config_index,
+                           "one_evidence": evidence(da), "many_evidence": evidence(db)})
     return {**rows, "keys": len(a.keys() & b.keys()), "differences": differ}
 
 
