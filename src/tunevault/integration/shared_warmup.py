@@ -86,7 +86,7 @@ class EntryTask:
 
     def decided_by_name(self) -> bool:
         if self.names is None or self._lease is not None or self.kernel.partition(":")[0] in sys.modules:
-            return False  # identified, or cheap to identify: the kernel's digest decides
+            return False  # names not trusted here, or identified or cheap to identify: the digest decides
         return (self.kernel, self.key.text) in self.names
 
     def tune(self) -> WarmupItem:
@@ -148,12 +148,14 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         runtime.take_pending_warmup()  # this call is that warmup
     saved, runtime.on_miss = runtime.on_miss, "tune"
     try:
-        by_name = WORKER_VAR in os.environ
-        names = DecidedNames(runtime.store, runtime.fingerprint.digest) if by_name else None
+        # ``--jobs`` children share one installation and exit after the walk: there the manifest's
+        # kernel name is as good as its digest, and a library a peer warmed up (~10 s to import for
+        # flash-linear-attention) is never imported just to see its keys decided.
+        names = DecidedNames(runtime.store, runtime.fingerprint.digest) if WORKER_VAR in os.environ else None
         tasks = [EntryTask(runtime, entry, device, names) for entry in keys]
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
-                          order=tuple(walk([t.kernel for t in tasks])), by_name=by_name)
+                          order=tuple(walk([t.kernel for t in tasks])))
         items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
     finally:
         runtime.on_miss = saved

@@ -56,7 +56,7 @@ class Task(Protocol):
 
     def decided_by_name(self) -> bool:
         """Whether the store holds a decision under the manifest's kernel name, judged without
-        importing the kernel's module (False when the module is loaded: its digest judges then)."""
+        importing the kernel's module; False where the name is not trusted (then the digest judges)."""
 
     def tune(self) -> WarmupItem:
         """Tune the key through the normal tuning path, so its decision is published."""
@@ -71,10 +71,6 @@ class Sharing:
     lease_wait: float = 600.0  # a key held this long without a decision is tuned here too
     failed_ttl: float = FAILED_TTL_S
     order: tuple[int, ...] = ()  # the order this participant walks the keys in (empty: as listed)
-    # Count a key as decided by the manifest's kernel name when its module is not imported here:
-    # for ``--jobs`` children, which share one installation and exit after the walk, so a library
-    # a peer warmed up whole is never imported (~10 s for flash-linear-attention) just to see that.
-    by_name: bool = False
 
 
 def library(kernel: str) -> str:
@@ -163,7 +159,7 @@ class _Walk:
         record = self.failed_record(task)
         if record is not None:
             return record
-        if self.sharing.by_name and task.decided_by_name():
+        if task.decided_by_name():  # before lease(), which imports the kernel's module
             return WarmupItem(task.kernel, task.key, "decided")
         lease = task.lease()
         if isinstance(lease, WarmupItem):
