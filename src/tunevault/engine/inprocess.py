@@ -99,7 +99,7 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
         return autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
 
     rest = list(configs)
-    if not _device_caches_ready(autotuner.fn):
+    if not device_caches_ready(autotuner.fn):
         try:
             compile_one(configs[0])  # creates the per-device caches before threads share them
         except Exception as exc:
@@ -123,7 +123,7 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
             log.debug("tunevault: parallel precompile failed: %s", exc)
 
 
-def _device_caches_ready(fn: Any) -> bool:
+def device_caches_ready(fn: Any) -> bool:
     """Create the JIT function's per-device caches on this thread, so compile threads share one
     set without compiling a config first on their own; False where this Triton differs."""
     from tunevault.core.identity import jit_of

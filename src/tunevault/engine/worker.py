@@ -22,8 +22,12 @@ import math
 import os
 import select
 import sys
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunevault.engine.ahead import HelperCompiles
 
 STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "device-side assert",
           "an illegal instruction", "CUDA error: unknown error")
@@ -60,20 +64,37 @@ class Worker:
         self.token = token
         self.sessions: dict[int, Any] = {}
         self.launches = 0
+        self.ahead: HelperCompiles | None = None  # compiles for a warmup's coming keys
+        self._emit_lock = threading.Lock()  # compile-ahead threads report too
 
     def emit(self, **event: Any) -> None:
         """One framed line, written whole (``os.write`` of one buffer, below the pipe's atomic size
         for every event but long error messages)."""
-        self.out.write(f"{self.token} {json.dumps(event, allow_nan=False)}\n")
-        self.out.flush()
+        line = f"{self.token} {json.dumps(event, allow_nan=False)}\n"
+        with self._emit_lock:
+            self.out.write(line)
+            self.out.flush()
+
+    def busy(self) -> bool:
+        """Mid-tuning or compiling ahead: no idle exit now."""
+        return bool(self.sessions) or (self.ahead is not None and self.ahead.busy())
 
     def counted(self) -> None:
         self.launches += 1
 
     def open(self, msg: dict[str, Any]) -> None:
-        from tunevault.capture.argspec import CallSpec
-        from tunevault.core.identity import config_spec, kernel_id
+        from tunevault.core.identity import config_spec
         from tunevault.engine.inprocess import InProcessSession
+
+        at, args, kwargs = self.rebuild(msg)
+        configs = dict(enumerate(at.configs))
+        specs = {i: config_spec(c) for i, c in configs.items()}
+        self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted)
+
+    def rebuild(self, msg: dict[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
+        """The kernel the server named (checked by digest) and the server's call's arguments."""
+        from tunevault.capture.argspec import CallSpec
+        from tunevault.core.identity import kernel_id
 
         target = str(msg["kernel"])
         try:
@@ -88,9 +109,17 @@ class Worker:
             args, kwargs = CallSpec.from_json(msg["callspec"], untrusted=False).build(at, seed=0)  # the server's call
         except Exception as exc:
             raise Fatal(f"cannot rebuild the arguments of {target}: {type(exc).__name__}: {exc}") from exc
-        configs = dict(enumerate(at.configs))
-        specs = {i: config_spec(c) for i, c in configs.items()}
-        self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted)
+        return at, args, kwargs
+
+    def compile_ahead(self, msg: dict[str, Any]) -> None:
+        """Compile a key's configs for a warmup's later tuning (engine/ahead.py); "compiled" follows."""
+        from tunevault.engine.ahead import HelperCompiles
+
+        at, args, kwargs = self.rebuild(msg)
+        if self.ahead is None:
+            self.ahead = HelperCompiles(self.emit, int(msg.get("threads") or 0) or None)
+        configs = [at.configs[i] for i in (int(j) for j in msg["configs"]) if 0 <= i < len(at.configs)]
+        self.ahead.add(int(msg["sid"]), at, args, kwargs, configs)
 
     def run(self, msg: dict[str, Any]) -> bool:
         """Run configs one by one; returns False when a sticky device error means this process must go."""
@@ -150,6 +179,11 @@ class Worker:
                 self.emit(ev="fatal", sid=sid, message=str(exc))
                 return True
             self.emit(ev="opened", sid=sid)
+        elif op == "ahead":
+            try:
+                self.compile_ahead(msg)
+            except Fatal as exc:
+                self.emit(ev="fatal", sid=sid, message=str(exc))
         elif op == "precompile":
             session = self.sessions[int(sid)]
             session.precompile([int(i) for i in msg["configs"]])
@@ -260,7 +294,7 @@ def main() -> int:
     worker = Worker(out, token)
     worker.emit(ev="ready", pid=os.getpid())
     while True:
-        line = lines.readline(None if worker.sessions else idle)  # never idle out mid-tuning
+        line = lines.readline(None if worker.busy() else idle)  # never idle out mid-tuning
         if line is None:
             return 0  # end of input, or idle: give the device memory back
         try:

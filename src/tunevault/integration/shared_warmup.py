@@ -21,6 +21,8 @@ from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one
 from tunevault.core.model import KernelId
+from tunevault.engine.ahead import AheadJob
+from tunevault.integration.warmup_ahead import AheadPlan, plan_for
 from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, affinity_order, share
@@ -59,6 +61,7 @@ class EntryTask:
     def __init__(self, runtime: Runtime, entry: mf.ManifestEntry, device: str | None,
                  names: DecidedNames | None = None) -> None:
         self.runtime, self.entry, self.device, self.names = runtime, entry, device, names
+        self.plan: AheadPlan | None = None
         self.kernel, self.key = entry.kernel, entry.key
         self.what = f"{entry.kernel} [{entry.key.describe() or 'empty key'}]"
         self._lease: str | WarmupItem | None = None
@@ -90,7 +93,27 @@ class EntryTask:
         return (self.kernel, self.key.text) in self.names
 
     def tune(self) -> WarmupItem:
+        if self.plan is not None:
+            self.plan.before(self)
         return replay_one(self.runtime, self.entry, self.device)
+
+    def ahead_job(self) -> AheadJob | None:
+        """What a helper compiles before this key's tuning: every config, where the tuning would
+        compile every config (no pruning by the call's arguments) in a fresh process too."""
+        from tunevault.capture.argspec import CallSpec
+        from tunevault.engine.ahead import job_for
+        from tunevault.engine.isolated import kernel_target
+
+        if self.decided_by_name() or isinstance(self.lease(), WarmupItem) or self.decided():
+            return None
+        if self.entry.callspec is None or self._kernel_id is None:
+            return None
+        at = import_autotuner(self.kernel)
+        if getattr(at, "early_config_prune", None) or getattr(at, "perf_model", None):
+            return None  # the pruned set depends on the call: it compiles in the tuning
+        CallSpec.from_json(self.entry.callspec).check(at)  # a manifest from elsewhere: sizes within the cap
+        target, _why = kernel_target(at)
+        return job_for(target, self._kernel_id.digest, self.entry.callspec, range(len(at.configs)))
 
 
 def participant(env: dict[str, str] | None = None) -> tuple[int, int] | None:
@@ -156,7 +179,14 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
                           order=tuple(walk([t.kernel for t in tasks])))
-        items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
+        plan = plan_for(settings, [tasks[i] for i in sharing.order] if sharing.order else tasks)
+        for task in tasks:
+            task.plan = plan
+        try:
+            items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
+        finally:
+            if plan is not None:
+                plan.close()
     finally:
         runtime.on_miss = saved
         if installed_here:

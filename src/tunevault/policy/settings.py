@@ -83,6 +83,9 @@ class Settings:
     lease_wait: float = 600.0
     lease_ttl: float = 30.0
     warmup: str | None = None  # a key manifest warmed up (keys shared with peers) at the first miss
+    # Keys of a warmup a helper process compiles ahead of their tuning (engine/ahead.py); None: 4 on
+    # a GPU, none under the interpreter (nothing compiles there); 0: off.
+    compile_ahead: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,6 +102,9 @@ class Settings:
             raise ValueError(f"tunevault config_timeout must be > 0; got {self.config_timeout!r}")
         if self.lease_ttl <= 0:
             raise ValueError(f"tunevault lease_ttl must be > 0; got {self.lease_ttl!r}")
+        if self.compile_ahead is not None and (isinstance(self.compile_ahead, bool) or not isinstance(
+                self.compile_ahead, int) or self.compile_ahead < 0):
+            raise ValueError(f"tunevault compile_ahead must be a whole number >= 0; got {self.compile_ahead!r}")
         if self.bundle_key is not None and not self.bundle_key.strip():
             from tunevault.store.bundle import EMPTY_KEY  # an empty key must not mean "no signatures"
 
@@ -129,6 +135,11 @@ class Settings:
                     kw[name] = float(e[var])
                 except ValueError:
                     raise ValueError(f"{var} must be a number; got {e[var]!r}") from None
+        if e.get("TUNEVAULT_COMPILE_AHEAD"):
+            value = e["TUNEVAULT_COMPILE_AHEAD"].strip()
+            if not value.isdigit():
+                raise ValueError(f"TUNEVAULT_COMPILE_AHEAD must be a whole number >= 0; got {value!r}")
+            kw["compile_ahead"] = int(value)
         return cls(**kw)  # type: ignore[arg-type]
 
     def with_options(self, **options: object) -> Settings:

@@ -1,0 +1,259 @@
+"""Compile ahead: while a warmup tunes one key, helper processes compile the keys that follow.
+
+A key's precompile cannot end before its slowest config's compile: one config of
+flash-linear-attention's l2norm spends 3-23 s in ptxas while the other 24 are ready in 1-2 s
+(BENCHMARKS.md, "the compile floor"), and a warmup tunes its keys one after another, so most of
+a host's cores idle through most of a warmup. A manifest says which keys come next. Their configs
+compile in helper processes (the tuning worker's program, asked only to compile; each takes a
+share of every key's configs), many keys at once, into Triton's on-disk cache, where this
+process's precompile of each key then finds them. The helpers hold no GIL of this process, so
+timing here is not slowed by them, and no compiled module of a losing config stays in this
+process beyond what stock Triton keeps.
+
+A key is claimed before it is tuned: if the helpers are compiling it, the tuning waits for that
+(compiling it here too would only race them for the same cores); if they have not started it,
+it is dropped from their list and compiles here as usual. Everything is best effort: a helper
+that fails to start or dies costs the warmup nothing but its help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from tunevault.engine.procs import WorkerDied, WorkerProcess, device_index, pin, spawn, worker_env
+
+log = logging.getLogger("tunevault")
+
+DEFAULT_KEYS = 16  # keys compiling at once: their stragglers overlap
+MAX_HELPERS = 2
+# HELPER_NOTE: one process's compile threads share its GIL (Triton's frontend and the glue
+# between passes are Python). On a 16-core H200 host the 388 configs of 27 keys compiled in
+# 30.6 s with 15 threads of one process and in 19.1 s with 8 processes of 2 threads
+# (bench/compile_throughput.py); each helper also pays its imports, so two is the default.
+START_TIMEOUT = 120.0
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class AheadJob:
+    """One key to compile: the kernel as the worker imports it, its arguments, the configs."""
+
+    target: str  # module:qualname
+    digest: str  # the kernel's identity digest: the helper checks it imported the same kernel
+    callspec: dict[str, Any]
+    configs: tuple[int, ...]  # declared indices
+
+
+class CompileAhead:
+    """The server side: a feeder thread keeps up to ``keys`` jobs compiling in the helper."""
+
+    def __init__(self, keys: int = DEFAULT_KEYS, start_timeout: float = START_TIMEOUT,
+                 helpers: int | None = None) -> None:
+        self.keys, self.start_timeout = max(1, keys), start_timeout
+        cores = os.cpu_count() or 2
+        self.helpers = helpers or max(1, min(MAX_HELPERS, cores // 8))  # see HELPER_NOTE
+        self.threads = max(1, min(16, (cores - 1) // self.helpers))  # a core stays with the timing
+        self._cv = threading.Condition()
+        self._queued: dict[Hashable, AheadJob] = {}  # in the order wanted
+        self._sent: dict[int, Hashable] = {}  # sid -> token, still compiling in some helper
+        self._left: dict[int, int] = {}  # sid -> helpers yet to finish their share
+        self._done: set[Hashable] = set()
+        self._closed = False
+        self._procs: list[WorkerProcess] = []
+        self._thread: threading.Thread | None = None
+        self.compiled = 0  # keys the helpers finished
+        self.helper_pids: list[int] = []
+
+    def want(self, token: Hashable, job: AheadJob) -> None:
+        """Compile ``job`` when a slot is free, unless it is queued, compiling or done already."""
+        with self._cv:
+            if self._closed or token in self._queued or token in self._done or token in self._sent.values():
+                return
+            self._queued[token] = job
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._feed, name="tunevault-compile-ahead", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def claim(self, token: Hashable, timeout: float) -> bool:
+        """About to tune ``token``: wait while the helper compiles it; True when it compiled there."""
+        end = time.monotonic() + timeout
+        with self._cv:
+            self._queued.pop(token, None)  # not started: it compiles in the tuning, as usual
+            while token in self._sent.values() and not self._closed:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, POLL_S * 4))
+            return token in self._done
+
+    def busy(self) -> bool:
+        """Keys wait for the helper or compile in it."""
+        with self._cv:
+            return bool(self._queued or self._sent)
+
+    def close(self) -> None:
+        """Stop feeding and let the helper go (its compiles end with it)."""
+        with self._cv:
+            self._closed = True
+            self._queued.clear()
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _feed(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:  # best effort: the tunings compile for themselves
+            log.info("tunevault: compile ahead stopped (%s: %s); keys compile as they are tuned",
+                     type(exc).__name__, exc)
+        finally:
+            procs, self._procs = self._procs, []
+            with self._cv:
+                self._closed = True
+                self._queued.clear()
+                self._sent.clear()
+                self._cv.notify_all()
+            for helper in procs:
+                helper.kill()  # at once: whatever it still compiles is no longer wanted
+
+    def _serve(self) -> None:
+        sid = 0
+        while True:
+            with self._cv:
+                while not self._closed and not self._queued and not self._sent:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                first = next(iter(self._queued.values()), None)
+            if not self._procs and first is not None:
+                self._start(first)  # meanwhile a key tuned is dropped from the list, not waited for
+                continue
+            job = None
+            with self._cv:
+                if self._queued and len(self._sent) < self.keys:
+                    token, job = next(iter(self._queued.items()))
+                    del self._queued[token]
+                    sid += 1
+                    self._sent[sid] = token
+            if job is not None:
+                shares = [job.configs[h::len(self._procs)] for h in range(len(self._procs))]
+                with self._cv:
+                    self._left[sid] = sum(1 for share in shares if share)
+                for helper, share in zip(self._procs, shares, strict=True):
+                    if share:
+                        helper.send({"op": "ahead", "sid": sid, "kernel": job.target, "digest": job.digest,
+                                     "callspec": job.callspec, "configs": list(share), "threads": self.threads})
+                continue
+            self._collect()
+
+    def _start(self, job: AheadJob) -> None:
+        """Start the helpers side by side (each imports torch and Triton on its own cores)."""
+        env = worker_env(device_index(job.callspec))
+        started: list[WorkerProcess | BaseException] = []
+
+        def one() -> None:
+            try:
+                started.append(spawn(env, self.start_timeout))
+            except BaseException as exc:
+                started.append(exc)
+
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(self.helpers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._procs = [p for p in started if isinstance(p, WorkerProcess)]
+        self.helper_pids = [p.pid for p in self._procs]
+        if not self._procs:
+            raise next(e for e in started if isinstance(e, BaseException))
+        log.debug("tunevault: compile-ahead helpers %s started", self.helper_pids)
+
+    def _collect(self) -> None:
+        """Wait a moment for a helper to finish its share of a key (or to refuse it)."""
+        for helper in list(self._procs):
+            try:
+                ev = helper.wait_for(("compiled", "fatal"), POLL_S / len(self._procs))
+            except queue.Empty:
+                continue
+            except WorkerDied as exc:
+                raise RuntimeError(f"a helper exited ({helper.exit_reason()})") from exc
+            with self._cv:
+                sid = int(ev.get("sid", -1))
+                if sid not in self._sent:
+                    continue
+                if ev.get("ev") != "compiled":
+                    log.debug("tunevault: compile ahead refused %s: %s", self._sent[sid], ev.get("message"))
+                    self._left[sid] = 0
+                    self._sent.pop(sid)
+                    self._cv.notify_all()
+                    continue
+                self._left[sid] -= 1
+                if self._left[sid] <= 0:
+                    self._done.add(self._sent.pop(sid))
+                    del self._left[sid]
+                    self.compiled += 1
+                    self._cv.notify_all()
+
+
+def job_for(target: str | None, digest: str, callspec: dict[str, Any] | None,
+            configs: Sequence[int]) -> AheadJob | None:
+    """The job for a key, pinned to one GPU as the worker sees it; None when it cannot be compiled ahead."""
+    if target is None or callspec is None or len(configs) < 2:
+        return None
+    spec = pin(callspec) if device_index(callspec) is not None else callspec
+    return AheadJob(target, digest, spec, tuple(configs))
+
+
+class HelperCompiles:
+    """The helper's side (in the worker): every key's configs on one pool; a key reported once all
+    its compiles ended, successful or not (errors surface when the config is timed for real)."""
+
+    def __init__(self, emit: Callable[..., None], threads: int | None = None) -> None:
+        self.emit = emit
+        workers = threads or max(1, min(16, (os.cpu_count() or 2) - 1))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunevault-ahead")
+        self._lock = threading.Lock()
+        self.pending: dict[int, int] = {}  # sid -> compiles left
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self.pending)
+
+    def add(self, sid: int, autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Sequence[Any]) -> None:
+        from tunevault.engine.inprocess import device_caches_ready
+        from tunevault.engine.timing import interpreting
+
+        if interpreting() or not configs:  # nothing compiles under the interpreter
+            self.emit(ev="compiled", sid=sid)
+            return
+        base = {k: v for k, v in kwargs.items() if k != "warmup"}
+
+        def compile_one(config: Any) -> None:
+            autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
+
+        device_caches_ready(autotuner.fn)  # one set of per-device caches for all the threads
+        with self._lock:
+            self.pending[sid] = len(configs)
+        for config in configs:
+            self.pool.submit(compile_one, config).add_done_callback(lambda f, s=sid: self._ended(s, f))
+
+    def _ended(self, sid: int, future: Future[None]) -> None:
+        with contextlib.suppress(Exception):
+            future.result()  # a config that does not compile fails again, with its error, when timed
+        with self._lock:
+            self.pending[sid] -= 1
+            finished = self.pending[sid] == 0
+            if finished:
+                del self.pending[sid]
+        if finished:
+            self.emit(ev="compiled", sid=sid)

@@ -1,0 +1,125 @@
+"""Compile ahead: a helper process compiles a warmup's coming keys while the current one is tuned.
+
+Under the interpreter nothing compiles, so these tests check the plumbing with a real helper
+process: keys are handed over in walk order, a tuning waits for the helper's key, the helper never
+runs a config, a helper that refuses a key or dies costs the warmup nothing, and it is gone when
+the warmup returns.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import kernels_shard as ks
+from conftest import run_py
+from tunevault.policy.settings import Settings
+
+WARMUP = r"""
+import json, logging, os, sys, time
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record): lines.append(record.getMessage())
+logging.getLogger("tunevault").addHandler(Keep())
+logging.getLogger("tunevault").setLevel(logging.DEBUG)
+import tunevault
+from tunevault.integration import warmup_ahead
+
+plans = []
+class Watched(warmup_ahead.AheadPlan):  # the plan the warmup made, kept to read its counters
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        plans.append(self)
+
+    def before(self, task):
+        first = not self.tuned
+        super().before(task)
+        deadline = time.monotonic() + 120
+        while first and self.ahead.compiled < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the helper starts in seconds, the interpreter's keys tune in ms: let it catch up
+warmup_ahead.AheadPlan = Watched
+if os.environ.get("TV_HELPERS"):  # two helpers share every key's configs even on a small machine
+    import functools
+    warmup_ahead.CompileAhead = functools.partial(warmup_ahead.CompileAhead, helpers=int(os.environ["TV_HELPERS"]))
+tunevault.install(mode="tune", store=os.environ["TV_STORE"], compile_ahead=int(os.environ["TV_AHEAD"]))
+report = tunevault.warmup(os.environ["TV_MANIFEST"])
+ahead = plans[0].ahead if plans else None
+print(json.dumps({"ok": report.ok, "counts": report.counts(), "pid": os.getpid(),
+                  "compiled": ahead.compiled if ahead else None,
+                  "helpers": ahead.helper_pids if ahead else [], "log": lines}))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _launch_pids(log: Path) -> set[int]:
+    return {int(line.split()[0]) for line in log.read_text().splitlines()} if log.exists() else set()
+
+
+def test_helpers_compile_the_coming_keys_and_are_gone_when_the_warmup_returns(tmp_path: Path) -> None:
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [64 + 29 * i for i in range(6)])
+    launches = tmp_path / "launch.log"
+    out = run_py(WARMUP, TV_STORE=f"sqlite:///{tmp_path / 'tv.db'}", TV_MANIFEST=str(manifest), TV_AHEAD="2",
+                 TV_HELPERS="2", TV_LAUNCH_LOG=str(launches), TUNEVAULT_CPU_BENCH_REPS="3")
+    assert out["ok"] and out["counts"]["tuned"] == 6
+    assert out["compiled"] >= 2, out["log"]  # the keys after the first, handed over as the walk went
+    assert any("compile ahead: " in line and "compiled by the helper" in line for line in out["log"])
+    assert len(out["helpers"]) == 2 and out["pid"] not in out["helpers"]  # each took a share of each key
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in out["helpers"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in out["helpers"])
+    assert _launch_pids(launches) == {out["pid"]}  # the helper compiled; it never ran a config
+
+
+def test_a_key_the_helper_refuses_is_tuned_as_usual(tmp_path: Path) -> None:
+    """A kernel the helper cannot import as the same kernel (its digest differs) is refused there;
+    the tuning does not wait for it and compiles it itself."""
+    from tunevault.capture import manifest as mf
+    from tunevault.engine.ahead import CompileAhead, job_for
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [64])
+    entry = mf.read(manifest)[0]
+    ahead = CompileAhead(keys=1)
+    try:
+        job = job_for("kernels_shard:shard_scale", "not-its-digest", entry.callspec, [0, 1])
+        assert job is not None
+        ahead.want("k", job)
+        started = time.monotonic()
+        while ahead.busy():  # sent, then refused
+            assert time.monotonic() - started < 120, "the helper never answered"
+            time.sleep(0.05)
+        assert ahead.claim("k", timeout=5) is False
+        assert ahead.compiled == 0
+    finally:
+        ahead.close()
+
+
+def test_compile_ahead_settings_are_checked() -> None:
+    assert Settings.from_env({"TUNEVAULT_COMPILE_AHEAD": "3"}).compile_ahead == 3
+    assert Settings.from_env({}).compile_ahead is None
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(ValueError, match="TUNEVAULT_COMPILE_AHEAD"):
+            Settings.from_env({"TUNEVAULT_COMPILE_AHEAD": bad})
+    for bad_value in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="compile_ahead"):
+            Settings(compile_ahead=bad_value)  # type: ignore[arg-type]
+
+
+def test_compile_ahead_is_off_under_the_interpreter_unless_asked() -> None:
+    from tunevault.integration.warmup_ahead import keys_ahead
+
+    assert keys_ahead(Settings()) == 0  # the suite runs under TRITON_INTERPRET=1: nothing to compile
+    assert keys_ahead(Settings(compile_ahead=2)) == 2
+    assert keys_ahead(Settings(compile_ahead=0)) == 0
