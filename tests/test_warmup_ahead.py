@@ -123,3 +123,21 @@ def test_compile_ahead_is_off_under_the_interpreter_unless_asked() -> None:
     assert keys_ahead(Settings()) == 0  # the suite runs under TRITON_INTERPRET=1: nothing to compile
     assert keys_ahead(Settings(compile_ahead=2)) == 2
     assert keys_ahead(Settings(compile_ahead=0)) == 0
+
+
+def test_helpers_and_threads_follow_the_cores_this_process_shares() -> None:
+    """One helper per 8 cores (at most two: beyond that each helper's imports cost more than its
+    GIL-free compiles gain), threads filling all cores but one; --jobs children and torchrun's
+    local ranks split the host's cores between them."""
+    from tunevault.engine.ahead import helper_layout
+    from tunevault.integration.shared_warmup import host_sharers
+
+    assert helper_layout(16) == (2, 7)
+    assert helper_layout(64) == (2, 16)
+    assert helper_layout(8) == (1, 7)
+    assert helper_layout(2) == (1, 1)
+    assert helper_layout(4, helpers=2) == (2, 1)
+    assert host_sharers({"TUNEVAULT_WARMUP_WORKER": "1/4", "LOCAL_WORLD_SIZE": "8"}) == 4
+    assert host_sharers({"RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 8
+    assert host_sharers({"WORLD_SIZE": "16"}) == 1
+    assert host_sharers({"LOCAL_WORLD_SIZE": "0"}) == 1

@@ -43,6 +43,21 @@ START_TIMEOUT = 120.0
 POLL_S = 0.05
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 2
+
+
+def helper_layout(cores: int, helpers: int | None = None) -> tuple[int, int]:
+    """(helpers, threads each) for ``cores`` cores: one helper per 8 cores up to MAX_HELPERS (see
+    HELPER_NOTE), their threads filling all cores but one, which stays with the timing."""
+    count = helpers or max(1, min(MAX_HELPERS, cores // 8))
+    return count, max(1, min(16, (cores - 1) // count))
+
+
 @dataclass(frozen=True)
 class AheadJob:
     """One key to compile: the kernel as the worker imports it, its arguments, the configs."""
@@ -57,11 +72,9 @@ class CompileAhead:
     """The server side: a feeder thread keeps up to ``keys`` jobs compiling in the helper."""
 
     def __init__(self, keys: int = DEFAULT_KEYS, start_timeout: float = START_TIMEOUT,
-                 helpers: int | None = None) -> None:
+                 helpers: int | None = None, cores: int | None = None) -> None:
         self.keys, self.start_timeout = max(1, keys), start_timeout
-        cores = os.cpu_count() or 2
-        self.helpers = helpers or max(1, min(MAX_HELPERS, cores // 8))  # see HELPER_NOTE
-        self.threads = max(1, min(16, (cores - 1) // self.helpers))  # a core stays with the timing
+        self.helpers, self.threads = helper_layout(cores or available_cores(), helpers)
         self._cv = threading.Condition()
         self._queued: dict[Hashable, AheadJob] = {}  # in the order wanted
         self._sent: dict[int, Hashable] = {}  # sid -> token, still compiling in some helper

@@ -128,6 +128,16 @@ def participant(env: dict[str, str] | None = None) -> tuple[int, int] | None:
     return None
 
 
+def host_sharers(env: dict[str, str] | None = None) -> int:
+    """How many warmup processes share this host's cores: ``--jobs`` children, or torchrun's
+    LOCAL_WORLD_SIZE (not WORLD_SIZE: other hosts have their own cores); 1 when unknown."""
+    e = os.environ if env is None else env
+    for size in (e.get(WORKER_VAR, "").partition("/")[2], e.get("LOCAL_WORLD_SIZE", "")):
+        if size.isdigit() and int(size) > 0:
+            return int(size)
+    return 1
+
+
 def walk(kernels: Sequence[str], env: dict[str, str] | None = None) -> list[int]:
     """The order this process walks the keys in: its own kernels first when it knows its place
     (policy.shard.affinity_order), else from a random point, so unnumbered peers spread out."""
@@ -179,7 +189,7 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
                           order=tuple(walk([t.kernel for t in tasks])))
-        plan = plan_for(settings, [tasks[i] for i in sharing.order] if sharing.order else tasks)
+        plan = plan_for(settings, [tasks[i] for i in sharing.order] if sharing.order else tasks, host_sharers())
         for task in tasks:
             task.plan = plan
         try:

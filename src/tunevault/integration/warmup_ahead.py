@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from tunevault.engine.ahead import AheadJob, CompileAhead
+from tunevault.engine.ahead import AheadJob, CompileAhead, available_cores
 from tunevault.policy.settings import Settings
 
 log = logging.getLogger("tunevault")
@@ -36,9 +36,9 @@ class AheadPlan:
     """Before each tuning: wait for the helper if it compiles that key, then keep the next ``2 * keys``
     of the walk queued (the helper compiles ``keys`` of them at once)."""
 
-    def __init__(self, order: Sequence[Ahead], keys: int, claim_timeout: float) -> None:
+    def __init__(self, order: Sequence[Ahead], keys: int, claim_timeout: float, cores: int | None = None) -> None:
         self.order, self.claim_timeout = list(order), claim_timeout
-        self.ahead = CompileAhead(keys)
+        self.ahead = CompileAhead(keys, cores=cores)
         self.tuned: set[int] = set()  # ids of the tasks whose tuning began
         self.planned: set[int] = set()  # ids of the tasks looked at for compiling ahead (once each)
         self.waited_s = 0.0  # tunings held back until the helper finished their key
@@ -72,8 +72,9 @@ class AheadPlan:
                      self.ahead.compiled, self.waited_s)
 
 
-def plan_for(settings: Settings, order: Sequence[Ahead]) -> AheadPlan | None:
+def plan_for(settings: Settings, order: Sequence[Ahead], sharers: int = 1) -> AheadPlan | None:
+    """The plan of one warmup process; ``sharers`` warmup processes on this host split its cores."""
     keys = keys_ahead(settings)
     if keys <= 0 or len(order) < 2:
         return None
-    return AheadPlan(order, keys, settings.tune_timeout)
+    return AheadPlan(order, keys, settings.tune_timeout, max(2, available_cores() // max(1, sharers)))
