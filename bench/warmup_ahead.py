@@ -15,8 +15,10 @@ fresh Triton cache and store:
   (``TUNEVAULT_ISOLATE=1``) with compile ahead on.
 
 Reports each run's wall time (process start-up and imports included, as a user waits for it),
-its ratio to stock, where tunevault's tunings spent their time (precompile, timing) and whether
-the runs chose the same configs (identical or within the tie band). ``results.json`` and
+its ratio to stock, where tunevault's tunings spent their time (precompile, timing), the peak
+device memory of each process as ``nvidia-smi`` lists it (the compile-ahead helpers and the
+isolated worker are labelled ``worker``) and whether the runs chose the same configs (identical
+or within the tie band). ``results.json`` and
 ``summary.md`` go into ``--out``.
 """
 
@@ -26,6 +28,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,14 +76,64 @@ def keep(manifest: Path, suite_keys: int) -> dict[str, int]:
     return {"suite": sum(1 for ln in kept if ln in chosen), "third_party": len(kept) - len(chosen)}
 
 
+class DeviceMemory:
+    """Peak device memory while a run lasts, per process as ``nvidia-smi`` lists them (labelled
+    ``worker`` for ``tunevault.engine.worker`` processes: the helpers, and the isolated worker),
+    and in total; nothing without ``nvidia-smi``."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[int, int] = {}
+        self.labels: dict[int, str] = {}
+        self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> DeviceMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                       "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+                used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                      capture_output=True, text=True, timeout=5)
+            except (OSError, subprocess.SubprocessError):
+                return
+            self.total = max(self.total, sum(int(x) for x in used.stdout.split() if x.isdigit()))
+            for line in apps.stdout.splitlines():
+                pid_text, _, mib = line.partition(",")
+                if pid_text.strip().isdigit() and mib.strip().isdigit():
+                    pid = int(pid_text)
+                    self.peaks[pid] = max(self.peaks.get(pid, 0), int(mib))
+                    if pid not in self.labels:
+                        try:
+                            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                        except OSError:
+                            cmdline = b""
+                        self.labels[pid] = "worker" if b"tunevault.engine.worker" in cmdline else "other"
+
+    def report(self) -> dict[str, Any]:
+        return {"total_peak_mib": self.total,
+                "per_process_peak_mib": sorted(([self.labels.get(p, "other"), m] for p, m in self.peaks.items()),
+                                               key=lambda x: -x[1])}
+
+
 def run(out: Path, name: str, cmd: list[str], env_extra: dict[str, str], timeout: float,
         cpu: bool = False) -> dict[str, Any]:
     env = sw.child_env(cpu, out / "triton-cache" / name)
     env.update(env_extra)
     print(f"[warmup_ahead] {name}: {' '.join(cmd[2:])} {env_extra}", flush=True)
     started = time.perf_counter()
+    memory = DeviceMemory()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+        with memory:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
     except subprocess.TimeoutExpired:
         return {"name": name, "error": f"over the budget ({timeout:.0f} s)"}
     wall = time.perf_counter() - started
@@ -92,7 +145,8 @@ def run(out: Path, name: str, cmd: list[str], env_extra: dict[str, str], timeout
     except (ValueError, IndexError):
         return {"name": name, "wall_s": wall, "error": done.stderr[-2000:]}
     print(f"[warmup_ahead] {name}: {wall:.1f} s", flush=True)
-    return {"name": name, "wall_s": wall, "exit_code": done.returncode, "report": report}
+    return {"name": name, "wall_s": wall, "exit_code": done.returncode, "report": report,
+            "device_memory": memory.report()}
 
 
 def stages(store: Path) -> dict[str, float]:
@@ -111,15 +165,17 @@ def stages(store: Path) -> dict[str, float]:
 
 def summarize(results: dict[str, Any]) -> str:
     stock = next((r for r in results["runs"] if r["name"] == "stock" and "wall_s" in r), None)
-    rows = ["| run | wall | vs stock | precompile (sum) | timing (sum) |", "|---|---:|---:|---:|---:|"]
+    rows = ["| run | wall | vs stock | precompile (sum) | timing (sum) | workers' peak device memory (MiB) |",
+            "|---|---:|---:|---:|---:|---|"]
     for r in results["runs"]:
         if "report" not in r:
-            rows.append(f"| {r['name']} | {r.get('error', '')[:60]} | | | |")
+            rows.append(f"| {r['name']} | {r.get('error', '')[:60]} | | | | |")
             continue
         ratio = f"{r['wall_s'] / stock['wall_s']:.2f}x" if stock else "-"
         st = r.get("stages", {})
+        workers = [m for label, m in r.get("device_memory", {}).get("per_process_peak_mib", []) if label == "worker"]
         rows.append(f"| {r['name']} | {r['wall_s']:.1f} s | {ratio} | {st.get('precompile_s', '-')} | "
-                    f"{st.get('timing_s', '-')} |")
+                    f"{st.get('timing_s', '-')} | {', '.join(map(str, workers)) or '-'} |")
     agree = results.get("agreement")
     extra = [f"\nManifest: {results['keys']}. Decisions, compile ahead on vs off: "
              f"{json.dumps({k: v for k, v in agree.items() if k != 'differences'}) if agree else 'n/a'}"]

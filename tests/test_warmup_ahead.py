@@ -106,6 +106,45 @@ def test_a_key_the_helper_refuses_is_tuned_as_usual(tmp_path: Path) -> None:
         ahead.close()
 
 
+def test_a_helper_that_dies_costs_the_warmup_only_its_help(tmp_path: Path) -> None:
+    """SIGKILL the helper between keys: the next key is not waited for, nothing stays busy, and
+    closing returns at once."""
+    import signal
+
+    from tunevault.capture import manifest as mf
+    from tunevault.core.identity import kernel_id
+    from tunevault.engine.ahead import CompileAhead, job_for
+    from tunevault.engine.isolated import kernel_target
+    from tunevault.engine.worker import find_autotuner
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [64, 93])
+    first, second = mf.read(manifest)
+    at = find_autotuner(ks.shard_scale)
+    target, _ = kernel_target(at)
+    digest = kernel_id(at).digest
+    ahead = CompileAhead(keys=1, helpers=1)
+    try:
+        ahead.want("a", job_for(target, digest, first.callspec, range(len(at.configs))))
+        deadline = time.monotonic() + 120
+        while ahead.compiled < 1:
+            assert time.monotonic() < deadline, "the helper never compiled the first key"
+            time.sleep(0.05)
+        (pid,) = ahead.helper_pids
+        os.kill(pid, signal.SIGKILL)
+        ahead.want("b", job_for(target, digest, second.callspec, range(len(at.configs))))
+        started = time.monotonic()
+        assert ahead.claim("b", timeout=60) is False
+        while ahead.busy():
+            assert time.monotonic() - started < 30, "a dead helper's key stayed pending"
+            time.sleep(0.05)
+        assert time.monotonic() - started < 30
+    finally:
+        started = time.monotonic()
+        ahead.close()
+        assert time.monotonic() - started < 10
+
+
 def test_compile_ahead_settings_are_checked() -> None:
     assert Settings.from_env({"TUNEVAULT_COMPILE_AHEAD": "3"}).compile_ahead == 3
     assert Settings.from_env({}).compile_ahead is None
@@ -141,3 +180,19 @@ def test_helpers_and_threads_follow_the_cores_this_process_shares() -> None:
     assert host_sharers({"RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 8
     assert host_sharers({"WORLD_SIZE": "16"}) == 1
     assert host_sharers({"LOCAL_WORLD_SIZE": "0"}) == 1
+
+
+def test_helpers_rebuild_arguments_as_layouts_only() -> None:
+    """A helper compiles with arguments on ``meta``: the same dtype, shape, strides and 16-byte
+    alignment (what Triton specializes a pointer on) as the tuning's own rebuild, and no data."""
+    import torch
+
+    from tunevault.capture.argspec import ArgSpec
+
+    for captured in (torch.randn(4, 8)[:, 1:], torch.arange(12, dtype=torch.int32).view(3, 4).t(),
+                     torch.zeros(5, dtype=torch.bfloat16)):
+        spec = ArgSpec.of(captured)
+        meta, real = spec.build("meta"), spec.build("cpu")
+        assert meta.device.type == "meta"
+        assert (meta.dtype, meta.shape, meta.stride()) == (real.dtype, real.shape, real.stride())
+        assert (meta.data_ptr() % 16 == 0) == (real.data_ptr() % 16 == 0)

@@ -124,7 +124,8 @@ class ArgSpec:
         """A fresh argument equivalent to the captured one (random data, same layout).
 
         Data is generated on the target device: filling a large tensor on the host and copying
-        it over costs a tuning worker seconds per key. ``slack``: allocate at least this many
+        it over costs a tuning worker seconds per key. On ``meta`` there is no data and no memory:
+        what a compile needs of the argument, nothing a launch would. ``slack``: allocate at least this many
         elements behind the view (an untrusted call indexes up to its largest integer scalar)."""
         if self.kind == "scalar":
             return self.value
@@ -135,8 +136,10 @@ class ArgSpec:
         dtype = getattr(torch, self.dtype, None)
         _require(isinstance(dtype, torch.dtype), f"unknown dtype {self.dtype!r}")
         dev = torch.device(device or self.device)
-        gen = (generators or Generators(0)).on(dev)
         size = max(self.storage_size(), slack)
+        if dev.type == "meta":  # layout only (dtype, shape, strides, alignment): enough to compile
+            return torch.as_strided(torch.empty(size, dtype=dtype, device=dev), self.shape, self.stride)
+        gen = (generators or Generators(0)).on(dev)
         if self.values is not None and len(self.values) == self.storage_size():
             flat = torch.tensor(self.values, dtype=torch.int64, device=dev).to(dtype)
             if size > len(self.values):

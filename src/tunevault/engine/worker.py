@@ -91,8 +91,9 @@ class Worker:
         specs = {i: config_spec(c) for i, c in configs.items()}
         self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted)
 
-    def rebuild(self, msg: dict[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
-        """The kernel the server named (checked by digest) and the server's call's arguments."""
+    def rebuild(self, msg: dict[str, Any], device: str | None = None) -> tuple[Any, tuple, dict[str, Any]]:
+        """The kernel the server named (checked by digest) and the server's call's arguments
+        (on ``device`` instead of the call's own, e.g. ``meta`` to compile without device memory)."""
         from tunevault.capture.argspec import CallSpec
         from tunevault.core.identity import kernel_id
 
@@ -106,7 +107,8 @@ class Worker:
         if kernel_id(at).digest != msg["digest"]:
             raise Fatal(f"{target} imported in the worker is a different kernel (source or configs differ)")
         try:
-            args, kwargs = CallSpec.from_json(msg["callspec"], untrusted=False).build(at, seed=0)  # the server's call
+            spec = CallSpec.from_json(msg["callspec"], untrusted=False)  # the server's call
+            args, kwargs = spec.build(at, device, seed=0)
         except Exception as exc:
             raise Fatal(f"cannot rebuild the arguments of {target}: {type(exc).__name__}: {exc}") from exc
         return at, args, kwargs
@@ -115,7 +117,7 @@ class Worker:
         """Compile a key's configs for a warmup's later tuning (engine/ahead.py); "compiled" follows."""
         from tunevault.engine.ahead import HelperCompiles
 
-        at, args, kwargs = self.rebuild(msg)
+        at, args, kwargs = self.rebuild(msg, device="meta")  # compiles only: no device memory for tensors
         if self.ahead is None:
             self.ahead = HelperCompiles(self.emit, int(msg.get("threads") or 0) or None)
         configs = [at.configs[i] for i in (int(j) for j in msg["configs"]) if 0 <= i < len(at.configs)]
