@@ -69,7 +69,7 @@ class AheadJob:
 
 
 class CompileAhead:
-    """The server side: a feeder thread keeps up to ``keys`` jobs compiling in the helper."""
+    """The server side: a feeder thread keeps up to ``keys`` jobs compiling in the helpers."""
 
     def __init__(self, keys: int = DEFAULT_KEYS, start_timeout: float = START_TIMEOUT,
                  helpers: int | None = None, cores: int | None = None) -> None:
@@ -98,7 +98,7 @@ class CompileAhead:
             self._cv.notify_all()
 
     def claim(self, token: Hashable, timeout: float) -> bool:
-        """About to tune ``token``: wait while the helper compiles it; True when it compiled there."""
+        """About to tune ``token``: wait while the helpers compile it; True when they compiled it."""
         end = time.monotonic() + timeout
         with self._cv:
             self._queued.pop(token, None)  # not started: it compiles in the tuning, as usual
@@ -110,12 +110,12 @@ class CompileAhead:
             return token in self._done
 
     def busy(self) -> bool:
-        """Keys wait for the helper or compile in it."""
+        """Keys wait for the helpers or compile in them."""
         with self._cv:
             return bool(self._queued or self._sent)
 
     def close(self) -> None:
-        """Stop feeding and let the helper go (its compiles end with it)."""
+        """Stop feeding and let the helpers go (their compiles end with them)."""
         with self._cv:
             self._closed = True
             self._queued.clear()
@@ -206,7 +206,7 @@ class CompileAhead:
                     continue
                 if ev.get("ev") != "compiled":
                     log.debug("tunevault: compile ahead refused %s: %s", self._sent[sid], ev.get("message"))
-                    self._left[sid] = 0
+                    del self._left[sid]
                     self._sent.pop(sid)
                     self._cv.notify_all()
                     continue
@@ -233,7 +233,7 @@ class HelperCompiles:
 
     def __init__(self, emit: Callable[..., None], threads: int | None = None) -> None:
         self.emit = emit
-        workers = threads or max(1, min(16, (os.cpu_count() or 2) - 1))
+        workers = threads or helper_layout(available_cores(), helpers=1)[1]
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunevault-ahead")
         self._lock = threading.Lock()
         self.pending: dict[int, int] = {}  # sid -> compiles left
@@ -243,24 +243,20 @@ class HelperCompiles:
             return bool(self.pending)
 
     def add(self, sid: int, autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Sequence[Any]) -> None:
-        from tunevault.engine.inprocess import device_caches_ready
+        from tunevault.engine.inprocess import compiler, device_caches_ready
         from tunevault.engine.timing import interpreting
 
         if interpreting() or not configs:  # nothing compiles under the interpreter
             self.emit(ev="compiled", sid=sid)
             return
-        base = {k: v for k, v in kwargs.items() if k != "warmup"}
-
-        def compile_one(config: Any) -> None:
-            autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
-
+        compile_one = compiler(autotuner, args, kwargs)
         device_caches_ready(autotuner.fn)  # one set of per-device caches for all the threads
         with self._lock:
             self.pending[sid] = len(configs)
         for config in configs:
             self.pool.submit(compile_one, config).add_done_callback(lambda f, s=sid: self._ended(s, f))
 
-    def _ended(self, sid: int, future: Future[None]) -> None:
+    def _ended(self, sid: int, future: Future[Any]) -> None:
         with contextlib.suppress(Exception):
             future.result()  # a config that does not compile fails again, with its error, when timed
         with self._lock:

@@ -93,11 +93,7 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    base = {k: v for k, v in kwargs.items() if k != "warmup"}
-
-    def compile_one(config: Any) -> Any:
-        return autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
-
+    compile_one = compiler(autotuner, args, kwargs)
     rest = list(configs)
     if not device_caches_ready(autotuner.fn):
         try:
@@ -121,6 +117,16 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
                         compile_one(config)
         except Exception as exc:
             log.debug("tunevault: parallel precompile failed: %s", exc)
+
+
+def compiler(autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[Any], Any]:
+    """Compile one config for this call without launching it (``run(warmup=True)``)."""
+    base = {k: v for k, v in kwargs.items() if k != "warmup"}
+
+    def compile_one(config: Any) -> Any:
+        return autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
+
+    return compile_one
 
 
 def device_caches_ready(fn: Any) -> bool:

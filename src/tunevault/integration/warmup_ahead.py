@@ -33,24 +33,24 @@ def keys_ahead(settings: Settings) -> int:
 
 
 class AheadPlan:
-    """Before each tuning: wait for the helper if it compiles that key, then keep the next ``2 * keys``
-    of the walk queued (the helper compiles ``keys`` of them at once)."""
+    """Before each tuning: wait for the helpers if they compile that key, then keep the next
+    ``2 * keys`` of the walk queued (the helpers compile ``keys`` of them at once)."""
 
     def __init__(self, order: Sequence[Ahead], keys: int, claim_timeout: float, cores: int | None = None) -> None:
         self.order, self.claim_timeout = list(order), claim_timeout
+        self.position = {id(t): i for i, t in enumerate(self.order)}
         self.ahead = CompileAhead(keys, cores=cores)
         self.tuned: set[int] = set()  # ids of the tasks whose tuning began
         self.planned: set[int] = set()  # ids of the tasks looked at for compiling ahead (once each)
-        self.waited_s = 0.0  # tunings held back until the helper finished their key
+        self.waited_s = 0.0  # tunings held back until the helpers finished their key
 
     def before(self, task: Ahead) -> None:
         started = time.perf_counter()
         self.ahead.claim(id(task), self.claim_timeout)
         self.waited_s += time.perf_counter() - started
         self.tuned.add(id(task))
-        try:
-            position = next(i for i, t in enumerate(self.order) if t is task)
-        except StopIteration:
+        position = self.position.get(id(task))
+        if position is None:
             return
         horizon = [t for t in self.order[position + 1:] if id(t) not in self.tuned][:2 * self.ahead.keys]
         for nxt in horizon:
@@ -68,7 +68,7 @@ class AheadPlan:
     def close(self) -> None:
         self.ahead.close()
         if self.ahead.compiled:
-            log.info("tunevault: compile ahead: %d key(s) compiled by the helper; tunings waited %.1f s for it",
+            log.info("tunevault: compile ahead: %d key(s) compiled by the helpers; tunings waited %.1f s for them",
                      self.ahead.compiled, self.waited_s)
 
 

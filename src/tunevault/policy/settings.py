@@ -83,8 +83,8 @@ class Settings:
     lease_wait: float = 600.0
     lease_ttl: float = 30.0
     warmup: str | None = None  # a key manifest warmed up (keys shared with peers) at the first miss
-    # Keys of a warmup a helper process compiles ahead of their tuning (engine/ahead.py); None: 4 on
-    # a GPU, none under the interpreter (nothing compiles there); 0: off.
+    # Keys of a warmup that helper processes compile ahead of their tuning (engine/ahead.py); None:
+    # 16 on a GPU, none under the interpreter (nothing compiles there); 0: off.
     compile_ahead: int | None = None
 
     def __post_init__(self) -> None:
