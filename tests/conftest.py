@@ -93,6 +93,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def gone(pid: int) -> bool:
+    """The process ``pid`` has exited (and no other took its number since)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def run_py(code: str, timeout: float = 240, **env: str) -> Any:
     """Run ``code`` in a fresh interpreter; it must print one JSON document as its last line."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,

@@ -15,6 +15,7 @@ import torch
 
 import kernels_engine as ke
 import tunevault
+from conftest import gone
 from tunevault.capture import manifest as mf
 from tunevault.core.model import TuningKey
 from tunevault.engine import isolated
@@ -33,14 +34,6 @@ if os.environ.get("TUNEVAULT_WORKER") == "1":  # the worker imported this module
 def kernel(x, n, B: tl.constexpr):
     tl.store(x + tl.arange(0, B), 0.0)
 '''
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def tune_in_worker(sqlite_url: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kernels_shard as ks
-from conftest import run_py
+from conftest import gone, run_py
 from tunevault.policy.settings import Settings
 
 WARMUP = r"""
@@ -53,14 +53,6 @@ print(json.dumps({"ok": report.ok, "counts": report.counts(), "pid": os.getpid()
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _launch_pids(log: Path) -> set[int]:
     return {int(line.split()[0]) for line in log.read_text().splitlines()} if log.exists() else set()
 
@@ -76,9 +68,9 @@ def test_helpers_compile_the_coming_keys_and_are_gone_when_the_warmup_returns(tm
     assert any("compile ahead: " in line and "compiled by the helper" in line for line in out["log"])
     assert len(out["helpers"]) == 2 and out["pid"] not in out["helpers"]  # each took a share of each key
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in out["helpers"]) and time.monotonic() < deadline:
+    while not all(gone(pid) for pid in out["helpers"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(pid) for pid in out["helpers"])
+    assert all(gone(pid) for pid in out["helpers"])
     assert _launch_pids(launches) == {out["pid"]}  # the helper compiled; it never ran a config
 
 
