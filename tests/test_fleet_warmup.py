@@ -404,13 +404,14 @@ def _cuda_build() -> bool:
 
 def test_jobs_plan_pins_one_gpu_per_child(monkeypatch: pytest.MonkeyPatch) -> None:
     from tunevault.cli.warmup_jobs import plan
+    from tunevault.core.machine import available_cores
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     assert plan("3", "0,1") == ["4", "5", "4"]
     assert plan(None, "1") == ["5"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert plan("2", None) == [None, None]  # the interpreter: CPU processes, no GPU to pin
-    assert plan(None, None) == [None] * (os.cpu_count() or 1)
+    assert plan(None, None) == [None] * available_cores()
     for bad in (("0", None), ("x", None), ("2", "a,b"), ("2", "-1")):
         with pytest.raises(ValueError):
             plan(*bad)

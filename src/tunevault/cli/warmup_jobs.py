@@ -51,8 +51,10 @@ def plan(jobs: str | None, devices: str | None) -> list[str | None]:
         from tunevault.core.machine import gpu_count  # no torch: each child starts that much sooner
 
         gpus = list(range(gpu_count()))
+    from tunevault.core.machine import available_cores
+
     if jobs in (None, "auto"):
-        count = len(gpus) or os.cpu_count() or 1
+        count = len(gpus) or available_cores()
     elif not str(jobs).isdigit() or int(jobs) < 1:
         raise ValueError(f"--jobs takes a positive number of processes; got {jobs!r}")
     else:
@@ -103,7 +105,9 @@ def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Qu
         if worker.device is not None:
             env["CUDA_VISIBLE_DEVICES"] = worker.device
         else:  # interpreter processes: split the cores instead of each one threading over all of them
-            threads = str(max(1, (os.cpu_count() or 1) // len(workers)))
+            from tunevault.core.machine import available_cores
+
+            threads = str(max(1, available_cores() // len(workers)))
             env.update({var: env.get(var, threads) for var in THREAD_VARS})
         env[SPAWNED_VAR] = repr(time.time())  # the child measures its start-up from here
         worker.spawned = time.monotonic()

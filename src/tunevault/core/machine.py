@@ -242,6 +242,14 @@ def _smi_device_count() -> int | None:
     return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 2
+
+
 def gpu_count() -> int:
     """GPUs torch would see here (``torch.cuda.device_count()``, 0 when CUDA is unusable), asked
     without importing torch: 0 under the interpreter or with a CPU build of torch; else

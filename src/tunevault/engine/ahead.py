@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from tunevault.core.machine import available_cores
 from tunevault.engine.procs import WorkerDied, WorkerProcess, device_index, pin, spawn, worker_env
 
 log = logging.getLogger("tunevault")
@@ -41,14 +41,6 @@ MAX_HELPERS = 2
 # (bench/compile_throughput.py); each helper also pays its imports, so two is the default.
 START_TIMEOUT = 120.0
 POLL_S = 0.05
-
-
-def available_cores() -> int:
-    """The cores this process may run on (a container's cpuset, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 2
 
 
 def helper_layout(cores: int, helpers: int | None = None) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from tunevault.core.machine import available_cores
 from tunevault.core.model import CandidateResult, ConfigSpec
 
 log = logging.getLogger("tunevault")
@@ -101,7 +102,7 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
         except Exception as exc:
             log.debug("tunevault: precompile of %s failed: %s", configs[0], exc)
         rest = rest[1:]
-    workers = threads or min(16, len(rest), os.cpu_count() or 1)  # ptxas runs as a process: threads overlap it
+    workers = threads or min(16, len(rest), available_cores())  # ptxas runs as a process: threads overlap it
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tunevault-compile") as pool:
         try:
             from triton.runtime._async_compile import AsyncCompileMode

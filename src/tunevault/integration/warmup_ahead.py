@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from tunevault.engine.ahead import AheadJob, CompileAhead, available_cores
+from tunevault.core.machine import available_cores
+from tunevault.engine.ahead import AheadJob, CompileAhead
 from tunevault.policy.settings import Settings
 
 log = logging.getLogger("tunevault")
