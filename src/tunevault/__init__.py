@@ -6,12 +6,23 @@ tunevault; ``seal()`` ends warmup: after it a miss never benchmarks unless asked
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault import capture  # a callable package: ``with tunevault.capture(path): ...``
 from tunevault.policy.diagnose import TuningMiss
 from tunevault.policy.resolve import TuningError
 from tunevault.policy.settings import Settings
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Callable, Sequence
+
+    from torch.distributed import ProcessGroup
+
+    from tunevault.capture.manifest import ManifestEntry
+    from tunevault.capture.replay import WarmupItem, WarmupReport
+    from tunevault.fleet import AgreementReport
+    from tunevault.policy.check import CheckResult
 
 __version__ = "0.1.0"
 
@@ -95,7 +106,8 @@ def stats() -> dict[str, Any]:
     return {"installed": True, "sealed": rt.sealed, "on_miss": rt.on_miss, "kernels": snap}
 
 
-def warmup(manifest: Any = None, device: str | None = None, progress: Any = None) -> Any:
+def warmup(manifest: str | os.PathLike[str] | Sequence[ManifestEntry] | None = None, device: str | None = None,
+           progress: Callable[[int, int, WarmupItem], None] | None = None) -> WarmupReport:
     """Tune every key a captured manifest lists that has no decision yet; call it on every rank.
 
     Processes on the same store (SQLite on a host, ``TUNEVAULT_REMOTE`` across hosts) divide the
@@ -118,14 +130,14 @@ def warmup(manifest: Any = None, device: str | None = None, progress: Any = None
         _warmup_ended()
 
 
-def check(manifest: Any, store: str | None = None) -> Any:
+def check(manifest: str | os.PathLike[str] | Sequence[ManifestEntry], store: str | None = None) -> CheckResult:
     """Preflight: which captured keys lack a decision for this machine; the result has ``ok``, ``missing``."""
     from tunevault.policy.check import check as preflight
 
     return preflight(manifest, store=store)
 
 
-def verify_agreement(group: Any = None) -> Any:
+def verify_agreement(group: ProcessGroup | None = None) -> AgreementReport:
     """Check that every rank of ``group`` launched the same config per key (collective: call on all ranks).
 
     Returns a report with ``ok`` and ``mismatches`` (kernel, key, configs with their ranks) and logs it.

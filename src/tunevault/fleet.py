@@ -12,9 +12,15 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tunevault.core.model import Decision, canonical_json
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import torch
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger("tunevault")
 
@@ -77,7 +83,8 @@ def _describe_key(text: str) -> str:
         return text
 
 
-def _gather_bytes(dist: Any, torch: Any, payload: bytes, group: Any, device: Any) -> list[bytes]:
+def _gather_bytes(dist: ModuleType, torch: ModuleType, payload: bytes, group: ProcessGroup | None,
+                  device: torch.device) -> list[bytes]:
     """All-gather variable-length bytes: lengths first, then padded uint8 tensors."""
     size = dist.get_world_size(group)
     length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
@@ -92,7 +99,7 @@ def _gather_bytes(dist: Any, torch: Any, payload: bytes, group: Any, device: Any
     return [g[: int(n.item())].cpu().numpy().tobytes() for g, n in zip(gathered, lengths, strict=True)]
 
 
-def _global_ranks(dist: Any, group: Any, size: int) -> list[int]:
+def _global_ranks(dist: ModuleType, group: ProcessGroup | None, size: int) -> list[int]:
     if group is None:
         return list(range(size))
     try:
@@ -135,7 +142,7 @@ def _decode(raw: bytes, rank: int) -> dict[tuple[str, str], str]:
     return {(k, key): cfg for k, key, cfg in rows}
 
 
-def verify_agreement(group: Any = None) -> AgreementReport:
+def verify_agreement(group: ProcessGroup | None = None) -> AgreementReport:
     """Compare the configs every rank of ``group`` launched; every rank must call it (collective).
 
     Returns a report (``ok``, ``mismatches`` naming ranks and configs) and logs it: a warning

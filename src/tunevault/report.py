@@ -11,11 +11,15 @@ import math
 import os
 import statistics
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.core.model import MAX_SECONDS, TIME_RANGE
 from tunevault.core.untrusted import lines, loads
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 WARMUP, SERVING, MISS, ERROR = "#4C72B0", "#DD4444", "#F0A030", "#8B1A1A"
 
@@ -137,7 +141,7 @@ def _seconds(row: dict[str, float]) -> float:
 # ---------------------------------------------------------------------- pictures
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -151,7 +155,7 @@ def plot_events(events: list[dict[str, Any]], out: str | os.PathLike[str]) -> st
     return os.fspath(out)
 
 
-def events_figure(events: list[dict[str, Any]]) -> Any:
+def events_figure(events: list[dict[str, Any]]) -> Figure:
     """The picture of :func:`plot_events`, as a matplotlib Figure."""
     summary = summarize_events(events)
     kernels = sorted(summary, key=lambda k: _seconds(summary[k]))
@@ -178,7 +182,7 @@ def events_figure(events: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def _timeline(ax: Any, events: list[dict[str, Any]], rows: dict[str, int]) -> None:
+def _timeline(ax: Axes, events: list[dict[str, Any]], rows: dict[str, int]) -> None:
     t0 = min((float(e["time"]) - float(e.get("seconds") or 0.0) for e in events if "time" in e), default=0.0)
     labelled: set[str] = set()
 

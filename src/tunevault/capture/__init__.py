@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import os
+    from contextlib import AbstractContextManager
+
+    from tunevault.capture.recorder import Recorder
 
 
 class _CallableModule(types.ModuleType):
-    def __call__(self, path: Any, flush_interval: float = 10.0) -> Any:
+    def __call__(self, path: str | os.PathLike[str], flush_interval: float = 10.0) -> AbstractContextManager[Recorder]:
         """Record every key resolved inside the ``with`` block to the JSON-lines manifest ``path``."""
         from tunevault.capture.recorder import capture
 

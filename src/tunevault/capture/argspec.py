@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import InvalidEntry, JsonScalar
+
+if TYPE_CHECKING:
+    import torch
+    import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
 
 SMALL_INT_TENSOR = 4096
 LAUNCH_KWARGS = ("grid", "warmup")
@@ -35,7 +40,7 @@ def _is_tensor(value: Any) -> bool:
     return hasattr(value, "data_ptr") and hasattr(value, "stride") and hasattr(value, "dtype")
 
 
-def _dtype_name(dtype: Any) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -62,7 +67,7 @@ class ArgSpec:
         raise TypeError(f"cannot capture an argument of type {type(value).__name__}")
 
     @classmethod
-    def _of_tensor(cls, t: Any) -> ArgSpec:
+    def _of_tensor(cls, t: torch.Tensor) -> ArgSpec:
         import torch
 
         base = dict(shape=tuple(t.shape), stride=tuple(t.stride()), dtype=_dtype_name(t.dtype),
@@ -120,7 +125,8 @@ class ArgSpec:
             return 0
         return 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
 
-    def build(self, device: str | None = None, generators: Generators | None = None, slack: int = 0) -> Any:
+    def build(self, device: str | None = None, generators: Generators | None = None, slack: int = 0,
+              ) -> torch.Tensor | tl.dtype | JsonScalar:
         """A fresh argument equivalent to the captured one (random data, same layout).
 
         Data is generated on the target device: filling a large tensor on the host and copying
@@ -163,9 +169,9 @@ class Generators:
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.by_device: dict[Any, Any] = {}
+        self.by_device: dict[torch.device, torch.Generator] = {}
 
-    def on(self, device: Any) -> Any:
+    def on(self, device: torch.device) -> torch.Generator:
         import torch
 
         if device not in self.by_device:
@@ -173,7 +179,7 @@ class Generators:
         return self.by_device[device]
 
 
-def _tl_dtype(name: str) -> Any:
+def _tl_dtype(name: str) -> tl.dtype:
     import triton.language as tl
 
     for attr in dir(tl):
@@ -212,7 +218,7 @@ class CallSpec:
     untrusted: bool = field(default=False, compare=False, repr=False)  # read from a file: check before building
 
     @classmethod
-    def of(cls, autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> CallSpec:
+    def of(cls, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> CallSpec:
         named = {**dict(zip(autotuner.arg_names, args, strict=False)),
                  **{k: v for k, v in kwargs.items() if k not in LAUNCH_KWARGS}}
         grid = kwargs.get("grid")
@@ -243,7 +249,7 @@ class CallSpec:
                    tuple((str(k), ArgSpec.from_json(v)) for k, v in kwargs.items()),
                    tuple(tuple(g) for g in grids), untrusted)
 
-    def check(self, autotuner: Any, limit: int | None = None) -> int:
+    def check(self, autotuner: Autotuner, limit: int | None = None) -> int:
         """Refuse (InvalidEntry, with the reason) a call that cannot be what a real call looked like;
         return the slack every rebuilt tensor gets (elements), so indexing up to a size stays in memory.
 
@@ -286,12 +292,12 @@ class CallSpec:
                                f"({MAX_BYTES_VAR})")
         return slack
 
-    def build(self, autotuner: Any, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
+    def build(self, autotuner: Autotuner, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
         slack = self.check(autotuner) if self.untrusted else 0
         gen = Generators(seed)
         args = tuple(a.build(device, gen, slack) for a in self.args)
-        kwargs = {k: v.build(device, gen, slack) for k, v in self.kwargs}
+        kwargs: dict[str, Any] = {k: v.build(device, gen, slack) for k, v in self.kwargs}
         table = [(c.kwargs, g) for c, g in zip(autotuner.configs, self.grids, strict=False)]
 
         def grid(meta: dict[str, Any]) -> tuple[int, ...]:

@@ -16,7 +16,10 @@ import contextlib
 import importlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
 
 ALLOW_VAR = "TUNEVAULT_ALLOW_MODULES"
 _allowed: tuple[str, ...] | None = None  # set by allow_modules(); else $TUNEVAULT_ALLOW_MODULES
@@ -64,7 +67,7 @@ def allow_modules(prefixes: Sequence[str] | None) -> Iterator[None]:
             os.environ[ALLOW_VAR] = saved_env
 
 
-def import_autotuner(path: str) -> Any:
+def import_autotuner(path: str) -> Autotuner:
     """The ``triton.runtime.autotuner.Autotuner`` that ``module:qualname`` names."""
     from triton.runtime.autotuner import Autotuner
 

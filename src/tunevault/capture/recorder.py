@@ -19,9 +19,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.capture import manifest
+
+if TYPE_CHECKING:
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.core.model import TuningKey
 
 log = logging.getLogger("tunevault")
 
@@ -52,7 +56,7 @@ class Host(Protocol):
 class _Record:
     __slots__ = ("kernel", "key", "callspec", "error", "counts", "flushed", "first", "last", "spec_written")
 
-    def __init__(self, kernel: str, key: Any, callspec: dict | None, error: str | None) -> None:
+    def __init__(self, kernel: str, key: TuningKey, callspec: dict | None, error: str | None) -> None:
         self.kernel, self.key, self.callspec, self.error = kernel, key, callspec, error
         self.counts = [0, 0, 0]
         self.flushed = [0, 0, 0]
@@ -69,7 +73,7 @@ class Recorder:
         self.flush_interval = flush_interval
         self.sign_key = sign_key  # TUNEVAULT_BUNDLE_KEY: every line is signed, as bundles are
         self._records: dict[tuple[str, str], _Record] = {}
-        self._by_raw: dict[tuple[Any, tuple], tuple[_Record, int]] = {}
+        self._by_raw: dict[tuple[KernelState, tuple], tuple[_Record, int]] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,7 +82,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ feeds
 
-    def hit(self, state: Any, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
+    def hit(self, state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
         """The adapter's hot-path hook: a call whose raw key was already in the in-memory dict."""
         try:
             found = self._by_raw.get((state, raw_key))
@@ -90,7 +94,7 @@ class Recorder:
         except Exception as exc:  # capture must never break a kernel call
             self._warn(exc)
 
-    def observe(self, kind: str, state: Any, key: Any, args: tuple | None, kwargs: dict | None) -> None:
+    def observe(self, kind: str, state: KernelState, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
         """Runtime observer: a key resolved on the miss path as ``hit`` / ``tuned`` / ``missed``."""
         idx = _KIND.get(kind)
         if idx is None:
@@ -104,7 +108,7 @@ class Recorder:
             rec.last = time.time()
         self._ensure_thread()
 
-    def _learn(self, state: Any, raw_key: tuple, args: tuple, kwargs: dict[str, Any], kind: str,
+    def _learn(self, state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any], kind: str,
                ) -> tuple[_Record, int]:
         key = state.labelled_key(state.named_args(args, kwargs))
         with self._lock:
@@ -113,7 +117,7 @@ class Recorder:
         self._ensure_thread()
         return found
 
-    def _record(self, state: Any, key: Any, args: tuple | None, kwargs: dict | None) -> _Record:
+    def _record(self, state: KernelState, key: TuningKey, args: tuple | None, kwargs: dict | None) -> _Record:
         kernel = state.kernel_id.name
         rec = self._records.get((kernel, key.text))
         if rec is None:
@@ -227,6 +231,7 @@ def _after_fork_all() -> None:
         rec._after_fork()
 
 
+# settings: policy.settings.Settings, from a layer above this one (not importable here, even for annotations)
 def on_install(settings: Any, host: Host) -> None:
     """Called after (re)installation: follow ``settings.capture`` and re-attach the active recorder."""
     global _from_settings, _host

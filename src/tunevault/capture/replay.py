@@ -13,11 +13,14 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.core.model import InvalidEntry, TuningKey
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
 
 log = logging.getLogger("tunevault")
 
@@ -53,7 +56,7 @@ class WarmupReport:
         return {"ok": self.ok, "counts": self.counts(), "items": [i.to_json() for i in self.items]}
 
 
-def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -> tuple[Any, tuple, dict]:
+def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -> tuple[Autotuner, tuple, dict]:
     """``(autotuner, args, kwargs)`` equivalent to the captured call; raises KernelNotFound/InvalidEntry."""
     from tunevault.capture.argspec import CallSpec
     from tunevault.core.kernel_state import KernelState
@@ -82,6 +85,7 @@ def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list
     return list(source)
 
 
+# rt: policy.runtime.Runtime, from a layer above this one (not importable here, even for annotations)
 def replay_one(rt: Any, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
     from tunevault.core.identity import kernel_id

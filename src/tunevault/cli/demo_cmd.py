@@ -25,7 +25,7 @@ _CHILD_DROPS = ("TUNEVAULT_MODE", "TUNEVAULT_ON_MISS", "TUNEVAULT_STORE", "TUNEV
                 "TUNEVAULT_BUNDLE", "TUNEVAULT_BUNDLE_KEY", "TUNEVAULT_CAPTURE")
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="tune real kernels cold, restart warm: 0 benchmark runs",
                        description="Run three autotuned kernels in a fresh process twice against the "
                                    "store: cold (tunes) and warm restart (loads, no benchmarking).")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.cli.output import print_json
 
+if TYPE_CHECKING:
+    from tunevault.store.base import Store
 
-def register(sub: Any) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("doctor", help="check the store file with SQLite's quick_check; --repair a damaged one",
                        description="Check the SQLite store with PRAGMA quick_check. Exit status 0 when it is "
                                    "sound (or repaired), 1 when it is damaged. --repair copies every decision "
@@ -26,7 +29,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_doctor)
 
 
-def store_damage(store: Any) -> list[str]:
+def store_damage(store: Store) -> list[str]:
     """SQLite's findings for a store that has a file ([] when sound or when it has none)."""
     check = getattr(store, "integrity_problems", None)
     if check is None:

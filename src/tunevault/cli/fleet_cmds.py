@@ -134,7 +134,7 @@ def export_bundle_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extend_export(sub: Any) -> None:
+def _extend_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = getattr(sub, "choices", {}).get("export")
     if export is None:
         return
@@ -155,7 +155,7 @@ def _extend_export(sub: Any) -> None:
     export.set_defaults(func=run)
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("diff", help="compare two stores or bundles: keys chosen differently or one-sided",
                        description="Compare decisions in two stores (URL or SQLite file) or bundle/export "
                        "files. Exit status 0 when they agree, 1 when they differ.")

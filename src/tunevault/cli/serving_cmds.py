@@ -10,13 +10,20 @@ import argparse
 import os
 import re
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.cli import warmup_jobs
 from tunevault.cli.output import print_json, print_table
 
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
-def register(sub: Any) -> None:
+    from tunevault.capture.manifest import ManifestEntry
+    from tunevault.capture.replay import WarmupItem
+    from tunevault.policy.check import CheckItem
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("check", help="preflight: exit 1 if a captured key has no decision on this machine",
                        description="For every key in MANIFEST, look up a decision for this machine's "
                                    "fingerprint in the store. Exit status 1 if any key has none.")
@@ -52,7 +59,7 @@ def _allow_module_flag(p: argparse.ArgumentParser) -> None:
                         "or $TUNEVAULT_ALLOW_MODULES); other lines are skipped with the reason")
 
 
-def _key(item: Any) -> str:
+def _key(item: WarmupItem | CheckItem) -> str:
     return item.key.describe() or "(empty key)"
 
 
@@ -121,13 +128,13 @@ class _Plain:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> _Plain:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         return None
 
-    def __call__(self, done: int, total: int, item: Any) -> None:
+    def __call__(self, done: int, total: int, item: WarmupItem) -> None:
         if not self.quiet:
             print(f"[{done}/{total}] {item.status:8} {item.kernel} {_key(item)}"
                   + (f"  ({item.reason})" if item.reason else ""), file=sys.stderr, flush=True)
@@ -140,16 +147,16 @@ class _Rich:
 
         self.progress = Progress(TextColumn("warmup"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("{task.description}"), console=Console(stderr=True))
-        self.task: Any = None
+        self.task: TaskID | None = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> _Rich:
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def __call__(self, done: int, total: int, item: Any) -> None:
+    def __call__(self, done: int, total: int, item: WarmupItem) -> None:
         if self.task is None:
             self.task = self.progress.add_task("", total=total)
         from tunevault.report import short
@@ -157,7 +164,7 @@ class _Rich:
         self.progress.update(self.task, completed=done, description=f"{item.status} {short(item.kernel)}")
 
 
-def _progress(quiet: bool) -> Any:
+def _progress(quiet: bool) -> _Plain | _Rich:
     if not quiet:
         try:
             return _Rich()
@@ -194,7 +201,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- check and warmup: reading the manifest
 
 
-def _manifest_readers(sub: Any) -> None:
+def _manifest_readers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """check and warmup import the application's kernels and must not pass on a file that is not a manifest."""
     for name in ("check", "warmup"):
         p = sub.choices[name]
@@ -204,7 +211,7 @@ def _manifest_readers(sub: Any) -> None:
                     "(each is listed with its line number), 2 if the manifest holds no valid key.")
 
 
-def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
+def load_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:
     """The manifest's entries and malformed lines, after the two things a replay needs first.
 
     Triton's interpreter is switched on when there is no GPU (before any kernel module imports
@@ -222,7 +229,7 @@ def load_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, 
     return read_manifest(args)
 
 
-def read_manifest(args: argparse.Namespace) -> tuple[list[Any], list[tuple[int, str]]]:
+def read_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:
     """The manifest's entries and malformed lines; a ValueError (exit 2) when it holds no valid key.
 
     Reading imports no kernel: ``warmup --jobs`` reads it here while its children start."""

@@ -358,7 +358,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str, *, file: bool = False,
             json_flag: bool = True, filters: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)

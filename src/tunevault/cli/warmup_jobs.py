@@ -71,7 +71,8 @@ def _child_command(args: argparse.Namespace, gpu: str | None) -> list[str]:
     return cmd + (["--device", device] if device else [])
 
 
-def _read(worker: WorkerView, proc: subprocess.Popen[str], events: queue.Queue[Any], tail: deque[str]) -> None:
+def _read(worker: WorkerView, proc: subprocess.Popen[str], events: queue.Queue[tuple[WorkerView, dict[str, Any]]],
+          tail: deque[str]) -> None:
     def stderr() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
@@ -88,7 +89,7 @@ def _read(worker: WorkerView, proc: subprocess.Popen[str], events: queue.Queue[A
     events.put((worker, {"t": "exit", "code": proc.wait()}))
 
 
-def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Queue[Any]
+def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Queue[tuple[WorkerView, dict[str, Any]]]
            ) -> tuple[list[subprocess.Popen[str]], dict[int, deque[str]]]:
     """Start every child at once: each one's start-up (interpreter, torch, CUDA) runs in parallel."""
     from tunevault.capture.locate import ALLOW_VAR
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     began = time.monotonic()
     workers = [WorkerView(i, gpu) for i, gpu in enumerate(plan(args.jobs, args.devices))]
-    events: queue.Queue[Any] = queue.Queue()
+    events: queue.Queue[tuple[WorkerView, dict[str, Any]]] = queue.Queue()
     procs, tails = _spawn(args, workers, events)
     spawned_s = time.monotonic() - began
     try:

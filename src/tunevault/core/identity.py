@@ -19,17 +19,23 @@ import sys
 import textwrap
 import time
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import triton
 import triton.language as tl
 
 from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, digest
 
+if TYPE_CHECKING:
+    from types import CodeType
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction, KernelInterface
+
 _OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override")
 _DEF_RE = re.compile(r"^def\s+\w+\s*\(", re.MULTILINE)
-_KERNEL_IDS: weakref.WeakKeyDictionary[Any, KernelId] = weakref.WeakKeyDictionary()
+_KERNEL_IDS: weakref.WeakKeyDictionary[KernelInterface, KernelId] = weakref.WeakKeyDictionary()
 _FINGERPRINT: Fingerprint | None = None
 
 
@@ -103,7 +109,7 @@ def _in_triton(obj: Any) -> bool:
     return mod == "triton" or mod.startswith("triton.")
 
 
-def _source(jit_obj: Any) -> str:
+def _source(jit_obj: Any) -> str:  # anything _is_jit accepts
     """The kernel-side source without decorators, as Triton sees it (``.src`` may be patched)."""
     for attr in ("src", "_src"):
         src = getattr(jit_obj, attr, None)
@@ -117,7 +123,7 @@ def _source(jit_obj: Any) -> str:
     return src[m.start():] if m else src
 
 
-def _code_names(code: Any) -> list[str]:
+def _code_names(code: CodeType) -> list[str]:
     """Global and attribute names a code object and its nested code objects mention."""
     names = list(code.co_names)
     for const in code.co_consts:
@@ -134,7 +140,7 @@ class _Walker:
         self.sources: list[str] = []
         self.constexprs: set[tuple[str, str]] = set()
 
-    def function(self, jit_obj: Any) -> None:
+    def function(self, jit_obj: Any) -> None:  # anything _is_jit accepts
         fn = jit_obj.fn
         if id(fn) in self.seen:
             return
@@ -171,16 +177,17 @@ class _Walker:
                 self.value(sub, f"{path}.{attr}", attrs, containers)
 
 
-def jit_of(obj: Any) -> Any:
+def jit_of(obj: KernelInterface) -> JITFunction | InterpretedFunction:
     """Walk ``.fn`` from an Autotuner through any Heuristics down to the JIT function."""
+    step: Any = obj  # each wrapper's ``.fn``, an untyped attribute
     for _ in range(32):
-        if _is_jit(obj):
-            return obj
-        obj = getattr(obj, "fn", None)
+        if _is_jit(step):
+            return step
+        step = getattr(step, "fn", None)
     raise TypeError("not a Triton kernel: no JITFunction/InterpretedFunction under .fn")
 
 
-def callable_identity(fn: Any) -> str:
+def callable_identity(fn: Callable[..., Any]) -> str:
     """What a user function (a prune function, a perf model, a heuristic) computes, as text that
     is the same in every process: its source (else its bytecode), closure values and defaults."""
     parts: list[str] = []
@@ -205,7 +212,7 @@ def callable_identity(fn: Any) -> str:
     return "\n".join(parts)
 
 
-def _recipe(autotuner: Any) -> dict[str, Any]:
+def _recipe(autotuner: KernelInterface) -> dict[str, Any]:
     """Everything besides the kernel source that changes which configs are eligible for a key or
     how a config launches: the autotuner's pruning and any ``@triton.heuristics`` under it."""
     recipe: dict[str, Any] = {}
@@ -228,7 +235,7 @@ def _recipe(autotuner: Any) -> dict[str, Any]:
     return recipe
 
 
-def kernel_id(autotuner: Any) -> KernelId:
+def kernel_id(autotuner: KernelInterface) -> KernelId:
     """The KernelId of an Autotuner (or bare JIT function), cached per object."""
     with contextlib.suppress(TypeError):  # not weak-referenceable: not a kernel either
         if (cached := _KERNEL_IDS.get(autotuner)) is not None:

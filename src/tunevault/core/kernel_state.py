@@ -9,15 +9,20 @@ tuple and one dict lookup. The labelled, JSON-safe TuningKey is built only on a 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.key_code import RawKeyFn, make_raw_key
-from tunevault.core.model import KernelId, TuningKey
+from tunevault.core.model import ConfigSpec, JsonScalar, KernelId, TuningKey
+
+if TYPE_CHECKING:
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
 
 STATE_ATTR = "_tunevault_state"  # where the adapter keeps a KernelState on its Autotuner
 
 
-def is_kernel(autotuner: Any) -> bool:
+def is_kernel(autotuner: Autotuner) -> bool:
     """Whether a Triton kernel (JIT or interpreted function) lies under the autotuner's ``.fn``."""
     from tunevault.core.identity import jit_of
 
@@ -28,7 +33,7 @@ def is_kernel(autotuner: Any) -> bool:
     return True
 
 
-def dtype_label(dtype: Any) -> str:
+def dtype_label(dtype: Any) -> str:  # an argument's ``.dtype``: torch's, numpy's, any
     text = str(dtype)
     return text[6:] if text.startswith("torch.") else text
 
@@ -37,7 +42,7 @@ class KernelState:
     __slots__ = ("autotuner", "arg_names", "argset", "keys", "key_fns", "hits", "lock",
                  "_kernel_id", "_specs", "n_hits", "first_logged", "__weakref__")
 
-    def __init__(self, autotuner: Any) -> None:
+    def __init__(self, autotuner: Autotuner) -> None:
         self.autotuner = autotuner
         self.arg_names: list[str] = list(autotuner.arg_names)
         self.argset = frozenset(self.arg_names)
@@ -45,10 +50,10 @@ class KernelState:
         # per number of positional args: Triton's key recipe as straight-line code (key_code.py)
         self.key_fns = _KeyFns(self.arg_names, self.keys)
         # raw key -> (config, its launch kwargs, its pre_hook): everything a hit needs, precomputed
-        self.hits: dict[tuple, tuple[Any, dict[str, Any], Any]] = {}
+        self.hits: dict[tuple, tuple[Config, dict[str, Any], Callable[..., Any] | None]] = {}
         self.lock = threading.RLock()
         self._kernel_id: KernelId | None = None
-        self._specs: list[Any] | None = None
+        self._specs: list[ConfigSpec] | None = None
         self.n_hits = 0
         self.first_logged = False
 
@@ -71,7 +76,7 @@ class KernelState:
     def labelled_key(self, named: dict[str, Any]) -> TuningKey:
         from tunevault.core.identity import json_scalar
 
-        items: list[tuple[str, Any]] = [(k, json_scalar(named[k])) for k in self.keys if k in named]
+        items: list[tuple[str, JsonScalar]] = [(k, json_scalar(named[k])) for k in self.keys if k in named]
         items += [(f"dtype({n})", dtype_label(v.dtype)) for n, v in named.items() if hasattr(v, "dtype")]
         return TuningKey(tuple(items))
 
@@ -84,17 +89,17 @@ class KernelState:
         return self._kernel_id
 
     @property
-    def specs(self) -> list[Any]:
+    def specs(self) -> list[ConfigSpec]:
         if self._specs is None:
             from tunevault.core.identity import config_spec
 
             self._specs = [config_spec(c) for c in self.autotuner.configs]
         return self._specs
 
-    def remember(self, raw_key: tuple, config: Any) -> None:
+    def remember(self, raw_key: tuple, config: Config) -> None:
         self.hits[raw_key] = (config, config.all_kwargs(), config.pre_hook)
 
-    def declared_index(self, index: int, spec: Any) -> int | None:
+    def declared_index(self, index: int, spec: ConfigSpec) -> int | None:
         """The declared config a stored decision names, or None: entries cannot inject configs."""
         specs = self.specs
         if 0 <= index < len(specs) and specs[index] == spec:

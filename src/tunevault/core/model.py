@@ -161,7 +161,7 @@ class TuningKey:
 
     items: tuple[tuple[str, JsonScalar], ...]
 
-    def to_json(self) -> list[list[Any]]:
+    def to_json(self) -> list[list[JsonScalar]]:
         return [[label, value] for label, value in self.items]
 
     @classmethod

@@ -19,10 +19,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.machine import use_interpreter_if_no_gpu
 from tunevault.integration.logs import show_logs
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    from tunevault.core.model import ConfigSpec
+    from tunevault.policy.runtime import Runtime
 
 DEMO_MODULE = "tunevault.demo.kernels"  # the kernels' qualified names start with this
 CALLS_PER_KERNEL = 2  # the first call (maybe tuning) and one steady-state call
@@ -34,7 +43,7 @@ class _Counter:
 
 
 @contextmanager
-def count_launches(autotuner: Any) -> Iterator[_Counter]:
+def count_launches(autotuner: Autotuner) -> Iterator[_Counter]:
     """Count real executions of the kernel below the autotuner (compile-only warmups excluded)."""
     fn = autotuner.fn
     while type(fn).__name__ in ("Heuristics", "Autotuner"):
@@ -58,7 +67,7 @@ def count_launches(autotuner: Any) -> Iterator[_Counter]:
             del fn.run
 
 
-def _cases(device: str) -> list[tuple[str, Any, Callable[[], Any], Callable[[], Any], float]]:
+def _cases(device: str) -> list[tuple[str, Autotuner, Callable[[], torch.Tensor], Callable[[], torch.Tensor], float]]:
     """(name, autotuner, call, reference, tolerance) for each demo kernel; tiny, seeded inputs."""
     import torch
 
@@ -66,7 +75,7 @@ def _cases(device: str) -> list[tuple[str, Any, Callable[[], Any], Callable[[], 
 
     g = torch.Generator().manual_seed(0)
 
-    def rand(*shape: int) -> Any:
+    def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device)
 
     x, y = rand(1000), rand(1000)
@@ -79,15 +88,15 @@ def _cases(device: str) -> list[tuple[str, Any, Callable[[], Any], Callable[[], 
     ]
 
 
-def _compact(config: Any) -> str:
+def _compact(config: ConfigSpec) -> str:
     """Meta-parameters and warps: what tells the demo's configs apart (``tunevault show`` has all)."""
     opts = dict(config.options)
     return " ".join([f"{k}={v}" for k, v in config.kwargs] + [f"num_warps={opts['num_warps']}"] * (
         "num_warps" in opts))
 
 
-def _run_case(rt: Any, name: str, autotuner: Any, call: Callable[[], Any], ref: Callable[[], Any],
-              tol: float) -> dict[str, Any]:
+def _run_case(rt: Runtime, name: str, autotuner: Autotuner, call: Callable[[], torch.Tensor],
+              ref: Callable[[], torch.Tensor], tol: float) -> dict[str, Any]:
     import torch
 
     with count_launches(autotuner) as counter:
@@ -130,7 +139,7 @@ class _Warnings(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def serve_unseen_key(tunevault: Any, device: str) -> dict[str, Any]:
+def serve_unseen_key(tunevault: ModuleType, device: str) -> dict[str, Any]:
     """The serving contract after a warm restart: seal, then serve a key warmup never saw (float16
     inputs; every decision is for float32). It must launch a known config without benchmarking and
     explain the miss in one line."""

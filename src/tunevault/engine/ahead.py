@@ -26,10 +26,14 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.machine import available_cores
 from tunevault.engine.procs import WorkerDied, WorkerProcess, device_index, pin, spawn, worker_env
+
+if TYPE_CHECKING:
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
 
 log = logging.getLogger("tunevault")
 
@@ -234,7 +238,8 @@ class HelperCompiles:
         with self._lock:
             return bool(self.pending)
 
-    def add(self, sid: int, autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Sequence[Any]) -> None:
+    def add(self, sid: int, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
+            ) -> None:
         from tunevault.engine.inprocess import compiler, device_caches_ready
         from tunevault.engine.timing import interpreting
 

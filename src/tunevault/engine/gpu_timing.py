@@ -21,9 +21,14 @@ import functools
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.engine.timing import summarize
+
+if TYPE_CHECKING:
+    import torch
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
 
 FALLBACK_L2_BYTES = 64 << 20
 # (warm-up ms, timed ms, min reps, max reps): "screen" ranks candidates, "full" times the few that
@@ -33,14 +38,14 @@ EFFORT = {"screen": (2.0, 10.0, 3, 50), "full": (10.0, 50.0, 10, 500)}
 GRAPH_BELOW_MS = 0.1  # kernels shorter than this are timed by graph replay
 GRAPH_REPLAY_MS = 1.0  # one replay (N launches) lasts about this long
 GRAPH_MAX_LAUNCHES = 256
-_no_graphs: weakref.WeakSet[Any] = weakref.WeakSet()  # kernels whose capture failed once: eager from then
+_no_graphs: weakref.WeakSet[Autotuner] = weakref.WeakSet()  # kernels whose capture failed once: eager from then
 
 
 class CaptureInProgress(RuntimeError):
     """Benchmarking was asked for while this thread's stream is being captured into a CUDA graph."""
 
 
-def graph_safe(autotuner: Any, config: Any = None) -> Any:
+def graph_safe(autotuner: Autotuner, config: Config | None = None) -> Autotuner | None:
     """``autotuner`` when its launches of ``config`` may be timed by graph replay, else None."""
     if os.environ.get("TUNEVAULT_BENCH_GRAPHS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -101,8 +106,10 @@ class ConfigTimer:
     the L2 flush, the spin that hides the host's launch latency, the runtime estimate and, for a
     short kernel that allows it, the captured CUDA graph. ``round(ms)`` returns per-launch times."""
 
-    def __init__(self, fn: Callable[[], Any], graph: Any = None, warmup_ms: float = 0.0,
-                 flush: Any = None) -> None:
+    replay: tuple[torch.cuda.CUDAGraph, int] | None  # the captured graph and its launches per replay
+
+    def __init__(self, fn: Callable[[], Any], graph: Autotuner | None = None, warmup_ms: float = 0.0,
+                 flush: torch.Tensor | None = None) -> None:
         import torch
 
         self.fn, self.graph, self.replay = fn, graph, None
@@ -175,7 +182,7 @@ class ConfigTimer:
             self.replay = None
 
 
-def new_flush(device: int) -> Any:
+def new_flush(device: int) -> torch.Tensor:
     """A buffer as large as the L2 cache; zeroing it evicts whatever a previous run left there."""
     import torch
 
@@ -190,7 +197,7 @@ def refuse_in_capture() -> None:
 
 
 def gpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), effort: str = "full",
-              warmup_ms: float | None = None, rep_ms: float | None = None, graph: Any = None,
+              warmup_ms: float | None = None, rep_ms: float | None = None, graph: Autotuner | None = None,
               samples: list[float] | None = None, **_: Any) -> list[float]:
     """Time ``fn`` with CUDA events, flushing L2 before every run; milliseconds at ``quantiles``.
 
@@ -208,7 +215,7 @@ def gpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8
     return summarize(times, quantiles)
 
 
-def _capture(fn: Callable[[], Any], estimate: float) -> tuple[Any, int] | None:
+def _capture(fn: Callable[[], Any], estimate: float) -> tuple[torch.cuda.CUDAGraph, int] | None:
     """A captured graph of N launches of ``fn`` (one replay lasts about GRAPH_REPLAY_MS), replayed
     once; None if capture fails.
 

@@ -15,7 +15,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import torch
 
 QUIET_S = 1.0  # captures come in bursts (one graph per batch size): wait this long after the last
 
@@ -43,10 +48,10 @@ class TorchCaptureProbe:
     def __init__(self) -> None:
         self.last_seen = 0.0
         self._lock = threading.Lock()
-        self._streams: list[Any] = []
+        self._streams: list[torch.cuda.Stream] = []
 
     @staticmethod
-    def _torch() -> Any:
+    def _torch() -> ModuleType | None:
         torch = sys.modules.get("torch")  # never import torch, nor initialise CUDA, just to ask
         try:
             return torch if torch is not None and torch.cuda.is_initialized() else None

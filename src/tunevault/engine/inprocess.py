@@ -16,23 +16,30 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.machine import available_cores
 from tunevault.core.model import CandidateResult, ConfigSpec
 
+if TYPE_CHECKING:
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
+
+    from tunevault.engine.validate import Validator
+
 log = logging.getLogger("tunevault")
 
 
-def check_conflicts(kwargs: dict[str, Any], config: Any) -> None:
+def check_conflicts(kwargs: dict[str, Any], config: Config) -> None:
     conflicts = kwargs.keys() & config.kwargs.keys()
     if conflicts:
         raise ValueError(f"Conflicting meta-parameters: {', '.join(sorted(conflicts))}."
                          " Make sure that you don't re-define auto-tuned symbols.")
 
 
-def make_kernel_call(autotuner: Any, args: tuple, kwargs: dict[str, Any], nargs: dict[str, Any],
-                     config: Any, on_launch: Callable[[], None] | None = None) -> Callable[[], None]:
+def make_kernel_call(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], nargs: dict[str, Any],
+                     config: Config, on_launch: Callable[[], None] | None = None) -> Callable[[], None]:
     """One launch of ``config`` wrapped in the hooks, as the benchmarker will call it."""
     current = dict(kwargs, **config.all_kwargs())
     full_nargs = {**nargs, **current}
@@ -55,8 +62,8 @@ def make_kernel_call(autotuner: Any, args: tuple, kwargs: dict[str, Any], nargs:
     return kernel_call
 
 
-def bench_candidates(autotuner: Any, args: tuple, kwargs: dict[str, Any], nargs: dict[str, Any],
-                     candidates: Sequence[tuple[int, Any, ConfigSpec]], benchmarker: Callable[..., Any],
+def bench_candidates(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], nargs: dict[str, Any],
+                     candidates: Sequence[tuple[int, Config, ConfigSpec]], benchmarker: Callable[..., Any],
                      on_launch: Callable[[], None] | None = None) -> list[CandidateResult]:
     """Time each (declared index, Config, spec); a config that fails is recorded, not raised."""
     from tunevault.engine.timing import fills_samples, spread
@@ -80,7 +87,7 @@ def bench_candidates(autotuner: Any, args: tuple, kwargs: dict[str, Any], nargs:
     return results
 
 
-def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Sequence[Any],
+def precompile(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
                threads: int | None = None) -> None:
     """Compile every config in a thread pool before any is timed; best effort, errors surface later.
 
@@ -120,17 +127,17 @@ def precompile(autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: Seq
             log.debug("tunevault: parallel precompile failed: %s", exc)
 
 
-def compiler(autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[Any], Any]:
+def compiler(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> Callable[[Config], Any]:
     """Compile one config for this call without launching it (``run(warmup=True)``)."""
     base = {k: v for k, v in kwargs.items() if k != "warmup"}
 
-    def compile_one(config: Any) -> Any:
+    def compile_one(config: Config) -> Any:
         return autotuner.fn.run(*args, warmup=True, **base, **config.all_kwargs())
 
     return compile_one
 
 
-def device_caches_ready(fn: Any) -> bool:
+def device_caches_ready(fn: KernelInterface) -> bool:
     """Create the JIT function's per-device caches on this thread, so compile threads share one
     set without compiling a config first on their own; False where this Triton differs."""
     from tunevault.core.identity import jit_of
@@ -155,13 +162,13 @@ class InProcessSession:
 
     where = "process"
 
-    def __init__(self, autotuner: Any, args: tuple, kwargs: dict[str, Any], configs: dict[int, Any],
+    def __init__(self, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: dict[int, Config],
                  specs: dict[int, ConfigSpec], on_launch: Callable[[], None] | None = None,
                  deadline: float | None = None) -> None:
         self.autotuner, self.args, self.kwargs = autotuner, args, kwargs
         self.nargs = dict(zip(autotuner.arg_names, args, strict=False))
         self.configs, self.specs, self.on_launch, self.deadline = configs, specs, on_launch, deadline
-        self.validator: Any = None
+        self.validator: Validator | None = None
         self.on_setup: Callable[[int | None], None] | None = None  # batch timing: config i runs first
 
     def _late(self) -> bool:

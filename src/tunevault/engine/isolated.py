@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine.procs import (
@@ -34,12 +34,15 @@ from tunevault.engine.procs import (
     worker_env,
 )
 
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
+
 log = logging.getLogger("tunevault")
 
 START_TIMEOUT = 120.0  # importing torch and triton in a cold process
 PRESTART_IDLE = 600.0  # until its first session a worker holds no device memory, only its imports
 WATCH_S, WATCH_EVERY = 600.0, 0.5  # how long, how often a prestarted worker learns the server's imports
-_refs: weakref.WeakKeyDictionary[Any, tuple[str | None, str]] = weakref.WeakKeyDictionary()
+_refs: weakref.WeakKeyDictionary[Autotuner, tuple[str | None, str]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 _worker: WorkerProcess | None = None
 _sids = itertools.count(1)
@@ -53,7 +56,7 @@ class IsolationUnavailable(RuntimeError):
     """The worker cannot tune this kernel; the caller tunes in process instead."""
 
 
-def kernel_target(autotuner: Any) -> tuple[str | None, str]:
+def kernel_target(autotuner: Autotuner) -> tuple[str | None, str]:
     """``(module:qualname, "")`` when a fresh process imports this very kernel, else ``(None, why)``."""
     try:
         cached = _refs.get(autotuner)
@@ -67,7 +70,7 @@ def kernel_target(autotuner: Any) -> tuple[str | None, str]:
     return found
 
 
-def _resolve_target(autotuner: Any) -> tuple[str | None, str]:
+def _resolve_target(autotuner: Autotuner) -> tuple[str | None, str]:
     from tunevault.core.identity import kernel_id
     from tunevault.engine.worker import find_autotuner
 

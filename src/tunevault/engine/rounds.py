@@ -26,9 +26,13 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from tunevault.engine.gpu_timing import EFFORT, ConfigTimer, new_flush, refuse_in_capture
 from tunevault.engine.timing import quantile, spread
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
 
 ROUNDS = {"screen": 4, "full": 16}
 
@@ -48,8 +52,8 @@ class RoundsResult:
         return (ordered[0], quantile(ordered, 0.2), quantile(ordered, 0.8)), n, iqr
 
 
-def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int, object], effort: str = "full",
-                   late: Callable[[], bool] = lambda: False,
+def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int, Autotuner | None],
+                   effort: str = "full", late: Callable[[], bool] = lambda: False,
                    on_setup: Callable[[int | None], None] | None = None) -> RoundsResult:
     """Time every call in interleaved rounds; ``graphs[i]`` allows graph replay for call i.
 

@@ -11,9 +11,12 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.env import positive
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
 
 Benchmarker = Callable[..., Sequence[float]]
 EFFORTS = ("screen", "full")
@@ -104,7 +107,7 @@ def _cuda_ready() -> bool:
         return False
 
 
-def benchmarker_for(autotuner: Any) -> Benchmarker:
+def benchmarker_for(autotuner: Autotuner) -> Benchmarker:
     """What times a candidate on its own: the kernel's own ``do_bench`` if it declared one, else the
     driver's. Our timers time candidates together instead (InProcessSession.time): the CPU timer in
     rounds under the interpreter, the GPU timer in interleaved rounds on a GPU."""
@@ -112,15 +115,15 @@ def benchmarker_for(autotuner: Any) -> Benchmarker:
     return own if own is not None else autotuner.do_bench
 
 
-def uses_gpu_rounds(autotuner: Any) -> bool:
+def uses_gpu_rounds(autotuner: Autotuner) -> bool:
     """Whether careful timing runs our GPU timer in interleaved rounds (engine/rounds.py)."""
     return not interpreting() and not has_own_benchmarker(autotuner) and _cuda_ready()
 
 
-def uses_cpu_timer(autotuner: Any) -> bool:
+def uses_cpu_timer(autotuner: Autotuner) -> bool:
     return interpreting() and not has_own_benchmarker(autotuner)
 
 
-def has_own_benchmarker(autotuner: Any) -> bool:
+def has_own_benchmarker(autotuner: Autotuner) -> bool:
     """A user ``do_bench`` has one effort only, so screening with it would time everything twice."""
     return getattr(autotuner, "_do_bench", None) is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine import context
@@ -18,6 +18,15 @@ from tunevault.engine.inprocess import InProcessSession
 from tunevault.engine.search import search
 from tunevault.engine.select import DEFAULT_CONFIDENCE, NoWorkingConfig, annotate, judge
 from tunevault.engine.timing import has_own_benchmarker
+
+if TYPE_CHECKING:
+    from triton import Config
+
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.engine.isolated import WorkerSession
+
+# ``rt: Any`` and ``settings: Any`` below: policy.runtime.Runtime and policy.settings.Settings, which the
+# engine may not import (a layer above it), not even for annotations.
 
 
 class Measured(list):  # type: ignore[type-arg]
@@ -30,8 +39,8 @@ def config_timeout(settings: Any) -> float:
     return float(getattr(settings, "config_timeout", None) or min(60.0, settings.tune_timeout))
 
 
-def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
-                        candidates: Sequence[tuple[int, Any, ConfigSpec]], deadline: float) -> Any:
+def open_worker_session(rt: Any, st: KernelState, args: tuple, kwargs: dict[str, Any],
+                        candidates: Sequence[tuple[int, Config, ConfigSpec]], deadline: float) -> WorkerSession | None:
     """A started WorkerSession, or None (with one warning per kernel) when isolation cannot apply."""
     from tunevault.capture.argspec import CallSpec
     from tunevault.engine.hints import of_targets
@@ -65,8 +74,8 @@ def open_worker_session(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
     return None
 
 
-def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
-            candidates: Sequence[tuple[int, Any, ConfigSpec]]) -> list[CandidateResult]:
+def measure(rt: Any, st: KernelState, args: tuple, kwargs: dict[str, Any],
+            candidates: Sequence[tuple[int, Config, ConfigSpec]]) -> list[CandidateResult]:
     name, settings = st.kernel_id.name, rt.settings
     deadline = time.monotonic() + settings.tune_timeout
     probe = MemoryProbe()
@@ -74,7 +83,7 @@ def measure(rt: Any, st: Any, args: tuple, kwargs: dict[str, Any],
     def counted() -> None:
         rt.stats.add(name, rt.phase, "benchmark_runs")
 
-    session: Any = None
+    session: WorkerSession | InProcessSession | None = None
     opened: list[tuple[str, Any]] = []
     if settings.isolate or context.in_background():
         started = time.perf_counter()

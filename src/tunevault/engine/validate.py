@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
 
 # (rtol, atol) by dtype name; integers and booleans must match exactly.
 TOLERANCE = {"float64": (1e-7, 1e-7), "float32": (1e-3, 1e-4), "float16": (1e-2, 1e-3),
@@ -18,11 +23,11 @@ TOLERANCE = {"float64": (1e-7, 1e-7), "float32": (1e-3, 1e-4), "float16": (1e-2,
 FP8_TOLERANCE = (0.25, 0.1)
 
 
-def _tensors(named: dict[str, Any]) -> dict[str, Any]:
+def _tensors(named: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in named.items() if hasattr(v, "data_ptr") and hasattr(v, "clone")}
 
 
-def tolerance(dtype: Any) -> tuple[float, float] | None:
+def tolerance(dtype: torch.dtype) -> tuple[float, float] | None:
     name = str(dtype).removeprefix("torch.")
     if name in TOLERANCE:
         return TOLERANCE[name]
@@ -31,7 +36,7 @@ def tolerance(dtype: Any) -> tuple[float, float] | None:
     return None
 
 
-def max_violation(ref: Any, out: Any) -> float | None:
+def max_violation(ref: torch.Tensor, out: torch.Tensor) -> float | None:
     """Max abs difference when some element is outside tolerance, else None; NaN only matches NaN."""
     import torch
 
@@ -53,7 +58,7 @@ def max_violation(ref: Any, out: Any) -> float | None:
     return None
 
 
-def identical(a: Any, b: Any) -> bool:
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     import torch
 
     if a.is_floating_point():
@@ -64,20 +69,20 @@ def identical(a: Any, b: Any) -> bool:
 class Validator:
     """Checks configs of one call; the first config that passes becomes the reference."""
 
-    def __init__(self, autotuner: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    def __init__(self, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> None:
         self.autotuner, self.args, self.kwargs = autotuner, args, kwargs
         named = {**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs}
         self.named = named
         self.tensors = _tensors(named)
         self.snapshot = {k: v.detach().clone() for k, v in self.tensors.items()}
-        self.reference: dict[str, Any] | None = None
+        self.reference: dict[str, torch.Tensor] | None = None
         self.reference_index: int | None = None
 
     def restore(self) -> None:
         for name, tensor in self.tensors.items():
             tensor.copy_(self.snapshot[name])
 
-    def _run(self, config: Any, on_launch: Callable[[], None] | None) -> dict[str, Any]:
+    def _run(self, config: Config, on_launch: Callable[[], None] | None) -> dict[str, torch.Tensor]:
         at = self.autotuner
         self.restore()
         cfg_kwargs = config.all_kwargs()
@@ -90,7 +95,7 @@ class Validator:
         at.fn.run(*self.args, **{**self.kwargs, "warmup": False}, **cfg_kwargs)
         return {k: v.detach().clone() for k, v in self.tensors.items()}
 
-    def check(self, index: int, config: Any, on_launch: Callable[[], None] | None = None) -> str | None:
+    def check(self, index: int, config: Config, on_launch: Callable[[], None] | None = None) -> str | None:
         """None when ``config`` is valid; else the reason it is excluded. Exceptions propagate."""
         try:
             first = self._run(config, on_launch)

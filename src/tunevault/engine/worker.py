@@ -24,10 +24,13 @@ import select
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
+
     from tunevault.engine.ahead import HelperCompiles
+    from tunevault.engine.inprocess import InProcessSession
 
 STICKY = ("illegal memory access", "unspecified launch failure", "misaligned address", "device-side assert",
           "an illegal instruction", "CUDA error: unknown error")
@@ -37,7 +40,7 @@ class Fatal(Exception):
     """The kernel cannot be tuned here at all (import failure, different kernel, bad arguments)."""
 
 
-def find_autotuner(obj: Any) -> Any:
+def find_autotuner(obj: Any) -> Autotuner | None:
     """Walk ``.fn`` from a module attribute (maybe a Heuristics) down to its Autotuner."""
     from triton.runtime.autotuner import Autotuner
 
@@ -59,10 +62,10 @@ def import_kernel(target: str) -> Any:
 
 
 class Worker:
-    def __init__(self, out: Any, token: str = "") -> None:
+    def __init__(self, out: TextIO, token: str = "") -> None:
         self.out = out
         self.token = token
-        self.sessions: dict[int, Any] = {}
+        self.sessions: dict[int, InProcessSession] = {}
         self.launches = 0
         self.ahead: HelperCompiles | None = None  # compiles for a warmup's coming keys
         self._emit_lock = threading.Lock()  # compile-ahead threads report too
@@ -91,7 +94,7 @@ class Worker:
         specs = {i: config_spec(c) for i, c in configs.items()}
         self.sessions[int(msg["sid"])] = InProcessSession(at, args, kwargs, configs, specs, self.counted)
 
-    def rebuild(self, msg: dict[str, Any], device: str | None = None) -> tuple[Any, tuple, dict[str, Any]]:
+    def rebuild(self, msg: dict[str, Any], device: str | None = None) -> tuple[Autotuner, tuple, dict[str, Any]]:
         """The kernel the server named (checked by digest) and the server's call's arguments
         (on ``device`` instead of the call's own, e.g. ``meta`` to compile without device memory)."""
         from tunevault.capture.argspec import CallSpec
@@ -146,7 +149,7 @@ class Worker:
         self.emit(ev="done")
         return True
 
-    def run_together(self, session: Any, mode: str, indices: list[int]) -> bool:
+    def run_together(self, session: InProcessSession, mode: str, indices: list[int]) -> bool:
         """Time a batch at once (interleaved GPU rounds): a config's result follows the batch, its
         launches counted with it. Each config is announced before its first run, so a fault there
         names it; a fault later loses the batch, which the server sends again."""

@@ -23,6 +23,11 @@ from tunevault.integration.logs import show_logs
 from tunevault.policy.settings import Settings, env_problems, warn_once
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
     from tunevault.capture.recorder import Recorder
 
 log = logging.getLogger("tunevault")
@@ -112,7 +117,7 @@ def _defer(settings: Settings) -> None:
     sys.meta_path.insert(0, _pending)
 
 
-def _remove_finder(finder: Any) -> None:
+def _remove_finder(finder: _PatchOnImport) -> None:
     with contextlib.suppress(ValueError):
         sys.meta_path.remove(finder)
 
@@ -124,7 +129,8 @@ class _PatchOnImport:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None,
+                  ) -> ModuleSpec | None:
         if fullname != TRIGGER or _pending is not self:
             return None
         for finder in sys.meta_path:
@@ -143,14 +149,14 @@ class _PatchOnImport:
 class _PatchingLoader:
     """Delegates to the real loader, then installs; the module keeps the real loader."""
 
-    def __init__(self, loader: Any, finder: _PatchOnImport) -> None:
+    def __init__(self, loader: Loader, finder: _PatchOnImport) -> None:
         self.loader = loader
         self.finder = finder
 
-    def create_module(self, spec: Any) -> Any:
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 
-    def exec_module(self, module: Any) -> None:
+    def exec_module(self, module: ModuleType) -> None:
         module.__loader__ = self.loader
         if module.__spec__ is not None:
             module.__spec__.loader = self.loader

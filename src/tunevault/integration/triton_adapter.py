@@ -11,7 +11,8 @@ import logging
 import sys
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tunevault.core.kernel_state import STATE_ATTR, KernelState, is_kernel
 from tunevault.policy.resolve import resolve
@@ -19,16 +20,21 @@ from tunevault.policy.runtime import Runtime
 from tunevault.policy.settings import Settings
 from tunevault.policy.stock import MirroredCache
 
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
+
+    HitHook = Callable[[KernelState, tuple, tuple, dict[str, Any]], None]  # hook(state, raw_key, args, kwargs)
+
 log = logging.getLogger("tunevault")
 
 _lock = threading.RLock()
-_original_run: Any = None
+_original_run: Any = None  # stock Autotuner.run while installed, else None (Any: _run calls it with no None check)
 _runtime: Runtime | None = None
-_attached: weakref.WeakSet[Any] = weakref.WeakSet()
-_hit_hook: Any = None  # key capture's counter, set only while capturing: hook(state, raw_key, args, kwargs)
+_attached: weakref.WeakSet[Autotuner] = weakref.WeakSet()
+_hit_hook: HitHook | None = None  # key capture's counter, set only while capturing
 
 
-def _attach(autotuner: Any) -> KernelState | None:
+def _attach(autotuner: Autotuner) -> KernelState | None:
     """The autotuner's state, made on its first call; None for one tunevault leaves to stock Triton
     (an Autotuner over something that is not a Triton kernel, as Triton's own tests build)."""
     with _lock:
@@ -45,7 +51,7 @@ def _attach(autotuner: Any) -> KernelState | None:
         return state
 
 
-def _run(self: Any, *args: Any, **kwargs: Any) -> Any:
+def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     try:
         state = self._tunevault_state  # STATE_ATTR, spelled out: the cheapest lookup on the hot path
     except AttributeError:
@@ -64,7 +70,7 @@ def _run(self: Any, *args: Any, **kwargs: Any) -> Any:
     return self.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
-def _run_counting_hits(self: Any, *args: Any, **kwargs: Any) -> Any:
+def _run_counting_hits(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     """``_run`` while key capture counts in-memory hits (``set_hit_hook``): the plain hot path
     pays nothing for capture when it is off."""
     state = self.__dict__.get(STATE_ATTR)
@@ -133,7 +139,7 @@ def _drop_states() -> None:
     _attached.clear()
 
 
-def set_hit_hook(hook: Any) -> None:
+def set_hit_hook(hook: HitHook | None) -> None:
     """Install (or with None remove) the in-memory-hit counter used by key capture."""
     global _hit_hook
     with _lock:

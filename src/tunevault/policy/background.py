@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
+    from tunevault.capture.argspec import CallSpec
     from tunevault.core.kernel_state import KernelState
+    from tunevault.core.model import TuningKey
     from tunevault.policy.runtime import Runtime
 
 log = logging.getLogger("tunevault")
@@ -41,9 +45,9 @@ class Job:
     rt: Runtime
     state: KernelState
     raw_key: tuple
-    key: Any
+    key: TuningKey
     stock_key: tuple = ()  # Triton's own key, for the autotuner's ``cache``
-    spec: Any = None  # CallSpec
+    spec: CallSpec | None = None
     copies: tuple[tuple, dict[str, Any]] | None = None
     held: tuple[tuple, dict[str, Any]] | None = None  # arguments met during a capture, read after it
 
@@ -56,7 +60,7 @@ def _copy(value: Any) -> Any:
     return value.detach().clone() if hasattr(value, "detach") and hasattr(value, "clone") else value
 
 
-def submit(rt: Runtime, state: KernelState, args: tuple, kwargs: dict[str, Any], key: Any,
+def submit(rt: Runtime, state: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
            during_capture: bool = False) -> None:
     """Queue ``key`` for tuning; returns at once (a CallSpec capture is the only work done here,
     and none while a CUDA graph is captured: ``during_capture`` defers it until captures end)."""
@@ -112,7 +116,7 @@ def _loop() -> None:
                 _cond.notify_all()
 
 
-def _device(args: tuple, kwargs: dict[str, Any]) -> Any:
+def _device(args: tuple, kwargs: dict[str, Any]) -> torch.device | None:
     for value in (*args, *kwargs.values()):
         dev = getattr(value, "device", None)
         if getattr(dev, "type", None) == "cuda":

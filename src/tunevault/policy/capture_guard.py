@@ -23,12 +23,14 @@ from tunevault.policy import background
 from tunevault.policy.diagnose import explain_miss
 
 if TYPE_CHECKING:
+    from triton import Config
+
     from tunevault.core.kernel_state import KernelState
     from tunevault.policy.runtime import Runtime
 
 
 # The miss path's fallback for this call: (nearest decided key, why, how it is handled) -> config to launch
-Fallback = Callable[[TuningKey | None, str, str], Any]
+Fallback = Callable[[TuningKey | None, str, str], "Config"]
 
 
 def capturing() -> bool:
@@ -37,7 +39,7 @@ def capturing() -> bool:
 
 
 def capture_fallback(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
-                     fallback: Fallback) -> Any:
+                     fallback: Fallback) -> Config:
     """The config to launch for a miss during a capture, found without touching the device."""
     name = st.kernel_id.name
     rt.stats.add(name, rt.phase, "capture_fallbacks")

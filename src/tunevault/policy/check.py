@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
-from tunevault.core.model import Fingerprint, TuningKey
+from tunevault.core.model import Fingerprint, KernelId, TuningKey
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
+
+    from tunevault.policy.settings import Settings
+    from tunevault.store.base import Store
 
 
 @dataclass
@@ -53,7 +59,7 @@ class CheckResult:
                 "items": [i.to_json() for i in self.items]}
 
 
-def _settings(store: str | None) -> Any:
+def _settings(store: str | None) -> Settings:
     from tunevault.policy.settings import Settings
 
     adapter = sys.modules.get("tunevault.integration.triton_adapter")  # not imported: nothing installed
@@ -86,7 +92,8 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
     return result
 
 
-def _check_one(store: Any, fp: Fingerprint, entry: mf.ManifestEntry, kernel_id: Any) -> CheckItem:
+def _check_one(store: Store, fp: Fingerprint, entry: mf.ManifestEntry,
+               kernel_id: Callable[[Autotuner], KernelId]) -> CheckItem:
     try:
         autotuner = import_autotuner(entry.kernel)
     except KernelNotFound as exc:
@@ -104,7 +111,7 @@ def _check_one(store: Any, fp: Fingerprint, entry: mf.ManifestEntry, kernel_id: 
     return CheckItem(entry.kernel, entry.key, True, "", chosen)
 
 
-def _why_missing(store: Any, kid: Any, fp: Fingerprint, key: TuningKey) -> str:
+def _why_missing(store: Store, kid: KernelId, fp: Fingerprint, key: TuningKey) -> str:
     """The nearest thing the store does hold: another key, another kernel version, another machine."""
     from tunevault.policy.diagnose import explain_miss
     from tunevault.store.base import Query

@@ -12,17 +12,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.core.events import Stats
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
 from tunevault.policy.predict import NeighbourTable, Prediction
 
+if TYPE_CHECKING:
+    from triton import Config
+    from triton.runtime.autotuner import Autotuner
+
 log = logging.getLogger("tunevault")
 
 MAX_AGE_S = 30.0  # a table older than this is rebuilt on the next miss
-Config = Any  # a triton.Config
 
 
 class Predictions:
@@ -73,13 +76,13 @@ class PredictingRuntime(Protocol):
 
     def decisions_of(self, kernel: KernelId) -> list[Decision]: ...
 
-    def warn_once(self, token: Any, msg: str, *args: Any) -> bool: ...
+    def warn_once(self, token: Hashable, msg: str, *args: Any) -> bool: ...
 
 
 class MissedKernel(Protocol):
     """What this module needs from integration.kernel_state.KernelState."""
 
-    autotuner: Any  # the triton Autotuner: its ``configs`` are what a prediction indexes
+    autotuner: Autotuner  # its ``configs`` are what a prediction indexes
 
     @property
     def kernel_id(self) -> KernelId: ...

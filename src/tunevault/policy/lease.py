@@ -18,10 +18,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from tunevault.policy.runtime import Runtime
+    from tunevault.store.base import Store
 
 log = logging.getLogger("tunevault")
 
@@ -42,7 +43,7 @@ def new_holder() -> str:
 class Heartbeat:
     """Renews a lease every third of its time to live while the holder works."""
 
-    def __init__(self, store: Any, name: str, holder: str, ttl_s: float, what: str) -> None:
+    def __init__(self, store: Store, name: str, holder: str, ttl_s: float, what: str) -> None:
         self.store, self.name, self.holder, self.ttl, self.what = store, name, holder, ttl_s, what
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="tunevault-lease", daemon=True)
@@ -83,7 +84,7 @@ def taken_here(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def holding(store: Any, name: str, holder: str, ttl_s: float, what: str) -> Iterator[None]:
+def holding(store: Store, name: str, holder: str, ttl_s: float, what: str) -> Iterator[None]:
     """While this thread works under a lease it took itself: renew it; ``under_lease`` skips it."""
     with taken_here(name), Heartbeat(store, name, holder, ttl_s, what):
         yield

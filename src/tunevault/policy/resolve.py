@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tunevault.core.model import CandidateResult, Decision, TuningKey
+from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
@@ -24,11 +25,12 @@ log = logging.getLogger("tunevault")
 
 if TYPE_CHECKING:
     from triton import Config
+    from triton.runtime.autotuner import Autotuner
 
     from tunevault.core.kernel_state import KernelState
     from tunevault.policy.runtime import Runtime
 
-Indexed = list  # of (declared index, or len(configs)+j for a config prune made up; the Config)
+Indexed = list[tuple[int, "Config"]]  # (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
 class TuningError(RuntimeError):
@@ -46,8 +48,8 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
-def launch(autotuner: Any, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
-           pre_hook: Any) -> Any:
+def launch(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
+           pre_hook: Callable[..., Any] | None) -> Any:
     """Stock's final launch of the decided config: ``best_config``, the config's ``pre_hook``, the run.
     Takes a KernelState hit as it is stored: (config, its launch kwargs, its pre_hook)."""
     autotuner.best_config = config
@@ -122,7 +124,7 @@ def _adopt(rt: Runtime, st: KernelState, decision: Decision, stock_key: tuple | 
     return config
 
 
-def _indexed(at: Any, pruned: list[Config]) -> Indexed:
+def _indexed(at: Autotuner, pruned: list[Config]) -> Indexed:
     declared = {id(c): i for i, c in enumerate(at.configs)}
     out = []
     for j, config in enumerate(pruned):
@@ -335,7 +337,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     return config
 
 
-def _spec(st: KernelState, index: int, config: Config) -> Any:
+def _spec(st: KernelState, index: int, config: Config) -> ConfigSpec:
     from tunevault.core.identity import config_spec
 
     return st.specs[index] if index < len(st.specs) else config_spec(config)

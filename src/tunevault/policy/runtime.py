@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.events import EventLog, Stats
@@ -39,11 +39,12 @@ class Runtime:
         self._store: Store | None = None
         self._fingerprint: Fingerprint | None = None
         self._lock = threading.RLock()
-        self._warned: set[Any] = set()
+        self._warned: set[Hashable] = set()
         self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
-        self.observers: list[Any] = []  # e.g. key capture; called as observer(kind, state, key, nargs)
+        # e.g. key capture; called as observer(kind, state, key, args, kwargs)
+        self.observers: list[Callable[[str, KernelState, TuningKey, tuple | None, dict | None], None]] = []
         self.predictions = Predictions()  # configs for missed keys, predicted from decided neighbours
         self.pending_warmup = settings.warmup if settings.mode == "tune" else None  # TUNEVAULT_WARMUP
 
@@ -80,7 +81,7 @@ class Runtime:
                            self.settings.store, exc)
             return MemoryStore()
 
-    def warn_once(self, token: Any, msg: str, *args: Any) -> bool:
+    def warn_once(self, token: Hashable, msg: str, *args: Any) -> bool:
         with self._lock:
             if token in self._warned:
                 return False

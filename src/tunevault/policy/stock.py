@@ -19,6 +19,7 @@ from tunevault.core.model import CandidateResult
 
 if TYPE_CHECKING:
     from triton import Config
+    from triton.runtime.autotuner import Autotuner
 
 
 def stock_key(arg_names: list[str], keys: list[str], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
@@ -83,7 +84,7 @@ def timings_by_config(configs: list[Config], results: list[CandidateResult] | tu
     return out
 
 
-def after_decision(autotuner: Any, key: tuple, config: Config, timings: dict[Config, list[float]] | None,
+def after_decision(autotuner: Autotuner, key: tuple, config: Config, timings: dict[Config, list[float]] | None,
                    bench_time: float | None, fresh: bool) -> None:
     """Fill the autotuner's public state and tell Triton's observers, as stock does after deciding.
 
@@ -107,7 +108,7 @@ def after_decision(autotuner: Any, key: tuple, config: Config, timings: dict[Con
               f"finished after {bench_time or 0.0:.2f}s,\nbest config selected: {config};")
 
 
-def record(autotuner: Any, key: tuple, config: Config) -> None:
+def record(autotuner: Autotuner, key: tuple, config: Config) -> None:
     """Put tunevault's decision into ``autotuner.cache`` without invalidating the hot path."""
     cache = autotuner.cache
     if isinstance(cache, MirroredCache):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from tunevault.core.model import Decision, Fingerprint
 from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, supersede
@@ -236,7 +236,7 @@ def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] =
     return LayeredStore(local, remote_store, opened)
 
 
-def describe_layers(store: Any) -> list[str]:
+def describe_layers(store: Store) -> list[str]:
     """The URLs of a store's layers, top first (for ``tunevault info``)."""
     if isinstance(store, LayeredStore):
         remote = [store.remote.url] if store.remote else []

@@ -15,11 +15,14 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tunevault.core.model import Decision
 from tunevault.store.base import Query, StoreUnavailable, log
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 T = TypeVar("T")
 EVERYTHING = Query()
@@ -48,7 +51,7 @@ return 0
 """
 
 
-def _redis_module() -> Any:
+def _redis_module() -> ModuleType:
     try:
         import redis
     except ImportError:
@@ -120,7 +123,7 @@ class RedisStore:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._pause = BACKOFF_S[0]
-        self._warned: set[Any] = set()
+        self._warned: set[tuple[str, bytes | str | None]] = set()
         self._scripts = {name: self._client.register_script(src)
                          for name, src in (("take", _TAKE_LEASE), ("release", _RELEASE), ("swap", _SWAP))}
 

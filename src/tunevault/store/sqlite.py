@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ _TABLES = {
 _COLUMNS = "kernel_digest, fingerprint_digest, key_text, kernel_name, payload"
 _ROW_KEY = "kernel_digest = ? AND fingerprint_digest = ? AND key_text = ?"
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
-_FORK_ORPHANS: list[Any] = []  # connections inherited across fork: never use or close them
+_FORK_ORPHANS: list[_ThreadConn] = []  # connections inherited across fork: never use or close them
 
 T = TypeVar("T")
 EVERYTHING = Query()  # shared default: Query is frozen, so one instance is safe
@@ -137,7 +137,7 @@ class SqliteStore:
         self._local = threading.local()
         self._conns: weakref.WeakSet[_ThreadConn] = weakref.WeakSet()
         self._conns_lock = threading.Lock()
-        self._warned: set[Any] = set()
+        self._warned: set[Hashable] = set()
         self._closed = False
         self._write_lock, self._write_lock_pid = threading.Lock(), os.getpid()
         self._target, self._uri = self.path, False  # what sqlite3.connect opens (a URI when read-only)
@@ -255,7 +255,7 @@ class SqliteStore:
 
     # -- validation and warnings ------------------------------------------------------------
 
-    def _warn_once(self, what: Any, msg: str, *args: Any) -> None:
+    def _warn_once(self, what: Hashable, msg: str, *args: Any) -> None:
         """One warning per corrupt row or failure kind, not one per read of it."""
         if what in self._warned:
             return
