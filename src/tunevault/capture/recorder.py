@@ -231,8 +231,17 @@ def _after_fork_all() -> None:
         rec._after_fork()
 
 
-# settings: policy.settings.Settings, from a layer above this one (not importable here, even for annotations)
-def on_install(settings: Any, host: Host) -> None:
+class CaptureSettings(Protocol):
+    """The settings key capture follows (policy.settings.Settings, a layer above capture)."""
+
+    @property
+    def capture(self) -> str | None: ...
+
+    @property
+    def bundle_key(self) -> str | None: ...
+
+
+def on_install(settings: CaptureSettings, host: Host) -> None:
     """Called after (re)installation: follow ``settings.capture`` and re-attach the active recorder."""
     global _from_settings, _host
     with _lock:

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
@@ -21,6 +21,8 @@ from tunevault.core.model import InvalidEntry, TuningKey
 
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
+
+    from tunevault.core.model import Decision, KernelId
 
 log = logging.getLogger("tunevault")
 
@@ -85,8 +87,13 @@ def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list
     return list(source)
 
 
-# rt: policy.runtime.Runtime, from a layer above this one (not importable here, even for annotations)
-def replay_one(rt: Any, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
+class DecisionLookup(Protocol):
+    """What a replay needs from the runtime (policy.runtime.Runtime, a layer above capture)."""
+
+    def lookup(self, kernel: KernelId, key: TuningKey) -> Decision | None: ...
+
+
+def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
     from tunevault.core.identity import kernel_id
     from tunevault.core.kernel_state import STATE_ATTR

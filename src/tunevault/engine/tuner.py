@@ -9,24 +9,61 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine import context
 from tunevault.engine.gpu_timing import MemoryProbe
 from tunevault.engine.inprocess import InProcessSession
 from tunevault.engine.search import search
-from tunevault.engine.select import DEFAULT_CONFIDENCE, NoWorkingConfig, annotate, judge
+from tunevault.engine.select import NoWorkingConfig, annotate, judge
 from tunevault.engine.timing import has_own_benchmarker
 
 if TYPE_CHECKING:
+    from collections.abc import Hashable
+
     from triton import Config
 
+    from tunevault.core.events import Stats
     from tunevault.core.kernel_state import KernelState
     from tunevault.engine.isolated import WorkerSession
 
-# ``rt: Any`` and ``settings: Any`` below: policy.runtime.Runtime and policy.settings.Settings, which the
-# engine may not import (a layer above it), not even for annotations.
+
+class TuningSettings(Protocol):
+    """The settings a tuning reads (policy.settings.Settings, a layer above the engine)."""
+
+    @property
+    def tune_timeout(self) -> float: ...
+
+    @property
+    def config_timeout(self) -> float: ...
+
+    @property
+    def isolate(self) -> bool: ...
+
+    @property
+    def validate(self) -> bool: ...
+
+    @property
+    def tolerance(self) -> float: ...
+
+    @property
+    def confidence(self) -> float: ...
+
+
+class TuningRuntime(Protocol):
+    """What a tuning needs from the runtime that asked for it (policy.runtime.Runtime)."""
+
+    @property
+    def settings(self) -> TuningSettings: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def phase(self) -> str: ...
+
+    def warn_once(self, token: Hashable, msg: str, *args: Any) -> bool: ...
 
 
 class Measured(list):  # type: ignore[type-arg]
@@ -35,11 +72,11 @@ class Measured(list):  # type: ignore[type-arg]
     notes: list[tuple[str, Any]]
 
 
-def config_timeout(settings: Any) -> float:
-    return float(getattr(settings, "config_timeout", None) or min(60.0, settings.tune_timeout))
+def config_timeout(settings: TuningSettings) -> float:
+    return float(settings.config_timeout or min(60.0, settings.tune_timeout))
 
 
-def open_worker_session(rt: Any, st: KernelState, args: tuple, kwargs: dict[str, Any],
+def open_worker_session(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, Any],
                         candidates: Sequence[tuple[int, Config, ConfigSpec]], deadline: float) -> WorkerSession | None:
     """A started WorkerSession, or None (with one warning per kernel) when isolation cannot apply."""
     from tunevault.capture.argspec import CallSpec
@@ -74,7 +111,7 @@ def open_worker_session(rt: Any, st: KernelState, args: tuple, kwargs: dict[str,
     return None
 
 
-def measure(rt: Any, st: KernelState, args: tuple, kwargs: dict[str, Any],
+def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, Any],
             candidates: Sequence[tuple[int, Config, ConfigSpec]]) -> list[CandidateResult]:
     name, settings = st.kernel_id.name, rt.settings
     deadline = time.monotonic() + settings.tune_timeout
@@ -92,7 +129,7 @@ def measure(rt: Any, st: KernelState, args: tuple, kwargs: dict[str, Any],
     if session is None:
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
                                    {i: s for i, _, s in candidates}, counted, deadline)
-    confidence = confidence_of(settings)
+    confidence = settings.confidence
     try:
         results, notes = search(session, [i for i, _, _ in candidates], {i: s for i, _, s in candidates},
                                 settings.tolerance, settings.validate, has_own_benchmarker(st.autotuner),
@@ -109,7 +146,3 @@ def measure(rt: Any, st: KernelState, args: tuple, kwargs: dict[str, Any],
     out.notes = [*opened, *notes, ("tuned_in", session.where), *probe.delta(include_driver=session.where == "process")]
     return out
 
-
-def confidence_of(settings: Any) -> float:
-    """The configured confidence (policy.settings ``confidence``), or the default."""
-    return float(getattr(settings, "confidence", DEFAULT_CONFIDENCE))
