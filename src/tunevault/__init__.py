@@ -96,7 +96,7 @@ def stats() -> dict[str, Any]:
     from tunevault.core.events import COUNTERS
 
     snap = rt.stats.snapshot()
-    at_seal = getattr(rt, "hits_at_seal", None)
+    at_seal = rt.hits_at_seal
     for st in kernel_states():  # in-memory hits: n_hits, split at the seal
         before = st.n_hits if at_seal is None else at_seal.get(st, 0)
         for phase, n in (("warmup", before), ("serving", st.n_hits - before)):

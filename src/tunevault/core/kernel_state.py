@@ -110,19 +110,19 @@ class KernelState:
 class _KeyFns(dict):  # type: ignore[type-arg]
     """Number of positional args -> its raw-key function, generated on first use."""
 
-    __slots__ = ("arg_names", "keys", "specialised")
+    __slots__ = ("arg_names", "key_names", "specialised")
 
-    def __init__(self, arg_names: list[str], keys: list[str]) -> None:
+    def __init__(self, arg_names: list[str], key_names: list[str]) -> None:
         super().__init__()
-        self.arg_names, self.keys = arg_names, keys
+        self.arg_names, self.key_names = arg_names, key_names
         self.specialised: set[int] = set()
 
     def __missing__(self, n_args: int) -> RawKeyFn:
-        fn = self[n_args] = make_raw_key(n_args, self.arg_names, self.keys)
+        fn = self[n_args] = make_raw_key(n_args, self.arg_names, self.key_names)
         return fn
 
     def specialise(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """Once per number of positional args, on a miss: code for calls shaped like this one."""
         if len(args) not in self.specialised:
             self.specialised.add(len(args))
-            self[len(args)] = make_raw_key(len(args), self.arg_names, self.keys, (args, kwargs))
+            self[len(args)] = make_raw_key(len(args), self.arg_names, self.key_names, (args, kwargs))

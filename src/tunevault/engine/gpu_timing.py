@@ -135,7 +135,7 @@ class ConfigTimer:
     def capture(self) -> None:
         """Capture the graph of N launches (again); a kernel whose capture fails is timed eagerly."""
         self.replay = _capture(self.fn, self.estimate)
-        if self.replay is None:
+        if self.replay is None and self.graph is not None:
             _no_graphs.add(self.graph)
 
     def eager_only(self, warmup_ms: float) -> None:

@@ -71,8 +71,10 @@ class PredictingRuntime(Protocol):
     """What this module needs from integration.runtime.Runtime."""
 
     predictions: Predictions
-    phase: str
     stats: Stats
+
+    @property
+    def phase(self) -> str: ...
 
     def decisions_of(self, kernel: KernelId) -> list[Decision]: ...
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ class Runtime:
         self.closed = False
         self.on_miss = settings.on_miss
         self.sealed = False
+        self.hits_at_seal: weakref.WeakKeyDictionary[KernelState, int] | None = None  # set by seal()
         self.stats = Stats()
         self.events = EventLog(settings.events)
         self._store: Store | None = None
