@@ -4,7 +4,8 @@ Every benchmark launch of it is counted below the autotuner: the configs' ``pre_
 ``pid n`` to the file named by ``$TV_LAUNCH_LOG`` (one O_APPEND write per line), so a test can
 tell which processes benchmarked which key; with ``$TV_HANG_N`` set, a launch for that size
 touches ``$TV_HANG_FILE`` and hangs (a process to kill mid-key). ``no_config_works`` fails with
-every config. ``write_manifest`` builds a key manifest from sizes without running anything.
+every config. ``slow_compile`` takes a second per config to compile. ``write_manifest`` builds a
+key manifest from sizes without running anything.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def shard_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def no_config_works(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)  # not a power of two: no config builds
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def _compile_time(nargs: dict[str, Any]) -> int:
+    time.sleep(1.0)  # evaluated on every compile: a config whose compile takes a second
+    return 1
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16 * (i + 1)}) for i in range(8)], key=["n"])
+@triton.heuristics({"SLOW": _compile_time})
+@triton.jit
+def slow_compile(x_ptr, out_ptr, n, BLOCK: tl.constexpr, SLOW: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
 

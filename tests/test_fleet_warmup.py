@@ -417,6 +417,28 @@ def test_jobs_plan_pins_one_gpu_per_child(monkeypatch: pytest.MonkeyPatch) -> No
             plan(*bad)
 
 
+def test_available_cores_follow_a_containers_cpu_quota(tmp_path: Path) -> None:
+    """A pod limited to 1.5 CPUs on a larger host gets 2 cores' worth of threads, not the host's."""
+    from tunevault.core.machine import available_cores, cpu_quota
+
+    cpuset = available_cores(str(tmp_path))  # no cgroup files there: the cpuset alone
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_quota(str(v2)) == 1.5 and available_cores(str(v2)) == min(cpuset, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(str(v2)) is None and available_cores(str(v2)) == cpuset
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(str(tmp_path / "v1")) == 0.5 and available_cores(str(tmp_path / "v1")) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    assert cpu_quota(str(tmp_path / "v1")) is None
+    (v2 / "cpu.max").write_text("garbage\n")
+    assert cpu_quota(str(v2)) is None
+
+
 def test_each_participant_walks_its_own_kernels_first_then_helps_from_the_far_end() -> None:
     """Kernels are dealt out whole (largest first, to the least loaded), the same deal everywhere."""
     from tunevault.integration.shared_warmup import walk

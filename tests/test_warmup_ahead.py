@@ -11,12 +11,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 import kernels_shard as ks
 from conftest import gone, run_py
 from tunevault.policy.settings import Settings
+
+if TYPE_CHECKING:
+    from tunevault.engine.ahead import AheadJob, CompileAhead
 
 WARMUP = r"""
 import json, logging, os, sys, time
@@ -135,6 +140,119 @@ def test_a_helper_that_dies_costs_the_warmup_only_its_help(tmp_path: Path) -> No
         started = time.monotonic()
         ahead.close()
         assert time.monotonic() - started < 10
+
+
+def _shard_jobs(tmp_path: Path, sizes: list[int]) -> list[AheadJob]:
+    from tunevault.capture import manifest as mf
+    from tunevault.core.identity import kernel_id
+    from tunevault.engine.ahead import job_for
+    from tunevault.engine.isolated import kernel_target
+    from tunevault.engine.worker import find_autotuner
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, sizes)
+    at = find_autotuner(ks.shard_scale)
+    target, _ = kernel_target(at)
+    jobs = [job_for(target, kernel_id(at).digest, e.callspec, range(len(at.configs))) for e in mf.read(manifest)]
+    assert all(job is not None for job in jobs)
+    return [job for job in jobs if job is not None]
+
+
+def _wait_compiled(ahead: CompileAhead, n: int) -> None:
+    deadline = time.monotonic() + 120
+    while ahead.compiled < n:
+        assert time.monotonic() < deadline, f"the helpers compiled {ahead.compiled} keys, not {n}"
+        time.sleep(0.05)
+
+
+def test_helpers_outlive_the_workers_idle_timeout_between_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              ) -> None:
+    """A long tuning (or keys leased to other processes) leaves the helpers idle between keys;
+    the tuning worker's idle timeout must not end them, nor compile ahead with them."""
+    from tunevault.engine.ahead import CompileAhead
+
+    monkeypatch.setenv("TUNEVAULT_WORKER_IDLE", "1")
+    first, second = _shard_jobs(tmp_path, [64, 93])
+    ahead = CompileAhead(keys=1, helpers=1)
+    try:
+        ahead.want("a", first)
+        _wait_compiled(ahead, 1)
+        (pid,) = ahead.helper_pids
+        time.sleep(2.5)  # longer than the idle timeout
+        assert not gone(pid)
+        ahead.want("b", second)
+        _wait_compiled(ahead, 2)
+        assert ahead.helper_pids == [pid]
+    finally:
+        ahead.close()
+
+
+def test_a_dead_helper_leaves_the_other_compiling(tmp_path: Path) -> None:
+    import signal
+
+    from tunevault.engine.ahead import CompileAhead
+
+    first, second, third = _shard_jobs(tmp_path, [64, 93, 122])
+    ahead = CompileAhead(keys=1, helpers=2)
+    try:
+        ahead.want("a", first)
+        _wait_compiled(ahead, 1)
+        dead, alive = ahead.helper_pids
+        os.kill(dead, signal.SIGKILL)
+        ahead.want("b", second)  # its share on the dead helper: given up, compiled by its tuning
+        started = time.monotonic()
+        while ahead.busy():
+            assert time.monotonic() - started < 30, "a dead helper's key stayed pending"
+            time.sleep(0.05)
+        ahead.want("c", third)  # the survivor takes every config
+        _wait_compiled(ahead, ahead.compiled + 1)
+        assert not gone(alive)
+    finally:
+        ahead.close()
+
+
+def test_a_helper_whose_warmup_died_stops_compiling(tmp_path: Path) -> None:
+    """The warmup process is killed (SIGKILL, OOM, --jobs stopping its children): the helper sees
+    its input close and exits at once, not after every compile it was handed."""
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.core.identity import kernel_id
+    from tunevault.engine.procs import spawn, worker_env
+    from tunevault.engine.worker import find_autotuner
+
+    at = find_autotuner(ks.slow_compile)
+    x = torch.zeros(64)
+    spec = CallSpec.of(at, (x, torch.empty_like(x), 64), {"grid": (1,)}).to_json()
+    env = worker_env(None)
+    env.pop("TRITON_INTERPRET", None)  # the helper compiles for real (each compile takes a second here)
+    helper = spawn(env, 120)
+    try:
+        helper.send({"op": "ahead", "sid": 1, "kernel": "kernels_shard:slow_compile", "digest": kernel_id(at).digest,
+                     "callspec": spec, "configs": list(range(8)), "threads": 1})
+        time.sleep(1.5)
+        assert helper.proc.stdin is not None
+        helper.proc.stdin.close()  # what the helper sees when its warmup process dies
+        started = time.monotonic()
+        while helper.proc.poll() is None and time.monotonic() - started < 30:
+            time.sleep(0.05)
+        assert time.monotonic() - started < 3, "the helper went on compiling for a warmup that is gone"
+    finally:
+        helper.kill()
+
+
+def test_a_key_is_compiled_for_the_gpu_the_warmup_tunes_on() -> None:
+    """The helper sees one GPU as cuda:0, so the job is pinned; which GPU that is comes from the
+    warmup's device, else the call's own (not from the pinned call, which always says 0)."""
+    from tunevault.engine.ahead import job_for
+
+    tensor = {"kind": "tensor", "device": "cuda:3", "dtype": "float32", "shape": [4], "stride": [1]}
+    callspec = {"args": [tensor, {"kind": "scalar", "value": 4}], "kwargs": {}}
+    job = job_for("m:k", "digest", callspec, [0, 1])
+    assert job is not None and job.device == 3 and job.callspec["args"][0]["device"] == "cuda:0"
+    moved = job_for("m:k", "digest", callspec, [0, 1], device="cuda:5")
+    assert moved is not None and moved.device == 5
+    assert job_for("m:k", "digest", callspec, [0, 1], device="cpu") is None
+    on_cpu = job_for("m:k", "digest", {"args": [{**tensor, "device": "cpu"}], "kwargs": {}}, [0, 1])
+    assert on_cpu is not None and on_cpu.device is None and on_cpu.callspec["args"][0]["device"] == "cpu"
 
 
 def test_compile_ahead_settings_are_checked() -> None:

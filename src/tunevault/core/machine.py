@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import ctypes
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -242,12 +243,37 @@ def _smi_device_count() -> int | None:
     return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
 
 
-def available_cores() -> int:
-    """The cores this process may run on (a container's cpuset, not the host's count)."""
+def available_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its cpuset, bounded by a container's CPU quota (a pod
+    limited to 4 CPUs on a 128-core host gets 4, not 128), never below 1."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 2
+        cores = os.cpu_count() or 2
+    quota = cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup allows (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us`` in v1); None when unlimited or unreadable."""
+    def read(*parts: str) -> str | None:
+        try:
+            with open(os.path.join(cgroup_root, *parts)) as f:
+                return f.read(256).strip()
+        except OSError:
+            return None
+
+    v2 = read("cpu.max")
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+    else:
+        quota, period = read("cpu", "cpu.cfs_quota_us") or "", read("cpu", "cpu.cfs_period_us") or ""
+    try:
+        q, p = float(quota), float(period or "100000")
+    except ValueError:
+        return None  # "max", or nothing there
+    return q / p if q > 0 and p > 0 and math.isfinite(q / p) else None
 
 
 def gpu_count() -> int:

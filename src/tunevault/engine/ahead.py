@@ -45,6 +45,10 @@ MAX_HELPERS = 2
 # (bench/compile_throughput.py); each helper also pays its imports, so two is the default.
 START_TIMEOUT = 120.0
 POLL_S = 0.05
+# A helper must not idle out between keys (a long tuning, keys leased to other processes): it
+# lives as long as the warmup, which kills it when the walk returns; if the warmup dies, the
+# helper sees its input close and exits.
+HELPER_IDLE_S = 7 * 24 * 3600.0
 
 
 def helper_layout(cores: int, helpers: int | None = None) -> tuple[int, int]:
@@ -60,8 +64,9 @@ class AheadJob:
 
     target: str  # module:qualname
     digest: str  # the kernel's identity digest: the helper checks it imported the same kernel
-    callspec: dict[str, Any]
+    callspec: dict[str, Any]  # pinned: the helper sees its one GPU as cuda:0
     configs: tuple[int, ...]  # declared indices
+    device: int | None = None  # the GPU the warmup tunes on, as this process numbers it
 
 
 class CompileAhead:
@@ -158,16 +163,36 @@ class CompileAhead:
                 shares = [job.configs[h::len(self._procs)] for h in range(len(self._procs))]
                 with self._cv:
                     self._left[sid] = sum(1 for share in shares if share)
-                for helper, share in zip(self._procs, shares, strict=True):
-                    if share:
+                for helper, share in zip(list(self._procs), shares, strict=True):
+                    if not share:
+                        continue
+                    try:
                         helper.send({"op": "ahead", "sid": sid, "kernel": job.target, "digest": job.digest,
-                                     "callspec": job.callspec, "configs": list(share), "threads": self.threads})
+                                     "callspec": job.callspec, "configs": list(share), "threads": self.threads,
+                                     "idle": HELPER_IDLE_S})
+                    except WorkerDied:
+                        self._drop(helper)
                 continue
             self._collect()
 
+    def _drop(self, helper: WorkerProcess) -> None:
+        """A helper died: the others go on. The keys it was compiling are given up (their tunings
+        compile what is missing); with no helper left, compile ahead stops."""
+        reason = helper.exit_reason()
+        helper.kill()
+        self._procs = [p for p in self._procs if p is not helper]
+        with self._cv:
+            for sid in list(self._sent):
+                self._left.pop(sid, None)
+                self._sent.pop(sid)
+            self._cv.notify_all()
+        if not self._procs:
+            raise RuntimeError(f"the last helper exited ({reason})")
+        log.info("tunevault: a compile-ahead helper exited (%s); %d go on", reason, len(self._procs))
+
     def _start(self, job: AheadJob) -> None:
         """Start the helpers side by side (each imports torch and Triton on its own cores)."""
-        env = worker_env(device_index(job.callspec))
+        env = worker_env(job.device)
         started: list[WorkerProcess | BaseException] = []
 
         def one() -> None:
@@ -194,8 +219,9 @@ class CompileAhead:
                 ev = helper.wait_for(("compiled", "fatal"), POLL_S / len(self._procs))
             except queue.Empty:
                 continue
-            except WorkerDied as exc:
-                raise RuntimeError(f"a helper exited ({helper.exit_reason()})") from exc
+            except WorkerDied:
+                self._drop(helper)
+                return
             with self._cv:
                 sid = int(ev.get("sid", -1))
                 if sid not in self._sent:
@@ -215,12 +241,21 @@ class CompileAhead:
 
 
 def job_for(target: str | None, digest: str, callspec: dict[str, Any] | None,
-            configs: Sequence[int]) -> AheadJob | None:
-    """The job for a key, pinned to one GPU as the worker sees it; None when it cannot be compiled ahead."""
+            configs: Sequence[int], device: str | None = None) -> AheadJob | None:
+    """The job for a key, pinned to one GPU as the worker sees it; None when it cannot be compiled ahead.
+
+    ``device``: where the warmup rebuilds the call (its ``device`` option), else the call's own
+    device, as the manifest recorded it."""
     if target is None or callspec is None or len(configs) < 2:
         return None
-    spec = pin(callspec) if device_index(callspec) is not None else callspec
-    return AheadJob(target, digest, spec, tuple(configs))
+    index = device_index(callspec)
+    if index is None:
+        return AheadJob(target, digest, callspec, tuple(configs))
+    if device is not None:
+        index = device_index({"args": [{"kind": "tensor", "device": device}], "kwargs": {}})
+        if index is None:
+            return None  # rebuilt on the CPU: nothing for a GPU helper to compile
+    return AheadJob(target, digest, pin(callspec), tuple(configs), index)
 
 
 class HelperCompiles:
@@ -237,6 +272,10 @@ class HelperCompiles:
     def busy(self) -> bool:
         with self._lock:
             return bool(self.pending)
+
+    def abandon(self) -> None:
+        """Drop the compiles not yet started (those running cannot be stopped)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def add(self, sid: int, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
             ) -> None:

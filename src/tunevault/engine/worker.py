@@ -301,6 +301,9 @@ def main() -> int:
     while True:
         line = lines.readline(None if worker.busy() else idle)  # never idle out mid-tuning
         if line is None:
+            if worker.ahead is not None and worker.ahead.busy():
+                worker.ahead.abandon()  # the server is gone: its queued compiles are wanted by no one
+                os._exit(0)  # interpreter shutdown would wait for the pool's running compiles
             return 0  # end of input, or idle: give the device memory back
         try:
             msg = json.loads(line)

@@ -113,7 +113,7 @@ class EntryTask:
             return None  # the pruned set depends on the call: it compiles in the tuning
         CallSpec.from_json(self.entry.callspec).check(at)  # a manifest from elsewhere: sizes within the cap
         target, _why = kernel_target(at)
-        return job_for(target, self._kernel_id.digest, self.entry.callspec, range(len(at.configs)))
+        return job_for(target, self._kernel_id.digest, self.entry.callspec, range(len(at.configs)), self.device)
 
 
 def participant(env: dict[str, str] | None = None) -> tuple[int, int] | None:
