@@ -152,8 +152,12 @@ class ConfigTimer:
             if replay is None:
                 return
             graph, launches = replay
-            self._timed(min(500, max(5, int(PRIME_MS / (self.estimate * launches)))), graph.replay, launches)
-            graph.reset()
+            try:  # best effort: a fault here shows again, with its config, in the timing itself
+                self._timed(min(500, max(5, int(PRIME_MS / (self.estimate * launches)))), graph.replay, launches)
+            except Exception:
+                return
+            finally:
+                graph.reset()
 
     def _warm(self, warmup_ms: float) -> None:
         for _i in range(max(1, int(warmup_ms / self.estimate))):
