@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.machine import available_cores
-from tunevault.engine.procs import WorkerDied, WorkerProcess, device_index, pin, spawn, worker_env
+from tunevault.engine.procs import WorkerDied, WorkerProcess, cuda_ordinal, device_index, pin, spawn, worker_env
 
 if TYPE_CHECKING:
     from triton import Config
@@ -252,7 +252,7 @@ def job_for(target: str | None, digest: str, callspec: dict[str, Any] | None,
     if index is None:
         return AheadJob(target, digest, callspec, tuple(configs))
     if device is not None:
-        index = device_index({"args": [{"kind": "tensor", "device": device}], "kwargs": {}})
+        index = cuda_ordinal(device)
         if index is None:
             return None  # rebuilt on the CPU: nothing for a GPU helper to compile
     return AheadJob(target, digest, pin(callspec), tuple(configs), index)

@@ -153,7 +153,7 @@ class ConfigTimer:
                 return
             graph, launches = replay
             try:  # best effort: a fault here shows again, with its config, in the timing itself
-                self._timed(min(500, max(5, int(PRIME_MS / (self.estimate * launches)))), graph.replay, launches)
+                self._timed(self._runs(PRIME_MS, launches, 5, 500), graph.replay, launches)
             except Exception:
                 return
             finally:
@@ -202,10 +202,13 @@ class ConfigTimer:
     def round(self, ms: float, min_reps: int = 1, max_reps: int = 500) -> list[float]:
         """Per-launch times of about ``ms`` of timed work (at least ``min_reps`` runs or replays)."""
         if self.replay is None:
-            return self._eager(min(max_reps, max(min_reps, int(ms / self.estimate))))
+            return self._eager(self._runs(ms, 1, min_reps, max_reps))
         graph, launches = self.replay
-        n = min(max_reps, max(min_reps, int(ms / (self.estimate * launches))))
-        return self._timed(n, graph.replay, launches)
+        return self._timed(self._runs(ms, launches, min_reps, max_reps), graph.replay, launches)
+
+    def _runs(self, ms: float, launches: int, min_reps: int, max_reps: int) -> int:
+        """Runs of ``launches`` launches each that make about ``ms`` of timed work, within the bounds."""
+        return min(max_reps, max(min_reps, int(ms / (self.estimate * launches))))
 
     def close(self) -> None:
         if self.replay is not None:

@@ -237,16 +237,25 @@ def likely_device() -> int | None:
 
 
 def device_index(callspec: dict[str, Any]) -> int | None:
+    """The CUDA ordinal of the call's first GPU tensor; None when it has none."""
     specs = list(callspec.get("args", [])) + list(callspec.get("kwargs", {}).values())
     for spec in specs:
-        dev = spec.get("device", "")
-        if spec.get("kind") == "tensor" and dev.startswith("cuda"):
-            if ":" in dev:
-                return int(dev.split(":", 1)[1])
-            import torch
-
-            return int(torch.cuda.current_device())
+        if spec.get("kind") == "tensor":
+            index = cuda_ordinal(spec.get("device", ""))
+            if index is not None:
+                return index
     return None
+
+
+def cuda_ordinal(device: str) -> int | None:
+    """``cuda:N`` -> N, ``cuda`` -> the current device; None for any other device."""
+    if not device.startswith("cuda"):
+        return None
+    if ":" in device:
+        return int(device.split(":", 1)[1])
+    import torch
+
+    return int(torch.cuda.current_device())
 
 
 def pin(callspec: dict[str, Any]) -> dict[str, Any]:
