@@ -19,12 +19,13 @@ that fails to start or dies costs the warmup nothing but its help.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,7 @@ class CompileAhead:
         self._sent: dict[int, Hashable] = {}  # sid -> token, still compiling in some helper
         self._left: dict[int, int] = {}  # sid -> helpers yet to finish their share
         self._done: set[Hashable] = set()
+        self._urgent: list[int] = []  # sids claimed while compiling: the helpers put them first
         self._closed = False
         self._procs: list[WorkerProcess] = []
         self._thread: threading.Thread | None = None
@@ -103,6 +105,8 @@ class CompileAhead:
         end = time.monotonic() + timeout
         with self._cv:
             self._queued.pop(token, None)  # not started: it compiles in the tuning, as usual
+            self._urgent.extend(sid for sid, sent in self._sent.items() if sent == token)
+            self._cv.notify_all()
             while token in self._sent.values() and not self._closed:
                 left = end - time.monotonic()
                 if left <= 0:
@@ -149,6 +153,9 @@ class CompileAhead:
                 if self._closed:
                     return
                 first = next(iter(self._queued.values()), None)
+                urgent, self._urgent = self._urgent, []
+            for sid in urgent:
+                self._send_all({"op": "ahead_first", "sid": sid})
             if not self._procs and first is not None:
                 self._start(first)  # meanwhile a key tuned is dropped from the list, not waited for
                 continue
@@ -174,6 +181,13 @@ class CompileAhead:
                         self._drop(helper)
                 continue
             self._collect()
+
+    def _send_all(self, msg: dict[str, Any]) -> None:
+        for helper in list(self._procs):
+            try:
+                helper.send(msg)
+            except WorkerDied:
+                self._drop(helper)
 
     def _drop(self, helper: WorkerProcess) -> None:
         """A helper died: the others go on. The keys it was compiling are given up (their tunings
@@ -259,23 +273,37 @@ def job_for(target: str | None, digest: str, callspec: dict[str, Any] | None,
 
 
 class HelperCompiles:
-    """The helper's side (in the worker): every key's configs on one pool; a key reported once all
-    its compiles ended, successful or not (errors surface when the config is timed for real)."""
+    """The helper's side (in the worker): every key's configs on one set of threads; a key reported
+    once all its compiles ended, successful or not (errors surface when the config is timed for
+    real). Keys compile in the order sent, except a key the warmup is waiting for, which goes first:
+    with leases the walk skips keys other processes hold, and the key it claims next may sit behind
+    many others."""
 
     def __init__(self, emit: Callable[..., None], threads: int | None = None) -> None:
         self.emit = emit
-        workers = threads or helper_layout(available_cores(), helpers=1)[1]
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunevault-ahead")
-        self._lock = threading.Lock()
+        self.workers = threads or helper_layout(available_cores(), helpers=1)[1]
+        self._cv = threading.Condition()
+        self._queue: dict[int, deque[Callable[[], object]]] = {}  # sid -> compiles not started, in order
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
         self.pending: dict[int, int] = {}  # sid -> compiles left
 
     def busy(self) -> bool:
-        with self._lock:
+        with self._cv:
             return bool(self.pending)
 
     def abandon(self) -> None:
         """Drop the compiles not yet started (those running cannot be stopped)."""
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._cv:
+            self._stopped = True
+            self._queue.clear()
+            self._cv.notify_all()
+
+    def first(self, sid: int) -> None:
+        """The warmup waits for ``sid``: its compiles not yet started go before every other key's."""
+        with self._cv:
+            if sid in self._queue:
+                self._queue = {sid: self._queue[sid], **self._queue}
 
     def add(self, sid: int, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
             ) -> None:
@@ -287,15 +315,36 @@ class HelperCompiles:
             return
         compile_one = compiler(autotuner, args, kwargs)
         device_caches_ready(autotuner.fn)  # one set of per-device caches for all the threads
-        with self._lock:
+        with self._cv:
             self.pending[sid] = len(configs)
-        for config in configs:
-            self.pool.submit(compile_one, config).add_done_callback(lambda f, s=sid: self._ended(s, f))
+            self._queue[sid] = deque(functools.partial(compile_one, c) for c in configs)
+            while len(self._threads) < min(self.workers, sum(map(len, self._queue.values()))):
+                thread = threading.Thread(target=self._compile, name="tunevault-ahead", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._cv.notify_all()
 
-    def _ended(self, sid: int, future: Future[Any]) -> None:
-        with contextlib.suppress(Exception):
-            future.result()  # a config that does not compile fails again, with its error, when timed
-        with self._lock:
+    def _next(self) -> tuple[int, Callable[[], object]] | None:
+        with self._cv:
+            while not self._stopped:
+                for sid, compiles in self._queue.items():
+                    if compiles:
+                        job = compiles.popleft()
+                        if not compiles:
+                            del self._queue[sid]
+                        return sid, job
+                self._cv.wait()
+            return None
+
+    def _compile(self) -> None:
+        while (item := self._next()) is not None:
+            sid, job = item
+            with contextlib.suppress(Exception):
+                job()  # a config that does not compile fails again, with its error, when timed
+            self._ended(sid)
+
+    def _ended(self, sid: int) -> None:
+        with self._cv:
             self.pending[sid] -= 1
             finished = self.pending[sid] == 0
             if finished:
