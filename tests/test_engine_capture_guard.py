@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,47 @@ def test_the_torch_probe_never_initialises_cuda() -> None:
     assert not probe.here() and not probe.anywhere()
     assert not torch.cuda.is_initialized()
     assert graphs.wait_until_quiet(timeout=0)  # nothing was ever captured: no wait at all
+
+
+def test_a_background_miss_during_capture_is_held_until_the_capture_ends(sqlite_url: str, probe: FlagProbe) -> None:
+    """Sealed with ``on_miss="background"``: a miss inside a capture must not read the request's
+    tensors (their copies would be recorded into the graph, and the job would tune on memory that
+    never held the request's values): it is served like tune mode's capture miss."""
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    name = "kernels_engine:add_delayed"
+    x, y = torch.randn(64), torch.randn(64)
+    probe.capturing.set()
+    with count_executions(ke.add_delayed) as launches:
+        assert torch.equal(ke.run_add(ke.add_delayed, x, y), x + y)
+    assert launches == [1]
+    serving = tunevault.stats()["kernels"][name]["serving"]
+    assert serving["capture_fallbacks"] == 1 and serving["benchmark_runs"] == 0
+    asked = probe.asked
+    while probe.asked < asked + 3:  # the job waits for the capture to end...
+        time.sleep(0.01)
+    assert background.pending() == 1 and tunevault.stats()["kernels"][name]["serving"]["tunings"] == 0
+    probe.capturing.clear()
+    assert background.drain(timeout=180)  # ...then tunes the key
+    assert tunevault.stats()["kernels"][name]["serving"]["tunings"] == 1
+
+
+def test_a_pending_warmup_manifest_does_not_start_inside_a_capture(sqlite_url: str, probe: FlagProbe,
+                                                                    tmp_path: Path) -> None:
+    """``TUNEVAULT_WARMUP`` runs at the first miss, but not inside a capture: replaying the manifest
+    there would allocate arguments and record launches into the user's graph."""
+    import kernels_shard as ks
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [64, 93])
+    tunevault.install(mode="tune", store=sqlite_url, warmup=str(manifest))
+    x, y = torch.randn(64), torch.randn(64)
+    probe.capturing.set()
+    ke.run_add(ke.add_delayed, x, y)
+    rt = runtime()
+    assert rt is not None and rt.pending_warmup == str(manifest)  # not taken, not run
+    assert "kernels_shard:shard_scale" not in tunevault.stats()["kernels"]
+    probe.capturing.clear()
+    ke.run_add(ke.add_delayed, torch.randn(128), torch.randn(128))  # the first miss after the capture
+    assert rt.pending_warmup is None
+    assert tunevault.stats()["kernels"]["kernels_shard:shard_scale"]["warmup"]["tunings"] == 2

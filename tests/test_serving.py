@@ -174,3 +174,39 @@ def test_report_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypa
     assert main(["report", str(events), "--plot", str(tmp_path / "x.png")]) == 2
     assert "pip install 'tunevault[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_warmup_never_unseals_request_threads_and_a_seal_meanwhile_stands(tv, tmp_path: Path) -> None:
+    """``tunevault.warmup()`` tunes its own keys on its own thread; a request thread's miss keeps
+    the seal's policy meanwhile, and a seal made during the warmup is still in force after it."""
+    import threading
+
+    import kernels_shard as ks
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [64, 93, 122])
+    seen: list[str] = []
+
+    def request_miss() -> None:
+        try:
+            serve([50, 64, 3], dtype=torch.float32)
+            seen.append("launched")
+        except tunevault.TuningMiss:
+            seen.append("TuningMiss")
+
+    def progress(done: int, total: int, item: object) -> None:
+        if done == 1:
+            tv.seal(on_miss="error")  # an operator seals while the warmup still runs
+            thread = threading.Thread(target=request_miss)
+            thread.start()
+            thread.join()
+
+    report = tv.warmup(str(manifest), progress=progress)
+    assert report.ok and report.counts()["tuned"] == 3  # the warmup's keys are tuned after the seal too
+    assert seen == ["TuningMiss"]  # the request thread's miss did not tune
+    stats = tv.stats()
+    assert stats["sealed"] and stats["on_miss"] == "error"
+    assert stats["kernels"]["kernels_shard:shard_scale"]["warmup"]["tunings"] == 3
+    assert "serving" not in stats["kernels"]["kernels_shard:shard_scale"]
+    with pytest.raises(tunevault.TuningMiss):
+        serve([9, 2], dtype=torch.float32)

@@ -179,7 +179,6 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         raise RuntimeError(f"tunevault warmup needs mode 'tune', installed mode is {runtime.settings.mode!r}")
     if _same_manifest(source if read_from is None else read_from, runtime.pending_warmup):
         runtime.take_pending_warmup()  # this call is that warmup
-    saved, runtime.on_miss = runtime.on_miss, "tune"
     try:
         # ``--jobs`` children share one installation and exit after the walk: there the manifest's
         # kernel name is as good as its digest, and a library a peer warmed up (~10 s to import for
@@ -193,12 +192,12 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         for task in tasks:
             task.plan = plan
         try:
-            items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
+            with runtime.warming():  # this thread tunes its misses; request threads keep the seal's policy
+                items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
         finally:
             if plan is not None:
                 plan.close()
     finally:
-        runtime.on_miss = saved
         if installed_here:
             activation.uninstall()
     return WarmupReport(items)

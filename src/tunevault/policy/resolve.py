@@ -202,7 +202,9 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
     name, at = st.kernel_id.name, st.autotuner
     rt.stats.add(name, rt.phase, "misses")
     policy = rt.on_miss
-    if policy == "tune" and capturing():  # never benchmark inside a CUDA graph capture
+    # Never benchmark inside a CUDA graph capture, nor read the request's tensors for a background
+    # job there (that would record copies into the user's graph): both are served like this.
+    if policy in ("tune", "background") and capturing():
         config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
             rt, st, args, kwargs, key, nearest, why, how, indexed))
         stock.record(at, stock_key, config)

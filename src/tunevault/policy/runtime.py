@@ -6,10 +6,11 @@ the disk; an unusable store degrades to memory with one warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.events import EventLog, Stats
@@ -24,6 +25,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunevault")
 
 
+def _capturing() -> bool:
+    """A CUDA graph capture is in progress (policy.capture_guard's probe), read without importing
+    torch where nothing imported it."""
+    from tunevault.policy.capture_guard import capturing
+
+    return capturing()
+
+
 class Runtime:
     """Everything a miss needs: settings, the store (opened on the first miss), decisions seen,
     counters, events, observers. ``warm_up(runtime, manifest)`` runs ``TUNEVAULT_WARMUP``'s
@@ -33,7 +42,8 @@ class Runtime:
         self.settings = settings
         self.warm_up = warm_up
         self.closed = False
-        self.on_miss = settings.on_miss
+        self._on_miss = settings.on_miss
+        self._warming = threading.local()  # the threads replaying a warmup: they tune, whatever the seal says
         self.sealed = False
         self.hits_at_seal: weakref.WeakKeyDictionary[KernelState, int] | None = None  # set by seal()
         self.stats = Stats()
@@ -51,8 +61,30 @@ class Runtime:
         self.pending_warmup = settings.warmup if settings.mode == "tune" else None  # TUNEVAULT_WARMUP
 
     @property
+    def on_miss(self) -> str:
+        """What a miss does on this thread: the seal's policy, except on a thread replaying a warmup."""
+        return "tune" if self.warming_here() else self._on_miss
+
+    @on_miss.setter
+    def on_miss(self, policy: str) -> None:
+        self._on_miss = policy
+
+    @property
     def phase(self) -> str:
-        return "serving" if self.sealed else "warmup"
+        return "warmup" if self.warming_here() or not self.sealed else "serving"
+
+    def warming_here(self) -> bool:
+        return getattr(self._warming, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def warming(self) -> Iterator[None]:
+        """This thread replays a warmup: its misses tune and count as warmup, while request threads
+        keep the seal's policy (a warmup never unseals the process, and a seal meanwhile stands)."""
+        self._warming.depth = getattr(self._warming, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._warming.depth -= 1
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -98,7 +130,7 @@ class Runtime:
         return path
 
     def lookup(self, kernel: KernelId, key: TuningKey) -> Decision | None:
-        if self.pending_warmup is not None:  # the first miss warms the manifest up, shared with peers
+        if self.pending_warmup is not None and not _capturing():  # the first miss warms the manifest up
             path = self.take_pending_warmup()
             if path is not None and self.warm_up is not None:
                 self.warm_up(self, path)
@@ -182,10 +214,11 @@ class Runtime:
                 self.warn_once(("observer", type(exc)), "tunevault: observer failed: %s", exc)
 
     def submit_background(self, state: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey) -> None:
-        """Queue ``key`` for tuning off the request path (policy.background)."""
+        """Queue ``key`` for tuning off the request path (policy.background); inside a CUDA graph
+        capture the job holds the arguments and reads them once captures are over."""
         from tunevault.policy.background import submit
 
-        submit(self, state, args, kwargs, key)
+        submit(self, state, args, kwargs, key, during_capture=_capturing())
 
     def close(self) -> None:
         self.closed = True  # background jobs queued for this runtime are dropped (policy.background)
