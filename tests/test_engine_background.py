@@ -108,3 +108,26 @@ def test_failed_background_tuning_keeps_serving_the_fallback(
     assert ke.add_fails.best_config is ke.add_fails.configs[0]
     assert any("background tuning of" in r.getMessage() and "keeping the fallback" in r.getMessage()
                for r in caplog.records)
+
+
+def test_background_pruning_holds_the_kernels_lock_and_leaves_nargs_as_stock_does(sqlite_url: str) -> None:
+    """Pruning reads the autotuner's shared ``nargs``, which request threads set and clear under the
+    kernel's lock: the background job prunes under that lock too, and leaves ``nargs`` None, as
+    stock Triton does outside a call."""
+    seen: list[tuple[int, bool]] = []
+
+    def prune(configs: list[triton.Config], nargs: dict[str, object], **kwargs: object) -> list[triton.Config]:
+        state = local.__dict__.get("_tunevault_state")
+        seen.append((int(nargs["n"]), state is not None and state.lock._is_owned()))  # type: ignore[arg-type]
+        return configs
+
+    local = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"],
+                            prune_configs_by={"early_config_prune": prune})(ke._add_body)
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(77), torch.randn(77)
+    assert torch.equal(ke.run_add(local, x, y), x + y)
+    assert background.drain(timeout=180)
+    assert tunevault.stats()["kernels"]["total"]["serving"]["tunings"] == 1
+    assert seen == [(77, True), (77, True)]  # the request's pruning, then the background job's
+    assert local.nargs is None

@@ -210,3 +210,20 @@ def test_a_warmup_never_unseals_request_threads_and_a_seal_meanwhile_stands(tv, 
     assert "serving" not in stats["kernels"]["kernels_shard:shard_scale"]
     with pytest.raises(tunevault.TuningMiss):
         serve([9, 2], dtype=torch.float32)
+
+
+def test_installing_again_after_the_seal_stays_sealed(tv, sqlite_url: str, caplog) -> None:
+    """A plugin calling ``install()`` again (say, to add an events file) must not reopen tuning on
+    the request path; ``uninstall()`` first does."""
+    warm_float16(tv)
+    tv.seal(on_miss="error")
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    tv.install(mode="tune", store=sqlite_url)
+    assert tv.stats()["sealed"] and tv.stats()["on_miss"] == "error"
+    assert any("installed again after seal()" in r.getMessage() for r in caplog.records)
+    with count_launches(autotuner()) as launches, pytest.raises(tunevault.TuningMiss):
+        serve([50, 64, 3], dtype=torch.float32)
+    assert launches.count == 0
+    tv.uninstall()
+    tv.install(mode="tune", store=sqlite_url)
+    assert not tv.stats()["sealed"]

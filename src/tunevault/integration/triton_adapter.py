@@ -90,10 +90,17 @@ def install(settings: Settings) -> Runtime:
         if settings.mode == "off":
             uninstall()
             return Runtime(settings)
+        sealed = _runtime.on_miss if _runtime is not None and _runtime.sealed else None
         if _runtime is not None:
             _runtime.close()
         _drop_states()
         _runtime = Runtime(settings, _warm_up_pending)
+        if sealed is not None:  # a plugin re-installing must not reopen tuning on the request path
+            import weakref
+
+            _runtime.on_miss, _runtime.sealed, _runtime.hits_at_seal = sealed, True, weakref.WeakKeyDictionary()
+            log.warning("tunevault: installed again after seal(): still sealed (on_miss=%s); "
+                        "uninstall() first to tune on misses again", sealed)
         if _original_run is None:
             _original_run = Autotuner.run
             Autotuner.run = _run if _hit_hook is None else _run_counting_hits

@@ -269,9 +269,13 @@ def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key:
     from tunevault.policy.lease import lease_name, under_lease
 
     at = st.autotuner
-    if indexed is None:
-        at.nargs = dict(zip(at.arg_names, args, strict=False))
-        indexed = _indexed(at, at.prune_configs(kwargs))
+    if indexed is None:  # a background job: the request path sets and clears nargs under the same lock
+        with st.lock:
+            at.nargs = dict(zip(at.arg_names, args, strict=False))
+            try:
+                indexed = _indexed(at, at.prune_configs(kwargs))
+            finally:
+                at.nargs = None
     allowed = {i for i, _ in indexed}
 
     def adopt() -> Config | None:  # another process published it meanwhile
