@@ -85,6 +85,18 @@ def test_first_mode_with_no_compiling_config_names_the_kernel() -> None:
         kc.run_unary(kc.hopeless, 40)
 
 
+def test_sealing_in_first_mode_says_that_on_miss_does_not_apply(caplog: pytest.LogCaptureFixture) -> None:
+    """First mode decides every key by rule, so no key is ever missing: a strict seal must say it
+    changes nothing rather than look like protection it is not."""
+    import tunevault
+
+    tunevault.install(mode="first", store="memory://")
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    tunevault.seal(on_miss="error")
+    assert any("has no effect in mode 'first'" in r.getMessage() for r in caplog.records)
+    assert torch.equal(kc.run_unary(kc.add_one, 40), kc.expected_unary(40))  # decided by rule, not raised
+
+
 @pytest.mark.parametrize("value", [None, "", "off", " OFF "])
 def test_environment_off_or_unset_leaves_triton_untouched(monkeypatch: pytest.MonkeyPatch,
                                                           value: str | None) -> None:

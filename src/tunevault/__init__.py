@@ -65,6 +65,9 @@ def seal(on_miss: str = "fallback") -> None:
         raise RuntimeError("tunevault is not installed: call tunevault.install() or set TUNEVAULT_MODE first")
     if on_miss not in ON_MISS:
         raise ValueError(f"on_miss must be one of {', '.join(ON_MISS)}; got {on_miss!r}")
+    if rt.settings.mode == "first" and on_miss != "fallback":
+        rt.warn_once(("first-seal", on_miss), "tunevault: seal(on_miss=%r) has no effect in mode 'first': every key "
+                     "is decided by rule (the first config that compiles), nothing is benchmarked", on_miss)
     if not rt.sealed:  # in-memory hits so far count as warmup hits in stats()
         import weakref
 

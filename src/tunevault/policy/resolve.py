@@ -250,11 +250,19 @@ def _first_compiling(st: KernelState, args: tuple, kwargs: dict[str, Any], confi
     at, errors = st.autotuner, compile_errors()
     for config in configs:
         try:
-            at.fn.warmup(*args, **{k: v for k, v in kwargs.items() if k != "warmup"}, **config.all_kwargs())
+            kernel = at.fn.warmup(*args, **{k: v for k, v in kwargs.items() if k != "warmup"}, **config.all_kwargs())
         except errors:
             continue
         except Exception:
             return config  # warmup unsupported here (e.g. interpreter): let the launch decide
+        try:
+            # Loading the module is where Triton finds a config that compiles but does not fit the
+            # device (shared memory, tensor memory): OutOfResources, which warmup alone never raises.
+            init = getattr(kernel, "_init_handles", None)
+            if callable(init):
+                init()
+        except errors:
+            continue
         return config
     return configs[0]
 
