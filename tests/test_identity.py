@@ -168,6 +168,53 @@ def test_heuristics_wrapped_kernel(tmp_path):
     assert kernel_id(mod.kernel) == kid
 
 
+RECIPE_GLOBALS = """
+import triton
+import triton.language as tl
+
+THRESHOLD = {threshold}
+
+
+def wide_enough(n):
+    return n >= THRESHOLD
+
+
+def prune(configs, nargs, **kwargs):
+    return [c for c in configs if wide_enough(nargs["n"]) or c.kwargs["BLOCK"] == 16]
+
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}), triton.Config({{"BLOCK": 64}})], key=["n"],
+                 prune_configs_by={{"early_config_prune": prune}})
+@triton.heuristics({{"EVEN": lambda args: args["n"] % THRESHOLD == 0}})
+@triton.jit
+def kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+"""
+
+
+def test_globals_read_by_heuristics_and_pruning_are_part_of_the_identity(tmp_path):
+    """A threshold global that moves which configs pruning keeps (through a helper function) or what
+    a heuristic sets changes the kernel's identity: a decision tuned under the old value is not
+    launched under the new one."""
+    def source_hash(threshold: int) -> str:  # the same module name each time: only THRESHOLD differs
+        folder = tmp_path / uuid.uuid4().hex
+        folder.mkdir()
+        path = folder / "tv_recipe_globals.py"
+        path.write_text(RECIPE_GLOBALS.format(threshold=threshold))
+        spec = importlib.util.spec_from_file_location("tv_recipe_globals", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["tv_recipe_globals"] = mod
+        try:
+            spec.loader.exec_module(mod)
+            return kernel_id(mod.kernel).source_hash
+        finally:
+            del sys.modules["tv_recipe_globals"]
+
+    assert source_hash(32) == source_hash(32)
+    assert source_hash(32) != source_hash(4096)
+
+
 def test_closure_values_and_mutual_recursion(tmp_path):
     mod = load(tmp_path, """
         import triton

@@ -187,9 +187,16 @@ def jit_of(obj: KernelInterface) -> JITFunction | InterpretedFunction:
     raise TypeError("not a Triton kernel: no JITFunction/InterpretedFunction under .fn")
 
 
-def callable_identity(fn: Callable[..., Any]) -> str:
+USER_CALLABLE_DEPTH = 3  # helper functions followed from a prune function, a perf model, a heuristic
+
+
+def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _depth: int = 0) -> str:
     """What a user function (a prune function, a perf model, a heuristic) computes, as text that
-    is the same in every process: its source (else its bytecode), closure values and defaults."""
+    is the same in every process: its source (else its bytecode), closure values and defaults, and
+    the module globals it reads: scalars by value (a threshold that moves a heuristic's choice),
+    the user's own helper functions by their identity, a few levels deep."""
+    seen = set() if _seen is None else _seen
+    seen.add(id(fn))
     parts: list[str] = []
     while isinstance(fn, functools.partial):
         parts.append(repr([json_scalar(a) for a in fn.args]) + repr(sorted((k, json_scalar(v)) for k, v in
@@ -207,9 +214,33 @@ def callable_identity(fn: Callable[..., Any]) -> str:
             value = cell.cell_contents
         except ValueError:
             continue
-        parts.append(_qualified(value) if callable(value) else repr(json_scalar(value)))
+        parts.append(_dependency(value, seen, _depth) if callable(value) else repr(json_scalar(value)))
     parts.append(repr([json_scalar(d) for d in getattr(fn, "__defaults__", None) or ()]))
+    scope = getattr(fn, "__globals__", None)
+    if code is not None and isinstance(scope, dict):
+        for name in sorted(set(_code_names(code))):
+            if name not in scope:
+                continue  # an attribute name, or a builtin
+            value = scope[name]
+            if value is None or isinstance(value, bool | int | float | str | tl.constexpr):
+                parts.append(f"global {name}={json_scalar(value)!r}")
+            elif inspect.isfunction(value) and _users(value):
+                parts.append(f"global {name}: {_dependency(value, seen, _depth)}")
     return "\n".join(parts)
+
+
+def _users(fn: Callable[..., Any]) -> bool:
+    """A function of the user's, not of Python, torch or Triton (their versions are in the fingerprint)."""
+    module = getattr(fn, "__module__", None) or ""
+    return module.partition(".")[0] not in {"triton", "torch", "numpy", "builtins", "functools", "math",
+                                            "typing", "tunevault"}
+
+
+def _dependency(value: Callable[..., Any], seen: set[int], depth: int) -> str:
+    """A callable a user function reaches: its identity while within depth, else its name."""
+    if id(value) in seen or depth + 1 >= USER_CALLABLE_DEPTH or not inspect.isfunction(value) or not _users(value):
+        return _qualified(value)
+    return callable_identity(value, seen, depth + 1)
 
 
 def _recipe(autotuner: KernelInterface) -> dict[str, Any]:
