@@ -333,3 +333,20 @@ def test_helpers_rebuild_arguments_as_layouts_only() -> None:
         assert meta.device.type == "meta"
         assert (meta.dtype, meta.shape, meta.stride()) == (real.dtype, real.shape, real.stride())
         assert (meta.data_ptr() % 16 == 0) == (real.data_ptr() % 16 == 0)
+
+
+def test_a_sharded_warmup_compiles_on_its_share_of_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--jobs`` children (and torchrun's local ranks) tune at the same time: each one's precompile
+    pool takes its share of the host's cores, not all of them (8 children x 16 threads on 16 cores)."""
+    import tunevault
+    from tunevault.core.machine import available_cores
+    from tunevault.engine.context import compile_cores
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [64, 93])
+    monkeypatch.setenv("TUNEVAULT_WARMUP_WORKER", "0/2")
+    seen: list[int] = []
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'tv.db'}")
+    report = tunevault.warmup(str(manifest), progress=lambda done, total, item: seen.append(compile_cores()))
+    assert report.ok and seen == [max(1, available_cores() // 2)] * 2
+    assert compile_cores() == available_cores()  # outside the warmup: a miss has the process's cores

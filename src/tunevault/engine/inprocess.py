@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tunevault.core.machine import available_cores
 from tunevault.core.model import CandidateResult, ConfigSpec
 
 if TYPE_CHECKING:
@@ -109,7 +108,9 @@ def precompile(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config
         except Exception as exc:
             log.debug("tunevault: precompile of %s failed: %s", configs[0], exc)
         rest = rest[1:]
-    workers = threads or min(16, len(rest), available_cores())  # ptxas runs as a process: threads overlap it
+    from tunevault.engine.context import compile_cores
+
+    workers = threads or min(16, len(rest), compile_cores())  # ptxas runs as a process: threads overlap it
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tunevault-compile") as pool:
         try:
             from triton.runtime._async_compile import AsyncCompileMode
@@ -177,8 +178,8 @@ class InProcessSession:
     def _skipped(self, index: int) -> CandidateResult:
         return CandidateResult(index, self.specs[index], (), "timeout: tuning exceeded tune_timeout; not run")
 
-    def precompile(self, indices: Sequence[int]) -> None:
-        precompile(self.autotuner, self.args, self.kwargs, [self.configs[i] for i in indices])
+    def precompile(self, indices: Sequence[int], threads: int | None = None) -> None:
+        precompile(self.autotuner, self.args, self.kwargs, [self.configs[i] for i in indices], threads)
 
     def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]:
         from tunevault.engine.validate import Validator

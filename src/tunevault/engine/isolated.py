@@ -292,7 +292,10 @@ class WorkerSession:
     def precompile(self, indices: Sequence[int]) -> None:
         try:
             w = self._ready()
-            w.send({"op": "precompile", "sid": self.sid, "configs": list(indices)})
+            from tunevault.engine.context import compile_cores
+
+            w.send({"op": "precompile", "sid": self.sid, "configs": list(indices),
+                    "threads": min(16, compile_cores())})  # the worker shares this process's cores
             w.wait_for(("precompiled",), max(0.0, min(self._left(), self.config_timeout * len(indices))))
         except (WorkerDied, queue.Empty) as exc:  # best effort: the per-config runs will compile
             log.debug("tunevault: precompile in the worker failed (%s); replacing it", exc)

@@ -194,7 +194,7 @@ class Worker:
                 self.ahead.first(int(sid))
         elif op == "precompile":
             session = self.sessions[int(sid)]
-            session.precompile([int(i) for i in msg["configs"]])
+            session.precompile([int(i) for i in msg["configs"]], int(msg.get("threads") or 0) or None)
             self.emit(ev="precompiled", sid=sid)
         elif op == "run":
             return self.run(msg)

@@ -22,6 +22,7 @@ from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one
 from tunevault.core.model import KernelId
 from tunevault.engine.ahead import AheadJob
+from tunevault.engine.context import sharing_cores
 from tunevault.integration.warmup_ahead import AheadPlan, plan_for
 from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
@@ -192,7 +193,9 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         for task in tasks:
             task.plan = plan
         try:
-            with runtime.warming():  # this thread tunes its misses; request threads keep the seal's policy
+            # This thread tunes its misses (request threads keep the seal's policy), compiling on its
+            # share of the host's cores: the other participants here tune at the same time.
+            with runtime.warming(), sharing_cores(host_sharers()):
                 items = share(tasks, runtime.store, sharing, runtime.events, progress, started)
         finally:
             if plan is not None:
