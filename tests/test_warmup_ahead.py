@@ -350,3 +350,26 @@ def test_a_sharded_warmup_compiles_on_its_share_of_the_cores(tmp_path: Path, mon
     report = tunevault.warmup(str(manifest), progress=lambda done, total, item: seen.append(compile_cores()))
     assert report.ok and seen == [max(1, available_cores() // 2)] * 2
     assert compile_cores() == available_cores()  # outside the warmup: a miss has the process's cores
+
+
+def test_closing_does_not_wait_for_helpers_still_starting(tmp_path: Path) -> None:
+    """A short warmup ends before its helpers are up (they import torch and Triton): it returns at
+    once, and the helpers are killed as soon as they are up."""
+    from tunevault.engine.ahead import CompileAhead
+
+    (job,) = _shard_jobs(tmp_path, [64])
+    ahead = CompileAhead(keys=1, helpers=1)
+    ahead.want("a", job)
+    deadline = time.monotonic() + 30
+    while not ahead._starting:
+        assert time.monotonic() < deadline, "the helpers never started"
+        time.sleep(0.01)
+    ahead.close()
+    feeder = ahead._thread
+    assert feeder is not None and feeder.is_alive()  # close() returned while the helper was starting
+    feeder.join(timeout=120)
+    assert not feeder.is_alive() and ahead.helper_pids
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in ahead.helper_pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in ahead.helper_pids)

@@ -84,6 +84,7 @@ class CompileAhead:
         self._done: set[Hashable] = set()
         self._urgent: list[int] = []  # sids claimed while compiling: the helpers put them first
         self._closed = False
+        self._starting = False  # the feeder is starting the helpers
         self._procs: list[WorkerProcess] = []
         self._thread: threading.Thread | None = None
         self.compiled = 0  # keys the helpers finished
@@ -120,12 +121,14 @@ class CompileAhead:
             return bool(self._queued or self._sent)
 
     def close(self) -> None:
-        """Stop feeding and let the helpers go (their compiles end with them)."""
+        """Stop feeding and let the helpers go (their compiles end with them). Helpers still starting
+        are not waited for (a short warmup would pay their start-up): the feeder kills them once
+        they are up, and a helper whose warmup process is gone exits by itself."""
         with self._cv:
             self._closed = True
             self._queued.clear()
             self._cv.notify_all()
-        if self._thread is not None:
+        if self._thread is not None and not self._starting:
             self._thread.join(timeout=10)
 
     def _feed(self) -> None:
@@ -216,10 +219,14 @@ class CompileAhead:
                 started.append(exc)
 
         threads = [threading.Thread(target=one, daemon=True) for _ in range(self.helpers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        self._starting = True
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            self._starting = False
         self._procs = [p for p in started if isinstance(p, WorkerProcess)]
         self.helper_pids = [p.pid for p in self._procs]
         if not self._procs:
