@@ -40,12 +40,18 @@ def nearest_keys(key: TuningKey, decided: Sequence[TuningKey]) -> list[TuningKey
     return [k for d, _t, k in scored if d == best]
 
 
-def explain_miss(kernel: str, key: TuningKey, decided: Sequence[TuningKey]) -> tuple[str, TuningKey | None]:
+def explain_miss(kernel: str, key: TuningKey, decided: Sequence[TuningKey],
+                 ignored: str | None = None) -> tuple[str, TuningKey | None]:
+    """The miss message and the nearest decided key. ``ignored``: why the decision stored for this
+    very key (one of ``decided``) was not launched, as ``_stored`` found it; without one, it names
+    a config the kernel does not declare."""
     near = nearest_keys(key, decided)
     head = f"{kernel}: no decision for {key.describe() or '(empty key)'}"
     if not near:
         return f"{head}; no key of this kernel is decided for this machine", None
     diffs = key.differences(near[0])
+    if not diffs and ignored is not None:  # decided, but not for calls such as this one
+        return f"{head}; the decision stored for this very key {ignored}", near[0]
     if not diffs:  # the nearest is this very key: its stored decision was not usable (an undeclared config)
         return f"{head}; the decision stored for this very key names no config this kernel declares: ignored", None
     text = ", ".join(f"{label}: {old} -> {new}" for label, old, new in diffs)

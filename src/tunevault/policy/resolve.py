@@ -177,7 +177,9 @@ def _log_first(st: KernelState, index: int, config: Config) -> None:
 
 
 def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | None = None) -> Decision | None:
-    """The stored decision for ``key`` if it names a declared config this call may launch."""
+    """The stored decision for ``key`` if it names a declared config this call may launch; else
+    None, and why a stored one was not usable in ``rt.ignored`` (the miss diagnosis says it)."""
+    rt.ignored.pop((st.kernel_id.name, key.text), None)
     decision = rt.lookup(st.kernel_id, key)
     if decision is None:
         return None
@@ -189,6 +191,8 @@ def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | No
                      decision.config.describe())
         return None
     if allowed is not None and index not in allowed:
+        rt.ignored[(st.kernel_id.name, key.text)] = f"names config #{index}, which prune_configs excludes for " \
+                                                    "these arguments"
         rt.warn_once(("pruned-out", decision.store_key),
                      "tunevault: %s: stored decision for %s names config #%d, which this call's "
                      "prune_configs excludes; deciding again", st.kernel_id.name, key.describe(), index)
@@ -209,7 +213,8 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         return config
     if policy == "tune":
         return tune(rt, st, args, kwargs, key, stock_key, indexed)
-    message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
+    message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id),
+                                    rt.ignored.get((name, key.text)))
     message += rt.damage_note()
     rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
     rt.notify("missed", st, key, args, kwargs)

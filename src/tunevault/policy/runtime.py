@@ -45,6 +45,8 @@ class Runtime:
         self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
+        # (kernel name, key text) -> why its stored decision was not launched, for the miss diagnosis
+        self.ignored: dict[tuple[str, str], str] = {}
         # e.g. key capture; called as observer(kind, state, key, args, kwargs)
         self.observers: list[Callable[[str, KernelState, TuningKey, tuple | None, dict | None], None]] = []
         self.predictions = Predictions()  # configs for missed keys, predicted from decided neighbours
