@@ -17,6 +17,7 @@ from tunevault import report
 from tunevault.core.identity import config_spec, current_fingerprint, describe_config, kernel_id
 from tunevault.core.kernel_state import KernelState
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
+from tunevault.fleet import used_decisions
 from tunevault.integration.triton_adapter import runtime
 from tunevault.policy import background
 from tunevault.policy.fallback import regret
@@ -136,6 +137,23 @@ def test_the_nearest_decided_key_is_the_nearest_in_size_not_the_first_by_text(tm
     kp.run(990, torch.float16)  # no decided float16 key: no prediction, the nearest key's config
     assert kp.scale2.best_config is kp.scale2.configs[2]  # n=980's winner, not n=100's (#1)
     assert "nearest decided key differs in n: 980 -> 990, dtype(x_ptr)" in events("miss")[-1]["diagnosis"]
+
+
+def test_a_fallback_is_recorded_for_the_key_it_launched_not_for_the_nearest_key(store: str) -> None:
+    """``verify_agreement`` compares what each rank launched per key: a fallback recorded the nearest
+    key's decision under the nearest key (never launched here) and nothing for the missed key, and
+    a predicted fallback recorded nothing, so ranks falling back differently still agreed."""
+    serving(store)
+    kp.run(120)  # predicted: config 1
+    kp.run(120, torch.float16)  # no decided float16 key: the nearest key's (n=100's) config 1
+    kp.run(5000, torch.float16)  # the nearest key's (n=1000's) config 2
+    launched = {}
+    for (_kernel, text), config in used_decisions().items():
+        key = dict(json.loads(text))
+        launched[key["n"], key["dtype(x_ptr)"]] = config
+    entry = {i: f"#{i} {config_spec(kp.scale2.configs[i]).describe()}" for i in (1, 2)}
+    # Nothing for n=100 or n=1000: no call launched those keys.
+    assert launched == {(120, "float32"): entry[1], (120, "float16"): entry[1], (5000, "float16"): entry[2]}
 
 
 def test_background_tuning_measures_the_prediction_and_the_report_shows_it(store: str, tmp_path: Path,
