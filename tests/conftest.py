@@ -111,5 +111,27 @@ def run_py(code: str, timeout: float = 240, **env: str) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def in_fork(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``child()``'s JSON-safe result, run in a forked copy of this process (threads and all state
+    as a server's ``os.fork()`` leaves them); an exception comes back as ``{"error": ...}``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.close(read)
+            try:
+                out = child()
+            except BaseException as exc:
+                out = {"error": repr(exc)}
+            os.write(write, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "determinism: the one-winner-under-noise acceptance test (issue 11)")

@@ -91,3 +91,25 @@ def serve(lengths: list[int], H: int = 2, dtype: torch.dtype = torch.float32, se
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     out = chunk_local_cumsum(g, cu)
     return out, reference_cumsum(g, cu, chunk_size(max(lengths)))
+
+
+def wide_only(configs: list[triton.Config], nargs: dict, **kwargs: object) -> list[triton.Config]:
+    """Big blocks only for WIDE calls: pruning reads an argument that is not part of the key."""
+    return [c for c in configs if nargs["WIDE"] or c.kwargs["BLOCK"] <= 32]
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32, 64)], key=["n"],
+                 prune_configs_by={"early_config_prune": wide_only})
+@triton.jit
+def add_wide(x_ptr, out_ptr, n, WIDE, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
+def run_wide(n: int, wide: int) -> torch.Tensor:
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.empty_like(x)
+    add_wide[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, wide)
+    assert torch.equal(out, x + 1)
+    return out

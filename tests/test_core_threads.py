@@ -9,13 +9,17 @@ can swap them under the first one's hooks and pruning. Triton's interpreter itse
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import triton
 
 import kernels_core as kc
+from conftest import in_fork
+from tunevault.core.kernel_state import STATE_ATTR
 
 
 @contextlib.contextmanager
@@ -93,3 +97,39 @@ def test_eight_threads_with_different_keys_get_their_own_results(tv: Any, sqlite
     alone = sum(1 for i in range(threads_n) if 16 + 8 * i < 32) if single_pruned_skips_benchmark() else 0
     assert store.count() == 3 * threads_n - alone
     store.close()
+
+
+def test_a_fork_while_another_thread_tunes_a_kernel_leaves_that_kernel_usable_in_the_child(tv: Any) -> None:
+    """The kernel's lock is held for a whole tuning; a thread holding it at a fork does not exist in
+    the child, whose first miss of that kernel then waited for it forever."""
+    parent, tuning, release = os.getpid(), threading.Event(), threading.Event()
+
+    def hold_in_parent(configs: list, nargs: dict, **kwargs: Any) -> list:
+        if threading.current_thread().name == "holder" and os.getpid() == parent:
+            tuning.set()
+            release.wait(120)
+        return configs
+
+    kernel = triton.autotune(configs=kc._three(16, 32, 64), key=["n"],
+                             prune_configs_by={"early_config_prune": hold_in_parent})(kc.add_one.fn)
+    x = kc.vec(40)
+    holder = threading.Thread(target=lambda: kernel[kc.grid(40)](x, torch.empty_like(x), 40), name="holder")
+    holder.start()
+    try:
+        assert tuning.wait(120)  # the holder tunes n=40, holding the kernel's lock
+
+        def child() -> dict[str, object]:
+            lock = kernel.__dict__[STATE_ATTR].lock
+            seen: dict[str, object] = {"free": lock.acquire(blocking=False)}
+            if seen["free"]:
+                lock.release()
+                y, out = kc.vec(24), torch.empty(24)
+                kernel[kc.grid(24)](y, out, 24)  # a miss: tuned here
+                seen["right"] = bool(torch.equal(out, y + 1))
+            return seen
+
+        seen = in_fork(child)
+    finally:
+        release.set()
+        holder.join(timeout=120)
+    assert seen == {"free": True, "right": True}

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import triton
 
 import kernels_engine as ke
 import tunevault
+from conftest import in_fork
 from tunevault.integration.triton_adapter import runtime
 from tunevault.policy import background
 
@@ -131,3 +133,39 @@ def test_background_pruning_holds_the_kernels_lock_and_leaves_nargs_as_stock_doe
     assert tunevault.stats()["kernels"]["total"]["serving"]["tunings"] == 1
     assert seen == [(77, True), (77, True)]  # the request's pruning, then the background job's
     assert local.nargs is None
+
+
+def test_a_fork_while_a_key_tunes_in_the_background_leaves_the_child_able_to_tune_it(sqlite_url: str) -> None:
+    """A server forking its workers while a key tunes in the background: the child inherited the
+    queue's busy count and pending key but not the thread, so ``drain()`` never returned True
+    there, and the key kept its fallback config in the child (its re-submits were dropped)."""
+    parent, tuning, release = os.getpid(), threading.Event(), threading.Event()
+
+    def hold_in_parent(configs: list, nargs: dict, **kwargs: object) -> list:
+        if threading.current_thread().name == "tunevault-background" and os.getpid() == parent:
+            tuning.set()
+            release.wait(120)
+        return configs
+
+    kernel = triton.autotune(configs=ke._configs(32, 64, 128), key=["n"],  # in process: not importable
+                             prune_configs_by={"early_config_prune": hold_in_parent})(ke._add_body)
+    tunevault.install(mode="tune", store=sqlite_url, prestart=False)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(kernel, x, y), x + y)  # the fallback; the key is queued
+    assert tuning.wait(120)  # the parent's thread is tuning it
+
+    def child() -> dict[str, object]:
+        seen: dict[str, object] = {"pending": background.pending()}
+        if seen["pending"] == 0:
+            seen["right"] = bool(torch.equal(ke.run_add(kernel, x, y), x + y))  # decided again: queued here
+            seen["drained"] = background.drain(timeout=120)
+            seen["tunings"] = next(iter(tunevault.stats()["kernels"].values()))["serving"]["tunings"]
+        return seen
+
+    try:
+        seen = in_fork(child)
+    finally:
+        release.set()
+    assert seen == {"pending": 0, "right": True, "drained": True, "tunings": 1}
+    assert background.drain(timeout=120)

@@ -97,3 +97,59 @@ def test_four_ranks_agree_and_an_injected_decision_is_reported(tmp_path: Path) -
     assert all(o["report1"] == outs[0]["report1"] and not o["report1"]["ok"] for o in outs)
     assert "scaled_add" in mismatch["kernel"] and f"n={INJECTED}" in mismatch["key"]
     assert mismatch["configs"] == {f"#0 {specs[0].describe()}": [0, 1, 2], f"#2 {specs[2].describe()}": [3]}
+
+
+FALLBACK_RANK = r"""
+import json, os
+import torch.distributed as dist
+import tunevault
+import kernels_predict as kp
+
+dist.init_process_group("gloo", init_method=os.environ["TV_INIT"], rank=int(os.environ["RANK"]), world_size=2)
+tunevault.install(mode="tune", on_miss="fallback")
+kp.run(120)  # no decision for n=120: a config predicted from this rank's store
+report = tunevault.verify_agreement()
+dist.destroy_process_group()
+print(json.dumps({"ok": report.ok, "configs": [m.configs for m in report.mismatches]}))
+"""
+
+
+def test_ranks_that_fall_back_to_different_configs_disagree(tmp_path: Path) -> None:
+    """A fallback recorded nothing for the key it launched (a predicted one) or the nearest key's
+    decision (never launched), so two ranks launching different fallbacks for a key agreed."""
+    pytest.importorskip("torch.distributed")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    import torch
+
+    import kernels_predict as kp
+    from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.core.model import CandidateResult, Decision
+
+    x = torch.empty(100)
+    key = KernelState(kp.scale2).labelled_key({"x_ptr": x, "out_ptr": x, "n": 100})
+    specs = [config_spec(c) for c in kp.scale2.configs]
+    for rank, winner in enumerate((1, 2)):  # each rank's local store names another winner for n=100
+        times = [1.0 if i == winner else 2.0 for i in range(len(specs))]
+        candidates = tuple(CandidateResult(i, s, (t, t, t)) for i, (s, t) in enumerate(zip(specs, times, strict=True)))
+        SqliteStore(tmp_path / f"local{rank}.db").put(Decision(kernel_id(kp.scale2), current_fingerprint(), key,
+                                                               winner, specs[winner], candidates))
+    envs = [subprocess_env(RANK=str(rank), TV_INIT=f"file://{tmp_path / 'rdv'}",
+                           TUNEVAULT_STORE=f"sqlite:///{tmp_path / f'local{rank}.db'}") for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", FALLBACK_RANK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for env in envs]
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)
+            assert p.returncode == 0, f"rank failed ({p.returncode}):\n{stdout}\n{stderr}"
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    expected = {"ok": False, "configs": [{f"#1 {specs[1].describe()}": [0], f"#2 {specs[2].describe()}": [1]}]}
+    assert outs == [expected, expected]

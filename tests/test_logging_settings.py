@@ -154,3 +154,48 @@ def test_a_malformed_worker_idle_time_is_one_warning_and_the_default(monkeypatch
     assert [r.getMessage() for r in caplog.records] == [
         f"tunevault: ignoring TUNEVAULT_WORKER_IDLE={bad!r}: not a positive number of seconds; using the default (30)"
         for bad in ("soon", "-1", "nan")]
+
+
+@pytest.mark.parametrize(("var", "value", "why"), [
+    ("TUNEVAULT_LEASE_WAIT", "nan", "lease_wait must be a finite number; got nan"),
+    ("TUNEVAULT_TUNE_TIMEOUT", "nan", "tune_timeout must be a finite number; got nan"),
+    ("TUNEVAULT_LEASE_TTL", "nan", "lease_ttl must be a finite number; got nan"),
+    ("TUNEVAULT_CONFIG_TIMEOUT", "inf", "config_timeout must be a finite number; got inf"),
+    ("TUNEVAULT_ISOLATE", "enabled", "TUNEVAULT_ISOLATE must be one of 1, true, yes, on (on) or 0, false, no, "
+                                     "off (off); got 'enabled'"),
+    ("TUNEVAULT_VALIDATE", "ture", "TUNEVAULT_VALIDATE must be one of 1, true, yes, on (on) or 0, false, no, "
+                                   "off (off); got 'ture'"),
+])
+def test_a_nan_or_a_misspelled_flag_in_the_environment_is_one_warning_and_the_default(
+        var: str, value: str, why: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``TUNEVAULT_LEASE_WAIT=nan`` passed every range check (a lease wait that never ended, polling
+    the store thousands of times a second); ``TUNEVAULT_ISOLATE=enabled`` read as off."""
+    monkeypatch.setattr(settings_module, "_warned", set())
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match="must be"):
+        Settings.from_env()
+    problem = why if why.startswith(var) else f"{var}={value!r}: {why}"
+    assert env_problems() == {var: problem}
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    assert Settings.for_install(mode="tune") == Settings(mode="tune")  # every option at its default
+    assert [r.getMessage() for r in caplog.records] == [f"tunevault: ignoring {problem}; using the default"]
+
+
+def test_a_flag_reads_the_documented_words_and_refuses_any_other() -> None:
+    for word, on in (("1", True), ("Yes", True), (" on ", True), ("TRUE", True),
+                     ("0", False), ("no", False), ("Off", False), ("false", False), ("", False)):
+        settings = Settings.from_env({"TUNEVAULT_ISOLATE": word, "TUNEVAULT_PRESTART": word})
+        assert settings.isolate is on and settings.prestart is on
+    for word in ("0ff", "enabled", "disable", "y"):
+        with pytest.raises(ValueError, match="TUNEVAULT_PRESTART must be one of"):
+            Settings.from_env({"TUNEVAULT_PRESTART": word})
+
+
+@pytest.mark.parametrize("option", [{"isolate": "no"}, {"validate": "false"}, {"prestart": 0.0},
+                                    {"lease_wait": float("nan")}, {"tune_timeout": float("inf")},
+                                    {"lease_ttl": "30"}])
+def test_an_install_option_of_the_wrong_type_is_refused(option: dict[str, object]) -> None:
+    """``install(isolate="no")`` was stored as the string, which is truthy: isolation switched on."""
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"tunevault {name} must be .*; got {value!r}"):
+        Settings.for_install(mode="tune", **option)

@@ -17,6 +17,7 @@ from tunevault import report
 from tunevault.core.identity import config_spec, current_fingerprint, describe_config, kernel_id
 from tunevault.core.kernel_state import KernelState
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, KernelId, TuningKey
+from tunevault.fleet import used_decisions
 from tunevault.integration.triton_adapter import runtime
 from tunevault.policy import background
 from tunevault.policy.fallback import regret
@@ -81,7 +82,7 @@ def test_missed_keys_launch_the_nearer_sides_config_without_benchmarking(store: 
     assert stats["predicted"] == 2 and stats["fallbacks"] == 2
     assert stats["benchmark_runs"] == 0 and stats["tunings"] == 0
     first = next(r.getMessage() for r in caplog.records if "n=120" in r.getMessage())
-    assert "nearest decided key differs in n: 1000 -> 120" in first  # the diagnosis stays as it was
+    assert "nearest decided key differs in n: 100 -> 120" in first  # the diagnosis stays as it was
     assert "using predicted config" in first and "from n=100, n=1000" in first
     fallback = events("fallback")[0]["predicted"]
     assert fallback["config"] == 1 and 0.0 <= fallback["expected_penalty"] < 0.05
@@ -110,13 +111,49 @@ def test_a_dtype_no_decision_has_is_named_and_the_nearest_key_serves(store: str,
     with count_launches(kp.scale2) as launches:
         kp.run(120, torch.float16)
     assert launches.count == 1
-    # Documented fallback: the nearest decided key as the diagnosis ranks it (n=1000 sorts first).
-    assert kp.scale2.best_config is kp.scale2.configs[2]
+    # Documented fallback: the nearest decided key as the diagnosis ranks it (n=100: log2 nearer to 120).
+    assert kp.scale2.best_config is kp.scale2.configs[1]
     why = "no decided key matches dtype(x_ptr): float32 -> float16, dtype(out_ptr): float32 -> float16"
     assert events("fallback")[0]["not_predicted"] == why and events("fallback")[0]["predicted"] is None
-    said = f"using nearest key's config {describe_config(kp.scale2.configs[2])}; no prediction: {why}"
+    said = f"using nearest key's config {describe_config(kp.scale2.configs[1])}; no prediction: {why}"
     assert any(said in r.getMessage() for r in caplog.records)
     assert counters()["predicted"] == 0 and counters()["fallbacks"] == 1
+
+
+def test_the_nearest_decided_key_is_the_nearest_in_size_not_the_first_by_text(tmp_path: Path) -> None:
+    """A miss at n=990 named n=100 as its nearest decided key (and the nearest-key fallback
+    launched n=100's config): ``[["n",100]`` sorts before ``[["n",980]`` as text."""
+    path = tmp_path / "near.db"
+    db = SqliteStore(path)
+    for d in (decided(100, BEST_AT_100), decided(980, BEST_AT_1000)):
+        db.put(d)
+    db.close()
+    serving(f"sqlite:///{path}", on_miss="error")
+    with pytest.raises(tunevault.TuningMiss) as miss:
+        kp.run(990)
+    assert miss.value.nearest == key_of(980)
+    assert str(miss.value).endswith("nearest decided key differs in n: 980 -> 990")  # not "as near" as n=100
+    tunevault.seal(on_miss="fallback")
+    kp.run(990, torch.float16)  # no decided float16 key: no prediction, the nearest key's config
+    assert kp.scale2.best_config is kp.scale2.configs[2]  # n=980's winner, not n=100's (#1)
+    assert "nearest decided key differs in n: 980 -> 990, dtype(x_ptr)" in events("miss")[-1]["diagnosis"]
+
+
+def test_a_fallback_is_recorded_for_the_key_it_launched_not_for_the_nearest_key(store: str) -> None:
+    """``verify_agreement`` compares what each rank launched per key: a fallback recorded the nearest
+    key's decision under the nearest key (never launched here) and nothing for the missed key, and
+    a predicted fallback recorded nothing, so ranks falling back differently still agreed."""
+    serving(store)
+    kp.run(120)  # predicted: config 1
+    kp.run(120, torch.float16)  # no decided float16 key: the nearest key's (n=100's) config 1
+    kp.run(5000, torch.float16)  # the nearest key's (n=1000's) config 2
+    launched = {}
+    for (_kernel, text), config in used_decisions().items():
+        key = dict(json.loads(text))
+        launched[key["n"], key["dtype(x_ptr)"]] = config
+    entry = {i: f"#{i} {config_spec(kp.scale2.configs[i]).describe()}" for i in (1, 2)}
+    # Nothing for n=100 or n=1000: no call launched those keys.
+    assert launched == {(120, "float32"): entry[1], (120, "float16"): entry[1], (5000, "float16"): entry[2]}
 
 
 def test_background_tuning_measures_the_prediction_and_the_report_shows_it(store: str, tmp_path: Path,

@@ -13,7 +13,11 @@ import torch
 
 import tunevault
 from conftest import count_launches, subprocess_env
-from kernels_serving import chunk_cumsum, serve
+from kernels_serving import add_wide, chunk_cumsum, run_wide, serve
+from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
+from tunevault.core.kernel_state import KernelState
+from tunevault.core.model import CandidateResult, Decision
+from tunevault.store.sqlite import SqliteStore
 
 TRAFFIC = ([10], [20, 5], [50, 64, 3], [9, 2], [33])  # max lengths -> BT 16, 32, 64, 16, 64
 
@@ -61,6 +65,28 @@ def test_sealed_fallback_never_benchmarks_and_warns_once(tv, caplog) -> None:
     assert all("nearest decided key differs in dtype(g): float16 -> float32" in w for w in warnings)
     serving = tv.stats()["kernels"]["kernels_serving:chunk_cumsum"]["serving"]
     assert serving["fallbacks"] == 3 and serving["tunings"] == 0 and serving["benchmark_runs"] == 0
+
+
+def test_a_stored_decision_this_calls_pruning_excludes_is_explained_as_such(tmp_path: Path) -> None:
+    """A decision tuned for WIDE calls names a config pruning drops for narrow ones (WIDE is not in
+    the key): the miss said the stored decision "names no config this kernel declares", with no
+    nearest key."""
+    x = torch.empty(256)
+    key = KernelState(add_wide).labelled_key({"x_ptr": x, "out_ptr": x, "n": 256})
+    specs = [config_spec(c) for c in add_wide.configs]
+    db = SqliteStore(tmp_path / "wide.db")
+    db.put(Decision(kernel_id(add_wide), current_fingerprint(), key, 2, specs[2],
+                    tuple(CandidateResult(i, s, (3.0 - i, 2.9 - i, 3.1 - i)) for i, s in enumerate(specs))))
+    db.close()
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'wide.db'}")
+    tunevault.seal(on_miss="error")
+    with pytest.raises(tunevault.TuningMiss) as miss:
+        run_wide(256, 0)
+    assert str(miss.value).endswith("; the decision stored for this very key names config #2, which "
+                                    "prune_configs excludes for these arguments")
+    assert miss.value.nearest == key
+    run_wide(256, 1)  # a WIDE call launches the stored decision
+    assert add_wide.best_config is add_wide.configs[2]
 
 
 def test_on_miss_option_and_env_variable(sqlite_url: str) -> None:

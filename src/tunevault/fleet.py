@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tunevault.core.model import Decision, canonical_json
+from tunevault.core.model import ConfigSpec, canonical_json
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -62,18 +62,23 @@ class AgreementReport:
         return "\n".join(lines)
 
 
-def _entry(d: Decision) -> str:
-    return f"#{d.config_index} {d.config.describe()}"
+def _entry(index: int, config: ConfigSpec) -> str:
+    return f"#{index} {config.describe()}"
 
 
 def used_decisions() -> dict[tuple[str, str], str]:
-    """(kernel name, key text) -> the config this process launched, for every stored-decision key."""
+    """(kernel name, key text) -> the config this process launched for that key: its decision's
+    (stored, tuned or adopted), else the one a fallback launched (predicted, the nearest key's,
+    the first that compiles), so ranks that fell back differently for a key disagree."""
     from tunevault.integration.triton_adapter import runtime
 
     rt = runtime()
     if rt is None:
         return {}
-    return {k: _entry(d) for k, d in sorted(dict(rt.used).items())}
+    entries = {k: _entry(*launched) for k, launched in dict(rt.fallbacks).items()}
+    # A key decided since its fallback (background tuning) launches its decision now.
+    entries.update({k: _entry(d.config_index, d.config) for k, d in dict(rt.used).items()})
+    return dict(sorted(entries.items()))
 
 
 def _describe_key(text: str) -> str:

@@ -8,7 +8,9 @@ tuple and one dict lookup. The labelled, JSON-safe TuningKey is built only on a 
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
 STATE_ATTR = "_tunevault_state"  # where the adapter keeps a KernelState on its Autotuner
+_states: weakref.WeakSet[KernelState] = weakref.WeakSet()  # every live one, for the fork hook
 
 
 def is_kernel(autotuner: Autotuner) -> bool:
@@ -56,6 +59,7 @@ class KernelState:
         self._specs: list[ConfigSpec] | None = None
         self.n_hits = 0
         self.first_logged = False
+        _states.add(self)
 
     def raw_key(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
         """Triton's key for this call: key arg values, then dtypes of args in ``_args`` order.
@@ -105,6 +109,17 @@ class KernelState:
         if 0 <= index < len(specs) and specs[index] == spec:
             return index
         return None
+
+
+def _new_locks_in_child() -> None:
+    """A thread that held a kernel's lock at a fork (tuning a key can hold it for minutes) does not
+    exist in the child: the child's first miss of that kernel would wait for it forever."""
+    for state in list(_states):
+        state.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class _KeyFns(dict):  # type: ignore[type-arg]

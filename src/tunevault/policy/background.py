@@ -10,6 +10,10 @@ back from the device, which a capture forbids, so the job holds the arguments (t
 static buffers) and takes the CallSpec once captures are over. No job benchmarks while a capture
 is in progress anywhere in the process (engine.graphs.wait_until_quiet).
 
+A fork copies the queue but not the thread: the child starts with an empty queue, and forgets the
+fallback configs of the keys the parent was still to tune, so its next call of such a key decides
+it again (adopting the parent's decision once published, else queueing it in the child).
+
 An on-miss policy, so it lives here and calls the miss path's ``tune``; the engine learns that
 it tunes for a background job through ``engine.context``.
 """
@@ -17,10 +21,13 @@ it tunes for a background job through ``engine.context``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from tunevault.policy.stock import forget
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +43,7 @@ IDLE_EXIT = 60.0  # the thread exits after this long without work; submit() star
 _cond = threading.Condition()
 _queue: deque[Job] = deque()
 _pending: set[tuple[int, str, str]] = set()
-_busy = 0
+_running: list[Job] = []  # taken from the queue by the thread, not finished
 _thread: threading.Thread | None = None
 
 
@@ -97,21 +104,21 @@ def _describe(job: Job, args: tuple, kwargs: dict[str, Any]) -> None:
 
 
 def _loop() -> None:
-    global _busy, _thread
+    global _thread
     while True:
         with _cond:
             if not _cond.wait_for(lambda: bool(_queue), timeout=IDLE_EXIT):
                 _thread = None
                 return
             job = _queue.popleft()
-            _busy += 1
+            _running.append(job)
         try:
             _run(job)
         except Exception as exc:  # never let one job end the thread
             log.warning("tunevault: background tuning failed unexpectedly: %s", exc)
         finally:
             with _cond:
-                _busy -= 1
+                _running.remove(job)
                 _pending.discard(job.token)
                 _cond.notify_all()
 
@@ -170,9 +177,25 @@ def _run(job: Job) -> None:
 def drain(timeout: float | None = None) -> bool:
     """Wait until every queued key is tuned (or failed); False if ``timeout`` passed first."""
     with _cond:
-        return _cond.wait_for(lambda: not _queue and _busy == 0, timeout=timeout)
+        return _cond.wait_for(lambda: not _queue and not _running, timeout=timeout)
 
 
 def pending() -> int:
     with _cond:
-        return len(_queue) + _busy
+        return len(_queue) + len(_running)
+
+
+def _after_fork_in_child() -> None:
+    """Start the child afresh: the parent's thread (and any lock it held) did not come along, so
+    the inherited queue would never drain and its keys' re-submits would be dropped as pending.
+    The parent tunes those keys; the child forgets their fallbacks and decides them again."""
+    global _cond, _queue, _pending, _running, _thread
+    inherited = [*_running, *_queue]
+    _cond, _queue, _pending, _running, _thread = threading.Condition(), deque(), set(), [], None
+    for job in inherited:
+        job.state.hits.pop(job.raw_key, None)
+        forget(job.state.autotuner, job.stock_key)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tunevault.core.model import TuningKey
+from tunevault.policy.predict import is_numeric, log_coord
 
 
 class TuningMiss(RuntimeError):
@@ -21,21 +22,36 @@ class TuningMiss(RuntimeError):
         self.nearest = nearest
 
 
+def distance(key: TuningKey, other: TuningKey) -> tuple[int, float]:
+    """How far ``other`` is from ``key``: its differing elements, then how far apart their numbers
+    are on a log2 scale (as predict.py measures sizes), so n=980 is nearer to n=990 than n=100 is."""
+    diffs = key.differences(other)
+    apart = sum(abs(log_coord(float(mine)) - log_coord(float(theirs)))  # type: ignore[arg-type]
+                for _label, theirs, mine in diffs if is_numeric(theirs) and is_numeric(mine))
+    return len(diffs), apart
+
+
 def nearest_keys(key: TuningKey, decided: Sequence[TuningKey]) -> list[TuningKey]:
-    """The decided keys with the fewest differing elements (ties kept, in a stable order)."""
+    """The decided keys nearest to ``key`` (:func:`distance`; ties kept, in key text order)."""
     if not decided:
         return []
-    scored = sorted(((len(key.differences(k)), k.text, k) for k in decided), key=lambda t: (t[0], t[1]))
+    scored = sorted(((distance(key, k), k.text, k) for k in decided), key=lambda t: (t[0], t[1]))
     best = scored[0][0]
-    return [k for n, _t, k in scored if n == best]
+    return [k for d, _t, k in scored if d == best]
 
 
-def explain_miss(kernel: str, key: TuningKey, decided: Sequence[TuningKey]) -> tuple[str, TuningKey | None]:
+def explain_miss(kernel: str, key: TuningKey, decided: Sequence[TuningKey],
+                 ignored: str | None = None) -> tuple[str, TuningKey | None]:
+    """The miss message and the nearest decided key. ``ignored``: why the decision stored for this
+    very key (one of ``decided``) was not launched, as ``_stored`` found it; without one, it names
+    a config the kernel does not declare."""
     near = nearest_keys(key, decided)
     head = f"{kernel}: no decision for {key.describe() or '(empty key)'}"
     if not near:
         return f"{head}; no key of this kernel is decided for this machine", None
     diffs = key.differences(near[0])
+    if not diffs and ignored is not None:  # decided, but not for calls such as this one
+        return f"{head}; the decision stored for this very key {ignored}", near[0]
     if not diffs:  # the nearest is this very key: its stored decision was not usable (an undeclared config)
         return f"{head}; the decision stored for this very key names no config this kernel declares: ignored", None
     text = ", ".join(f"{label}: {old} -> {new}" for label, old, new in diffs)

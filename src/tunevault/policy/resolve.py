@@ -176,8 +176,12 @@ def _log_first(st: KernelState, index: int, config: Config) -> None:
                  len(st.autotuner.configs), index if index < len(st.autotuner.configs) else -1, describe_config(config))
 
 
-def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | None = None) -> Decision | None:
-    """The stored decision for ``key`` if it names a declared config this call may launch."""
+def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | None = None,
+            launched: bool = True) -> Decision | None:
+    """The stored decision for ``key`` if it names a declared config this call may launch; else
+    None, and why a stored one was not usable in ``rt.ignored`` (the miss diagnosis says it).
+    ``launched``: this call launches it for ``key`` (not for a missed key near it): ``rt.used``."""
+    rt.ignored.pop((st.kernel_id.name, key.text), None)
     decision = rt.lookup(st.kernel_id, key)
     if decision is None:
         return None
@@ -189,11 +193,14 @@ def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | No
                      decision.config.describe())
         return None
     if allowed is not None and index not in allowed:
+        rt.ignored[(st.kernel_id.name, key.text)] = f"names config #{index}, which prune_configs excludes for " \
+                                                    "these arguments"
         rt.warn_once(("pruned-out", decision.store_key),
                      "tunevault: %s: stored decision for %s names config #%d, which this call's "
                      "prune_configs excludes; deciding again", st.kernel_id.name, key.describe(), index)
         return None
-    rt.used[(st.kernel_id.name, key.text)] = decision
+    if launched:
+        rt.used[(st.kernel_id.name, key.text)] = decision
     return decision
 
 
@@ -211,7 +218,8 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         return config
     if policy == "tune":
         return tune(rt, st, args, kwargs, key, stock_key, indexed)
-    message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id))
+    message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id),
+                                    rt.ignored.get((name, key.text)))
     message += rt.damage_note()
     rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
     rt.notify("missed", st, key, args, kwargs)
@@ -230,13 +238,17 @@ def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
     rt.stats.add(st.kernel_id.name, rt.phase, "fallbacks")
     allowed = {i for i, _ in indexed}
 
-    def nearest_config() -> Config | None:
-        decision = None if nearest is None else _stored(rt, st, nearest, allowed)
+    def nearest_config() -> Config | None:  # launched for ``key``, not for ``nearest``
+        decision = None if nearest is None else _stored(rt, st, nearest, allowed, launched=False)
         return None if decision is None else st.autotuner.configs[decision.config_index]
 
     config, how, fields = choose_fallback(rt, st, key, nearest_config,
                                           lambda: _first_compiling(st, args, kwargs, [c for _, c in indexed]),
                                           allowed)
+    index = next((i for i, c in indexed if c is config), None)  # the first compiling: a pruned config
+    if index is None:  # predicted, or the nearest key's: a declared config
+        index = st.autotuner.configs.index(config)
+    rt.fallbacks[(st.kernel_id.name, key.text)] = (index, _spec(st, index, config))
     rt.warn_once(("fallback", st.kernel_id.name, key.text), "tunevault: %s; using %s (%s)", message, how, policy)
     rt.events.emit("fallback", kernel=st.kernel_id.name, key=key.to_json(), config=describe_config(config),
                    phase=rt.phase, **fields)

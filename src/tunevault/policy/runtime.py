@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.events import EventLog, Stats
-from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
+from tunevault.core.model import ConfigSpec, Decision, Fingerprint, KernelId, TuningKey
 from tunevault.policy.fallback import Predictions
 from tunevault.policy.settings import Settings
 from tunevault.store.base import Query, Store
@@ -55,6 +55,10 @@ class Runtime:
         self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
+        # (kernel name, key text) -> (declared index, config) a fallback launched: verify_agreement compares it
+        self.fallbacks: dict[tuple[str, str], tuple[int, ConfigSpec]] = {}
+        # (kernel name, key text) -> why its stored decision was not launched, for the miss diagnosis
+        self.ignored: dict[tuple[str, str], str] = {}
         # e.g. key capture; called as observer(kind, state, key, args, kwargs)
         self.observers: list[Callable[[str, KernelState, TuningKey, tuple | None, dict | None], None]] = []
         self.predictions = Predictions()  # configs for missed keys, predicted from decided neighbours

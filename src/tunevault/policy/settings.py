@@ -7,6 +7,7 @@ an option given to ``install()`` overrides the variable.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -21,8 +22,33 @@ def default_store_url() -> str:
     return "sqlite:///" + str(Path(base, "tunevault", "tunevault.db").absolute())
 
 
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")  # set but empty reads as off, as it always has
+NUMBERS = ("tolerance", "confidence", "tune_timeout", "config_timeout", "lease_wait", "lease_ttl")
+FLAGS = ("isolate", "prestart", "validate")
+
+
+def _flag(var: str, value: str) -> bool:
+    """A boolean variable's value; a word that is neither (``enabled``, ``ture``) is refused rather
+    than read as off, which would silently switch the option off."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"{var} must be one of {', '.join(TRUE_WORDS)} (on) or {', '.join(FALSE_WORDS[:-1])} "
+                     f"(off); got {value!r}")
+
+
+def _check_types(settings: Settings) -> None:
+    """Options given to ``install()`` are not parsed: a string flag (``isolate="no"``) is truthy, and
+    a NaN passes every range check (a lease wait of NaN never ends)."""
+    for name in FLAGS:
+        value = getattr(settings, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"tunevault {name} must be True or False; got {value!r}")
+    for name in NUMBERS:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"tunevault {name} must be a finite number; got {value!r}")
 
 
 def _paths(value: str | None) -> tuple[str, ...]:
@@ -88,6 +114,7 @@ class Settings:
     compile_ahead: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.mode not in MODES:
             raise ValueError(f"tunevault mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.on_miss not in ON_MISS:
@@ -125,7 +152,7 @@ class Settings:
         for name, var in (("isolate", "TUNEVAULT_ISOLATE"), ("validate", "TUNEVAULT_VALIDATE"),
                           ("prestart", "TUNEVAULT_PRESTART")):
             if var in e:
-                kw[name] = _flag(e[var])
+                kw[name] = _flag(var, e[var])
         for name, var in (("tolerance", "TUNEVAULT_TOLERANCE"), ("confidence", "TUNEVAULT_CONFIDENCE"),
                           ("tune_timeout", "TUNEVAULT_TUNE_TIMEOUT"),
                           ("config_timeout", "TUNEVAULT_CONFIG_TIMEOUT"),

@@ -117,6 +117,14 @@ def record(autotuner: Autotuner, key: tuple, config: Config) -> None:
         cache[key] = config
 
 
+def forget(autotuner: Autotuner, key: tuple) -> None:
+    """Take back tunevault's own entry for ``key`` (a fallback), leaving every other entry and the
+    kernel's in-memory hits alone; an entry someone else wrote stays."""
+    cache = autotuner.cache
+    if isinstance(cache, MirroredCache):
+        cache.forget(key)
+
+
 class MirroredCache(dict):  # type: ignore[type-arg]
     """``Autotuner.cache`` while tunevault is installed: a plain dict that tells tunevault when
     someone else changes it, so ``cache.clear()`` still means "decide again" and a config written
@@ -135,6 +143,11 @@ class MirroredCache(dict):  # type: ignore[type-arg]
     def record(self, key: tuple, config: Config) -> None:
         super().__setitem__(key, config)
         self._own.add(key)
+
+    def forget(self, key: tuple) -> None:
+        if key in self._own:
+            super().pop(key, None)  # not a change by someone else: no invalidation
+            self._own.discard(key)
 
     def without_own(self) -> dict[tuple, Config]:
         """What stock Triton would have: entries written by others (before install, or by hand)."""
