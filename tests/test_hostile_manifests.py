@@ -64,6 +64,28 @@ def test_capture_signs_and_check_warmup_refuse_what_does_not_verify(tmp_path: Pa
         assert cli("--store", url, "check", str(write_lines(tmp_path / "u.jsonl", [unsigned])))[0] == 0
 
 
+def test_install_bundle_key_verifies_manifests_without_the_variable(tmp_path: Path, captured: tuple[Path, str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """install(bundle_key=...) signs captured lines, so warmup(), check() and TUNEVAULT_WARMUP verify with it
+    too: an unsigned manifest naming a planted module is refused before anything is imported."""
+    manifest, _url = captured
+    (tmp_path / "planted2.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("TUNEVAULT_BUNDLE_KEY", raising=False)
+    first = {k: v for k, v in lines_of(manifest)[0].items() if k != "signature"}
+    path = write_lines(tmp_path / "m.jsonl", [first | {"kernel": "planted2:add_one"}])
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    tunevault.install(mode="tune", store=url, bundle_key="k")
+    for call in (tunevault.warmup, tunevault.check):
+        with pytest.raises(ValueError, match="refusing the whole manifest"):
+            call(str(path))
+    tunevault.uninstall()
+    tunevault.install(mode="tune", store=url, bundle_key="k", warmup=str(path))
+    kh.call_checked(kh.add_one, kh.SIZES[0])  # the first miss starts TUNEVAULT_WARMUP's manifest
+    tunevault.uninstall()
+    assert not (tmp_path / "ran").exists()
+
+
 def test_allow_module_keeps_a_manifest_from_importing_anything_else(tmp_path: Path, captured: tuple[Path, str],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     manifest, url = captured

@@ -149,7 +149,8 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
     Malformed lines are skipped with one warning or, when ``malformed`` is a list, appended to it as
     ``(line number, reason)`` for the caller to report (a preflight fails on them).
 
-    ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``) makes every line's signature mandatory: one line
+    ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``; callers in an installed process pass its settings'
+    ``bundle_key``, which capture signs with) makes every line's signature mandatory: one line
     that is unsigned, malformed or does not verify refuses the whole manifest (ManifestError).
     A path that is not a regular file is refused (Refused) without blocking."""
     if key is _FROM_ENV:
@@ -172,8 +173,9 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
             raise ManifestError(f"{os.fspath(path)}:{lineno}: {exc}; refusing the whole manifest") from None
         except Exception as exc:  # whatever a line holds, it is that line's problem only
             if key is not None:
-                raise ManifestError(f"{os.fspath(path)}:{lineno}: {str(exc)[:200]}; with TUNEVAULT_BUNDLE_KEY set, "
-                                    "every line must be a valid signed line; refusing the whole manifest") from None
+                raise ManifestError(f"{os.fspath(path)}:{lineno}: {str(exc)[:200]}; with a key set "
+                                    "(TUNEVAULT_BUNDLE_KEY or install(bundle_key=...)), every line must be a "
+                                    "valid signed line; refusing the whole manifest") from None
             bad += 1
             if malformed is not None:
                 malformed.append((lineno, str(exc)[:200]))
