@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,9 @@ def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
     """Append ``new_lines`` in one locked write, so concurrent writers never interleave.
 
     Raises OSError (or Refused, a ValueError, for a path that is not a regular file) and never
-    blocks for long: a FIFO is refused at open, another writer's lock is waited for a bounded time."""
+    blocks for long: a FIFO is refused at open, another writer's lock is waited for a bounded time.
+    All or nothing: a write cut short (disk full, file size limit) is truncated away under the lock,
+    so the caller's retry of the same lines never follows a torn line."""
     data = "".join(new_lines).encode()
     if not data:
         return
@@ -97,9 +100,15 @@ def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
     fd = open_sink(path)
     try:
         _lock(fd, os.fspath(path))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        end = os.lseek(fd, 0, os.SEEK_END)  # stable while we hold the lock: every writer takes it
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            with suppress(OSError):  # /dev/null cannot be truncated, and needs no truncating
+                os.ftruncate(fd, end)
+            raise
     finally:
         os.close(fd)  # closing releases the lock
 
