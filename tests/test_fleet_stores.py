@@ -104,6 +104,28 @@ def test_redis_corrupt_or_swapped_entries_are_misses(rstore: Store, server: redi
     raw.close()
 
 
+def test_a_non_utf8_redis_entry_is_corrupt_and_heals(tmp_path: Path, server: redis_server.RedisServer) -> None:
+    """Bytes that are not UTF-8 are one more corrupt entry: put replaces them, and a layered store
+    does not take the remote for down (put used to raise UnicodeDecodeError before validating)."""
+    import redis
+
+    from tunevault.store.redis import entry_key
+
+    raw = redis.Redis.from_url(server.url)
+    first, second = decision(1), decision(2)
+    raw.set(entry_key(*first.store_key), b"\xff\xfe corrupt")
+    raw.set(entry_key(*second.store_key), b"\xff\xfe corrupt")
+    store = open_store(server.url)
+    assert store.get(*first.store_key) is None
+    assert store.put(first) == first and store.get(*first.store_key) == first
+    layered = LayeredStore(MemoryStore(), open_store(server.url))
+    assert layered.put(second) == second and not layered.remote_down
+    assert raw.get(entry_key(*second.store_key)) == second.dumps().encode()
+    store.close()
+    layered.close()
+    raw.close()
+
+
 def test_redis_leases(rstore: Store) -> None:
     assert rstore.try_lease("k", "a", 30)
     assert not rstore.try_lease("k", "b", 30)
