@@ -269,7 +269,21 @@ def test_malformed_bundle_entries_are_skipped(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="tunevault"):
         _, loaded = load_bundle(path)
     assert loaded == [decision(2)]
-    assert sum("ignoring malformed decision" in w for w in warnings_of(caplog)) == 2
+    (warning,) = [w for w in warnings_of(caplog) if "malformed decision" in w]
+    assert "ignoring 2 malformed decision(s)" in warning and "first #0" in warning
+
+
+def test_a_bundle_of_many_malformed_entries_logs_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The size cap bounds the file, not the log: 10,000 bad entries in 20 KB used to be 10,000 warnings."""
+    path = tmp_path / "bundle.json"
+    write_bundle(path, [decision(1)], FP)
+    doc = json.loads(path.read_text())
+    doc["decisions"] += [0] * 10_000
+    path.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="tunevault"):
+        _, loaded = load_bundle(path)
+    assert loaded == [decision(1)]
+    assert len(warnings_of(caplog)) == 1 and "10000 malformed" in warnings_of(caplog)[0]
 
 
 def test_open_layered_rejects_a_bad_bundle_and_keeps_working(tmp_path: Path,

@@ -8,6 +8,7 @@ against each other and a byte cap before anything is allocated.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,20 @@ def test_deeply_nested_or_overlong_lines_are_skipped_as_malformed(tmp_path: Path
         result = json.loads(out)  # skipped, never a crash; a preflight then fails on the malformed lines
         assert code == 1 and len(result["items"]) == 1
         assert [m["line"] for m in result["malformed"]] == [1, 3, 4]
+
+
+def test_a_manifest_past_the_total_cap_is_refused_unread(tmp_path: Path, captured: tuple[Path, str]) -> None:
+    """Lines are capped at 16 MiB; the whole manifest (read into memory, as a bundle is) at 256 MiB.
+    A sparse file stands in for a huge one: no disk is filled."""
+    from tunevault.capture import manifest as mf
+
+    manifest, url = captured
+    huge = tmp_path / "huge.jsonl"
+    huge.write_bytes(manifest.read_bytes())
+    os.truncate(huge, (256 << 20) + 1)
+    for command in ("check", "warmup"):
+        code, _, err = cli("--store", url, command, str(huge), *ALLOW)
+        assert code == 2 and "256 MiB" in err, err
+    with pytest.raises(OSError, match="256 MiB"):  # capture stops there too, keeping its counts
+        mf.append(huge, [manifest.read_text().splitlines(keepends=True)[0]])
+    assert huge.stat().st_size == (256 << 20) + 1

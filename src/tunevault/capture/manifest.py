@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunevault.core.model import TIME_RANGE, InvalidEntry, TuningKey
-from tunevault.core.untrusted import lines, loads, open_sink
+from tunevault.core.untrusted import MAX_DOCUMENT_BYTES, lines, loads, open_sink
 
 log = logging.getLogger("tunevault")
 
@@ -33,6 +33,9 @@ FORMAT = "tunevault-manifest/1"
 OUTCOMES = ("hit", "tuned", "missed")
 LOCK_WAIT_S = 2.0  # a writer waits this long for another one's lock, then keeps its counts for later
 MAX_KERNEL_NAME = 1000
+# A manifest is read whole into memory, as a bundle is: the same 256 MiB bound (16 lines at the
+# 16 MiB line bound; a real manifest of thousands of keys is a few MB).
+MAX_MANIFEST_BYTES = MAX_DOCUMENT_BYTES
 _FROM_ENV = object()  # read(): take the key from $TUNEVAULT_BUNDLE_KEY
 
 
@@ -101,6 +104,9 @@ def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
     try:
         _lock(fd, os.fspath(path))
         end = os.lseek(fd, 0, os.SEEK_END)  # stable while we hold the lock: every writer takes it
+        if end + len(data) > MAX_MANIFEST_BYTES:  # readers refuse it past the cap: stop writing there
+            raise OSError(errno.EFBIG, f"{os.fspath(path)} would grow past the {MAX_MANIFEST_BYTES >> 20} MiB a "
+                          "manifest may hold; capture into a new file (the counts are kept)")
         try:
             view = memoryview(data)
             while view:
@@ -161,14 +167,15 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
     ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``; callers in an installed process pass its settings'
     ``bundle_key``, which capture signs with) makes every line's signature mandatory: one line
     that is unsigned, malformed or does not verify refuses the whole manifest (ManifestError).
-    A path that is not a regular file is refused (Refused) without blocking."""
+    A path that is not a regular file, or one larger than MAX_MANIFEST_BYTES, is refused (Refused)
+    without blocking or reading it."""
     if key is _FROM_ENV:
         from tunevault.store.bundle import key_from_env
 
         key = key_from_env()
     merged: dict[tuple[str, str], ManifestEntry] = {}
     bad = 0
-    for lineno, raw in lines(path):
+    for lineno, raw in lines(path, limit=MAX_MANIFEST_BYTES):  # Refused past the cap: never half a manifest
         if raw is not None and not raw.strip():
             continue
         try:
