@@ -175,3 +175,38 @@ def test_capture_without_install_warns(tmp_path: Path, caplog) -> None:
     assert "not installed" in caplog.text
     with pytest.raises(FileNotFoundError):
         mf.read(tmp_path / "k.jsonl")  # nothing was seen, nothing written
+
+
+def test_a_write_cut_short_leaves_no_torn_line(tmp_path: Path) -> None:
+    """A flush that fails part way (here the file size limit: EFBIG after a short write, as a full
+    disk gives ENOSPC) leaves the manifest as it was, so the retry of the same lines reads cleanly."""
+    path = tmp_path / "keys.jsonl"
+    code = f"""
+import json, os, resource, signal
+from tunevault.capture import manifest as mf
+from tunevault.core.model import TuningKey
+path = {str(path)!r}
+def lines(first, n):
+    return [mf.line("m:k", TuningKey((("n", i),)), {{"hit": 1}}, 1.7e9, 1.7e9, 1, "h", {{"pad": "x" * 2000}},
+                    sign_key="k") for i in range(first, first + n)]
+mf.append(path, lines(0, 1))
+before = os.path.getsize(path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (before + 20_000, hard))
+batch = lines(1, 40)
+try:
+    mf.append(path, batch)
+    failed = None
+except OSError as exc:
+    failed = exc.errno
+after_failure = os.path.getsize(path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+mf.append(path, batch)  # the recorder keeps the lines and writes them again at its next flush
+got = mf.read(path, key="k")
+print(json.dumps([failed, before, after_failure, len(got), sum(e.counts["hit"] for e in got)]))
+"""
+    failed, before, after_failure, entries, hits = run_py(code, timeout=60)
+    assert failed is not None, "the write was cut short"
+    assert after_failure == before, "the partial bytes were truncated away"
+    assert (entries, hits) == (41, 41)

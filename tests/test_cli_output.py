@@ -105,3 +105,32 @@ def test_report_picture_without_tunings_has_readable_axis_labels() -> None:
     boxes = [t.get_window_extent(canvas.get_renderer()) for t in bars.get_xticklabels() if t.get_text()]
     assert len(boxes) >= 2
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_text_from_an_imported_file_is_shown_as_text(tmp_path: Path) -> None:
+    """Names from a file made elsewhere are neither rich markup (``[/x]`` crashed ls/show/diff with a
+    MarkupError, ``[red]`` or ``[link=...]`` changed what the table showed) nor terminal escapes."""
+    from test_store import make_decision
+
+    names = ("evil:[/x]", "pkg:[red]forged[/red]", "pkg:[link=https://x.invalid]k[/link]", "pkg:\x1b[2Jclear")
+    doc = {"format": "tunevault-decisions", "schema": 1,
+           "decisions": [make_decision(i, kernel=name).to_json() for i, name in enumerate(names)]}
+    exported = tmp_path / "in.json"
+    exported.write_text(json.dumps(doc))
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**doc, "decisions": []}))
+    url = f"sqlite:///{tmp_path / 'tv.db'}"
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tunevault.cli.main", *argv], capture_output=True, text=True,
+                              timeout=120, env=subprocess_env(COLUMNS="300"))
+
+    assert run("--store", url, "import", str(exported)).returncode == 0
+    for argv, code in ((("--store", url, "ls"), 0), (("--store", url, "show", "pkg"), 0),
+                       (("diff", str(exported), str(empty)), 1), (("diff", str(tmp_path / "tv.db"), str(empty)), 1)):
+        proc = run(*argv)
+        assert proc.returncode == code and "Traceback" not in proc.stderr, (argv, proc.stderr[-600:])
+        assert "\x1b" not in proc.stdout
+    listing = run("--store", url, "ls").stdout + run("diff", url, str(empty)).stdout
+    for shown in ("evil:[/x]", "pkg:[red]forged[/red]", "pkg:[link=https://x.invalid]k[/link]", "pkg:\\x1b[2Jclear"):
+        assert shown in listing, (shown, listing)

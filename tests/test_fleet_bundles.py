@@ -108,3 +108,38 @@ def test_diff_stores_and_bundles(tmp_path: Path, tuned: tuple[str, dict],
     (differs,) = [r for r in report["differences"] if r["status"] == "differs"]
     assert differs["a"].startswith(f"#{small.config_index} ") and differs["b"].startswith(f"#{flipped} ")
     assert large.key.describe() in {r["key"] for r in report["differences"]}
+
+
+def test_diff_refuses_a_foreign_or_unreadable_sqlite_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file from elsewhere is opened read-only with its layout checked (a ``decisions`` VIEW could be an
+    endless query), and a store that cannot be read is an error, never an empty side that "agrees"."""
+    import sqlite3
+    from contextlib import closing
+
+    from test_store import make_decision
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"format": "tunevault-decisions", "schema": 1, "decisions": []}))
+    view = tmp_path / "view.db"
+    with closing(sqlite3.connect(view)) as db:  # harmless if read: the review's view never ended
+        db.executescript("PRAGMA user_version = 1; CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+                         "expires REAL NOT NULL); CREATE VIEW decisions(kernel_digest, fingerprint_digest, key_text, "
+                         "kernel_name, payload, created) AS SELECT 'k', 'f', 'x', 'n', 'p', 0.0;")
+    before = view.read_bytes()
+    assert main(["diff", str(view), str(empty)]) == 2
+    assert "view" in capsys.readouterr().err
+    assert view.read_bytes() == before and not Path(f"{view}-wal").exists()
+
+    damaged = tmp_path / "damaged.db"
+    store = SqliteStore(damaged)
+    store.put(make_decision(1))
+    store.close()
+    with closing(sqlite3.connect(damaged)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'decisions'").fetchone()[0]
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(damaged, "r+b") as f:  # the schema page stays sound: the file opens, its rows cannot be read
+        f.seek((root - 1) * page)
+        f.write(b"\xff" * page)
+    assert main(["diff", str(damaged), str(empty)]) == 2
+    assert "agree" not in capsys.readouterr().out

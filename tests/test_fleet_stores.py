@@ -104,6 +104,28 @@ def test_redis_corrupt_or_swapped_entries_are_misses(rstore: Store, server: redi
     raw.close()
 
 
+def test_a_non_utf8_redis_entry_is_corrupt_and_heals(tmp_path: Path, server: redis_server.RedisServer) -> None:
+    """Bytes that are not UTF-8 are one more corrupt entry: put replaces them, and a layered store
+    does not take the remote for down (put used to raise UnicodeDecodeError before validating)."""
+    import redis
+
+    from tunevault.store.redis import entry_key
+
+    raw = redis.Redis.from_url(server.url)
+    first, second = decision(1), decision(2)
+    raw.set(entry_key(*first.store_key), b"\xff\xfe corrupt")
+    raw.set(entry_key(*second.store_key), b"\xff\xfe corrupt")
+    store = open_store(server.url)
+    assert store.get(*first.store_key) is None
+    assert store.put(first) == first and store.get(*first.store_key) == first
+    layered = LayeredStore(MemoryStore(), open_store(server.url))
+    assert layered.put(second) == second and not layered.remote_down
+    assert raw.get(entry_key(*second.store_key)) == second.dumps().encode()
+    store.close()
+    layered.close()
+    raw.close()
+
+
 def test_redis_leases(rstore: Store) -> None:
     assert rstore.try_lease("k", "a", 30)
     assert not rstore.try_lease("k", "b", 30)
@@ -247,7 +269,21 @@ def test_malformed_bundle_entries_are_skipped(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="tunevault"):
         _, loaded = load_bundle(path)
     assert loaded == [decision(2)]
-    assert sum("ignoring malformed decision" in w for w in warnings_of(caplog)) == 2
+    (warning,) = [w for w in warnings_of(caplog) if "malformed decision" in w]
+    assert "ignoring 2 malformed decision(s)" in warning and "first #0" in warning
+
+
+def test_a_bundle_of_many_malformed_entries_logs_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The size cap bounds the file, not the log: 10,000 bad entries in 20 KB used to be 10,000 warnings."""
+    path = tmp_path / "bundle.json"
+    write_bundle(path, [decision(1)], FP)
+    doc = json.loads(path.read_text())
+    doc["decisions"] += [0] * 10_000
+    path.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="tunevault"):
+        _, loaded = load_bundle(path)
+    assert loaded == [decision(1)]
+    assert len(warnings_of(caplog)) == 1 and "10000 malformed" in warnings_of(caplog)[0]
 
 
 def test_open_layered_rejects_a_bad_bundle_and_keeps_working(tmp_path: Path,

@@ -8,6 +8,7 @@ against each other and a byte cap before anything is allocated.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,28 @@ def test_capture_signs_and_check_warmup_refuse_what_does_not_verify(tmp_path: Pa
                 assert "Beautiful is better" not in out
     with env(TUNEVAULT_BUNDLE_KEY=None):  # no key: signatures are not checked
         assert cli("--store", url, "check", str(write_lines(tmp_path / "u.jsonl", [unsigned])))[0] == 0
+
+
+def test_install_bundle_key_verifies_manifests_without_the_variable(tmp_path: Path, captured: tuple[Path, str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """install(bundle_key=...) signs captured lines, so warmup(), check() and TUNEVAULT_WARMUP verify with it
+    too: an unsigned manifest naming a planted module is refused before anything is imported."""
+    manifest, _url = captured
+    (tmp_path / "planted2.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("TUNEVAULT_BUNDLE_KEY", raising=False)
+    first = {k: v for k, v in lines_of(manifest)[0].items() if k != "signature"}
+    path = write_lines(tmp_path / "m.jsonl", [first | {"kernel": "planted2:add_one"}])
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    tunevault.install(mode="tune", store=url, bundle_key="k")
+    for call in (tunevault.warmup, tunevault.check):
+        with pytest.raises(ValueError, match="refusing the whole manifest"):
+            call(str(path))
+    tunevault.uninstall()
+    tunevault.install(mode="tune", store=url, bundle_key="k", warmup=str(path))
+    kh.call_checked(kh.add_one, kh.SIZES[0])  # the first miss starts TUNEVAULT_WARMUP's manifest
+    tunevault.uninstall()
+    assert not (tmp_path / "ran").exists()
 
 
 def test_allow_module_keeps_a_manifest_from_importing_anything_else(tmp_path: Path, captured: tuple[Path, str],
@@ -139,3 +162,20 @@ def test_deeply_nested_or_overlong_lines_are_skipped_as_malformed(tmp_path: Path
         result = json.loads(out)  # skipped, never a crash; a preflight then fails on the malformed lines
         assert code == 1 and len(result["items"]) == 1
         assert [m["line"] for m in result["malformed"]] == [1, 3, 4]
+
+
+def test_a_manifest_past_the_total_cap_is_refused_unread(tmp_path: Path, captured: tuple[Path, str]) -> None:
+    """Lines are capped at 16 MiB; the whole manifest (read into memory, as a bundle is) at 256 MiB.
+    A sparse file stands in for a huge one: no disk is filled."""
+    from tunevault.capture import manifest as mf
+
+    manifest, url = captured
+    huge = tmp_path / "huge.jsonl"
+    huge.write_bytes(manifest.read_bytes())
+    os.truncate(huge, (256 << 20) + 1)
+    for command in ("check", "warmup"):
+        code, _, err = cli("--store", url, command, str(huge), *ALLOW)
+        assert code == 2 and "256 MiB" in err, err
+    with pytest.raises(OSError, match="256 MiB"):  # capture stops there too, keeping its counts
+        mf.append(huge, [manifest.read_text().splitlines(keepends=True)[0]])
+    assert huge.stat().st_size == (256 << 20) + 1

@@ -349,3 +349,56 @@ def test_processes_share_one_file(tmp_path: Path) -> None:
         assert stored is not None
         assert {r[key] for r in results} == {stored.config_index}  # one value, seen by all
     store.close()
+
+
+def test_a_store_busy_when_opened_is_not_read_only_for_the_process(tmp_path: Path) -> None:
+    """Another writer holding the lock past the busy wait is contention, not "cannot write": the store
+    stays writable, and a new file whose tables wait on the lock gets them at its first use."""
+    for name, existing in (("decided.db", True), ("new.db", False)):
+        path = tmp_path / name
+        if existing:
+            SqliteStore(path).close()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # e.g. another process's long write or a backup
+        store = SqliteStore(path, timeout_s=0.1)
+        assert store.read_only is None, store.read_only
+        if not existing:
+            with pytest.raises(StoreUnavailable, match="next use"):
+                store.put(make_decision(1))  # still busy: this write fails, the store is not given up
+        other.execute("COMMIT")
+        other.close()
+        assert store.put(make_decision(1)) == make_decision(1)
+        assert store.get(*make_decision(1).store_key) == make_decision(1)
+        store.close()
+
+
+FOREIGN_LAYOUTS = {
+    # A harmless view here: the one in the review was an endless recursive CTE, and reading it filled the disk.
+    "view": "CREATE VIEW decisions(kernel_digest, fingerprint_digest, key_text, kernel_name, payload, created) AS "
+            "SELECT 'k', 'f', 'x', 'name', 'p', 0.0",
+    "trigger": "CREATE TABLE decisions (kernel_digest TEXT NOT NULL, fingerprint_digest TEXT NOT NULL, key_text TEXT "
+               "NOT NULL, kernel_name TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY "
+               "(kernel_digest, fingerprint_digest, key_text)); CREATE TRIGGER t AFTER INSERT ON decisions BEGIN "
+               "DELETE FROM leases; END",
+    "columns": "CREATE TABLE decisions (kernel_digest, fingerprint_digest, key_text, kernel_name, payload, created, "
+               "extra TEXT)",
+}
+
+
+@pytest.mark.parametrize("layout", sorted(FOREIGN_LAYOUTS))
+def test_a_file_claiming_our_layout_version_is_checked_before_it_is_read(tmp_path: Path, layout: str) -> None:
+    path = tmp_path / f"{layout}.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript("PRAGMA user_version = 1; CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+                         f"expires REAL NOT NULL); {FOREIGN_LAYOUTS[layout]};")
+    before = path.read_bytes()
+    for writable in (True, False):
+        with pytest.raises(StoreUnavailable, match="tunevault never makes|other columns"):
+            SqliteStore(path, writable=writable)
+    assert path.read_bytes() == before
+
+
+def test_a_read_only_open_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match="no such file"):
+        SqliteStore(tmp_path / "missing.db", writable=False)
+    assert not (tmp_path / "missing.db").exists()

@@ -19,12 +19,13 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunevault.core.model import TIME_RANGE, InvalidEntry, TuningKey
-from tunevault.core.untrusted import lines, loads, open_sink
+from tunevault.core.untrusted import MAX_DOCUMENT_BYTES, lines, loads, open_sink
 
 log = logging.getLogger("tunevault")
 
@@ -32,6 +33,9 @@ FORMAT = "tunevault-manifest/1"
 OUTCOMES = ("hit", "tuned", "missed")
 LOCK_WAIT_S = 2.0  # a writer waits this long for another one's lock, then keeps its counts for later
 MAX_KERNEL_NAME = 1000
+# A manifest is read whole into memory, as a bundle is: the same 256 MiB bound (16 lines at the
+# 16 MiB line bound; a real manifest of thousands of keys is a few MB).
+MAX_MANIFEST_BYTES = MAX_DOCUMENT_BYTES
 _FROM_ENV = object()  # read(): take the key from $TUNEVAULT_BUNDLE_KEY
 
 
@@ -89,7 +93,9 @@ def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
     """Append ``new_lines`` in one locked write, so concurrent writers never interleave.
 
     Raises OSError (or Refused, a ValueError, for a path that is not a regular file) and never
-    blocks for long: a FIFO is refused at open, another writer's lock is waited for a bounded time."""
+    blocks for long: a FIFO is refused at open, another writer's lock is waited for a bounded time.
+    All or nothing: a write cut short (disk full, file size limit) is truncated away under the lock,
+    so the caller's retry of the same lines never follows a torn line."""
     data = "".join(new_lines).encode()
     if not data:
         return
@@ -97,9 +103,18 @@ def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
     fd = open_sink(path)
     try:
         _lock(fd, os.fspath(path))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        end = os.lseek(fd, 0, os.SEEK_END)  # stable while we hold the lock: every writer takes it
+        if end + len(data) > MAX_MANIFEST_BYTES:  # readers refuse it past the cap: stop writing there
+            raise OSError(errno.EFBIG, f"{os.fspath(path)} would grow past the {MAX_MANIFEST_BYTES >> 20} MiB a "
+                          "manifest may hold; capture into a new file (the counts are kept)")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            with suppress(OSError):  # /dev/null cannot be truncated, and needs no truncating
+                os.ftruncate(fd, end)
+            raise
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -149,16 +164,18 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
     Malformed lines are skipped with one warning or, when ``malformed`` is a list, appended to it as
     ``(line number, reason)`` for the caller to report (a preflight fails on them).
 
-    ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``) makes every line's signature mandatory: one line
+    ``key`` (default: ``$TUNEVAULT_BUNDLE_KEY``; callers in an installed process pass its settings'
+    ``bundle_key``, which capture signs with) makes every line's signature mandatory: one line
     that is unsigned, malformed or does not verify refuses the whole manifest (ManifestError).
-    A path that is not a regular file is refused (Refused) without blocking."""
+    A path that is not a regular file, or one larger than MAX_MANIFEST_BYTES, is refused (Refused)
+    without blocking or reading it."""
     if key is _FROM_ENV:
         from tunevault.store.bundle import key_from_env
 
         key = key_from_env()
     merged: dict[tuple[str, str], ManifestEntry] = {}
     bad = 0
-    for lineno, raw in lines(path):
+    for lineno, raw in lines(path, limit=MAX_MANIFEST_BYTES):  # Refused past the cap: never half a manifest
         if raw is not None and not raw.strip():
             continue
         try:
@@ -172,8 +189,9 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
             raise ManifestError(f"{os.fspath(path)}:{lineno}: {exc}; refusing the whole manifest") from None
         except Exception as exc:  # whatever a line holds, it is that line's problem only
             if key is not None:
-                raise ManifestError(f"{os.fspath(path)}:{lineno}: {str(exc)[:200]}; with TUNEVAULT_BUNDLE_KEY set, "
-                                    "every line must be a valid signed line; refusing the whole manifest") from None
+                raise ManifestError(f"{os.fspath(path)}:{lineno}: {str(exc)[:200]}; with a key set "
+                                    "(TUNEVAULT_BUNDLE_KEY or install(bundle_key=...)), every line must be a "
+                                    "valid signed line; refusing the whole manifest") from None
             bad += 1
             if malformed is not None:
                 malformed.append((lineno, str(exc)[:200]))

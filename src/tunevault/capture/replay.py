@@ -81,9 +81,11 @@ def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -
     return autotuner, args, kwargs
 
 
-def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry]) -> list[mf.ManifestEntry]:
+def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], key: str | None) -> list[mf.ManifestEntry]:
+    """The manifest's entries; a file is verified with ``key``, the installed settings' ``bundle_key``
+    (the key capture signs with, which need not be in ``$TUNEVAULT_BUNDLE_KEY``)."""
     if isinstance(source, str | os.PathLike):
-        return mf.read(source)
+        return mf.read(source, key=key)
     return list(source)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from tunevault.cli.output import print_json, print_table
 from tunevault.core.model import Decision
 from tunevault.store.base import StoreUnavailable, open_store
+from tunevault.store.sqlite import SqliteStore, path_of_url
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -39,13 +40,15 @@ def load_side(spec: str, key: str | None) -> tuple[str, list[Decision]]:
 
     if "://" in spec:
         try:
-            store = open_store(spec)
+            # An SQLite file may come from elsewhere: opened mode=ro, its layout checked, nothing created.
+            store = SqliteStore(path_of_url(spec), writable=False) if spec.startswith("sqlite:") else open_store(spec)
+            try:
+                # Unreadable is an error here: read as empty (the runtime's miss), it would "agree".
+                return store.url, store.listing() if isinstance(store, SqliteStore) else list(store.decisions())
+            finally:
+                store.close()
         except StoreUnavailable as exc:
             raise OSError(str(exc)) from exc
-        try:
-            return store.url, list(store.decisions())
-        finally:
-            store.close()
     from tunevault.core.untrusted import head
 
     if head(spec, len(SQLITE_MAGIC)) == SQLITE_MAGIC:  # a regular file only: never blocks on a FIFO

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from tunevault.cli import warmup_jobs
-from tunevault.cli.output import print_json, print_table
+from tunevault.cli.output import clean, print_json, print_table
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -136,8 +136,8 @@ class _Plain:
 
     def __call__(self, done: int, total: int, item: WarmupItem) -> None:
         if not self.quiet:
-            print(f"[{done}/{total}] {item.status:8} {item.kernel} {_key(item)}"
-                  + (f"  ({item.reason})" if item.reason else ""), file=sys.stderr, flush=True)
+            print(clean(f"[{done}/{total}] {item.status:8} {item.kernel} {_key(item)}"
+                        + (f"  ({item.reason})" if item.reason else "")), file=sys.stderr, flush=True)
 
 
 class _Rich:
@@ -146,7 +146,8 @@ class _Rich:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("warmup"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TextColumn("{task.description}"), console=Console(stderr=True))
+                                 TextColumn("{task.description}", markup=False),  # kernel names from a manifest
+                                 console=Console(stderr=True))
         self.task: TaskID | None = None
 
     def __enter__(self) -> _Rich:
@@ -161,7 +162,7 @@ class _Rich:
             self.task = self.progress.add_task("", total=total)
         from tunevault.report import short
 
-        self.progress.update(self.task, completed=done, description=f"{item.status} {short(item.kernel)}")
+        self.progress.update(self.task, completed=done, description=clean(f"{item.status} {short(item.kernel)}"))
 
 
 def _progress(quiet: bool) -> _Plain | _Rich:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tunevault.cli.output import print_json, print_table
+from tunevault.cli.output import clean, print_json, print_table
 from tunevault.core.model import Decision, Fingerprint, InvalidEntry
 from tunevault.store.base import Query, Store, StoreUnavailable, open_store
 from tunevault.store.bundle import FORMAT as EXPORT_FORMAT
@@ -191,10 +191,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _show_one(d: Decision, here: Fingerprint) -> None:
+    print = _print_clean  # noqa: A001 - every line holds text from the store: no control characters
     prov = dict(d.provenance)
     fp = d.fingerprint
     rank = "" if prov.get("rank") is None else f" rank {prov['rank']}"
-    print(f"\n{d.kernel.name}  [{d.key.describe()}]")
+    print()
+    print(f"{d.kernel.name}  [{d.key.describe()}]")
     print(f"  chosen:      #{d.config_index} {d.config.describe()}  ({margin_text(d.margin)})")
     print(f"  tuned:       {when(d)} on {prov.get('host', '?')} pid {prov.get('pid', '?')}{rank}, "
           f"{d.tuning_seconds:.2f} s; tunevault {prov.get('tunevault', '?')}")
@@ -216,6 +218,10 @@ def _show_one(d: Decision, here: Fingerprint) -> None:
             print("  (CPU timer: each run is taken over its round's median; times are in ms of the quietest round;"
                   " a screened-out config's median column holds its fastest screen run)")
         print_table(["#", "config", "median ms", "p20 ms", "p80 ms", "runs", "IQR ms", "slower?", ""], rows)
+
+
+def _print_clean(text: str = "") -> None:
+    print(clean(text))
 
 
 def margin_text(margin: float | None) -> str:

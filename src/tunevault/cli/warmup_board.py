@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunevault.capture.replay import STATUSES
+from tunevault.cli.output import clean
 
 RANK = {"tuned": 3, "failed": 2, "skipped": 1, "decided": 0}
 
@@ -152,8 +153,8 @@ class PlainDisplay:
             return
         b = self.board
         reason = f" ({view.reason})" if view.reason else ""
-        print(f"[{b.done}/{b.total}] {worker.label}: {view.status} {view.kernel} [{view.describe}]{reason}"
-              f"  | {b.headline()}", file=sys.stderr, flush=True)
+        print(clean(f"[{b.done}/{b.total}] {worker.label}: {view.status} {view.kernel} [{view.describe}]{reason}"
+                    f"  | {b.headline()}"), file=sys.stderr, flush=True)
 
 
 class RichDisplay:
@@ -164,7 +165,7 @@ class RichDisplay:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.board = board
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                  console=Console(stderr=True), transient=False)
         self.overall = self.progress.add_task("warmup", total=board.total)
         self.rows = {w.index: self.progress.add_task(w.label, total=board.total) for w in board.workers}
@@ -180,7 +181,7 @@ class RichDisplay:
         for w in b.workers:
             now = f": {w.current}" if w.current else (": finished" if w.finished else "")
             self.progress.update(self.rows[w.index], completed=w.tuned,
-                                 description=f"  {w.label} pid {w.pid or '-'}, {w.tuned} tuned{now}"[:110])
+                                 description=clean(f"  {w.label} pid {w.pid or '-'}, {w.tuned} tuned{now}")[:110])
 
 
 def display(board: Board, quiet: bool) -> PlainDisplay | RichDisplay:

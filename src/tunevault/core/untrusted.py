@@ -169,10 +169,17 @@ def printable(text: str) -> bool:
     return True
 
 
-def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES,
+          limit: int | None = None) -> Iterator[tuple[int, bytes | None]]:
     """``(line number, bytes)`` of a regular file, read as it goes; a line longer than ``max_line``
-    comes as ``None`` (the caller skips it as malformed) and is not kept in memory."""
-    fd, _info = _open_regular(os.fspath(path))
+    comes as ``None`` (the caller skips it as malformed) and is not kept in memory. A file of more
+    than ``limit`` bytes is refused (Refused) before its first line, or as it grows past it."""
+    path = os.fspath(path)
+    fd, info = _open_regular(path)
+    if limit is not None and info.st_size > limit:
+        os.close(fd)
+        raise Refused(f"{path} is {info.st_size} bytes, more than the {limit} bytes ({limit >> 20} MiB) "
+                      "tunevault reads of it")
     with os.fdopen(fd, "rb") as fh:
         number = 0
         while True:
@@ -180,11 +187,15 @@ def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES) -> Itera
             if not text:
                 return
             number += 1
+            if limit is not None and fh.tell() > limit:
+                raise Refused(f"{path} grew past the {limit} bytes ({limit >> 20} MiB) tunevault reads of it")
             if len(text) <= max_line or text.endswith(b"\n"):
                 yield number, text
                 continue
             while text and not text.endswith(b"\n"):  # the rest of an overlong line
                 text = fh.readline(1 << 20)
+                if limit is not None and fh.tell() > limit:
+                    raise Refused(f"{path} grew past the {limit} bytes ({limit >> 20} MiB) tunevault reads of it")
             yield number, None
 
 

@@ -170,8 +170,9 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
     from tunevault.integration import activation, triton_adapter
     from tunevault.policy.settings import Settings
 
-    keys = entries(source)
-    installed_here = triton_adapter.runtime() is None
+    installed = triton_adapter.runtime()  # its bundle_key signs captured lines, so it verifies them too
+    keys = entries(source, (installed.settings if installed is not None else Settings.from_env()).bundle_key)
+    installed_here = installed is None
     if installed_here:
         activation.install(Settings.from_env().with_options(mode="tune"))
     runtime = triton_adapter.runtime()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
@@ -65,6 +65,8 @@ def _settings(store: str | None) -> Settings:
     adapter = sys.modules.get("tunevault.integration.triton_adapter")  # not imported: nothing installed
     rt = adapter.runtime() if adapter is not None else None
     base = rt.settings if rt is not None and store is None else Settings.from_env()
+    if rt is not None:  # install()'s key signs this process's captures: it verifies manifests and bundles
+        base = replace(base, bundle_key=rt.settings.bundle_key)
     return base.with_options(store=store)
 
 
@@ -77,8 +79,8 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
     from tunevault.core.machine import this_machine
     from tunevault.store.layered import open_layered
 
-    entries = mf.read(source) if isinstance(source, str | os.PathLike) else list(source)
-    settings = _settings(store)
+    settings = _settings(store)  # its bundle_key (install()'s, else $TUNEVAULT_BUNDLE_KEY) verifies the lines
+    entries = mf.read(source, key=settings.bundle_key) if isinstance(source, str | os.PathLike) else list(source)
     fp = this_machine()  # without importing torch: a preflight runs no kernel
     from tunevault.core.identity import kernel_id
 

@@ -38,6 +38,7 @@ KEY_VARIABLE = "TUNEVAULT_BUNDLE_KEY"
 EMPTY_KEY = (f"{KEY_VARIABLE} is set but empty (an empty secret file?): an empty key would switch signature "
              "checks off; set a real key, or unset it to run without signatures")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_ENTRIES = 1_000_000  # 10x the largest real store we know of; a bundle holds one fingerprint's winners
 
 
 class BundleError(ValueError):
@@ -175,16 +176,21 @@ def load_bundle(path: str | os.PathLike[str],
     nothing else); a malformed or foreign entry inside a good bundle is skipped with a warning."""
     path = os.fspath(path)
     fingerprint, entries = read_document(path, key)
-    decisions = []
+    if len(entries) > MAX_ENTRIES:
+        raise BundleError(f"tuning bundle {path} holds {len(entries)} entries, more than the {MAX_ENTRIES} "
+                          "tunevault reads")
+    decisions, bad, first = [], 0, ""
     for i, entry in enumerate(entries):
         try:
             decision = Decision.from_json(entry)
             if fingerprint is not None and decision.fingerprint != fingerprint:
                 raise InvalidEntry("its fingerprint differs from the bundle's")
         except Exception as exc:  # one bad entry costs that entry, never the bundle or a kernel call
-            log.warning("tunevault: ignoring malformed decision #%d in bundle %s: %s", i, path, str(exc)[:300])
+            bad, first = bad + 1, first or f"#{i}: {str(exc)[:300]}"
             continue
         decisions.append(decision)
+    if bad:  # one line, however many: a small file of a million bad entries must not flood the log
+        log.warning("tunevault: ignoring %d malformed decision(s) in bundle %s (first %s)", bad, path, first)
     return fingerprint, decisions
 
 

@@ -214,7 +214,7 @@ class RedisStore:
             return pipe.execute()
 
         _set, _, _, stored = self._call("publish", txn)
-        if stored is not None and (stored.decode() if isinstance(stored, bytes) else stored) == payload:
+        if stored in (payload, payload.encode()):  # bytes compared as bytes: a non-UTF-8 entry is corrupt, not an error
             return decision
         existing = None if stored is None else self._decode(where, stored, (kd, fd), kt)
         if existing is not None:

@@ -9,6 +9,7 @@ every read; a corrupt row or file is a miss with a warning, never an exception i
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sqlite3
@@ -32,9 +33,19 @@ _TABLES = {
     "leases": "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
     " expires REAL NOT NULL)",
 }
+# Each table's columns as ``PRAGMA table_xinfo`` gives them: (name, type, not null, primary key
+# position, hidden). A file whose tables differ is not one we wrote (test_store: foreign layouts).
+_SHAPES = {
+    "decisions": (("kernel_digest", "TEXT", 1, 1, 0), ("fingerprint_digest", "TEXT", 1, 2, 0),
+                  ("key_text", "TEXT", 1, 3, 0), ("kernel_name", "TEXT", 1, 0, 0), ("payload", "TEXT", 1, 0, 0),
+                  ("created", "REAL", 1, 0, 0)),
+    "leases": (("name", "TEXT", 0, 1, 0), ("holder", "TEXT", 1, 0, 0), ("expires", "REAL", 1, 0, 0)),
+}
 _COLUMNS = "kernel_digest, fingerprint_digest, key_text, kernel_name, payload"
 _ROW_KEY = "kernel_digest = ? AND fingerprint_digest = ? AND key_text = ?"
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
+_READ_ONLY_CODES = (3, 8, 14)  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN: this process cannot write
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FORK_ORPHANS: list[_ThreadConn] = []  # connections inherited across fork: never use or close them
 
 T = TypeVar("T")
@@ -51,6 +62,7 @@ def quick_check(path: str, limit: int = 20, db: sqlite3.Connection | None = None
     try:
         if db is None:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+            db.execute("PRAGMA trusted_schema = OFF")
         rows = db.execute(f"PRAGMA quick_check({max(1, int(limit))})").fetchall()
     except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
         return [str(exc)]
@@ -69,12 +81,48 @@ class _ThreadConn:
         self.db, self.pid = db, os.getpid()
 
 
-def _is_busy(exc: sqlite3.Error) -> bool:
+def _is_busy(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.Error):
+        return False
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in _BUSY_CODES
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg
+
+
+def _cannot_write(exc: BaseException) -> bool:
+    """This process may not write the file or its directory (permissions, a read-only mount): not
+    a busy file, a full disk or a damaged one, which read-only access would not mend."""
+    if isinstance(exc, OSError):
+        return exc.errno in _READ_ONLY_ERRNOS
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _READ_ONLY_CODES
+    msg = str(exc).lower()
+    return any(w in msg for w in ("readonly", "read-only", "unable to open", "permission", "access"))
+
+
+def _layout_problem(db: sqlite3.Connection, complete: bool) -> str | None:
+    """Why the file's schema is not one tunevault wrote, or None. Checked at every open, because a
+    file from elsewhere may say ``user_version = 1`` over a ``decisions`` VIEW of an endless query
+    (every read then fills the temp disk) or a trigger that runs on our writes. ``complete``: both
+    tables must exist (a decided store); else a missing one is created."""
+    found = {}
+    for kind, name, table, sql in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
+        if kind in ("view", "trigger"):
+            return f"it holds a {kind} ({str(name)[:80]!r} on {str(table)[:80]!r}), which tunevault never makes"
+        if name in _SHAPES:
+            if kind != "table" or not str(sql).upper().startswith("CREATE TABLE"):
+                return f"its {name!r} is not a plain table"
+            found[name] = tuple(tuple(c[i] for i in (1, 2, 3, 5, 6))
+                                for c in db.execute(f"PRAGMA table_xinfo({name})"))
+    for name, shape in _SHAPES.items():
+        if name in found and found[name] != shape:
+            return f"its {name!r} table has other columns than tunevault's"
+        if complete and name not in found:
+            return f"it has no {name!r} table"
+    return None
 
 
 @contextmanager
@@ -130,7 +178,9 @@ def url_of_path(path: str | os.PathLike[str]) -> str:
 class SqliteStore:
     """Decisions and tuning leases in one SQLite file; safe across threads and processes."""
 
-    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 10.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 10.0, writable: bool = True) -> None:
+        """``writable=False`` opens an existing store ``mode=ro`` and never creates or changes a file
+        (``tunevault diff`` reads stores from elsewhere so). Raises StoreUnavailable."""
         self.path = os.path.abspath(os.fspath(path))
         self.url = url_of_path(self.path)
         self._timeout = timeout_s
@@ -142,14 +192,22 @@ class SqliteStore:
         self._write_lock, self._write_lock_pid = threading.Lock(), os.getpid()
         self._target, self._uri = self.path, False  # what sqlite3.connect opens (a URI when read-only)
         self.read_only: str | None = None  # why this store was opened read-only, if it was
+        self._ready = False  # its layout checked (and made, in a new file); until then each use checks first
         try:
             _refuse_dangling_link(self.path)
+            if not writable:
+                problem = self._open_read_only("opened read-only")
+                if problem is not None:
+                    raise StoreUnavailable(f"cannot read tuning store {self.path}: {problem}")
+                return
             parent = os.path.dirname(self.path)
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
-            self._write(self._init_schema)
+            self._settle()
         except (OSError, sqlite3.Error) as exc:
-            if not self._open_read_only(exc):
+            if _is_busy(exc):  # another process's long write: it is checked again at the next use
+                log.info("tunevault: tuning store %s is busy (%s); opening it when it is free", self.path, exc)
+            elif not (_cannot_write(exc) and self._open_read_only(exc) is None):
                 self.close()
                 raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}") from exc
         except StoreUnavailable:
@@ -171,6 +229,7 @@ class SqliteStore:
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA trusted_schema = OFF")  # the file's schema runs no SQL functions of ours
         except sqlite3.Error:
             db.close()
             raise
@@ -181,6 +240,12 @@ class SqliteStore:
         return db
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on this thread's connection, once the file's layout is known to be ours."""
+        if not self._ready:
+            self._settle_late()
+        return self._retrying(fn)
+
+    def _retrying(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on this thread's connection, retrying lock contention beyond busy_timeout."""
         deadline = time.monotonic() + 3 * self._timeout
         while True:
@@ -207,16 +272,42 @@ class SqliteStore:
         finally:
             lock.release()
 
+    def _settle(self) -> None:
+        """Check the file's layout; a new file gets its tables (the only time opening writes)."""
+        if not self._retrying(self._check_layout):
+            self._retrying(self._init_schema)
+        self._ready = True
+
+    def _settle_late(self) -> None:
+        """The store was busy when opened: settle it now, or fail this use only (StoreUnavailable)."""
+        try:
+            self._settle()
+        except (OSError, sqlite3.Error) as exc:
+            if _cannot_write(exc) and self._open_read_only(exc) is None:
+                return
+            busy = "; it is tried again at the next use" if _is_busy(exc) else ""
+            raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}{busy}") from exc
+
+    def _check_layout(self, db: sqlite3.Connection) -> bool:
+        """Raise StoreUnavailable for a file that is not a tuning store we can use; True when it is
+        complete (WAL, tables made), so opening takes no write lock."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > LAYOUT_VERSION:
+            raise StoreUnavailable(
+                f"tuning store {self.path} has layout version {version}, newer than this tunevault "
+                f"understands ({LAYOUT_VERSION}); upgrade tunevault or point it at another file")
+        problem = _layout_problem(db, complete=version == LAYOUT_VERSION)
+        if problem is not None:
+            raise StoreUnavailable(f"{self.path} is not a tuning store tunevault can use: {problem}; "
+                                   "refusing to read or write it")
+        return version == LAYOUT_VERSION and str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"
+
     def _init_schema(self, db: sqlite3.Connection) -> None:
         if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op once set
         with _immediate(db):
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > LAYOUT_VERSION:
-                raise StoreUnavailable(
-                    f"tuning store {self.path} has layout version {version}, newer than this tunevault "
-                    f"understands ({LAYOUT_VERSION}); upgrade tunevault or point it at another file")
-            if version == LAYOUT_VERSION:
+            self._check_layout(db)  # again under the lock: another process may have made it meanwhile
+            if db.execute("PRAGMA user_version").fetchone()[0] == LAYOUT_VERSION:
                 return
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if tables - set(_TABLES):
@@ -226,32 +317,38 @@ class SqliteStore:
                 db.execute(ddl)
             db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
 
-    def _open_read_only(self, exc: BaseException) -> bool:
+    def _open_read_only(self, why: BaseException | str) -> str | None:
         """A decided store in a directory or on a mount this process cannot write: read it as is.
+        Returns None when opened so, else why not.
 
         ``mode=ro`` first (a WAL file needs its ``-shm`` then); on read-only media, where nobody
         can write the file either, ``immutable=1``. Writes and leases then raise StoreUnavailable,
         so new decisions stay in memory with one warning, and every stored key is still a hit."""
         if not os.path.isfile(self.path):
-            return False
+            return "no such file"
+        problem = "SQLite cannot read it"
         for option in ("mode=ro", "immutable=1"):
             target = f"file:{urllib.parse.quote('/' + self.path.lstrip('/'))}?{option}"  # "//x": no URI authority
             try:
                 db = sqlite3.connect(target, uri=True, timeout=self._timeout)
                 try:
+                    db.execute("PRAGMA trusted_schema = OFF")
                     version = db.execute("PRAGMA user_version").fetchone()[0]
-                    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                    layout = _layout_problem(db, complete=True)
                 finally:
                     db.close()
-            except sqlite3.Error:
+            except sqlite3.Error as exc:
+                problem = f"SQLite cannot read it ({exc})"
                 continue
-            if version != LAYOUT_VERSION or not set(_TABLES) <= tables:
-                return False
-            self._target, self._uri, self.read_only = target, True, f"cannot write: {exc}"
-            log.info("tunevault: tuning store %s is not writable (%s); reading its decisions (%s), keeping new "
-                     "ones in memory", self.path, exc, option)
-            return True
-        return False
+            if version != LAYOUT_VERSION or layout is not None:
+                return layout or f"its layout version is {version}, not {LAYOUT_VERSION}"
+            self._target, self._uri, self._ready = target, True, True
+            self.read_only = why if isinstance(why, str) else f"cannot write: {why}"
+            if not isinstance(why, str):
+                log.info("tunevault: tuning store %s is not writable (%s); reading its decisions (%s), keeping "
+                         "new ones in memory", self.path, why, option)
+            return None
+        return problem
 
     # -- validation and warnings ------------------------------------------------------------
 
@@ -324,14 +421,29 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot write to tuning store {self.path}: {exc}") from exc
 
     def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
-        """Rows are fetched in one short read, then validated and filtered as they are yielded."""
+        """Rows are fetched in one short read, then validated and filtered as they are yielded;
+        an unreadable store is a warning and no rows (a miss, for the runtime)."""
+        try:
+            rows = self._rows(query)
+        except StoreUnavailable as exc:
+            self._unreadable(exc)
+            return
+        yield from self._valid(rows, query)
+
+    def listing(self, query: Query = EVERYTHING) -> list[Decision]:
+        """What ``decisions`` yields, for tools (``tunevault diff``, ``ls``): an unreadable store raises
+        StoreUnavailable instead of reading as empty, which would look like agreement."""
+        return list(self._valid(self._rows(query), query))
+
+    def _rows(self, query: Query) -> list[tuple[Any, ...]]:
         where, params = _where(query)
         sql = f"SELECT {_COLUMNS} FROM decisions{where} ORDER BY kernel_name, created"
         try:
-            rows = self._run(lambda db: db.execute(sql, params).fetchall())
-        except (sqlite3.Error, StoreUnavailable) as exc:
-            self._unreadable(exc)
-            return
+            return self._run(lambda db: db.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read tuning store {self.path}: {exc}") from exc
+
+    def _valid(self, rows: list[tuple[Any, ...]], query: Query) -> Iterator[Decision]:
         for row in rows:
             decision = self._decode(row)
             if decision is not None and query.matches(decision):
