@@ -263,3 +263,156 @@ def test_autotuner_over_a_plain_object_runs_stock(tv: Any) -> None:
                       do_bench=lambda call, quantiles: (call(), [float(launched[-1])] * 3)[1])
     tuner.run()
     assert launched == [16, 32, 64, 128, 16] and tuner.best_config.kwargs["BLOCK"] == 16
+
+
+# 8. A meta-parameter the autotuner sets, passed by hand: stock's ValueError in every mode.
+
+def _run_with_block(kernel: Any, n: int, block: int) -> None:
+    x = torch.arange(n, dtype=torch.float32)
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, torch.empty_like(x), n, BLOCK=block)
+
+
+@pytest.mark.parametrize("mode", ["tune", "first"])
+def test_passing_an_autotuned_meta_parameter_raises_what_stock_raises(sqlite_url: str, mode: str) -> None:
+    def scenario() -> list[Any]:
+        # No do_bench of the kernel's own: tunevault's own timer runs (stock raises before it times)
+        kernel = _fresh()
+        with pytest.raises(Exception) as err:
+            _run_with_block(kernel, 100, 32)
+        # one config left by the prune: what stock does with it (benchmarked or not) decides the error
+        single = _fresh(prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: configs[:1]})
+        with pytest.raises(Exception) as single_err:
+            _run_with_block(single, 100, 32)
+        return [type(err.value), str(err.value), type(single_err.value), list(kc.LAUNCHED)]
+
+    stock, ours = _on_both(scenario, sqlite_url, mode)
+    assert stock[0] is ValueError and "Conflicting meta-parameters: BLOCK" in stock[1]
+    assert ours == stock
+
+
+# 9. ``autotuner.configs`` replaced or edited after the first call: decided among what it is now.
+
+def test_replacing_the_configs_list_decides_among_the_new_configs(sqlite_url: str) -> None:
+    def scenario() -> tuple[list[int], int, list[int]]:
+        seen: list[int] = []
+        kernel = _fresh(do_bench=_counting_bench(seen))
+        kc.run(kernel, 100)  # BLOCK=16, the first declared, wins
+        kernel.configs = [triton.Config({"BLOCK": b}) for b in (128, 64, 32)]
+        kernel.cache.clear()
+        del seen[:]
+        kc.run(kernel, 100)
+        timed = sorted(c.kwargs["BLOCK"] for c in kernel.configs_timings)
+        return sorted(seen), kernel.best_config.kwargs["BLOCK"], timed
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock == ([32, 64, 128], 32, [32, 64, 128])
+    assert ours == stock
+
+
+def test_a_config_edited_in_place_is_not_launched_under_the_old_decision(sqlite_url: str) -> None:
+    def scenario() -> tuple[list[int], int]:
+        seen: list[int] = []
+        kernel = _fresh(do_bench=_counting_bench(seen))
+        kc.run(kernel, 100)  # BLOCK=16 (declared #0) wins, and is stored
+        kernel.configs[0].kwargs["BLOCK"] = 256  # the same Config object, now another config
+        kernel.cache.clear()
+        del seen[:]
+        kc.run(kernel, 100)
+        return sorted(seen), kernel.best_config.kwargs["BLOCK"]
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock == ([32, 64, 128, 256], 32)
+    assert ours == stock
+
+
+# 10. ``autotuner.cache`` assigned, or changed through a reference taken before the first call.
+
+@pytest.mark.parametrize("mode", ["tune", "first"])
+def test_the_cache_assigned_or_held_by_reference_is_the_one_launches_follow(sqlite_url: str, mode: str) -> None:
+    def scenario() -> list[Any]:
+        kernel = _fresh(do_bench=_counting_bench([]))
+        held = kernel.cache  # e.g. a registry that clears caches, taken at import
+        kc.run(kernel, 100)
+        (key, decided), = kernel.cache.items()
+        pinned = next(c for c in kernel.configs if c.kwargs["BLOCK"] == 128)
+        held[key] = pinned
+        kc.clear()
+        kc.run(kernel, 100)
+        via_reference = list(kc.LAUNCHED)
+        other = next(c for c in kernel.configs if c.kwargs["BLOCK"] == 64)
+        kernel.cache = {key: other}  # pin by replacing the dict
+        kc.clear()
+        kc.run(kernel, 100)
+        via_assignment = list(kc.LAUNCHED)
+        kernel.cache |= {key: pinned}
+        kc.clear()
+        kc.run(kernel, 100)
+        return [held is kernel.cache or "replaced", via_reference, via_assignment, list(kc.LAUNCHED),
+                len(kernel.cache)]
+
+    stock, ours = _on_both(scenario, sqlite_url, mode)
+    assert stock[1:] == [[128], [64], [128], 1]
+    assert ours[1:] == stock[1:]
+    import tunevault
+
+    tunevault.uninstall()
+    assert "cache" not in Autotuner.__dict__  # stock's class again: no property left behind
+
+
+# 11. configs_timings when early_config_prune makes up Config objects.
+
+def test_configs_timings_map_each_pruned_config_to_its_own_timing(sqlite_url: str) -> None:
+    def scenario() -> list[tuple[str, list[float], bool]]:
+        made: list[triton.Config] = []
+
+        def prune(configs: list[triton.Config], nargs: dict[str, Any], **kw: Any) -> list[triton.Config]:
+            made[:] = [configs[0], triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})]
+            return made
+
+        kernel = _fresh(do_bench=_counting_bench([]), prune_configs_by={"early_config_prune": prune})
+        kc.run(kernel, 100)
+        return sorted((str(c), t, any(c is m for m in made)) for c, t in kernel.configs_timings.items())
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert sorted(t[0] for _, t, _ in stock) == [16.0, 64.0, 128.0] and all(m for *_, m in stock)
+    assert ours == stock
+
+
+# 12. An Autotuner subclass that measures configs its own way.
+
+class _OwnBench(Autotuner):
+    """Times each config as its ``_bench`` says (prefers the largest BLOCK), as stock calls it."""
+
+    calls: list[int] = []
+
+    def _bench(self, *args: Any, config: triton.Config, **meta: Any) -> list[float]:
+        _OwnBench.calls.append(config.kwargs["BLOCK"])
+        assert self.nargs is not None and "x_ptr" in self.nargs  # stock sets nargs before benchmarking
+        return [1000.0 / config.kwargs["BLOCK"]] * 3
+
+
+class _OwnDoBench(Autotuner):
+    """Replaces ``do_bench``, which Triton's own ``_bench`` calls for every config."""
+
+    calls: list[int] = []
+
+    @property
+    def do_bench(self) -> Callable[..., list[float]]:
+        def bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+            kernel_call()
+            _OwnDoBench.calls.append(kc.LAUNCHED[-1])
+            return [1000.0 / kc.LAUNCHED[-1]] * 3
+        return bench
+
+
+@pytest.mark.parametrize("subclass", [_OwnBench, _OwnDoBench])
+def test_a_subclass_measuring_its_own_way_is_what_decides(sqlite_url: str, subclass: type[Any]) -> None:
+    def scenario() -> tuple[list[int], int]:
+        subclass.calls = []
+        kernel = subclass(kc._Recording(kc.copy_kernel), kc.copy_kernel.arg_names, kc.configs(), ["n"], None, None)
+        kc.run(kernel, 100)
+        return sorted(subclass.calls), kernel.best_config.kwargs["BLOCK"]
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock == ([16, 32, 64, 128], 128)
+    assert ours == stock

@@ -290,6 +290,12 @@ def kernel_id(autotuner: KernelInterface) -> KernelId:
     return kid
 
 
+def forget_kernel_id(autotuner: KernelInterface) -> None:
+    """Drop the cached KernelId, so the next ``kernel_id`` hashes the autotuner's configs again."""
+    with contextlib.suppress(TypeError):
+        _KERNEL_IDS.pop(autotuner, None)
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET``)."""
     try:

@@ -43,7 +43,7 @@ def dtype_label(dtype: Any) -> str:  # an argument's ``.dtype``: torch's, numpy'
 
 class KernelState:
     __slots__ = ("autotuner", "arg_names", "argset", "keys", "key_fns", "hits", "lock",
-                 "_kernel_id", "_specs", "n_hits", "first_logged", "__weakref__")
+                 "_kernel_id", "_specs", "_configs", "_declared", "n_hits", "first_logged", "__weakref__")
 
     def __init__(self, autotuner: Autotuner) -> None:
         self.autotuner = autotuner
@@ -57,6 +57,10 @@ class KernelState:
         self.lock = threading.RLock()
         self._kernel_id: KernelId | None = None
         self._specs: list[ConfigSpec] | None = None
+        # the declared list the identity and specs were made from, and its elements (kept, so that
+        # their ids cannot be reused by new objects)
+        self._configs: list[Config] = autotuner.configs
+        self._declared: tuple[Config, ...] = tuple(autotuner.configs)
         self.n_hits = 0
         self.first_logged = False
         _states.add(self)
@@ -100,13 +104,35 @@ class KernelState:
             self._specs = [config_spec(c) for c in self.autotuner.configs]
         return self._specs
 
+    def refresh_configs(self) -> bool:
+        """Start over when ``autotuner.configs`` was replaced or edited since the identity was made
+        (a new list, or other Config objects in it): the kernel's identity (its config hash), the
+        specs and the in-memory hits all name positions in the old list. Miss path only."""
+        configs = self.autotuner.configs
+        if configs is self._configs and len(configs) == len(self._declared) and all(
+                a is b for a, b in zip(configs, self._declared, strict=True)):
+            return False
+        from tunevault.core.identity import forget_kernel_id
+
+        self._configs, self._declared = configs, tuple(configs)
+        forget_kernel_id(self.autotuner)
+        self._kernel_id = None
+        self._specs = None
+        self.hits.clear()
+        return True
+
     def remember(self, raw_key: tuple, config: Config) -> None:
         self.hits[raw_key] = (config, config.all_kwargs(), config.pre_hook)
 
     def declared_index(self, index: int, spec: ConfigSpec) -> int | None:
-        """The declared config a stored decision names, or None: entries cannot inject configs."""
-        specs = self.specs
-        if 0 <= index < len(specs) and specs[index] == spec:
+        """The declared config a stored decision names, or None: entries cannot inject configs.
+
+        The config at ``index`` is read again, not only its cached spec: a Config edited in place
+        since would otherwise launch under a decision made for what it was."""
+        from tunevault.core.identity import config_spec
+
+        specs, configs = self.specs, self.autotuner.configs
+        if 0 <= index < min(len(specs), len(configs)) and specs[index] == spec and config_spec(configs[index]) == spec:
             return index
         return None
 

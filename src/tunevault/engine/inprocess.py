@@ -86,6 +86,25 @@ def bench_candidates(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], 
     return results
 
 
+def bench_own(autotuner: Autotuner, bench: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+              nargs: dict[str, Any], index: int, config: Config, spec: ConfigSpec) -> CandidateResult:
+    """Time one config through the autotuner's own ``_bench`` (engine.timing.own_bench), called as
+    stock calls it: the call's arguments, ``config=``, and ``self.nargs`` set to this call's. Its
+    noise is unknown, so the selection ties it by ``tolerance`` alone."""
+    previous, autotuner.nargs = getattr(autotuner, "nargs", None), nargs
+    try:
+        timings = bench(*args, config=config, **kwargs)
+        values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise RuntimeError(f"benchmark returned {values}")  # stock's _bench reports failures as inf
+        return CandidateResult(index, spec, tuple(values))
+    except Exception as exc:
+        log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
+        return CandidateResult(index, spec, (), f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        autotuner.nargs = previous
+
+
 def precompile(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
                threads: int | None = None) -> None:
     """Compile every config in a thread pool before any is timed; best effort, errors surface later.
@@ -209,9 +228,15 @@ class InProcessSession:
             CPU_SCREEN_ROUNDS,
             benchmarker_for,
             cpu_reps,
+            own_bench,
             uses_cpu_timer,
         )
 
+        own = own_bench(self.autotuner)
+        if own is not None:
+            return {i: self._skipped(i) if self._late() else
+                    bench_own(self.autotuner, own, self.args, self.kwargs, self.nargs, i, self.configs[i],
+                              self.specs[i]) for i in indices}
         if uses_cpu_timer(self.autotuner):
             if effort == "screen":
                 return self._interleaved(indices, CPU_SCREEN_ROUNDS, CPU_SCREEN_QUANTILES)

@@ -125,5 +125,22 @@ def uses_cpu_timer(autotuner: Autotuner) -> bool:
 
 
 def has_own_benchmarker(autotuner: Autotuner) -> bool:
-    """A user ``do_bench`` has one effort only, so screening with it would time everything twice."""
-    return getattr(autotuner, "_do_bench", None) is not None
+    """A user ``do_bench`` (or ``_bench``) has one effort only, so screening with it would time
+    everything twice."""
+    return getattr(autotuner, "_do_bench", None) is not None or own_bench(autotuner) is not None
+
+
+def own_bench(autotuner: Autotuner) -> Callable[..., Any] | None:
+    """The autotuner's own ``_bench`` where its subclass (or the instance) replaces how Triton's
+    measures a config, or its subclass replaces ``do_bench``, which Triton's ``_bench`` calls: stock
+    measures every config through it, so tunevault must too. None for Triton's own (compared with
+    ``Autotuner``'s attributes as they are now, so a shim patched onto the class is not "own")."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(autotuner, Autotuner):
+        return None
+    cls = type(autotuner)
+    if ("_bench" in vars(autotuner) or cls._bench is not Autotuner._bench
+            or getattr(cls, "do_bench", None) is not getattr(Autotuner, "do_bench", None)):
+        return autotuner._bench
+    return None

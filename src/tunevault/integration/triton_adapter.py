@@ -31,6 +31,9 @@ _lock = threading.RLock()
 _original_run: Any = None  # stock Autotuner.run while installed, else None (Any: _run calls it with no None check)
 _runtime: Runtime | None = None
 _attached: weakref.WeakSet[Autotuner] = weakref.WeakSet()
+_mirrored: weakref.WeakSet[Autotuner] = weakref.WeakSet()  # whose ``cache`` is a MirroredCache now
+_NO_ATTR = object()
+_original_cache_attr: Any = _NO_ATTR  # Autotuner's own class attribute ``cache`` while installed (it has none)
 _hit_hook: HitHook | None = None  # key capture's counter, set only while capturing
 
 
@@ -40,15 +43,68 @@ def _attach(autotuner: Autotuner) -> KernelState | None:
     with _lock:
         if STATE_ATTR in autotuner.__dict__:
             return autotuner.__dict__[STATE_ATTR]
-        state = None
-        if is_kernel(autotuner):
-            state = KernelState(autotuner)
-            # Same contents, but changes made by others (``cache.clear()``, a config written in
-            # by hand) reach the hot path's own dict, as they reach stock Triton's lookups.
-            autotuner.cache = MirroredCache(autotuner.cache, state.hits.clear)
+        state = KernelState(autotuner) if is_kernel(autotuner) else None
         setattr(autotuner, STATE_ATTR, state)
         _attached.add(autotuner)
         return state
+
+
+def _on_change(autotuner: Autotuner) -> Callable[[], None]:
+    """What a MirroredCache calls when someone else changes it: the hot path's own dict forgets."""
+    ref = weakref.ref(autotuner)
+
+    def forget() -> None:
+        owner = ref()
+        state = None if owner is None else owner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+    return forget
+
+
+def _get_cache(autotuner: Autotuner) -> MirroredCache:
+    """``Autotuner.cache`` while installed: the dict in the instance, made a MirroredCache on the
+    first read, so a reference taken from then on is the cache the miss path reads and writes."""
+    try:
+        cache = autotuner.__dict__["cache"]
+    except KeyError:
+        raise AttributeError(f"{type(autotuner).__name__!r} object has no attribute 'cache'") from None
+    if type(cache) is MirroredCache:
+        return cache
+    with _lock:
+        cache = autotuner.__dict__["cache"]
+        if type(cache) is not MirroredCache:
+            cache = autotuner.__dict__["cache"] = MirroredCache(cache, _on_change(autotuner))
+            _mirrored.add(autotuner)
+        return cache
+
+
+def _set_cache(autotuner: Autotuner, value: Any) -> None:
+    """``autotuner.cache = d`` as stock honours it: the hot path forgets what it decided, and the
+    next call of each key reads ``d``. ``d``'s contents are taken over (see docs/conformance.md)."""
+    with _lock:
+        if value is not autotuner.__dict__.get("cache"):  # ``cache |= d`` assigns the cache itself back
+            value = MirroredCache(value, _on_change(autotuner))
+            autotuner.__dict__["cache"] = value
+            _mirrored.add(autotuner)
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+
+def _del_cache(autotuner: Autotuner) -> None:
+    with _lock:
+        try:
+            del autotuner.__dict__["cache"]
+        except KeyError:
+            raise AttributeError("cache") from None
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+
+_CACHE_PROPERTY = property(_get_cache, _set_cache, _del_cache,
+                           "Decided configs by Triton's key; tunevault's hot path follows every change.")
 
 
 def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
@@ -93,7 +149,7 @@ def install(settings: Settings) -> Runtime:
         sealed = _runtime.on_miss if _runtime is not None and _runtime.sealed else None
         if _runtime is not None:
             _runtime.close()
-        _drop_states()
+        _drop_states(unwrap=False)
         _runtime = Runtime(settings, _warm_up_pending)
         if sealed is not None:  # a plugin re-installing must not reopen tuning on the request path
             import weakref
@@ -104,6 +160,7 @@ def install(settings: Settings) -> Runtime:
         if _original_run is None:
             _original_run = Autotuner.run
             Autotuner.run = _run if _hit_hook is None else _run_counting_hits
+            _install_cache_property(Autotuner)
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
 
@@ -129,7 +186,8 @@ def uninstall() -> None:
 
             Autotuner.run = _original_run
             _original_run = None
-        _drop_states()
+        _drop_states(unwrap=True)
+        _uninstall_cache_property()
         if _runtime is not None:
             _runtime.close()
             _runtime = None
@@ -137,13 +195,43 @@ def uninstall() -> None:
             sys.modules["tunevault.engine.isolated"].retire_idle()
 
 
-def _drop_states() -> None:
+def _install_cache_property(autotuner_class: type[Autotuner]) -> None:
+    """Make ``autotuner.cache`` a property (a data descriptor, so it wins over the instance's dict
+    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check."""
+    global _original_cache_attr
+    _original_cache_attr = autotuner_class.__dict__.get("cache", _NO_ATTR)
+    autotuner_class.cache = _CACHE_PROPERTY  # type: ignore[assignment]
+
+
+def _uninstall_cache_property() -> None:
+    global _original_cache_attr
+    from triton.runtime.autotuner import Autotuner
+
+    if Autotuner.__dict__.get("cache") is _CACHE_PROPERTY:
+        if _original_cache_attr is _NO_ATTR:
+            del Autotuner.cache
+        else:
+            Autotuner.cache = _original_cache_attr
+    _original_cache_attr = _NO_ATTR
+
+
+def _drop_states(unwrap: bool) -> None:
+    """Forget every per-kernel state and take tunevault's decisions out of each ``cache``; with
+    ``unwrap`` (uninstall) each cache becomes a plain dict again, else (re-install) it stays the
+    same object, so references to it keep working."""
     for autotuner in list(_attached):
         autotuner.__dict__.pop(STATE_ATTR, None)
-        cache = autotuner.__dict__.get("cache")
-        if isinstance(cache, MirroredCache):  # back to a plain dict, less what tunevault decided
-            autotuner.cache = cache.without_own()
     _attached.clear()
+    for autotuner in list(_mirrored):
+        cache = autotuner.__dict__.get("cache")
+        if type(cache) is not MirroredCache:
+            continue
+        if unwrap:
+            autotuner.__dict__["cache"] = cache.without_own()
+        else:
+            cache.drop_own()
+    if unwrap:
+        _mirrored.clear()
 
 
 def set_hit_hook(hook: HitHook | None) -> None:

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningKey
+from tunevault.engine.inprocess import check_conflicts
 from tunevault.engine.select import NoWorkingConfig, select
+from tunevault.engine.timing import own_bench
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
 from tunevault.policy.diagnose import TuningMiss, explain_miss
@@ -65,6 +67,7 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
         if hit is not None:
             return launch(st.autotuner, args, kwargs, *hit)
         st.key_fns.specialise(args, kwargs)
+        st.refresh_configs()
         at = st.autotuner
         at.nargs = dict(zip(at.arg_names, args, strict=False))
         try:
@@ -95,6 +98,7 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     indexed = _indexed(at, at.prune_configs(kwargs))  # the installed Triton's pruning, its errors
     if not indexed:  # Triton < 3.6 lets an empty prune reach its min(): the same error, from min()
         min(())
+    _check_conflicts(kwargs, indexed)
     if rt.settings.mode == "first":
         return first_working(st, args, kwargs, key, indexed)
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
@@ -108,18 +112,30 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
-    return _adopt(rt, st, decision, key, args, kwargs), _NOT_LAUNCHED
+    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED
+
+
+def _check_conflicts(kwargs: dict[str, Any], indexed: Indexed) -> None:
+    """Stock's ``ValueError`` for a meta-parameter passed by hand that a pruned config sets, raised
+    before anything is measured or tried (inside a config's trial it would read as that config
+    failing). Stock checks only when it benchmarks: a single survivor it does not benchmark
+    launches, and the JIT function rejects the duplicate keyword as it does there."""
+    if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
+        return
+    for _index, config in indexed:
+        check_conflicts(kwargs, config)
 
 
 def _adopt(rt: Runtime, st: KernelState, decision: Decision, stock_key: tuple | None, args: tuple,
-           kwargs: dict[str, Any]) -> Config:
+           kwargs: dict[str, Any], indexed: Indexed) -> Config:
     """Launch a stored decision's config: a store hit for observers (key capture), and for the
-    autotuner's public state and Triton's listener a disk-cache hit, as stock reports one."""
+    autotuner's public state and Triton's listener a disk-cache hit, as stock reports one.
+    Its timings go to this call's pruned configs (``indexed``), as stock's disk cache gives them."""
     at = st.autotuner
     rt.notify("hit", st, decision.key, args, kwargs)
     config = at.configs[decision.config_index]
     if stock_key is not None:
-        stock.after_decision(at, stock_key, config, stock.timings_by_config(at.configs, decision.candidates),
+        stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), decision.candidates),
                              None, fresh=False)
     return config
 
@@ -291,6 +307,7 @@ def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key:
     at = st.autotuner
     if indexed is None:  # a background job: the request path sets and clears nargs under the same lock
         with st.lock:
+            st.refresh_configs()
             at.nargs = dict(zip(at.arg_names, args, strict=False))
             try:
                 indexed = _indexed(at, at.prune_configs(kwargs))
@@ -300,7 +317,7 @@ def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key:
 
     def adopt() -> Config | None:  # another process published it meanwhile
         decision = _stored(rt, st, key, allowed)
-        return None if decision is None else _adopt(rt, st, decision, stock_key, args, kwargs)
+        return None if decision is None else _adopt(rt, st, decision, stock_key, args, kwargs, indexed)
 
     name = lease_name(st.kernel_id.digest, rt.fingerprint.digest, key.text)
     return under_lease(rt, name, f"{st.kernel_id.name} [{key.describe()}]", adopt,
@@ -316,7 +333,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     at, kid = st.autotuner, st.kernel_id
     started = time.perf_counter()
     verbose = stock.print_enabled()
-    if verbose:  # stock Triton's per-config lines
+    if verbose and own_bench(at) is None:  # stock Triton's per-config lines (its own _bench prints them)
         for _i, c in indexed:
             print(f"Autotuning kernel {at.base_fn.__name__} with config {c}")
     results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed])
@@ -357,8 +374,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     _report_tuning(rt, st, key, decision, results, seconds, args, kwargs)
     at.pre_hook({**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}, reset_only=True)
     if stock_key is not None:
-        pruned = [c for i, c in indexed if i >= len(at.configs)]
-        stock.after_decision(at, stock_key, config, stock.timings_by_config(at.configs, results, pruned),
+        stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), results),
                              seconds, fresh=True)
     return config
 

@@ -68,17 +68,21 @@ def print_enabled() -> bool:
         return os.environ.get("TRITON_PRINT_AUTOTUNING", "0") == "1"
 
 
-def timings_by_config(configs: list[Config], results: list[CandidateResult] | tuple[CandidateResult, ...],
-                      pruned: list[Config] | None = None) -> dict[Config, list[float]]:
-    """``configs_timings`` as Triton fills it: each measured config -> its quantiles; failures inf."""
+def timings_by_config(by_index: Mapping[int, Config],
+                      results: list[CandidateResult] | tuple[CandidateResult, ...]) -> dict[Config, list[float]]:
+    """``configs_timings`` as Triton fills it: each measured config -> its quantiles; failures inf.
+
+    ``by_index``: the pruned configs by candidate index (a declared index, or ``len(configs)+j``
+    for the j-th pruned config the kernel does not declare), so each timing lands on the very
+    Config object that was measured, as stock's ``{config: self._bench(...)}`` does. A result
+    whose config spec differs from that object's (a stored decision read back) is left out.
+    """
+    from tunevault.core.identity import config_spec
+
     out: dict[Config, list[float]] = {}
-    extra = pruned or []
     for r in results:
-        if 0 <= r.index < len(configs):
-            config = configs[r.index]
-        elif 0 <= r.index - len(configs) < len(extra):
-            config = extra[r.index - len(configs)]
-        else:
+        config = by_index.get(r.index)
+        if config is None or config_spec(config) != r.config:
             continue
         out[config] = list(r.timings) if r.ok else [float("inf")] * 3
     return out
@@ -152,6 +156,12 @@ class MirroredCache(dict):  # type: ignore[type-arg]
     def without_own(self) -> dict[tuple, Config]:
         """What stock Triton would have: entries written by others (before install, or by hand)."""
         return {k: v for k, v in self.items() if k not in self._own}
+
+    def drop_own(self) -> None:
+        """Take tunevault's entries out, in place and silently (its runtime is being replaced)."""
+        for key in self._own:
+            super().pop(key, None)
+        self._own.clear()
 
     def _changed(self) -> None:
         self._own.intersection_update(self.keys())
