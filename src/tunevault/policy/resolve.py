@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningKey
+from tunevault.engine.failures import TuningError, losing_errors
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
@@ -33,19 +34,15 @@ if TYPE_CHECKING:
 Indexed = list[tuple[int, "Config"]]  # (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
-class TuningError(RuntimeError):
-    """Every config of a kernel failed for a key."""
-
-
 def compile_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this config does not build here", across Triton versions."""
+    """Errors that mean "this config does not build here" for ``mode="first"`` and the fallback's
+    probe: the ones that make a config lose in stock's benchmark, and any compile error."""
     import triton.compiler.errors as ce
     import triton.runtime.errors as re
 
     # The interpreter has no compile step: a failing static_assert surfaces as InterpreterError.
-    names = [(re, "OutOfResources"), (re, "PTXASError"), (ce, "CompilationError"),
-             (ce, "CompileTimeAssertionFailure"), (re, "InterpreterError")]
-    return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
+    names = [(ce, "CompilationError"), (re, "InterpreterError")]
+    return losing_errors() + tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
 def launch(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
