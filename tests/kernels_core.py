@@ -67,6 +67,38 @@ def hopeless(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(x_ptr + offs))
 
 
+def out_of_resources(nargs: dict[str, Any]) -> None:
+    """What launching a config too large for the device raises; stock's benchmark lets that config
+    lose (a static_assert cannot stand in for it here: the interpreter raises InterpreterError,
+    which stock lets reach the caller)."""
+    from triton.runtime.errors import OutOfResources
+
+    raise OutOfResources(262144, 232448, "shared memory")
+
+
+def _oversized(*blocks: int, too_large: tuple[int, ...]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK": b}, num_warps=w, pre_hook=out_of_resources if i in too_large else None)
+            for i, (b, w) in enumerate(zip(blocks, (1, 2, 4), strict=False))]
+
+
+@triton.autotune(configs=_oversized(32, 16, 64, too_large=(0,)), key=["n"])
+@triton.jit
+def oversized(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Config #0 (BLOCK=32) runs out of resources: it loses, as in stock Triton."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
+@triton.autotune(configs=_oversized(16, 32, too_large=(0, 1)), key=["n"])
+@triton.jit
+def too_large(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Every config runs out of resources."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
+
+
 @triton.autotune(configs=_three(16, 32, 64), key=["n"], reset_to_zero=["acc_ptr"])
 @triton.jit
 def accumulate(x_ptr, acc_ptr, n, BLOCK: tl.constexpr):

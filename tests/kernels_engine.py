@@ -97,6 +97,35 @@ def add_fails(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
 
 
+def out_of_resources_in_worker(nargs: dict) -> None:
+    """What a config too large for the device raises: it loses, in stock Triton as here."""
+    if in_worker():
+        from triton.runtime.errors import OutOfResources
+
+        raise OutOfResources(262144, 232448, "shared memory")
+
+
+def out_of_memory_in_worker(nargs: dict) -> None:
+    """The worker shares the server's device: running out of memory there is the worker's lot."""
+    if in_worker():
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def key_error_in_worker(nargs: dict) -> None:
+    """A bug in a hook: stock Triton lets it reach the caller."""
+    if in_worker():
+        raise KeyError("no scale for this BLOCK")
+
+
+@triton.autotune(configs=_configs(32, 64, 128, 16, **{"0": out_of_resources_in_worker, "1": out_of_memory_in_worker,
+                                                      "2": key_error_in_worker}), key=["n"])
+@triton.jit
+def add_buggy_hook(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
+
+
 HICCUPS = {"calls": 0}
 
 

@@ -34,7 +34,7 @@ import kernels_core as kc  # @triton.autotune kernels, defined after the startup
 from conftest import count_launches  # test instrumentation only: counts launches below the autotuner
 
 calls = []
-for kernel in (kc.add_one, kc.add_one, kc.accumulate, kc.picky):
+for kernel in (kc.add_one, kc.add_one, kc.accumulate, kc.oversized):
     for n in (40, 48):
         x = kc.vec(n)
         out = torch.zeros_like(x)
@@ -141,13 +141,13 @@ def test_first_mode_from_environment(venvs: dict[str, Path], tmp_path: Path) -> 
     db = tmp_path / "never.db"
     res, err = run_in(venvs["wheel"], SERVER, TUNEVAULT_MODE="first", TUNEVAULT_STORE=f"sqlite:///{db}")
     assert all(c["ok"] for c in res["calls"])
-    # Never benchmarks: one launch per call (picky's failing config #0 is one failed attempt per key;
-    # accumulate has reset_to_zero, so its config is tried once through the hooks, then launched).
-    assert [c["launches"] for c in res["calls"]] == [1, 1, 1, 1, 2, 2, 2, 2]
+    # Never benchmarks: one launch per call (oversized's config #0 fails in its pre_hook, before any
+    # launch; accumulate has reset_to_zero, so its config is tried once through the hooks, then launched).
+    assert [c["launches"] for c in res["calls"]] == [1, 1, 1, 1, 2, 2, 1, 1]
     lines = [line for line in err.splitlines() if "[first]" in line]
     assert len(lines) == 3, err  # exactly one line per unique kernel
     assert "add_one: 3 candidate configs, picked #0" in lines[0]
-    assert "picky: 3 candidate configs, picked #1" in lines[2]
+    assert "oversized: 3 candidate configs, picked #1" in lines[2]
     assert not db.exists()  # nothing to store
 
 

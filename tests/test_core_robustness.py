@@ -20,7 +20,7 @@ def store_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 def serve_everything() -> None:
     """Two kernels, two keys each, twice: every result right, each key tuned once."""
     for _round in range(2):
-        for kernel in (kc.add_one, kc.picky):
+        for kernel in (kc.add_one, kc.oversized):
             for n in (40, 48):
                 with count_launches(kernel) as launches:
                     assert torch.equal(kc.run_unary(kernel, n), kc.expected_unary(n))
@@ -107,6 +107,6 @@ def test_store_failing_after_open_never_fails_a_call(sqlite_url: str,
     caplog.set_level(logging.WARNING, logger="tunevault")
     for n in (48, 56):
         assert torch.equal(kc.run_unary(kc.add_one, n), kc.expected_unary(n))
-        assert torch.equal(kc.run_unary(kc.picky, n), kc.expected_unary(n))
+        assert torch.equal(kc.run_unary(kc.oversized, n), kc.expected_unary(n))
     assert torch.equal(kc.run_unary(kc.add_one, 40), kc.expected_unary(40))
     assert store_warnings(caplog)  # said so, without failing a call

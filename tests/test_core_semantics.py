@@ -119,12 +119,12 @@ def test_heuristics_inside_autotune(tv: Any) -> None:
         assert torch.equal(kc.run_unary(kc.heuristic, n), kc.expected_unary(n))
 
 
-def test_config_failing_to_compile_is_recorded_as_failed(tv: Any, sqlite_url: str) -> None:
-    assert torch.equal(kc.run_unary(kc.picky, 40), kc.expected_unary(40))
-    assert kc.decided(kc.picky)["BLOCK"] != 32
+def test_config_out_of_resources_is_recorded_as_failed(tv: Any, sqlite_url: str) -> None:
+    assert torch.equal(kc.run_unary(kc.oversized, 40), kc.expected_unary(40))
+    assert kc.decided(kc.oversized)["BLOCK"] != 32
     candidates = stored(sqlite_url)[0]["candidates"]
     failed = [c for c in candidates if c["error"]]
-    assert [c["index"] for c in failed] == [0] and "BLOCK=32 is not supported" in failed[0]["error"]
+    assert [c["index"] for c in failed] == [0] and "OutOfResources: out of resource" in failed[0]["error"]
     assert all(c["timings"] for c in candidates if not c["error"])
 
 
@@ -132,9 +132,9 @@ def test_every_config_failing_is_a_clear_error(tv: Any, sqlite_url: str) -> None
     from tunevault import TuningError
 
     with pytest.raises(TuningError) as err:
-        kc.run_unary(kc.hopeless, 40)
+        kc.run_unary(kc.too_large, 40)
     text = str(err.value)
-    assert "hopeless" in text and "n=40" in text and "nothing fits" in text
+    assert "too_large" in text and "n=40" in text and "out of resource: shared memory" in text
     assert stored(sqlite_url) == []  # no decision stored for a key nothing can run
 
 
@@ -172,8 +172,8 @@ def test_triton_print_autotuning_is_honoured(tv: Any, monkeypatch: pytest.Monkey
     assert printed.count("Triton autotuning for function add_one") == 1  # once per tuning, as stock
     assert "best config selected: BLOCK: " in printed and "with key as (40, 'torch.float32'" in printed
     assert printed.count("Autotuning kernel add_one with config BLOCK: ") == len(kc.add_one.configs)
-    kc.run_unary(kc.picky, 40)
-    assert "Autotuning failed with" in capsys.readouterr().out  # the config that does not compile
+    kc.run_unary(kc.oversized, 40)
+    assert "Autotuning failed with" in capsys.readouterr().out  # the config that runs out of resources
     monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "0")
     kc.run_unary(kc.add_one, 48)
     assert "Triton autotuning" not in capsys.readouterr().out

@@ -51,6 +51,22 @@ def test_config_that_hangs_times_out_and_tuning_continues(sqlite_url: str) -> No
     assert d.config_index in (0, 2)
 
 
+def test_config_error_stock_would_raise_is_a_tuning_error_naming_it(sqlite_url: str) -> None:
+    """The worker cannot send the exception itself: the caller gets a TuningError with its type and
+    message (config #2's KeyError), where stock raises the KeyError. Config #0 ran out of resources
+    and #1 out of device memory in the worker, which only makes them lose."""
+    from tunevault import TuningError
+
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    x, y = torch.randn(300), torch.randn(300)
+    with count_launches(ke.add_buggy_hook) as launches, pytest.raises(TuningError) as err:
+        ke.run_add(ke.add_buggy_hook, x, y)
+    text = str(err.value)
+    assert "config #2" in text and "KeyError: 'no scale for this BLOCK'" in text and "worker" in text
+    assert launches.count == 0 and not runtime().used  # nothing decided, nothing launched here
+    assert isolated.worker_pid() is not None  # a config's error is not a fault of the worker
+
+
 def test_kernel_a_worker_cannot_import_tunes_in_process_with_one_warning(
         sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
     @triton.autotune(configs=[triton.Config({"BLOCK": 32}), triton.Config({"BLOCK": 64})], key=["n"])

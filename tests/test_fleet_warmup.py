@@ -326,7 +326,8 @@ def test_keys_that_cannot_be_tuned_are_recorded_once_for_everyone(tmp_path: Path
     tunevault.install(mode="tune", store=store, events=str(tmp_path / "events.jsonl"))
     first = tunevault.warmup(path)
     assert [i.status for i in first.items] == ["failed", "skipped"]
-    assert "every config failed" in first.items[0].reason and "not importable" in first.items[1].reason
+    # The error stock Triton raises for the call (no config builds: the first one's), not a TuningError.
+    assert "power of 2" in first.items[0].reason and "not importable" in first.items[1].reason
     tunevault.uninstall()
 
     tunevault.install(mode="tune", store=store, events=str(tmp_path / "events.jsonl"))  # "another process"

@@ -37,7 +37,7 @@ def _counting_bench(seen: list[int]) -> Callable[..., list[float]]:
     return do_bench
 
 
-def _on_both(scenario: Callable[[], Any], sqlite_url: str, mode: str = "tune") -> tuple[Any, Any]:
+def _on_both(scenario: Callable[[], Any], sqlite_url: str, mode: str = "tune", **options: Any) -> tuple[Any, Any]:
     """``scenario()`` on stock Triton, then under tunevault: what each observed."""
     import tunevault
 
@@ -45,7 +45,7 @@ def _on_both(scenario: Callable[[], Any], sqlite_url: str, mode: str = "tune") -
     assert Autotuner.run is STOCK_RUN
     kc.clear()
     stock = scenario()
-    tunevault.install(mode=mode, store=sqlite_url)
+    tunevault.install(mode=mode, store=sqlite_url, **options)
     kc.clear()
     ours = scenario()
     return stock, ours
@@ -415,4 +415,91 @@ def test_a_subclass_measuring_its_own_way_is_what_decides(sqlite_url: str, subcl
 
     stock, ours = _on_both(scenario, sqlite_url)
     assert stock == ([16, 32, 64, 128], 128)
+    assert ours == stock
+
+
+# 13. A config's error reaches the caller, as stock's benchmark lets it: only the errors stock's
+#    _bench catches (out of resources, a failed compile-time assertion, ptxas) make a config lose.
+
+RAISED: list[Exception] = []
+POSTED: list[str] = []
+
+
+def _bug_at_32(nargs: dict[str, Any]) -> None:
+    """A config pre_hook with a bug only BLOCK=32 meets."""
+    if nargs["BLOCK"] == 32:
+        RAISED.append(KeyError(f"no scale for BLOCK={nargs['BLOCK']}"))
+        raise RAISED[-1]
+
+
+def _post(nargs: dict[str, Any], exception: BaseException | None) -> None:
+    if exception is not None:
+        POSTED.append(type(exception).__name__)
+
+
+def _cpu_bench(fn: Callable[[], None], quantiles: Any = None, **_: Any) -> list[float]:
+    """A wall-clock do_bench: stock Triton has none under the interpreter."""
+    import time
+
+    fn()
+    started = time.perf_counter()
+    fn()
+    return [(time.perf_counter() - started) * 1e3] * 3
+
+
+def _buggy(where: str, own_bench: bool) -> Any:
+    """Two configs, the first broken: in its pre_hook, or in the kernel (tl.arange of 48 is invalid)."""
+    options: dict[str, Any] = {"post_hook": _post, "do_bench": _cpu_bench if own_bench else None}
+    if where == "hook":
+        configs = [triton.Config({"BLOCK": 32}, pre_hook=_bug_at_32), triton.Config({"BLOCK": 16})]
+    else:
+        configs = [triton.Config({"BLOCK": 48}), triton.Config({"BLOCK": 16})]
+    return triton.autotune(configs=configs, key=["n"], **options)(kc.copy_kernel)
+
+
+@pytest.mark.parametrize("own_bench", [False, True], ids=["triton-bench", "own-bench"])
+@pytest.mark.parametrize("where", ["hook", "kernel"])
+def test_a_config_error_reaches_the_caller_as_in_stock(where: str, own_bench: bool, sqlite_url: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Autotuner, "do_bench", property(lambda self: self._do_bench or _cpu_bench))
+
+    def scenario() -> dict[str, Any]:
+        RAISED.clear()
+        POSTED.clear()
+        kernel = _buggy(where, own_bench)
+        seen = []
+        for _attempt in range(2):  # nothing is decided: the next call meets the error again
+            with pytest.raises(Exception) as err:
+                kc.run(kernel, 100)
+            seen.append((type(err.value).__name__, str(err.value), err.value is RAISED[-1] if RAISED else None))
+        return {"raised": seen, "post_hook": sorted(set(POSTED)), "cache": dict(kernel.cache)}
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    expected = ("KeyError", "'no scale for BLOCK=32'", True) if where == "hook" else (
+        "InterpreterError", """ValueError("arange's range must be a power of 2")""", None)
+    assert stock["raised"] == [expected] * 2 and stock["post_hook"] == ([] if where == "hook" else
+                                                                        ["InterpreterError"])
+    assert ours == stock
+    _, validated = _on_both(scenario, sqlite_url, validate=True)  # validation runs every config first
+    assert validated["raised"] == stock["raised"] and validated["cache"] == {}
+    if where == "hook":  # first mode: a compile error means "does not build", a bug in a hook does not
+        _, first = _on_both(scenario, sqlite_url, mode="first")
+        assert first["raised"] == stock["raised"]
+
+
+def test_a_meta_parameter_a_config_sets_raises_what_stock_raises(sqlite_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passing BLOCK, which config #0 tunes: stock raises; config #1 (no BLOCK) is not launched instead."""
+    monkeypatch.setattr(Autotuner, "do_bench", property(lambda self: self._do_bench or _cpu_bench))
+
+    def scenario() -> tuple[str, str]:
+        kernel = triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({}, num_warps=2)],
+                                 key=["n"])(kc.copy_kernel)
+        x = torch.arange(100, dtype=torch.float32)
+        with pytest.raises(Exception) as err:
+            kernel[(4,)](x, torch.empty_like(x), 100, BLOCK=32)
+        return type(err.value).__name__, str(err.value)
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock[0] == "ValueError" and "Conflicting meta-parameters: BLOCK" in stock[1]
     assert ours == stock

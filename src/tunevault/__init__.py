@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tunevault import capture  # a callable package: ``with tunevault.capture(path): ...``
+from tunevault.engine.failures import TuningError
 from tunevault.policy.diagnose import TuningMiss
-from tunevault.policy.resolve import TuningError
 from tunevault.policy.settings import Settings
 
 if TYPE_CHECKING:

@@ -254,7 +254,9 @@ def _capture(fn: Callable[[], Any], estimate: float) -> tuple[torch.cuda.CUDAGra
     once; None if capture fails.
 
     Captured on a side stream in thread-local mode, so other threads of the process stay free to
-    use CUDA meanwhile; no ``torch.cuda.graph`` context (it would empty the process's cache)."""
+    use CUDA meanwhile; no ``torch.cuda.graph`` context (it would empty the process's cache). Any
+    error under capture, the config's own (ConfigRaised) included, is a failed capture: the eager
+    runs that follow run the call again and report what it raises outside a capture."""
     import torch
 
     launches = max(1, min(GRAPH_MAX_LAUNCHES, round(GRAPH_REPLAY_MS / estimate)))

@@ -3,7 +3,9 @@
 Mirrors ``Autotuner._bench``: config ``pre_hook``, the autotuner's ``pre_hook`` (reset_to_zero /
 restore_value by default), the launch, then ``post_hook`` with the exception if any. Unlike
 stock Triton it works on the caller's own argument dict, never on ``self.nargs``, so threads
-tuning different keys cannot see each other's arguments.
+tuning different keys cannot see each other's arguments. As in stock, only the errors of
+``failures.losing_errors`` make a config lose; any other error of a config's call stops the
+tuning as ``ConfigRaised`` (engine/failures.py), and the caller gets it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
+from tunevault.engine.failures import ConfigRaised, losing_errors, raising
 
 if TYPE_CHECKING:
     from triton import Config
@@ -30,11 +33,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunevault")
 
 
-def check_conflicts(kwargs: dict[str, Any], config: Config) -> None:
+def conflict_error(kwargs: dict[str, Any], config: Config) -> ValueError | None:
+    """Stock's ValueError for a meta-parameter both passed by the caller and set by ``config``."""
     conflicts = kwargs.keys() & config.kwargs.keys()
-    if conflicts:
-        raise ValueError(f"Conflicting meta-parameters: {', '.join(sorted(conflicts))}."
-                         " Make sure that you don't re-define auto-tuned symbols.")
+    if not conflicts:
+        return None
+    return ValueError(f"Conflicting meta-parameters: {', '.join(sorted(conflicts))}."
+                      " Make sure that you don't re-define auto-tuned symbols.")
+
+
+def check_conflicts(kwargs: dict[str, Any], config: Config, index: int) -> None:
+    """The conflict as ConfigRaised: stock's ``_bench`` raises it to the caller."""
+    if (error := conflict_error(kwargs, config)) is not None:
+        raise ConfigRaised(index, error)
 
 
 def make_kernel_call(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], nargs: dict[str, Any],
@@ -61,28 +72,39 @@ def make_kernel_call(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], 
     return kernel_call
 
 
+def failure(index: int, spec: ConfigSpec, exc: BaseException) -> CandidateResult:
+    """The result of a config that lost by ``exc`` (it does not build here, or cannot be timed)."""
+    return CandidateResult(index, spec, (), f"{type(exc).__name__}: {exc}"[:500])
+
+
 def bench_candidates(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], nargs: dict[str, Any],
                      candidates: Sequence[tuple[int, Config, ConfigSpec]], benchmarker: Callable[..., Any],
                      on_launch: Callable[[], None] | None = None) -> list[CandidateResult]:
-    """Time each (declared index, Config, spec); a config that fails is recorded, not raised."""
+    """Time each (declared index, Config, spec) with the kernel's or Triton's own benchmarker, as
+    stock's ``_bench`` does: a losing error is recorded, any other raises ConfigRaised."""
     from tunevault.engine.timing import fills_samples, spread
 
+    losing = losing_errors()
     results = []
     for index, config, spec in candidates:
-        check_conflicts(kwargs, config)
+        check_conflicts(kwargs, config, index)
         call = make_kernel_call(autotuner, args, kwargs, nargs, config, on_launch)
         runs: list[float] = []
-        try:
+        try:  # the call goes unmarked: a kernel's own do_bench sees the config's errors as stock's does
             extra = {"samples": runs} if fills_samples(benchmarker) else {}
             timings = benchmarker(call, quantiles=(0.5, 0.2, 0.8), **extra)
-            values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
-            if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-                raise RuntimeError(f"benchmark returned {values}")  # Triton reports failures as inf
-            n, iqr = spread(runs)
-            results.append(CandidateResult(index, spec, tuple(values), None, n, iqr))
-        except Exception as exc:  # compile errors, OutOfResources, launch failures: this config loses
+        except losing as exc:
             log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
-            results.append(CandidateResult(index, spec, (), f"{type(exc).__name__}: {exc}"[:500]))
+            results.append(failure(index, spec, exc))
+            continue
+        except Exception as exc:  # stock's _bench lets it reach the caller
+            raise ConfigRaised(index, exc) from exc
+        values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):  # Triton reports failures as inf
+            results.append(failure(index, spec, RuntimeError(f"benchmark returned {values}")))
+            continue
+        n, iqr = spread(runs)
+        results.append(CandidateResult(index, spec, tuple(values), None, n, iqr))
     return results
 
 
@@ -214,10 +236,12 @@ class InProcessSession:
             if self._late():
                 out[i] = "timeout: tuning exceeded tune_timeout; not validated"
                 continue
+            check_conflicts(self.kwargs, self.configs[i], i)
             try:
-                check_conflicts(self.kwargs, self.configs[i])
                 out[i] = v.check(i, self.configs[i], self.on_launch)
-            except Exception as exc:
+            except ConfigRaised:
+                raise
+            except Exception as exc:  # a losing error, or one of the validator's own
                 out[i] = f"{type(exc).__name__}: {exc}"[:500]
         return out
 
@@ -267,12 +291,9 @@ class InProcessSession:
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
         for i in indices:
-            try:
-                check_conflicts(self.kwargs, self.configs[i])
-                calls[i] = make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
-                                            self.on_launch)
-            except Exception as exc:
-                out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
+            check_conflicts(self.kwargs, self.configs[i], i)
+            calls[i] = raising(make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
+                                                self.on_launch), i)
         graphs = {i: graph_safe(self.autotuner, self.configs[i]) for i in calls}
         timed = time_in_rounds(calls, graphs, effort, late=self._late, on_setup=self.on_setup)
         for i in calls:
@@ -302,15 +323,19 @@ class InProcessSession:
 
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
+        losing = losing_errors()
         for i in indices:
+            check_conflicts(self.kwargs, self.configs[i], i)
+            call = make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
+                                    self.on_launch)
             try:
-                check_conflicts(self.kwargs, self.configs[i])
-                call = make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
-                                        self.on_launch)
                 call()  # warm-up, and the place where a broken config shows itself
-                calls[i] = call
-            except Exception as exc:
-                out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
+            except losing as exc:
+                out[i] = failure(i, self.specs[i], exc)
+                continue
+            except Exception as exc:  # stock's _bench lets it reach the caller
+                raise ConfigRaised(i, exc) from exc
+            calls[i] = call
         rounds: list[dict[int, float]] = []
         # A new order every round, different in every process: two processes tuning the same kernel
         # at once would otherwise run their rounds in step, and each config would keep meeting the
@@ -326,10 +351,12 @@ class InProcessSession:
                 t0 = time.perf_counter()
                 try:
                     call()
-                except Exception as exc:
-                    out[i] = CandidateResult(i, self.specs[i], (), f"{type(exc).__name__}: {exc}"[:500])
+                except losing as exc:
+                    out[i] = failure(i, self.specs[i], exc)
                     del calls[i]
                     continue
+                except Exception as exc:
+                    raise ConfigRaised(i, exc) from exc
                 rounds[-1][i] = (time.perf_counter() - t0) * 1e3
         times = paired(rounds, calls)
         # Load from other processes is the machine's, not a config's: a config that happened to run

@@ -4,7 +4,9 @@ One worker process at a time serves every kernel; it is reused while tuning is b
 by itself when idle. A config that kills the worker, hangs past the per-config timeout or
 leaves the device unusable is recorded as failed, the worker is replaced, and tuning resumes
 with the next config. Waits are bounded, so nothing the worker does stalls the caller longer
-than the configured timeouts.
+than the configured timeouts. A config that raises an error stock Triton lets reach the caller
+(engine/failures.py) ends the tuning with a TuningError naming its type and message: the
+exception itself stays in the worker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
+from tunevault.engine.failures import TuningError
 from tunevault.engine.procs import (
     WorkerDied,
     WorkerProcess,
@@ -258,6 +261,7 @@ class WorkerSession:
         self.sid = next(_sids)
         self.reference: int | None = None
         self.locked = False
+        self.raised: tuple[int, str] | None = None  # a config's error stock lets reach the caller
 
     def _left(self) -> float:
         return self.deadline - time.monotonic()
@@ -326,6 +330,10 @@ class WorkerSession:
                 continue
             progressed, last = self._collect(w, pending, out)
             strikes = 0 if progressed else strikes + 1
+            if self.raised is not None:
+                index, error = self.raised
+                raise TuningError(f"{self.target}: config #{index} {self.specs[index].describe()} raised "
+                                  f"{error} in the tuning worker; stock Triton raises it from the call")
         why = f"worker keeps failing: {last}"
         if self._left() <= 0:
             why = "timeout: tuning exceeded tune_timeout"
@@ -364,9 +372,12 @@ class WorkerSession:
             if kind == "start":  # index None: every config of a batch has run once
                 current = ev.get("index") if ev.get("index") in pending else None
             elif kind == "result" and ev.get("index") in pending:
-                out[ev["index"]] = self._result(ev)
-                pending.remove(ev["index"])
+                index, result = ev["index"], self._result(ev)
+                out[index] = result
+                pending.remove(index)
                 current, progressed = None, True
+                if isinstance(ev.get("raised"), str) and result.error is not None:
+                    self.raised = (index, result.error)  # "done" follows: read up to it
             elif kind in ("done", "fatal"):
                 why = f"worker error: {ev.get('message')}" if kind == "fatal" else "the worker skipped it"
                 for i in list(pending):

@@ -28,6 +28,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from tunevault.engine.failures import ConfigRaised
 from tunevault.engine.gpu_timing import EFFORT, ConfigTimer, new_flush, refuse_in_capture
 from tunevault.engine.timing import quantile, spread
 
@@ -58,7 +59,9 @@ def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int,
     """Time every call in interleaved rounds; ``graphs[i]`` allows graph replay for call i.
 
     ``on_setup(i)`` is called before config i first runs (a fault then names it), and
-    ``on_setup(None)`` once every config has run."""
+    ``on_setup(None)`` once every config has run. A call's error that stock Triton lets reach the
+    caller (``ConfigRaised``, failures.raising) ends the timing of every config; any other fault,
+    the timer's own included, makes only its config lose."""
     import torch
 
     refuse_in_capture()
@@ -73,7 +76,9 @@ def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int,
                 on_setup(i)
             try:
                 timers[i] = ConfigTimer(call, graphs.get(i), warmup_ms, flush)
-            except Exception as exc:  # compile errors, out of resources, launch failures: this config loses
+            except ConfigRaised:
+                raise
+            except Exception as exc:  # out of resources, the timer's own faults: this config loses
                 out.errors[i] = f"{type(exc).__name__}: {exc}"[:500]
         if on_setup is not None:
             on_setup(None)
@@ -91,6 +96,8 @@ def time_in_rounds(calls: Mapping[int, Callable[[], None]], graphs: Mapping[int,
                     continue
                 try:
                     times = timer.round(per_round, 1, max(1, max_reps // rounds))
+                except ConfigRaised:
+                    raise
                 except Exception as exc:
                     out.errors[i] = f"{type(exc).__name__}: {exc}"[:500]
                     continue

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine import context
+from tunevault.engine.failures import ConfigRaised
 from tunevault.engine.gpu_timing import MemoryProbe
 from tunevault.engine.inprocess import InProcessSession
 from tunevault.engine.search import search
@@ -113,6 +114,8 @@ def open_worker_session(rt: TuningRuntime, st: KernelState, args: tuple, kwargs:
 
 def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, Any],
             candidates: Sequence[tuple[int, Config, ConfigSpec]]) -> list[CandidateResult]:
+    """Every candidate's result; a config's error that stock Triton lets reach the caller is raised
+    as is (in process) or as a TuningError naming it (isolated), and nothing is decided."""
     name, settings = st.kernel_id.name, rt.settings
     deadline = time.monotonic() + settings.tune_timeout
     probe = MemoryProbe()
@@ -130,12 +133,17 @@ def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, A
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
                                    {i: s for i, _, s in candidates}, counted, deadline)
     confidence = settings.confidence
+    raised: Exception | None = None
     try:
         results, notes = search(session, [i for i, _, _ in candidates], {i: s for i, _, s in candidates},
                                 settings.tolerance, settings.validate, has_own_benchmarker(st.autotuner),
                                 confidence)
+    except ConfigRaised as exc:  # a config's error that stock Triton lets reach the caller
+        raised = exc.error
     finally:
         session.close()
+    if raised is not None:
+        raise raised  # the very exception, raised outside the handler so it does not chain ConfigRaised
     try:  # why the winner wins, and each candidate's confidence of being slower, go into the decision
         judgement = judge(results, settings.tolerance, confidence)
         results = annotate(results, judgement)

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tunevault.engine.failures import raising
+
 if TYPE_CHECKING:
     import torch
     from triton import Config
@@ -82,24 +84,29 @@ class Validator:
         for name, tensor in self.tensors.items():
             tensor.copy_(self.snapshot[name])
 
-    def _run(self, config: Config, on_launch: Callable[[], None] | None) -> dict[str, torch.Tensor]:
+    def _run(self, index: int, config: Config, on_launch: Callable[[], None] | None) -> dict[str, torch.Tensor]:
         at = self.autotuner
         self.restore()
         cfg_kwargs = config.all_kwargs()
         full = {**self.named, **cfg_kwargs}
-        at.pre_hook(full, reset_only=True)
-        if config.pre_hook is not None:
-            config.pre_hook(full)
-        if on_launch is not None:
-            on_launch()
-        at.fn.run(*self.args, **{**self.kwargs, "warmup": False}, **cfg_kwargs)
+
+        def launch() -> None:
+            at.pre_hook(full, reset_only=True)
+            if config.pre_hook is not None:
+                config.pre_hook(full)
+            if on_launch is not None:
+                on_launch()
+            at.fn.run(*self.args, **{**self.kwargs, "warmup": False}, **cfg_kwargs)
+
+        raising(launch, index)()  # the config's own errors are told from the validator's
         return {k: v.detach().clone() for k, v in self.tensors.items()}
 
     def check(self, index: int, config: Config, on_launch: Callable[[], None] | None = None) -> str | None:
-        """None when ``config`` is valid; else the reason it is excluded. Exceptions propagate."""
+        """None when ``config`` is valid; else the reason it is excluded. Exceptions propagate: a
+        config's error that stock Triton lets reach the caller as ConfigRaised."""
         try:
-            first = self._run(config, on_launch)
-            second = self._run(config, on_launch)
+            first = self._run(index, config, on_launch)
+            second = self._run(index, config, on_launch)
         finally:
             self.restore()
         racy = [n for n in first if not identical(first[n], second[n])]

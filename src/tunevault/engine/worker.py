@@ -26,6 +26,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from tunevault.core.model import CandidateResult
+from tunevault.engine.failures import ConfigRaised
+
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
@@ -137,29 +140,60 @@ class Worker:
             self.emit(ev="start", index=index)
             before = self.launches
             spread: dict[str, Any] = {}
-            if mode == "validate":
-                error = session.validate([index], reference)[index]
-                timings: list[float] = []
-            else:
-                result = session.time([index], mode)[index]
-                error, timings = result.error, list(result.timings)
-                spread = {"n": result.n, "iqr": result.iqr}
+            try:
+                if mode == "validate":
+                    error = session.validate([index], reference)[index]
+                    timings: list[float] = []
+                else:
+                    result = session.time([index], mode)[index]
+                    error, timings = result.error, list(result.timings)
+                    spread = {"n": result.n, "iqr": result.iqr}
+            except ConfigRaised as exc:
+                if not worker_fault(exc):
+                    return self.report_raised(exc, index, self.launches - before)
+                error, timings = exc.describe(), []
             if not self.report(index, error, timings, self.launches - before, **spread):
                 return False
+        self.emit(ev="done")
+        return True
+
+    def report_raised(self, exc: ConfigRaised, index: int, launches: int) -> bool:
+        """A config raised an error stock Triton lets reach the caller: send it with its type (the
+        server raises a TuningError naming it) and end the run, as stock ends its benchmark."""
+        index = exc.index if exc.index is not None else index
+        if not self.report(index, exc.describe(), [], launches, raised=type(exc.error).__name__):
+            return False
         self.emit(ev="done")
         return True
 
     def run_together(self, session: InProcessSession, mode: str, indices: list[int]) -> bool:
         """Time a batch at once (interleaved GPU rounds): a config's result follows the batch, its
         launches counted with it. Each config is announced before its first run, so a fault there
-        names it; a fault later loses the batch, which the server sends again."""
+        names it; a fault later loses the batch, which the server sends again. A config's error
+        that stock lets reach the caller ends the batch; running out of memory only loses that config."""
         before = self.launches
         session.on_setup = lambda index: self.emit(ev="start", index=index)
+        results: dict[int, CandidateResult] = {}
+        rest = list(indices)
         try:
-            results = session.time(indices, mode)
+            while rest:
+                try:
+                    results.update(session.time(rest, mode))
+                    break
+                except ConfigRaised as exc:
+                    index = exc.index if exc.index in rest else rest[0]
+                    if not worker_fault(exc):
+                        return self.report_raised(exc, index, self.launches - before)
+                    # out of memory or a dead device: that config loses, as before (docs/engine.md)
+                    results[index] = CandidateResult(index, session.specs[index], (), exc.describe())
+                    rest.remove(index)
+                    if not healthy(exc.describe()):
+                        break
         finally:
             session.on_setup = None
         for index in indices:
+            if index not in results:
+                continue  # the device died on another config: the server sends this one again
             result = results[index]
             if not self.report(index, result.error, list(result.timings), self.launches - before,
                                n=result.n, iqr=result.iqr):
@@ -253,6 +287,13 @@ def import_modules(names: Any) -> None:
                 print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             print(f"tunevault worker: imported {name} in {time.perf_counter() - began:.2f}s", file=sys.stderr)
+
+
+def worker_fault(exc: ConfigRaised) -> bool:
+    """A config's error that is the worker's lot rather than the user's bug: out of memory (the
+    worker shares the server's device) or a sticky device error. Its config loses, as a crash does."""
+    error = exc.describe()
+    return "OutOfMemory" in error or "out of memory" in error or any(s in error for s in STICKY)
 
 
 def healthy(error: str) -> bool:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningKey
-from tunevault.engine.inprocess import check_conflicts
+from tunevault.engine.failures import TuningError, losing_errors
+from tunevault.engine.inprocess import conflict_error
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.engine.timing import own_bench
 from tunevault.policy import stock
@@ -35,19 +36,15 @@ if TYPE_CHECKING:
 Indexed = list[tuple[int, "Config"]]  # (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
-class TuningError(RuntimeError):
-    """Every config of a kernel failed for a key."""
-
-
 def compile_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this config does not build here", across Triton versions."""
+    """Errors that mean "this config does not build here" for ``mode="first"`` and the fallback's
+    probe: the ones that make a config lose in stock's benchmark, and any compile error."""
     import triton.compiler.errors as ce
     import triton.runtime.errors as re
 
     # The interpreter has no compile step: a failing static_assert surfaces as InterpreterError.
-    names = [(re, "OutOfResources"), (re, "PTXASError"), (ce, "CompilationError"),
-             (ce, "CompileTimeAssertionFailure"), (re, "InterpreterError")]
-    return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
+    names = [(ce, "CompilationError"), (re, "InterpreterError")]
+    return losing_errors() + tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 
 def launch(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
@@ -123,7 +120,8 @@ def _check_conflicts(kwargs: dict[str, Any], indexed: Indexed) -> None:
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
         return
     for _index, config in indexed:
-        check_conflicts(kwargs, config)
+        if (error := conflict_error(kwargs, config)) is not None:
+            raise error
 
 
 def _adopt(rt: Runtime, st: KernelState, decision: Decision, stock_key: tuple | None, args: tuple,
