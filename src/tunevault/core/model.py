@@ -26,6 +26,11 @@ class InvalidEntry(ValueError):
     """A persisted or received object failed validation; callers treat it as a miss."""
 
 
+class TuningError(RuntimeError):
+    """Every config of a kernel failed for a key (defined here so that a warmup replay, below the
+    policy that raises it, can tell this lasting outcome from a failure of its own setup)."""
+
+
 def canonical_json(obj: Any) -> str:
     """One spelling per value, so hashes and store keys are stable across processes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)

@@ -169,14 +169,27 @@ def printable(text: str) -> bool:
     return True
 
 
-def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES,
+          limit: int | None = None) -> Iterator[tuple[int, bytes | None]]:
     """``(line number, bytes)`` of a regular file, read as it goes; a line longer than ``max_line``
-    comes as ``None`` (the caller skips it as malformed) and is not kept in memory."""
+    comes as ``None`` (the caller skips it as malformed) and is not kept in memory. ``limit``: read
+    only the first so many bytes (a snapshot of a file others still append to)."""
     fd, _info = _open_regular(os.fspath(path))
+    left = -1 if limit is None else max(0, limit)
+
+    def readline(size: int) -> bytes:
+        nonlocal left
+        if left == 0:
+            return b""
+        text = fh.readline(size if left < 0 else min(size, left))
+        if left > 0:
+            left -= len(text)
+        return text
+
     with os.fdopen(fd, "rb") as fh:
         number = 0
         while True:
-            text = fh.readline(max_line + 1)
+            text = readline(max_line + 1)
             if not text:
                 return
             number += 1
@@ -184,7 +197,7 @@ def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES) -> Itera
                 yield number, text
                 continue
             while text and not text.endswith(b"\n"):  # the rest of an overlong line
-                text = fh.readline(1 << 20)
+                text = readline(1 << 20)
             yield number, None
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningKey
+from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningError, TuningKey
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 Indexed = list[tuple[int, "Config"]]  # (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
-class TuningError(RuntimeError):
-    """Every config of a kernel failed for a key."""
+__all__ = ["TuningError"]  # defined in core (a warmup replay tells it apart), raised here
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:
