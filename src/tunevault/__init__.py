@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tunevault import capture  # a callable package: ``with tunevault.capture(path): ...``
-from tunevault.engine.failures import TuningError
+from tunevault.core.model import TuningError
 from tunevault.policy.diagnose import TuningMiss
 from tunevault.policy.settings import Settings
 

@@ -158,7 +158,7 @@ def _parse(raw: Any) -> tuple[ManifestEntry, str, int]:
 
 
 def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
-         malformed: list[tuple[int, str]] | None = None) -> list[ManifestEntry]:
+         malformed: list[tuple[int, str]] | None = None, upto: int | None = None) -> list[ManifestEntry]:
     """Every (kernel, key) in the manifest, lines of all processes merged, in first-seen order.
 
     Malformed lines are skipped with one warning or, when ``malformed`` is a list, appended to it as
@@ -168,14 +168,15 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
     ``bundle_key``, which capture signs with) makes every line's signature mandatory: one line
     that is unsigned, malformed or does not verify refuses the whole manifest (ManifestError).
     A path that is not a regular file, or one larger than MAX_MANIFEST_BYTES, is refused (Refused)
-    without blocking or reading it."""
+    without blocking or reading it. ``upto``: read only its first so many bytes, so processes
+    reading one growing file at different times agree."""
     if key is _FROM_ENV:
         from tunevault.store.bundle import key_from_env
 
         key = key_from_env()
     merged: dict[tuple[str, str], ManifestEntry] = {}
     bad = 0
-    for lineno, raw in lines(path, limit=MAX_MANIFEST_BYTES):  # Refused past the cap: never half a manifest
+    for lineno, raw in lines(path, limit=MAX_MANIFEST_BYTES, upto=upto):  # Refused past the cap
         if raw is not None and not raw.strip():
             continue
         try:

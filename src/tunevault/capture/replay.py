@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
-from tunevault.core.model import InvalidEntry, TuningKey
+from tunevault.core.model import InvalidEntry, TuningError, TuningKey
 
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
@@ -36,6 +36,9 @@ class WarmupItem:
     status: str  # one of STATUSES
     reason: str = ""
     seconds: float = 0.0
+    # The outcome holds for every process of this fingerprint (every config failed for the key), so
+    # the fleet may be told once; False for what this process's setup caused (an import, a store).
+    lasting: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "key": self.key.to_json(), "status": self.status,
@@ -94,14 +97,16 @@ class DecisionLookup(Protocol):
 
     def lookup(self, kernel: KernelId, key: TuningKey) -> Decision | None: ...
 
+    def published(self, kernel: KernelId, key: TuningKey) -> bool: ...
+
 
 def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
     from tunevault.core.identity import kernel_id
     from tunevault.core.kernel_state import STATE_ATTR
 
-    def item(status: str, reason: str = "", seconds: float = 0.0) -> WarmupItem:
-        return WarmupItem(entry.kernel, entry.key, status, reason, seconds)
+    def item(status: str, reason: str = "", seconds: float = 0.0, lasting: bool = False) -> WarmupItem:
+        return WarmupItem(entry.kernel, entry.key, status, reason, seconds, lasting)
 
     try:
         autotuner, args, kwargs = rebuild(entry, device)
@@ -121,8 +126,12 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
     try:
         autotuner.run(*args, **kwargs)
     except Exception as exc:
-        return item("failed", f"{type(exc).__name__}: {exc}"[:400], time.perf_counter() - started)
+        return item("failed", f"{type(exc).__name__}: {exc}"[:400], time.perf_counter() - started,
+                    lasting=isinstance(exc, TuningError))
     seconds = time.perf_counter() - started
     if rt.lookup(kid, entry.key) is None:
         return item("failed", "the call ran but no decision was stored", seconds)
+    if not rt.published(kid, entry.key):
+        return item("failed", "tuned, but the decision could not be written to the store (see the warning above)",
+                    seconds)
     return item("tuned", "", seconds)

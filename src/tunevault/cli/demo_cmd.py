@@ -92,10 +92,13 @@ def _verdict(cold: dict[str, Any], warm: dict[str, Any]) -> tuple[bool, list[str
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tunevault.cli.store_cmds import open_cli_store
+    from tunevault.cli.store_cmds import open_cli_store, store_url
     from tunevault.demo.run import DEMO_MODULE
     from tunevault.store.base import Query
 
+    if store_url(args).startswith("memory:"):  # each phase is a new process: a restart must find the decisions
+        raise ValueError("the demo restarts the process, so it needs a persistent store (sqlite:///... or "
+                         "redis://...); memory:// forgets every decision at each restart")
     store = open_cli_store(args)
     url = store.url
     try:

@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, StoreUnavailable) as exc:
         print(f"tunevault {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what it stopped, not a traceback (as ``warmup --jobs`` says)
+        print(f"tunevault {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from tunevault.cli import warmup_jobs
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("manifest", help="key manifest written by TUNEVAULT_CAPTURE / tunevault.capture()")
     p.add_argument("--device", help="build tensors on this device instead of the captured one (e.g. cuda:0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="tune again the keys recorded in the store as failing with every config (a record "
+                        "otherwise stands for an hour, for every process of this machine's fingerprint)")
     _allow_module_flag(p)
     warmup_jobs.add_options(p)
     p.set_defaults(func=cmd_warmup)
@@ -92,18 +96,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     return damaged(result.store, damage) or (0 if result.ok and not malformed else 1)
 
 
+def probe_store(args: argparse.Namespace) -> None:
+    """Open the store and take and release a lease in it, as a warmup will: an unusable store is an
+    OSError (exit 2) here, never a run that tunes into memory, saves nothing and reports success."""
+    from tunevault.cli.store_cmds import open_cli_store
+    from tunevault.policy.lease import new_holder
+    from tunevault.store.base import StoreUnavailable
+
+    store = open_cli_store(args)
+    try:
+        holder = new_holder()
+        store.try_lease(f"probe:{holder}", holder, 5.0)
+        store.release(f"probe:{holder}", holder)
+    except StoreUnavailable as exc:
+        raise OSError(f"the store cannot hold this warmup's decisions: {exc}") from exc
+    finally:
+        store.close()
+
+
 def cmd_warmup(args: argparse.Namespace) -> int:
-    if args.jobs is not None:  # N processes share the keys
+    from tunevault.cli.store_cmds import store_url
+
+    args.retry_before = time.time() if args.retry_failed else None  # records from earlier runs are retried
+    if args.jobs is not None or args.devices:  # N processes share the keys
+        if store_url(args).startswith("memory:"):
+            raise ValueError("--jobs needs a store its processes share (sqlite:///... or redis://...); "
+                             "with memory:// each process would tune every key and nothing would be kept")
+        probe_store(args)
         return warmup_jobs.run(args)
     import tunevault
     from tunevault.capture.locate import allow_modules
     from tunevault.integration.shared_warmup import warmup
 
     entries, malformed = load_manifest(args)
+    probe_store(args)
     tunevault.install(mode="tune", store=args.store, on_miss="tune")
     try:
         with allow_modules(args.allow_module), _progress(quiet=args.json) as progress:
-            report = warmup(entries, device=args.device, progress=progress)
+            report = warmup(entries, device=args.device, progress=progress, retry_before=args.retry_before)
     finally:
         tunevault.uninstall()
     ok = report.ok and not malformed
@@ -230,14 +260,16 @@ def load_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[t
     return read_manifest(args)
 
 
-def read_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:
+def read_manifest(args: argparse.Namespace, limit: int | None = None
+                  ) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:
     """The manifest's entries and malformed lines; a ValueError (exit 2) when it holds no valid key.
 
-    Reading imports no kernel: ``warmup --jobs`` reads it here while its children start."""
+    Reading imports no kernel: ``warmup --jobs`` reads it here while its children start, up to
+    ``limit`` bytes, the length its children read too."""
     from tunevault.capture import manifest as mf
 
     malformed: list[tuple[int, str]] = []
-    entries = mf.read(args.manifest, malformed=malformed)
+    entries = mf.read(args.manifest, malformed=malformed, upto=limit)
     if not entries:
         what = f"{len(malformed)} malformed line(s), no valid one" if malformed else "it is empty"
         raise ValueError(f"{args.manifest} holds no captured key ({what}); a manifest is written by "

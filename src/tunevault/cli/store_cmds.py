@@ -8,6 +8,7 @@ fingerprint is this machine's: a shared store legitimately holds other GPUs' dec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -263,10 +264,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.file == "-":
         sys.stdout.write(text)
     else:
+        if os.path.isdir(args.file):
+            raise IsADirectoryError(f"{args.file} is a directory; give the path of the file to write, "
+                                    f"e.g. {os.path.join(args.file, 'tunevault-export.json')}")
         tmp = f"{args.file}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, args.file)  # a reader never sees half a file
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, args.file)  # a reader never sees half a file
+        except BaseException:
+            with contextlib.suppress(OSError):  # no half-written file left behind
+                os.remove(tmp)
+            raise
     print(f"exported {len(doc['decisions'])} decision(s) from {store.url} to {args.file}",
           file=sys.stderr if args.file == "-" else sys.stdout)
     return damaged(store.url, damage)
@@ -358,10 +367,20 @@ def cmd_rm(args: argparse.Namespace) -> int:
         else:
             here = this_machine().digest if args.this_machine else None
             removed = store.delete(Query(kernel=args.kernel, fingerprint_digest=here))
+        records = _clear_failed_records(store) if args.all and not (args.kernel or args.this_machine) else 0
     finally:
         store.close()
-    print(f"removed {removed} decision(s) from {store.url}")
+    print(f"removed {removed} decision(s) from {store.url}"
+          + (f" and {records} failed-key record(s)" if records else ""))
     return 0
+
+
+def _clear_failed_records(store: Store) -> int:
+    """``rm --all`` starts afresh: the fleet's failed-key records go too (warmups tune those keys again)."""
+    from tunevault.policy.shard import FAILED_PREFIX
+
+    clear = getattr(store, "clear_leases", None)
+    return int(clear(FAILED_PREFIX)) if clear is not None else 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -384,5 +403,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add("import", cmd_import, "validate and add the decisions of an export file (first writer wins)",
         file=True, filters=False)
     rm = add("rm", cmd_rm, "remove decisions matching the filters (or --all)", json_flag=False)
-    rm.add_argument("--all", action="store_true", help="allow removing without a filter")
+    rm.add_argument("--all", action="store_true", help="allow removing without a filter (without one, the "
+                    "fleet's records of keys whose every config failed go too)")
     rm.add_argument("--dry-run", action="store_true", help="list what would be removed")

@@ -104,6 +104,31 @@ def build_triton_helper() -> None:
     CudaUtils()
 
 
+def exit_with_stdin() -> None:
+    """Exit at once when stdin (a pipe from the ``--jobs`` parent) closes: the parent is gone, however
+    it went (SIGKILL included), and a walk nobody follows must not go on tuning. Exiting closes
+    this process's own pipes, so its compile-ahead helpers exit too."""
+    def watch() -> None:
+        with contextlib.suppress(Exception):
+            while sys.stdin.buffer.read(4096):
+                pass
+        os._exit(129)  # 128 + SIGHUP: what a terminal's hang-up would do
+
+    threading.Thread(target=watch, name="tunevault-parent-watch", daemon=True).start()
+
+
+def open_store_strictly(url: str | None) -> str | None:
+    """The reason the store cannot hold this warmup's leases and decisions, or None when it can
+    (a warmup into a store that silently fell back to memory would report keys it never saved)."""
+    from tunevault.cli.serving_cmds import probe_store
+
+    try:
+        probe_store(argparse.Namespace(store=url))
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """One worker: warm the manifest up on the store, reporting each key as a marked JSON line."""
     clock = StartupClock(os.environ.get(SPAWNED_VAR))
@@ -111,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifest")
     p.add_argument("--store")
     p.add_argument("--device")
+    p.add_argument("--bytes", type=int, help="read the manifest up to this length (the parent's snapshot)")
+    p.add_argument("--retry-before", type=float, help="retry keys recorded as failed before this time")
+    p.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes (the parent is gone)")
     args = p.parse_args(argv)
+    if args.exit_with_stdin:
+        exit_with_stdin()
     import logging
 
     from tunevault.core.machine import use_interpreter_if_no_gpu
@@ -126,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         helper = clock.background("triton_helper", build_triton_helper)
     with clock.phase("manifest_s"):
         from tunevault.capture import manifest as mf
-        entries = mf.read(args.manifest)
+        entries = mf.read(args.manifest, upto=args.bytes)
     with clock.phase("imports_s"):
         import torch  # noqa: F401  (imported here so that its time is its own phase)
         import triton
@@ -152,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
 
     with clock.phase("install_s"):
+        unusable = open_store_strictly(args.store)
+        if unusable is not None:
+            print(f"tunevault warmup: error: {unusable}", file=sys.stderr)
+            return 2
         tunevault.install(mode="tune", store=args.store, on_miss="tune")
     walk_began = time.perf_counter()
     try:
-        report = warmup(entries, device=args.device, read_from=args.manifest,
+        report = warmup(entries, device=args.device, read_from=args.manifest, retry_before=args.retry_before,
                         progress=lambda done, total, item: say(t="item", **item.to_json()),
                         started=lambda task: say(t="tuning", what=task.what))
     finally:

@@ -7,7 +7,10 @@ and a child that dies loses its keys to the others when its leases expire. This 
 starts them, shows one progress display for all of them and prints the summary.
 
 Children report on stdout, one ``@tunevault-warmup {json}`` line per event; anything else they
-print is ignored, and the tail of their stderr is shown when one fails.
+print is ignored, and the tail of their stderr is shown when one fails. Every child reads the
+manifest up to the length this process saw (a capture may still append to it), so all count the
+same keys. Children exit when this process goes: Ctrl-C, SIGTERM and SIGHUP stop them (SIGKILL
+after a grace period), and each child exits when its stdin, a pipe from here, closes.
 """
 
 from __future__ import annotations
@@ -16,30 +19,49 @@ import argparse
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tunevault.cli.warmup_board import Board, WorkerView, display
 
 MARK = "@tunevault-warmup "
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # unless the user set them
+STOP_GRACE_S = 5.0  # after SIGTERM, how long children get to exit before SIGKILL
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP reached this process: stop the children as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", nargs="?", const="auto", metavar="N",
                         help="share the keys among N tuning processes (default: one per visible GPU, "
                              "or one per CPU core under the interpreter)")
-    parser.add_argument("--devices", metavar="0,1,...", help="with --jobs: the GPUs to use (default: all visible)")
+    parser.add_argument("--devices", metavar="0,1,...",
+                        help="the GPUs to tune on, as this process sees them (default: all visible); implies "
+                             "--jobs, one process per GPU listed unless --jobs says how many")
 
 
-def plan(jobs: str | None, devices: str | None) -> list[str | None]:
-    """Each child's ``CUDA_VISIBLE_DEVICES`` value (None: no GPU), one entry per child."""
+def plan(jobs: str | None, devices: str | None, visible: int | None = None) -> list[str | None]:
+    """Each child's ``CUDA_VISIBLE_DEVICES`` value (None: no GPU), one entry per child.
+
+    ``visible``: how many GPUs this process sees (default: counted without torch). ``--devices``
+    naming a GPU that is not there is a ValueError (exit 2): its child would tune nothing."""
+    from tunevault.core.machine import gpu_count  # no torch: each child starts that much sooner
     from tunevault.engine.procs import physical_device
 
+    count_visible = gpu_count() if visible is None else visible
     if devices:
         try:
             gpus = [int(d) for d in devices.split(",") if d.strip()]
@@ -47,10 +69,15 @@ def plan(jobs: str | None, devices: str | None) -> list[str | None]:
             raise ValueError(f"--devices takes GPU indices such as 0,1; got {devices!r}") from None
         if not gpus or min(gpus) < 0:
             raise ValueError(f"--devices takes GPU indices such as 0,1; got {devices!r}")
+        if count_visible == 0:
+            raise ValueError(f"--devices {devices}: this machine has no GPU visible here (no CUDA device, "
+                             "or Triton's interpreter); leave --devices out to tune on CPU processes")
+        missing = sorted({g for g in gpus if g >= count_visible})
+        if missing:
+            raise ValueError(f"--devices {devices}: no GPU {', '.join(map(str, missing))} here; this process "
+                             f"sees {count_visible} GPU(s), numbered 0 to {count_visible - 1}")
     else:
-        from tunevault.core.machine import gpu_count  # no torch: each child starts that much sooner
-
-        gpus = list(range(gpu_count()))
+        gpus = list(range(count_visible))
     from tunevault.core.machine import available_cores
 
     if jobs in (None, "auto"):
@@ -63,10 +90,13 @@ def plan(jobs: str | None, devices: str | None) -> list[str | None]:
     return [physical[i % len(physical)] if physical else None for i in range(count)]
 
 
-def _child_command(args: argparse.Namespace, gpu: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "tunevault.cli.warmup_child", args.manifest]
+def _child_command(args: argparse.Namespace, gpu: str | None, snapshot: int) -> list[str]:
+    cmd = [sys.executable, "-m", "tunevault.cli.warmup_child", args.manifest, "--bytes", str(snapshot),
+           "--exit-with-stdin"]
     if args.store:
         cmd += ["--store", args.store]
+    if args.retry_before is not None:
+        cmd += ["--retry-before", repr(args.retry_before)]
     device = args.device or ("cuda:0" if gpu is not None else None)  # the child sees its GPU as cuda:0
     return cmd + (["--device", device] if device else [])
 
@@ -89,8 +119,8 @@ def _read(worker: WorkerView, proc: subprocess.Popen[str], events: queue.Queue[t
     events.put((worker, {"t": "exit", "code": proc.wait()}))
 
 
-def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Queue[tuple[WorkerView, dict[str, Any]]]
-           ) -> tuple[list[subprocess.Popen[str]], dict[int, deque[str]]]:
+def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Queue[tuple[WorkerView, dict[str, Any]]],
+           snapshot: int, procs: list[subprocess.Popen[str]]) -> dict[int, deque[str]]:
     """Start every child at once: each one's start-up (interpreter, torch, CUDA) runs in parallel."""
     from tunevault.capture.locate import ALLOW_VAR
     from tunevault.cli.warmup_child import SPAWNED_VAR
@@ -100,7 +130,7 @@ def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Qu
                                                       os.environ.get("PYTHONPATH", "")] if p)}
     if args.allow_module:
         base[ALLOW_VAR] = ",".join(args.allow_module)
-    procs, tails = [], {}
+    tails: dict[int, deque[str]] = {}
     for worker in workers:
         env = {**base, "TUNEVAULT_WARMUP_WORKER": f"{worker.index}/{len(workers)}"}
         if worker.device is not None:
@@ -112,19 +142,49 @@ def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Qu
             env.update({var: env.get(var, threads) for var in THREAD_VARS})
         env[SPAWNED_VAR] = repr(time.time())  # the child measures its start-up from here
         worker.spawned = time.monotonic()
-        proc = subprocess.Popen(_child_command(args, worker.device), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        # stdin: a pipe nobody writes to; it closes when this process exits, however it exits
+        proc = subprocess.Popen(_child_command(args, worker.device, snapshot), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         worker.pid, tails[worker.index] = proc.pid, deque(maxlen=30)
         procs.append(proc)
         threading.Thread(target=_read, args=(worker, proc, events, tails[worker.index]), daemon=True).start()
-    return procs, tails
+    return tails
 
 
-def _stop(procs: list[subprocess.Popen[str]]) -> None:
+def _stop(procs: list[subprocess.Popen[str]], grace_s: float = STOP_GRACE_S) -> None:
+    """Terminate every child, then kill those still there after ``grace_s``: stopping never hangs
+    on a child stuck in a kernel or a driver call."""
     for proc in procs:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
     for proc in procs:
-        proc.wait()
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def _stop_signals() -> Iterator[list[bool]]:
+    """SIGTERM and SIGHUP (systemd, Kubernetes, ``timeout``, a closed terminal) raise Stopped, so
+    they take the Ctrl-C path: the children are stopped, not left running. Once the caller sets
+    the yielded flag (it is stopping them), a repeated signal does not interrupt that."""
+    stopping = [False]
+
+    def raise_stopped(signum: int, _frame: object) -> None:
+        if not stopping[0]:
+            stopping[0] = True
+            raise Stopped(signum)
+
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, raise_stopped) for s in wanted}
+    try:
+        yield stopping
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,18 +199,33 @@ def run(args: argparse.Namespace) -> int:
 
     began = time.monotonic()
     workers = [WorkerView(i, gpu) for i, gpu in enumerate(plan(args.jobs, args.devices))]
+    snapshot = os.stat(args.manifest).st_size  # what every process reads: the file may still grow
     events: queue.Queue[tuple[WorkerView, dict[str, Any]]] = queue.Queue()
-    procs, tails = _spawn(args, workers, events)
-    spawned_s = time.monotonic() - began
+    procs: list[subprocess.Popen[str]] = []
+    with _stop_signals() as stopping:
+        try:
+            tails = _spawn(args, workers, events, snapshot, procs)
+            spawned_s = time.monotonic() - began
+            entries, malformed = read_manifest(args, limit=snapshot)
+            board = Board(len(entries), workers, started=began, spawn_s=spawned_s)
+            _follow(board, events, len(procs), quiet=args.json)
+        except (KeyboardInterrupt, Stopped) as exc:
+            stopping[0] = True
+            _stop(procs)
+            print("tunevault warmup: interrupted" if isinstance(exc, KeyboardInterrupt)
+                  else f"tunevault warmup: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum
+        except BaseException:
+            stopping[0] = True
+            _stop(procs)
+            raise
+    return _summary(args, board, tails, malformed)
+
+
+def _follow(board: Board, events: queue.Queue[tuple[WorkerView, dict[str, Any]]], running: int, quiet: bool) -> None:
+    """Show the children's progress until every one has exited."""
+    screen = display(board, quiet=quiet)
     try:
-        entries, malformed = read_manifest(args)
-    except BaseException:
-        _stop(procs)
-        raise
-    board = Board(len(entries), workers, started=began, spawn_s=spawned_s)
-    screen = display(board, quiet=args.json)
-    try:
-        running = len(procs)
         while running:
             try:
                 worker, msg = events.get(timeout=1.0)
@@ -169,13 +244,8 @@ def run(args: argparse.Namespace) -> int:
             elif kind == "exit":
                 worker.exit_code, worker.exit_at, running = int(msg["code"]), time.monotonic(), running - 1
             screen.update()
-    except KeyboardInterrupt:
-        _stop(procs)
-        print("tunevault warmup: interrupted", file=sys.stderr)
-        return 130
     finally:
         screen.close()
-    return _summary(args, board, tails, malformed)
 
 
 def _summary(args: argparse.Namespace, board: Board, tails: dict[int, deque[str]],
@@ -184,9 +254,11 @@ def _summary(args: argparse.Namespace, board: Board, tails: dict[int, deque[str]
 
     dead = [w for w in board.workers if w.exit_code not in (0, 1) or not w.finished]
     for w in dead:
-        print(f"tunevault warmup: {w.label} (pid {w.pid}) exited with status {w.exit_code}; its keys went to "
-              f"the others as its leases expired. Its last messages:\n  " + "\n  ".join(tails[w.index]),
-              file=sys.stderr)
+        others = [o for o in board.workers if o is not w and o.exit_code in (0, 1) and o.finished]
+        fate = ("its keys went to the others as its leases expired" if others
+                else "no other process was left to take its keys; run the warmup again")
+        print(f"tunevault warmup: {w.label} (pid {w.pid}) exited with status {w.exit_code}; {fate}. "
+              f"Its last messages:\n  " + "\n  ".join(tails[w.index]), file=sys.stderr)
     ok = board.ok and not malformed
     if malformed:
         print("tunevault warmup: malformed line(s) skipped: " + ", ".join(f"{args.manifest}:{n}: {why}"

@@ -26,6 +26,13 @@ class InvalidEntry(ValueError):
     """A persisted or received object failed validation; callers treat it as a miss."""
 
 
+class TuningError(RuntimeError):
+    """Every config of a kernel failed for a key, or a config raised in the isolated worker an error
+    stock Triton would have let reach the caller (the worker cannot send the exception itself).
+    Defined here so that a warmup replay, below the policy that raises it, can tell this lasting
+    outcome from a failure of its own setup."""
+
+
 def canonical_json(obj: Any) -> str:
     """One spelling per value, so hashes and store keys are stable across processes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)

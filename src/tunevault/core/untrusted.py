@@ -169,33 +169,44 @@ def printable(text: str) -> bool:
     return True
 
 
-def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES,
-          limit: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+def lines(path: str | os.PathLike[str], max_line: int = MAX_LINE_BYTES, limit: int | None = None,
+          upto: int | None = None) -> Iterator[tuple[int, bytes | None]]:
     """``(line number, bytes)`` of a regular file, read as it goes; a line longer than ``max_line``
     comes as ``None`` (the caller skips it as malformed) and is not kept in memory. A file of more
-    than ``limit`` bytes is refused (Refused) before its first line, or as it grows past it."""
+    than ``limit`` bytes is refused (Refused) before its first line, or as it grows past it.
+    ``upto``: read only the first so many bytes (a snapshot of a file others still append to)."""
     path = os.fspath(path)
     fd, info = _open_regular(path)
-    if limit is not None and info.st_size > limit:
+    size = info.st_size if upto is None else min(info.st_size, max(0, upto))
+    if limit is not None and size > limit:
         os.close(fd)
-        raise Refused(f"{path} is {info.st_size} bytes, more than the {limit} bytes ({limit >> 20} MiB) "
+        raise Refused(f"{path} is {size} bytes, more than the {limit} bytes ({limit >> 20} MiB) "
                       "tunevault reads of it")
+    left = -1 if upto is None else max(0, upto)
+
+    def readline(size: int) -> bytes:
+        nonlocal left
+        if left == 0:
+            return b""
+        text = fh.readline(size if left < 0 else min(size, left))
+        if left > 0:
+            left -= len(text)
+        if limit is not None and fh.tell() > limit:
+            raise Refused(f"{path} grew past the {limit} bytes ({limit >> 20} MiB) tunevault reads of it")
+        return text
+
     with os.fdopen(fd, "rb") as fh:
         number = 0
         while True:
-            text = fh.readline(max_line + 1)
+            text = readline(max_line + 1)
             if not text:
                 return
             number += 1
-            if limit is not None and fh.tell() > limit:
-                raise Refused(f"{path} grew past the {limit} bytes ({limit >> 20} MiB) tunevault reads of it")
             if len(text) <= max_line or text.endswith(b"\n"):
                 yield number, text
                 continue
             while text and not text.endswith(b"\n"):  # the rest of an overlong line
-                text = fh.readline(1 << 20)
-                if limit is not None and fh.tell() > limit:
-                    raise Refused(f"{path} grew past the {limit} bytes ({limit >> 20} MiB) tunevault reads of it")
+                text = readline(1 << 20)
             yield number, None
 
 

@@ -15,11 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-class TuningError(RuntimeError):
-    """Every config of a kernel failed for a key, or a config raised in the isolated worker an error
-    stock Triton would have let reach the caller (the worker cannot send the exception itself)."""
-
-
 class ConfigRaised(Exception):
     """Config ``index`` raised ``error``, which stock Triton lets reach the caller: tuning stops and the
     caller gets ``error`` itself (engine.tuner.measure unwraps it)."""

@@ -24,8 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tunevault.core.model import CandidateResult, ConfigSpec
-from tunevault.engine.failures import TuningError
+from tunevault.core.model import CandidateResult, ConfigSpec, TuningError
 from tunevault.engine.procs import (
     WorkerDied,
     WorkerProcess,

@@ -159,13 +159,14 @@ def _same_manifest(source: object, pending: str | None) -> bool:
 def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: str | None = None,
            progress: Callable[[int, int, WarmupItem], None] | None = None,
            started: Callable[[Task], None] | None = None, *,
-           read_from: str | os.PathLike[str] | None = None) -> WarmupReport:
+           read_from: str | os.PathLike[str] | None = None, retry_before: float | None = None) -> WarmupReport:
     """Settle every key of the manifest together with the other processes on the store.
 
     Returns once every key is decided, skipped or failed (the report says which, and why);
     installs tunevault (tune mode) for the call when it is not installed. ``read_from``: the file
     ``source`` was read from, when the caller read it already (a ``TUNEVAULT_WARMUP`` naming that
-    file is then this call, as when ``source`` is the file).
+    file is then this call, as when ``source`` is the file). ``retry_before``: a wall-clock time;
+    keys recorded as failed for the fleet before it are tried again (``tunevault warmup --retry-failed``).
     """
     from tunevault.integration import activation, triton_adapter
     from tunevault.policy.settings import Settings
@@ -189,7 +190,7 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         tasks = [EntryTask(runtime, entry, device, names) for entry in keys]
         settings = runtime.settings
         sharing = Sharing(runtime.fingerprint.digest, settings.lease_ttl, settings.lease_wait,
-                          order=tuple(walk([t.kernel for t in tasks])))
+                          order=tuple(walk([t.kernel for t in tasks])), retry_before=retry_before)
         plan = plan_for(settings, [tasks[i] for i in sharing.order] if sharing.order else tasks, host_sharers())
         for task in tasks:
             task.plan = plan

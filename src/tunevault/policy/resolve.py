@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningKey
-from tunevault.engine.failures import TuningError, losing_errors
+from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningError, TuningKey
+from tunevault.engine.failures import losing_errors
 from tunevault.engine.inprocess import conflict_error
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.engine.timing import own_bench
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from tunevault.policy.runtime import Runtime
 
 Indexed = list[tuple[int, "Config"]]  # (declared index, or len(configs)+j for a config prune made up; the Config)
+
+
+__all__ = ["TuningError"]  # defined in core (a warmup replay tells it apart), raised here
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:

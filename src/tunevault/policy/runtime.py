@@ -54,6 +54,10 @@ class Runtime:
         self._warned: set[Hashable] = set()
         self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
+        # Decisions the store did not take (a failed write, or a store that fell back to memory):
+        # a warmup must not count them as decided, since no other process or restart sees them.
+        self.unpublished: set[tuple[str, str, str]] = set()
+        self.store_fell_back = False
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
         # (kernel name, key text) -> (declared index, config) a fallback launched: verify_agreement compares it
         self.fallbacks: dict[tuple[str, str], tuple[int, ConfigSpec]] = {}
@@ -117,6 +121,7 @@ class Runtime:
             self.warn_once(("store", self.settings.store),
                            "tunevault: store %s is unusable (%s); keeping decisions in memory for this process",
                            self.settings.store, exc)
+            self.store_fell_back = True
             return MemoryStore()
 
     def warn_once(self, token: Hashable, msg: str, *args: Any) -> bool:
@@ -158,9 +163,15 @@ class Runtime:
         except Exception as exc:
             self.warn_once(("put", type(exc)), "tunevault: store write failed (%s); decision kept in memory", exc)
             published = decision
+            self.unpublished.add(published.store_key)
         self.decided[published.store_key] = published
         self.predictions.invalidate(published.kernel.digest)
         return published
+
+    def published(self, kernel: KernelId, key: TuningKey) -> bool:
+        """Whether this process's decision for the key reached the store (others and restarts see it)."""
+        skey = (kernel.digest, self.fingerprint.digest, key.text)
+        return not self.store_fell_back and skey not in self.unpublished
 
     def supersede(self, stale: Decision, decision: Decision) -> None:
         """The store holds ``stale``, which names a config the kernel does not declare: replace it
@@ -174,6 +185,7 @@ class Runtime:
         except Exception as exc:
             self.warn_once(("supersede", type(exc)), "tunevault: could not replace a stored decision naming an "
                            "undeclared config (%s); the new decision is kept in memory", exc)
+            self.unpublished.add(decision.store_key)
         self.decided[decision.store_key] = decision
 
     def decided_keys(self, kernel: KernelId) -> list[TuningKey]:

@@ -8,15 +8,19 @@ participant poll the store, with backoff, until those keys are decided or their 
 leases expire (then it takes them). A participant therefore never waits on a peer while it
 still has work, and a peer that dies costs one lease time to live, not a deadlock.
 
-Keys that cannot be tuned (kernel not importable, arguments not rebuildable, every config
-failing) are recorded once in the store for the whole fleet: a small JSON record held as a
-lease named ``failed:...`` with a time to live, so the others skip them with that reason
-instead of retrying. Records are validated on read; a malformed one is ignored.
+A key whose every config fails is recorded once in the store for the whole fleet: a small JSON
+record held as a lease named ``failed:`` + the key's tuning lease (kernel digest, fingerprint,
+key), with a time to live, so the others report it with that reason instead of tuning it again.
+Only that outcome is recorded: it holds for every process running this kernel source on this
+fingerprint. What this process's setup caused (a module that does not import, arguments that do
+not rebuild, a store that did not take the decision) is reported here and tried again by the
+next process, so fixing the setup is enough. A record is read only for a key whose kernel
+imports and that is not decided; it is validated on read (a malformed or older-format one is
+ignored); a walk given ``retry_before`` clears and retries records written before that time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,9 +39,9 @@ from tunevault.store.base import Store
 
 log = logging.getLogger("tunevault")
 
-FAILED_FORMAT = "tunevault-failed-key/1"
+FAILED_FORMAT = "tunevault-failed-key/2"  # /1 records also held setup failures: ignored
+FAILED_PREFIX = "failed:"
 FAILED_TTL_S = 3600.0  # how long the fleet trusts a failure before someone tries the key again
-RECORDED = ("skipped", "failed")  # outcomes worth telling the fleet about
 MAX_REASON = 400
 
 
@@ -66,10 +70,11 @@ class Task(Protocol):
 class Sharing:
     """How a participant shares: its leases' time to live, how long it trusts a live holder."""
 
-    fingerprint: str  # digest: records are per environment, like decisions
+    fingerprint: str  # digest: records are per environment, like decisions (their names carry it)
     lease_ttl: float = 30.0
     lease_wait: float = 600.0  # a key held this long without a decision is tuned here too
     failed_ttl: float = FAILED_TTL_S
+    retry_before: float | None = None  # wall-clock time: failure records written before it are retried
     order: tuple[int, ...] = ()  # the order this participant walks the keys in (empty: as listed)
 
 
@@ -110,10 +115,9 @@ def affinity_order(kernels: Sequence[str], me: int, size: int) -> list[int]:
     return mine + [i for i in reversed(range(len(kernels))) if owner[kernels[i]] != me]
 
 
-def failed_record_name(kernel: str, fingerprint: str, key_text: str) -> str:
-    """Named by the manifest's identity (kernel name, not digest): known even when the import fails."""
-    kernel_hash = hashlib.sha256(kernel.encode()).hexdigest()[:16]
-    return f"failed:{kernel_hash}:{fingerprint}:{hashlib.sha256(key_text.encode()).hexdigest()[:32]}"
+def failed_record_name(lease: str) -> str:
+    """Named by the key's tuning lease: a fixed kernel source (another digest) is tried afresh."""
+    return FAILED_PREFIX + lease.partition(":")[2]
 
 
 def failed_record(item: WarmupItem) -> str:
@@ -123,8 +127,10 @@ def failed_record(item: WarmupItem) -> str:
                       separators=(",", ":"))
 
 
-def read_failed_record(text: str | None, kernel: str, key: TuningKey) -> WarmupItem | None:
-    """The recorded outcome, if ``text`` is a well-formed record for exactly this kernel and key."""
+def read_failed_record(text: str | None, kernel: str, key: TuningKey,
+                       written_after: float | None = None) -> WarmupItem | None:
+    """The recorded outcome, if ``text`` is a well-formed record for exactly this kernel and key
+    (and, given ``written_after``, written at or after that wall-clock time)."""
     if text is None:
         return None
     try:
@@ -132,12 +138,15 @@ def read_failed_record(text: str | None, kernel: str, key: TuningKey) -> WarmupI
     except ValueError:
         return None
     if not (isinstance(rec, dict) and rec.get("format") == FAILED_FORMAT and rec.get("kernel") == kernel
-            and rec.get("key") == key.text and rec.get("status") in RECORDED):
+            and rec.get("key") == key.text and rec.get("status") == "failed"):
+        return None
+    written = rec.get("time")
+    if written_after is not None and not (isinstance(written, int | float) and written >= written_after):
         return None
     reason, by = rec.get("reason"), rec.get("by")
     reason = reason[:MAX_REASON] if isinstance(reason, str) else "no reason recorded"
     by = by[:200] if isinstance(by, str) else "another process"
-    return WarmupItem(kernel, key, rec["status"], f"{reason} (recorded by {by})")
+    return WarmupItem(kernel, key, "failed", f"{reason} (recorded by {by})", lasting=True)
 
 
 class _Walk:
@@ -156,23 +165,23 @@ class _Walk:
     def attempt(self, i: int) -> WarmupItem | None:
         """The key's outcome, or None when another process holds it (revisit it later)."""
         task = self.tasks[i]
-        record = self.failed_record(task)
-        if record is not None:
-            return record
         if task.decided_by_name():  # before lease(), which imports the kernel's module
             return WarmupItem(task.kernel, task.key, "decided")
         lease = task.lease()
         if isinstance(lease, WarmupItem):
-            return self.settled(task, lease)
+            return self.settled(task, lease, None)
         if task.decided():
             return WarmupItem(task.kernel, task.key, "decided")
+        record = self.failed_record(task, lease)
+        if record is not None:
+            return record
         holder = new_holder()
         try:
             taken = self.store.try_lease(lease, holder, self.sharing.lease_ttl)
         except Exception as exc:
             self.warn_once("lease", "tunevault warmup: cannot take tuning leases in %s (%s); tuning without "
                            "them", getattr(self.store, "url", self.store), exc)
-            return self.settled(task, self.tune(task))
+            return self.settled(task, self.tune(task), lease)
         if not taken:
             return self.held(i, task, lease)
         self.emit("lease_taken", task, lease=lease, revisited=i in self.first_held)
@@ -183,7 +192,7 @@ class _Walk:
                 item = self.tune(task)
         finally:
             self.store.release(lease, holder)
-        return self.settled(task, item)
+        return self.settled(task, item, lease)
 
     def held(self, i: int, task: Task, lease: str) -> WarmupItem | None:
         now = time.monotonic()
@@ -199,37 +208,50 @@ class _Walk:
                     "(lease_wait); tuning here too, the first decision published is the one kept",
                     task.what, now - since)
         with taken_here(lease):  # the tuning path must not wait for the holder all over again
-            return self.settled(task, self.tune(task))
+            return self.settled(task, self.tune(task), lease)
 
     def tune(self, task: Task) -> WarmupItem:
         if self.started is not None:
             self.started(task)
         return task.tune()
 
-    def settled(self, task: Task, item: WarmupItem) -> WarmupItem:
-        """Tell the fleet once about a key that cannot be tuned; pass every outcome through."""
-        if item.status in RECORDED:
-            name = failed_record_name(task.kernel, self.sharing.fingerprint, task.key.text)
+    def settled(self, task: Task, item: WarmupItem, lease: str | None) -> WarmupItem:
+        """Report a key that cannot be tuned: once for the fleet when the outcome is lasting (every
+        config failed), else here only (this process's setup: the next one tries again)."""
+        if item.status not in ("skipped", "failed"):
+            return item
+        first = True
+        if item.lasting and lease is not None:
             try:
-                first = self.store.try_lease(name, failed_record(item), self.sharing.failed_ttl)
+                first = self.store.try_lease(failed_record_name(lease), failed_record(item), self.sharing.failed_ttl)
             except Exception as exc:
                 log.debug("tunevault warmup: could not record %s as not tunable: %s", task.what, exc)
-                first = False
-            if first:
-                self.emit("key_failed", task, status=item.status, reason=item.reason)
-                log.warning("tunevault warmup: %s %s: %s", item.status, task.what, item.reason)
+        if first:
+            self.emit("key_failed", task, status=item.status, reason=item.reason, recorded=item.lasting)
+            log.warning("tunevault warmup: %s %s: %s", item.status, task.what, item.reason)
         return item
 
-    def failed_record(self, task: Task) -> WarmupItem | None:
+    def failed_record(self, task: Task, lease: str) -> WarmupItem | None:
+        """The fleet's record that every config of the key failed; with ``retry_before``, a record
+        written before then is cleared once (compare-and-delete) and the key tried again."""
         read = getattr(self.store, "lease_holder", None)
         if read is None:
             return None
-        name = failed_record_name(task.kernel, self.sharing.fingerprint, task.key.text)
+        name = failed_record_name(lease)
         try:
-            return read_failed_record(read(name), task.kernel, task.key)
+            text = read(name)
         except Exception as exc:
             self.warn_once("record", "tunevault warmup: cannot read failed-key records (%s)", exc)
             return None
+        found = read_failed_record(text, task.kernel, task.key)
+        before = self.sharing.retry_before
+        if found is None or text is None or before is None:
+            return found
+        if read_failed_record(text, task.kernel, task.key, written_after=before) is not None:
+            return found  # recorded during this run, by a peer that retried it already
+        self.store.release(name, text)
+        log.info("tunevault warmup: retrying %s, recorded as failed before this run", task.what)
+        return None
 
     def warn_once(self, token: str, msg: str, *args: object) -> None:
         if token not in self.warned:

@@ -76,6 +76,14 @@ class MemoryStore:
             current = self._leases.get(name)
         return current[0] if current is not None and current[1] > time.monotonic() else None
 
+    def clear_leases(self, prefix: str) -> int:
+        """Delete every lease whose name starts with ``prefix``."""
+        with self._lock:
+            names = [n for n in self._leases if n.startswith(prefix)]
+            for n in names:
+                del self._leases[n]
+        return len(names)
+
     def release(self, name: str, holder: str) -> None:
         """Release only if ``holder`` still holds it: a late release must not free a successor's lease."""
         with self._lock:

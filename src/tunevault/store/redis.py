@@ -325,6 +325,16 @@ class RedisStore:
             return raw.decode("utf-8", "replace")
         return raw if isinstance(raw, str) else None
 
+    def clear_leases(self, prefix: str) -> int:
+        """Delete every lease whose name starts with ``prefix`` (glob characters in it are escaped)."""
+        pattern = PREFIX + "lease:" + "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+
+        def txn() -> int:
+            names = list(self._client.scan_iter(match=pattern, count=500))
+            return int(self._client.delete(*names)) if names else 0
+
+        return self._call("clear leases", txn)
+
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
         try:

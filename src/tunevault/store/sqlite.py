@@ -506,6 +506,18 @@ class SqliteStore:
             return None
         return row[0] if isinstance(row[0], str) else None
 
+    def clear_leases(self, prefix: str) -> int:
+        """Delete every lease whose name starts with ``prefix`` (e.g. the fleet's failed-key records)."""
+
+        def txn(db: sqlite3.Connection) -> int:
+            with _immediate(db):
+                return db.execute("DELETE FROM leases WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)).rowcount
+
+        try:
+            return self._write(txn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot clear leases in tuning store {self.path}: {exc}") from exc
+
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
 
