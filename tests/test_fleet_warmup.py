@@ -285,16 +285,22 @@ def peer_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 """
 
 
-def test_a_jobs_child_never_imports_a_library_only_to_see_its_keys_decided(tmp_path: Path, manifest: Path) -> None:
-    """A ``--jobs`` child reaching keys of a module it has not imported counts them as decided when
-    the store holds decisions under the manifest's kernel name: a library warmed up by a peer (or an
-    earlier run) is not imported just to compute its digests (~10 s for flash-linear-attention)."""
+def load_unimported(path: Path) -> Any:
+    """The module at ``path``, run but not put in sys.modules (only to write its manifest lines)."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_keys_an_earlier_run_decided_are_judged_by_digest_after_an_import(tmp_path: Path, manifest: Path) -> None:
+    """An earlier run's decision under the manifest's kernel name may be stale (the source may have
+    changed since): a ``--jobs`` child imports the library to check its digest, then counts the key
+    as decided when the decision is current, without tuning it again."""
     (tmp_path / "peer_lib.py").write_text(PEER_LIB)
-    spec = importlib.util.spec_from_file_location("peer_lib", tmp_path / "peer_lib.py")
-    peer_lib = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer_lib)  # not in sys.modules: only to write its manifest line
+    peer_lib = load_unimported(tmp_path / "peer_lib.py")
     peer_manifest = tmp_path / "peer.jsonl"
     ks.write_manifest(peer_manifest, [50], kernel=peer_lib.peer_scale)
     ks.write_manifest(manifest, [50], kernel=peer_lib.peer_scale, first_seen=len(SIZES))
@@ -306,7 +312,6 @@ def test_a_jobs_child_never_imports_a_library_only_to_see_its_keys_decided(tmp_p
     first = subprocess.run([*cmd, str(peer_manifest), "--json"], capture_output=True, text=True, env=env,
                            timeout=180)
     assert first.returncode == 0 and json.loads(first.stdout)["counts"]["tuned"] == 1, first.stderr
-    assert len(imported.read_text().split()) == 1  # the process that tuned it imported it
     imported.unlink()
 
     done = subprocess.run([*cmd, str(manifest), "--jobs", "2", "--json"], capture_output=True, text=True,
@@ -314,7 +319,92 @@ def test_a_jobs_child_never_imports_a_library_only_to_see_its_keys_decided(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] and report["counts"]["tuned"] == len(SIZES) and report["counts"]["decided"] == 1
-    assert not imported.exists(), f"peer_lib imported by {imported.read_text().split()}"
+    assert imported.exists(), "an earlier run's decision was trusted by the kernel's name alone"
+
+
+def test_a_jobs_child_trusts_the_digest_a_peer_of_its_run_found_and_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``--jobs`` child does not import a library only to learn that its keys are decided, once a
+    peer of the same run has imported it and said its digest; a decision under any other digest (an
+    earlier version of the kernel) never counts, and without a run folder nothing counts by name."""
+    from tunevault.capture.replay import entries
+    from tunevault.core.identity import kernel_id
+    from tunevault.integration import triton_adapter
+    from tunevault.integration.shared_warmup import RUN_VAR, DecidedNames, EntryTask
+
+    (tmp_path / "peer_lib.py").write_text(PEER_LIB)
+    peer_lib = load_unimported(tmp_path / "peer_lib.py")
+    manifest = tmp_path / "peer.jsonl"
+    ks.write_manifest(manifest, [50], kernel=peer_lib.peer_scale)
+    store = f"sqlite:///{tmp_path / 'peer.db'}"
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    tuned = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", store, "warmup", str(manifest)],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+
+    tunevault.install(mode="tune", store=store)
+    runtime = triton_adapter.runtime()
+    assert runtime is not None
+    (entry,) = entries(str(manifest))
+    digest = kernel_id(peer_lib.peer_scale).digest
+
+    def task() -> EntryTask:
+        return EntryTask(runtime, entry, None, DecidedNames(runtime.store, runtime.fingerprint.digest))
+
+    assert not task().decided_by_name()  # no run folder: names are not trusted
+    monkeypatch.setenv(RUN_VAR, str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    mine = task()
+    assert not mine.decided_by_name()  # no peer has imported the kernel in this run
+    DecidedNames(runtime.store, runtime.fingerprint.digest).vouch(entry.kernel, "0123456789abcdef")
+    assert not mine.decided_by_name()  # this run's kernel is another version than the one decided
+    monkeypatch.setenv(RUN_VAR, str(tmp_path / "next run"))
+    (tmp_path / "next run").mkdir()
+    mine = task()
+    DecidedNames(runtime.store, runtime.fingerprint.digest).vouch(entry.kernel, digest)  # a peer imported it
+    assert mine.decided_by_name()
+    assert "peer_lib" not in sys.modules
+
+
+EDITED_LIB = """
+import triton
+import triton.language as tl
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])
+@triton.jit
+def edited_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * FACTOR, mask=offs < n)
+"""
+
+
+def test_jobs_retune_the_stale_decisions_of_an_edited_kernel(tmp_path: Path) -> None:
+    """After a kernel's source changes, its old decisions (another digest) no longer apply: ``--jobs``
+    children used to count them as decided by the kernel's name, tuned nothing and exited 0 while
+    ``tunevault check`` said no key was decided."""
+    lib = tmp_path / "edited_lib.py"
+    lib.write_text(EDITED_LIB.replace("FACTOR", "3.0"))
+    manifest = tmp_path / "keys.jsonl"
+    sizes = ks.write_manifest(manifest, [40, 90, 150], kernel=load_unimported(lib).edited_scale)
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    cli = [sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / 'edited.db'}"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+
+    first = run("warmup", str(manifest), "--jobs", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"warmup: {len(sizes)} tuned, 0 already decided" in first.stdout
+    lib.write_text(EDITED_LIB.replace("FACTOR", "30.0"))  # a new version of the kernel
+    assert run("check", str(manifest)).returncode == 1  # its keys are not decided
+
+    again = run("warmup", str(manifest), "--jobs", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"warmup: {len(sizes)} tuned, 0 already decided" in again.stdout
+    checked = run("check", str(manifest))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_only_keys_whose_every_config_fails_are_recorded_for_everyone(tmp_path: Path) -> None:

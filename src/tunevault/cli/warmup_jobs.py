@@ -22,6 +22,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from typing import Any
 from tunevault.cli.warmup_board import Board, WorkerView, display
 
 MARK = "@tunevault-warmup "
+RUN_VAR = "TUNEVAULT_WARMUP_RUN"  # shared_warmup.RUN_VAR, spelled out: this process imports no torch
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # unless the user set them
 STOP_GRACE_S = 5.0  # after SIGTERM, how long children get to exit before SIGKILL
 
@@ -120,14 +122,16 @@ def _read(worker: WorkerView, proc: subprocess.Popen[str], events: queue.Queue[t
 
 
 def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Queue[tuple[WorkerView, dict[str, Any]]],
-           snapshot: int, procs: list[subprocess.Popen[str]]) -> dict[int, deque[str]]:
-    """Start every child at once: each one's start-up (interpreter, torch, CUDA) runs in parallel."""
+           snapshot: int, procs: list[subprocess.Popen[str]], run_dir: str) -> dict[int, deque[str]]:
+    """Start every child at once: each one's start-up (interpreter, torch, CUDA) runs in parallel.
+    ``run_dir``: where they tell each other the kernel digests they computed in this run."""
     from tunevault.capture.locate import ALLOW_VAR
     from tunevault.cli.warmup_child import SPAWNED_VAR
 
     base = {**os.environ,
             "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *map(os.path.abspath, args.path),
-                                                      os.environ.get("PYTHONPATH", "")] if p)}
+                                                      os.environ.get("PYTHONPATH", "")] if p),
+            RUN_VAR: run_dir}
     if args.allow_module:
         base[ALLOW_VAR] = ",".join(args.allow_module)
     tails: dict[int, deque[str]] = {}
@@ -194,7 +198,13 @@ def run(args: argparse.Namespace) -> int:
     its malformed lines (a manifest without a valid key stops them and fails the run, as the
     single-process path does). They inherit the import path and ``--allow-module`` through their
     environment, and each decides on Triton's interpreter itself, as the single-process path does,
-    where the check initialises the CUDA driver it needs anyway."""
+    where the check initialises the CUDA driver it needs anyway. A folder private to this run lets
+    the children trust each other's digests (never an earlier run's decisions by name alone)."""
+    with tempfile.TemporaryDirectory(prefix="tunevault-warmup-") as run_dir:
+        return _run(args, run_dir)
+
+
+def _run(args: argparse.Namespace, run_dir: str) -> int:
     from tunevault.cli.serving_cmds import read_manifest
 
     began = time.monotonic()
@@ -204,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen[str]] = []
     with _stop_signals() as stopping:
         try:
-            tails = _spawn(args, workers, events, snapshot, procs)
+            tails = _spawn(args, workers, events, snapshot, procs, run_dir)
             spawned_s = time.monotonic() - began
             entries, malformed = read_manifest(args, limit=snapshot)
             board = Board(len(entries), workers, started=began, spawn_s=spawned_s)

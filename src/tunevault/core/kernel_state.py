@@ -1,8 +1,9 @@
 """Per-kernel state the adapter keeps beside each Autotuner: its key recipe and decided configs.
 
-The raw key (values of ``key`` args + dtype of every tensor arg, exactly Triton's recipe, with
-dtype objects instead of their strings) indexes an in-memory dict: a decided call costs one
-tuple and one dict lookup. The labelled, JSON-safe TuningKey is built only on a miss.
+The raw key (a slot per ``key`` arg, then name and dtype of every tensor arg: Triton's recipe with
+dtype objects instead of their strings, made unambiguous, see ``key_code.py``) indexes an in-memory
+dict: a decided call costs one tuple and one dict lookup. The labelled, JSON-safe TuningKey is
+built only on a miss.
 ``bench/dispatch_overhead.py`` measures this path against stock Triton's.
 """
 
@@ -66,7 +67,9 @@ class KernelState:
         _states.add(self)
 
     def raw_key(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
-        """Triton's key for this call: key arg values, then dtypes of args in ``_args`` order.
+        """This call's key in the in-memory dict: equal for two calls exactly when Triton's key and
+        the labelled key are (key arg values or ``ABSENT`` in ``key=`` order, then name and dtype of
+        each arg in ``_args`` order).
 
         Dtype objects rather than their strings; a name given both positionally and by keyword is
         not re-ordered (such a call cannot launch: the JIT function rejects it).

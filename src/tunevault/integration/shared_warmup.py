@@ -11,6 +11,7 @@ the work; another GPU model's keys (another fingerprint in every lease name) are
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -27,33 +28,70 @@ from tunevault.integration.warmup_ahead import AheadPlan, plan_for
 from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, affinity_order, share
-from tunevault.store.base import Query, Store
+from tunevault.store.base import Store
 
 log = logging.getLogger("tunevault")
 
 WORKER_VAR = "TUNEVAULT_WARMUP_WORKER"  # "i/n": set by ``tunevault warmup --jobs`` for its children
+RUN_VAR = "TUNEVAULT_WARMUP_RUN"  # a folder private to one ``tunevault warmup --jobs`` run, for its children
 
 
 class DecidedNames:
-    """The (kernel name, key text) pairs the store holds decisions for on this fingerprint.
+    """Which manifest keys a ``--jobs`` child may count as decided without importing their kernel.
 
-    Listed again only when asked about a pair it lacks, so a walk over a peer's decided keys reads
-    the store about once, not once a key (a Redis store lists every decision of the fingerprint
-    for any query by name); a miss is followed by importing the module, after which its keys are
-    judged by digest and never asked about here again."""
+    A decision counts only under the digest that a peer of this same run computed for the kernel's
+    name, after importing it (``vouch``, a file in the run's folder ``$TUNEVAULT_WARMUP_RUN``): a
+    decision under the name alone may be stale (the kernel's source or configs changed since it was
+    made, so its digest changed) and only an import can tell. A peer's digest is as good as our own:
+    same files, same fingerprint. Without a run folder nothing is trusted; the digest judges."""
 
     def __init__(self, store: Store, fingerprint: str) -> None:
         self.store, self.fingerprint = store, fingerprint
-        self.pairs: set[tuple[str, str]] = set()
+        self.run_dir = os.environ.get(RUN_VAR) or None
+        self.digests: dict[str, str] = {}  # kernel name -> its digest in this run
+
+    def vouch(self, name: str, digest: str) -> None:
+        """Tell this run's peers the digest of ``name``, computed here by importing it."""
+        if self.run_dir is None or self.digests.get(name) == digest:
+            return
+        self.digests[name] = digest
+        path = self._path(name)
+        try:
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(digest)
+            os.replace(tmp, path)  # whole or absent for a peer reading it
+        except OSError as exc:  # peers then import the kernel themselves
+            log.debug("tunevault warmup: cannot share the digest of %s (%s)", name, exc)
 
     def __contains__(self, pair: tuple[str, str]) -> bool:
-        if pair not in self.pairs:
-            try:
-                self.pairs = {(d.kernel.name, d.key.text)
-                              for d in self.store.decisions(Query(fingerprint_digest=self.fingerprint))}
-            except Exception as exc:  # then the key is judged by its digest, after an import
-                log.debug("tunevault warmup: cannot list the store's decisions (%s)", exc)
-        return pair in self.pairs
+        name, key_text = pair
+        digest = self.digests.get(name) or self._vouched(name)
+        if digest is None:
+            return False
+        try:
+            return self.store.get(digest, self.fingerprint, key_text) is not None
+        except Exception as exc:  # then the key is judged by its digest, after an import
+            log.debug("tunevault warmup: cannot read the store (%s)", exc)
+            return False
+
+    def _vouched(self, name: str) -> str | None:
+        if self.run_dir is None:
+            return None
+        try:
+            with open(self._path(name)) as f:
+                text = f.read(65)
+        except OSError:
+            return None  # no peer has imported it yet
+        if not (0 < len(text) <= 64 and text.isascii() and text.isalnum()):
+            return None
+        self.digests[name] = text
+        return text
+
+    def _path(self, name: str) -> str:
+        assert self.run_dir is not None
+        tag = hashlib.sha256(f"{self.fingerprint}\0{name}".encode()).hexdigest()[:32]  # any name, a safe file name
+        return os.path.join(self.run_dir, tag)
 
 
 class EntryTask:
@@ -83,12 +121,15 @@ class EntryTask:
         if len(autotuner.configs) <= 1:
             return WarmupItem(self.kernel, self.key, "decided", "one config: nothing to tune")
         self._kernel_id = kernel_id(autotuner)
+        if self.names is not None:
+            self.names.vouch(self.kernel, self._kernel_id.digest)
         return lease_name(self._kernel_id.digest, self.runtime.fingerprint.digest, self.key.text)
 
     def decided(self) -> bool:
         return self._kernel_id is not None and self.runtime.lookup(self._kernel_id, self.key) is not None
 
     def decided_by_name(self) -> bool:
+        """Decided under the digest a peer of this run found for the kernel (DecidedNames)."""
         if self.names is None or self._lease is not None or self.kernel.partition(":")[0] in sys.modules:
             return False  # names not trusted here, or identified or cheap to identify: the digest decides
         return (self.kernel, self.key.text) in self.names
@@ -183,9 +224,9 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
     if _same_manifest(source if read_from is None else read_from, runtime.pending_warmup):
         runtime.take_pending_warmup()  # this call is that warmup
     try:
-        # ``--jobs`` children share one installation and exit after the walk: there the manifest's
-        # kernel name is as good as its digest, and a library a peer warmed up (~10 s to import for
-        # flash-linear-attention) is never imported just to see its keys decided.
+        # ``--jobs`` children of one run: a kernel a peer imported in this run (its digest in the
+        # run's folder) is not imported again just to see its keys decided (~10 s for
+        # flash-linear-attention); an earlier run's decisions are judged by digest (DecidedNames).
         names = DecidedNames(runtime.store, runtime.fingerprint.digest) if WORKER_VAR in os.environ else None
         tasks = [EntryTask(runtime, entry, device, names) for entry in keys]
         settings = runtime.settings

@@ -59,8 +59,9 @@ class Task(Protocol):
         """Whether the store holds a decision for the key (loading it into this process)."""
 
     def decided_by_name(self) -> bool:
-        """Whether the store holds a decision under the manifest's kernel name, judged without
-        importing the kernel's module; False where the name is not trusted (then the digest judges)."""
+        """Whether the store holds a decision for the key, judged without importing the kernel's
+        module (by a digest a peer of this warmup computed); False where that cannot be known
+        (then the digest judges, after the import)."""
 
     def tune(self) -> WarmupItem:
         """Tune the key through the normal tuning path, so its decision is published."""
