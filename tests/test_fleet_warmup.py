@@ -346,7 +346,7 @@ def test_a_jobs_child_trusts_the_digest_a_peer_of_its_run_found_and_nothing_else
     tunevault.install(mode="tune", store=store)
     runtime = triton_adapter.runtime()
     assert runtime is not None
-    (entry,) = entries(str(manifest))
+    (entry,) = entries(str(manifest), None)
     digest = kernel_id(peer_lib.peer_scale).digest
 
     def task() -> EntryTask:
