@@ -239,33 +239,6 @@ def test_a_helper_whose_warmup_died_stops_compiling(tmp_path: Path) -> None:
         helper.kill()
 
 
-def test_the_key_a_warmup_waits_for_compiles_before_keys_sent_earlier(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With leases the walk skips keys other processes hold: the key it claims next may sit behind
-    many others in the helper. The helper compiles it next, not after the keys sent before it."""
-    from tunevault.capture.argspec import CallSpec
-    from tunevault.core.identity import kernel_id
-    from tunevault.engine.ahead import AheadJob, CompileAhead
-    from tunevault.engine.worker import find_autotuner
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the helper compiles for real: a second a config
-    at = find_autotuner(ks.slow_compile)
-    x = torch.zeros(64)
-    spec = CallSpec.of(at, (x, torch.empty_like(x), 64), {"grid": (1,)}).to_json()
-    digest = kernel_id(at).digest
-    ahead = CompileAhead(keys=3, helpers=1, cores=2)  # one helper, one compile thread
-    try:
-        for token, configs in (("a", range(8)), ("b", range(3)), ("c", range(2))):
-            ahead.want(token, AheadJob("kernels_shard:slow_compile", digest, spec, tuple(configs)))
-        deadline = time.monotonic() + 120
-        while len(ahead._sent) < 3:  # all three handed to the helper, in that order
-            assert time.monotonic() < deadline, "the helper never took the keys"
-            time.sleep(0.05)
-        assert ahead.claim("c", timeout=60) is True
-        assert ahead.compiled == 1  # "c" went before the 8 configs of "a" and the 3 of "b"
-    finally:
-        ahead.close()
-
-
 def test_a_key_is_compiled_for_the_gpu_the_warmup_tunes_on() -> None:
     """The helper sees one GPU as cuda:0, so the job is pinned; which GPU that is comes from the
     warmup's device, else the call's own (not from the pinned call, which always says 0)."""
@@ -373,3 +346,40 @@ def test_closing_does_not_wait_for_helpers_still_starting(tmp_path: Path) -> Non
     while not all(gone(pid) for pid in ahead.helper_pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(gone(pid) for pid in ahead.helper_pids)
+
+
+def test_helpers_stuck_on_a_claimed_key_stop_compile_ahead(caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key the helpers do not finish within the stall limit: the tuning does not wait for them any
+    longer, compile ahead stops for the rest of the warmup, and the helpers are killed."""
+    import logging
+
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.core.identity import kernel_id
+    from tunevault.engine.ahead import AheadJob, CompileAhead
+    from tunevault.engine.worker import find_autotuner
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the helper compiles for real: a second a config
+    at = find_autotuner(ks.slow_compile)
+    x = torch.zeros(64)
+    spec = CallSpec.of(at, (x, torch.empty_like(x), 64), {"grid": (1,)}).to_json()
+    job = AheadJob("kernels_shard:slow_compile", kernel_id(at).digest, spec, tuple(range(8)))
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    ahead = CompileAhead(keys=1, helpers=1, cores=2, stall_s=2.0)  # 8 configs on one thread: 8 s
+    try:
+        ahead.want("a", job)
+        deadline = time.monotonic() + 120
+        while not ahead._sent:
+            assert time.monotonic() < deadline, "the helper never took the key"
+            time.sleep(0.05)
+        assert ahead.claim("a", timeout=300) is False
+        assert any("did not finish a key" in r.getMessage() for r in caplog.records)
+        feeder = ahead._thread
+        assert feeder is not None
+        feeder.join(timeout=30)
+        assert not feeder.is_alive()
+        ahead.want("b", job)  # closed: nothing more is handed over
+        assert not ahead.busy()
+        assert all(gone(pid) for pid in ahead.helper_pids)
+    finally:
+        ahead.close()

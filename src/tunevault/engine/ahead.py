@@ -19,13 +19,12 @@ that fails to start or dies costs the warmup nothing but its help.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,12 @@ MAX_HELPERS = 2
 # 30.6 s with 15 threads of one process and in 19.1 s with 8 processes of 2 threads
 # (bench/compile_throughput.py); each helper also pays its imports, so two is the default.
 START_TIMEOUT = 120.0
+# A claimed key the helpers have not finished after this long: they are stuck, not slow (the
+# slowest config known, one of flash-linear-attention's, spends 23 s in ptxas, and a claimed key
+# waits at most for the compiles already running). An 80-key warmup on an H200 once waited on
+# one key until ``tune_timeout`` with both helpers alive and busy (cause not found): past this, compile
+# ahead stops for the rest of the warmup and every key compiles in its own tuning.
+STALL_S = 90.0
 POLL_S = 0.05
 # A helper must not idle out between keys (a long tuning, keys leased to other processes): it
 # lives as long as the warmup, which kills it when the walk returns; if the warmup dies, the
@@ -74,15 +79,14 @@ class CompileAhead:
     """The server side: a feeder thread keeps up to ``keys`` jobs compiling in the helpers."""
 
     def __init__(self, keys: int = DEFAULT_KEYS, start_timeout: float = START_TIMEOUT,
-                 helpers: int | None = None, cores: int | None = None) -> None:
-        self.keys, self.start_timeout = max(1, keys), start_timeout
+                 helpers: int | None = None, cores: int | None = None, stall_s: float = STALL_S) -> None:
+        self.keys, self.start_timeout, self.stall_s = max(1, keys), start_timeout, stall_s
         self.helpers, self.threads = helper_layout(cores or available_cores(), helpers)
         self._cv = threading.Condition()
         self._queued: dict[Hashable, AheadJob] = {}  # in the order wanted
         self._sent: dict[int, Hashable] = {}  # sid -> token, still compiling in some helper
         self._left: dict[int, int] = {}  # sid -> helpers yet to finish their share
         self._done: set[Hashable] = set()
-        self._urgent: list[int] = []  # sids claimed while compiling: the helpers put them first
         self._closed = False
         self._starting = False  # the feeder is starting the helpers
         self._procs: list[WorkerProcess] = []
@@ -102,18 +106,30 @@ class CompileAhead:
             self._cv.notify_all()
 
     def claim(self, token: Hashable, timeout: float) -> bool:
-        """About to tune ``token``: wait while the helpers compile it; True when they compiled it."""
-        end = time.monotonic() + timeout
+        """About to tune ``token``: wait while the helpers compile it; True when they compiled it.
+
+        Waits at most ``timeout``, and at most ``stall_s``: helpers that have not finished a claimed
+        key by then are stuck, and compile ahead stops (the tunings compile for themselves)."""
+        began = time.monotonic()
+        end = began + min(timeout, self.stall_s)
         with self._cv:
             self._queued.pop(token, None)  # not started: it compiles in the tuning, as usual
-            self._urgent.extend(sid for sid, sent in self._sent.items() if sent == token)
-            self._cv.notify_all()
             while token in self._sent.values() and not self._closed:
                 left = end - time.monotonic()
                 if left <= 0:
+                    if time.monotonic() - began >= self.stall_s:
+                        self._stalled(token)
                     return False
                 self._cv.wait(min(left, POLL_S * 4))
             return token in self._done
+
+    def _stalled(self, token: Hashable) -> None:
+        """Stop compiling ahead: the feeder sees it closed and kills the helpers (called holding _cv)."""
+        log.warning("tunevault: compile ahead: the helpers did not finish a key in %.0f s; compile ahead "
+                    "stops for the rest of this warmup (each key compiles in its own tuning)", self.stall_s)
+        self._closed = True
+        self._queued.clear()
+        self._cv.notify_all()
 
     def busy(self) -> bool:
         """Keys wait for the helpers or compile in them."""
@@ -156,9 +172,6 @@ class CompileAhead:
                 if self._closed:
                     return
                 first = next(iter(self._queued.values()), None)
-                urgent, self._urgent = self._urgent, []
-            for sid in urgent:
-                self._send_all({"op": "ahead_first", "sid": sid})
             if not self._procs and first is not None:
                 self._start(first)  # meanwhile a key tuned is dropped from the list, not waited for
                 continue
@@ -184,13 +197,6 @@ class CompileAhead:
                         self._drop(helper)
                 continue
             self._collect()
-
-    def _send_all(self, msg: dict[str, Any]) -> None:
-        for helper in list(self._procs):
-            try:
-                helper.send(msg)
-            except WorkerDied:
-                self._drop(helper)
 
     def _drop(self, helper: WorkerProcess) -> None:
         """A helper died: the others go on. The keys it was compiling are given up (their tunings
@@ -280,37 +286,23 @@ def job_for(target: str | None, digest: str, callspec: dict[str, Any] | None,
 
 
 class HelperCompiles:
-    """The helper's side (in the worker): every key's configs on one set of threads; a key reported
-    once all its compiles ended, successful or not (errors surface when the config is timed for
-    real). Keys compile in the order sent, except a key the warmup is waiting for, which goes first:
-    with leases the walk skips keys other processes hold, and the key it claims next may sit behind
-    many others."""
+    """The helper's side (in the worker): every key's configs on one pool; a key reported once all
+    its compiles ended, successful or not (errors surface when the config is timed for real)."""
 
     def __init__(self, emit: Callable[..., None], threads: int | None = None) -> None:
         self.emit = emit
-        self.workers = threads or helper_layout(available_cores(), helpers=1)[1]
-        self._cv = threading.Condition()
-        self._queue: dict[int, deque[Callable[[], object]]] = {}  # sid -> compiles not started, in order
-        self._threads: list[threading.Thread] = []
-        self._stopped = False
+        workers = threads or helper_layout(available_cores(), helpers=1)[1]
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tunevault-ahead")
+        self._lock = threading.Lock()
         self.pending: dict[int, int] = {}  # sid -> compiles left
 
     def busy(self) -> bool:
-        with self._cv:
+        with self._lock:
             return bool(self.pending)
 
     def abandon(self) -> None:
         """Drop the compiles not yet started (those running cannot be stopped)."""
-        with self._cv:
-            self._stopped = True
-            self._queue.clear()
-            self._cv.notify_all()
-
-    def first(self, sid: int) -> None:
-        """The warmup waits for ``sid``: its compiles not yet started go before every other key's."""
-        with self._cv:
-            if sid in self._queue:
-                self._queue = {sid: self._queue[sid], **self._queue}
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def add(self, sid: int, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
             ) -> None:
@@ -322,36 +314,15 @@ class HelperCompiles:
             return
         compile_one = compiler(autotuner, args, kwargs)
         device_caches_ready(autotuner.fn)  # one set of per-device caches for all the threads
-        with self._cv:
+        with self._lock:
             self.pending[sid] = len(configs)
-            self._queue[sid] = deque(functools.partial(compile_one, c) for c in configs)
-            while len(self._threads) < min(self.workers, sum(map(len, self._queue.values()))):
-                thread = threading.Thread(target=self._compile, name="tunevault-ahead", daemon=True)
-                self._threads.append(thread)
-                thread.start()
-            self._cv.notify_all()
+        for config in configs:
+            self.pool.submit(compile_one, config).add_done_callback(lambda f, s=sid: self._ended(s, f))
 
-    def _next(self) -> tuple[int, Callable[[], object]] | None:
-        with self._cv:
-            while not self._stopped:
-                for sid, compiles in self._queue.items():
-                    if compiles:
-                        job = compiles.popleft()
-                        if not compiles:
-                            del self._queue[sid]
-                        return sid, job
-                self._cv.wait()
-            return None
-
-    def _compile(self) -> None:
-        while (item := self._next()) is not None:
-            sid, job = item
-            with contextlib.suppress(Exception):
-                job()  # a config that does not compile fails again, with its error, when timed
-            self._ended(sid)
-
-    def _ended(self, sid: int) -> None:
-        with self._cv:
+    def _ended(self, sid: int, future: Future[Any]) -> None:
+        with contextlib.suppress(Exception):
+            future.result()  # a config that does not compile fails again, with its error, when timed
+        with self._lock:
             self.pending[sid] -= 1
             finished = self.pending[sid] == 0
             if finished:

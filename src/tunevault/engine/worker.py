@@ -223,9 +223,6 @@ class Worker:
                 self.compile_ahead(msg)
             except Fatal as exc:
                 self.emit(ev="fatal", sid=sid, message=str(exc))
-        elif op == "ahead_first":
-            if self.ahead is not None:
-                self.ahead.first(int(sid))
         elif op == "precompile":
             session = self.sessions[int(sid)]
             session.precompile([int(i) for i in msg["configs"]], int(msg.get("threads") or 0) or None)
