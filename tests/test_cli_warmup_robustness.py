@@ -168,18 +168,25 @@ def test_jobs_refuse_a_memory_store_and_demo_needs_a_persistent_one(manifest: Pa
 # ---------------------------------------------------------------- 3. signals stop every process
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_or_sighup_to_jobs_stops_its_children(tmp_path: Path, manifest: Path, signum: int,
-                                                      started: list[subprocess.Popen[str] | int]) -> None:
+def _jobs_on_a_hung_key(tmp_path: Path, manifest: Path, started: list[subprocess.Popen[str] | int],
+                        ) -> tuple[subprocess.Popen[str], list[int]]:
+    """``warmup --jobs 2`` with one child hung in a key's launch: the parent and its two children."""
     hang = tmp_path / "hung"
     env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_HANG_N=str(SIZES[0]), TV_HANG_FILE=str(hang))
-    parent = subprocess.Popen([*CLI, "--store", f"sqlite:///{tmp_path / 'sig.db'}", "warmup", str(manifest),
+    parent = subprocess.Popen([*CLI, "--store", f"sqlite:///{tmp_path / 'hung.db'}", "warmup", str(manifest),
                                "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     started.append(parent)
     wait_for(hang, [parent])
     kids = children(parent.pid)
     started[:0] = kids  # killed first, should the test fail
     assert len(kids) == 2
+    return parent, kids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_to_jobs_stops_its_children(tmp_path: Path, manifest: Path, signum: int,
+                                                      started: list[subprocess.Popen[str] | int]) -> None:
+    parent, kids = _jobs_on_a_hung_key(tmp_path, manifest, started)
     parent.send_signal(signum)
     _out, err = parent.communicate(timeout=60)
     assert parent.returncode == 128 + signum and f"stopped by {signal.Signals(signum).name}" in err, err
@@ -189,15 +196,7 @@ def test_sigterm_or_sighup_to_jobs_stops_its_children(tmp_path: Path, manifest: 
 def test_jobs_children_exit_when_their_parent_is_killed(tmp_path: Path, manifest: Path,
                                                         started: list[subprocess.Popen[str] | int]) -> None:
     """SIGKILL cannot be handled: each child sees its stdin (a pipe from the parent) close and exits."""
-    hang = tmp_path / "hung"
-    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_HANG_N=str(SIZES[0]), TV_HANG_FILE=str(hang))
-    parent = subprocess.Popen([*CLI, "--store", f"sqlite:///{tmp_path / 'kill.db'}", "warmup", str(manifest),
-                               "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    started.append(parent)
-    wait_for(hang, [parent])
-    kids = children(parent.pid)
-    started[:0] = kids  # killed first, should the test fail
-    assert len(kids) == 2
+    parent, kids = _jobs_on_a_hung_key(tmp_path, manifest, started)
     parent.kill()
     parent.communicate(timeout=60)
     assert all_gone(kids), "a child outlived its parent"

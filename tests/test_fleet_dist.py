@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,23 @@ print(json.dumps(out))
 """
 
 
+def run_ranks(code: str, envs: list[dict[str, str]]) -> list[Any]:
+    """Run ``code`` as one process per environment (a rank each); each one's last stdout line, as JSON."""
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for env in envs]
+    outs = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=240)
+            assert p.returncode == 0, f"rank failed ({p.returncode}):\n{stdout}\n{stderr}"
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
 def test_four_ranks_agree_and_an_injected_decision_is_reported(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed")
     import torch
@@ -70,25 +88,12 @@ def test_four_ranks_agree_and_an_injected_decision_is_reported(tmp_path: Path) -
     SqliteStore(tmp_path / "remote.db").put(fleet_choice)
     SqliteStore(tmp_path / "local3.db").put(stale)
 
-    procs = []
-    for rank in range(WORLD):
-        env = subprocess_env(RANK=str(rank), WORLD_SIZE=str(WORLD),
-                             TV_INIT=f"file://{tmp_path / 'rendezvous'}",
-                             TV_SIZES=json.dumps([TUNED, INJECTED]),
-                             TUNEVAULT_STORE=f"sqlite:///{tmp_path / f'local{rank}.db'}",
-                             TUNEVAULT_REMOTE=f"sqlite:///{tmp_path / 'remote.db'}")
-        procs.append(subprocess.Popen([sys.executable, "-c", RANK], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env))
-    outs = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=240)
-            assert p.returncode == 0, f"rank failed ({p.returncode}):\n{stdout}\n{stderr}"
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = run_ranks(RANK, [subprocess_env(RANK=str(rank), WORLD_SIZE=str(WORLD),
+                                           TV_INIT=f"file://{tmp_path / 'rendezvous'}",
+                                           TV_SIZES=json.dumps([TUNED, INJECTED]),
+                                           TUNEVAULT_STORE=f"sqlite:///{tmp_path / f'local{rank}.db'}",
+                                           TUNEVAULT_REMOTE=f"sqlite:///{tmp_path / 'remote.db'}")
+                            for rank in range(WORLD)])
 
     assert sum(o["bench0"] > 0 for o in outs) == 1, "four cold ranks tuned the key once, with no collective"
     assert all(o["report0"] == {"ok": True, "mismatches": []} for o in outs)
@@ -139,17 +144,6 @@ def test_ranks_that_fall_back_to_different_configs_disagree(tmp_path: Path) -> N
                                                                winner, specs[winner], candidates))
     envs = [subprocess_env(RANK=str(rank), TV_INIT=f"file://{tmp_path / 'rdv'}",
                            TUNEVAULT_STORE=f"sqlite:///{tmp_path / f'local{rank}.db'}") for rank in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", FALLBACK_RANK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for env in envs]
-    outs = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=240)
-            assert p.returncode == 0, f"rank failed ({p.returncode}):\n{stdout}\n{stderr}"
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = run_ranks(FALLBACK_RANK, envs)
     expected = {"ok": False, "configs": [{f"#1 {specs[1].describe()}": [0], f"#2 {specs[2].describe()}": [1]}]}
     assert outs == [expected, expected]
