@@ -199,3 +199,20 @@ def test_an_install_option_of_the_wrong_type_is_refused(option: dict[str, object
     (name, value), = option.items()
     with pytest.raises(ValueError, match=f"tunevault {name} must be .*; got {value!r}"):
         Settings.for_install(mode="tune", **option)
+
+
+def test_a_malformed_l2_flush_size_is_one_warning_and_the_default(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """``TUNEVAULT_L2_FLUSH_BYTES=big`` raised a ValueError out of the GPU timer (every other
+    malformed variable is a warning and the default); ``0`` still means no flush."""
+    from tunevault.core import env
+    from tunevault.engine.gpu_timing import FALLBACK_L2_BYTES, l2_cache_bytes
+
+    env._ignore.cache_clear()
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    for value, expected in (("big", FALLBACK_L2_BYTES), ("-5", FALLBACK_L2_BYTES), ("0", 0), ("1048576", 1 << 20)):
+        monkeypatch.setenv("TUNEVAULT_L2_FLUSH_BYTES", value)
+        l2_cache_bytes.cache_clear()
+        assert l2_cache_bytes(0) == expected  # no CUDA device here: the default is the fallback size
+    assert sum("TUNEVAULT_L2_FLUSH_BYTES" in r.getMessage() for r in caplog.records) == 2
+    l2_cache_bytes.cache_clear()

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from tunevault.core.env import positive
 from tunevault.engine.timing import summarize
 
 if TYPE_CHECKING:
@@ -80,10 +81,10 @@ def l2_cache_bytes(device: int) -> int:
         size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
     except Exception:
         size = 0
-    override = os.environ.get("TUNEVAULT_L2_FLUSH_BYTES")
-    if override:
-        return max(0, int(override))
-    return size if size > 0 else FALLBACK_L2_BYTES
+    default = size if size > 0 else FALLBACK_L2_BYTES
+    if os.environ.get("TUNEVAULT_L2_FLUSH_BYTES", "").strip() == "0":
+        return 0  # no flush
+    return positive("TUNEVAULT_L2_FLUSH_BYTES", default, int, "a number of bytes (0: no flush)")
 
 
 @functools.lru_cache(maxsize=16)
