@@ -133,3 +133,38 @@ def test_a_fork_while_another_thread_tunes_a_kernel_leaves_that_kernel_usable_in
         release.set()
         holder.join(timeout=120)
     assert seen == {"free": True, "right": True}
+
+
+def test_a_fork_while_another_thread_holds_the_runtimes_lock_leaves_it_usable_in_the_child(tv: Any) -> None:
+    """The runtime's lock is held while the store opens and for the damage check; a thread holding
+    it at a fork does not exist in the child, whose next miss then waited for it forever."""
+    from tunevault.integration.triton_adapter import runtime
+
+    rt = runtime()
+    assert rt is not None
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with rt._lock:
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(120)
+
+        def child() -> dict[str, object]:
+            free = rt._lock.acquire(blocking=False)
+            if free:
+                rt._lock.release()
+                y, out = kc.vec(24), torch.empty(24)
+                kc.add_one[kc.grid(24)](y, out, 24)  # a miss: the store, the runtime's lock
+                return {"free": True, "right": bool(torch.equal(out, y + 1))}
+            return {"free": False}
+
+        seen = in_fork(child)
+    finally:
+        release.set()
+        holder.join()
+    assert seen == {"free": True, "right": True}
