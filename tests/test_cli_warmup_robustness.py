@@ -169,17 +169,18 @@ def test_jobs_refuse_a_memory_store_and_demo_needs_a_persistent_one(manifest: Pa
 
 
 def _jobs_on_a_hung_key(tmp_path: Path, manifest: Path, started: list[subprocess.Popen[str] | int],
-                        ) -> tuple[subprocess.Popen[str], list[int]]:
-    """``warmup --jobs 2`` with one child hung in a key's launch: the parent and its two children."""
+                        jobs: int = 2) -> tuple[subprocess.Popen[str], list[int]]:
+    """``warmup --jobs N`` with one child hung in a key's launch: the parent and its N children."""
     hang = tmp_path / "hung"
     env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_HANG_N=str(SIZES[0]), TV_HANG_FILE=str(hang))
     parent = subprocess.Popen([*CLI, "--store", f"sqlite:///{tmp_path / 'hung.db'}", "warmup", str(manifest),
-                               "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               "--jobs", str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
     started.append(parent)
     wait_for(hang, [parent])
     kids = children(parent.pid)
     started[:0] = kids  # killed first, should the test fail
-    assert len(kids) == 2
+    assert len(kids) == jobs
     return parent, kids
 
 
@@ -217,14 +218,7 @@ def test_ctrl_c_in_a_single_process_warmup_says_interrupted(tmp_path: Path, mani
 
 def test_the_summary_says_when_no_other_worker_took_a_dead_workers_keys(
         tmp_path: Path, manifest: Path, started: list[subprocess.Popen[str] | int]) -> None:
-    hang = tmp_path / "hung"
-    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_HANG_N=str(SIZES[0]), TV_HANG_FILE=str(hang))
-    parent = subprocess.Popen([*CLI, "--store", f"sqlite:///{tmp_path / 'dead.db'}", "warmup", str(manifest),
-                               "--jobs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    started.append(parent)
-    wait_for(hang, [parent])
-    (child,) = children(parent.pid)
-    started.insert(0, child)
+    parent, (child,) = _jobs_on_a_hung_key(tmp_path, manifest, started, jobs=1)
     os.kill(child, signal.SIGKILL)
     _out, err = parent.communicate(timeout=60)
     assert parent.returncode == 1

@@ -260,16 +260,16 @@ def load_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[t
     return read_manifest(args)
 
 
-def read_manifest(args: argparse.Namespace, limit: int | None = None
+def read_manifest(args: argparse.Namespace, upto: int | None = None
                   ) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:
     """The manifest's entries and malformed lines; a ValueError (exit 2) when it holds no valid key.
 
     Reading imports no kernel: ``warmup --jobs`` reads it here while its children start, up to
-    ``limit`` bytes, the length its children read too."""
+    ``upto`` bytes, the length its children read too."""
     from tunevault.capture import manifest as mf
 
     malformed: list[tuple[int, str]] = []
-    entries = mf.read(args.manifest, malformed=malformed, upto=limit)
+    entries = mf.read(args.manifest, malformed=malformed, upto=upto)
     if not entries:
         what = f"{len(malformed)} malformed line(s), no valid one" if malformed else "it is empty"
         raise ValueError(f"{args.manifest} holds no captured key ({what}); a manifest is written by "

@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace, run_dir: str) -> int:
         try:
             tails = _spawn(args, workers, events, snapshot, procs, run_dir)
             spawned_s = time.monotonic() - began
-            entries, malformed = read_manifest(args, limit=snapshot)
+            entries, malformed = read_manifest(args, upto=snapshot)
             board = Board(len(entries), workers, started=began, spawn_s=spawned_s)
             _follow(board, events, len(procs), quiet=args.json)
         except (KeyboardInterrupt, Stopped) as exc:

@@ -107,14 +107,14 @@ class KernelState:
             self._specs = [config_spec(c) for c in self.autotuner.configs]
         return self._specs
 
-    def refresh_configs(self) -> bool:
+    def refresh_configs(self) -> None:
         """Start over when ``autotuner.configs`` was replaced or edited since the identity was made
         (a new list, or other Config objects in it): the kernel's identity (its config hash), the
         specs and the in-memory hits all name positions in the old list. Miss path only."""
         configs = self.autotuner.configs
         if configs is self._configs and len(configs) == len(self._declared) and all(
                 a is b for a, b in zip(configs, self._declared, strict=True)):
-            return False
+            return
         from tunevault.core.identity import forget_kernel_id
 
         self._configs, self._declared = configs, tuple(configs)
@@ -122,7 +122,6 @@ class KernelState:
         self._kernel_id = None
         self._specs = None
         self.hits.clear()
-        return True
 
     def remember(self, raw_key: tuple, config: Config) -> None:
         self.hits[raw_key] = (config, config.all_kwargs(), config.pre_hook)

@@ -99,13 +99,22 @@ def bench_candidates(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], 
             continue
         except Exception as exc:  # stock's _bench lets it reach the caller
             raise ConfigRaised(index, exc) from exc
-        values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
-        if not values or not all(math.isfinite(v) and v >= 0 for v in values):  # Triton reports failures as inf
-            results.append(failure(index, spec, RuntimeError(f"benchmark returned {values}")))
+        try:
+            values = bench_values(timings)
+        except RuntimeError as exc:
+            results.append(failure(index, spec, exc))
             continue
         n, iqr = spread(runs)
-        results.append(CandidateResult(index, spec, tuple(values), None, n, iqr))
+        results.append(CandidateResult(index, spec, values, None, n, iqr))
     return results
+
+
+def bench_values(timings: float | Sequence[float]) -> tuple[float, ...]:
+    """A benchmarker's result as times; RuntimeError where it reports a failure (Triton: inf)."""
+    values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise RuntimeError(f"benchmark returned {values}")
+    return tuple(values)
 
 
 def bench_own(autotuner: Autotuner, bench: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
@@ -115,14 +124,10 @@ def bench_own(autotuner: Autotuner, bench: Callable[..., Any], args: tuple, kwar
     noise is unknown, so the selection ties it by ``tolerance`` alone."""
     previous, autotuner.nargs = getattr(autotuner, "nargs", None), nargs
     try:
-        timings = bench(*args, config=config, **kwargs)
-        values = [float(timings)] if isinstance(timings, int | float) else [float(t) for t in timings]
-        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
-            raise RuntimeError(f"benchmark returned {values}")  # stock's _bench reports failures as inf
-        return CandidateResult(index, spec, tuple(values))
+        return CandidateResult(index, spec, bench_values(bench(*args, config=config, **kwargs)))
     except Exception as exc:
         log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
-        return CandidateResult(index, spec, (), f"{type(exc).__name__}: {exc}"[:500])
+        return failure(index, spec, exc)
     finally:
         autotuner.nargs = previous
 
@@ -326,15 +331,13 @@ class InProcessSession:
         losing = losing_errors()
         for i in indices:
             check_conflicts(self.kwargs, self.configs[i], i)
-            call = make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
-                                    self.on_launch)
+            call = raising(make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
+                                            self.on_launch), i)  # stock's _bench lets other errors reach the caller
             try:
                 call()  # warm-up, and the place where a broken config shows itself
             except losing as exc:
                 out[i] = failure(i, self.specs[i], exc)
                 continue
-            except Exception as exc:  # stock's _bench lets it reach the caller
-                raise ConfigRaised(i, exc) from exc
             calls[i] = call
         rounds: list[dict[int, float]] = []
         # A new order every round, different in every process: two processes tuning the same kernel
@@ -355,8 +358,6 @@ class InProcessSession:
                     out[i] = failure(i, self.specs[i], exc)
                     del calls[i]
                     continue
-                except Exception as exc:
-                    raise ConfigRaised(i, exc) from exc
                 rounds[-1][i] = (time.perf_counter() - t0) * 1e3
         times = paired(rounds, calls)
         # Load from other processes is the machine's, not a config's: a config that happened to run

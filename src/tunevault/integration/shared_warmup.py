@@ -212,11 +212,12 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
     from tunevault.integration import activation, triton_adapter
     from tunevault.policy.settings import Settings
 
-    installed = triton_adapter.runtime()  # its bundle_key signs captured lines, so it verifies them too
-    keys = entries(source, (installed.settings if installed is not None else Settings.from_env()).bundle_key)
+    installed = triton_adapter.runtime()
     installed_here = installed is None
+    settings = Settings.from_env().with_options(mode="tune") if installed is None else installed.settings
+    keys = entries(source, settings.bundle_key)  # the key capture signs lines with verifies them too
     if installed_here:
-        activation.install(Settings.from_env().with_options(mode="tune"))
+        activation.install(settings)
     runtime = triton_adapter.runtime()
     assert runtime is not None
     if runtime.settings.mode != "tune":

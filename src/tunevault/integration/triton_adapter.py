@@ -152,8 +152,6 @@ def install(settings: Settings) -> Runtime:
         _drop_states(unwrap=False)
         _runtime = Runtime(settings, _warm_up_pending)
         if sealed is not None:  # a plugin re-installing must not reopen tuning on the request path
-            import weakref
-
             _runtime.on_miss, _runtime.sealed, _runtime.hits_at_seal = sealed, True, weakref.WeakKeyDictionary()
             log.warning("tunevault: installed again after seal(): still sealed (on_miss=%s); "
                         "uninstall() first to tune on misses again", sealed)
