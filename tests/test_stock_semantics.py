@@ -418,6 +418,33 @@ def test_a_subclass_measuring_its_own_way_is_what_decides(sqlite_url: str, subcl
     assert ours == stock
 
 
+class _RaisingBench(Autotuner):
+    """A subclass whose ``_bench`` has a bug at BLOCK=32: stock's ``benchmark`` does not catch it."""
+
+    def _bench(self, *args: Any, config: triton.Config, **meta: Any) -> list[float]:
+        if config.kwargs["BLOCK"] == 32:
+            RAISED.append(ZeroDivisionError(f"no timer for BLOCK={config.kwargs['BLOCK']}"))
+            raise RAISED[-1]
+        return [1.0] * 3
+
+
+def test_an_error_of_a_subclass_bench_reaches_the_caller_as_in_stock(sqlite_url: str) -> None:
+    def scenario() -> list[tuple[str, bool]]:
+        RAISED.clear()
+        kernel = _RaisingBench(kc._Recording(kc.copy_kernel), kc.copy_kernel.arg_names, kc.configs(), ["n"],
+                               None, None)
+        seen = []
+        for _attempt in range(2):  # nothing is decided: the next call meets the error again
+            with pytest.raises(ZeroDivisionError) as err:
+                kc.run(kernel, 100)
+            seen.append((str(err.value), err.value is RAISED[-1]))
+        return seen
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock == [("no timer for BLOCK=32", True)] * 2
+    assert ours == stock
+
+
 # 13. A config's error reaches the caller, as stock's benchmark lets it: only the errors stock's
 #    _bench catches (out of resources, a failed compile-time assertion, ptxas) make a config lose.
 

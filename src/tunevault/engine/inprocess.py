@@ -121,15 +121,21 @@ def bench_own(autotuner: Autotuner, bench: Callable[..., Any], args: tuple, kwar
               nargs: dict[str, Any], index: int, config: Config, spec: ConfigSpec) -> CandidateResult:
     """Time one config through the autotuner's own ``_bench`` (engine.timing.own_bench), called as
     stock calls it: the call's arguments, ``config=``, and ``self.nargs`` set to this call's. Its
-    noise is unknown, so the selection ties it by ``tolerance`` alone."""
+    noise is unknown, so the selection ties it by ``tolerance`` alone. Whatever it raises reaches the
+    caller, as in stock, whose ``benchmark`` calls ``_bench`` without a ``try`` (Triton's own
+    ``_bench`` turns the losing errors into infinite times itself)."""
     previous, autotuner.nargs = getattr(autotuner, "nargs", None), nargs
     try:
-        return CandidateResult(index, spec, bench_values(bench(*args, config=config, **kwargs)))
+        measured = bench(*args, config=config, **kwargs)
+    except Exception as exc:
+        raise ConfigRaised(index, exc) from exc
+    finally:
+        autotuner.nargs = previous
+    try:
+        return CandidateResult(index, spec, bench_values(measured))
     except Exception as exc:
         log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
         return failure(index, spec, exc)
-    finally:
-        autotuner.nargs = previous
 
 
 def precompile(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
