@@ -121,9 +121,9 @@ def test_a_module_fixed_after_a_failed_warmup_is_tuned_by_the_next_run(tmp_path:
     assert f"warmup: {len(SIZES)} tuned" in again.stdout and "recorded by" not in again.stdout + again.stderr
 
 
-def test_recorded_failures_are_retried_on_request_and_cleared_by_rm_all(tmp_path: Path) -> None:
+def test_recorded_failures_are_retried_on_request_and_cleared_by_rm(tmp_path: Path) -> None:
     """A key whose every config failed is recorded for the fleet; ``--retry-failed`` tunes it again
-    (and records it afresh), ``rm --all`` removes the record."""
+    (and records it afresh); ``rm`` removes the records its filters select with the decisions."""
     path = tmp_path / "bad.jsonl"
     ks.write_manifest(path, [40], kernel=ks.no_config_works)
     store = f"sqlite:///{tmp_path / 'bad.db'}"
@@ -140,10 +140,17 @@ def test_recorded_failures_are_retried_on_request_and_cleared_by_rm_all(tmp_path
     assert "recorded by" in json.loads(tv("--store", store, "warmup", str(path), "--json").stdout)["items"][0][
         "reason"], "and recorded again"
 
-    rm = tv("--store", store, "rm", "--all")
+    other = tv("--store", store, "rm", "--kernel", "shard_scale")
+    assert other.returncode == 0 and "failed-key" not in other.stdout, "another kernel's filter keeps it"
+    dry = tv("--store", store, "rm", "--kernel", "no_config", "--dry-run")
+    assert "would remove 0 decision(s)" in dry.stdout and "1 failed-key record(s)" in dry.stdout, dry.stdout
+    rm = tv("--store", store, "rm", "--kernel", "no_config")
     assert rm.returncode == 0 and "1 failed-key record(s)" in rm.stdout, rm.stdout + rm.stderr
     after = tv("--store", store, "warmup", str(path), "--json")
-    assert "recorded by" not in json.loads(after.stdout)["items"][0]["reason"]
+    assert "recorded by" not in json.loads(after.stdout)["items"][0]["reason"], "tried again"
+
+    rm_all = tv("--store", store, "rm", "--all")  # the record written just now
+    assert rm_all.returncode == 0 and "1 failed-key record(s)" in rm_all.stdout, rm_all.stdout + rm_all.stderr
 
 
 # ---------------------------------------------------------------- 2. an unusable store is an error

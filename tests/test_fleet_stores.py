@@ -138,6 +138,10 @@ def test_redis_leases(rstore: Store) -> None:
     while not rstore.try_lease("k", "c", 30):  # b never renews: its lease expires and c takes over
         assert time.monotonic() < deadline, "an expired lease was never released"
         time.sleep(0.02)
+    assert rstore.try_lease("failed:k[1]*", '{"kernel": "x"}', 30) and rstore.try_lease("failed:k2", "y", 30)
+    assert rstore.leases("failed:k[") == {"failed:k[1]*": '{"kernel": "x"}'}  # glob characters are text
+    assert rstore.leases("failed:") == {"failed:k[1]*": '{"kernel": "x"}', "failed:k2": "y"}
+    assert "k" in rstore.leases("k")
 
 
 def test_redis_down_fails_fast_and_backs_off(rstore: Store, server: redis_server.RedisServer) -> None:

@@ -354,11 +354,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
         raise ValueError("give a filter (--kernel, --this-machine, --other-machines) or --all")
     store = open_cli_store(args)
     try:
+        records = _failed_records(store, args)
         if args.dry_run:
             found = select(store, args)
             for d in found:
                 print(f"would remove {d.kernel.name} [{d.key.describe()}] ({d.fingerprint.digest})")
-            print(f"would remove {len(found)} decision(s) from {store.url}")
+            print(f"would remove {len(found)} decision(s) from {store.url}"
+                  + (f" and {len(records)} failed-key record(s)" if records else ""))
             return 0
         if args.other_machines:  # not expressible as one Query: delete each by its exact key
             removed = sum(store.delete(Query(kernel_digest=d.kernel.digest, key_text=d.key.text,
@@ -367,20 +369,39 @@ def cmd_rm(args: argparse.Namespace) -> int:
         else:
             here = this_machine().digest if args.this_machine else None
             removed = store.delete(Query(kernel=args.kernel, fingerprint_digest=here))
-        records = _clear_failed_records(store) if args.all and not (args.kernel or args.this_machine) else 0
+        for name, text in records.items():
+            store.release(name, text)  # only if still that record: a newer one stays
     finally:
         store.close()
     print(f"removed {removed} decision(s) from {store.url}"
-          + (f" and {records} failed-key record(s)" if records else ""))
+          + (f" and {len(records)} failed-key record(s)" if records else ""))
     return 0
 
 
-def _clear_failed_records(store: Store) -> int:
-    """``rm --all`` starts afresh: the fleet's failed-key records go too (warmups tune those keys again)."""
+def _failed_records(store: Store, args: argparse.Namespace) -> dict[str, str]:
+    """The fleet's records of keys whose every config failed (policy/shard.py) that ``rm``'s filters
+    select, as name -> record: removed with the decisions, so a warmup tunes those keys again."""
     from tunevault.policy.shard import FAILED_PREFIX
 
-    clear = getattr(store, "clear_leases", None)
-    return int(clear(FAILED_PREFIX)) if clear is not None else 0
+    listing = getattr(store, "leases", None)
+    records: dict[str, str] = listing(FAILED_PREFIX) if listing is not None else {}
+    here = this_machine().digest if args.this_machine or args.other_machines else None
+    chosen = {}
+    for name, text in records.items():
+        fingerprint = name[len(FAILED_PREFIX):].split(":")[1:2]  # failed:KERNEL:FINGERPRINT:KEY
+        try:
+            record = json.loads(text)
+        except ValueError:
+            record = None
+        kernel = record.get("kernel") if isinstance(record, dict) else None
+        if args.kernel and not (isinstance(kernel, str) and args.kernel in kernel):
+            continue
+        if args.this_machine and fingerprint != [here]:
+            continue
+        if args.other_machines and fingerprint == [here]:
+            continue
+        chosen[name] = text
+    return chosen
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

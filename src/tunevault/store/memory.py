@@ -76,13 +76,11 @@ class MemoryStore:
             current = self._leases.get(name)
         return current[0] if current is not None and current[1] > time.monotonic() else None
 
-    def clear_leases(self, prefix: str) -> int:
-        """Delete every lease whose name starts with ``prefix``."""
+    def leases(self, prefix: str) -> dict[str, str]:
+        """The live leases whose name starts with ``prefix``: name -> holder."""
+        now = time.monotonic()
         with self._lock:
-            names = [n for n in self._leases if n.startswith(prefix)]
-            for n in names:
-                del self._leases[n]
-        return len(names)
+            return {n: h for n, (h, expires) in self._leases.items() if n.startswith(prefix) and expires > now}
 
     def release(self, name: str, holder: str) -> None:
         """Release only if ``holder`` still holds it: a late release must not free a successor's lease."""

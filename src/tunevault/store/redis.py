@@ -325,15 +325,20 @@ class RedisStore:
             return raw.decode("utf-8", "replace")
         return raw if isinstance(raw, str) else None
 
-    def clear_leases(self, prefix: str) -> int:
-        """Delete every lease whose name starts with ``prefix`` (glob characters in it are escaped)."""
-        pattern = PREFIX + "lease:" + "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+    def leases(self, prefix: str) -> dict[str, str]:
+        """The live leases whose name starts with ``prefix``: name -> holder (e.g. failed-key records)."""
+        pattern = _lease_pattern(prefix)
+        start = len(PREFIX + "lease:")
 
-        def txn() -> int:
+        def text(raw: bytes | str) -> str:
+            return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+        def txn() -> dict[str, str]:
             names = list(self._client.scan_iter(match=pattern, count=500))
-            return int(self._client.delete(*names)) if names else 0
+            values = self._client.mget(names) if names else []
+            return {text(n)[start:]: text(v) for n, v in zip(names, values, strict=True) if v is not None}
 
-        return self._call("clear leases", txn)
+        return self._call("read leases", txn)
 
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
@@ -349,3 +354,8 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.url!r})"
+
+
+def _lease_pattern(prefix: str) -> str:
+    """The SCAN pattern of the leases whose name starts with ``prefix`` (its glob characters escaped)."""
+    return PREFIX + "lease:" + "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"

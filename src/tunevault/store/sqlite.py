@@ -506,17 +506,17 @@ class SqliteStore:
             return None
         return row[0] if isinstance(row[0], str) else None
 
-    def clear_leases(self, prefix: str) -> int:
-        """Delete every lease whose name starts with ``prefix`` (e.g. the fleet's failed-key records)."""
-
-        def txn(db: sqlite3.Connection) -> int:
-            with _immediate(db):
-                return db.execute("DELETE FROM leases WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)).rowcount
-
+    def leases(self, prefix: str) -> dict[str, str]:
+        """The live leases whose name starts with ``prefix``: name -> holder (e.g. failed-key records)."""
+        sql = "SELECT name, holder, expires FROM leases WHERE substr(name, 1, ?) = ?"
         try:
-            return self._write(txn)
+            rows = self._run(lambda db: db.execute(sql, (len(prefix), prefix)).fetchall())
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot clear leases in tuning store {self.path}: {exc}") from exc
+            raise StoreUnavailable(f"cannot read leases in tuning store {self.path}: {exc}") from exc
+        now = time.time()
+        return {name: holder for name, holder, expires in rows
+                if isinstance(name, str) and isinstance(holder, str) and isinstance(expires, int | float)
+                and expires > now}
 
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
