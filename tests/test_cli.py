@@ -142,6 +142,20 @@ def test_import_rejects_bad_entries_and_keeps_good_ones(tv: Any, sqlite_url: str
     assert "config_index 99 is not one of its own candidates (#0, #1, #2)" in report["rejections"][2]["reason"]
     assert "schema" in report["rejections"][3]["reason"]
     assert open_store(fresh).count() == 1
+    code, _, err = cli(capsys, "--store", fresh, "import", str(tampered))  # the text lists every rejection
+    assert code == 1 and err.count("rejected entry") == 5
+
+    doc["decisions"] = [0] * 25  # more rejections than a terminal should scroll through
+    tampered.write_text(json.dumps(doc))
+    code, _, err = cli(capsys, "--store", fresh, "import", str(tampered))
+    assert code == 1 and err.count("rejected entry") == 20 and "and 5 more rejected entries" in err
+
+    from tunevault.store.bundle import MAX_ENTRIES
+
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({**doc, "decisions": [0] * (MAX_ENTRIES + 1)}))
+    code, _, err = cli(capsys, "--store", fresh, "import", str(huge))
+    assert code == 2 and f"more than the {MAX_ENTRIES}" in err  # refused whole, before any entry is read
 
     for text, message in (("{not json", "not JSON"), ('{"format": "other"}', "not a tunevault export"),
                           ('{"format": "tunevault-decisions", "schema": 2, "decisions": []}', "schema 2"),

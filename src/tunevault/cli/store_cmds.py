@@ -281,6 +281,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return damaged(store.url, damage)
 
 
+SHOWN_REJECTIONS = 20  # a file of many bad entries must not flood the terminal
+
+
 def read_document(path: str) -> tuple[list[Any], Fingerprint | None]:
     """An export (or bundle) file's entries and fingerprint header; a file that is not one at all, or
     that is unsigned or fails its signature with ``TUNEVAULT_BUNDLE_KEY`` set, is a ValueError naming it."""
@@ -343,8 +346,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"imported {args.file} into {store.url}: added {added}, skipped {identical + differing} "
               f"(already present: {identical} identical, {differing} different, stored one kept), "
               f"rejected {len(rejected)}")
-        for r in rejected:
+        for r in rejected[:SHOWN_REJECTIONS]:
             print(f"  rejected entry {r['index']} ({r['kernel'] or 'unknown kernel'}): {r['reason']}",
+                  file=sys.stderr)
+        if len(rejected) > SHOWN_REJECTIONS:
+            print(f"  ... and {len(rejected) - SHOWN_REJECTIONS} more rejected entries (--json lists all)",
                   file=sys.stderr)
     return 1 if rejected else 0
 

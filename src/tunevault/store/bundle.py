@@ -167,6 +167,9 @@ def _checked(where: str, doc: Any, key: str | bytes | None) -> tuple[Fingerprint
     entries = doc.get("decisions")
     if not isinstance(entries, list):
         raise BundleError(f"tuning bundle {where} has no decisions list")
+    if len(entries) > MAX_ENTRIES:
+        raise BundleError(f"tuning bundle {where} holds {len(entries)} entries, more than the {MAX_ENTRIES} "
+                          "tunevault reads")
     return fingerprint, entries
 
 
@@ -176,9 +179,6 @@ def load_bundle(path: str | os.PathLike[str],
     nothing else); a malformed or foreign entry inside a good bundle is skipped with a warning."""
     path = os.fspath(path)
     fingerprint, entries = read_document(path, key)
-    if len(entries) > MAX_ENTRIES:
-        raise BundleError(f"tuning bundle {path} holds {len(entries)} entries, more than the {MAX_ENTRIES} "
-                          "tunevault reads")
     decisions, bad, first = [], 0, ""
     for i, entry in enumerate(entries):
         try:
