@@ -8,6 +8,7 @@ the warmup returns.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -237,6 +238,42 @@ def test_a_helper_whose_warmup_died_stops_compiling(tmp_path: Path) -> None:
         assert time.monotonic() - started < 3, "the helper went on compiling for a warmup that is gone"
     finally:
         helper.kill()
+
+
+def test_a_stuck_helper_ends_compile_ahead_and_shows_its_stacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A helper that never finishes a claimed key (here: stuck importing the kernel's module): the
+    tuning waits at most ``stall_s``, compile ahead stops, and the helper's threads' stacks reach the
+    debug log before it is killed, so a stall can be explained."""
+    import logging
+
+    from tunevault.engine.ahead import CompileAhead
+
+    mark = tmp_path / "importing"
+    (tmp_path / "stuck_module.py").write_text(
+        f"import time\nopen({str(mark)!r}, 'w').close()\ntime.sleep(120)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the helper imports from this process's path
+    (job,) = _shard_jobs(tmp_path, [64])
+    caplog.set_level(logging.DEBUG, logger="tunevault")
+    ahead = CompileAhead(keys=1, helpers=1, stall_s=1.0)
+    try:
+        ahead.want("a", dataclasses.replace(job, target="stuck_module:kernel"))
+        deadline = time.monotonic() + 120
+        while not mark.exists():
+            assert time.monotonic() < deadline, "the helper never began the key"
+            time.sleep(0.05)
+        (pid,) = ahead.helper_pids
+        started = time.monotonic()
+        assert ahead.claim("a", timeout=60) is False
+        assert 1.0 <= time.monotonic() - started < 10
+    finally:
+        ahead.close()
+    assert gone(pid) and not ahead.busy()
+    ahead.want("b", job)  # stopped for the rest of the warmup
+    assert not ahead.busy()
+    text = caplog.text
+    assert "did not finish a key in 1 s" in text
+    assert "(most recent call first)" in text and "stuck_module.py\", line 3" in text, "the helper's stacks"
 
 
 def test_a_key_is_compiled_for_the_gpu_the_warmup_tunes_on() -> None:

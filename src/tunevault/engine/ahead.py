@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -51,6 +53,7 @@ START_TIMEOUT = 120.0
 # ahead stops for the rest of the warmup and every key compiles in its own tuning.
 STALL_S = 90.0
 POLL_S = 0.05
+STACKS_S = 0.5
 # A helper must not idle out between keys (a long tuning, keys leased to other processes): it
 # lives as long as the warmup, which kills it when the walk returns; if the warmup dies, the
 # helper sees its input close and exits.
@@ -89,6 +92,7 @@ class CompileAhead:
         self._done: set[Hashable] = set()
         self._closed = False
         self._starting = False  # the feeder is starting the helpers
+        self._stacks_asked = False  # a stall asked the helpers for their stacks
         self._procs: list[WorkerProcess] = []
         self._thread: threading.Thread | None = None
         self.compiled = 0  # keys the helpers finished
@@ -124,9 +128,17 @@ class CompileAhead:
             return token in self._done
 
     def _stalled(self, token: Hashable) -> None:
-        """Stop compiling ahead: the feeder sees it closed and kills the helpers (called holding _cv)."""
+        """Stop compiling ahead: the feeder sees it closed and kills the helpers (called holding _cv).
+        First each helper writes every thread's stack to its stderr, which the debug log shows."""
         log.warning("tunevault: compile ahead: the helpers did not finish a key in %.0f s; compile ahead "
-                    "stops for the rest of this warmup (each key compiles in its own tuning)", self.stall_s)
+                    "stops for the rest of this warmup (each key compiles in its own tuning; the helpers' "
+                    "stacks are in the debug log)", self.stall_s)
+        log.debug("tunevault: compile ahead stalled on %s; still compiling: %s", token, sorted(
+            map(str, self._sent.values())))
+        for helper in list(self._procs):
+            with contextlib.suppress(OSError, AttributeError):
+                os.kill(helper.pid, signal.SIGUSR1)  # faulthandler in the worker (engine/worker.py)
+        self._stacks_asked = True
         self._closed = True
         self._queued.clear()
         self._cv.notify_all()
@@ -154,6 +166,8 @@ class CompileAhead:
             log.info("tunevault: compile ahead stopped (%s: %s); keys compile as they are tuned",
                      type(exc).__name__, exc)
         finally:
+            if self._stacks_asked:
+                time.sleep(STACKS_S)  # the helpers' dumps reach their stderr readers before the kill
             procs, self._procs = self._procs, []
             with self._cv:
                 self._closed = True
@@ -182,6 +196,7 @@ class CompileAhead:
                     del self._queued[token]
                     sid += 1
                     self._sent[sid] = token
+                    log.debug("tunevault: compile ahead: %s (%d configs) sent as #%d", token, len(job.configs), sid)
             if job is not None:
                 shares = [job.configs[h::len(self._procs)] for h in range(len(self._procs))]
                 with self._cv:
@@ -261,6 +276,7 @@ class CompileAhead:
                     continue
                 self._left[sid] -= 1
                 if self._left[sid] <= 0:
+                    log.debug("tunevault: compile ahead: #%d compiled", sid)
                     self._done.add(self._sent.pop(sid))
                     del self._left[sid]
                     self.compiled += 1

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import select
+import signal
 import sys
 import threading
 import time
@@ -325,6 +326,8 @@ def main() -> int:
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything the kernel or a library prints must not corrupt the protocol
     faulthandler.enable()
+    if hasattr(signal, "SIGUSR1"):  # the server asks for every thread's stack when a helper seems stuck
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     from tunevault.engine.procs import idle_timeout
 
     idle = idle_timeout(warn=False)  # the server warned about a malformed value
