@@ -168,3 +168,42 @@ def test_a_fork_while_another_thread_holds_the_runtimes_lock_leaves_it_usable_in
         release.set()
         holder.join()
     assert seen == {"free": True, "right": True}
+
+
+def test_a_fork_while_another_thread_counts_or_logs_an_event_leaves_both_usable_in_the_child(tv: Any) -> None:
+    """The counters' and the event log's locks are held only for a moment, but a fork in that
+    moment left the child's next miss (which counts and logs) waiting forever."""
+    from tunevault.integration.triton_adapter import runtime
+
+    rt = runtime()
+    assert rt is not None
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with rt.stats._lock, rt.events._lock:
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(120)
+
+        def child() -> dict[str, object]:
+            seen: dict[str, object] = {}
+
+            def miss() -> None:
+                y, out = kc.vec(24), torch.empty(24)
+                kc.add_one[kc.grid(24)](y, out, 24)  # a miss: counted, and events logged
+                seen["right"] = bool(torch.equal(out, y + 1))
+
+            worker = threading.Thread(target=miss, daemon=True)
+            worker.start()
+            worker.join(60)  # a deadlocked child must still answer
+            return {"returned": not worker.is_alive(), **seen}
+
+        seen = in_fork(child)
+    finally:
+        release.set()
+        holder.join()
+    assert seen == {"returned": True, "right": True}

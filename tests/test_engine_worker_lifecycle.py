@@ -161,3 +161,50 @@ def test_a_library_that_sets_a_triton_variable_at_import_keeps_the_prestarted_wo
     (decision,) = tunevault.integration.triton_adapter.runtime().used.values()
     assert dict(decision.provenance)["tuned_in"] == "worker"
     assert isolated.worker_pid() == prestarted  # the same worker
+
+
+def test_a_fork_leaves_the_parents_worker_to_the_parent_and_the_child_tunes_in_its_own(sqlite_url: str) -> None:
+    """A fork while a thread holds the isolated engine (a tuning) copies its lock held by nobody
+    there: every isolated tuning of the child waited until its deadline. And the child's copy of
+    the worker's input kept the parent's worker from seeing its input close."""
+    from conftest import in_fork
+
+    parent_worker = tune_in_worker(sqlite_url)
+    w = isolated._worker
+    assert w is not None
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with isolated._lock:
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(120)
+
+        def child() -> dict[str, object]:
+            started = time.monotonic()
+            x, y = torch.randn(96), torch.randn(96)  # another key: tuned in a worker of the child's own
+            right = bool(torch.equal(ke.run_add(ke.add_equal, x, y), x + y))
+            mine = isolated.worker_pid()
+            return {"right": right, "own_worker": mine not in (None, parent_worker),
+                    "waited_for_the_deadline": time.monotonic() - started > 60}
+
+        seen = in_fork(child)
+    finally:
+        release.set()
+        holder.join()
+    assert seen == {"right": True, "own_worker": True, "waited_for_the_deadline": False}
+
+    child_pid = os.fork()  # a child that lives on while the parent closes its worker
+    if child_pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        isolated.retire()  # end of input: the worker exits by itself, not killed after 3 s
+        assert w.proc.returncode == 0 and gone(parent_worker)
+    finally:
+        os.kill(child_pid, 9)
+        os.waitpid(child_pid, 0)

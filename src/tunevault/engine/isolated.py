@@ -17,6 +17,7 @@ import importlib
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -242,6 +243,23 @@ def _at_exit() -> None:
 
 
 atexit.register(_at_exit)
+
+
+def _forget_in_child() -> None:
+    """A fork copies this module but not its threads or its worker. A tuning thread's hold on
+    ``_lock`` would make every isolated tuning of the child wait until its deadline, and the
+    parent's worker answers the parent (its reader threads are not here): the child starts its own,
+    and lets go of its copies of the parent's pipes (holding the input's write end would keep the
+    parent's worker from seeing its input close)."""
+    global _lock, _hint_lock, _worker, _retire_when_free
+    _lock, _hint_lock = threading.RLock(), threading.Lock()
+    stale, _worker, _retire_when_free = _worker, None, False
+    if stale is not None:
+        stale.disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class WorkerSession:

@@ -179,6 +179,20 @@ class WorkerProcess:
             self.kill()
         self._close_pipes()
 
+    def disown(self) -> None:
+        """In a forked child: this process's copies of the worker's pipes point at the null device
+        from now on (closing them could flush a half-written request into the parent's worker, and
+        a closed descriptor's number may be reused while these file objects still own it)."""
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    if pipe is not None:
+                        os.dup2(null, pipe.fileno())
+        finally:
+            os.close(null)
+        self.eof = True
+
     def _close_pipes(self) -> None:
         # Only stdin: the reader threads own stdout/stderr and finish at end of stream.
         with contextlib.suppress(OSError, ValueError):
