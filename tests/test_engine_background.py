@@ -169,3 +169,43 @@ def test_a_fork_while_a_key_tunes_in_the_background_leaves_the_child_able_to_tun
         release.set()
     assert seen == {"pending": 0, "right": True, "drained": True, "tunings": 1}
     assert background.drain(timeout=120)
+
+
+def test_under_the_interpreter_background_tuning_and_requests_take_turns_launching(sqlite_url: str) -> None:
+    """Triton's interpreter keeps a launch's program id in one process-wide builder: two threads
+    launching at once read each other's ids (stock raises ``x >= grid_dim[0]``, or computes
+    wrong). Background tuning in this process must not launch while a request does."""
+    import sys
+    import time
+
+    import kernels_core as kc
+
+    # Not kc.add_one's configs: a worker imports no such kernel, so it is tuned in this process.
+    local = triton.autotune(configs=kc._three(16, 32, 128), key=["n"])(kc.add_one.fn)
+    tunevault.install(mode="tune", store=sqlite_url)
+    x, out = kc.vec(2000), torch.empty(2000)
+    local[kc.grid(2000)](x, out, 2000)  # decided before the seal: the requests below are hits
+    tunevault.seal(on_miss="background")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: every race shows
+    failures: list[str] = []
+    try:
+        for n in range(2001, 2007):  # six keys to tune in the background, each served by a fallback
+            y, o = kc.vec(n), torch.empty(n)
+            local[kc.grid(n)](y, o, n)
+            if not torch.equal(o, y + 1):
+                failures.append(f"fallback n={n}")
+        deadline = time.monotonic() + 120
+        while background.pending() and time.monotonic() < deadline:
+            try:
+                local[kc.grid(2000)](x, out, 2000)
+                if not torch.equal(out, x + 1):
+                    failures.append("wrong result")
+            except Exception as exc:
+                failures.append(repr(exc)[:200])
+    finally:
+        sys.setswitchinterval(interval)
+    assert background.drain(timeout=120)
+    assert failures == []
+    assert tunevault.stats()["kernels"]["total"]["serving"]["tunings"] == 6
+    assert {dict(d.provenance)["tuned_in"] for d in runtime().used.values()} == {"process"}

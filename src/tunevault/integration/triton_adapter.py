@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.kernel_state import STATE_ATTR, KernelState, is_kernel
-from tunevault.policy.resolve import resolve
+from tunevault.policy.resolve import launch, resolve
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.settings import Settings
 from tunevault.policy.stock import MirroredCache
@@ -35,6 +35,7 @@ _mirrored: weakref.WeakSet[Autotuner] = weakref.WeakSet()  # whose ``cache`` is 
 _NO_ATTR = object()
 _original_cache_attr: Any = _NO_ATTR  # Autotuner's own class attribute ``cache`` while installed (it has none)
 _hit_hook: HitHook | None = None  # key capture's counter, set only while capturing
+_interpreted = False  # Triton's interpreter was on when the hot path was chosen (_hot_path)
 
 
 def _attach(autotuner: Autotuner) -> KernelState | None:
@@ -126,6 +127,24 @@ def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     return self.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
+def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
+    """``_run`` under Triton's interpreter: a hit's launch takes turns with background tuning's
+    (engine/turns.py; a miss's launch in ``resolve`` takes its turn itself). Only the launch: a turn
+    held while waiting for a kernel's lock could wait for a tuning that waits for the turn."""
+    try:
+        state = self._tunevault_state
+    except AttributeError:
+        state = _attach(self)
+    if state is None:
+        return _original_run(self, *args, **kwargs)
+    raw_key = state.key_fns[len(args)](args, kwargs)
+    hit = state.hits.get(raw_key)
+    if hit is None:
+        return resolve(_runtime, state, args, kwargs, raw_key)
+    state.n_hits += 1
+    return launch(self, args, kwargs, *hit)
+
+
 def _run_counting_hits(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     """``_run`` while key capture counts in-memory hits (``set_hit_hook``): the plain hot path
     pays nothing for capture when it is off."""
@@ -134,7 +153,19 @@ def _run_counting_hits(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
         raw_key = state.key_fns[len(args)](args, kwargs)
         if raw_key in state.hits:
             _hit_hook(state, raw_key, args, kwargs)
-    return _run(self, *args, **kwargs)
+    return (_run_interpreted if _interpreted else _run)(self, *args, **kwargs)
+
+
+def _hot_path() -> Callable[..., Any]:
+    """What ``Autotuner.run`` is while installed: decided at installation and when capture's hit
+    counting starts or stops, so the plain hot path checks neither."""
+    global _interpreted
+    from tunevault.engine.timing import interpreting
+
+    _interpreted = interpreting()
+    if _hit_hook is not None:
+        return _run_counting_hits
+    return _run_interpreted if _interpreted else _run
 
 
 def install(settings: Settings) -> Runtime:
@@ -157,7 +188,7 @@ def install(settings: Settings) -> Runtime:
                         "uninstall() first to tune on misses again", sealed)
         if _original_run is None:
             _original_run = Autotuner.run
-            Autotuner.run = _run if _hit_hook is None else _run_counting_hits
+            Autotuner.run = _hot_path()
             _install_cache_property(Autotuner)
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
@@ -240,7 +271,7 @@ def set_hit_hook(hook: HitHook | None) -> None:
         if _original_run is not None:
             from triton.runtime.autotuner import Autotuner
 
-            Autotuner.run = _run if hook is None else _run_counting_hits
+            Autotuner.run = _hot_path()
 
 
 def runtime() -> Runtime | None:
