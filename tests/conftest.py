@@ -11,7 +11,9 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,29 @@ def in_fork(child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         data = pipe.read()
     os.waitpid(pid, 0)
     return json.loads(data)
+
+
+def in_fork_while_held(locks: Sequence[AbstractContextManager[object]],
+                       child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``in_fork(child)`` while another thread holds ``locks``, as a thread mid-tuning, mid-count or
+    opening the store holds them when a server forks."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(120)
+        return in_fork(child)
+    finally:
+        release.set()
+        holder.join()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,7 +18,7 @@ import torch
 import triton
 
 import kernels_core as kc
-from conftest import in_fork
+from conftest import in_fork, in_fork_while_held
 from tunevault.core.kernel_state import STATE_ATTR
 
 
@@ -142,32 +142,17 @@ def test_a_fork_while_another_thread_holds_the_runtimes_lock_leaves_it_usable_in
 
     rt = runtime()
     assert rt is not None
-    holding, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with rt._lock:
-            holding.set()
-            release.wait(120)
+    def child() -> dict[str, object]:
+        free = rt._lock.acquire(blocking=False)
+        if free:
+            rt._lock.release()
+            y, out = kc.vec(24), torch.empty(24)
+            kc.add_one[kc.grid(24)](y, out, 24)  # a miss: the store, the runtime's lock
+            return {"free": True, "right": bool(torch.equal(out, y + 1))}
+        return {"free": False}
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(120)
-
-        def child() -> dict[str, object]:
-            free = rt._lock.acquire(blocking=False)
-            if free:
-                rt._lock.release()
-                y, out = kc.vec(24), torch.empty(24)
-                kc.add_one[kc.grid(24)](y, out, 24)  # a miss: the store, the runtime's lock
-                return {"free": True, "right": bool(torch.equal(out, y + 1))}
-            return {"free": False}
-
-        seen = in_fork(child)
-    finally:
-        release.set()
-        holder.join()
-    assert seen == {"free": True, "right": True}
+    assert in_fork_while_held([rt._lock], child) == {"free": True, "right": True}
 
 
 def test_a_fork_while_another_thread_counts_or_logs_an_event_leaves_both_usable_in_the_child(tv: Any) -> None:
@@ -177,33 +162,18 @@ def test_a_fork_while_another_thread_counts_or_logs_an_event_leaves_both_usable_
 
     rt = runtime()
     assert rt is not None
-    holding, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with rt.stats._lock, rt.events._lock:
-            holding.set()
-            release.wait(120)
+    def child() -> dict[str, object]:
+        seen: dict[str, object] = {}
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(120)
+        def miss() -> None:
+            y, out = kc.vec(24), torch.empty(24)
+            kc.add_one[kc.grid(24)](y, out, 24)  # a miss: counted, and events logged
+            seen["right"] = bool(torch.equal(out, y + 1))
 
-        def child() -> dict[str, object]:
-            seen: dict[str, object] = {}
+        worker = threading.Thread(target=miss, daemon=True)
+        worker.start()
+        worker.join(60)  # a deadlocked child must still answer
+        return {"returned": not worker.is_alive(), **seen}
 
-            def miss() -> None:
-                y, out = kc.vec(24), torch.empty(24)
-                kc.add_one[kc.grid(24)](y, out, 24)  # a miss: counted, and events logged
-                seen["right"] = bool(torch.equal(out, y + 1))
-
-            worker = threading.Thread(target=miss, daemon=True)
-            worker.start()
-            worker.join(60)  # a deadlocked child must still answer
-            return {"returned": not worker.is_alive(), **seen}
-
-        seen = in_fork(child)
-    finally:
-        release.set()
-        holder.join()
-    assert seen == {"returned": True, "right": True}
+    assert in_fork_while_held([rt.stats._lock, rt.events._lock], child) == {"returned": True, "right": True}

@@ -167,35 +167,21 @@ def test_a_fork_leaves_the_parents_worker_to_the_parent_and_the_child_tunes_in_i
     """A fork while a thread holds the isolated engine (a tuning) copies its lock held by nobody
     there: every isolated tuning of the child waited until its deadline. And the child's copy of
     the worker's input kept the parent's worker from seeing its input close."""
-    from conftest import in_fork
+    from conftest import in_fork_while_held
 
     parent_worker = tune_in_worker(sqlite_url)
     w = isolated._worker
     assert w is not None
-    holding, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with isolated._lock:
-            holding.set()
-            release.wait(120)
+    def child() -> dict[str, object]:
+        started = time.monotonic()
+        x, y = torch.randn(96), torch.randn(96)  # another key: tuned in a worker of the child's own
+        right = bool(torch.equal(ke.run_add(ke.add_equal, x, y), x + y))
+        mine = isolated.worker_pid()
+        return {"right": right, "own_worker": mine not in (None, parent_worker),
+                "waited_for_the_deadline": time.monotonic() - started > 60}
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(120)
-
-        def child() -> dict[str, object]:
-            started = time.monotonic()
-            x, y = torch.randn(96), torch.randn(96)  # another key: tuned in a worker of the child's own
-            right = bool(torch.equal(ke.run_add(ke.add_equal, x, y), x + y))
-            mine = isolated.worker_pid()
-            return {"right": right, "own_worker": mine not in (None, parent_worker),
-                    "waited_for_the_deadline": time.monotonic() - started > 60}
-
-        seen = in_fork(child)
-    finally:
-        release.set()
-        holder.join()
+    seen = in_fork_while_held([isolated._lock], child)
     assert seen == {"right": True, "own_worker": True, "waited_for_the_deadline": False}
 
     child_pid = os.fork()  # a child that lives on while the parent closes its worker
