@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeGuard
 
 from tunevault.core.model import InvalidEntry, JsonScalar
 
@@ -44,6 +44,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _Layout(TypedDict):
+    """A tensor ArgSpec's layout fields, as keywords."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    device: str
+
+
 @dataclass(frozen=True)
 class ArgSpec:
     kind: str  # "tensor" | "scalar" | "tl_dtype"
@@ -70,8 +79,8 @@ class ArgSpec:
     def _of_tensor(cls, t: torch.Tensor) -> ArgSpec:
         import torch
 
-        base = dict(shape=tuple(t.shape), stride=tuple(t.stride()), dtype=_dtype_name(t.dtype),
-                    device=str(t.device))
+        base = _Layout(shape=tuple(t.shape), stride=tuple(t.stride()), dtype=_dtype_name(t.dtype),
+                       device=str(t.device))
         is_int = not (t.dtype.is_floating_point or t.dtype.is_complex) and t.dtype != torch.bool
         if is_int and t.numel() > 0:
             flat = t.detach().reshape(-1).to("cpu", torch.int64)
@@ -140,7 +149,8 @@ class ArgSpec:
         import torch
 
         dtype = getattr(torch, self.dtype, None)
-        _require(isinstance(dtype, torch.dtype), f"unknown dtype {self.dtype!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise InvalidEntry(f"unknown dtype {self.dtype!r}")
         dev = torch.device(device or self.device)
         size = max(self.storage_size(), slack)
         if dev.type == "meta":  # layout only (dtype, shape, strides, alignment): enough to compile
@@ -189,7 +199,7 @@ def _tl_dtype(name: str) -> tl.dtype:
     raise InvalidEntry(f"unknown triton dtype {name!r}")
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -285,7 +295,8 @@ class CallSpec:
         total = 0
         for name, spec in tensors:
             dtype = getattr(torch, spec.dtype, None)
-            _require(isinstance(dtype, torch.dtype), f"unknown dtype {spec.dtype!r} for {name}")
+            if not isinstance(dtype, torch.dtype):
+                raise InvalidEntry(f"unknown dtype {spec.dtype!r} for {name}")
             total += max(spec.storage_size(), slack) * dtype.itemsize
         if total > limit:
             raise InvalidEntry(f"the rebuilt tensors would take {total} bytes, over the {limit}-byte cap "

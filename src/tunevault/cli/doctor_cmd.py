@@ -68,7 +68,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     problems = quick_check(path)
     try:
         readable, invalid = readable_decisions(path)
-        counts = {"decisions": len(readable), "invalid_rows": invalid}
+        counts: dict[str, int | str] = {"decisions": len(readable), "invalid_rows": invalid}
     except Exception as exc:  # sqlite3.DatabaseError: not a database at all
         counts = {"decisions": 0, "invalid_rows": 0, "unreadable": str(exc)}
     report: dict[str, Any] = {"store": url, "path": path, "problems": problems, **counts}

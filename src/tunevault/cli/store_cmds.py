@@ -243,9 +243,9 @@ def export_document(decisions: list[Decision], args: argparse.Namespace) -> dict
     for d in decisions:
         kept: Decision | None = d
         for transform in EXPORT_TRANSFORMS:
-            kept = transform(args, kept)
             if kept is None:
                 break
+            kept = transform(args, kept)
         if kept is not None:
             out.append(kept.to_json())
     return {"format": EXPORT_FORMAT, "schema": EXPORT_SCHEMA, "decisions": out}

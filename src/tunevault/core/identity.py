@@ -277,8 +277,8 @@ def kernel_id(autotuner: KernelInterface) -> KernelId:
     walker = _Walker()
     walker.function(jit_obj)
     # Dependencies by source alone, not by name: the caller's source already names them.
-    source = {"kernel": walker.sources[0], "deps": sorted(walker.sources[1:]),
-              "constexprs": sorted(walker.constexprs)}
+    source: dict[str, object] = {"kernel": walker.sources[0], "deps": sorted(walker.sources[1:]),
+                                 "constexprs": sorted(walker.constexprs)}
     recipe = _recipe(autotuner)
     if recipe:  # only when present, so plain kernels keep the identity they always had
         source["recipe"] = recipe

@@ -150,7 +150,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
-class _KeyFns(dict):  # type: ignore[type-arg]
+class _KeyFns(dict[int, RawKeyFn]):
     """Number of positional args -> its raw-key function, generated on first use."""
 
     __slots__ = ("arg_names", "key_names", "specialised")

@@ -38,7 +38,7 @@ ABSENT = _Absent()
 
 # Exact types whose instances can never have a ``dtype`` attribute (no class attribute, no
 # instance dict): skipping them saves a failing ``hasattr`` per scalar argument on the hot path.
-NO_DTYPE = frozenset({int, float, bool, str, bytes, complex, type(None)})
+NO_DTYPE: frozenset[type] = frozenset({int, float, bool, str, bytes, complex, type(None)})
 try:
     from torch import Tensor  # the common case, tested first: ``type(a) is Tensor``
 except ImportError:  # pragma: no cover - torch is a dependency; keep the module importable

@@ -111,6 +111,8 @@ def torch_build() -> dict[str, str | None] | None:
         return None
     found: dict[str, str | None] = {}
     for node in tree.body:
+        if not isinstance(node, ast.Assign | ast.AnnAssign):
+            continue
         target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else (
             node.target if isinstance(node, ast.AnnAssign) else None)
         if isinstance(target, ast.Name) and target.id in ("__version__", "cuda", "hip") and node.value is not None:

@@ -333,7 +333,7 @@ class HelperCompiles:
         with self._lock:
             self.pending[sid] = len(configs)
         for config in configs:
-            self.pool.submit(compile_one, config).add_done_callback(lambda f, s=sid: self._ended(s, f))
+            self.pool.submit(compile_one, config).add_done_callback(lambda f: self._ended(sid, f))
 
     def _ended(self, sid: int, future: Future[Any]) -> None:
         with contextlib.suppress(Exception):

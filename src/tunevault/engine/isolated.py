@@ -336,7 +336,8 @@ class WorkerSession:
         return CandidateResult(index, self.specs[index], (), why[:500])
 
     def _run(self, mode: str, indices: Sequence[int]) -> dict[int, CandidateResult]:
-        pending, out, strikes, last = list(indices), {}, 0, ""
+        pending, strikes, last = list(indices), 0, ""
+        out: dict[int, CandidateResult] = {}
         while pending and strikes < 3 and self._left() > 0:
             try:
                 w = self._ready()

@@ -67,7 +67,7 @@ class TuningRuntime(Protocol):
     def warn_once(self, token: Hashable, msg: str, *args: Any) -> bool: ...
 
 
-class Measured(list):  # type: ignore[type-arg]
+class Measured(list[CandidateResult]):
     """Candidate results plus provenance notes (where tuning ran, how, device memory gained)."""
 
     notes: list[tuple[str, Any]]
@@ -97,6 +97,8 @@ def open_worker_session(rt: TuningRuntime, st: KernelState, args: tuple, kwargs:
         except Exception as exc:
             target, why = None, f"its arguments cannot be captured ({type(exc).__name__}: {exc})"
     if target is not None:
+        assert spec is not None  # captured above, or there is no target
+
         def launched(n: int) -> None:
             rt.stats.add(name, rt.phase, "benchmark_runs", n)
 

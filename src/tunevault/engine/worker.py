@@ -225,7 +225,7 @@ class Worker:
             except Fatal as exc:
                 self.emit(ev="fatal", sid=sid, message=str(exc))
         elif op == "precompile":
-            session = self.sessions[int(sid)]
+            session = self.sessions[int(msg["sid"])]
             session.precompile([int(i) for i in msg["configs"]], int(msg.get("threads") or 0) or None)
             self.emit(ev="precompiled", sid=sid)
         elif op == "run":
@@ -242,7 +242,7 @@ class Worker:
             # The session's tensors go with it (reference counts); the allocator keeps their blocks for
             # the next key. No full collection here: with a large library loaded it costs the next
             # key a few hundred ms, and the worker's memory goes back when it exits.
-            self.sessions.pop(int(sid), None)
+            self.sessions.pop(int(msg["sid"]), None)
         return True
 
 

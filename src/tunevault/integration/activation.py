@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tunevault.integration.logs import show_logs
 from tunevault.policy.settings import Settings, env_problems, warn_once
@@ -142,7 +142,7 @@ class _PatchOnImport:
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchingLoader(spec.loader, self)
+            spec.loader = cast("Loader", _PatchingLoader(spec.loader, self))  # duck-typed: no importlib.abc
         return spec
 
 

@@ -50,7 +50,7 @@ def env_level(default: int = logging.INFO) -> int:
     return level if isinstance(level, int) else default
 
 
-class _StderrFallback(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrFallback(logging.StreamHandler):
     """stderr, looked up at each record (as ``logging.lastResort`` does), while the application has
     configured no logging of its own."""
 
@@ -58,7 +58,7 @@ class _StderrFallback(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__()
         self.setFormatter(logging.Formatter(FORMAT))
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return self._stream or sys.stderr
 

@@ -118,6 +118,7 @@ def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     raw_key = state.key_fns[len(args)](args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
+        assert _runtime is not None  # installed while Autotuner.run is _run
         return resolve(_runtime, state, args, kwargs, raw_key)
     state.n_hits += 1
     config, cfg_kwargs, pre_hook = hit
@@ -140,6 +141,7 @@ def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     raw_key = state.key_fns[len(args)](args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
+        assert _runtime is not None  # installed while Autotuner.run is _run_interpreted
         return resolve(_runtime, state, args, kwargs, raw_key)
     state.n_hits += 1
     return launch(self, args, kwargs, *hit)
@@ -229,7 +231,7 @@ def _install_cache_property(autotuner_class: type[Autotuner]) -> None:
     entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check."""
     global _original_cache_attr
     _original_cache_attr = autotuner_class.__dict__.get("cache", _NO_ATTR)
-    autotuner_class.cache = _CACHE_PROPERTY  # type: ignore[assignment]
+    autotuner_class.cache = _CACHE_PROPERTY
 
 
 def _uninstall_cache_property() -> None:

@@ -154,7 +154,11 @@ def _run(job: Job) -> None:
         _describe(job, *held)
     name = st.kernel_id.name
     try:
-        args, kwargs = job.spec.build(st.autotuner, seed=0) if job.spec is not None else job.copies
+        if job.spec is not None:
+            args, kwargs = job.spec.build(st.autotuner, seed=0)
+        else:
+            assert job.copies is not None  # _describe gave the job one or the other
+            args, kwargs = job.copies
         device = _device(args, kwargs)
         with contextlib.ExitStack() as stack:
             stack.enter_context(tuning_in_background(job.spec))

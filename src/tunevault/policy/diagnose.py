@@ -26,7 +26,7 @@ def distance(key: TuningKey, other: TuningKey) -> tuple[int, float]:
     """How far ``other`` is from ``key``: its differing elements, then how far apart their numbers
     are on a log2 scale (as predict.py measures sizes), so n=980 is nearer to n=990 than n=100 is."""
     diffs = key.differences(other)
-    apart = sum(abs(log_coord(float(mine)) - log_coord(float(theirs)))  # type: ignore[arg-type]
+    apart = sum(abs(log_coord(float(mine)) - log_coord(float(theirs)))
                 for _label, theirs, mine in diffs if is_numeric(theirs) and is_numeric(mine))
     return len(diffs), apart
 

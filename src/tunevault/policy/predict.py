@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from tunevault.core.model import ConfigSpec, Decision, JsonScalar, TuningKey
 
@@ -43,7 +43,7 @@ NO_TIMINGS_OTHERS = 2.0  # a decision without timings: its winner scores 1, ever
 Signature = tuple[tuple[str, bool, JsonScalar], ...]
 
 
-def is_numeric(value: JsonScalar) -> bool:
+def is_numeric(value: JsonScalar) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -58,7 +58,7 @@ def signature(key: TuningKey) -> Signature:
 
 
 def coords(key: TuningKey) -> tuple[float, ...]:
-    return tuple(log_coord(float(v)) for _label, v in key.items if is_numeric(v))  # type: ignore[arg-type]
+    return tuple(log_coord(float(v)) for _label, v in key.items if is_numeric(v))
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,8 @@ class NeighbourTable:
                     out.append(f"{label}: {_shown(a)} -> {_shown(b)}")
             return out
 
-        return tuple(min((diffs(sig) for sig in self.groups), key=lambda d: (len(d), d)))
+        nearest = min((diffs(sig) for sig in self.groups), key=lambda d: (len(d), d))
+        return tuple(nearest)
 
 
 def _shown(entry: tuple[bool, JsonScalar] | None) -> str:

@@ -129,7 +129,7 @@ def forget(autotuner: Autotuner, key: tuple) -> None:
         cache.forget(key)
 
 
-class MirroredCache(dict):  # type: ignore[type-arg]
+class MirroredCache(dict):
     """``Autotuner.cache`` while tunevault is installed: a plain dict that tells tunevault when
     someone else changes it, so ``cache.clear()`` still means "decide again" and a config written
     into it by hand is launched, exactly as stock Triton reads its cache.
@@ -201,6 +201,8 @@ class MirroredCache(dict):  # type: ignore[type-arg]
             self._own.discard(key)
         self._on_change()
 
-    def __ior__(self, other: Any) -> MirroredCache:
+    # mypy checks __ior__ against dict.__or__'s overloads argument by argument (a dict only), but |= takes
+    # any mapping or iterable of pairs, as update does: no signature of what this accepts passes (misc)
+    def __ior__(self, other: Any) -> MirroredCache:  # type: ignore[misc]
         self.update(other)
         return self

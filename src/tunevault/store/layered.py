@@ -9,6 +9,7 @@ store keeps serving, and nothing a remote does raises into a kernel call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -116,7 +117,7 @@ class LayeredStore:
         seen: set[tuple[str, str, str]] = set()
         layers: list[Callable[[], list[Decision]]] = [lambda: list(self.local.decisions(query))]
         layers.append(lambda: self._remote("list", lambda r: list(r.decisions(query)), []))
-        layers += [lambda b=b: list(b.decisions(query)) for b in self.bundles]
+        layers += [functools.partial(_listed, b, query) for b in self.bundles]
         for layer in layers:
             for d in layer():
                 if d.store_key not in seen:
@@ -168,6 +169,10 @@ class LayeredStore:
 
     def __repr__(self) -> str:
         return f"LayeredStore({self.url})"
+
+
+def _listed(store: Store, query: Query) -> list[Decision]:
+    return list(store.decisions(query))
 
 
 def open_bundles(paths: Sequence[str], key: str | None, current: Fingerprint | None = None) -> list[Store]:

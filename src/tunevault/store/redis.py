@@ -11,6 +11,7 @@ backs off (fails fast without touching the network) instead of paying a timeout 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 import time
@@ -264,10 +265,10 @@ class RedisStore:
         for kd, fd in self._indexes(query):
             index = index_key(kd, fd)
             members = sorted(m.decode() if isinstance(m, bytes) else m
-                             for m in self._call("list", lambda i=index: self._client.smembers(i)))
+                             for m in self._call("list", functools.partial(self._client.smembers, index)))
             if not members:
                 continue
-            values = self._call("read", lambda ms=members: self._client.mget(ms))
+            values = self._call("read", functools.partial(self._client.mget, members))
             out += [((kd, fd), w, v) for w, v in zip(members, values, strict=True)]
         return out
 
