@@ -12,7 +12,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tunevault.core.kernel_state import STATE_ATTR, KernelState, is_kernel
 from tunevault.policy.resolve import launch, resolve
@@ -118,8 +118,7 @@ def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     raw_key = state.key_fns[len(args)](args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
-        assert _runtime is not None  # installed while Autotuner.run is _run
-        return resolve(_runtime, state, args, kwargs, raw_key)
+        return resolve(cast("Runtime", _runtime), state, args, kwargs, raw_key)  # set while installed
     state.n_hits += 1
     config, cfg_kwargs, pre_hook = hit
     self.best_config = config
@@ -141,8 +140,7 @@ def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     raw_key = state.key_fns[len(args)](args, kwargs)
     hit = state.hits.get(raw_key)
     if hit is None:
-        assert _runtime is not None  # installed while Autotuner.run is _run_interpreted
-        return resolve(_runtime, state, args, kwargs, raw_key)
+        return resolve(cast("Runtime", _runtime), state, args, kwargs, raw_key)  # set while installed
     state.n_hits += 1
     return launch(self, args, kwargs, *hit)
 
