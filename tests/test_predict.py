@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -137,6 +138,40 @@ def test_the_nearest_decided_key_is_the_nearest_in_size_not_the_first_by_text(tm
     kp.run(990, torch.float16)  # no decided float16 key: no prediction, the nearest key's config
     assert kp.scale2.best_config is kp.scale2.configs[2]  # n=980's winner, not n=100's (#1)
     assert "nearest decided key differs in n: 980 -> 990, dtype(x_ptr)" in events("miss")[-1]["diagnosis"]
+
+
+def test_the_nearest_decided_key_shares_the_calls_dtypes_before_its_sizes(tmp_path: Path) -> None:
+    """x in float16 at n=1024 and float32 at n=1000 decided, a float32 call at n=1024: the miss named
+    a dtype difference (a dtype that was warmed up) and its fallback launched float16's config."""
+    path = tmp_path / "dtypes.db"
+    db = SqliteStore(path)
+    db.put(decided(1000, BEST_AT_1000))
+    half_x = TuningKey(tuple((label, "float16" if label == "dtype(x_ptr)" else value)
+                             for label, value in key_of(1024).items))  # one element away, a dtype
+    db.put(dataclasses.replace(decided(1000, BEST_AT_100), key=half_x))
+    db.close()
+    serving(f"sqlite:///{path}", on_miss="error")
+    with pytest.raises(tunevault.TuningMiss) as miss:
+        kp.run(1024)
+    assert miss.value.nearest == key_of(1000)
+    assert str(miss.value).endswith("nearest decided key differs in n: 1000 -> 1024")
+
+
+def test_a_value_of_another_json_type_is_named_as_the_difference(tmp_path: Path) -> None:
+    """``n=256.0`` where ``n=256`` was decided: Python's ``==`` calls them equal, the key text does
+    not, and the diagnosis blamed the store ("names no config this kernel declares")."""
+    path = tmp_path / "types.db"
+    db = SqliteStore(path)
+    db.put(decided(256, BEST_AT_100))
+    db.close()
+    serving(f"sqlite:///{path}", on_miss="error")
+    x = torch.arange(256, dtype=torch.float32)
+    with pytest.raises(tunevault.TuningMiss) as miss:
+        kp.scale2[(4,)](x, torch.empty_like(x), 256.0)
+    assert str(miss.value).endswith("nearest decided key differs in n: 256 -> 256.0")
+    assert miss.value.nearest == key_of(256)
+    flags = TuningKey((("flag", 1),)).differences(TuningKey((("flag", True),)))
+    assert flags == [("flag", True, 1)]
 
 
 def test_a_fallback_is_recorded_for_the_key_it_launched_not_for_the_nearest_key(store: str) -> None:

@@ -190,10 +190,17 @@ class TuningKey:
         return " ".join(f"{label}={value}" for label, value in self.items)
 
     def differences(self, other: TuningKey) -> list[tuple[str, JsonScalar, JsonScalar]]:
-        """Labelled elements that differ, as (label, other's value, this value)."""
+        """Labelled elements that differ, as (label, other's value, this value). Values differ as the
+        key text tells them apart: ``256`` and ``256.0`` (or ``1`` and ``True``) are two keys there,
+        though Python's ``==`` says they are equal."""
         mine, theirs = dict(self.items), dict(other.items)
         labels = list(dict.fromkeys([*theirs, *mine]))
-        return [(lb, theirs.get(lb), mine.get(lb)) for lb in labels if mine.get(lb) != theirs.get(lb)]
+        return [(lb, theirs.get(lb), mine.get(lb)) for lb in labels
+                if _typed(mine.get(lb)) != _typed(theirs.get(lb))]
+
+
+def _typed(value: JsonScalar) -> tuple[type, JsonScalar]:
+    return type(value), value
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,15 @@ class TuningMiss(RuntimeError):
         self.nearest = nearest
 
 
-def distance(key: TuningKey, other: TuningKey) -> tuple[int, float]:
-    """How far ``other`` is from ``key``: its differing elements, then how far apart their numbers
-    are on a log2 scale (as predict.py measures sizes), so n=980 is nearer to n=990 than n=100 is."""
+def distance(key: TuningKey, other: TuningKey) -> tuple[int, int, float]:
+    """How far ``other`` is from ``key``: its differing categorical elements (dtypes, flags: a key
+    warmed up with this call's dtypes at another size is nearer than one of other dtypes at this
+    size), then all its differing elements, then how far apart their numbers are on a log2 scale
+    (as predict.py measures sizes), so n=980 is nearer to n=990 than n=100 is."""
     diffs = key.differences(other)
-    apart = sum(abs(log_coord(float(mine)) - log_coord(float(theirs)))
-                for _label, theirs, mine in diffs if is_numeric(theirs) and is_numeric(mine))
-    return len(diffs), apart
+    numeric = [(theirs, mine) for _label, theirs, mine in diffs if is_numeric(theirs) and is_numeric(mine)]
+    apart = sum(abs(log_coord(float(mine)) - log_coord(float(theirs))) for theirs, mine in numeric)
+    return len(diffs) - len(numeric), len(diffs), apart
 
 
 def nearest_keys(key: TuningKey, decided: Sequence[TuningKey]) -> list[TuningKey]:
