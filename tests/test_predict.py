@@ -174,6 +174,26 @@ def test_a_value_of_another_json_type_is_named_as_the_difference(tmp_path: Path)
     assert flags == [("flag", True, 1)]
 
 
+def test_a_predicted_or_nearest_config_that_does_not_build_for_the_call_is_passed_over(store: str) -> None:
+    """A neighbour's config may not build at the missed key (on a GPU: a tile that fits in shared
+    memory at n=100, not here; ``builds`` is the compile-and-load probe there, which Triton's
+    interpreter cannot run). The fallback was launched, failed, and stayed remembered for the key."""
+    from tunevault.policy.fallback import choose_fallback
+
+    serving(store)
+    rt, st = runtime(), KernelState(kp.scale2)
+    assert rt is not None
+    configs = kp.scale2.configs
+    builds_all = choose_fallback(rt, st, key_of(120), lambda: configs[1], lambda: configs[0])
+    assert builds_all[0] is configs[1] and builds_all[2]["predicted"]["config"] == 1  # n=100's winner
+
+    not_one = choose_fallback(rt, st, key_of(120), lambda: configs[1], lambda: configs[0],
+                              builds=lambda config: config is not configs[1])
+    assert not_one[0] is configs[0], "neither the prediction (#1) nor the nearest key's (#1) builds"
+    assert not_one[2]["not_predicted"] == "the predicted config #1 does not build for this call"
+    assert not_one[1].startswith("first compiling config")
+
+
 def test_a_fallback_is_recorded_for_the_key_it_launched_not_for_the_nearest_key(store: str) -> None:
     """``verify_agreement`` compares what each rank launched per key: a fallback recorded the nearest
     key's decision under the nearest key (never launched here) and nothing for the missed key, and

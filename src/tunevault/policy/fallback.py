@@ -95,17 +95,23 @@ class MissedKernel(Protocol):
 
 def choose_fallback(rt: PredictingRuntime, st: MissedKernel, key: TuningKey, nearest: Callable[[], Config | None],
                     first: Callable[[], Config], allowed: set[int] | None = None,
+                    builds: Callable[[Config], bool] = lambda config: True,
                     ) -> tuple[Config, str, dict[str, Any]]:
     """The config a miss launches, what the warning says of it, and the ``fallback`` event's fields.
 
-    A prediction when the decided keys allow one and the call's pruning keeps the predicted
-    config (``allowed``: declared indices); else today's rule (the nearest decided key's config,
-    as the diagnosis names it), else the first config that compiles.
+    A prediction when the decided keys allow one, the call's pruning keeps the predicted config
+    (``allowed``: declared indices) and it ``builds`` for this call; else today's rule (the nearest
+    decided key's config, as the diagnosis names it, if it builds), else the first config that
+    compiles. A neighbour's config may not build here (a tile that fits in shared memory at the
+    neighbour's size, not at this one), and a fallback is remembered for every later call of the key.
     """
     prediction = _predict(rt, st, key)
     if prediction.config_index is not None and allowed is not None and prediction.config_index not in allowed:
         prediction = Prediction(None, note=f"the predicted config #{prediction.config_index} is excluded by this "
                                            "call's prune_configs")
+    if prediction.config_index is not None and not builds(st.autotuner.configs[prediction.config_index]):
+        prediction = Prediction(None, note=f"the predicted config #{prediction.config_index} does not build for "
+                                           "this call")
     if prediction.config_index is not None:
         name, config = st.kernel_id.name, st.autotuner.configs[prediction.config_index]
         rt.stats.add(name, rt.phase, "predicted")
@@ -114,6 +120,8 @@ def choose_fallback(rt: PredictingRuntime, st: MissedKernel, key: TuningKey, nea
                  f"(expected penalty {prediction.penalty:+.1%} vs tuning this key)")
         return config, words, {"predicted": prediction.to_json()}
     config, how = nearest(), "nearest key's"
+    if config is not None and not builds(config):
+        config = None
     if config is None:
         config, how = first(), "first compiling"
     why = prediction.why_not()

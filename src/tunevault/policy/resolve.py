@@ -18,7 +18,7 @@ from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningEr
 from tunevault.engine.failures import losing_errors
 from tunevault.engine.inprocess import conflict_error
 from tunevault.engine.select import NoWorkingConfig, select
-from tunevault.engine.timing import own_bench
+from tunevault.engine.timing import interpreting, own_bench
 from tunevault.engine.turns import taking_turns
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
@@ -262,7 +262,7 @@ def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
 
     config, how, fields = choose_fallback(rt, st, key, nearest_config,
                                           lambda: _first_compiling(st, args, kwargs, [c for _, c in indexed]),
-                                          allowed)
+                                          allowed, lambda config: _builds(st, args, kwargs, config))
     index = next((i for i, c in indexed if c is config), None)  # the first compiling: a pruned config
     if index is None:  # predicted, or the nearest key's: a declared config
         index = st.autotuner.configs.index(config)
@@ -277,24 +277,30 @@ def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
 
 def _first_compiling(st: KernelState, args: tuple, kwargs: dict[str, Any], configs: list[Config]) -> Config:
     """First config whose kernel compiles for these arguments, found without launching it."""
-    at, errors = st.autotuner, compile_errors()
-    for config in configs:
-        try:
-            kernel = at.fn.warmup(*args, **{k: v for k, v in kwargs.items() if k != "warmup"}, **config.all_kwargs())
-        except errors:
-            continue
-        except Exception:
-            return config  # warmup unsupported here (e.g. interpreter): let the launch decide
-        try:
-            # Loading the module is where Triton finds a config that compiles but does not fit the
-            # device (shared memory, tensor memory): OutOfResources, which warmup alone never raises.
-            init = getattr(kernel, "_init_handles", None)
-            if callable(init):
-                init()
-        except errors:
-            continue
-        return config
-    return configs[0]
+    return next((config for config in configs if _builds(st, args, kwargs, config)), configs[0])
+
+
+def _builds(st: KernelState, args: tuple, kwargs: dict[str, Any], config: Config) -> bool:
+    """Whether ``config`` compiles for these arguments and its module loads on this device, found
+    without launching it; True where this cannot be told (the interpreter: the launch decides)."""
+    if interpreting():
+        return True  # nothing compiles ahead of a launch there
+    fn, losing = st.autotuner.fn, compile_errors()
+    try:
+        kernel = fn.warmup(*args, **{k: v for k, v in kwargs.items() if k != "warmup"}, **config.all_kwargs())
+    except losing:
+        return False
+    except Exception:
+        return True  # warmup unsupported here (e.g. interpreter): let the launch decide
+    try:
+        # Loading the module is where Triton finds a config that compiles but does not fit the
+        # device (shared memory, tensor memory): OutOfResources, which warmup alone never raises.
+        init = getattr(kernel, "_init_handles", None)
+        if callable(init):
+            init()
+    except losing:
+        return False
+    return True
 
 
 def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
