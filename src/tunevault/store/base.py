@@ -76,6 +76,20 @@ def supersede(store: Store, stale: Decision, decision: Decision) -> Decision:
     return replace(stale, decision)
 
 
+def overwrite(store: Store, decision: Decision) -> Decision:
+    """Store ``decision`` over whatever ``store`` holds for its key; returns it.
+
+    First writer wins within one store; this is for a local store adopting the decision its
+    fleet's remote holds (LayeredStore), which outranks the host's own. A store without an
+    ``overwrite`` method gets a delete of that one key and a put."""
+    write: Callable[[Decision], Decision] | None = getattr(store, "overwrite", None)
+    if write is not None:
+        return write(decision)
+    kd, fd, kt = decision.store_key
+    store.delete(Query(kernel_digest=kd, fingerprint_digest=fd, key_text=kt))
+    return store.put(decision)
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot be opened or reached; callers degrade to memory with one warning."""
 

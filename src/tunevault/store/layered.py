@@ -4,7 +4,10 @@ Reads go local -> remote -> bundles (the runtime's memory dict sits above all th
 hit is copied into local so the next process on the host needs no network. Writes go remote
 first, so the first writer fleet-wide wins and everyone adopts its decision, then local.
 A remote that fails is skipped with one warning and retried after its own backoff: the local
-store keeps serving, and nothing a remote does raises into a kernel call.
+store keeps serving, and nothing a remote does raises into a kernel call. Decisions written
+only locally meanwhile are remembered and published once the remote answers again; whenever
+the remote turns out to hold another decision for a key, the local entry is replaced by it,
+so every host ends up with the fleet's first writer.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from tunevault.core.model import Decision, Fingerprint
-from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, supersede
+from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, overwrite, supersede
 
 T = TypeVar("T")
 EVERYTHING = Query()
+StoreKey = tuple[str, str, str]
+PENDING_CAP = 1024  # decisions kept to publish per LayeredStore while the remote is down; more stay local
+PUBLISH_BUDGET_S = 1.0  # the most one call spends publishing them (the remote's deadline, when it has one)
 
 
 class LayeredStore:
@@ -31,6 +38,10 @@ class LayeredStore:
         self._lock = threading.Lock()
         self._remote_down = False
         self._outages = 0
+        # Written locally while the remote failed: key -> (the entry it supersedes, if any; the decision).
+        self._pending: dict[StoreKey, tuple[Decision | None, Decision]] = {}
+        self._dropped = False  # the pending set was full (warned once until it empties)
+        self._publishing = threading.Lock()  # one thread publishes the pending set; the others do not wait
 
     # -- the remote, guarded -----------------------------------------------------------------
 
@@ -64,10 +75,78 @@ class LayeredStore:
     def remote_down(self) -> bool:
         return self._remote_down
 
+    # -- decisions the remote missed ---------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """How many decisions were written only locally and wait for the remote to answer again."""
+        return len(self._pending)
+
+    def _defer(self, decision: Decision, stale: Decision | None = None) -> None:
+        """The remote failed to take ``decision`` (which replaces ``stale``, if given): publish it later."""
+        skey = decision.store_key
+        with self._lock:
+            if skey in self._pending:  # a newer local write for a key the remote never got
+                self._pending[skey] = (self._pending[skey][0], decision)
+                return
+            if len(self._pending) < PENDING_CAP:
+                self._pending[skey] = (stale, decision)
+                return
+            warn, self._dropped = not self._dropped, True
+        if warn:
+            log.warning("tunevault: %d decisions already wait for the remote store %s to answer again; "
+                        "newer ones stay in the local store %s only", PENDING_CAP,
+                        getattr(self.remote, "url", "?"), self.local.url)
+
+    def _publish_pending(self, first: StoreKey | None = None) -> None:
+        """Publish what was written only locally while the remote failed, ``first`` first, once the
+        remote may answer (its backoff is over); adopt the fleet's decision where it holds another.
+
+        Bounded like any remote call: the first failure stops it (the remote then backs off, so it
+        costs at most one deadline), and one call spends at most about one deadline on it."""
+        if not self._pending or self.remote is None or not getattr(self.remote, "available", True):
+            return
+        if not self._publishing.acquire(blocking=False):
+            return  # another thread is publishing them
+        try:
+            budget = float(getattr(self.remote, "deadline", PUBLISH_BUDGET_S))
+            until = time.monotonic() + budget
+            while time.monotonic() < until:
+                with self._lock:
+                    if not self._pending:
+                        self._dropped = False
+                        return
+                    skey = first if first in self._pending else next(iter(self._pending))
+                    first = None
+                    stale, mine = self._pending.pop(skey)
+                fleet = self._remote("publish", functools.partial(_publish, stale=stale, decision=mine), None)
+                if fleet is None:  # still unusable: keep it (unless a newer write took its place)
+                    with self._lock:
+                        self._pending.setdefault(skey, (stale, mine))
+                    return
+                if fleet != mine:
+                    self._adopt(fleet, mine)
+        finally:
+            self._publishing.release()
+
+    def _adopt(self, fleet: Decision, local: Decision) -> None:
+        """The remote holds ``fleet`` where the local store holds ``local``: the fleet's wins here too."""
+        try:
+            overwrite(self.local, fleet)
+        except Exception as exc:
+            log.warning("tunevault: %s [%s]: the local store %s holds config #%d but the fleet chose #%d; "
+                        "using the fleet's, but the local entry could not be replaced (%s)", fleet.kernel.name,
+                        fleet.key.describe(), self.local.url, local.config_index, fleet.config_index, exc)
+            return
+        log.warning("tunevault: %s [%s]: the local store %s held config #%d but the fleet chose #%d; "
+                    "replaced it with the fleet's", fleet.kernel.name, fleet.key.describe(), self.local.url,
+                    local.config_index, fleet.config_index)
+
     # -- the Store protocol ------------------------------------------------------------------
 
     def get(self, kernel_digest: str, fingerprint_digest: str, key_text: str) -> Decision | None:
         skey = (kernel_digest, fingerprint_digest, key_text)
+        self._publish_pending(skey)  # a local decision the fleet never got may have lost to another host's
         found = self.local.get(*skey)
         if found is not None:
             return found
@@ -85,32 +164,39 @@ class LayeredStore:
         return None
 
     def put(self, decision: Decision) -> Decision:
-        """Remote first: if another host published first, its decision is the one kept everywhere."""
+        """Remote first: if another host published first, its decision is the one kept everywhere
+        (the local entry included). Without the remote, the local store's, published later."""
+        self._publish_pending(decision.store_key)
         published = self._remote("publish", lambda r: r.put(decision), None)
-        winner = decision if published is None else published
+        if published is None:
+            local = self.local.put(decision)  # raises if it fails too: the runtime keeps it in memory
+            if self.remote is not None:
+                self._defer(local)
+            return local
         try:
-            local = self.local.put(winner)
+            local = self.local.put(published)
         except Exception:
-            if published is None:
-                raise  # neither layer took it: the runtime keeps it in memory, with a warning
             return published
-        if published is not None and local != published:
-            log.warning("tunevault: %s [%s]: the local store %s holds config #%d but the fleet chose #%d; "
-                        "using the fleet's", decision.kernel.name, decision.key.describe(), self.local.url,
-                        local.config_index, published.config_index)
-        return winner if published is not None else local
+        if local != published:
+            self._adopt(published, local)
+        return published
 
     def supersede(self, stale: Decision, decision: Decision) -> Decision:
         """Replace ``stale`` where it is stored (remote first, then local, which also shadows a bundle)."""
+        self._publish_pending(decision.store_key)
         published = self._remote("supersede", lambda r: supersede(r, stale, decision), None)
-        winner = decision if published is None else published
+        if published is None:
+            local = supersede(self.local, stale, decision)
+            if self.remote is not None:
+                self._defer(local, stale)
+            return local
         try:
-            local = supersede(self.local, stale, winner)
+            local = supersede(self.local, stale, published)
         except Exception:
-            if published is None:
-                raise
             return published
-        return winner if published is not None else local
+        if local != published:
+            self._adopt(published, local)
+        return published
 
     def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
         """Each key once, from the highest layer that has it."""
@@ -126,6 +212,9 @@ class LayeredStore:
 
     def delete(self, query: Query = EVERYTHING) -> int:
         """Delete from local and remote (bundles are read-only); returns the larger of the two counts."""
+        with self._lock:  # a deleted decision is not published later
+            for skey in [k for k, (_, d) in self._pending.items() if query.matches(d)]:
+                del self._pending[skey]
         n_local = self.local.delete(query)
         return max(n_local, self._remote("delete", lambda r: r.delete(query), 0))
 
@@ -160,6 +249,10 @@ class LayeredStore:
         self.local.release(name, holder)
 
     def close(self) -> None:
+        try:
+            self._publish_pending()  # the last chance for decisions the remote missed (bounded as ever)
+        except Exception as exc:
+            log.debug("tunevault: publishing pending decisions at close: %s", exc)
         for store in (self.local, self.remote, *self.bundles):
             if store is not None:
                 try:
@@ -169,6 +262,11 @@ class LayeredStore:
 
     def __repr__(self) -> str:
         return f"LayeredStore({self.url})"
+
+
+def _publish(remote: Store, stale: Decision | None, decision: Decision) -> Decision:
+    """Publish a decision written only locally: first writer wins, or it replaces ``stale``."""
+    return remote.put(decision) if stale is None else supersede(remote, stale, decision)
 
 
 def _listed(store: Store, query: Query) -> list[Decision]:

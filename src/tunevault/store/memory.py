@@ -45,6 +45,12 @@ class MemoryStore:
             self._decisions[decision.store_key] = decision
             return decision
 
+    def overwrite(self, decision: Decision) -> Decision:
+        """Store ``decision`` whatever is there (a LayeredStore adopting its fleet's decision)."""
+        with self._lock:
+            self._decisions[decision.store_key] = decision
+            return decision
+
     def decisions(self, query: Query = EVERYTHING) -> Iterator[Decision]:
         with self._lock:  # snapshot, so callers may delete while iterating
             matched = [d for d in self._decisions.values() if query.matches(d)]

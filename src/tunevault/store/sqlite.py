@@ -550,6 +550,22 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot write to tuning store {self.path}: {exc}") from exc
 
+    def overwrite(self, decision: Decision) -> Decision:
+        """Store ``decision`` whatever the row holds (a LayeredStore adopting its fleet's decision over
+        this host's: the fleet's first writer outranks the local one); returns it."""
+        payload = decision.dumps()
+
+        def txn(db: sqlite3.Connection) -> Decision:
+            with _immediate(db):
+                db.execute("INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
+                           (*decision.store_key, decision.kernel.name, payload, time.time()))
+                return decision
+
+        try:
+            return self._write(txn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot write to tuning store {self.path}: {exc}") from exc
+
     def close(self) -> None:
         """Close every thread's connection opened by this process; later reads miss, writes raise."""
         self._closed = True

@@ -1,0 +1,212 @@
+"""LayeredStore across a remote outage: what a host decides while Redis is down reaches the fleet
+once it answers again, and the fleet's first writer wins on every host (the local entry included).
+
+The Redis tests pause a real redis-server (SIGSTOP) past the client's deadline, as a GC pause, a
+failover or a network blip would; the bookkeeping tests use an in-process remote that fails on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import redis_server
+from tunevault.core.model import ConfigSpec, Decision, Fingerprint, KernelId, TuningKey
+from tunevault.store import layered as layered_module
+from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+from tunevault.store.layered import LayeredStore, open_layered
+from tunevault.store.memory import MemoryStore
+from tunevault.store.sqlite import SqliteStore
+
+FP = Fingerprint("3.9.0", "cuda:90", "NVIDIA H100", "12.8")
+EVERYTHING = Query()
+
+
+def decision(n: int, index: int = 0) -> Decision:
+    key = TuningKey((("N", n), ("dtype(x)", "float16")))
+    return Decision(KernelId("pkg:fwd", "src0", "cfg0", ("N",)), FP, key, index,
+                    ConfigSpec((("BLOCK", 32 << index),), (("num_warps", 4),)), margin=0.1)
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tunevault" and r.levelno >= logging.WARNING]
+
+
+def wait_until(ready: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[redis_server.RedisServer]:
+    yield from redis_server.serve(tmp_path)
+
+
+def layered(path: Path, server: redis_server.RedisServer) -> LayeredStore:
+    store = open_layered(f"sqlite:///{path}", remote=server.url)
+    assert isinstance(store, LayeredStore)
+    return store
+
+
+def put_during_a_pause(store: LayeredStore, server: redis_server.RedisServer, d: Decision) -> Decision:
+    """``store.put(d)`` while Redis hangs past the deadline; returns once Redis would be tried again."""
+    server.pause()
+    try:
+        published = store.put(d)
+    finally:
+        server.resume()
+    assert store.remote_down
+    assert store.remote is not None
+    remote = store.remote
+    wait_until(lambda: bool(getattr(remote, "available", True)))  # its backoff (1 s) is over
+    return published
+
+
+# -- a real Redis ----------------------------------------------------------------------------
+
+def test_a_decision_made_during_an_outage_reaches_the_fleet(tmp_path: Path,
+                                                             server: redis_server.RedisServer) -> None:
+    host_a, host_b = layered(tmp_path / "a.db", server), layered(tmp_path / "b.db", server)
+    rstore = open_store(server.url)
+    mine = decision(1, index=0)
+    try:
+        assert put_during_a_pause(host_a, server, mine) == mine  # kept locally only, for now
+        assert rstore.get(*mine.store_key) is None
+        assert host_a.get(*decision(2).store_key) is None  # A's next call publishes it
+        assert rstore.get(*mine.store_key) == mine
+        assert host_b.get(*mine.store_key) == mine, "another host reads what A decided during the outage"
+        assert host_b.put(decision(1, index=2)) == mine, "and adopts it: A was the fleet's first writer"
+        assert not host_a.remote_down
+    finally:
+        for store in (host_a, host_b, rstore):
+            store.close()
+
+
+def test_hosts_agree_after_another_host_wins_the_key_first(tmp_path: Path, server: redis_server.RedisServer,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The reviewer's scenario: B publishes the key before A's outage-time decision reaches Redis."""
+    host_a, host_b = layered(tmp_path / "a.db", server), layered(tmp_path / "b.db", server)
+    mine, theirs = decision(1, index=0), decision(1, index=2)
+    try:
+        assert put_during_a_pause(host_a, server, mine) == mine
+        assert host_b.put(theirs) == theirs  # Redis had no entry: B is the fleet's first writer
+        with caplog.at_level(logging.WARNING, logger="tunevault"):
+            assert host_a.get(*mine.store_key) == theirs, "A adopts the fleet's decision"
+        assert any("held config #0 but the fleet chose #2; replaced it" in w for w in warnings_of(caplog))
+        assert host_b.get(*mine.store_key) == theirs
+        assert host_a.put(mine) == theirs
+        assert host_a.get(*mine.store_key) == theirs
+        fresh = layered(tmp_path / "a.db", server)  # a new process on host A
+        assert fresh.get(*mine.store_key) == theirs
+        fresh.close()
+        local = SqliteStore(tmp_path / "a.db")
+        assert local.get(*mine.store_key) == theirs, "A's local file holds the fleet's decision"
+        local.close()
+    finally:
+        host_a.close()
+        host_b.close()
+
+
+def test_adopting_the_fleets_decision_replaces_the_local_entry(tmp_path: Path, server: redis_server.RedisServer,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The local file holds #0 (an earlier process decided it offline), the fleet holds #2: a put
+    adopts #2 and says so, and from then on every read on the host agrees with that message."""
+    mine, fleet = decision(1, index=0), decision(1, index=2)
+    local = SqliteStore(tmp_path / "a.db")
+    local.put(mine)
+    rstore = open_store(server.url)
+    rstore.put(fleet)
+    store = LayeredStore(local, open_store(server.url))
+    try:
+        with caplog.at_level(logging.WARNING, logger="tunevault"):
+            assert store.put(mine) == fleet
+        assert local.get(*mine.store_key) == fleet, "the local entry is replaced, as the warning says"
+        assert [w for w in warnings_of(caplog) if "the fleet chose #2" in w] == [
+            f"tunevault: pkg:fwd [{mine.key.describe()}]: the local store {local.url} held config #0 but the "
+            "fleet chose #2; replaced it with the fleet's"]
+        assert store.get(*mine.store_key) == fleet
+        fresh = layered(tmp_path / "a.db", server)
+        assert fresh.get(*mine.store_key) == fleet
+        fresh.close()
+    finally:
+        store.close()
+        rstore.close()
+
+
+# -- the bookkeeping, with a remote that fails on demand --------------------------------------
+
+class FlakyRemote(MemoryStore):
+    """A remote that raises while ``down`` and counts the calls that reach it."""
+
+    url = "flaky://"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.calls = 0
+
+    def _reach(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("flaky remote is down")
+
+    def get(self, kernel_digest: str, fingerprint_digest: str, key_text: str) -> Decision | None:
+        self._reach()
+        return super().get(kernel_digest, fingerprint_digest, key_text)
+
+    def put(self, decision: Decision) -> Decision:
+        self._reach()
+        return super().put(decision)
+
+    def supersede(self, stale: Decision, decision: Decision) -> Decision:
+        self._reach()
+        return super().supersede(stale, decision)
+
+    def delete(self, query: Query = EVERYTHING) -> int:
+        self._reach()
+        return super().delete(query)
+
+
+def test_pending_decisions_are_bounded_cheap_while_down_and_forget_deleted_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(layered_module, "PENDING_CAP", 3, raising=False)
+    remote = FlakyRemote()
+    store = LayeredStore(SqliteStore(tmp_path / "a.db"), remote)
+    made = [decision(n, index=n % 3) for n in range(1, 6)]
+    remote.down = True
+    with caplog.at_level(logging.WARNING, logger="tunevault"):
+        for d in made:
+            assert store.put(d) == d
+    dropped = [w for w in warnings_of(caplog) if "wait for the remote store" in w]
+    assert len(dropped) == 1, dropped  # one line, not one per decision past the cap
+    remote.calls = 0
+    assert store.get(*made[0].store_key) == made[0]  # a local hit tries one publish, no more, while down
+    assert remote.calls == 1
+    store.delete(Query(key_text=made[1].key.text))  # deleted here: not published later either
+    remote.down = False
+    assert store.get(*decision(99).store_key) is None
+    published = {d.store_key for d in remote.decisions()}
+    assert published == {made[0].store_key, made[2].store_key}, "the first 3 minus the deleted one"
+    store.close()
+
+
+def test_a_supersede_during_an_outage_replaces_the_fleets_stale_entry_later(tmp_path: Path) -> None:
+    remote: Store = FlakyRemote()
+    stale, fixed = decision(1, index=0), decision(1, index=1)
+    remote.put(stale)
+    local = SqliteStore(tmp_path / "a.db")
+    local.put(stale)
+    store = LayeredStore(local, remote)
+    assert isinstance(remote, FlakyRemote)
+    remote.down = True
+    assert store.supersede(stale, fixed) == fixed
+    remote.down = False
+    assert store.get(*fixed.store_key) == fixed, "the local fix is not undone by the fleet's stale entry"
+    assert remote.get(*fixed.store_key) == fixed, "the fleet's stale entry is replaced"
+    store.close()
