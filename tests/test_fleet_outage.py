@@ -1,8 +1,8 @@
 """LayeredStore across a remote outage: what a host decides while Redis is down reaches the fleet
 once it answers again, and the fleet's first writer wins on every host (the local entry included).
 
-The Redis tests pause a real redis-server (SIGSTOP) past the client's deadline, as a GC pause, a
-failover or a network blip would; the bookkeeping tests use an in-process remote that fails on demand.
+The tests pause a real redis-server (SIGSTOP) past the client's deadline, as a GC pause, a
+failover or a network blip would.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import pytest
 import redis_server
 from tunevault.core.model import ConfigSpec, Decision, Fingerprint, KernelId, TuningKey
 from tunevault.store import layered as layered_module
-from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+from tunevault.store.base import Query, open_store
 from tunevault.store.layered import LayeredStore, open_layered
-from tunevault.store.memory import MemoryStore
 from tunevault.store.sqlite import SqliteStore
 
 FP = Fingerprint("3.9.0", "cuda:90", "NVIDIA H100", "12.8")
@@ -67,8 +66,6 @@ def put_during_a_pause(store: LayeredStore, server: redis_server.RedisServer, d:
     wait_until(lambda: bool(getattr(remote, "available", True)))  # its backoff (1 s) is over
     return published
 
-
-# -- a real Redis ----------------------------------------------------------------------------
 
 def test_a_decision_made_during_an_outage_reaches_the_fleet(tmp_path: Path,
                                                              server: redis_server.RedisServer) -> None:
@@ -139,74 +136,50 @@ def test_adopting_the_fleets_decision_replaces_the_local_entry(tmp_path: Path, s
         rstore.close()
 
 
-# -- the bookkeeping, with a remote that fails on demand --------------------------------------
-
-class FlakyRemote(MemoryStore):
-    """A remote that raises while ``down`` and counts the calls that reach it."""
-
-    url = "flaky://"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down = False
-        self.calls = 0
-
-    def _reach(self) -> None:
-        self.calls += 1
-        if self.down:
-            raise StoreUnavailable("flaky remote is down")
-
-    def get(self, kernel_digest: str, fingerprint_digest: str, key_text: str) -> Decision | None:
-        self._reach()
-        return super().get(kernel_digest, fingerprint_digest, key_text)
-
-    def put(self, decision: Decision) -> Decision:
-        self._reach()
-        return super().put(decision)
-
-    def supersede(self, stale: Decision, decision: Decision) -> Decision:
-        self._reach()
-        return super().supersede(stale, decision)
-
-    def delete(self, query: Query = EVERYTHING) -> int:
-        self._reach()
-        return super().delete(query)
-
-
-def test_pending_decisions_are_bounded_cheap_while_down_and_forget_deleted_ones(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_pending_decisions_are_bounded_and_forget_deleted_ones(
+        tmp_path: Path, server: redis_server.RedisServer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(layered_module, "PENDING_CAP", 3, raising=False)
-    remote = FlakyRemote()
-    store = LayeredStore(SqliteStore(tmp_path / "a.db"), remote)
+    store, rstore = layered(tmp_path / "a.db", server), open_store(server.url)
     made = [decision(n, index=n % 3) for n in range(1, 6)]
-    remote.down = True
-    with caplog.at_level(logging.WARNING, logger="tunevault"):
-        for d in made:
-            assert store.put(d) == d
-    dropped = [w for w in warnings_of(caplog) if "wait for the remote store" in w]
-    assert len(dropped) == 1, dropped  # one line, not one per decision past the cap
-    remote.calls = 0
-    assert store.get(*made[0].store_key) == made[0]  # a local hit tries one publish, no more, while down
-    assert remote.calls == 1
-    store.delete(Query(key_text=made[1].key.text))  # deleted here: not published later either
-    remote.down = False
-    assert store.get(*decision(99).store_key) is None
-    published = {d.store_key for d in remote.decisions()}
-    assert published == {made[0].store_key, made[2].store_key}, "the first 3 minus the deleted one"
-    store.close()
+    try:
+        server.pause()
+        try:
+            with caplog.at_level(logging.WARNING, logger="tunevault"):
+                for d in made:  # the first waits out the deadline; the rest meet the backoff
+                    assert store.put(d) == d
+        finally:
+            server.resume()
+        dropped = [w for w in warnings_of(caplog) if "wait for the remote store" in w]
+        assert len(dropped) == 1, dropped  # one line, not one per decision past the cap
+        store.delete(Query(key_text=made[1].key.text))  # deleted here: not published later either
+        remote = store.remote
+        assert remote is not None
+        wait_until(lambda: bool(getattr(remote, "available", True)))
+        assert store.get(*decision(99).store_key) is None  # the next call publishes what waits
+        published = {d.store_key for d in made if rstore.get(*d.store_key) is not None}
+        assert published == {made[0].store_key, made[2].store_key}, "the first 3 minus the deleted one"
+    finally:
+        store.close()
+        rstore.close()
 
 
-def test_a_supersede_during_an_outage_replaces_the_fleets_stale_entry_later(tmp_path: Path) -> None:
-    remote: Store = FlakyRemote()
+def test_a_supersede_during_an_outage_replaces_the_fleets_stale_entry_later(
+        tmp_path: Path, server: redis_server.RedisServer) -> None:
+    store, rstore = layered(tmp_path / "a.db", server), open_store(server.url)
     stale, fixed = decision(1, index=0), decision(1, index=1)
-    remote.put(stale)
-    local = SqliteStore(tmp_path / "a.db")
-    local.put(stale)
-    store = LayeredStore(local, remote)
-    assert isinstance(remote, FlakyRemote)
-    remote.down = True
-    assert store.supersede(stale, fixed) == fixed
-    remote.down = False
-    assert store.get(*fixed.store_key) == fixed, "the local fix is not undone by the fleet's stale entry"
-    assert remote.get(*fixed.store_key) == fixed, "the fleet's stale entry is replaced"
-    store.close()
+    try:
+        assert store.put(stale) == stale and rstore.get(*stale.store_key) == stale
+        server.pause()
+        try:
+            assert store.supersede(stale, fixed) == fixed
+        finally:
+            server.resume()
+        remote = store.remote
+        assert remote is not None
+        wait_until(lambda: bool(getattr(remote, "available", True)))
+        assert store.get(*fixed.store_key) == fixed, "the local fix is not undone by the fleet's stale entry"
+        assert rstore.get(*fixed.store_key) == fixed, "the fleet's stale entry is replaced"
+    finally:
+        store.close()
+        rstore.close()
