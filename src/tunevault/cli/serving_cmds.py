@@ -63,6 +63,17 @@ def _allow_module_flag(p: argparse.ArgumentParser) -> None:
                         "or $TUNEVAULT_ALLOW_MODULES); other lines are skipped with the reason")
 
 
+def check_allow_list(args: argparse.Namespace) -> None:
+    """Validate ``--allow-module`` (else ``$TUNEVAULT_ALLOW_MODULES``) once, before anything runs, so
+    that single-process and ``--jobs`` runs refuse the same lists (ValueError: exit 2)."""
+    from tunevault.capture.locate import allowed_prefixes, parse_prefixes
+
+    if args.allow_module is not None:
+        args.allow_module = list(parse_prefixes(args.allow_module))
+    else:
+        allowed_prefixes()
+
+
 def _key(item: WarmupItem | CheckItem) -> str:
     return item.key.describe() or "(empty key)"
 
@@ -73,6 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import open_cli_store
     from tunevault.policy.check import check
 
+    check_allow_list(args)
     entries, malformed = load_manifest(args)
     with allow_modules(args.allow_module):
         result = check(entries, store=args.store)
@@ -118,6 +130,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import store_url
 
     args.retry_before = time.time() if args.retry_failed else None  # records from earlier runs are retried
+    check_allow_list(args)
     if args.jobs is not None or args.devices:  # N processes share the keys
         if store_url(args).startswith("memory:"):
             raise ValueError("--jobs needs a store its processes share (sqlite:///... or redis://...); "
