@@ -59,14 +59,40 @@ def test_settings_capture_flushes_periodically_and_at_uninstall(sqlite_url: str,
     tunevault.install(mode="tune", store=sqlite_url, capture=str(path))
     from tunevault.capture import recorder
 
-    active = recorder._active()
-    assert active is not None and active.path == str(path)
+    [active] = recorder._feeding()
+    assert active.path == str(path)
     serve([10])
     assert active.flush() == 1 and mf.read(path)[0].count == 1
     serve([10])
     tunevault.uninstall()
     assert [e.count for e in mf.read(path)] == [2]  # two lines, merged
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_keys_met_inside_a_capture_block_reach_the_settings_manifest_too(sqlite_url: str, tmp_path: Path) -> None:
+    """TUNEVAULT_CAPTURE is the server-wide manifest: a capture() block (a profiling helper) records its
+    keys as well, never instead of it; a block into the same file counts each call once."""
+    from tunevault.capture import recorder
+
+    server, block = tmp_path / "server.jsonl", tmp_path / "block.jsonl"
+    tunevault.install(mode="tune", store=sqlite_url, capture=str(server))
+    settings = recorder._from_settings
+    assert settings is not None
+    serve([10])  # outside any block: BT=16
+    with tunevault.capture(block, flush_interval=0) as rec:
+        hook_inside = triton_adapter._hit_hook
+        serve([50, 64, 3])  # first met inside the block (miss path): BT=64
+        serve([50, 64, 3])  # an in-memory hit
+        serve([10])  # an in-memory hit of a key met before the block
+    hook_after = triton_adapter._hit_hook
+    with tunevault.capture(server, flush_interval=0):  # the settings' own file: each call counted once
+        serve([10])
+    tunevault.uninstall()
+    counts = {path.name: {dict(e.key.items)["BT"]: e.count for e in mf.read(path)} for path in (server, block)}
+    assert counts == {"server.jsonl": {16: 3, 64: 2}, "block.jsonl": {64: 2, 16: 1}}
+    assert all(e.callspec is not None for e in mf.read(server))  # warmup can replay the block's key
+    assert hook_inside not in (None, rec.hit, settings.hit)  # both fed while the block runs
+    assert hook_after == settings.hit  # one recorder: its own hook, no loop
 
 
 CHILD = """
