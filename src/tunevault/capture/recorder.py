@@ -151,7 +151,7 @@ class Recorder:
             for rec in self._records.values():
                 counts = list(rec.counts)
                 delta = [c - f for c, f in zip(counts, rec.flushed, strict=True)]
-                if not any(delta) and rec.spec_written:
+                if not any(delta):  # nothing counted since the last flush (or, in a forked child, the fork)
                     continue
                 spec = None if rec.spec_written else rec.callspec
                 counted = dict(zip(manifest.OUTCOMES, delta, strict=True))
@@ -181,11 +181,12 @@ class Recorder:
             self.flush()
 
     def _after_fork(self) -> None:
-        """In a forked child: the parent owns what was counted so far; count afresh from here."""
+        """In a forked child: the parent owns what was counted so far, and writes it; count afresh
+        from here, so the child writes only keys it meets itself. An ArgSpec the parent already
+        wrote is not repeated (readers take it from any line of the key)."""
         self._lock = threading.RLock()
         for rec in self._records.values():
             rec.flushed = list(rec.counts)
-            rec.spec_written = False
         self._thread = None
         if not self._stop.is_set():
             self._ensure_thread()
