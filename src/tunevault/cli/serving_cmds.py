@@ -95,7 +95,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         store.close()
     if args.json:
         ok = result.ok and not malformed and not damage
-        print_json({**result.to_json(), "ok": ok, "malformed": _malformed_json(malformed), "damage": damage})
+        print_json({**result.to_json(), "ok": ok, "malformed": malformed_json(malformed), "damage": damage})
         return damaged(result.store, damage) or (0 if ok else 1)
     rows = [[i.kernel, _key(i), "yes" if i.decided else "NO", i.config or i.reason] for i in result.items]
     fp = result.fingerprint
@@ -151,7 +151,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         tunevault.uninstall()
     ok = report.ok and not malformed
     if args.json:
-        print_json({**report.to_json(), "ok": ok, "malformed": _malformed_json(malformed)})
+        print_json({**report.to_json(), "ok": ok, "malformed": malformed_json(malformed)})
         return 0 if ok else 1
     odd = [i for i in report.items if i.status in ("skipped", "failed")]
     if odd:
@@ -296,7 +296,7 @@ def _lines(path: str, malformed: list[tuple[int, str]], limit: int = 10) -> str:
     return shown + (f"\n  ... and {more} more malformed line(s)" if more > 0 else "")
 
 
-def _malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
+def malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
     return [{"line": n, "reason": reason} for n, reason in malformed]
 
 
