@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 
 import tunevault
-from conftest import count_launches, run_py
+from conftest import count_launches, in_fork, run_py
 from kernels_serving import chunk_cumsum, chunk_size, reference_cumsum, serve
 from tunevault.capture import manifest as mf
 from tunevault.capture.replay import rebuild
@@ -59,14 +60,72 @@ def test_settings_capture_flushes_periodically_and_at_uninstall(sqlite_url: str,
     tunevault.install(mode="tune", store=sqlite_url, capture=str(path))
     from tunevault.capture import recorder
 
-    active = recorder._active()
-    assert active is not None and active.path == str(path)
+    [active] = recorder._feeding()
+    assert active.path == str(path)
     serve([10])
     assert active.flush() == 1 and mf.read(path)[0].count == 1
     serve([10])
     tunevault.uninstall()
     assert [e.count for e in mf.read(path)] == [2]  # two lines, merged
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_keys_met_inside_a_capture_block_reach_the_settings_manifest_too(sqlite_url: str, tmp_path: Path) -> None:
+    """TUNEVAULT_CAPTURE is the server-wide manifest: a capture() block (a profiling helper) records its
+    keys as well, never instead of it; a block into the same file counts each call once."""
+    from tunevault.capture import recorder
+
+    server, block = tmp_path / "server.jsonl", tmp_path / "block.jsonl"
+    tunevault.install(mode="tune", store=sqlite_url, capture=str(server))
+    settings = recorder._from_settings
+    assert settings is not None
+    serve([10])  # outside any block: BT=16
+    with tunevault.capture(block, flush_interval=0) as rec:
+        hook_inside = triton_adapter._hit_hook
+        serve([50, 64, 3])  # first met inside the block (miss path): BT=64
+        serve([50, 64, 3])  # an in-memory hit
+        serve([10])  # an in-memory hit of a key met before the block
+    hook_after = triton_adapter._hit_hook
+    with tunevault.capture(server, flush_interval=0):  # the settings' own file: each call counted once
+        serve([10])
+    tunevault.uninstall()
+    counts = {path.name: {dict(e.key.items)["BT"]: e.count for e in mf.read(path)} for path in (server, block)}
+    assert counts == {"server.jsonl": {16: 3, 64: 2}, "block.jsonl": {64: 2, 16: 1}}
+    assert all(e.callspec is not None for e in mf.read(server))  # warmup can replay the block's key
+    assert hook_inside not in (None, rec.hit, settings.hit)  # both fed while the block runs
+    assert hook_after == settings.hit  # one recorder: its own hook, no loop
+
+
+def test_a_forked_child_writes_only_the_keys_it_met_itself(tv, tmp_path: Path) -> None:
+    """DataLoader or pool workers forked while capturing: an idle one writes nothing, a busy one one
+    line per key it met, with its own count; the parent's lines (and ArgSpecs) are not repeated."""
+    import os
+
+    path = tmp_path / "keys.jsonl"
+
+    def child(lens: list[list[int]]) -> dict[str, Any]:
+        for length in lens:
+            serve(length)
+        return {"pid": os.getpid(), "lines": rec.flush()}
+
+    with tunevault.capture(path, flush_interval=0) as rec:
+        serve([10])  # BT=16
+        serve([50, 64, 3])  # BT=64
+        assert rec.flush() == 2
+        serve([20, 5])  # BT=32, not flushed yet when the workers fork
+        idle = in_fork(lambda: child([]))
+        busy = in_fork(lambda: child([[10], [10]]))
+        late = in_fork(lambda: child([[20, 5]]))
+    assert (idle["lines"], busy["lines"], late["lines"]) == (0, 1, 1), (idle, busy, late)
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    assert len(lines) == 5 and all(line["count"] > 0 for line in lines)
+    by_bt = {dict(e.key.items)["BT"]: e for e in mf.read(path)}
+    assert {bt: e.count for bt, e in by_bt.items()} == {16: 3, 64: 1, 32: 2}
+    pids = {bt: {pid for _host, pid in e.processes} for bt, e in by_bt.items()}
+    assert pids == {16: {os.getpid(), busy["pid"]}, 64: {os.getpid()}, 32: {os.getpid(), late["pid"]}}
+    specs = {(line["pid"], dict(map(tuple, line["key"]))["BT"]) for line in lines if "callspec" in line}
+    # the parent had written BT=16's ArgSpec before the fork; BT=32's not yet, so the child that met it writes it too
+    assert specs == {(os.getpid(), 16), (os.getpid(), 64), (os.getpid(), 32), (late["pid"], 32)}
 
 
 CHILD = """

@@ -297,3 +297,36 @@ def test_export_into_a_directory_says_so_and_leaves_no_temporary_file(tmp_path: 
     done = tv("--store", f"sqlite:///{tmp_path / 'e.db'}", "export", str(out))
     assert done.returncode == 2 and "is a directory" in done.stderr, done.stdout + done.stderr
     assert not list(tmp_path.glob("outdir.tmp*"))
+
+
+# ---------------------------------------------------------------- 7. an empty allow list, with or without --jobs
+
+
+@pytest.mark.parametrize("jobs", [[], ["--jobs", "2"]])
+def test_an_empty_or_malformed_allow_list_is_refused_in_both_modes(tmp_path: Path, manifest: Path,
+                                                                    jobs: list[str]) -> None:
+    """``--allow-module "$PREFIX"`` with PREFIX unset, or ``TUNEVAULT_ALLOW_MODULES=`` alike, must not
+    import whatever the manifest names: exit 2 before any process starts, and nothing is launched."""
+    launches = tmp_path / "launches.log"
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_LAUNCH_LOG=str(launches))
+    store = f"sqlite:///{tmp_path / 'allow.db'}"
+    for argv, extra in ((["--allow-module", ""], {}), (["--allow-module", "kernels_shard", "--allow-module", ".x"], {}),
+                        ([], {"TUNEVAULT_ALLOW_MODULES": ""}), ([], {"TUNEVAULT_ALLOW_MODULES": "kernels_shard,"})):
+        done = tv("--store", store, "warmup", str(manifest), *argv, *jobs, env={**env, **extra})
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "needs module prefixes such as 'mypkg.kernels'" in done.stderr or \
+            "needs comma-separated module prefixes" in done.stderr, done.stderr
+        assert "tuned" not in done.stdout and not launches.exists()
+    allowed = tv("--store", store, "warmup", str(manifest), "--allow-module", "kernels_shard", *jobs, env=env)
+    assert allowed.returncode == 0 and f"warmup: {len(SIZES)} tuned" in allowed.stdout, allowed.stdout + allowed.stderr
+
+
+def test_a_warmup_child_refuses_an_empty_allow_list_from_its_environment(tmp_path: Path, manifest: Path) -> None:
+    """The variable is how ``--jobs`` children learn the limit: empty there means refuse, never "any module"."""
+    launches = tmp_path / "launches.log"
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TV_LAUNCH_LOG=str(launches), TUNEVAULT_ALLOW_MODULES="")
+    done = subprocess.run([sys.executable, "-m", "tunevault.cli.warmup_child", str(manifest),
+                           "--store", f"sqlite:///{tmp_path / 'child.db'}"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 2 and "TUNEVAULT_ALLOW_MODULES needs" in done.stderr, done.stdout + done.stderr
+    assert '"t": "item"' not in done.stdout and not launches.exists()

@@ -219,6 +219,32 @@ def test_cli_jobs_share_the_keys_and_summarise(tmp_path: Path, manifest: Path) -
     assert [w["tuned"] for w in report["workers"]] == [0]
 
 
+def test_cli_jobs_json_has_every_field_of_the_single_process_json(tmp_path: Path) -> None:
+    """A script reading ``warmup --json`` works with and without --jobs: the same fields (malformed
+    lines, each item's seconds), the items in manifest order; --jobs adds its workers."""
+    path = tmp_path / "keys.jsonl"
+    ks.write_manifest(path, SIZES[:3])
+    lines = path.read_text().splitlines()
+    moved = json.loads(lines[1]) | {"kernel": "no_such_module_here:k"}  # skipped, with a reason
+    path.write_text("\n".join([lines[0], json.dumps(moved), lines[2], '{"format": "tunevault-manifest/1"}']) + "\n")
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3")
+    reports = []
+    for store, jobs in (("one.db", []), ("jobs.db", ["--jobs", "2"])):
+        done = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / store}",
+                               "warmup", str(path), "--json", *jobs], capture_output=True, text=True, env=env,
+                              timeout=180)
+        assert done.returncode == 1, done.stdout + done.stderr  # a malformed line and a skipped key
+        reports.append(json.loads(done.stdout))
+    one, jobs = reports
+    assert set(one) <= set(jobs) and {"workers", "spawn_s"} <= set(jobs), (sorted(one), sorted(jobs))
+    assert one["malformed"] == jobs["malformed"] == [{"line": 4, "reason": "kernel must be 'module:qualname'"}]
+    assert one["ok"] is jobs["ok"] is False and one["counts"] == jobs["counts"]
+    assert all(set(a) <= set(b) for a, b in zip(one["items"], jobs["items"], strict=True))
+    assert [(i["kernel"], i["key"], i["status"]) for i in one["items"]] == \
+        [(i["kernel"], i["key"], i["status"]) for i in jobs["items"]]
+    assert all(i["seconds"] > 0 for i in jobs["items"] if i["status"] == "tuned")
+
+
 def test_cli_jobs_report_each_workers_startup(tmp_path: Path, manifest: Path) -> None:
     """--json says where each child's time went: start-up (spawned to first key, with its phases),
     the walk, the exit; the walk holds the tuning. Warm store: every key decided, all is start-up."""

@@ -104,6 +104,21 @@ def test_allow_module_keeps_a_manifest_from_importing_anything_else(tmp_path: Pa
         assert refused == {"planted:add_one": True, "this:s": True, "kernels_hostile:add_one": False}, refused
 
 
+def test_an_empty_allow_list_in_the_environment_imports_nothing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TUNEVAULT_ALLOW_MODULES=$PREFIX`` with PREFIX unset: tunevault.warmup(), check() and
+    TUNEVAULT_WARMUP skip every line with the reason instead of importing any module."""
+    from tunevault.capture.locate import KernelNotFound, import_autotuner
+
+    (tmp_path / "planted3.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted code ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for value in ("", " , ", "planted3,"):
+        monkeypatch.setenv("TUNEVAULT_ALLOW_MODULES", value)
+        with pytest.raises(KernelNotFound, match="TUNEVAULT_ALLOW_MODULES needs comma-separated module prefixes"):
+            import_autotuner("planted3:add_one")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_system_exit_from_an_imported_module_does_not_end_warmup(tmp_path: Path, captured: tuple[Path, str]) -> None:
     manifest, url = captured
     first = {k: v for k, v in lines_of(manifest)[0].items() if k != "signature"}

@@ -8,6 +8,8 @@ Importing a module runs its code, and a manifest may come from another machine: 
 code. ``allow_modules(prefixes)`` (the CLI's ``--allow-module``, or ``$TUNEVAULT_ALLOW_MODULES``,
 comma-separated) limits which modules may be imported; whatever an import raises, ``SystemExit``
 included, is a KernelNotFound for that line only (KeyboardInterrupt still stops the command).
+A list that is set but empty or malformed (an unset ``$PREFIX`` in a deploy script) is refused,
+never read as "any module": only an unset variable means no limit.
 """
 
 from __future__ import annotations
@@ -29,13 +31,28 @@ class KernelNotFound(LookupError):
     """The manifest names a kernel this process cannot import; the message says why."""
 
 
+def parse_prefixes(prefixes: Sequence[str]) -> tuple[str, ...]:
+    """``--allow-module``'s prefixes, stripped; a ValueError when there is none, or one is empty or
+    starts or ends with a dot: an allow list that names nothing must not allow everything."""
+    cleaned = tuple(p.strip() for p in prefixes)
+    if not cleaned or not all(cleaned) or any(p.startswith(".") or p.endswith(".") for p in cleaned):
+        raise ValueError(f"--allow-module needs module prefixes such as 'mypkg.kernels'; got {list(prefixes)!r}")
+    return cleaned
+
+
 def allowed_prefixes() -> tuple[str, ...] | None:
-    """The module prefixes a manifest may name, or None for any module."""
+    """The module prefixes a manifest may name, or None for any module (``$TUNEVAULT_ALLOW_MODULES``
+    unset). A ValueError when the variable is set but empty or malformed."""
     if _allowed is not None:
         return _allowed
-    raw = os.environ.get(ALLOW_VAR, "")
-    found = tuple(p.strip() for p in raw.split(",") if p.strip())
-    return found or None
+    raw = os.environ.get(ALLOW_VAR)
+    if raw is None:
+        return None
+    try:
+        return parse_prefixes(raw.split(","))
+    except ValueError:
+        raise ValueError(f"${ALLOW_VAR} needs comma-separated module prefixes such as 'mypkg.kernels'; "
+                         f"got {raw!r} (unset it to allow any module)") from None
 
 
 def module_allowed(module: str, prefixes: Sequence[str] | None) -> bool:
@@ -51,9 +68,7 @@ def allow_modules(prefixes: Sequence[str] | None) -> Iterator[None]:
     if prefixes is None:
         yield
         return
-    cleaned = tuple(p.strip() for p in prefixes)
-    if not all(cleaned) or any(p.startswith(".") or p.endswith(".") for p in cleaned):
-        raise ValueError(f"--allow-module needs module prefixes such as 'mypkg.kernels'; got {list(prefixes)!r}")
+    cleaned = parse_prefixes(prefixes)
     saved, saved_env = _allowed, os.environ.get(ALLOW_VAR)
     _allowed = cleaned
     os.environ[ALLOW_VAR] = ",".join(cleaned)
@@ -78,7 +93,10 @@ def import_autotuner(path: str) -> Autotuner:
         raise KernelNotFound(f"{path} is defined inside a function: define the kernel at module level")
     if module_name == "__main__":
         raise KernelNotFound(f"{path} was defined in a script's __main__: move the kernel into a module")
-    prefixes = allowed_prefixes()
+    try:
+        prefixes = allowed_prefixes()
+    except ValueError as exc:  # fail closed: a broken allow list imports nothing
+        raise KernelNotFound(f"{exc}; not imported") from None
     if not module_allowed(module_name, prefixes):
         raise KernelNotFound(f"module {module_name!r} is not under an allowed prefix "
                              f"({', '.join(prefixes or ())}; see --allow-module); not imported")

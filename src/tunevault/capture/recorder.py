@@ -2,7 +2,9 @@
 
 Two feeds: the runtime's observers (a key resolved on the miss path: hit in the store, tuned,
 or missed) and, only while capturing, a hook the adapter calls on in-memory hits, which costs
-one dict lookup and two increments. Counts are flushed as manifest lines periodically, at
+one dict lookup and two increments per active recorder. Every active recorder is fed: each
+``capture()`` block and the settings' (``TUNEVAULT_CAPTURE``) one, so the server-wide manifest
+also holds keys first met inside a block. Counts are flushed as manifest lines periodically, at
 exit and when :func:`capture` ends; a forked child starts counting afresh.
 
 The runtime sits above this layer: it hands itself over as a :class:`Host` at every
@@ -18,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.capture import manifest
@@ -48,8 +50,9 @@ class Host(Protocol):
         """The installed settings' ``bundle_key``, which capture signs lines with."""
         ...
 
-    def attach(self, recorder: Recorder | None) -> None:
-        """Feed ``recorder`` (None: no recorder) from the runtime's observers and in-memory hits."""
+    def attach(self, recorders: Sequence[Recorder]) -> None:
+        """Feed every one of ``recorders`` (none: capture is off) from the runtime's observers and
+        in-memory hits (``hit_hook``)."""
         ...
 
 
@@ -148,7 +151,7 @@ class Recorder:
             for rec in self._records.values():
                 counts = list(rec.counts)
                 delta = [c - f for c, f in zip(counts, rec.flushed, strict=True)]
-                if not any(delta) and rec.spec_written:
+                if not any(delta):  # nothing counted since the last flush (or, in a forked child, the fork)
                     continue
                 spec = None if rec.spec_written else rec.callspec
                 counted = dict(zip(manifest.OUTCOMES, delta, strict=True))
@@ -178,11 +181,12 @@ class Recorder:
             self.flush()
 
     def _after_fork(self) -> None:
-        """In a forked child: the parent owns what was counted so far; count afresh from here."""
+        """In a forked child: the parent owns what was counted so far, and writes it; count afresh
+        from here, so the child writes only keys it meets itself. An ArgSpec the parent already
+        wrote is not repeated (readers take it from any line of the key)."""
         self._lock = threading.RLock()
         for rec in self._records.values():
             rec.flushed = list(rec.counts)
-            rec.spec_written = False
         self._thread = None
         if not self._stop.is_set():
             self._ensure_thread()
@@ -196,16 +200,39 @@ class Recorder:
 # ---------------------------------------------------------------------- activation
 
 
-def _active() -> Recorder | None:
-    if _stack:
-        return _stack[-1]
-    return _from_settings
+def _feeding() -> list[Recorder]:
+    """The recorders to feed, innermost first: one per manifest file, so that a block capturing
+    into the settings' file (or a nested block into its outer one's) does not count calls twice."""
+    seen: set[str] = set()
+    fed = []
+    for rec in reversed(_recorders()):
+        where = os.path.realpath(rec.path)
+        if where not in seen:
+            seen.add(where)
+            fed.append(rec)
+    return fed
+
+
+def hit_hook(recorders: Sequence[Recorder]) -> Callable[[KernelState, tuple, tuple, dict[str, Any]], None] | None:
+    """The adapter's in-memory-hit hook for ``recorders``: None when there is none (the hot path then
+    checks nothing), the recorder's own ``hit`` when there is one, else a loop over them."""
+    if not recorders:
+        return None
+    if len(recorders) == 1:
+        return recorders[0].hit
+    hits = tuple(rec.hit for rec in recorders)
+
+    def hit_all(state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
+        for hit in hits:
+            hit(state, raw_key, args, kwargs)
+
+    return hit_all
 
 
 def _attach() -> None:
-    """Point the runtime's observers and the adapter's hit hook at the active recorder."""
+    """Point the runtime's observers and the adapter's hit hook at every active recorder."""
     if _host is not None:
-        _host.attach(_active())
+        _host.attach(_feeding())
 
 
 def _register_hooks() -> None:
@@ -218,7 +245,8 @@ def _register_hooks() -> None:
 
 
 def _recorders() -> list[Recorder]:
-    return [*_stack, *([_from_settings] if _from_settings is not None else [])]
+    """Every active recorder, outermost (the settings') first."""
+    return [*([_from_settings] if _from_settings is not None else []), *_stack]
 
 
 def _flush_all() -> None:

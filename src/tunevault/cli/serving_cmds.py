@@ -63,6 +63,17 @@ def _allow_module_flag(p: argparse.ArgumentParser) -> None:
                         "or $TUNEVAULT_ALLOW_MODULES); other lines are skipped with the reason")
 
 
+def check_allow_list(args: argparse.Namespace) -> None:
+    """Validate ``--allow-module`` (else ``$TUNEVAULT_ALLOW_MODULES``) once, before anything runs, so
+    that single-process and ``--jobs`` runs refuse the same lists (ValueError: exit 2)."""
+    from tunevault.capture.locate import allowed_prefixes, parse_prefixes
+
+    if args.allow_module is not None:
+        args.allow_module = list(parse_prefixes(args.allow_module))
+    else:
+        allowed_prefixes()
+
+
 def _key(item: WarmupItem | CheckItem) -> str:
     return item.key.describe() or "(empty key)"
 
@@ -73,6 +84,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import open_cli_store
     from tunevault.policy.check import check
 
+    check_allow_list(args)
     entries, malformed = load_manifest(args)
     with allow_modules(args.allow_module):
         result = check(entries, store=args.store)
@@ -83,7 +95,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         store.close()
     if args.json:
         ok = result.ok and not malformed and not damage
-        print_json({**result.to_json(), "ok": ok, "malformed": _malformed_json(malformed), "damage": damage})
+        print_json({**result.to_json(), "ok": ok, "malformed": malformed_json(malformed), "damage": damage})
         return damaged(result.store, damage) or (0 if ok else 1)
     rows = [[i.kernel, _key(i), "yes" if i.decided else "NO", i.config or i.reason] for i in result.items]
     fp = result.fingerprint
@@ -118,6 +130,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import store_url
 
     args.retry_before = time.time() if args.retry_failed else None  # records from earlier runs are retried
+    check_allow_list(args)
     if args.jobs is not None or args.devices:  # N processes share the keys
         if store_url(args).startswith("memory:"):
             raise ValueError("--jobs needs a store its processes share (sqlite:///... or redis://...); "
@@ -138,7 +151,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         tunevault.uninstall()
     ok = report.ok and not malformed
     if args.json:
-        print_json({**report.to_json(), "ok": ok, "malformed": _malformed_json(malformed)})
+        print_json({**report.to_json(), "ok": ok, "malformed": malformed_json(malformed)})
         return 0 if ok else 1
     odd = [i for i in report.items if i.status in ("skipped", "failed")]
     if odd:
@@ -283,7 +296,7 @@ def _lines(path: str, malformed: list[tuple[int, str]], limit: int = 10) -> str:
     return shown + (f"\n  ... and {more} more malformed line(s)" if more > 0 else "")
 
 
-def _malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
+def malformed_json(malformed: list[tuple[int, str]]) -> list[dict[str, Any]]:
     return [{"line": n, "reason": reason} for n, reason in malformed]
 
 

@@ -64,6 +64,7 @@ class KeyView:
     status: str
     reason: str = ""
     by: int | None = None  # the worker that tuned it
+    seconds: float = 0.0  # its tuning time, as a single-process item says it
 
     @property
     def describe(self) -> str:
@@ -78,13 +79,19 @@ class Board:
     started: float = field(default_factory=time.monotonic)
     spawn_s: float | None = None  # from the run's start until every child was started
     first_tuned: float | None = None  # when the first key was tuned: the rate is measured from there
+    order: dict[str, int] = field(default_factory=dict)  # ident -> its place in the manifest, for to_json
+
+    @staticmethod
+    def ident(kernel: Any, key: Any) -> str:
+        """One key's name on the board, from its kernel and its key as JSON (lists, not tuples)."""
+        return json.dumps([kernel, key], sort_keys=True)
 
     def settle(self, worker: WorkerView, item: dict[str, Any]) -> KeyView | None:
         """Merge a worker's item; returns the key's view when this changed what is known of it."""
         status = item.get("status")
         if status not in STATUSES:
             return None
-        ident = json.dumps([item.get("kernel"), item.get("key")], sort_keys=True)
+        ident = self.ident(item.get("kernel"), item.get("key"))
         if status == "tuned":
             self.first_tuned = self.first_tuned or time.monotonic()
             worker.tuned += 1
@@ -94,7 +101,7 @@ class Board:
         if have is not None and RANK[have.status] >= RANK[status]:
             return None
         view = KeyView(str(item.get("kernel")), item.get("key"), status, str(item.get("reason") or ""),
-                       worker.index if status == "tuned" else None)
+                       worker.index if status == "tuned" else None, float(item.get("seconds") or 0.0))
         self.keys[ident] = view
         return view
 
@@ -130,13 +137,15 @@ class Board:
         return f"{self.done}/{self.total} keys settled, {self.elapsed():.0f} s elapsed{eta}"
 
     def to_json(self) -> dict[str, Any]:
+        """Every field of a single-process ``--json`` report (items in manifest order), and the workers'."""
+        keys = sorted(self.keys.items(), key=lambda kv: self.order.get(kv[0], len(self.order)))
         return {"ok": self.ok, "counts": self.counts(), "seconds": round(self.elapsed(), 3),
                 "spawn_s": None if self.spawn_s is None else round(self.spawn_s, 3),
                 "workers": [{"worker": w.index, "device": w.device, "pid": w.pid, "tuned": w.tuned,
                              "tuning_s": round(w.tuning_s, 3), "exit_code": w.exit_code, **w.timeline(),
                              "startup_phases": w.phases} for w in self.workers],
                 "items": [{"kernel": k.kernel, "key": k.key, "status": k.status, "reason": k.reason,
-                           "worker": k.by} for k in self.keys.values()]}
+                           "seconds": round(k.seconds, 6), "worker": k.by} for _, k in keys]}
 
 
 class PlainDisplay:

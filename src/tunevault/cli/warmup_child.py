@@ -142,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.exit_with_stdin:
         exit_with_stdin()
+    from tunevault.capture.locate import allowed_prefixes
+
+    try:
+        allowed_prefixes()  # an empty or malformed list must stop the run, never mean "any module"
+    except ValueError as exc:
+        print(f"tunevault warmup: error: {exc}", file=sys.stderr)
+        return 2
     import logging
 
     from tunevault.core.machine import use_interpreter_if_no_gpu

@@ -132,7 +132,7 @@ def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Qu
             "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *map(os.path.abspath, args.path),
                                                       os.environ.get("PYTHONPATH", "")] if p),
             RUN_VAR: run_dir}
-    if args.allow_module:
+    if args.allow_module is not None:  # validated by cmd_warmup, as for a single process
         base[ALLOW_VAR] = ",".join(args.allow_module)
     tails: dict[int, deque[str]] = {}
     for worker in workers:
@@ -217,7 +217,8 @@ def _run(args: argparse.Namespace, run_dir: str) -> int:
             tails = _spawn(args, workers, events, snapshot, procs, run_dir)
             spawned_s = time.monotonic() - began
             entries, malformed = read_manifest(args, upto=snapshot)
-            board = Board(len(entries), workers, started=began, spawn_s=spawned_s)
+            board = Board(len(entries), workers, started=began, spawn_s=spawned_s,
+                          order={Board.ident(e.kernel, e.key.to_json()): i for i, e in enumerate(entries)})
             _follow(board, events, len(procs), quiet=args.json)
         except (KeyboardInterrupt, Stopped) as exc:
             stopping[0] = True
@@ -261,6 +262,7 @@ def _follow(board: Board, events: queue.Queue[tuple[WorkerView, dict[str, Any]]]
 def _summary(args: argparse.Namespace, board: Board, tails: dict[int, deque[str]],
              malformed: list[tuple[int, str]]) -> int:
     from tunevault.cli.output import print_json, print_table
+    from tunevault.cli.serving_cmds import malformed_json
 
     dead = [w for w in board.workers if w.exit_code not in (0, 1) or not w.finished]
     for w in dead:
@@ -274,7 +276,7 @@ def _summary(args: argparse.Namespace, board: Board, tails: dict[int, deque[str]
         print("tunevault warmup: malformed line(s) skipped: " + ", ".join(f"{args.manifest}:{n}: {why}"
                                                                          for n, why in malformed[:10]), file=sys.stderr)
     if args.json:
-        print_json({**board.to_json(), "ok": ok})
+        print_json({**board.to_json(), "ok": ok, "malformed": malformed_json(malformed)})
         return 0 if ok else 1
     odd = [k for k in board.keys.values() if k.status in ("skipped", "failed")]
     if odd:

@@ -185,13 +185,12 @@ class _CaptureHost:
         rt = runtime()
         return None if rt is None else rt.settings.bundle_key
 
-    def attach(self, recorder: Recorder | None) -> None:
-        from tunevault.capture.recorder import Recorder
+    def attach(self, recorders: Sequence[Recorder]) -> None:
+        from tunevault.capture.recorder import Recorder, hit_hook
         from tunevault.integration import triton_adapter
 
         rt = triton_adapter.runtime()
         if rt is not None:
             rt.observers[:] = [o for o in rt.observers if not isinstance(getattr(o, "__self__", None), Recorder)]
-            if recorder is not None:
-                rt.observers.append(recorder.observe)
-        triton_adapter.set_hit_hook(recorder.hit if recorder is not None and rt is not None else None)
+            rt.observers.extend(rec.observe for rec in recorders)
+        triton_adapter.set_hit_hook(hit_hook(recorders) if rt is not None else None)
