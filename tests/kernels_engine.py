@@ -151,6 +151,13 @@ def add_equal(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
 
 
+@triton.jit
+def _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n - BUG
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
 @triton.autotune(
     configs=[triton.Config({"BLOCK": 32, "BUG": 0}), triton.Config({"BLOCK": 128, "BUG": 1}),
              triton.Config({"BLOCK": 16, "BUG": 0}, pre_hook=jitter), triton.Config({"BLOCK": 64, "BUG": 0})],
@@ -158,9 +165,17 @@ def add_equal(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def add_checked(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
     """``BUG=1`` forgets the last element: a wrong-tail config that validation must exclude."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n - BUG
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+    _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK, BUG)
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK": 16, "BUG": 0}), triton.Config({"BLOCK": 32, "BUG": 0}, pre_hook=kill_in_worker),
+             triton.Config({"BLOCK": 256, "BUG": 1}), triton.Config({"BLOCK": 64, "BUG": 0})],
+    key=["n"])
+@triton.jit
+def add_checked_kill(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
+    """As ``add_checked``, with a config that kills the worker before the wrong-tail one."""
+    _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK, BUG)
 
 
 def run_add(kernel: object, x: object, y: object) -> object:

@@ -35,6 +35,23 @@ def test_wrong_and_racy_configs_are_excluded(sqlite_url: str, isolate: bool) -> 
     assert prov["validated"] == 2 and prov["tuned_in"] == ("worker" if isolate else "process")
 
 
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "worker"])
+def test_a_worker_killed_mid_validation_keeps_the_reference(sqlite_url: str, isolate: bool) -> None:
+    """#1 kills the worker after #0 passed: its replacement still compares with #0, so the
+    wrong-tail #2 is excluded (not made the reference, excluding the good #3), as in process."""
+    tunevault.install(mode="tune", store=sqlite_url, validate=True, isolate=isolate)
+    x, y = torch.randn(1000), torch.randn(1000)
+    assert torch.equal(ke.run_add(ke.add_checked_kill, x, y), x + y)
+
+    (decision,) = [d for (name, _), d in runtime().used.items() if name.endswith(":add_checked_kill")]
+    by = {c.index: c for c in decision.candidates}
+    assert by[2].error is not None and by[2].error.startswith("invalid: "), by[2].error
+    assert "vs first config (#0)" in by[2].error
+    assert by[0].ok and by[3].ok
+    assert by[1].ok != isolate  # it kills only the worker
+    assert decision.config_index in ((0, 3) if isolate else (0, 1, 3))
+
+
 def test_without_validation_the_wrong_config_is_just_timed(sqlite_url: str) -> None:
     tunevault.install(mode="tune", store=sqlite_url)
     x, y = torch.randn(1000), torch.randn(1000)

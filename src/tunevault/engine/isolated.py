@@ -323,11 +323,7 @@ class WorkerSession:
             retire(kill=True)
 
     def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]:
-        out = self._run("validate", indices)
-        for i in indices:
-            if self.reference is None and out[i].error is None:
-                self.reference = i
-        return {i: r.error for i, r in out.items()}
+        return {i: r.error for i, r in self._run("validate", indices).items()}
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
         return self._run(effort, indices)
@@ -346,7 +342,7 @@ class WorkerSession:
             except (WorkerDied, IsolationUnavailable) as exc:
                 strikes, last = strikes + 1, str(exc)
                 continue
-            progressed, last = self._collect(w, pending, out)
+            progressed, last = self._collect(w, pending, out, mode)
             strikes = 0 if progressed else strikes + 1
             if self.raised is not None:
                 index, error = self.raised
@@ -359,9 +355,12 @@ class WorkerSession:
             out[i] = self._fail(i, why)
         return out
 
-    def _collect(self, w: WorkerProcess, pending: list[int],
-                 out: dict[int, CandidateResult]) -> tuple[bool, str]:
-        """Read events until done or a fault: (whether some config finished, what went wrong)."""
+    def _collect(self, w: WorkerProcess, pending: list[int], out: dict[int, CandidateResult],
+                 mode: str) -> tuple[bool, str]:
+        """Read events until done or a fault: (whether some config finished, what went wrong).
+
+        Validating, the first config that passes is the reference from the moment its result
+        arrives: a worker that replaces one killed later in the batch compares with it too."""
         current, progressed = None, False
         while True:
             limit = min(self.config_timeout, self._left())
@@ -394,6 +393,8 @@ class WorkerSession:
                 out[index] = result
                 pending.remove(index)
                 current, progressed = None, True
+                if mode == "validate" and self.reference is None and result.error is None:
+                    self.reference = index
                 if isinstance(ev.get("raised"), str) and result.error is not None:
                     self.raised = (index, result.error)  # "done" follows: read up to it
             elif kind in ("done", "fatal"):
