@@ -31,9 +31,25 @@ def kill_in_worker(nargs: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_runs_seen = [0]
+
+
+def kill_in_worker_on_third_run(nargs: dict) -> None:
+    """Past the warm-up, in a timed round (a CPU batch times every config once per round)."""
+    if in_worker():
+        _runs_seen[0] += 1
+        if _runs_seen[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def hang_in_worker(nargs: dict) -> None:
     if in_worker():
         time.sleep(600)
+
+
+def slow_in_worker(nargs: dict) -> None:
+    if in_worker():
+        time.sleep(0.4)
 
 
 def jitter(nargs: dict) -> None:
@@ -76,6 +92,18 @@ def _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.autotune(configs=_configs(32, 64, 128, **{"1": kill_in_worker}), key=["n"])
 @triton.jit
 def add_kill(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
+
+
+@triton.autotune(configs=_configs(32, 64, 128, **{"1": kill_in_worker_on_third_run}), key=["n"])
+@triton.jit
+def add_kill_later(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
+
+
+@triton.autotune(configs=_configs(32, 64, 128, **{"1": slow_in_worker}), key=["n"])
+@triton.jit
+def add_slow(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
 
 

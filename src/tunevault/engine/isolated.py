@@ -360,21 +360,28 @@ class WorkerSession:
         """Read events until done or a fault: (whether some config finished, what went wrong).
 
         Validating, the first config that passes is the reference from the moment its result
-        arrives: a worker that replaces one killed later in the batch compares with it too."""
+        arrives: a worker that replaces one killed later in the batch compares with it too.
+
+        A config announced several times (each run of a CPU batch) has ``config_timeout`` for all
+        of its runs together, as when it runs alone."""
         current, progressed = None, False
+        spent: dict[int, float] = {}  # seconds each config has run in this worker so far
         while True:
-            limit = min(self.config_timeout, self._left())
+            used = spent.get(current, 0.0) if current is not None else 0.0
+            budget = self.config_timeout - used
+            limit = min(budget, self._left())
+            began = time.monotonic()
             try:
                 ev = w.next_event(max(0.0, limit))
             except queue.Empty:
                 retire(kill=True)
-                what = "tune_timeout" if limit < self.config_timeout else "config_timeout"
+                what = "tune_timeout" if limit < budget else "config_timeout"
                 if current is not None:
-                    out[current] = self._fail(current, f"timeout: no result within {limit:.1f}s ({what}); "
-                                              "worker replaced")
+                    out[current] = self._fail(current, f"timeout: no result within {used + limit:.1f}s "
+                                              f"({what}); worker replaced")
                     pending.remove(current)
                     log.warning("tunevault: %s: config %s hung in the worker; killed it after %.1fs",
-                                self.target, self.specs[current].describe(), limit)
+                                self.target, self.specs[current].describe(), used + limit)
                 return current is not None or progressed, f"no answer within {limit:.1f}s"
             except WorkerDied:
                 reason = w.exit_reason()
@@ -385,6 +392,8 @@ class WorkerSession:
                     log.warning("tunevault: %s: config %s killed the tuning worker (%s); continuing "
                                 "without it", self.target, self.specs[current].describe(), reason)
                 return current is not None or progressed, f"worker died ({reason})"
+            if current is not None:
+                spent[current] = used + time.monotonic() - began
             kind = ev.get("ev")
             if kind == "start":  # index None: every config of a batch has run once
                 current = ev.get("index") if ev.get("index") in pending else None
