@@ -31,6 +31,7 @@ from tunevault.engine.procs import (
     WorkerProcess,
     device_index,
     idle_timeout,
+    import_path,
     likely_device,
     pin,
     spawn,
@@ -104,6 +105,8 @@ def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerP
     w = _worker
     # Between sessions a worker close to its idle timeout is about to exit by itself: replace it.
     stale = first and w is not None and time.monotonic() - w.last_used > w.idle - min(1.0, w.idle / 2)
+    if w is not None and not stale:
+        w.follow_path(env.get("PYTHONPATH", ""))
     differs = w.differs_from(env, min(timeout, START_TIMEOUT)) if w is not None and not stale else []
     if w is not None and (stale or not w.alive() or differs):
         log.debug("tunevault: replacing tuning worker %d (%s)", w.pid,
@@ -138,6 +141,7 @@ def hint_imports(modules: Iterable[str]) -> None:
         w = _worker
         log.debug("tunevault: the worker (%s) will import %s", "running" if w is not None else "not started", new)
         if w is not None and w.alive():
+            w.follow_path(import_path())  # a module may live in a directory the server added since
             with contextlib.suppress(WorkerDied):
                 w.send({"op": "import", "modules": new})
 

@@ -235,6 +235,10 @@ class Worker:
             prepare(bool(msg.get("context")))
         elif op == "import":
             import_modules(msg.get("modules"))
+        elif op == "path":
+            from tunevault.engine.procs import append_path
+
+            append_path(msg.get("append"))
         elif op == "env":  # after the imports asked before it: what they set (procs.WorkerProcess.differs_from)
             from tunevault.engine.procs import comparable
 
