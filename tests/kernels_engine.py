@@ -206,6 +206,14 @@ def add_checked_kill(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.cons
     _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK, BUG)
 
 
+@triton.autotune(configs=[triton.Config({"BLOCK": 32, "BUG": 0}), triton.Config({"BLOCK": 128, "BUG": 1}),
+                         triton.Config({"BLOCK": 64, "BUG": 0})], key=["n"], restore_value=["x_ptr"])
+@triton.jit
+def add_into_checked(x_ptr, y_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
+    """``x += y`` in place (``restore_value`` undoes each timed run); ``BUG=1`` forgets the last element."""
+    _checked_body(x_ptr, y_ptr, x_ptr, n, BLOCK, BUG)
+
+
 def run_add(kernel: object, x: object, y: object) -> object:
     import torch
 
