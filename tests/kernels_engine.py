@@ -31,9 +31,25 @@ def kill_in_worker(nargs: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_runs_seen = [0]
+
+
+def kill_in_worker_on_third_run(nargs: dict) -> None:
+    """Past the warm-up, in a timed round (a CPU batch times every config once per round)."""
+    if in_worker():
+        _runs_seen[0] += 1
+        if _runs_seen[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def hang_in_worker(nargs: dict) -> None:
     if in_worker():
         time.sleep(600)
+
+
+def slow_in_worker(nargs: dict) -> None:
+    if in_worker():
+        time.sleep(0.4)
 
 
 def jitter(nargs: dict) -> None:
@@ -76,6 +92,18 @@ def _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.autotune(configs=_configs(32, 64, 128, **{"1": kill_in_worker}), key=["n"])
 @triton.jit
 def add_kill(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
+
+
+@triton.autotune(configs=_configs(32, 64, 128, **{"1": kill_in_worker_on_third_run}), key=["n"])
+@triton.jit
+def add_kill_later(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
+
+
+@triton.autotune(configs=_configs(32, 64, 128, **{"1": slow_in_worker}), key=["n"])
+@triton.jit
+def add_slow(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
 
 
@@ -151,6 +179,13 @@ def add_equal(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
     _add_body(x_ptr, y_ptr, out_ptr, n, BLOCK)
 
 
+@triton.jit
+def _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n - BUG
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+
 @triton.autotune(
     configs=[triton.Config({"BLOCK": 32, "BUG": 0}), triton.Config({"BLOCK": 128, "BUG": 1}),
              triton.Config({"BLOCK": 16, "BUG": 0}, pre_hook=jitter), triton.Config({"BLOCK": 64, "BUG": 0})],
@@ -158,9 +193,25 @@ def add_equal(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
 @triton.jit
 def add_checked(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
     """``BUG=1`` forgets the last element: a wrong-tail config that validation must exclude."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n - BUG
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+    _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK, BUG)
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK": 16, "BUG": 0}), triton.Config({"BLOCK": 32, "BUG": 0}, pre_hook=kill_in_worker),
+             triton.Config({"BLOCK": 256, "BUG": 1}), triton.Config({"BLOCK": 64, "BUG": 0})],
+    key=["n"])
+@triton.jit
+def add_checked_kill(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
+    """As ``add_checked``, with a config that kills the worker before the wrong-tail one."""
+    _checked_body(x_ptr, y_ptr, out_ptr, n, BLOCK, BUG)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 32, "BUG": 0}), triton.Config({"BLOCK": 128, "BUG": 1}),
+                         triton.Config({"BLOCK": 64, "BUG": 0})], key=["n"], restore_value=["x_ptr"])
+@triton.jit
+def add_into_checked(x_ptr, y_ptr, n, BLOCK: tl.constexpr, BUG: tl.constexpr):
+    """``x += y`` in place (``restore_value`` undoes each timed run); ``BUG=1`` forgets the last element."""
+    _checked_body(x_ptr, y_ptr, x_ptr, n, BLOCK, BUG)
 
 
 def run_add(kernel: object, x: object, y: object) -> object:

@@ -51,6 +51,44 @@ def test_config_that_hangs_times_out_and_tuning_continues(sqlite_url: str) -> No
     assert d.config_index in (0, 2)
 
 
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "worker"])
+def test_cpu_batch_is_timed_together_with_its_noise_and_equal_configs_tie(
+        sqlite_url: str, isolate: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker times a CPU batch in interleaved rounds as in process: a config timed alone is
+    its own round's median in every run (spread 0, so no noise to tie on, and equal configs chose
+    a winner by luck)."""
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "5")
+    tunevault.install(mode="tune", store=sqlite_url, isolate=isolate)
+    x, y = torch.randn(64), torch.randn(64)
+    assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+    d = decision_for(ke.add_equal)
+    assert dict(d.provenance)["tuned_in"] == ("worker" if isolate else "process")
+    assert all(c.ok and c.n >= 3 and c.iqr is not None and c.iqr > 0 for c in d.candidates), d.candidates
+    assert d.config_index == 0, dict(d.provenance).get("selection")  # all tie: the earliest declared
+
+
+def test_config_that_kills_the_worker_in_a_later_cpu_round_is_named(sqlite_url: str) -> None:
+    """A CPU batch announces every run, so a config that kills the worker on its third run is the
+    one recorded as failed, and the others are timed in the next worker."""
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(ke.add_kill_later, x, y), x + y)
+    by = {c.index: c for c in decision_for(ke.add_kill_later).candidates}
+    assert by[1].error is not None and "worker died" in by[1].error and "SIGKILL" in by[1].error
+    assert by[0].ok and by[2].ok
+
+
+def test_config_timeout_covers_all_runs_of_a_config_in_a_cpu_batch(sqlite_url: str) -> None:
+    """Every run is announced, yet ``config_timeout`` is still one config's budget: 0.4 s runs,
+    four of them (warm-up and three rounds), exceed 1 s."""
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, config_timeout=1)
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(ke.add_slow, x, y), x + y)
+    by = {c.index: c for c in decision_for(ke.add_slow).candidates}
+    assert by[1].error is not None and by[1].error.startswith("timeout: no result within 1.0s (config_timeout)")
+    assert by[0].ok and by[2].ok
+
+
 def test_config_error_stock_would_raise_is_a_tuning_error_naming_it(sqlite_url: str) -> None:
     """The worker cannot send the exception itself: the caller gets a TuningError with its type and
     message (config #2's KeyError), where stock raises the KeyError. Config #0 ran out of resources

@@ -194,3 +194,37 @@ def test_a_fork_leaves_the_parents_worker_to_the_parent_and_the_child_tunes_in_i
     finally:
         os.kill(child_pid, 9)
         os.waitpid(child_pid, 0)
+
+
+def test_a_directory_appended_to_sys_path_is_told_to_the_worker_not_a_reason_to_replace_it(
+        sqlite_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A library appending its directory to sys.path while the server runs replaced the worker at
+    every later key (about 5 s each on a GPU host): its PYTHONPATH was compared as a whole. The worker
+    now appends the new entries and imports a kernel module from them; an entry put first still
+    replaces it, since modules it imported may resolve differently there."""
+    import importlib
+
+    name, library, marks = f"appended_{os.getpid()}_{time.monotonic_ns()}", tmp_path / "library", tmp_path / "marks"
+    library.mkdir()
+    marks.mkdir()
+    (library / f"{name}.py").write_text(LEARNED)
+    monkeypatch.setenv(ke.GATE_DIR_VAR, str(marks))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the original list comes back after the test
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    pid = tune_in_worker(sqlite_url)
+    for n in (301, 302):
+        (tmp_path / f"plugin{n}").mkdir()
+        sys.path.append(str(tmp_path / f"plugin{n}"))
+        x, y = torch.randn(n), torch.randn(n)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+        assert isolated.worker_pid() == pid
+    sys.path.append(str(library))  # a kernel module the worker can only find in the new entry
+    importlib.import_module(name).kernel[(1,)](torch.zeros(32), 16)
+    assert imported_by(marks, name) == [pid]
+    tuned_in = {dict(d.provenance)["tuned_in"] for d in tunevault.integration.triton_adapter.runtime().used.values()}
+    assert tuned_in == {"worker"}
+
+    sys.path.insert(0, str(tmp_path / "plugin301"))  # moved before the others: a fresh worker
+    x, y = torch.randn(303), torch.randn(303)
+    assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+    assert isolated.worker_pid() not in (None, pid)

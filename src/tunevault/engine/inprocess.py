@@ -291,10 +291,11 @@ class InProcessSession:
         return out
 
     def times_together(self, effort: str) -> bool:
-        """Whether ``time`` must see all of a batch at once (interleaved GPU rounds), not one by one."""
-        from tunevault.engine.timing import EFFORTS, uses_gpu_rounds
+        """Whether ``time`` must see all of a batch at once (interleaved GPU or CPU rounds), not one
+        by one: the CPU timer's noise is the spread of runs compared within a round."""
+        from tunevault.engine.timing import EFFORTS, uses_cpu_timer, uses_gpu_rounds
 
-        return effort in EFFORTS and uses_gpu_rounds(self.autotuner)
+        return effort in EFFORTS and (uses_gpu_rounds(self.autotuner) or uses_cpu_timer(self.autotuner))
 
     def _gpu_rounds(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
         """GPU timing of all ``indices`` together, in interleaved rounds (engine/rounds.py)."""
@@ -331,16 +332,21 @@ class InProcessSession:
         loaded machine the load comes in phases longer than a round, and a config's fastest run
         mostly says whether it met a quiet moment (on two shared cores, five equal configs' fastest
         runs split 1.35 ms against 1.85 ms in 3 tunings of 160). The ratios are scaled back to
-        milliseconds by the quietest round's median."""
+        milliseconds by the quietest round's median.
+
+        ``on_setup(i)`` is called before every run of config i (the worker names the config that
+        kills or hangs it; runs here are synchronous), ``on_setup(None)`` after the last."""
         from tunevault.engine.timing import spread, summarize
 
         out: dict[int, CandidateResult] = {}
         calls: dict[int, Callable[[], None]] = {}
         losing = losing_errors()
+        announce = self.on_setup or (lambda _index: None)
         for i in indices:
             check_conflicts(self.kwargs, self.configs[i], i)
             call = raising(make_kernel_call(self.autotuner, self.args, self.kwargs, self.nargs, self.configs[i],
                                             self.on_launch), i)  # stock's _bench lets other errors reach the caller
+            announce(i)
             try:
                 call()  # warm-up, and the place where a broken config shows itself
             except losing as exc:
@@ -359,6 +365,7 @@ class InProcessSession:
             order.shuffle(ring)
             rounds.append({})
             for i, call in ring:
+                announce(i)
                 t0 = time.perf_counter()
                 try:
                     call()
@@ -367,6 +374,7 @@ class InProcessSession:
                     del calls[i]
                     continue
                 rounds[-1][i] = (time.perf_counter() - t0) * 1e3
+        announce(None)
         times = paired(rounds, calls)
         # Load from other processes is the machine's, not a config's: a config that happened to run
         # between its bursts has not shown how noisy the machine was. Each reports the batch's

@@ -31,6 +31,7 @@ from tunevault.engine.procs import (
     WorkerProcess,
     device_index,
     idle_timeout,
+    import_path,
     likely_device,
     pin,
     spawn,
@@ -104,6 +105,8 @@ def _acquire_worker(env: dict[str, str], timeout: float, first: bool) -> WorkerP
     w = _worker
     # Between sessions a worker close to its idle timeout is about to exit by itself: replace it.
     stale = first and w is not None and time.monotonic() - w.last_used > w.idle - min(1.0, w.idle / 2)
+    if w is not None and not stale:
+        w.follow_path(env.get("PYTHONPATH", ""))
     differs = w.differs_from(env, min(timeout, START_TIMEOUT)) if w is not None and not stale else []
     if w is not None and (stale or not w.alive() or differs):
         log.debug("tunevault: replacing tuning worker %d (%s)", w.pid,
@@ -138,6 +141,7 @@ def hint_imports(modules: Iterable[str]) -> None:
         w = _worker
         log.debug("tunevault: the worker (%s) will import %s", "running" if w is not None else "not started", new)
         if w is not None and w.alive():
+            w.follow_path(import_path())  # a module may live in a directory the server added since
             with contextlib.suppress(WorkerDied):
                 w.send({"op": "import", "modules": new})
 
@@ -323,11 +327,7 @@ class WorkerSession:
             retire(kill=True)
 
     def validate(self, indices: Sequence[int], reference: int | None = None) -> dict[int, str | None]:
-        out = self._run("validate", indices)
-        for i in indices:
-            if self.reference is None and out[i].error is None:
-                self.reference = i
-        return {i: r.error for i, r in out.items()}
+        return {i: r.error for i, r in self._run("validate", indices).items()}
 
     def time(self, indices: Sequence[int], effort: str) -> dict[int, CandidateResult]:
         return self._run(effort, indices)
@@ -346,7 +346,7 @@ class WorkerSession:
             except (WorkerDied, IsolationUnavailable) as exc:
                 strikes, last = strikes + 1, str(exc)
                 continue
-            progressed, last = self._collect(w, pending, out)
+            progressed, last = self._collect(w, pending, out, mode)
             strikes = 0 if progressed else strikes + 1
             if self.raised is not None:
                 index, error = self.raised
@@ -359,23 +359,33 @@ class WorkerSession:
             out[i] = self._fail(i, why)
         return out
 
-    def _collect(self, w: WorkerProcess, pending: list[int],
-                 out: dict[int, CandidateResult]) -> tuple[bool, str]:
-        """Read events until done or a fault: (whether some config finished, what went wrong)."""
+    def _collect(self, w: WorkerProcess, pending: list[int], out: dict[int, CandidateResult],
+                 mode: str) -> tuple[bool, str]:
+        """Read events until done or a fault: (whether some config finished, what went wrong).
+
+        Validating, the first config that passes is the reference from the moment its result
+        arrives: a worker that replaces one killed later in the batch compares with it too.
+
+        A config announced several times (each run of a CPU batch) has ``config_timeout`` for all
+        of its runs together, as when it runs alone."""
         current, progressed = None, False
+        spent: dict[int, float] = {}  # seconds each config has run in this worker so far
         while True:
-            limit = min(self.config_timeout, self._left())
+            used = spent.get(current, 0.0) if current is not None else 0.0
+            budget = self.config_timeout - used
+            limit = min(budget, self._left())
+            began = time.monotonic()
             try:
                 ev = w.next_event(max(0.0, limit))
             except queue.Empty:
                 retire(kill=True)
-                what = "tune_timeout" if limit < self.config_timeout else "config_timeout"
+                what = "tune_timeout" if limit < budget else "config_timeout"
                 if current is not None:
-                    out[current] = self._fail(current, f"timeout: no result within {limit:.1f}s ({what}); "
-                                              "worker replaced")
+                    out[current] = self._fail(current, f"timeout: no result within {used + limit:.1f}s "
+                                              f"({what}); worker replaced")
                     pending.remove(current)
                     log.warning("tunevault: %s: config %s hung in the worker; killed it after %.1fs",
-                                self.target, self.specs[current].describe(), limit)
+                                self.target, self.specs[current].describe(), used + limit)
                 return current is not None or progressed, f"no answer within {limit:.1f}s"
             except WorkerDied:
                 reason = w.exit_reason()
@@ -386,6 +396,8 @@ class WorkerSession:
                     log.warning("tunevault: %s: config %s killed the tuning worker (%s); continuing "
                                 "without it", self.target, self.specs[current].describe(), reason)
                 return current is not None or progressed, f"worker died ({reason})"
+            if current is not None:
+                spent[current] = used + time.monotonic() - began
             kind = ev.get("ev")
             if kind == "start":  # index None: every config of a batch has run once
                 current = ev.get("index") if ev.get("index") in pending else None
@@ -394,6 +406,8 @@ class WorkerSession:
                 out[index] = result
                 pending.remove(index)
                 current, progressed = None, True
+                if mode == "validate" and self.reference is None and result.error is None:
+                    self.reference = index
                 if isinstance(ev.get("raised"), str) and result.error is not None:
                     self.raised = (index, result.error)  # "done" follows: read up to it
             elif kind in ("done", "fatal"):

@@ -98,6 +98,23 @@ class WorkerProcess:
         mine = comparable(self.env)
         return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
+    def follow_path(self, path: str) -> None:
+        """Where the server's import path ``path`` only adds entries after this worker's, have the
+        worker append them to its ``sys.path`` (a fresh worker would search them last too), so a
+        library that appends its directory while the server runs does not replace the worker.
+        Any other change (an entry removed, moved or put before others) is left to
+        :meth:`differs_from`: modules the worker imported may resolve differently now."""
+        mine = self.env.get("PYTHONPATH", "")
+        old, new = entries(mine), entries(path)
+        if path == mine or len(new) <= len(old) or new[:len(old)] != old or not self.alive():
+            return
+        log.debug("tunevault: tuning worker %d appends %s to its sys.path", self.pid, new[len(old):])
+        try:
+            self.send({"op": "path", "append": new[len(old):]})
+        except WorkerDied:
+            return  # differs_from finds the worker gone
+        self.env = {**self.env, "PYTHONPATH": path}
+
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         with contextlib.suppress(OSError, ValueError):
@@ -211,16 +228,35 @@ def physical_device(index: int) -> str:
     return visible[index] if index < len(visible) else str(index)
 
 
+def import_path() -> str:
+    """This process's ``sys.path`` as a worker's ``PYTHONPATH``: absolute, existing directories, once each."""
+    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
+    return os.pathsep.join(p for p in dict.fromkeys(paths) if os.path.isdir(p))
+
+
 def worker_env(device: int | None) -> dict[str, str]:
     """This process's environment, minus activation, with its import path and (on a GPU) one device."""
     env = {k: v for k, v in os.environ.items() if k != "TUNEVAULT_MODE"}  # the worker never installs
-    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if isinstance(p, str)]
-    paths = [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONPATH"] = import_path()
     env["TUNEVAULT_WORKER"] = "1"
     if device is not None:  # pin the worker to the server's device: it sees exactly one GPU
         env["CUDA_VISIBLE_DEVICES"] = physical_device(device)
     return env
+
+
+def entries(path: str) -> list[str]:
+    return [p for p in path.split(os.pathsep) if p]
+
+
+def append_path(added: object) -> None:
+    """In the worker: the server appended ``added`` to its import path (WorkerProcess.follow_path)."""
+    import importlib
+
+    new = [p for p in added if isinstance(p, str) and p] if isinstance(added, list) else []
+    sys.path.extend(p for p in dict.fromkeys(new) if p not in sys.path)
+    known = entries(os.environ.get("PYTHONPATH", ""))
+    os.environ["PYTHONPATH"] = os.pathsep.join(known + [p for p in new if p not in known])  # as reported
+    importlib.invalidate_caches()
 
 
 def comparable(env: dict[str, str]) -> dict[str, str]:

@@ -86,6 +86,8 @@ class Validator:
             tensor.copy_(self.snapshot[name])
 
     def _run(self, index: int, config: Config, on_launch: Callable[[], None] | None) -> dict[str, torch.Tensor]:
+        """One run as stock's call after tuning (the end of ``benchmark()``, then ``run()``): not
+        ``_bench``'s, whose ``restore_value`` post_hook would undo the outputs checked here."""
         at = self.autotuner
         self.restore()
         cfg_kwargs = config.all_kwargs()

@@ -168,10 +168,11 @@ class Worker:
         return True
 
     def run_together(self, session: InProcessSession, mode: str, indices: list[int]) -> bool:
-        """Time a batch at once (interleaved GPU rounds): a config's result follows the batch, its
-        launches counted with it. Each config is announced before its first run, so a fault there
-        names it; a fault later loses the batch, which the server sends again. A config's error
-        that stock lets reach the caller ends the batch; running out of memory only loses that config."""
+        """Time a batch at once (interleaved GPU or CPU rounds): a config's result follows the batch,
+        its launches counted with it. Each config is announced before its first run (on the CPU
+        before every run), so a fault there names it; a fault in the GPU's rounds loses the batch,
+        which the server sends again. A config's error that stock lets reach the caller ends the
+        batch; running out of memory only loses that config."""
         before = self.launches
         session.on_setup = lambda index: self.emit(ev="start", index=index)
         results: dict[int, CandidateResult] = {}
@@ -234,6 +235,10 @@ class Worker:
             prepare(bool(msg.get("context")))
         elif op == "import":
             import_modules(msg.get("modules"))
+        elif op == "path":
+            from tunevault.engine.procs import append_path
+
+            append_path(msg.get("append"))
         elif op == "env":  # after the imports asked before it: what they set (procs.WorkerProcess.differs_from)
             from tunevault.engine.procs import comparable
 
