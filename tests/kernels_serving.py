@@ -113,3 +113,23 @@ def run_wide(n: int, wide: int) -> torch.Tensor:
     add_wide[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, wide)
     assert torch.equal(out, x + 1)
     return out
+
+
+@triton.heuristics({"BLOCK_N": lambda args: triton.next_power_of_2(args["N"])})
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (1, 2)], key=["N"])
+@triton.jit
+def row_scale(x_ptr, out_ptr, N, BLOCK_N: tl.constexpr):
+    """One program per row, one block over the whole row: the heuristic's BLOCK_N reaches the
+    autotuner as a keyword argument, larger than a single short row."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    tl.store(out_ptr + row * N + offs, tl.load(x_ptr + row * N + offs, mask=mask) * 2.0, mask=mask)
+
+
+def scale_rows(rows: int, n: int) -> torch.Tensor:
+    x = torch.randn(rows, n)
+    out = torch.empty_like(x)
+    row_scale[(rows,)](x, out, n)
+    torch.testing.assert_close(out, 2 * x)
+    return out

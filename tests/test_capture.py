@@ -13,7 +13,7 @@ import triton.language as tl
 
 import tunevault
 from conftest import count_launches, run_py
-from kernels_serving import chunk_cumsum, chunk_size, reference_cumsum, serve
+from kernels_serving import chunk_cumsum, chunk_size, reference_cumsum, scale_rows, serve
 from tunevault.capture import manifest as mf
 from tunevault.capture.replay import rebuild
 from tunevault.integration import triton_adapter
@@ -210,3 +210,44 @@ print(json.dumps([failed, before, after_failure, len(got), sum(e.counts["hit"] f
     assert failed is not None, "the write was cut short"
     assert after_failure == before, "the partial bytes were truncated away"
     assert (entries, hits) == (41, 41)
+
+
+def _warmup_fresh(path: Path, store: Path) -> dict[str, tuple[str, str]]:
+    """Warm ``path`` up into a fresh store (nothing decided yet): status and reason by key text."""
+    tunevault.install(mode="tune", store=f"sqlite:///{store}")
+    return {i.key.text: (i.status, i.reason) for i in tunevault.warmup(path).items}
+
+
+def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> None:
+    """A heuristic's block size (BLOCK_N=512 for one row of 300) is a compile-time value, not an
+    index: the replay tunes the key; a forged one still meets the byte cap."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        scale_rows(1, 300)
+    (entry,) = mf.read(path)
+    assert ("BLOCK_N", {"kind": "scalar", "value": 512}) in entry.callspec["kwargs"].items()
+    assert [s for s, _ in _warmup_fresh(path, tmp_path / "a.db").values()] == ["tuned"]
+
+    forged = json.loads(path.read_text().splitlines()[0])
+    forged["callspec"]["kwargs"]["BLOCK_N"]["value"] = 1 << 40
+    write = tmp_path / "forged.jsonl"
+    write.write_text(json.dumps(forged) + "\n")
+    ((status, reason),) = _warmup_fresh(write, tmp_path / "b.db").values()
+    assert status == "skipped" and "cap" in reason, reason
+
+
+def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path: Path, monkeypatch) -> None:
+    """Two processes captured one key (a batch of 64 rows, then one row): where the first call is
+    over the replay's byte cap, the second is replayed instead."""
+    path = tmp_path / "keys.jsonl"
+    for rows in (64, 1):
+        with tunevault.capture(path):  # a recorder of its own, as another process has
+            scale_rows(rows, 300)
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    assert [t["callspec"]["args"][0]["shape"] for t in lines] == [[64, 300], [1, 300]]
+    assert len(mf.read(path)) == 1
+    monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "10000")  # 2 x 64 x 300 floats over it, one row within
+    assert [s for s, _ in _warmup_fresh(path, tmp_path / "a.db").values()] == ["tuned"]
+    monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "1000")  # neither fits: the first refusal is the reason
+    ((status, reason),) = _warmup_fresh(path, tmp_path / "b.db").values()
+    assert status == "skipped" and "153600 bytes" in reason and "1 other captured call(s)" in reason, reason
