@@ -133,3 +133,31 @@ def scale_rows(rows: int, n: int) -> torch.Tensor:
     row_scale[(rows,)](x, out, n)
     torch.testing.assert_close(out, 2 * x)
     return out
+
+
+@triton.jit
+def _scale_by_two(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+@triton.jit
+def _shift_by_one(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+
+
+# Autotuned kernels bound to other names than their jit functions (a common pattern), and two
+# autotuners over one function: capture must name the attribute that holds each.
+scale_tuned = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])(_scale_by_two)
+shift_small = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32)], key=["n"])(_shift_by_one)
+shift_large = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (64, 128)], key=["n"])(_shift_by_one)
+
+
+def run_blocks(kernel: object, n: int) -> torch.Tensor:
+    x = torch.randn(n)
+    out = torch.empty_like(x)
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n)
+    return out
