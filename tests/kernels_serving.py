@@ -161,3 +161,23 @@ def run_blocks(kernel: object, n: int) -> torch.Tensor:
     out = torch.empty_like(x)
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n)
     return out
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])
+@triton.heuristics({"ROWS": lambda args: 4 if args["n"] > 100 else 2})
+@triton.heuristics({"SPAN": lambda args: args["BLOCK"] * args["ROWS"]})  # sees the outer one's value
+@triton.jit
+def span_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, SPAN: tl.constexpr):
+    """Autotune above two heuristics, a grid that reads their values (``meta["SPAN"]``)."""
+    for r in tl.static_range(ROWS):
+        offs = tl.program_id(0) * SPAN + r * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+def run_span(n: int) -> torch.Tensor:
+    x = torch.randn(n)
+    out = torch.empty_like(x)
+    span_scale[lambda meta: (triton.cdiv(n, meta["SPAN"]),)](x, out, n)
+    torch.testing.assert_close(out, 2 * x)
+    return out

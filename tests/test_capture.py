@@ -299,3 +299,16 @@ def test_a_manifest_naming_the_jit_function_replays_the_kernel_over_it(tv, tmp_p
     # the tuning worker is told the digest, which tells them apart
     digest = kernel_id(ks.shift_large).digest
     assert worker.import_autotuner("kernels_serving:_shift_by_one", digest) is ks.shift_large
+
+
+def test_a_grid_reading_a_heuristic_under_the_autotuner_is_captured(tv, tmp_path: Path) -> None:
+    """@triton.autotune above @triton.heuristics: the grid of each config is evaluated with the
+    heuristics' values, as Triton launches it, so the key gets an argspec and warmup tunes it."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.run_span(300)  # ROWS=4: SPAN = 128 and 256
+        ks.run_span(50)  # ROWS=2: SPAN = 64 and 128
+    entries = {dict(e.key.items)["n"]: e for e in mf.read(path)}
+    assert {n: (e.callspec_error, e.callspec and e.callspec["grids"]) for n, e in entries.items()} == {
+        300: (None, [[3, 1, 1], [2, 1, 1]]), 50: (None, [[1, 1, 1], [1, 1, 1]])}
+    assert set(_warmup_fresh(path, tmp_path / "a.db").values()) == {("tuned", "")}

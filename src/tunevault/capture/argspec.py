@@ -19,7 +19,7 @@ from tunevault.core.model import InvalidEntry, JsonScalar
 if TYPE_CHECKING:
     import torch
     import triton.language as tl
-    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.autotuner import Autotuner, Config
 
 SMALL_INT_TENSOR = 4096
 LAUNCH_KWARGS = ("grid", "warmup")
@@ -207,6 +207,23 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _launch_meta(autotuner: Autotuner, named: dict[str, Any], config: Config) -> dict[str, Any]:
+    """What the grid sees when the autotuner launches ``config``: the call's arguments, the config's,
+    and the values of every ``@triton.heuristics`` under the autotuner, applied outermost first as
+    ``Heuristics.run`` does (a grid may read them: ``meta["ROWS"]``)."""
+    from triton.runtime.autotuner import Heuristics
+
+    meta = {**named, **config.all_kwargs()}
+    layer: Any = autotuner.fn
+    for _ in range(32):
+        if not isinstance(layer, Heuristics):
+            break
+        for name, heuristic in layer.values.items():
+            meta[name] = heuristic({**meta})  # a fresh dict per heuristic, as Triton passes
+        layer = layer.fn
+    return meta
+
+
 def constexpr_names(autotuner: Autotuner) -> frozenset[str]:
     """The kernel's ``tl.constexpr`` parameters: compile-time values (block sizes, flags), which
     Triton specialises on rather than passes to the kernel as runtime integers."""
@@ -254,7 +271,7 @@ class CallSpec:
         grid = kwargs.get("grid")
         grids = []
         for config in autotuner.configs:
-            g = grid({**named, **config.all_kwargs()}) if callable(grid) else grid
+            g = grid(_launch_meta(autotuner, named, config)) if callable(grid) else grid
             g = tuple(int(x) for x in (g if isinstance(g, tuple | list) else (g,)))
             grids.append(g + (1,) * (3 - len(g)) if len(g) < 3 else g)
         return cls(tuple(ArgSpec.of(a) for a in args),
