@@ -113,3 +113,71 @@ def run_wide(n: int, wide: int) -> torch.Tensor:
     add_wide[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, wide)
     assert torch.equal(out, x + 1)
     return out
+
+
+@triton.heuristics({"BLOCK_N": lambda args: triton.next_power_of_2(args["N"])})
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (1, 2)], key=["N"])
+@triton.jit
+def row_scale(x_ptr, out_ptr, N, BLOCK_N: tl.constexpr):
+    """One program per row, one block over the whole row: the heuristic's BLOCK_N reaches the
+    autotuner as a keyword argument, larger than a single short row."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    tl.store(out_ptr + row * N + offs, tl.load(x_ptr + row * N + offs, mask=mask) * 2.0, mask=mask)
+
+
+def scale_rows(rows: int, n: int) -> torch.Tensor:
+    x = torch.randn(rows, n)
+    out = torch.empty_like(x)
+    row_scale[(rows,)](x, out, n)
+    torch.testing.assert_close(out, 2 * x)
+    return out
+
+
+@triton.jit
+def _scale_by_two(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+@triton.jit
+def _shift_by_one(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+
+
+# Autotuned kernels bound to other names than their jit functions (a common pattern), and two
+# autotuners over one function: capture must name the attribute that holds each.
+scale_tuned = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])(_scale_by_two)
+shift_small = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32)], key=["n"])(_shift_by_one)
+shift_large = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (64, 128)], key=["n"])(_shift_by_one)
+
+
+def run_blocks(kernel: object, n: int) -> torch.Tensor:
+    x = torch.randn(n)
+    out = torch.empty_like(x)
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n)
+    return out
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])
+@triton.heuristics({"ROWS": lambda args: 4 if args["n"] > 100 else 2})
+@triton.heuristics({"SPAN": lambda args: args["BLOCK"] * args["ROWS"]})  # sees the outer one's value
+@triton.jit
+def span_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ROWS: tl.constexpr, SPAN: tl.constexpr):
+    """Autotune above two heuristics, a grid that reads their values (``meta["SPAN"]``)."""
+    for r in tl.static_range(ROWS):
+        offs = tl.program_id(0) * SPAN + r * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+def run_span(n: int) -> torch.Tensor:
+    x = torch.randn(n)
+    out = torch.empty_like(x)
+    span_scale[lambda meta: (triton.cdiv(n, meta["SPAN"]),)](x, out, n)
+    torch.testing.assert_close(out, 2 * x)
+    return out

@@ -12,11 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+import kernels_serving as ks
 import tunevault
 from conftest import count_launches, in_fork, run_py
-from kernels_serving import chunk_cumsum, chunk_size, reference_cumsum, serve
+from kernels_serving import chunk_cumsum, chunk_size, reference_cumsum, scale_rows, serve
 from tunevault.capture import manifest as mf
-from tunevault.capture.replay import rebuild
+from tunevault.capture.replay import WarmupItem, rebuild
 from tunevault.integration import triton_adapter
 
 
@@ -269,3 +270,104 @@ print(json.dumps([failed, before, after_failure, len(got), sum(e.counts["hit"] f
     assert failed is not None, "the write was cut short"
     assert after_failure == before, "the partial bytes were truncated away"
     assert (entries, hits) == (41, 41)
+
+
+def _warmup_items(path: Path, store: Path) -> list[WarmupItem]:
+    """Warm ``path`` up into a fresh store (nothing decided yet)."""
+    tunevault.install(mode="tune", store=f"sqlite:///{store}")
+    return tunevault.warmup(path).items
+
+
+def _warmup_fresh(path: Path, store: Path) -> dict[str, tuple[str, str]]:
+    """Status and reason by key text, of a warmup into a fresh store."""
+    return {i.key.text: (i.status, i.reason) for i in _warmup_items(path, store)}
+
+
+def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> None:
+    """A heuristic's block size (BLOCK_N=512 for one row of 300) is a compile-time value, not an
+    index: the replay tunes the key; a forged one still meets the byte cap."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        scale_rows(1, 300)
+    (entry,) = mf.read(path)
+    assert ("BLOCK_N", {"kind": "scalar", "value": 512}) in entry.callspec["kwargs"].items()
+    assert [s for s, _ in _warmup_fresh(path, tmp_path / "a.db").values()] == ["tuned"]
+
+    forged = json.loads(path.read_text().splitlines()[0])
+    forged["callspec"]["kwargs"]["BLOCK_N"]["value"] = 1 << 40
+    write = tmp_path / "forged.jsonl"
+    write.write_text(json.dumps(forged) + "\n")
+    ((status, reason),) = _warmup_fresh(write, tmp_path / "b.db").values()
+    assert status == "skipped" and "cap" in reason, reason
+
+
+def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path: Path, monkeypatch) -> None:
+    """Two processes captured one key (a batch of 64 rows, then one row): where the first call is
+    over the replay's byte cap, the second is replayed instead."""
+    path = tmp_path / "keys.jsonl"
+    for rows in (64, 1):
+        with tunevault.capture(path):  # a recorder of its own, as another process has
+            scale_rows(rows, 300)
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    assert [t["callspec"]["args"][0]["shape"] for t in lines] == [[64, 300], [1, 300]]
+    assert len(mf.read(path)) == 1
+    monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "10000")  # 2 x 64 x 300 floats over it, one row within
+    assert [s for s, _ in _warmup_fresh(path, tmp_path / "a.db").values()] == ["tuned"]
+    monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "1000")  # neither fits: the first refusal is the reason
+    ((status, reason),) = _warmup_fresh(path, tmp_path / "b.db").values()
+    assert status == "skipped" and "153600 bytes" in reason and "1 other captured call(s)" in reason, reason
+
+
+def test_kernels_bound_to_other_names_than_their_function_are_replayed(tv, tmp_path: Path) -> None:
+    """``scale_tuned = triton.autotune(...)(_scale_by_two)``: the manifest names the attribute that
+    holds the kernel, so warmup imports the Autotuner, and two autotuners over one function
+    (``shift_small``, ``shift_large``) are two kernels, not one."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        for kernel in (ks.scale_tuned, ks.shift_small, ks.shift_large):
+            ks.run_blocks(kernel, 100)
+    assert [e.kernel for e in mf.read(path)] == [
+        "kernels_serving:scale_tuned", "kernels_serving:shift_small", "kernels_serving:shift_large"]
+    assert set(_warmup_fresh(path, tmp_path / "a.db").values()) == {("tuned", "")}
+    assert tunevault.check(path).ok
+
+
+def test_a_manifest_naming_the_jit_function_replays_the_kernel_over_it(tv, tmp_path: Path) -> None:
+    """Lines captured before aliases were recorded name the @triton.jit function: the one autotuned
+    kernel over it is replayed; of two that differ, neither is guessed."""
+    from tunevault.capture.locate import KernelNotFound, import_autotuner
+    from tunevault.core.identity import kernel_id
+    from tunevault.engine import worker
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.run_blocks(ks.scale_tuned, 100)
+        ks.run_blocks(ks.shift_small, 100)
+    old = tmp_path / "old.jsonl"
+    old.write_text(path.read_text().replace("kernels_serving:scale_tuned", "kernels_serving:_scale_by_two")
+                   .replace("kernels_serving:shift_small", "kernels_serving:_shift_by_one"))
+    status = {i.kernel.partition(":")[2]: (i.status, i.reason) for i in _warmup_items(old, tmp_path / "a.db")}
+    assert status["_scale_by_two"] == ("tuned", "")
+    shift_status, reason = status["_shift_by_one"]
+    assert shift_status == "skipped" and "several autotuned kernels that differ" in reason, reason
+    assert "kernels_serving:shift_small, kernels_serving:shift_large" in reason
+
+    assert import_autotuner("kernels_serving:_scale_by_two") is ks.scale_tuned
+    with pytest.raises(KernelNotFound, match="several"):
+        import_autotuner("kernels_serving:_shift_by_one")
+    # the tuning worker is told the digest, which tells them apart
+    digest = kernel_id(ks.shift_large).digest
+    assert worker.import_autotuner("kernels_serving:_shift_by_one", digest) is ks.shift_large
+
+
+def test_a_grid_reading_a_heuristic_under_the_autotuner_is_captured(tv, tmp_path: Path) -> None:
+    """@triton.autotune above @triton.heuristics: the grid of each config is evaluated with the
+    heuristics' values, as Triton launches it, so the key gets an argspec and warmup tunes it."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.run_span(300)  # ROWS=4: SPAN = 128 and 256
+        ks.run_span(50)  # ROWS=2: SPAN = 64 and 128
+    entries = {dict(e.key.items)["n"]: e for e in mf.read(path)}
+    assert {n: (e.callspec_error, e.callspec and e.callspec["grids"]) for n, e in entries.items()} == {
+        300: (None, [[3, 1, 1], [2, 1, 1]]), 50: (None, [[1, 1, 1], [1, 1, 1]])}
+    assert set(_warmup_fresh(path, tmp_path / "a.db").values()) == {("tuned", "")}

@@ -127,10 +127,22 @@ def test_kernel_a_worker_cannot_import_tunes_in_process_with_one_warning(
 
 def test_importability_is_checked_by_kernel_identity() -> None:
     assert isolated.kernel_target(ke.twin) == ("kernels_engine:twin", "")
-    target, why = isolated.kernel_target(ke.twin_b)  # its name finds the other autotuner
-    assert target is None and "different kernel" in why
+    # its function's name finds the other autotuner: the worker imports the attribute holding it
+    assert isolated.kernel_target(ke.twin_b) == ("kernels_engine:twin_b", "")
     assert isolated.kernel_target(triton.autotune(configs=[triton.Config({"BLOCK": 8})], key=["n"])(
         ke._add_body))[0] is None  # the name resolves to a plain JIT function, not this autotuner
+
+
+def test_an_autotuner_its_function_name_does_not_hold_is_tuned_in_the_worker(sqlite_url: str) -> None:
+    """``twin_b = triton.autotune(...)(twin)``: the worker imports ``kernels_engine:twin_b``."""
+    from tunevault.core.identity import kernel_id
+
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True)
+    x, y = torch.randn(100), torch.randn(100)
+    assert torch.equal(ke.run_add(ke.twin_b, x, y), x + y)
+    (d,) = runtime().used.values()
+    assert d.kernel.digest == kernel_id(ke.twin_b).digest
+    assert dict(d.provenance)["tuned_in"] == "worker"
 
 
 def test_worker_exits_when_idle(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from tunevault.core.model import InvalidEntry, JsonScalar
 if TYPE_CHECKING:
     import torch
     import triton.language as tl
-    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.autotuner import Autotuner, Config
 
 SMALL_INT_TENSOR = 4096
 LAUNCH_KWARGS = ("grid", "warmup")
@@ -207,6 +207,43 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _launch_meta(autotuner: Autotuner, named: dict[str, Any], config: Config) -> dict[str, Any]:
+    """What the grid sees when the autotuner launches ``config``: the call's arguments, the config's,
+    and the values of every ``@triton.heuristics`` under the autotuner, applied outermost first as
+    ``Heuristics.run`` does (a grid may read them: ``meta["ROWS"]``)."""
+    from triton.runtime.autotuner import Heuristics
+
+    meta = {**named, **config.all_kwargs()}
+    layer: Any = autotuner.fn
+    for _ in range(32):
+        if not isinstance(layer, Heuristics):
+            break
+        for name, heuristic in layer.values.items():
+            meta[name] = heuristic({**meta})  # a fresh dict per heuristic, as Triton passes
+        layer = layer.fn
+    return meta
+
+
+def constexpr_names(autotuner: Autotuner) -> frozenset[str]:
+    """The kernel's ``tl.constexpr`` parameters: compile-time values (block sizes, flags), which
+    Triton specialises on rather than passes to the kernel as runtime integers."""
+    import inspect
+
+    from tunevault.core.identity import jit_of
+
+    jit = jit_of(autotuner)
+    params = getattr(jit, "params", None)  # JITFunction; the interpreter's function has none
+    if params is not None:
+        return frozenset(p.name for p in params if p.is_constexpr)
+    found = set()
+    for param in inspect.signature(jit.fn).parameters.values():
+        ann = param.annotation  # as Triton reads it: "constexpr" in the annotation's name
+        text = ann if isinstance(ann, str) else getattr(ann, "__name__", None) or str(ann)
+        if ann is not inspect.Parameter.empty and "constexpr" in text:
+            found.add(param.name)
+    return frozenset(found)
+
+
 def max_bytes() -> int:
     """The cap on one rebuilt call's tensors: ``$TUNEVAULT_REPLAY_MAX_BYTES`` (bytes), default 8 GiB."""
     raw = os.environ.get(MAX_BYTES_VAR, "").strip()
@@ -234,7 +271,7 @@ class CallSpec:
         grid = kwargs.get("grid")
         grids = []
         for config in autotuner.configs:
-            g = grid({**named, **config.all_kwargs()}) if callable(grid) else grid
+            g = grid(_launch_meta(autotuner, named, config)) if callable(grid) else grid
             g = tuple(int(x) for x in (g if isinstance(g, tuple | list) else (g,)))
             grids.append(g + (1,) * (3 - len(g)) if len(g) < 3 else g)
         return cls(tuple(ArgSpec.of(a) for a in args),
@@ -265,8 +302,10 @@ class CallSpec:
 
         - an integer scalar is larger than every tensor argument's element count, so it cannot be a
           size, stride or offset into them and the kernel would index out of bounds (names with
-          ``seed``, ``philox`` or ``rng`` index nothing and are exempt); the largest one that passes
-          is the slack: a tensor forged smaller than the sizes it is used with still has the memory;
+          ``seed``, ``philox`` or ``rng`` index nothing and are exempt, and so are the kernel's
+          ``tl.constexpr`` parameters: a block size such as ``next_power_of_2(N)`` outgrows a small
+          tensor, and the kernel masks it); the largest integer, constexprs included, is the slack: a
+          tensor forged smaller than the sizes it is used with still has the memory, within ``limit``;
         - a captured grid launches more programs than the largest tensor has elements;
         - its tensors, with the slack, together exceed ``limit`` bytes (``$TUNEVAULT_REPLAY_MAX_BYTES``,
           default 8 GiB)."""
@@ -279,8 +318,9 @@ class CallSpec:
         largest = max(spec.storage_size() for _, spec in tensors)
         sized = [(name, spec.value) for name, spec in named
                  if spec.kind == "scalar" and _is_int(spec.value) and not NOT_A_SIZE.search(name)]
+        constexprs = constexpr_names(autotuner)
         for name, value in sized:
-            if value > largest:
+            if value > largest and name not in constexprs:
                 raise InvalidEntry(f"{name}={value} is larger than every tensor argument ({largest} elements "
                                    "at most): the kernel would read or write out of bounds")
         for i, grid in enumerate(self.grids):

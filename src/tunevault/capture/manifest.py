@@ -3,7 +3,8 @@
 Each line is one process's counts for one (kernel, key) since its previous flush, so writers
 never read or rewrite the file: appends under an exclusive ``flock`` on an ``O_APPEND``
 descriptor lose nothing. Readers sum the lines of a key; the first line carrying an ArgSpec
-(``callspec``) is the one replayed.
+(``callspec``) is the one replayed, and the next few distinct ones (other processes') are kept
+to replay instead when it is refused.
 
 A manifest names modules that ``warmup`` and ``check`` import: it is code. With a key
 (``TUNEVAULT_BUNDLE_KEY``) every line carries the same HMAC-SHA256 signature as a bundle, and a
@@ -33,6 +34,7 @@ FORMAT = "tunevault-manifest/1"
 OUTCOMES = ("hit", "tuned", "missed")
 LOCK_WAIT_S = 2.0  # a writer waits this long for another one's lock, then keeps its counts for later
 MAX_KERNEL_NAME = 1000
+MAX_CALLSPECS = 8  # per key: the first and up to seven distinct others to fall back on
 # A manifest is read whole into memory, as a bundle is: the same 256 MiB bound (16 lines at the
 # 16 MiB line bound; a real manifest of thousands of keys is a few MB).
 MAX_MANIFEST_BYTES = MAX_DOCUMENT_BYTES
@@ -55,10 +57,16 @@ class ManifestEntry:
     first_seen: float = 0.0
     last_seen: float = 0.0
     processes: set[tuple[str, int]] = field(default_factory=set)
+    alternates: list[dict[str, Any]] = field(default_factory=list)  # later distinct callspecs of the key
 
     @property
     def count(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def callspecs(self) -> list[dict[str, Any]]:
+        """Every captured call of the key to replay, in the order to try them."""
+        return [] if self.callspec is None else [self.callspec, *self.alternates]
 
     @property
     def ident(self) -> tuple[str, str]:
@@ -228,5 +236,8 @@ def _merge(merged: dict[tuple[str, str], ManifestEntry], entry: ManifestEntry, h
     have.processes.add((host, pid))
     if have.callspec is None and entry.callspec is not None:
         have.callspec, have.callspec_error = entry.callspec, None
+    elif entry.callspec is not None:
+        if len(have.callspecs) < MAX_CALLSPECS and entry.callspec not in have.callspecs:
+            have.alternates.append(entry.callspec)
     elif have.callspec is None and have.callspec_error is None:
         have.callspec_error = entry.callspec_error

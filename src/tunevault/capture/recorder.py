@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.capture import manifest
+from tunevault.capture.locate import importable_name
 
 if TYPE_CHECKING:
     from tunevault.core.kernel_state import KernelState
@@ -121,7 +122,9 @@ class Recorder:
         return found
 
     def _record(self, state: KernelState, key: TuningKey, args: tuple | None, kwargs: dict | None) -> _Record:
-        kernel = state.kernel_id.name
+        # The attribute that holds this very kernel (an alias of the jit function's name, or one of
+        # several autotuners over it), so replay imports the kernel that was called.
+        kernel = importable_name(state.autotuner) or state.kernel_id.name
         rec = self._records.get((kernel, key.text))
         if rec is None:
             spec, err = None, None

@@ -62,14 +62,31 @@ class WarmupReport:
 
 
 def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -> tuple[Autotuner, tuple, dict]:
-    """``(autotuner, args, kwargs)`` equivalent to the captured call; raises KernelNotFound/InvalidEntry."""
-    from tunevault.capture.argspec import CallSpec
-    from tunevault.core.kernel_state import KernelState
+    """``(autotuner, args, kwargs)`` equivalent to the captured call; raises KernelNotFound/InvalidEntry.
 
+    The key's first captured call is rebuilt; where it is refused (its sizes, or another key), the
+    next one the manifest holds for the key is tried, and the first refusal is the one reported."""
     autotuner = import_autotuner(entry.kernel)
     if entry.callspec is None:
         raise InvalidEntry(f"no argspec captured ({entry.callspec_error or 'unknown reason'})")
-    spec = CallSpec.from_json(entry.callspec)
+    refusals: list[InvalidEntry] = []
+    for raw in entry.callspecs:
+        try:
+            args, kwargs = _rebuild_call(autotuner, entry.key, raw, device, seed)
+        except InvalidEntry as exc:
+            refusals.append(exc)
+            continue
+        return autotuner, args, kwargs
+    others = f" (the key's {len(refusals) - 1} other captured call(s) were refused too)" if len(refusals) > 1 else ""
+    raise InvalidEntry(f"{refusals[0]}{others}") from refusals[0]
+
+
+def _rebuild_call(autotuner: Autotuner, key: TuningKey, raw: dict[str, Any], device: str | None, seed: int,
+                  ) -> tuple[tuple, dict]:
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.core.kernel_state import KernelState
+
+    spec = CallSpec.from_json(raw)
     try:
         args, kwargs = spec.build(autotuner, device=device, seed=seed)
     except InvalidEntry:
@@ -77,11 +94,11 @@ def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -
     except Exception as exc:
         raise InvalidEntry(f"cannot rebuild arguments: {type(exc).__name__}: {exc}") from exc
     state = KernelState(autotuner)
-    key = state.labelled_key(state.named_args(args, kwargs))
-    if key != entry.key:
-        diff = ", ".join(f"{lb}: {a} -> {b}" for lb, a, b in key.differences(entry.key))
+    got = state.labelled_key(state.named_args(args, kwargs))
+    if got != key:
+        diff = ", ".join(f"{lb}: {a} -> {b}" for lb, a, b in got.differences(key))
         raise InvalidEntry(f"rebuilt arguments give another key ({diff})")
-    return autotuner, args, kwargs
+    return args, kwargs
 
 
 def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], key: str | None) -> list[mf.ManifestEntry]:

@@ -75,25 +75,25 @@ def kernel_target(autotuner: Autotuner) -> tuple[str | None, str]:
 
 
 def _resolve_target(autotuner: Autotuner) -> tuple[str | None, str]:
+    from tunevault.capture.locate import KernelNotFound, find_kernel, importable_name
     from tunevault.core.identity import kernel_id
-    from tunevault.engine.worker import find_autotuner
 
     base = autotuner.base_fn
     module, qualname = getattr(base, "__module__", None), getattr(base, "__qualname__", "")
     if not module or module in ("__main__", "__mp_main__"):
         return None, "it is defined in __main__"
+    own = importable_name(autotuner)  # the attribute holding this very kernel, an alias included
+    if own is not None:
+        return own, ""
     if "<locals>" in qualname:
         return None, "it is defined inside a function"
-    target = f"{module}:{qualname}"
+    target = f"{module}:{qualname}"  # no attribute holds this object: an equal kernel there will do
     try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
+        found = find_kernel(importlib.import_module(module), target, kernel_id(autotuner).digest)
+    except KernelNotFound as exc:
+        return None, str(exc)
     except Exception as exc:
         return None, f"{target} cannot be imported ({type(exc).__name__}: {exc})"
-    found = find_autotuner(obj)
-    if found is None:
-        return None, f"{target} is not an autotuned kernel"
     if found is not autotuner and kernel_id(found).digest != kernel_id(autotuner).digest:
         return None, f"{target} names a different kernel (its source or configs differ)"
     return target, ""

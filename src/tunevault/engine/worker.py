@@ -46,15 +46,9 @@ class Fatal(Exception):
 
 def find_autotuner(obj: Any) -> Autotuner | None:
     """Walk ``.fn`` from a module attribute (maybe a Heuristics) down to its Autotuner."""
-    from triton.runtime.autotuner import Autotuner
+    from tunevault.capture.locate import autotuner_under
 
-    for _ in range(32):
-        if isinstance(obj, Autotuner):
-            return obj
-        obj = getattr(obj, "fn", None)
-        if obj is None:
-            return None
-    return None
+    return autotuner_under(obj)
 
 
 def import_kernel(target: str) -> Any:
@@ -63,6 +57,19 @@ def import_kernel(target: str) -> Any:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def import_autotuner(target: str, digest: str | None = None) -> Autotuner:
+    """The Autotuner ``target`` names: an alias's, or among those over a named jit function the one
+    with ``digest`` (capture.locate.find_kernel); Fatal when there is none."""
+    from tunevault.capture.locate import KernelNotFound, find_kernel
+
+    try:
+        return find_kernel(importlib.import_module(target.partition(":")[0]), target, digest)
+    except KernelNotFound as exc:
+        raise Fatal(f"{exc} in the worker") from exc
+    except Exception as exc:
+        raise Fatal(f"cannot import {target}: {type(exc).__name__}: {exc}") from exc
 
 
 class Worker:
@@ -105,12 +112,7 @@ class Worker:
         from tunevault.core.identity import kernel_id
 
         target = str(msg["kernel"])
-        try:
-            at = find_autotuner(import_kernel(target))
-        except Exception as exc:
-            raise Fatal(f"cannot import {target}: {type(exc).__name__}: {exc}") from exc
-        if at is None:
-            raise Fatal(f"{target} is not an autotuned kernel in the worker")
+        at = import_autotuner(target, msg["digest"])
         if kernel_id(at).digest != msg["digest"]:
             raise Fatal(f"{target} imported in the worker is a different kernel (source or configs differ)")
         try:

@@ -17,11 +17,12 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one
-from tunevault.core.model import KernelId
+from tunevault.core.model import InvalidEntry, KernelId
 from tunevault.engine.ahead import AheadJob
 from tunevault.engine.context import sharing_cores
 from tunevault.integration.warmup_ahead import AheadPlan, plan_for
@@ -29,6 +30,9 @@ from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, affinity_order, share
 from tunevault.store.base import Store
+
+if TYPE_CHECKING:
+    from triton.runtime.autotuner import Autotuner
 
 log = logging.getLogger("tunevault")
 
@@ -142,7 +146,6 @@ class EntryTask:
     def ahead_job(self) -> AheadJob | None:
         """What a helper compiles before this key's tuning: every config, where the tuning would
         compile every config (no pruning by the call's arguments) in a fresh process too."""
-        from tunevault.capture.argspec import CallSpec
         from tunevault.engine.ahead import job_for
         from tunevault.engine.isolated import kernel_target
 
@@ -153,9 +156,23 @@ class EntryTask:
         at = import_autotuner(self.kernel)
         if getattr(at, "early_config_prune", None) or getattr(at, "perf_model", None):
             return None  # the pruned set depends on the call: it compiles in the tuning
-        CallSpec.from_json(self.entry.callspec).check(at)  # a manifest from elsewhere: sizes within the cap
+        callspec = self._checked_callspec(at)
         target, _why = kernel_target(at)
-        return job_for(target, self._kernel_id.digest, self.entry.callspec, range(len(at.configs)), self.device)
+        return job_for(target, self._kernel_id.digest, callspec, range(len(at.configs)), self.device)
+
+    def _checked_callspec(self, autotuner: Autotuner) -> dict[str, Any]:
+        """The first captured call whose sizes pass (a manifest from elsewhere), as the replay picks it."""
+        from tunevault.capture.argspec import CallSpec
+
+        refused: InvalidEntry | None = None
+        for raw in self.entry.callspecs:
+            try:
+                CallSpec.from_json(raw).check(autotuner)
+            except InvalidEntry as exc:
+                refused = refused or exc
+                continue
+            return raw
+        raise refused or InvalidEntry("no argspec captured")
 
 
 def participant(env: dict[str, str] | None = None) -> tuple[int, int] | None:
