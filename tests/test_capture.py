@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,61 @@ def test_warmup_and_check_explain_keys_they_cannot_replay(tv, tmp_path: Path, ca
                for m in result["missing"]}
     assert "kernel not importable" in reasons[("no_such_module:kernel", False)]
     assert "differs in REVERSE: False -> True" in reasons[("kernels_serving:chunk_cumsum", True)]
+
+
+def test_non_finite_float_arguments_are_captured_and_replayed(tv, tmp_path: Path) -> None:
+    """-inf (a common mask value), inf and nan have no JSON number: the ArgSpec writes them as tagged
+    text. Such a call once made the flush raise out of the block with no line written for any key."""
+    import kernels_engine as ke
+
+    path = tmp_path / "keys.jsonl"
+    x = torch.randn(40)
+    with tunevault.capture(path, flush_interval=0):
+        serve([10])
+        assert torch.equal(ke.run_clamp(x, float("-inf"), float("inf")), x)
+        ke.run_clamp(x[:20], -1.0, float("nan"))
+    entries = {(e.kernel, dict(e.key.items).get("n")): e for e in mf.read(path)}
+    assert set(entries) == {("kernels_serving:chunk_cumsum", None), ("kernels_engine:clamp", 40),
+                            ("kernels_engine:clamp", 20)}
+    inf_entry, nan_entry = entries[("kernels_engine:clamp", 40)], entries[("kernels_engine:clamp", 20)]
+    assert inf_entry.callspec is not None and inf_entry.callspec["args"][3] == {"kind": "float", "value": "-inf"}
+    assert nan_entry.callspec is not None and nan_entry.callspec["kwargs"]["hi"] == {"kind": "float", "value": "nan"}
+    _, args, kwargs = rebuild(inf_entry)
+    assert args[3] == float("-inf") and kwargs["hi"] == float("inf")
+    _, args, kwargs = rebuild(nan_entry)
+    assert args[3] == -1.0 and math.isnan(kwargs["hi"])
+
+    # a tag an old or hostile writer got wrong is that entry's problem only, refused with the reason
+    bad = json.loads(next(t for t in path.read_text().splitlines() if '"-inf"' in t))
+    bad["key"] = [["n", 41] if k == "n" else [k, v] for k, v in bad["key"]]
+    bad["callspec"]["args"][3]["value"] = "-Infinity"
+    mf.append(path, [json.dumps(bad) + "\n"])
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'fresh.db'}")  # replay tunes from scratch
+    report = tunevault.warmup(path)
+    status = {dict(i.key.items).get("n"): (i.status, i.reason) for i in report.items}
+    assert status[40] == status[20] == status[None] == ("tuned", "")
+    assert status[41][0] == "skipped" and "argspec invalid" in status[41][1], status[41]
+    assert "kind float must be one of" in status[41][1]
+
+
+def test_a_record_that_cannot_be_written_costs_only_its_callspec(tv, tmp_path: Path) -> None:
+    """Whatever a captured call holds that JSON cannot (here: a raw NaN, as ArgSpecs once kept it),
+    the other keys' lines are written, the key's own line says why it has no callspec, and nothing
+    raises out of the block."""
+    import kernels_engine as ke
+
+    path = tmp_path / "keys.jsonl"
+    x = torch.randn(40)
+    with tunevault.capture(path, flush_interval=0) as rec:
+        serve([10])
+        ke.run_clamp(x, -1.0, 1.0)
+        (clamped,) = [r for (kernel, _), r in rec._records.items() if kernel == "kernels_engine:clamp"]
+        clamped.callspec = {"args": [{"kind": "scalar", "value": float("nan")}], "kwargs": {}, "grids": []}
+    by_kernel = {e.kernel: e for e in mf.read(path)}
+    assert by_kernel["kernels_serving:chunk_cumsum"].callspec is not None
+    bad = by_kernel["kernels_engine:clamp"]
+    assert bad.count == 1 and bad.callspec is None
+    assert bad.callspec_error is not None and "cannot be written" in bad.callspec_error
 
 
 def test_capture_without_install_warns(tmp_path: Path, caplog) -> None:

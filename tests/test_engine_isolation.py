@@ -125,6 +125,79 @@ def test_kernel_a_worker_cannot_import_tunes_in_process_with_one_warning(
     assert all(dict(d.provenance)["tuned_in"] == "process" for d in runtime().used.values())
 
 
+def lock_is_free() -> bool:
+    """Whether another thread can take the engine's lock (it guards every isolated tuning)."""
+    got: list[bool] = []
+
+    def take() -> None:
+        got.append(isolated._lock.acquire(timeout=1))
+        if got[0]:
+            isolated._lock.release()
+
+    t = threading.Thread(target=take)
+    t.start()
+    t.join()
+    return got[0]
+
+
+def test_non_finite_scalar_is_tuned_in_the_worker_and_leaves_the_lock_free(sqlite_url: str) -> None:
+    """-inf as a clamp bound once raised ValueError from the call and kept the engine's lock: every
+    later isolated tuning on any thread waited out its tune_timeout, then failed."""
+    from tunevault.core.identity import kernel_id
+
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, tune_timeout=20)
+    x = torch.randn(100)
+    assert torch.equal(ke.run_clamp(x, float("-inf"), float("inf")), x)
+    assert dict(decision_for(ke.clamp).provenance)["tuned_in"] == "worker"
+    assert lock_is_free()
+
+    took: list[float] = []
+
+    def other() -> None:
+        a, b = torch.randn(300), torch.randn(300)
+        started = time.monotonic()
+        assert torch.equal(ke.run_add(ke.add_equal, a, b), a + b)
+        took.append(time.monotonic() - started)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert took and took[0] < 10 and dict(decision_for(ke.add_equal).provenance)["tuned_in"] == "worker"
+
+    # a call the worker protocol cannot carry is "tune in process", never an error with the lock kept
+    session = isolated.WorkerSession("kernels_engine:clamp", kernel_id(ke.clamp).digest,
+                                     {"args": [{"kind": "scalar", "value": float("nan")}], "kwargs": {}},
+                                     {}, time.monotonic() + 20, 10)
+    with pytest.raises(isolated.IsolationUnavailable, match="cannot be sent to the worker"):
+        session.start()
+    assert lock_is_free() and isolated.worker_pid() is not None  # the worker did nothing wrong: it stays
+
+
+def test_falling_back_after_waiting_for_the_worker_tunes_with_a_fresh_deadline(sqlite_url: str) -> None:
+    """Another tuning kept the worker until this key's deadline: the key is tuned in process, with its
+    own tune_timeout (it once inherited the spent one, skipped every config and raised TuningError)."""
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False, tune_timeout=2)
+    holding, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        if isolated._lock.acquire(timeout=10):  # as a long isolated tuning on another thread holds it
+            holding.set()
+            release.wait(60)
+            isolated._lock.release()
+
+    holder = threading.Thread(target=busy)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        x, y = torch.randn(300), torch.randn(300)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+    finally:
+        release.set()
+        holder.join()
+    d = decision_for(ke.add_equal)
+    assert dict(d.provenance)["tuned_in"] == "process" and all(c.ok for c in d.candidates)
+
+
 def test_importability_is_checked_by_kernel_identity() -> None:
     assert isolated.kernel_target(ke.twin) == ("kernels_engine:twin", "")
     # its function's name finds the other autotuner: the worker imports the attribute holding it

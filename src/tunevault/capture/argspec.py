@@ -5,10 +5,14 @@ Tensors keep shape, stride, dtype and device; small integer tensors (index tenso
 indexes memory the way the captured one did. Grids are captured per declared config,
 because a grid is usually a lambda of the meta-parameters and cannot be serialised.
 A CallSpec read from a manifest is checked before anything is allocated (``CallSpec.check``).
+A float scalar JSON cannot hold (``-inf`` as a mask value, ``inf``, ``nan``) is written as
+``{"kind": "float", "value": "-inf"}``: a reader that predates it refuses the kind rather than
+rebuilding something else, and finite floats keep the plain ``scalar`` form older readers know.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ MAX_BYTES = 8 << 30  # all tensors of one rebuilt call together
 MAX_RANK, MAX_DIM, MAX_ARGS, MAX_GRIDS = 16, 1 << 48, 1024, 4096
 MAX_INT = 1 << 62
 NOT_A_SIZE = re.compile(r"seed|philox|rng", re.IGNORECASE)  # integer arguments that index nothing
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}  # kind "float": the text of each
 
 
 def _require(cond: bool, what: str) -> None:
@@ -90,6 +95,8 @@ class ArgSpec:
         return cls("tensor", **base)
 
     def to_json(self) -> dict[str, Any]:
+        if isinstance(self.value, float) and not math.isfinite(self.value):
+            return {"kind": "float", "value": repr(self.value)}  # 'inf', '-inf' or 'nan'
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind != "tensor":
             out["value"] = self.value
@@ -103,7 +110,13 @@ class ArgSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> ArgSpec:
-        _require(isinstance(data, dict) and data.get("kind") in ("tensor", "scalar", "tl_dtype"), "argspec.kind")
+        _require(isinstance(data, dict) and data.get("kind") in ("tensor", "scalar", "tl_dtype", "float"),
+                 "argspec.kind")
+        if data["kind"] == "float":
+            text = data.get("value")
+            _require(isinstance(text, str) and text in NON_FINITE,
+                     f"argspec.value of kind float must be one of {sorted(NON_FINITE)}")
+            return cls("scalar", NON_FINITE[text])
         if data["kind"] != "tensor":
             v = data.get("value")
             _require(v is None or isinstance(v, bool | int | float | str), "argspec.value must be a scalar")

@@ -156,10 +156,11 @@ class Recorder:
                 delta = [c - f for c, f in zip(counts, rec.flushed, strict=True)]
                 if not any(delta):  # nothing counted since the last flush (or, in a forked child, the fork)
                     continue
-                spec = None if rec.spec_written else rec.callspec
-                counted = dict(zip(manifest.OUTCOMES, delta, strict=True))
-                lines.append(manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host,
-                                           spec, None if rec.spec_written else rec.error, self.sign_key))
+                try:
+                    lines.append(self._line(rec, dict(zip(manifest.OUTCOMES, delta, strict=True)), pid))
+                except Exception as exc:  # this record's problem only: its counts wait, the others are written
+                    self._warn(exc)
+                    continue
                 done.append((rec, counts))
             try:
                 manifest.append(self.path, lines)
@@ -169,6 +170,19 @@ class Recorder:
             for rec, counts in done:
                 rec.flushed, rec.spec_written = counts, True
             return len(lines)
+
+    def _line(self, rec: _Record, counted: dict[str, int], pid: int) -> str:
+        """``rec``'s manifest line; a captured call that cannot be written becomes its callspec_error."""
+        spec, error = (None, None) if rec.spec_written else (rec.callspec, rec.error)
+        try:
+            return manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host, spec, error,
+                                 self.sign_key)
+        except (TypeError, ValueError) as exc:
+            if spec is None:
+                raise
+            rec.callspec, rec.error = None, f"the captured call cannot be written: {type(exc).__name__}: {exc}"[:300]
+            return manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host, None, rec.error,
+                                 self.sign_key)
 
     def close(self) -> None:
         self._stop.set()
@@ -181,7 +195,10 @@ class Recorder:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # the thread outlives one bad flush: later ones may succeed
+                self._warn(exc)
 
     def _after_fork(self) -> None:
         """In a forked child: the parent owns what was counted so far, and writes it; count afresh
@@ -254,7 +271,10 @@ def _recorders() -> list[Recorder]:
 
 def _flush_all() -> None:
     for rec in _recorders():
-        rec.close()
+        try:
+            rec.close()
+        except Exception as exc:  # at exit: the other recorders still flush, and no traceback
+            rec._warn(exc)
 
 
 def _after_fork_all() -> None:

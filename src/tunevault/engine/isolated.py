@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec, TuningError
 from tunevault.engine.procs import (
+    Unencodable,
     WorkerDied,
     WorkerProcess,
     device_index,
@@ -294,7 +295,7 @@ class WorkerSession:
         self.locked = True
         try:
             self._ready(first=True)
-        except IsolationUnavailable:
+        except BaseException:  # whatever went wrong, the lock goes with it: it guards every isolated tuning
             self.close()
             raise
 
@@ -309,6 +310,8 @@ class WorkerSession:
                     raise IsolationUnavailable(ev.get("message", "the worker refused the kernel"))
                 w.opened.add(self.sid)
             return w
+        except Unencodable as exc:  # the call, not the worker: tune it in process
+            raise IsolationUnavailable(f"its call cannot be sent to the worker ({exc})") from exc
         except (WorkerDied, queue.Empty) as exc:
             retire(kill=True)
             reason = f"the worker did not start: {exc or 'timed out'}"

@@ -37,6 +37,10 @@ class WorkerDied(RuntimeError):
     """The worker process is gone (or its pipe is)."""
 
 
+class Unencodable(ValueError):
+    """A message JSON cannot carry (a value it has no form for): nothing was sent, the worker is fine."""
+
+
 class WorkerProcess:
     def __init__(self, proc: subprocess.Popen[bytes], env: dict[str, str], token: str = "") -> None:
         self.proc, self.env, self.pid = proc, env, proc.pid
@@ -127,7 +131,10 @@ class WorkerProcess:
         return not self.eof and self.proc.poll() is None
 
     def send(self, msg: dict[str, Any]) -> None:
-        data = (json.dumps(msg, allow_nan=False) + "\n").encode()
+        try:
+            data = (json.dumps(msg, allow_nan=False) + "\n").encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise Unencodable(f"{type(exc).__name__}: {exc}") from exc
         try:
             assert self.proc.stdin is not None
             with self._send_lock:

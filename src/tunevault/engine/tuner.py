@@ -132,6 +132,8 @@ def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, A
         session = open_worker_session(rt, st, args, kwargs, candidates, deadline)
         opened.append(("worker_open_s", round(time.perf_counter() - started, 3)))
     if session is None:
+        if opened:  # isolation fell back: the wait for the worker (its lock, its start) was not tuning
+            deadline = time.monotonic() + settings.tune_timeout
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
                                    {i: s for i, _, s in candidates}, counted, deadline)
     confidence = settings.confidence
