@@ -60,6 +60,18 @@ def no_config_works(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
 
+@triton.jit
+def _copy_block(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+# The same failing configs over a jit function of another name: an alias (captured as
+# ``kernels_shard:aliased_no_config_works``; its decisions would be named ``kernels_shard:_copy_block``).
+aliased_no_config_works = triton.autotune(
+    configs=[triton.Config({"BLOCK": b}, pre_hook=_out_of_resources) for b in (16, 32)], key=["n"])(_copy_block)
+
+
 def _compile_time(nargs: dict[str, Any]) -> int:
     time.sleep(1.0)  # evaluated on every compile: a config whose compile takes a second
     return 1

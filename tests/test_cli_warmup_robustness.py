@@ -153,6 +153,20 @@ def test_recorded_failures_are_retried_on_request_and_cleared_by_rm(tmp_path: Pa
     assert rm_all.returncode == 0 and "1 failed-key record(s)" in rm_all.stdout, rm_all.stdout + rm_all.stderr
 
 
+def test_rm_finds_an_aliased_kernels_failure_record_by_either_name(tmp_path: Path) -> None:
+    """Warmup names an aliased kernel by the attribute holding it; its decisions carry the jit
+    function's name (what ``ls`` shows). ``rm --kernel`` with that name left the record in place."""
+    path = tmp_path / "alias.jsonl"
+    ks.write_manifest(path, [40], kernel=ks.aliased_no_config_works, name="kernels_shard:aliased_no_config_works")
+    store = f"sqlite:///{tmp_path / 'alias.db'}"
+    for _run in range(2):  # recorded, then reported from the record
+        done = tv("--store", store, "warmup", str(path), "--json")
+    assert "recorded by" in json.loads(done.stdout)["items"][0]["reason"], done.stdout + done.stderr
+    for name in ("aliased_no_config_works", "_copy_block"):
+        dry = tv("--store", store, "rm", "--kernel", name, "--dry-run")
+        assert "1 failed-key record(s)" in dry.stdout, (name, dry.stdout + dry.stderr)
+
+
 # ---------------------------------------------------------------- 2. an unusable store is an error
 
 

@@ -399,9 +399,9 @@ def _failed_records(store: Store, args: argparse.Namespace) -> dict[str, str]:
             record = json.loads(text)
         except ValueError:
             record = None
-        kernel = record.get("kernel") if isinstance(record, dict) else None
-        if args.kernel and not (isinstance(kernel, str) and args.kernel in kernel):
-            continue
+        names = [record.get(field) for field in ("kernel", "identity")] if isinstance(record, dict) else []
+        if args.kernel and not any(isinstance(name, str) and args.kernel in name for name in names):
+            continue  # the manifest's name (an alias, as warmup reports it) or the decisions' name
         if args.this_machine and fingerprint != [here]:
             continue
         if args.other_machines and fingerprint == [here]:

@@ -132,6 +132,9 @@ class EntryTask:
     def decided(self) -> bool:
         return self._kernel_id is not None and self.runtime.lookup(self._kernel_id, self.key) is not None
 
+    def identity_name(self) -> str | None:
+        return None if self._kernel_id is None else self._kernel_id.name
+
     def decided_by_name(self) -> bool:
         """Decided under the digest a peer of this run found for the kernel (DecidedNames)."""
         if self.names is None or self._lease is not None or self.kernel.partition(":")[0] in sys.modules:

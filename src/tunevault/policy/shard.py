@@ -58,6 +58,9 @@ class Task(Protocol):
     def decided(self) -> bool:
         """Whether the store holds a decision for the key (loading it into this process)."""
 
+    def identity_name(self) -> str | None:
+        """The kernel's name as its decisions carry it (``KernelId.name``), once it was imported."""
+
     def decided_by_name(self) -> bool:
         """Whether the store holds a decision for the key, judged without importing the kernel's
         module (by a digest a peer of this warmup computed); False where that cannot be known
@@ -121,8 +124,11 @@ def failed_record_name(lease: str) -> str:
     return FAILED_PREFIX + lease.partition(":")[2]
 
 
-def failed_record(item: WarmupItem) -> str:
-    return json.dumps({"format": FAILED_FORMAT, "kernel": item.kernel, "key": item.key.text,
+def failed_record(item: WarmupItem, identity: str | None = None) -> str:
+    """The record of a key whose every config failed. ``identity``: the kernel's name as its
+    decisions carry it (``tunevault ls``, ``rm --kernel``), where the manifest names an alias."""
+    return json.dumps({"format": FAILED_FORMAT, "kernel": item.kernel, "identity": identity or item.kernel,
+                       "key": item.key.text,
                        "status": item.status, "reason": item.reason[:MAX_REASON],
                        "by": f"{socket.gethostname()}:{os.getpid()}", "time": round(time.time(), 3)},
                       separators=(",", ":"))
@@ -224,7 +230,8 @@ class _Walk:
         first = True
         if item.lasting and lease is not None:
             try:
-                first = self.store.try_lease(failed_record_name(lease), failed_record(item), self.sharing.failed_ttl)
+                record = failed_record(item, task.identity_name())
+                first = self.store.try_lease(failed_record_name(lease), record, self.sharing.failed_ttl)
             except Exception as exc:
                 log.debug("tunevault warmup: could not record %s as not tunable: %s", task.what, exc)
         if first:
