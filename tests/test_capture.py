@@ -374,6 +374,30 @@ def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path:
     assert status == "skipped" and "153600 bytes" in reason and "1 other captured call(s)" in reason, reason
 
 
+def test_compile_ahead_compiles_the_captured_call_the_replay_tunes(tv, tmp_path: Path) -> None:
+    """A key's first captured call passes the size check but rebuilds to another key (a line from
+    elsewhere): the replay tunes the second call, and compile ahead must compile that one too
+    (it took the first that passed the size check: the helpers' compiles were not the tuning's)."""
+    import dataclasses
+
+    from tunevault.capture.locate import import_autotuner
+    from tunevault.capture.replay import rebuild, replayed_callspec
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        scale_rows(2, 300)
+    (entry,) = mf.read(path)
+    good = entry.callspec
+    assert good is not None
+    other = json.loads(json.dumps(good))
+    other["args"][2]["value"] = 301  # N, the key: rebuilt, it is another key
+    twice = dataclasses.replace(entry, callspec=other, alternates=[good])
+    at, args, _kwargs = rebuild(twice)
+    assert args[2] == 300, "the replay tunes the second call"
+    assert replayed_callspec(at, twice) == good
+    assert replayed_callspec(import_autotuner(entry.kernel), entry) == good
+
+
 def test_kernels_bound_to_other_names_than_their_function_are_replayed(tv, tmp_path: Path) -> None:
     """``scale_tuned = triton.autotune(...)(_scale_by_two)``: the manifest names the attribute that
     holds the kernel, so warmup imports the Autotuner, and two autotuners over one function

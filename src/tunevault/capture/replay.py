@@ -67,6 +67,18 @@ def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -
     The key's first captured call is rebuilt; where it is refused (its sizes, or another key), the
     next one the manifest holds for the key is tried, and the first refusal is the one reported."""
     autotuner = import_autotuner(entry.kernel)
+    _raw, args, kwargs = _first_rebuilt(autotuner, entry, device, seed)
+    return autotuner, args, kwargs
+
+
+def replayed_callspec(autotuner: Autotuner, entry: mf.ManifestEntry) -> dict[str, Any]:
+    """The captured call :func:`rebuild` replays for ``entry``, found on ``meta`` (no memory): what
+    compile ahead compiles, so its compiles are the tuning's. Raises InvalidEntry as rebuild does."""
+    return _first_rebuilt(autotuner, entry, "meta", 0)[0]
+
+
+def _first_rebuilt(autotuner: Autotuner, entry: mf.ManifestEntry, device: str | None, seed: int,
+                   ) -> tuple[dict[str, Any], tuple, dict]:
     if entry.callspec is None:
         raise InvalidEntry(f"no argspec captured ({entry.callspec_error or 'unknown reason'})")
     refusals: list[InvalidEntry] = []
@@ -76,7 +88,7 @@ def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -
         except InvalidEntry as exc:
             refusals.append(exc)
             continue
-        return autotuner, args, kwargs
+        return raw, args, kwargs
     others = f" (the key's {len(refusals) - 1} other captured call(s) were refused too)" if len(refusals) > 1 else ""
     raise InvalidEntry(f"{refusals[0]}{others}") from refusals[0]
 

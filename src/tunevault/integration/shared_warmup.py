@@ -17,12 +17,11 @@ import os
 import random
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
-from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one
-from tunevault.core.model import InvalidEntry, KernelId
+from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one, replayed_callspec
+from tunevault.core.model import KernelId
 from tunevault.engine.ahead import AheadJob
 from tunevault.engine.context import sharing_cores
 from tunevault.integration.warmup_ahead import AheadPlan, plan_for
@@ -30,9 +29,6 @@ from tunevault.policy.lease import lease_name
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.shard import Sharing, Task, affinity_order, share
 from tunevault.store.base import Store
-
-if TYPE_CHECKING:
-    from triton.runtime.autotuner import Autotuner
 
 log = logging.getLogger("tunevault")
 
@@ -159,23 +155,10 @@ class EntryTask:
         at = import_autotuner(self.kernel)
         if getattr(at, "early_config_prune", None) or getattr(at, "perf_model", None):
             return None  # the pruned set depends on the call: it compiles in the tuning
-        callspec = self._checked_callspec(at)
+        callspec = replayed_callspec(at, self.entry)  # the call the tuning replays
         target, _why = kernel_target(at)
         return job_for(target, self._kernel_id.digest, callspec, range(len(at.configs)), self.device)
 
-    def _checked_callspec(self, autotuner: Autotuner) -> dict[str, Any]:
-        """The first captured call whose sizes pass (a manifest from elsewhere), as the replay picks it."""
-        from tunevault.capture.argspec import CallSpec
-
-        refused: InvalidEntry | None = None
-        for raw in self.entry.callspecs:
-            try:
-                CallSpec.from_json(raw).check(autotuner)
-            except InvalidEntry as exc:
-                refused = refused or exc
-                continue
-            return raw
-        raise refused or InvalidEntry("no argspec captured")
 
 
 def participant(env: dict[str, str] | None = None) -> tuple[int, int] | None:
