@@ -13,10 +13,10 @@ import math
 import os
 import threading
 import time
-import weakref
 from collections import defaultdict
 from typing import Any
 
+from tunevault.core.forks import renewed_in_child
 from tunevault.core.untrusted import Refused, open_sink
 
 log = logging.getLogger("tunevault")
@@ -25,26 +25,11 @@ COUNTERS = ("hits", "misses", "tunings", "fallbacks", "predicted", "errors", "tu
             "capture_fallbacks")
 
 
-_locked: weakref.WeakSet[Stats | EventLog] = weakref.WeakSet()
-
-
-def _new_locks_in_child() -> None:
-    """A thread that held a counter's or an event log's lock at a fork does not exist in the child,
-    whose next count or event would wait for it forever."""
-    for holder in list(_locked):
-        holder._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_in_child)
-
-
 class Stats:
     """Thread-safe counters keyed by (kernel name, phase)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        _locked.add(self)
+        self._lock = renewed_in_child(self, "_lock", threading.Lock)
         self._counts: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
 
     def add(self, kernel: str, phase: str, counter: str, amount: float = 1) -> None:
@@ -78,8 +63,7 @@ class EventLog:
         self.keep = keep
         self.started = time.time()
         self.recent: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        _locked.add(self)
+        self._lock = renewed_in_child(self, "_lock", threading.Lock)
         self._warned = False
         self._refused = False  # the path is not a regular file: never tried again
 

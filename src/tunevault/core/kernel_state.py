@@ -9,12 +9,11 @@ built only on a miss.
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tunevault.core.forks import renewed_in_child
 from tunevault.core.key_code import RawKeyFn, make_raw_key
 from tunevault.core.model import ConfigSpec, JsonScalar, KernelId, TuningKey
 
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
 STATE_ATTR = "_tunevault_state"  # where the adapter keeps a KernelState on its Autotuner
-_states: weakref.WeakSet[KernelState] = weakref.WeakSet()  # every live one, for the fork hook
 
 
 def is_kernel(autotuner: Autotuner) -> bool:
@@ -55,7 +53,8 @@ class KernelState:
         self.key_fns = _KeyFns(self.arg_names, self.keys)
         # raw key -> (config, its launch kwargs, its pre_hook): everything a hit needs, precomputed
         self.hits: dict[tuple, tuple[Config, dict[str, Any], Callable[..., Any] | None]] = {}
-        self.lock = threading.RLock()
+        # held for a whole tuning: a fork meanwhile must not leave the child's first miss waiting
+        self.lock = renewed_in_child(self, "lock", threading.RLock)
         self._kernel_id: KernelId | None = None
         self._specs: list[ConfigSpec] | None = None
         # the declared list the identity and specs were made from, and its elements (kept, so that
@@ -64,7 +63,6 @@ class KernelState:
         self._declared: tuple[Config, ...] = tuple(autotuner.configs)
         self.n_hits = 0
         self.first_logged = False
-        _states.add(self)
 
     def raw_key(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
         """This call's key in the in-memory dict: equal for two calls exactly when Triton's key and
@@ -137,17 +135,6 @@ class KernelState:
         if 0 <= index < min(len(specs), len(configs)) and specs[index] == spec and config_spec(configs[index]) == spec:
             return index
         return None
-
-
-def _new_locks_in_child() -> None:
-    """A thread that held a kernel's lock at a fork (tuning a key can hold it for minutes) does not
-    exist in the child: the child's first miss of that kernel would wait for it forever."""
-    for state in list(_states):
-        state.lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class _KeyFns(dict[int, RawKeyFn]):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.events import EventLog, Stats
+from tunevault.core.forks import renewed_in_child
 from tunevault.core.model import ConfigSpec, Decision, Fingerprint, KernelId, TuningKey
 from tunevault.policy.fallback import Predictions
 from tunevault.policy.settings import Settings
@@ -34,20 +34,6 @@ def _capturing() -> bool:
     return capturing()
 
 
-_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
-
-
-def _new_locks_in_child() -> None:
-    """A thread that held a runtime's lock at a fork (opening the store, the damage check) does not
-    exist in the child: the child's next miss would wait for it forever."""
-    for runtime in list(_runtimes):
-        runtime._lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_in_child)
-
-
 class Runtime:
     """Everything a miss needs: settings, the store (opened on the first miss), decisions seen,
     counters, events, observers. ``warm_up(runtime, manifest)`` runs ``TUNEVAULT_WARMUP``'s
@@ -65,8 +51,8 @@ class Runtime:
         self.events = EventLog(settings.events)
         self._store: Store | None = None
         self._fingerprint: Fingerprint | None = None
-        self._lock = threading.RLock()
-        _runtimes.add(self)
+        # held while the store opens and for the damage check: a fork meanwhile must not leave it held
+        self._lock = renewed_in_child(self, "_lock", threading.RLock)
         self._warned: set[Hashable] = set()
         self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
