@@ -163,9 +163,9 @@ def task_referee(out: Path, path: str) -> int:
     timing, three times): a referee that neither run's screen or device biased."""
     from tunevault.capture import manifest
     from tunevault.capture.argspec import CallSpec
+    from tunevault.capture.locate import import_autotuner
     from tunevault.core.identity import config_spec
     from tunevault.engine.inprocess import InProcessSession
-    from tunevault.engine.worker import find_autotuner, import_kernel
 
     entries = {e.ident: e for e in manifest.read(out / "manifest.jsonl")}
     verdicts = []
@@ -174,7 +174,7 @@ def task_referee(out: Path, path: str) -> int:
         if entry is None or entry.callspec is None:
             verdicts.append({**d, "error": "not in the manifest with a callspec"})
             continue
-        at = find_autotuner(import_kernel(d["kernel"]))
+        at = import_autotuner(d["kernel"])
         args, kwargs = CallSpec.from_json(entry.callspec, untrusted=False).build(at, seed=0)
         picks = [d["one_index"], d["many_index"]]
         session = InProcessSession(at, args, kwargs, {i: at.configs[i] for i in picks},

@@ -110,15 +110,15 @@ def test_a_helper_that_dies_costs_the_warmup_only_its_help(tmp_path: Path) -> No
     import signal
 
     from tunevault.capture import manifest as mf
+    from tunevault.capture.locate import autotuner_under
     from tunevault.core.identity import kernel_id
     from tunevault.engine.ahead import CompileAhead, job_for
     from tunevault.engine.isolated import kernel_target
-    from tunevault.engine.worker import find_autotuner
 
     manifest = tmp_path / "keys.jsonl"
     ks.write_manifest(manifest, [64, 93])
     first, second = mf.read(manifest)
-    at = find_autotuner(ks.shard_scale)
+    at = autotuner_under(ks.shard_scale)
     target, _ = kernel_target(at)
     digest = kernel_id(at).digest
     ahead = CompileAhead(keys=1, helpers=1)
@@ -145,14 +145,14 @@ def test_a_helper_that_dies_costs_the_warmup_only_its_help(tmp_path: Path) -> No
 
 def _shard_jobs(tmp_path: Path, sizes: list[int]) -> list[AheadJob]:
     from tunevault.capture import manifest as mf
+    from tunevault.capture.locate import autotuner_under
     from tunevault.core.identity import kernel_id
     from tunevault.engine.ahead import job_for
     from tunevault.engine.isolated import kernel_target
-    from tunevault.engine.worker import find_autotuner
 
     manifest = tmp_path / "keys.jsonl"
     ks.write_manifest(manifest, sizes)
-    at = find_autotuner(ks.shard_scale)
+    at = autotuner_under(ks.shard_scale)
     target, _ = kernel_target(at)
     jobs = [job_for(target, kernel_id(at).digest, e.callspec, range(len(at.configs))) for e in mf.read(manifest)]
     assert all(job is not None for job in jobs)
@@ -216,11 +216,11 @@ def test_a_helper_whose_warmup_died_stops_compiling(tmp_path: Path) -> None:
     """The warmup process is killed (SIGKILL, OOM, --jobs stopping its children): the helper sees
     its input close and exits at once, not after every compile it was handed."""
     from tunevault.capture.argspec import CallSpec
+    from tunevault.capture.locate import autotuner_under
     from tunevault.core.identity import kernel_id
     from tunevault.engine.procs import spawn, worker_env
-    from tunevault.engine.worker import find_autotuner
 
-    at = find_autotuner(ks.slow_compile)
+    at = autotuner_under(ks.slow_compile)
     x = torch.zeros(64)
     spec = CallSpec.of(at, (x, torch.empty_like(x), 64), {"grid": (1,)}).to_json()
     env = worker_env(None)
@@ -392,12 +392,12 @@ def test_helpers_stuck_on_a_claimed_key_stop_compile_ahead(caplog: pytest.LogCap
     import logging
 
     from tunevault.capture.argspec import CallSpec
+    from tunevault.capture.locate import autotuner_under
     from tunevault.core.identity import kernel_id
     from tunevault.engine.ahead import AheadJob, CompileAhead
-    from tunevault.engine.worker import find_autotuner
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the helper compiles for real: a second a config
-    at = find_autotuner(ks.slow_compile)
+    at = autotuner_under(ks.slow_compile)
     x = torch.zeros(64)
     spec = CallSpec.of(at, (x, torch.empty_like(x), 64), {"grid": (1,)}).to_json()
     job = AheadJob("kernels_shard:slow_compile", kernel_id(at).digest, spec, tuple(range(8)))

@@ -101,7 +101,7 @@ def autotuner_under(obj: Any) -> Autotuner | None:
     return None
 
 
-def _kernels_in(module: ModuleType) -> Iterator[tuple[str, Autotuner]]:
+def kernels_in(module: ModuleType) -> Iterator[tuple[str, Autotuner]]:
     """``(attribute, Autotuner)`` for each top-level attribute of ``module`` that is an autotuned
     kernel; only Triton's own wrapper classes are looked into, so no user code runs."""
     from triton.runtime.autotuner import Autotuner, Heuristics
@@ -146,7 +146,7 @@ def _find_name(autotuner: Autotuner) -> str | None:
     modules = [(module_name, home)] if home is not None else []
     modules += [(n, m) for n, m in list(sys.modules.items()) if m is not home and n not in ("__main__", "__mp_main__")]
     for name, module in modules:
-        for attr, found in _kernels_in(module):
+        for attr, found in kernels_in(module):
             if found is autotuner:
                 return f"{name}:{attr}"
     return None
@@ -174,7 +174,7 @@ def find_kernel(module: ModuleType, path: str, digest: str | None = None) -> Aut
     if found is not None:
         return found
     over: dict[int, tuple[list[str], Autotuner]] = {}  # distinct Autotuners over ``obj``, with their names
-    for attr, autotuner in _kernels_in(module):
+    for attr, autotuner in kernels_in(module):
         with contextlib.suppress(TypeError):
             if jit_of(autotuner) is obj:
                 over.setdefault(id(autotuner), ([], autotuner))[0].append(attr)

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 from collections.abc import Iterable
-from typing import Any
 
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _SKIP = ("__main__", "__mp_main__", "tunevault", "triton", "torch")  # nothing to learn, or not importable
@@ -41,19 +40,12 @@ def from_manifest(path: str | os.PathLike[str] | None) -> list[str]:
         return []
 
 
-def _defines_kernel(value: Any) -> bool:
-    kind = type(value)
-    if kind.__name__ not in ("Autotuner", "Heuristics") or not kind.__module__.startswith("triton."):
-        return False
-    from tunevault.engine.worker import find_autotuner
-
-    return find_autotuner(value) is not None
-
-
 def loaded_kernel_modules(seen: set[str]) -> list[str]:
     """Modules imported in this process since the last call (``seen`` remembers) that define an
     autotuned kernel at their top level. A module whose import is still running (a large library
     takes seconds) is looked at again on a later call, once its kernels exist."""
+    from tunevault.capture.locate import kernels_in
+
     found = []
     for name, module in list(sys.modules.items()):
         if name in seen:
@@ -63,10 +55,6 @@ def loaded_kernel_modules(seen: set[str]) -> list[str]:
         seen.add(name)
         if not importable(name):
             continue
-        try:
-            values = list(vars(module).values())
-        except TypeError:
-            continue
-        if any(_defines_kernel(v) for v in values):
+        if next(kernels_in(module), None) is not None:
             found.append(name)
     return found

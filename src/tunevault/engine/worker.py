@@ -44,21 +44,6 @@ class Fatal(Exception):
     """The kernel cannot be tuned here at all (import failure, different kernel, bad arguments)."""
 
 
-def find_autotuner(obj: Any) -> Autotuner | None:
-    """Walk ``.fn`` from a module attribute (maybe a Heuristics) down to its Autotuner."""
-    from tunevault.capture.locate import autotuner_under
-
-    return autotuner_under(obj)
-
-
-def import_kernel(target: str) -> Any:
-    module, _, qualname = target.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def import_autotuner(target: str, digest: str | None = None) -> Autotuner:
     """The Autotuner ``target`` names: an alias's, or among those over a named jit function the one
     with ``digest`` (capture.locate.find_kernel); Fatal when there is none."""
