@@ -119,7 +119,7 @@ class LayeredStore:
                     skey = first if first in self._pending else next(iter(self._pending))
                     first = None
                     stale, mine = self._pending.pop(skey)
-                fleet = self._remote("publish", functools.partial(_publish, stale=stale, decision=mine), None)
+                fleet = self._remote("publish", functools.partial(_write_to, stale=stale, decision=mine), None)
                 if fleet is None:  # still unusable: keep it (unless a newer write took its place)
                     with self._lock:
                         self._pending.setdefault(skey, (stale, mine))
@@ -166,32 +166,25 @@ class LayeredStore:
     def put(self, decision: Decision) -> Decision:
         """Remote first: if another host published first, its decision is the one kept everywhere
         (the local entry included). Without the remote, the local store's, published later."""
-        self._publish_pending(decision.store_key)
-        published = self._remote("publish", lambda r: r.put(decision), None)
-        if published is None:
-            local = self.local.put(decision)  # raises if it fails too: the runtime keeps it in memory
-            if self.remote is not None:
-                self._defer(local)
-            return local
-        try:
-            local = self.local.put(published)
-        except Exception:
-            return published
-        if local != published:
-            self._adopt(published, local)
-        return published
+        return self._write(decision)
 
     def supersede(self, stale: Decision, decision: Decision) -> Decision:
         """Replace ``stale`` where it is stored (remote first, then local, which also shadows a bundle)."""
+        return self._write(decision, stale)
+
+    def _write(self, decision: Decision, stale: Decision | None = None) -> Decision:
+        """``put`` (``stale`` None) or ``supersede``: remote first, and what the fleet keeps is kept
+        locally too; without the remote, the local store's, published once it answers again."""
         self._publish_pending(decision.store_key)
-        published = self._remote("supersede", lambda r: supersede(r, stale, decision), None)
+        published = self._remote("publish" if stale is None else "supersede",
+                                 functools.partial(_write_to, stale=stale, decision=decision), None)
         if published is None:
-            local = supersede(self.local, stale, decision)
+            local = _write_to(self.local, stale, decision)  # raises if it fails too: the runtime keeps it in memory
             if self.remote is not None:
                 self._defer(local, stale)
             return local
         try:
-            local = supersede(self.local, stale, published)
+            local = _write_to(self.local, stale, published)
         except Exception:
             return published
         if local != published:
@@ -264,9 +257,9 @@ class LayeredStore:
         return f"LayeredStore({self.url})"
 
 
-def _publish(remote: Store, stale: Decision | None, decision: Decision) -> Decision:
-    """Publish a decision written only locally: first writer wins, or it replaces ``stale``."""
-    return remote.put(decision) if stale is None else supersede(remote, stale, decision)
+def _write_to(store: Store, stale: Decision | None, decision: Decision) -> Decision:
+    """``store.put(decision)`` (first writer wins), or with ``stale`` its supersede; what it holds."""
+    return store.put(decision) if stale is None else supersede(store, stale, decision)
 
 
 def _listed(store: Store, query: Query) -> list[Decision]:
