@@ -130,7 +130,9 @@ def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
 def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     """``_run`` under Triton's interpreter: a hit's launch takes turns with background tuning's
     (engine/turns.py; a miss's launch in ``resolve`` takes its turn itself). Only the launch: a turn
-    held while waiting for a kernel's lock could wait for a tuning that waits for the turn."""
+    held while waiting for a kernel's lock could wait for a tuning that waits for the turn. It
+    repeats ``_run``'s lookup rather than sharing a helper with it: ``_run`` is the GPU hot path,
+    one function with no call and no interpreter check in it."""
     try:
         state = self._tunevault_state
     except AttributeError:

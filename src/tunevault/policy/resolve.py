@@ -291,7 +291,7 @@ def _builds(st: KernelState, args: tuple, kwargs: dict[str, Any], config: Config
     except losing:
         return False
     except Exception:
-        return True  # warmup unsupported here (e.g. interpreter): let the launch decide
+        return True  # this Triton cannot compile ahead for these arguments: let the launch decide
     try:
         # Loading the module is where Triton finds a config that compiles but does not fit the
         # device (shared memory, tensor memory): OutOfResources, which warmup alone never raises.

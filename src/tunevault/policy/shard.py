@@ -128,8 +128,7 @@ def failed_record(item: WarmupItem, identity: str | None = None) -> str:
     """The record of a key whose every config failed. ``identity``: the kernel's name as its
     decisions carry it (``tunevault ls``, ``rm --kernel``), where the manifest names an alias."""
     return json.dumps({"format": FAILED_FORMAT, "kernel": item.kernel, "identity": identity or item.kernel,
-                       "key": item.key.text,
-                       "status": item.status, "reason": item.reason[:MAX_REASON],
+                       "key": item.key.text, "status": item.status, "reason": item.reason[:MAX_REASON],
                        "by": f"{socket.gethostname()}:{os.getpid()}", "time": round(time.time(), 3)},
                       separators=(",", ":"))
 
