@@ -183,3 +183,96 @@ def test_a_supersede_during_an_outage_replaces_the_fleets_stale_entry_later(
     finally:
         store.close()
         rstore.close()
+
+
+def decide_and_exit_during_an_outage(path: Path, server: redis_server.RedisServer, d: Decision,
+                                     stale: Decision | None = None) -> None:
+    """A process on the host writes ``d`` (superseding ``stale``) while Redis hangs, and exits
+    before Redis answers again: the decision is in the local file only."""
+    store = layered(path, server)
+    server.pause()
+    try:
+        written = store.put(d) if stale is None else store.supersede(stale, d)
+        assert written == d and store.remote_down
+        store.close()  # Redis still hangs (and backs off): nothing published
+    finally:
+        server.resume()
+
+
+def marks_in(path: Path) -> dict[str, str]:
+    local = SqliteStore(path)
+    try:
+        return local.leases("unpublished:")
+    finally:
+        local.close()
+
+
+def test_a_decision_left_local_by_a_process_that_exited_reaches_the_fleet(
+        tmp_path: Path, server: redis_server.RedisServer) -> None:
+    mine = decision(1, index=1)
+    rstore = open_store(server.url)
+    decide_and_exit_during_an_outage(tmp_path / "a.db", server, mine)
+    assert rstore.get(*mine.store_key) is None and len(marks_in(tmp_path / "a.db")) == 1
+    nxt = layered(tmp_path / "a.db", server)  # the next process on host A, Redis answering
+    try:
+        assert nxt.get(*decision(2).store_key) is None  # its first store call publishes the marked one
+        assert rstore.get(*mine.store_key) == mine, "the fleet gets what A decided during the outage"
+        assert marks_in(tmp_path / "a.db") == {}, "and the mark is gone"
+    finally:
+        nxt.close()
+        rstore.close()
+
+
+def test_the_next_process_adopts_the_fleets_winner_over_a_marked_decision(
+        tmp_path: Path, server: redis_server.RedisServer) -> None:
+    mine, theirs = decision(1, index=0), decision(1, index=2)
+    host_b, rstore = layered(tmp_path / "b.db", server), open_store(server.url)
+    decide_and_exit_during_an_outage(tmp_path / "a.db", server, mine)
+    assert host_b.put(theirs) == theirs  # B wins the key while A's decision sits in A's file
+    nxt = layered(tmp_path / "a.db", server)
+    try:
+        assert nxt.get(*decision(2).store_key) is None
+        assert nxt.get(*mine.store_key) == theirs, "host A now launches the fleet's winner"
+        local = SqliteStore(tmp_path / "a.db")
+        assert local.get(*mine.store_key) == theirs
+        local.close()
+        assert rstore.get(*mine.store_key) == theirs and marks_in(tmp_path / "a.db") == {}
+    finally:
+        for store in (nxt, host_b, rstore):
+            store.close()
+
+
+def test_a_marked_supersede_replaces_the_fleets_stale_entry(tmp_path: Path,
+                                                            server: redis_server.RedisServer) -> None:
+    stale, fixed = decision(1, index=0), decision(1, index=1)
+    rstore = open_store(server.url)
+    assert rstore.put(stale) == stale
+    decide_and_exit_during_an_outage(tmp_path / "a.db", server, fixed, stale=stale)
+    nxt = layered(tmp_path / "a.db", server)
+    try:
+        assert nxt.get(*decision(2).store_key) is None
+        assert rstore.get(*fixed.store_key) == fixed, "the stale entry is replaced, not adopted"
+        assert nxt.get(*fixed.store_key) == fixed
+    finally:
+        nxt.close()
+        rstore.close()
+
+
+def test_marks_of_removed_or_malformed_entries_publish_nothing(tmp_path: Path,
+                                                               server: redis_server.RedisServer) -> None:
+    gone = decision(1, index=1)
+    decide_and_exit_during_an_outage(tmp_path / "a.db", server, gone)
+    local = SqliteStore(tmp_path / "a.db")
+    assert local.delete(Query(key_text=gone.key.text)) == 1  # `tunevault rm` while Redis was down
+    assert local.try_lease("unpublished:x", "{not json", 60.0)
+    assert local.try_lease("unpublished:y", '{"format": "tunevault-unpublished/1", "store_key": [1, 2]}', 60.0)
+    local.close()
+    rstore = open_store(server.url)
+    nxt = layered(tmp_path / "a.db", server)
+    try:
+        assert nxt.get(*decision(2).store_key) is None
+        assert rstore.get(*gone.store_key) is None and nxt.get(*gone.store_key) is None
+        assert set(marks_in(tmp_path / "a.db")) == {"unpublished:x", "unpublished:y"}, "only the removed key's goes"
+    finally:
+        nxt.close()
+        rstore.close()

@@ -5,9 +5,10 @@ hit is copied into local so the next process on the host needs no network. Write
 first, so the first writer fleet-wide wins and everyone adopts its decision, then local.
 A remote that fails is skipped with one warning and retried after its own backoff: the local
 store keeps serving, and nothing a remote does raises into a kernel call. Decisions written
-only locally meanwhile are remembered and published once the remote answers again; whenever
-the remote turns out to hold another decision for a key, the local entry is replaced by it,
-so every host ends up with the fleet's first writer.
+only locally meanwhile are remembered, and marked in the local store (``store/unpublished.py``)
+so that a process exiting during the outage leaves them to the next one on the host; they are
+published once the remote answers again. Whenever the remote turns out to hold another decision
+for a key, the local entry is replaced by it, so every host ends up with the fleet's first writer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from tunevault.core.model import Decision, Fingerprint
+from tunevault.store import unpublished
 from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, overwrite, supersede
 
 T = TypeVar("T")
@@ -40,6 +42,8 @@ class LayeredStore:
         self._outages = 0
         # Written locally while the remote failed: key -> (the entry it supersedes, if any; the decision).
         self._pending: dict[StoreKey, tuple[Decision | None, Decision]] = {}
+        self._marks: dict[StoreKey, unpublished.Mark] = {}  # the local store's marks of pending keys
+        self._recovered = False  # whether the marks earlier processes left were read (once the remote answers)
         self._dropped = False  # the pending set was full (warned once until it empties)
         self._publishing = threading.Lock()  # one thread publishes the pending set; the others do not wait
 
@@ -83,32 +87,66 @@ class LayeredStore:
         return len(self._pending)
 
     def _defer(self, decision: Decision, stale: Decision | None = None) -> None:
-        """The remote failed to take ``decision`` (which replaces ``stale``, if given): publish it later."""
+        """The remote failed to take ``decision`` (which replaces ``stale``, if given): publish it
+        later, from this process or, through its mark in the local store, the next one on the host."""
         skey = decision.store_key
         with self._lock:
+            marked = skey in self._marks
             if skey in self._pending:  # a newer local write for a key the remote never got
                 self._pending[skey] = (self._pending[skey][0], decision)
                 return
-            if len(self._pending) < PENDING_CAP:
+            kept = len(self._pending) < PENDING_CAP
+            if kept:
                 self._pending[skey] = (stale, decision)
-                return
-            warn, self._dropped = not self._dropped, True
+            warn = not kept and not self._dropped
+            self._dropped = self._dropped or not kept
+        if not marked and (mark := unpublished.leave(self.local, skey, stale)) is not None and kept:
+            with self._lock:
+                self._marks[skey] = mark
         if warn:
             log.warning("tunevault: %d decisions already wait for the remote store %s to answer again; "
-                        "newer ones stay in the local store %s only", PENDING_CAP,
-                        getattr(self.remote, "url", "?"), self.local.url)
+                        "newer ones stay in the local store %s until a process there finds it answering",
+                        PENDING_CAP, getattr(self.remote, "url", "?"), self.local.url)
 
-    def _publish_pending(self, first: StoreKey | None = None) -> None:
+    def _recover(self) -> None:
+        """Take over the decisions earlier processes on this host wrote during an outage and left
+        marked (once per store; called while publishing, so by one thread)."""
+        self._recovered = True
+        for mark in unpublished.found(self.local):
+            with self._lock:
+                if mark.store_key in self._pending:  # written here meanwhile: publish it under this mark
+                    self._marks.setdefault(mark.store_key, mark)
+                    continue
+                if len(self._pending) >= PENDING_CAP:  # the next process takes the rest
+                    break
+            try:
+                local = self.local.get(*mark.store_key)
+            except Exception as exc:
+                log.debug("tunevault: reading %s for an unpublished mark: %s", self.local.url, exc)
+                continue
+            if local is None:  # removed since (``tunevault rm``): nothing to publish
+                unpublished.clear(self.local, mark)
+                continue
+            with self._lock:
+                self._pending.setdefault(mark.store_key, (mark.stale, local))
+                self._marks.setdefault(mark.store_key, mark)
+
+    def _publish_pending(self, first: StoreKey | None = None, recover: bool = True) -> None:
         """Publish what was written only locally while the remote failed, ``first`` first, once the
         remote may answer (its backoff is over); adopt the fleet's decision where it holds another.
+        With ``recover``, first take over what earlier processes on the host left marked.
 
         Bounded like any remote call: the first failure stops it (the remote then backs off, so it
         costs at most one deadline), and one call spends at most about one deadline on it."""
-        if not self._pending or self.remote is None or not getattr(self.remote, "available", True):
+        recover = recover and not self._recovered
+        if (not recover and not self._pending) or self.remote is None \
+                or not getattr(self.remote, "available", True):
             return
         if not self._publishing.acquire(blocking=False):
             return  # another thread is publishing them
         try:
+            if recover and not self._recovered:
+                self._recover()
             budget = float(getattr(self.remote, "deadline", PUBLISH_BUDGET_S))
             until = time.monotonic() + budget
             while time.monotonic() < until:
@@ -126,6 +164,10 @@ class LayeredStore:
                     return
                 if fleet != mine:
                     self._adopt(fleet, mine)
+                with self._lock:
+                    mark = self._marks.pop(skey, None) if skey not in self._pending else None
+                if mark is not None:
+                    unpublished.clear(self.local, mark)
         finally:
             self._publishing.release()
 
@@ -206,8 +248,12 @@ class LayeredStore:
     def delete(self, query: Query = EVERYTHING) -> int:
         """Delete from local and remote (bundles are read-only); returns the larger of the two counts."""
         with self._lock:  # a deleted decision is not published later
+            marks = []
             for skey in [k for k, (_, d) in self._pending.items() if query.matches(d)]:
                 del self._pending[skey]
+                marks += [m for m in (self._marks.pop(skey, None),) if m is not None]
+        for mark in marks:
+            unpublished.clear(self.local, mark)
         n_local = self.local.delete(query)
         return max(n_local, self._remote("delete", lambda r: r.delete(query), 0))
 
@@ -243,7 +289,9 @@ class LayeredStore:
 
     def close(self) -> None:
         try:
-            self._publish_pending()  # the last chance for decisions the remote missed (bounded as ever)
+            # the last chance for this process's decisions the remote missed (bounded as ever); what
+            # earlier processes left marked waits for a process that uses the store
+            self._publish_pending(recover=False)
         except Exception as exc:
             log.debug("tunevault: publishing pending decisions at close: %s", exc)
         for store in (self.local, self.remote, *self.bundles):
