@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import tunevault
 from conftest import count_launches, subprocess_env
@@ -236,6 +237,28 @@ def test_a_warmup_never_unseals_request_threads_and_a_seal_meanwhile_stands(tv, 
     assert "serving" not in stats["kernels"]["kernels_shard:shard_scale"]
     with pytest.raises(tunevault.TuningMiss):
         serve([9, 2], dtype=torch.float32)
+
+
+def test_a_warmup_tunes_a_key_this_process_served_with_a_fallback(tv, sqlite_url: str, tmp_path: Path) -> None:
+    """docs/serving.md: a key that fell back is tuned later in the same process by the next
+    ``tunevault.warmup()``. The fallback sat in the autotuner's ``cache`` too, where the miss path
+    found it first: the warmup reported "the call ran but no decision was stored"."""
+    import kernels_shard as ks
+
+    manifest = tmp_path / "keys.jsonl"
+    ks.write_manifest(manifest, [93])
+    tv.seal(on_miss="fallback")
+    x = torch.ones(93)
+    out = torch.empty_like(x)
+    ks.shard_scale[lambda meta: (triton.cdiv(93, meta["BLOCK"]),)](x, out, 93)
+    assert tv.stats()["kernels"]["kernels_shard:shard_scale"]["serving"]["fallbacks"] == 1
+    report = tv.warmup(str(manifest))
+    assert report.ok and report.counts()["tuned"] == 1, report.to_json()
+    decided = [d for d in SqliteStore(sqlite_url.removeprefix("sqlite:///")).decisions() if d.kernel.name == "kernels_shard:shard_scale"]
+    assert len(decided) == 1
+    ks.shard_scale[lambda meta: (triton.cdiv(93, meta["BLOCK"]),)](x, out, 93)
+    assert ks.shard_scale.best_config is ks.shard_scale.configs[decided[0].config_index], "the decision launches"
+    torch.testing.assert_close(out, x * 2)
 
 
 def test_installing_again_after_the_seal_stays_sealed(tv, sqlite_url: str, caplog) -> None:

@@ -22,6 +22,7 @@ from tunevault.core.model import InvalidEntry, TuningError, TuningKey
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
+    from tunevault.core.kernel_state import KernelState
     from tunevault.core.model import Decision, KernelId
 
 log = logging.getLogger("tunevault")
@@ -128,6 +129,8 @@ class DecisionLookup(Protocol):
 
     def published(self, kernel: KernelId, key: TuningKey) -> bool: ...
 
+    def forget_fallback(self, state: KernelState, args: tuple, kwargs: dict[str, Any]) -> None: ...
+
 
 def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
@@ -150,7 +153,7 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
         return item("decided")
     state = autotuner.__dict__.get(STATE_ATTR)
     if state is not None:  # e.g. a fallback config remembered for this key: tune it for real now
-        state.hits.pop(state.raw_key(args, kwargs), None)
+        rt.forget_fallback(state, args, kwargs)
     started = time.perf_counter()
     try:
         autotuner.run(*args, **kwargs)

@@ -190,6 +190,16 @@ class Runtime:
             self.unpublished.add(decision.store_key)
         self.decided[decision.store_key] = decision
 
+    def forget_fallback(self, state: KernelState, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A key this process served with a fallback config is about to be tuned for real (a
+        warmup): drop the fallback from the in-memory dict and from the autotuner's ``cache``, where
+        the miss path would find it first and never decide the key."""
+        from tunevault.policy.stock import forget, stock_key
+
+        with state.lock:
+            state.hits.pop(state.raw_key(args, kwargs), None)
+            forget(state.autotuner, stock_key(state.arg_names, state.keys, args, kwargs))
+
     def decided_keys(self, kernel: KernelId) -> list[TuningKey]:
         """Every key of ``kernel`` decided for this fingerprint (for miss diagnosis)."""
         return [d.key for d in self.decisions_of(kernel)]
