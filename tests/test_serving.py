@@ -170,9 +170,11 @@ def test_events_report_table_and_picture(tmp_path: Path, capsys) -> None:
     tunevault.seal("error")
     with pytest.raises(tunevault.TuningMiss):
         serve([40])
+    counted = tunevault.stats()["kernels"]["kernels_serving:chunk_cumsum"]
     tunevault.uninstall()
     kinds = [json.loads(line)["event"] for line in events.read_text().splitlines()]
-    assert kinds.count("tuning") == 2 and "fallback" in kinds and "miss" in kinds and kinds.count("seal") == 2
+    assert kinds.count("tuning") == 2 and "fallback" in kinds and kinds.count("seal") == 2
+    assert kinds.count("miss") == 4, "every miss is a line: the two that tuned, the fallback, the error"
 
     assert main(["report", str(events), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
@@ -188,6 +190,30 @@ def test_events_report_table_and_picture(tmp_path: Path, capsys) -> None:
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert summary["kernels_serving:chunk_cumsum"]["errors"] == 1
     assert summary["kernels_serving:chunk_cumsum"]["fallbacks"] == 1
+    assert summary["kernels_serving:chunk_cumsum"]["misses"] == sum(p["misses"] for p in counted.values()) == 3
+
+
+def test_a_tuning_where_every_config_fails_is_a_warning_and_an_event(tmp_path: Path, caplog, capsys) -> None:
+    """Counted as an error in stats(), and the caller gets a TuningError; it used to leave no log
+    line and no event, so the report left the kernel out."""
+    import kernels_shard as ks
+    from tunevault.cli.main import main
+
+    events = tmp_path / "events.jsonl"
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'e.db'}", events=str(events))
+    x = torch.ones(8)
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    with pytest.raises(tunevault.TuningError):
+        ks.no_config_works[(1,)](x, torch.empty_like(x), 8)
+    tunevault.uninstall()
+    failed = [r.getMessage() for r in caplog.records if "every config failed" in r.getMessage()]
+    assert len(failed) == 1 and "kernels_shard:no_config_works" in failed[0] and "OutOfResources" in failed[0]
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["miss", "tuning_failed"]
+    assert lines[1]["configs"] == 2 and "OutOfResources" in lines[1]["error"]
+    assert main(["report", str(events), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["kernels_shard:no_config_works"]["errors"] == 1
 
 
 def test_report_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -254,7 +280,8 @@ def test_a_warmup_tunes_a_key_this_process_served_with_a_fallback(tv, sqlite_url
     assert tv.stats()["kernels"]["kernels_shard:shard_scale"]["serving"]["fallbacks"] == 1
     report = tv.warmup(str(manifest))
     assert report.ok and report.counts()["tuned"] == 1, report.to_json()
-    decided = [d for d in SqliteStore(sqlite_url.removeprefix("sqlite:///")).decisions() if d.kernel.name == "kernels_shard:shard_scale"]
+    stored = SqliteStore(sqlite_url.removeprefix("sqlite:///")).decisions()
+    decided = [d for d in stored if d.kernel.name == "kernels_shard:shard_scale"]
     assert len(decided) == 1
     ks.shard_scale[lambda meta: (triton.cdiv(93, meta["BLOCK"]),)](x, out, 93)
     assert ks.shard_scale.best_config is ks.shard_scale.configs[decided[0].config_index], "the decision launches"

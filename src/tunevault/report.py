@@ -87,6 +87,8 @@ def summarize_events(events: list[dict[str, Any]]) -> dict[str, dict[str, float]
         elif kind == "fallback":
             row["fallbacks"] += 1
             row["predicted"] += isinstance(e.get("predicted"), dict)
+        elif kind == "tuning_failed":  # every config failed: the caller got a TuningError
+            row["errors"] += 1
     for kernel, values in regrets.items():
         if values:
             out[kernel].update(regret_median=statistics.median(values), regret_max=max(values),

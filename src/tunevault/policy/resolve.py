@@ -229,6 +229,8 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
     policy = rt.on_miss
     # Never benchmark inside a CUDA graph capture, nor read the request's tensors for a background
     # job there (that would record copies into the user's graph): both are served like this.
+    if policy == "tune" or (policy == "background" and capturing()):  # no diagnosis: it is tuned, here or later
+        rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase)
     if policy in ("tune", "background") and capturing():
         config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
             rt, st, args, kwargs, key, nearest, why, how, indexed))
@@ -354,8 +356,11 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     except NoWorkingConfig:
         rt.stats.add(kid.name, rt.phase, "errors")
         first = next((r.error for r in results if r.error), "unknown")
-        raise TuningError(f"{kid.name}: every config failed for key {key.describe()}; "
-                          f"first error: {first}") from None
+        message = f"{kid.name}: every config failed for key {key.describe()}; first error: {first}"
+        log.warning("tunevault: %s", message)  # a tuning's one line, as a successful one has
+        rt.events.emit("tuning_failed", kernel=kid.name, key=key.to_json(), seconds=time.perf_counter() - started,
+                       configs=len(results), error=first[:400], phase=rt.phase)
+        raise TuningError(message) from None
     seconds = time.perf_counter() - started
     config = dict(indexed)[winner.index]
     notes = {**dict(provenance()), **dict(getattr(results, "notes", ()))}  # engine: where/how it was tuned
