@@ -74,6 +74,9 @@ def test_first_mode_never_benchmarks_and_logs_one_line_per_kernel(caplog: pytest
     assert "1 candidate configs" in lines[3]  # Triton substitutes one default config for an empty list
     stats = tunevault.stats()["kernels"]
     assert all(v.get("warmup", {}).get("benchmark_runs", 0) == 0 for v in stats.values())
+    # Every call is counted: a new key decided by rule is a miss (it was in no counter), a known key a hit.
+    add_one = stats["kernels_core:add_one"]["warmup"]
+    assert (add_one["misses"], add_one["hits"], add_one["tunings"]) == (2, 1, 0)
 
 
 def test_first_mode_with_no_compiling_config_names_the_kernel() -> None:

@@ -19,6 +19,7 @@ import triton
 
 import kernels_core as kc
 from conftest import in_fork, in_fork_while_held
+from tunevault.core.events import COUNTERS
 from tunevault.core.kernel_state import STATE_ATTR
 
 
@@ -177,3 +178,45 @@ def test_a_fork_while_another_thread_counts_or_logs_an_event_leaves_both_usable_
         return {"returned": not worker.is_alive(), **seen}
 
     assert in_fork_while_held([rt.stats._lock, rt.events._lock], child) == {"returned": True, "right": True}
+
+
+def test_a_forked_childs_stats_count_its_own_calls_only(tv: Any) -> None:
+    """Summing the workers' stats() must not count the parent's calls again (a forked child's key
+    capture writes only the keys it met itself, likewise)."""
+    y, out = kc.vec(24), torch.empty(24)
+    for _ in range(3):
+        kc.add_one[kc.grid(24)](y, out, 24)  # a tuning, then two in-memory hits
+
+    def child() -> dict[str, object]:
+        kc.add_one[kc.grid(24)](y, out, 24)
+        return tv.stats()["kernels"]["total"]
+
+    assert in_fork(child) == {"warmup": {**dict.fromkeys(COUNTERS, 0), "hits": 1}}
+    parent = tv.stats()["kernels"]["total"]["warmup"]
+    assert parent["hits"] == 2 and parent["tunings"] == 1
+
+
+def test_threads_meeting_a_new_key_at_once_are_counted_as_one_tuning_and_hits(tv: Any, tmp_path: Any) -> None:
+    """The threads that waited on the kernel's lock while one tuned launched the decision without
+    being counted: 8 calls read as 1 tuning and 0 hits, in stats() and in the captured manifest."""
+    from tunevault.capture import manifest as mf
+
+    threads_n, n = 8, 40
+    barrier = threading.Barrier(threads_n)
+    y = kc.vec(n)
+
+    def call() -> None:
+        out = torch.empty(n)
+        barrier.wait()
+        kc.add_one[kc.grid(n)](y, out, n)
+
+    with tv.capture(tmp_path / "keys.jsonl"):
+        threads = [threading.Thread(target=call) for _ in range(threads_n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    counts = tv.stats()["kernels"]["kernels_core:add_one"]["warmup"]
+    assert (counts["tunings"], counts["hits"]) == (1, threads_n - 1)
+    (entry,) = mf.read(tmp_path / "keys.jsonl")
+    assert (entry.count, entry.counts["tuned"], entry.counts["hit"]) == (threads_n, 1, threads_n - 1)

@@ -66,6 +66,7 @@ def test_sealed_fallback_never_benchmarks_and_warns_once(tv, caplog) -> None:
     assert all("nearest decided key differs in dtype(g): float16 -> float32" in w for w in warnings)
     serving = tv.stats()["kernels"]["kernels_serving:chunk_cumsum"]["serving"]
     assert serving["fallbacks"] == 3 and serving["tunings"] == 0 and serving["benchmark_runs"] == 0
+    assert serving["hits"] == 0 and serving["fallback_hits"] == 2, "calls of a fallen-back key are not hits"
 
 
 def test_a_stored_decision_this_calls_pruning_excludes_is_explained_as_such(tmp_path: Path) -> None:

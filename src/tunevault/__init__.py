@@ -73,7 +73,7 @@ def seal(on_miss: str = "fallback") -> None:
 
         from tunevault.integration.triton_adapter import kernel_states
 
-        rt.hits_at_seal = weakref.WeakKeyDictionary({st: st.n_hits for st in kernel_states()})
+        rt.hits_at_seal = weakref.WeakKeyDictionary({st: (st.n_hits, st.n_fallback_hits) for st in kernel_states()})
     rt.on_miss = on_miss
     rt.sealed = True
     rt.events.emit("seal", on_miss=on_miss)
@@ -100,12 +100,15 @@ def stats() -> dict[str, Any]:
 
     snap = rt.stats.snapshot()
     at_seal = rt.hits_at_seal
-    for st in kernel_states():  # in-memory hits: n_hits, split at the seal
-        before = st.n_hits if at_seal is None else at_seal.get(st, 0)
-        for phase, n in (("warmup", before), ("serving", st.n_hits - before)):
+    for st in kernel_states():  # in-memory hits, split at the seal: decided ones and fallback ones
+        now = (st.n_hits, st.n_fallback_hits)
+        before = now if at_seal is None else at_seal.get(st, (0, 0))
+        for phase, (hits, fallback_hits) in (("warmup", before), ("serving", (now[0] - before[0], now[1] - before[1]))):
             for name in (st.kernel_id.name, "total"):
-                if n:
-                    snap.setdefault(name, {}).setdefault(phase, dict.fromkeys(COUNTERS, 0))["hits"] += n
+                if hits:
+                    counts = snap.setdefault(name, {}).setdefault(phase, dict.fromkeys(COUNTERS, 0))
+                    counts["hits"] += hits - fallback_hits
+                    counts["fallback_hits"] += fallback_hits
     return {"installed": True, "sealed": rt.sealed, "on_miss": rt.on_miss, "kernels": snap}
 
 

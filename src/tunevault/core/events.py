@@ -21,8 +21,8 @@ from tunevault.core.untrusted import Refused, open_sink
 
 log = logging.getLogger("tunevault")
 
-COUNTERS = ("hits", "misses", "tunings", "fallbacks", "predicted", "errors", "tuning_seconds", "benchmark_runs",
-            "capture_fallbacks")
+COUNTERS = ("hits", "misses", "tunings", "fallbacks", "fallback_hits", "predicted", "errors", "tuning_seconds",
+            "benchmark_runs", "capture_fallbacks")
 
 
 class Stats:

@@ -42,7 +42,8 @@ def dtype_label(dtype: Any) -> str:  # an argument's ``.dtype``: torch's, numpy'
 
 class KernelState:
     __slots__ = ("autotuner", "arg_names", "argset", "keys", "key_fns", "hits", "lock",
-                 "_kernel_id", "_specs", "_configs", "_declared", "n_hits", "first_logged", "__weakref__")
+                 "_kernel_id", "_specs", "_configs", "_declared", "n_hits", "n_fallback_hits", "first_logged",
+                 "__weakref__")
 
     def __init__(self, autotuner: Autotuner) -> None:
         self.autotuner = autotuner
@@ -61,7 +62,8 @@ class KernelState:
         # their ids cannot be reused by new objects)
         self._configs: list[Config] = autotuner.configs
         self._declared: tuple[Config, ...] = tuple(autotuner.configs)
-        self.n_hits = 0
+        self.n_hits = 0  # in-memory hits (the hot path counts them), fallback hits included
+        self.n_fallback_hits = 0  # of those, calls of a key served by its fallback config
         self.first_logged = False
 
     def raw_key(self, args: tuple, kwargs: dict[str, Any]) -> tuple:
@@ -121,8 +123,19 @@ class KernelState:
         self._specs = None
         self.hits.clear()
 
-    def remember(self, raw_key: tuple, config: Config) -> None:
-        self.hits[raw_key] = (config, config.all_kwargs(), config.pre_hook)
+    def remember(self, raw_key: tuple, config: Config, fallback: bool = False) -> None:
+        """What a hit on ``raw_key`` launches. A ``fallback`` config launches through a pre_hook
+        that also counts the call, so stats() can tell fallback calls from decided ones without
+        the hot path checking which one it launches (fallback calls pay for the hook's call)."""
+        pre_hook = config.pre_hook
+        if fallback:
+            def counting(nargs: dict[str, Any], inner: Callable[..., Any] | None = config.pre_hook) -> None:
+                self.n_fallback_hits += 1
+                if inner is not None:
+                    inner(nargs)
+
+            pre_hook = counting
+        self.hits[raw_key] = (config, config.all_kwargs(), pre_hook)
 
     def declared_index(self, index: int, spec: ConfigSpec) -> int | None:
         """The declared config a stored decision names, or None: entries cannot inject configs.

@@ -8,6 +8,7 @@ The hot path (a decided key) is: one attribute read, one tuple, one dict lookup,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import weakref
@@ -184,6 +185,7 @@ def install(settings: Settings) -> Runtime:
             _runtime.close()
         _drop_states(unwrap=False)
         _runtime = Runtime(settings, _warm_up_pending)
+        _runtime.hit_hook = _hit_hook
         if sealed is not None:  # a plugin re-installing must not reopen tuning on the request path
             _runtime.on_miss, _runtime.sealed, _runtime.hits_at_seal = sealed, True, weakref.WeakKeyDictionary()
             log.warning("tunevault: installed again after seal(): still sealed (on_miss=%s); "
@@ -270,6 +272,8 @@ def set_hit_hook(hook: HitHook | None) -> None:
     global _hit_hook
     with _lock:
         _hit_hook = hook
+        if _runtime is not None:
+            _runtime.hit_hook = hook
         if _original_run is not None:
             from triton.runtime.autotuner import Autotuner
 
@@ -282,3 +286,23 @@ def runtime() -> Runtime | None:
 
 def kernel_states() -> list[KernelState]:
     return [s for a in list(_attached) if (s := a.__dict__.get(STATE_ATTR)) is not None]
+
+
+def _own_counts_in_child() -> None:
+    """A forked child's ``stats()`` count its own calls only, as its key capture writes only the
+    keys it met itself: summing the workers' counts must not count the parent's calls again."""
+    rt = _runtime
+    if rt is None:
+        return
+    from tunevault.core.events import Stats
+
+    rt.stats = Stats()
+    states = kernel_states()
+    for st in states:
+        st.n_hits = st.n_fallback_hits = 0
+    if rt.hits_at_seal is not None:
+        rt.hits_at_seal = weakref.WeakKeyDictionary({st: (0, 0) for st in states})
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_own_counts_in_child)

@@ -65,7 +65,9 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
     """Decide a config for a call whose raw key missed the in-memory dict, and launch it."""
     with st.lock:
         hit = st.hits.get(raw_key)
-        if hit is not None:
+        if hit is not None:  # decided while this call waited for the lock: a hit, counted as the hot path does
+            st.n_hits += 1
+            rt.late_hit(st, raw_key, args, kwargs)
             return launch(st.autotuner, args, kwargs, *hit)
         st.key_fns.specialise(args, kwargs)
         st.refresh_configs()
@@ -76,7 +78,10 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
                 key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
                 config = at.cache.get(key)
                 if config is None:
-                    config, launched = _decide(rt, st, args, kwargs, key)
+                    config, launched, fell_back = _decide(rt, st, args, kwargs, key)
+                    if fell_back:  # later calls count as fallback hits; this one is the miss
+                        st.remember(raw_key, config, fallback=True)
+                        return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
                     if launched is not _NOT_LAUNCHED:
                         st.remember(raw_key, config)
                         return launched
@@ -93,27 +98,31 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
 _NOT_LAUNCHED = object()
 
 
-def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple) -> tuple[Config, Any]:
-    """The config for a new key, and the launch's result where deciding already launched it."""
+def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
+            ) -> tuple[Config, Any, bool]:
+    """The config for a new key, the launch's result where deciding already launched it, and
+    whether the config is a fallback (a miss not decided here)."""
     at = st.autotuner
     indexed = _indexed(at, at.prune_configs(kwargs))  # the installed Triton's pruning, its errors
     if not indexed:  # Triton < 3.6 lets an empty prune reach its min(): the same error, from min()
         min(())
     _check_conflicts(kwargs, indexed)
     if rt.settings.mode == "first":
-        return first_working(st, args, kwargs, key, indexed)
+        rt.stats.add(st.kernel_id.name, rt.phase, "misses")  # decided by rule: one miss per key, as in tune
+        return (*first_working(st, args, kwargs, key, indexed), False)
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
         stock.record(at, key, indexed[0][1])
-        return indexed[0][1], _NOT_LAUNCHED
+        return indexed[0][1], _NOT_LAUNCHED, False
     named = st.named_args(args, kwargs)
     tkey = st.labelled_key(named)
     decision = _stored(rt, st, tkey, {i for i, _ in indexed})
     if decision is None:
-        return _on_miss(rt, st, args, kwargs, named, tkey, key, indexed), _NOT_LAUNCHED
+        config, fell_back = _on_miss(rt, st, args, kwargs, named, tkey, key, indexed)
+        return config, _NOT_LAUNCHED, fell_back
     rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
-    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED
+    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, False
 
 
 def _check_conflicts(kwargs: dict[str, Any], indexed: Indexed) -> None:
@@ -223,7 +232,8 @@ def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | No
 
 
 def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], named: dict[str, Any],
-             key: TuningKey, stock_key: tuple, indexed: Indexed) -> Config:
+             key: TuningKey, stock_key: tuple, indexed: Indexed) -> tuple[Config, bool]:
+    """The config a miss launches, and whether it is a fallback (True) or was tuned (False)."""
     name, at = st.kernel_id.name, st.autotuner
     rt.stats.add(name, rt.phase, "misses")
     policy = rt.on_miss
@@ -235,9 +245,9 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
             rt, st, args, kwargs, key, nearest, why, how, indexed))
         stock.record(at, stock_key, config)
-        return config
+        return config, True
     if policy == "tune":
-        return tune(rt, st, args, kwargs, key, stock_key, indexed)
+        return tune(rt, st, args, kwargs, key, stock_key, indexed), False
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id),
                                     rt.ignored.get((name, key.text)))
     message += rt.damage_note()
@@ -248,7 +258,7 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         raise TuningMiss(message, name, key, nearest)
     config = fallback_config(rt, st, args, kwargs, key, nearest, message, policy, indexed)
     stock.record(at, stock_key, config)
-    return config
+    return config, True
 
 
 def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,

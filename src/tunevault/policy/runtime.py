@@ -46,7 +46,10 @@ class Runtime:
         self._on_miss = settings.on_miss
         self._warming = threading.local()  # the threads replaying a warmup: they tune, whatever the seal says
         self.sealed = False
-        self.hits_at_seal: weakref.WeakKeyDictionary[KernelState, int] | None = None  # set by seal()
+        # (in-memory hits, fallback hits) of each kernel at the seal: set by seal()
+        self.hits_at_seal: weakref.WeakKeyDictionary[KernelState, tuple[int, int]] | None = None
+        # key capture's counter of in-memory hits (the adapter's hit hook), for hits the miss path serves
+        self.hit_hook: Callable[[KernelState, tuple, tuple, dict[str, Any]], None] | None = None
         self.stats = Stats()
         self.events = EventLog(settings.events)
         self._store: Store | None = None
@@ -232,6 +235,16 @@ class Runtime:
                 self._damage = (f"; the tuning store {self.settings.store} is damaged ({problems[0]}): "
                                 f"run `tunevault --store {self.settings.store} doctor`") if problems else ""
             return self._damage
+
+    def late_hit(self, state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A call that waited for the kernel's lock found its key decided meanwhile: key capture
+        counts it as the hot path's hook counts any in-memory hit."""
+        hook = self.hit_hook
+        if hook is not None:
+            try:
+                hook(state, raw_key, args, kwargs)
+            except Exception as exc:
+                self.warn_once(("hit_hook", type(exc)), "tunevault: key capture failed: %s", exc)
 
     def notify(self, kind: str, state: KernelState, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
         """Tell observers (key capture) how a key was resolved; an observer never breaks a call."""
