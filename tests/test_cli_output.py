@@ -107,6 +107,23 @@ def test_report_picture_without_tunings_has_readable_axis_labels() -> None:
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
+def test_report_plot_writes_the_file_it_names_and_refuses_a_directory(tmp_path: Path, capsys: Any) -> None:
+    """matplotlib appends ``.png`` to a name without an extension, and to a directory's name."""
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in EVENTS))
+    for name, magic in (("picture", b"\x89PNG"), ("picture.svg", b"<?xml")):
+        code, out, _ = cli(capsys, "report", str(log), "--plot", str(tmp_path / name))
+        assert code == 0 and out.rstrip().endswith(f"picture written to {tmp_path / name}")
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    code, out, err = cli(capsys, "report", str(log), "--plot", str(folder))
+    assert code == 2 and f"{folder} is a directory" in err and str(folder / "tunevault-report.png") in err
+    assert out == ""  # refused before the table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "picture", "picture.svg", "pictures"]
+
+
 def test_text_from_an_imported_file_is_shown_as_text(tmp_path: Path) -> None:
     """Names from a file made elsewhere are neither rich markup (``[/x]`` crashed ls/show/diff with a
     MarkupError, ``[red]`` or ``[link=...]`` changed what the table showed) nor terminal escapes."""

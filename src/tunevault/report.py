@@ -149,10 +149,31 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
+def picture_path(out: str | os.PathLike[str]) -> str:
+    """``out`` as the file a picture is written to; a directory is an IsADirectoryError.
+
+    matplotlib would write ``DIR.png`` beside a directory, and ``NAME.png`` for a name without
+    an extension: a file other than the one named. Checked before any work is done.
+    """
+    path = os.fspath(out)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; give the path of the picture to write, "
+                                f"e.g. {os.path.join(path, 'tunevault-report.png')}")
+    return path
+
+
+def save(fig: Figure, out: str | os.PathLike[str]) -> str:
+    """Write ``fig`` to exactly ``out`` and return that path: the format is the extension's
+    (``.png``, ``.svg``, ``.pdf``...), PNG when there is none; an unknown one is a ValueError."""
+    path = picture_path(out)
+    fig.savefig(path, format=os.path.splitext(path)[1][1:].lower() or "png")
+    return path
+
+
 def plot_events(events: list[dict[str, Any]], out: str | os.PathLike[str]) -> str:
-    """Tuning seconds per kernel (warmup vs serving) and a timeline of tunings and misses with the seal."""
-    events_figure(events).savefig(out)
-    return os.fspath(out)
+    """Tuning seconds per kernel (warmup vs serving) and a timeline of tunings and misses with the seal;
+    returns the path written."""
+    return save(events_figure(events), out)
 
 
 def events_figure(events: list[dict[str, Any]]) -> Figure:
@@ -223,7 +244,7 @@ def _timeline(ax: Axes, events: list[dict[str, Any]], rows: dict[str, int]) -> N
 
 
 def plot_manifest(entries: list[mf.ManifestEntry], out: str | os.PathLike[str], top: int = 30) -> str:
-    """Calls per captured key, split by how each was served (hit / tuned / missed)."""
+    """Calls per captured key, split by how each was served (hit / tuned / missed); returns the path written."""
     chosen = sorted(entries, key=lambda e: e.count, reverse=True)[:top][::-1]
     fig = _figure(11, 1.6 + 0.4 * max(1, len(chosen)))
     ax = fig.subplots()
@@ -238,8 +259,7 @@ def plot_manifest(entries: list[mf.ManifestEntry], out: str | os.PathLike[str], 
     ax.set_xlabel("calls")
     ax.set_title(f"Captured keys: {len(entries)} ({sum(e.count for e in entries)} calls)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.savefig(out)
-    return os.fspath(out)
+    return save(fig, out)
 
 
 def _key_label(entry: mf.ManifestEntry, entries: list[mf.ManifestEntry]) -> str:
@@ -255,4 +275,5 @@ def _key_label(entry: mf.ManifestEntry, entries: list[mf.ManifestEntry]) -> str:
 
 
 def plot(kind: str, data: Any, out: str | os.PathLike[str]) -> str:
+    """The picture of ``load``'s result, written to ``out``; returns the path written."""
     return plot_events(data, out) if kind == "events" else plot_manifest(data, out)

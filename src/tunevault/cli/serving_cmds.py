@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Summarise a TUNEVAULT_EVENTS log (tunings, misses, fallbacks, the seal) "
                                    "or a key manifest; --plot draws it to a PNG (needs matplotlib).")
     p.add_argument("path", nargs="?", help="events log or key manifest (default: $TUNEVAULT_EVENTS)")
-    p.add_argument("--plot", metavar="OUT.png", help="draw the picture to this file")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the picture to exactly this file (PNG, or the format "
+                   "its extension names: .svg, .pdf); a directory is refused")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_report)
     _manifest_readers(sub)
@@ -224,6 +225,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not path:
         print("tunevault report: give an events log or a manifest (or set TUNEVAULT_EVENTS)", file=sys.stderr)
         return 2
+    if args.plot:
+        report.picture_path(args.plot)  # a directory: exit 2 before the table, not after it
     kind, data = report.load(path)
     if args.json:
         summary = fixed_keys(report.summarize_events(data)) if kind == "events" else [e.to_json() for e in data]
