@@ -66,7 +66,7 @@ def diff(a: list[Decision], b: list[Decision]) -> list[dict[str, Any]]:
     rows = []
     for skey in sorted(left.keys() | right.keys(), key=lambda k: ((left.get(k) or right[k]).kernel.name, k)):
         da, db = left.get(skey), right.get(skey)
-        if da is not None and db is not None and (da.config_index, da.config) == (db.config_index, db.config):
+        if da is not None and db is not None and da.same_choice(db):
             continue
         d = da or db
         assert d is not None
