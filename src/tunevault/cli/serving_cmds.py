@@ -234,6 +234,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         headers, rows = report.events_table(data) if kind == "events" else report.manifest_table(data)
         print_table(headers, rows, title=f"{kind}: {path}")
+        if kind == "events" and not rows:  # an empty log and one holding only a seal read alike
+            kinds = sorted({str(e["event"]) for e in data})
+            print(f"no tunings, misses or fallbacks in {path} yet "
+                  f"({len(data)} event(s): {', '.join(kinds)})" if data else f"no events in {path} yet: it is empty")
     if args.plot:
         try:
             out = report.plot(kind, data, args.plot)
@@ -316,7 +320,7 @@ def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple
 
 
 # Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
-REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
+REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "tunings_other", "misses", "fallbacks", "errors")
 
 
 def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
@@ -325,7 +329,8 @@ def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int 
     A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
     (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
     """
-    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", *(k for row in summary.values() for k in row)})
+    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", "seconds_other",
+                   *(k for row in summary.values() for k in row)})
 
     def value(key: str, row: dict[str, float]) -> int | float | None:
         v = row.get(key)
