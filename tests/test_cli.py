@@ -117,6 +117,28 @@ def test_export_import_round_trip_is_used_without_benchmarking(tv: Any, sqlite_u
     assert launches.count == 1
 
 
+def test_import_of_a_winners_only_bundle_counts_the_same_choices_as_identical(tv: Any, sqlite_url: str,
+                                                                            tmp_path: Path, capsys: Any) -> None:
+    """A bundle strips the timings; the decisions are still the same ones, and a different
+    config chosen for a key is still reported as different."""
+    tune_two(tv)
+    tv.uninstall()
+    bundle = tmp_path / "bundle.json"
+    assert cli(capsys, "--store", sqlite_url, "export", "--winners-only", str(bundle))[0] == 0
+    assert all(e["candidates"] == [] for e in json.loads(bundle.read_text())["decisions"])
+    report = cli_json(capsys, "--store", sqlite_url, "import", str(bundle))
+    assert (report["added"], report["skipped_identical"], report["skipped_differing"]) == (0, 2, 0)
+
+    store = open_store(sqlite_url)
+    decision = next(d for d in store.decisions() if len(d.candidates) > 1)
+    other = next(c for c in decision.candidates if c.index != decision.config_index)
+    store.delete(Query(kernel=decision.kernel.name))
+    store.put(dataclasses.replace(decision, config_index=other.index, config=other.config))
+    store.close()
+    code, out, _ = cli(capsys, "--store", sqlite_url, "import", str(bundle))
+    assert code == 0 and "already present: 1 identical, 1 different, stored one kept" in out
+
+
 def test_import_rejects_bad_entries_and_keeps_good_ones(tv: Any, sqlite_url: str, tmp_path: Path,
                                                         capsys: Any) -> None:
     tune_two(tv)

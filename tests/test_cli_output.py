@@ -107,6 +107,74 @@ def test_report_picture_without_tunings_has_readable_axis_labels() -> None:
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
+def test_report_plot_writes_the_file_it_names_and_refuses_a_directory(tmp_path: Path, capsys: Any) -> None:
+    """matplotlib appends ``.png`` to a name without an extension, and to a directory's name."""
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in EVENTS))
+    for name, magic in (("picture", b"\x89PNG"), ("picture.svg", b"<?xml")):
+        code, out, _ = cli(capsys, "report", str(log), "--plot", str(tmp_path / name))
+        assert code == 0 and out.rstrip().endswith(f"picture written to {tmp_path / name}")
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    code, out, err = cli(capsys, "report", str(log), "--plot", str(folder))
+    assert code == 2 and f"{folder} is a directory" in err and str(folder / "tunevault-report.png") in err
+    assert out == ""  # refused before the table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "picture", "picture.svg", "pictures"]
+
+
+def test_report_of_an_empty_log_is_no_events_yet_as_for_a_log_holding_only_a_seal(tmp_path: Path,
+                                                                                  capsys: Any) -> None:
+    """TUNEVAULT_EVENTS names a file before its first event: an empty log is a log, not an error."""
+    empty, sealed = tmp_path / "empty.jsonl", tmp_path / "sealed.jsonl"
+    empty.write_text("\n")
+    sealed.write_text(json.dumps(EVENTS[2]) + "\n")
+    for log, note in ((empty, f"no events in {empty} yet: it is empty"),
+                      (sealed, f"no tunings, misses or fallbacks in {sealed} yet (1 event(s): seal)")):
+        code, out, err = cli(capsys, "report", str(log))
+        assert (code, err) == (0, "") and "tunings (warmup)" in out and out.rstrip().endswith(note)
+        assert cli_json(capsys, "report", str(log)) == {"kind": "events", "summary": {}}
+    (tmp_path / "other.jsonl").write_text('{"not": "an event"}\n')
+    code, _, err = cli(capsys, "report", str(tmp_path / "other.jsonl"))
+    assert code == 2 and "neither a tunevault events log nor a key manifest" in err
+
+
+def test_report_counts_a_tuning_of_a_phase_it_does_not_know(tmp_path: Path, capsys: Any) -> None:
+    log = tmp_path / "events.jsonl"
+    events = [{"event": "tuning", "kernel": "app:mm", "seconds": 0.5, "phase": "warmup", "time": 8.0},
+              {"event": "tuning", "kernel": "app:mm", "seconds": 2.0, "phase": "prefill", "time": 9.0}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    row = cli_json(capsys, "report", str(log))["summary"]["app:mm"]
+    assert (row["tunings_warmup"], row["tunings_serving"], row["tunings_other"]) == (1, 0, 1)
+    assert row["seconds_other"] == 2.0
+    headers, rows = report.events_table(events)
+    assert dict(zip(headers, rows[0], strict=True))["tunings (other phase)"] == 1
+    assert dict(zip(headers, rows[0], strict=True))["tuning s (other phase)"] == "2.00"
+    assert "tunings (other phase)" not in report.events_table(events[:1])[0]  # only when there is one
+
+
+def test_report_timeline_calls_a_seal_a_switch_only_when_the_same_process_changes_on_miss() -> None:
+    """Processes sharing one events file each seal once: none of those seals is a switch."""
+    pytest.importorskip("matplotlib")
+
+    def seal_lines(seals: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        fig = report.events_figure([*EVENTS[:2], *seals])
+        timeline = fig.axes[1]
+        return [(line.get_linestyle(), line.get_label()) for line in timeline.lines  # the seals' lines,
+                if line.get_linestyle() in ("--", ":")]                                # not miss markers
+
+    seal, switch = ("--", "seal"), (":", "on_miss switched")
+    fleet = [{"event": "seal", "on_miss": "error", "pid": pid, "time": 20.0 + pid} for pid in (101, 102, 103)]
+    assert [style for style, _ in seal_lines(fleet)] == ["--"] * 3
+    again = {"event": "seal", "on_miss": "fallback", "pid": 102, "time": 30.0}
+    assert seal_lines([*fleet, again])[-1] == switch
+    no_pid = [{"event": "seal", "on_miss": m, "time": t} for m, t in (("error", 20.0), ("fallback", 21.0))]
+    assert seal_lines(no_pid) == [seal, ("--", "_nolegend_")]  # cannot tell processes apart: no switch
+    texts = [t.get_text() for t in report.events_figure([*EVENTS[:2], *fleet]).axes[1].texts]
+    assert "pid 102: on_miss=error" in texts
+
+
 def test_text_from_an_imported_file_is_shown_as_text(tmp_path: Path) -> None:
     """Names from a file made elsewhere are neither rich markup (``[/x]`` crashed ls/show/diff with a
     MarkupError, ``[red]`` or ``[link=...]`` changed what the table showed) nor terminal escapes."""

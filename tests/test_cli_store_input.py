@@ -75,6 +75,32 @@ def test_damaged_store_is_reported_and_repaired(tv: Any, sqlite_url: str, tmp_pa
     assert len(cli_json(capsys, "--store", sqlite_url, "ls")) == report["recovered"]
 
 
+def test_export_from_a_damaged_store_leaves_a_good_export_untouched(tv: Any, sqlite_url: str, tmp_path: Path,
+                                                                     capsys: Any) -> None:
+    """A damaged file reads as missing rows: exported, they would replace a good FILE with fewer."""
+    tune_two(tv)
+    tv.uninstall()
+    store = open_store(sqlite_url)
+    model = next(iter(store.decisions()))
+    for n in range(300):
+        store.put(dataclasses.replace(model, key=TuningKey((("n", 10_000 + n), *model.key.items[1:]))))
+    store.close()
+    good, bundle = tmp_path / "good.json", tmp_path / "bundle.json"
+    assert cli(capsys, "--store", sqlite_url, "export", str(good))[0] == 0
+    assert cli(capsys, "--store", sqlite_url, "export", "--winners-only", str(bundle))[0] == 0
+    before = {good: good.read_bytes(), bundle: bundle.read_bytes()}
+    _damage(Path(sqlite_url.removeprefix("sqlite:///")))
+
+    for argv in (["export", str(good)], ["export", "--winners-only", str(bundle)], ["export", "-"]):
+        code, out, err = cli(capsys, "--store", sqlite_url, *argv)
+        assert {f: f.read_bytes() for f in before} == before, argv
+        assert code == 1, argv
+        assert "is damaged" in err and "doctor --repair" in err and "nothing exported" in err, err
+        assert out == "" and "exported" not in err.replace("nothing exported", "")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".db" and ".db" not in p.name) == \
+        ["bundle.json", "good.json"]  # no temp file left beside them
+
+
 def test_a_stored_decision_naming_an_undeclared_config_gives_a_whole_sentence(
         tv: Any, sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     x, y = torch.randn(64), torch.randn(64)

@@ -46,11 +46,14 @@ def damage_message(url: str, problems: list[str]) -> str:
             f"decisions on damaged pages are missing. Run `tunevault --store {url} doctor --repair`")
 
 
-def damaged(url: str, problems: list[str]) -> int:
-    """Exit status 1, with the reason on stderr, when the store's file is damaged; else 0."""
+def damaged(url: str, problems: list[str], consequence: str = "") -> int:
+    """Exit status 1, with the reason on stderr, when the store's file is damaged; else 0.
+
+    ``consequence`` says what the command did not do because of it (e.g. ``"; nothing exported"``).
+    """
     if not problems:
         return 0
-    print(f"tunevault: {damage_message(url, problems)}", file=sys.stderr)
+    print(f"tunevault: {damage_message(url, problems)}{consequence}", file=sys.stderr)
     return 1
 
 

@@ -66,7 +66,7 @@ def diff(a: list[Decision], b: list[Decision]) -> list[dict[str, Any]]:
     rows = []
     for skey in sorted(left.keys() | right.keys(), key=lambda k: ((left.get(k) or right[k]).kernel.name, k)):
         da, db = left.get(skey), right.get(skey)
-        if da is not None and db is not None and (da.config_index, da.config) == (db.config_index, db.config):
+        if da is not None and db is not None and da.same_choice(db):
             continue
         d = da or db
         assert d is not None
@@ -107,6 +107,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def export_bundle_cmd(args: argparse.Namespace) -> int:
     """``export --winners-only`` / ``--sign``: a bundle for one fingerprint (current by default)."""
+    from tunevault.cli.doctor_cmd import damaged, store_damage
     from tunevault.cli.store_cmds import open_cli_store, select
     from tunevault.store.bundle import pick_fingerprint, write_bundle
 
@@ -117,13 +118,16 @@ def export_bundle_cmd(args: argparse.Namespace) -> int:
         raise ValueError("a bundle is written to a file, not stdout")
     store = open_cli_store(args)
     try:
+        damage = store_damage(store)  # before reading: damaged pages read as missing decisions
+        if damage:
+            return damaged(store.url, damage, f"; nothing exported, {args.file} left as it was")
         if args.fingerprint in (None, "", "current"):
             from tunevault.cli.store_cmds import this_machine
 
             fp = this_machine()
         else:
             fp = pick_fingerprint(store, args.fingerprint)
-        found = [d for d in select(store, args) if d.fingerprint == fp]
+        found = [d for d in select(store, args, strict=True) if d.fingerprint == fp]
         url = store.url
     finally:
         store.close()

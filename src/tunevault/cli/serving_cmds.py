@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Summarise a TUNEVAULT_EVENTS log (tunings, misses, fallbacks, the seal) "
                                    "or a key manifest; --plot draws it to a PNG (needs matplotlib).")
     p.add_argument("path", nargs="?", help="events log or key manifest (default: $TUNEVAULT_EVENTS)")
-    p.add_argument("--plot", metavar="OUT.png", help="draw the picture to this file")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the picture to exactly this file (PNG, or the format "
+                   "its extension names: .svg, .pdf); a directory is refused")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_report)
     _manifest_readers(sub)
@@ -224,6 +225,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not path:
         print("tunevault report: give an events log or a manifest (or set TUNEVAULT_EVENTS)", file=sys.stderr)
         return 2
+    if args.plot:
+        report.picture_path(args.plot)  # a directory: exit 2 before the table, not after it
     kind, data = report.load(path)
     if args.json:
         summary = fixed_keys(report.summarize_events(data)) if kind == "events" else [e.to_json() for e in data]
@@ -231,6 +234,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         headers, rows = report.events_table(data) if kind == "events" else report.manifest_table(data)
         print_table(headers, rows, title=f"{kind}: {path}")
+        if kind == "events" and not rows:  # an empty log and one holding only a seal read alike
+            kinds = sorted({str(e["event"]) for e in data})
+            print(f"no tunings, misses or fallbacks in {path} yet "
+                  f"({len(data)} event(s): {', '.join(kinds)})" if data else f"no events in {path} yet: it is empty")
     if args.plot:
         try:
             out = report.plot(kind, data, args.plot)
@@ -313,7 +320,7 @@ def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple
 
 
 # Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
-REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "misses", "fallbacks", "errors")
+REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "tunings_other", "misses", "fallbacks", "errors")
 
 
 def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
@@ -322,7 +329,8 @@ def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int 
     A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
     (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
     """
-    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", *(k for row in summary.values() for k in row)})
+    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", "seconds_other",
+                   *(k for row in summary.values() for k in row)})
 
     def value(key: str, row: dict[str, float]) -> int | float | None:
         v = row.get(key)

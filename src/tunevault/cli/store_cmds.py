@@ -79,14 +79,21 @@ def _add_filters(p: argparse.ArgumentParser, kernel_positional: bool = False) ->
                           help="only decisions of other fingerprints (other GPUs, Triton versions, ...)")
 
 
-def select(store: Store, args: argparse.Namespace, here: Fingerprint | None = None) -> list[Decision]:
-    """Decisions matching the common filters, sorted by kernel then key."""
+def select(store: Store, args: argparse.Namespace, here: Fingerprint | None = None,
+           strict: bool = False) -> list[Decision]:
+    """Decisions matching the common filters, sorted by kernel then key.
+
+    ``strict``: an unreadable store raises StoreUnavailable instead of reading as empty (the
+    runtime's miss), for commands that write what they read: an empty read must not replace a file.
+    """
     query = Query(kernel=args.kernel)
     if args.this_machine or args.other_machines:
         here = here or this_machine()
         if args.this_machine:
             query = Query(kernel=args.kernel, fingerprint_digest=here.digest)
-    found = [d for d in store.decisions(query)
+    listing = getattr(store, "listing", None) if strict else None
+    read = listing(query) if listing is not None else store.decisions(query)
+    found = [d for d in read
              if not (args.other_machines and here and d.fingerprint.digest == here.digest)]
     return sorted(found, key=lambda d: (d.kernel.name, d.fingerprint.digest, d.key.text))
 
@@ -256,8 +263,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     store = open_cli_store(args)
     try:
-        doc = export_document(select(store, args), args)
+        # Checked before reading: a damaged file reads as missing rows, and an export of them
+        # would replace a good FILE with an incomplete one.
         damage = store_damage(store)
+        if damage:
+            kept = "" if args.file == "-" else f", {args.file} left as it was"
+            return damaged(store.url, damage, f"; nothing exported{kept}")
+        doc = export_document(select(store, args, strict=True), args)
     finally:
         store.close()
     text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n"
@@ -278,7 +290,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise
     print(f"exported {len(doc['decisions'])} decision(s) from {store.url} to {args.file}",
           file=sys.stderr if args.file == "-" else sys.stdout)
-    return damaged(store.url, damage)
+    return 0
 
 
 SHOWN_REJECTIONS = 20  # a file of many bad entries must not flood the terminal
@@ -331,7 +343,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 if stored.dumps() == d.dumps():
                     added += 1
                     continue
-            if stored.dumps() == d.dumps():
+            if stored.same_choice(d):  # timings may differ: a winners-only bundle carries none
                 identical += 1
             else:
                 differing += 1

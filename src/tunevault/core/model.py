@@ -288,6 +288,13 @@ class Decision:
             "provenance": dict(self.provenance),
         }
 
+    def same_choice(self, other: Decision) -> bool:
+        """The same decision: the same config (index and values) for the same key, whatever evidence
+        either carries (timings, margin, provenance): a winners-only bundle, stripped of its
+        timings, still holds the same decisions as the store it came from."""
+        return (self.store_key == other.store_key and self.config_index == other.config_index
+                and self.config == other.config)
+
     def dumps(self) -> str:
         return canonical_json(self.to_json())
 
