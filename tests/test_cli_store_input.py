@@ -120,3 +120,42 @@ def test_a_stored_decision_naming_an_undeclared_config_gives_a_whole_sentence(
     message = str(miss.value)
     assert message.endswith("the decision stored for this very key names no config this kernel declares: ignored")
     assert "differs in" not in message
+
+
+def test_export_writes_through_a_symlink_and_into_a_fifo(tv: Any, sqlite_url: str, tmp_path: Path,
+                                                         capsys: Any) -> None:
+    """The rename that makes an export whole replaced whatever the path was: a symlink became a
+    regular file (its target kept the old contents), a FIFO was replaced and its reader got nothing."""
+    import json
+    import os
+    import threading
+
+    tune_two(tv)
+    tv.uninstall()
+    target = tmp_path / "shared" / "real.json"
+    target.parent.mkdir()
+    target.write_text('{"old": true}')
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    code, _, err = cli(capsys, "--store", sqlite_url, "export", str(link))
+    assert code == 0, err
+    assert link.is_symlink() and len(json.loads(target.read_text())["decisions"]) == 2
+    assert target.stat().st_mode & 0o777 == 0o640, "replacing a file keeps its mode"
+    bundle = tmp_path / "bundle-link.json"
+    bundle.symlink_to(target)
+    code, _, err = cli(capsys, "--store", sqlite_url, "export", "--winners-only", str(bundle))
+    assert code == 0 and bundle.is_symlink() and "signature" not in json.loads(target.read_text()), err
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    code, _, err = cli(capsys, "--store", sqlite_url, "export", str(fifo))
+    reader.join(30)
+    assert code == 0 and fifo.is_fifo() and len(json.loads(got[0])["decisions"]) == 2, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+    code, _, err = cli(capsys, "--store", sqlite_url, "export", str(tmp_path / "missing" / "x.json"))
+    assert code == 2 and f"{tmp_path / 'missing' / 'x.json'}" in err and ".tmp" not in err

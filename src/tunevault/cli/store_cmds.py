@@ -8,7 +8,6 @@ fingerprint is this machine's: a shared store legitimately holds other GPUs' dec
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -279,15 +278,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         if os.path.isdir(args.file):
             raise IsADirectoryError(f"{args.file} is a directory; give the path of the file to write, "
                                     f"e.g. {os.path.join(args.file, 'tunevault-export.json')}")
-        tmp = f"{args.file}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, args.file)  # a reader never sees half a file
-        except BaseException:
-            with contextlib.suppress(OSError):  # no half-written file left behind
-                os.remove(tmp)
-            raise
+        from tunevault.core.files import write_text
+
+        write_text(args.file, text)  # whole or not at all, through a symlink, into a FIFO
     print(f"exported {len(doc['decisions'])} decision(s) from {store.url} to {args.file}",
           file=sys.stderr if args.file == "-" else sys.stdout)
     return 0

@@ -79,14 +79,11 @@ def make_bundle(decisions: Iterable[Decision], fingerprint: Fingerprint,
 
 def write_bundle(path: str | os.PathLike[str], decisions: Iterable[Decision], fingerprint: Fingerprint,
                  key: str | bytes | None = None) -> int:
-    """Write a bundle atomically (temp file + rename); return how many decisions it holds."""
+    """Write a bundle whole (``core.files.write_text``); return how many decisions it holds."""
+    from tunevault.core.files import write_text
+
     doc = make_bundle(decisions, fingerprint, key)
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return len(doc["decisions"])
 
 
