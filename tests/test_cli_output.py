@@ -89,8 +89,11 @@ def test_report_json_has_integer_counts_and_fixed_keys(tmp_path: Path, capsys: A
     summary = cli_json(capsys, "report", str(log))["summary"]
     assert sorted(summary) == ["app:attn", "app:mm", "app:norm"]
     assert len({tuple(sorted(row)) for row in summary.values()}) == 1  # the same keys for every kernel
+    statistics = ("regret_median", "regret_max")  # None where nothing was measured
     for row in summary.values():
-        assert all(isinstance(v, int) for k, v in row.items() if not k.startswith("seconds_")), row
+        assert all(isinstance(v, int) for k, v in row.items() if not k.startswith("seconds_") and k not in statistics)
+        assert {"predicted", "regret_n", "regret_unmeasured", *statistics} <= set(row), "documented, always there"
+        assert row["regret_median"] is None and row["regret_max"] is None
     assert summary["app:mm"]["tunings_warmup"] == 1 and summary["app:attn"]["errors"] == 1
 
 

@@ -320,7 +320,9 @@ def _explain(args: argparse.Namespace, reasons: list[str], malformed: list[tuple
 
 
 # Counted in every events summary, whatever the log holds (report.summarize_events adds a key only when met).
-REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "tunings_other", "misses", "fallbacks", "errors")
+REPORT_COUNTS = ("tunings_warmup", "tunings_serving", "tunings_other", "misses", "fallbacks", "predicted", "errors",
+                 "regret_n", "regret_unmeasured")
+REPORT_STATISTICS = ("regret_median", "regret_max")  # of predicted fallbacks' measured regret: None if none
 
 
 def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int | float | None]]:
@@ -329,14 +331,14 @@ def fixed_keys(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, int 
     A count absent from a kernel's row is 0, a duration (``seconds_*``) 0.0, and a statistic
     (``regret_median``, ``regret_max``) ``None``: there was nothing to measure.
     """
-    keys = sorted({*REPORT_COUNTS, "seconds_warmup", "seconds_serving", "seconds_other",
+    keys = sorted({*REPORT_COUNTS, *REPORT_STATISTICS, "seconds_warmup", "seconds_serving", "seconds_other",
                    *(k for row in summary.values() for k in row)})
 
     def value(key: str, row: dict[str, float]) -> int | float | None:
         v = row.get(key)
         if key.startswith("seconds_"):
             return round(float(v or 0.0), 6)
-        if key.startswith("regret_") and key != "regret_n":  # statistics of predicted fallbacks
+        if key in REPORT_STATISTICS:
             return None if v is None else float(v)
         return int(v or 0)
 
