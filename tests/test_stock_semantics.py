@@ -418,6 +418,53 @@ def test_a_subclass_measuring_its_own_way_is_what_decides(sqlite_url: str, subcl
     assert ours == stock
 
 
+def _rejecting_128(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+    """A validating benchmarker: BLOCK=128 gives wrong results for this caller, so it never wins."""
+    kernel_call()
+    return [float("inf") if kc.LAUNCHED[-1] == 128 else float(kc.LAUNCHED[-1])] * 3
+
+
+def _preferring_large(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+    kernel_call()
+    return [1000.0 / kc.LAUNCHED[-1]] * 3
+
+
+class _RejectingSubclass(Autotuner):
+    """The same rejection, as a subclass's ``_bench``: a plain autotuner's decision must not reach it."""
+
+    def _bench(self, *args: Any, config: triton.Config, **meta: Any) -> list[float]:
+        return [float("inf") if config.kwargs["BLOCK"] == 128 else float(config.kwargs["BLOCK"])] * 3
+
+
+@pytest.mark.parametrize("other", ["do_bench", "subclass"])
+def test_autotuners_that_measure_differently_share_no_decision(sqlite_url: str, other: str) -> None:
+    """Two autotuners over one JIT function, same configs and key, one benchmarking its own way:
+    each decides by its own measurement, in this process and through the store."""
+    def scenario() -> list[Any]:
+        a = _fresh(do_bench=_preferring_large)
+        if other == "do_bench":
+            b = _fresh(do_bench=_rejecting_128)
+        else:
+            b = _RejectingSubclass(kc._Recording(kc.copy_kernel), kc.copy_kernel.arg_names, kc.configs(), ["n"],
+                                   None, None, do_bench=_preferring_large)
+        kc.run(a, 100)
+        kc.clear()
+        kc.run(b, 100)
+        return [a.best_config.kwargs["BLOCK"], b.best_config.kwargs["BLOCK"], sorted(set(kc.LAUNCHED))]
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock[:2] == [128, 16]  # B rejects 128 and launches 16
+    assert ours == stock
+    import tunevault
+
+    tunevault.uninstall()
+    tunevault.install(mode="tune", store=sqlite_url)  # a fresh process's view: the store only
+    kc.clear()
+    b = _fresh(do_bench=_rejecting_128)
+    kc.run(b, 100)
+    assert b.best_config.kwargs["BLOCK"] == 16
+
+
 class _RaisingBench(Autotuner):
     """A subclass whose ``_bench`` has a bug at BLOCK=32: stock's ``benchmark`` does not catch it."""
 
