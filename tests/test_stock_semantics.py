@@ -359,6 +359,42 @@ def test_the_cache_assigned_or_held_by_reference_is_the_one_launches_follow(sqli
     assert "cache" not in Autotuner.__dict__  # stock's class again: no property left behind
 
 
+# 10b. A copy of an autotuned kernel is a kernel of its own, as in stock.
+
+@pytest.mark.parametrize("mode", ["tune", "first"])
+def test_a_copied_kernel_decides_and_launches_on_its_own(sqlite_url: str, mode: str) -> None:
+    import copy
+
+    def scenario() -> list[Any]:
+        seen: list[Any] = []
+        kernel = _fresh(do_bench=_counting_bench([]))
+        kc.run(kernel, 100)
+        shallow = copy.copy(kernel)  # given its own configs and an empty cache
+        shallow.configs = [triton.Config({"BLOCK": b}) for b in (64, 128)]
+        shallow.cache = {}
+        kc.clear()
+        kc.run(shallow, 100)
+        seen += [kc.LAUNCHED[-1], shallow.best_config.kwargs["BLOCK"], kernel.best_config.kwargs["BLOCK"],
+                 len(shallow.cache), len(kernel.cache)]
+        deep = copy.deepcopy(kernel)  # after the first call
+        kc.clear()
+        kc.run(deep, 50)
+        seen.append(kc.LAUNCHED[-1])
+        fresh = _fresh(do_bench=_counting_bench([]))
+        pinned = copy.deepcopy(fresh)  # before the first call, then a config pinned through its cache
+        kc.run(pinned, 70)
+        (key, _decided), = pinned.cache.items()
+        pinned.cache[key] = pinned.configs[2]
+        kc.clear()
+        kc.run(pinned, 70)
+        seen.append(list(kc.LAUNCHED))  # the pinned config, without benchmarking
+        return seen
+
+    stock, ours = _on_both(scenario, sqlite_url, mode)
+    assert stock == [64, 64, 16, 1, 1, 16, [64]]  # the last config launched by each call
+    assert ours == stock
+
+
 # 11. configs_timings when early_config_prune makes up Config objects.
 
 def test_configs_timings_map_each_pruned_config_to_its_own_timing(sqlite_url: str) -> None:

@@ -33,7 +33,6 @@ _runtime: Runtime | None = None
 _attached: weakref.WeakSet[Autotuner] = weakref.WeakSet()
 _mirrored: weakref.WeakSet[Autotuner] = weakref.WeakSet()  # whose ``cache`` is a MirroredCache now
 _NO_ATTR = object()
-_original_cache_attr: Any = _NO_ATTR  # Autotuner's own class attribute ``cache`` while installed (it has none)
 _hit_hook: HitHook | None = None  # key capture's counter, set only while capturing
 _interpreted = False  # Triton's interpreter was on when the hot path was chosen (_hot_path)
 
@@ -102,6 +101,38 @@ def _del_cache(autotuner: Autotuner) -> None:
         state = autotuner.__dict__.get(STATE_ATTR)
         if state is not None:
             state.hits.clear()
+
+
+def _copied_state(autotuner: Autotuner) -> dict[str, Any]:
+    """The instance dict a copy starts from: stock's, less tunevault's per-kernel state (its lock,
+    its back-reference to the original), with a MirroredCache (whose change callback names the
+    original) as a plain dict of the same entries. The copy attaches its own state on its first
+    call; the entries it inherits read as written by hand, as a copied stock cache's are launched."""
+    state = dict(autotuner.__dict__)
+    state.pop(STATE_ATTR, None)
+    cache = state.get("cache")
+    if type(cache) is MirroredCache:
+        state["cache"] = dict(cache)
+    return state
+
+
+def _copy(autotuner: Autotuner) -> Autotuner:
+    """``copy.copy(autotuner)`` while installed: stock's shallow copy (see ``_copied_state``)."""
+    cls: Any = type(autotuner)  # type(...).__new__ is typed as type's
+    new = cls.__new__(cls)
+    new.__dict__.update(_copied_state(autotuner))
+    return new
+
+
+def _deepcopy(autotuner: Autotuner, memo: dict[int, Any]) -> Autotuner:
+    """``copy.deepcopy(autotuner)`` while installed: stock's deep copy (see ``_copied_state``)."""
+    import copy
+
+    cls: Any = type(autotuner)  # type(...).__new__ is typed as type's
+    new = cls.__new__(cls)
+    memo[id(autotuner)] = new
+    new.__dict__.update(copy.deepcopy(_copied_state(autotuner), memo))
+    return new
 
 
 _CACHE_PROPERTY = property(_get_cache, _set_cache, _del_cache,
@@ -226,24 +257,30 @@ def uninstall() -> None:
             sys.modules["tunevault.engine.isolated"].retire_idle()
 
 
+_CLASS_ATTRS: dict[str, Any] = {"cache": _CACHE_PROPERTY, "__copy__": _copy, "__deepcopy__": _deepcopy}
+_original_class_attrs: dict[str, Any] = {}  # Autotuner's own, while installed (_NO_ATTR: it had none)
+
+
 def _install_cache_property(autotuner_class: type[Autotuner]) -> None:
     """Make ``autotuner.cache`` a property (a data descriptor, so it wins over the instance's dict
-    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check."""
-    global _original_cache_attr
-    _original_cache_attr = autotuner_class.__dict__.get("cache", _NO_ATTR)
-    autotuner_class.cache = _CACHE_PROPERTY
+    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check.
+    ``__copy__``/``__deepcopy__`` come and go with it: a copy must not share the original's
+    per-kernel state, nor its cache's change callback (the copy's would reach the original)."""
+    for name, attr in _CLASS_ATTRS.items():
+        _original_class_attrs[name] = autotuner_class.__dict__.get(name, _NO_ATTR)
+        setattr(autotuner_class, name, attr)
 
 
 def _uninstall_cache_property() -> None:
-    global _original_cache_attr
     from triton.runtime.autotuner import Autotuner
 
-    if Autotuner.__dict__.get("cache") is _CACHE_PROPERTY:
-        if _original_cache_attr is _NO_ATTR:
-            del Autotuner.cache
-        else:
-            Autotuner.cache = _original_cache_attr
-    _original_cache_attr = _NO_ATTR
+    for name, attr in _CLASS_ATTRS.items():
+        original = _original_class_attrs.pop(name, _NO_ATTR)
+        if Autotuner.__dict__.get(name) is attr:
+            if original is _NO_ATTR:
+                delattr(Autotuner, name)
+            else:
+                setattr(Autotuner, name, original)
 
 
 def _drop_states(unwrap: bool) -> None:
