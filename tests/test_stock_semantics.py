@@ -309,6 +309,27 @@ def test_replacing_the_configs_list_decides_among_the_new_configs(sqlite_url: st
     assert ours == stock
 
 
+@pytest.mark.parametrize("mode", ["tune", "first"])
+def test_a_single_config_kernel_follows_its_replaced_configs_list(sqlite_url: str, mode: str) -> None:
+    """Stock launches a single-config kernel's ``configs[0]`` as it is at each call, and tunes once
+    the list has more: a key decided for the old list is not launched from the hot path."""
+    def scenario() -> list[int]:
+        kernel = triton.autotune(configs=[triton.Config({"BLOCK": 64})], key=["n"],
+                                 do_bench=_counting_bench([]))(kc._Recording(kc.copy_kernel))
+        launched = []
+        for configs in ([64], [32], [128, 16], [128, 16]):
+            if [c.kwargs["BLOCK"] for c in kernel.configs] != configs:
+                kernel.configs = [triton.Config({"BLOCK": b}) for b in configs]
+            kc.clear()
+            kc.run(kernel, 100)
+            launched.append(kc.LAUNCHED[-1])
+        return launched
+
+    stock, ours = _on_both(scenario, sqlite_url, mode)
+    assert stock == [64, 32, 16, 16]  # the smaller BLOCK times faster
+    assert ours == (stock if mode == "tune" else [64, 32, 128, 128])  # "first": the first that runs
+
+
 def test_a_config_edited_in_place_is_not_launched_under_the_old_decision(sqlite_url: str) -> None:
     def scenario() -> tuple[list[int], int]:
         seen: list[int] = []

@@ -103,6 +103,40 @@ def _del_cache(autotuner: Autotuner) -> None:
             state.hits.clear()
 
 
+def _get_configs(autotuner: Autotuner) -> Any:
+    try:
+        return autotuner.__dict__["configs"]
+    except KeyError:
+        raise AttributeError(f"{type(autotuner).__name__!r} object has no attribute 'configs'") from None
+
+
+def _set_configs(autotuner: Autotuner, value: Any) -> None:
+    """``autotuner.configs = [...]`` as stock honours it: the hot path forgets what it decided, so
+    the next call of each key takes the miss path, which starts over for a new list (a key decided
+    among several configs is still launched from ``cache``, as stock launches it; a single-config
+    kernel launches the new first config, or tunes when the new list has more)."""
+    with _lock:
+        autotuner.__dict__["configs"] = value
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+
+def _del_configs(autotuner: Autotuner) -> None:
+    with _lock:
+        try:
+            del autotuner.__dict__["configs"]
+        except KeyError:
+            raise AttributeError("configs") from None
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+
+_CONFIGS_PROPERTY = property(_get_configs, _set_configs, _del_configs,
+                             "The declared configs; tunevault's hot path follows a replaced list.")
+
+
 def _copied_state(autotuner: Autotuner) -> dict[str, Any]:
     """The instance dict a copy starts from: stock's, less tunevault's per-kernel state (its lock,
     its back-reference to the original), with a MirroredCache (whose change callback names the
@@ -257,15 +291,17 @@ def uninstall() -> None:
             sys.modules["tunevault.engine.isolated"].retire_idle()
 
 
-_CLASS_ATTRS: dict[str, Any] = {"cache": _CACHE_PROPERTY, "__copy__": _copy, "__deepcopy__": _deepcopy}
+_CLASS_ATTRS: dict[str, Any] = {"cache": _CACHE_PROPERTY, "configs": _CONFIGS_PROPERTY, "__copy__": _copy,
+                                 "__deepcopy__": _deepcopy}
 _original_class_attrs: dict[str, Any] = {}  # Autotuner's own, while installed (_NO_ATTR: it had none)
 
 
 def _install_cache_property(autotuner_class: type[Autotuner]) -> None:
     """Make ``autotuner.cache`` a property (a data descriptor, so it wins over the instance's dict
-    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check.
-    ``__copy__``/``__deepcopy__`` come and go with it: a copy must not share the original's
-    per-kernel state, nor its cache's change callback (the copy's would reach the original)."""
+    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check; so
+    does assigning a new ``configs`` list. ``__copy__``/``__deepcopy__`` come and go with them: a
+    copy must not share the original's per-kernel state, nor its cache's change callback (the
+    copy's would reach the original)."""
     for name, attr in _CLASS_ATTRS.items():
         _original_class_attrs[name] = autotuner_class.__dict__.get(name, _NO_ATTR)
         setattr(autotuner_class, name, attr)
