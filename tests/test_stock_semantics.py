@@ -435,6 +435,28 @@ def test_configs_timings_map_each_pruned_config_to_its_own_timing(sqlite_url: st
     assert ours == stock
 
 
+def _scalar_bench(kernel_call: Callable[[], None], quantiles: Any) -> float:
+    """A do_bench that returns one number, not quantiles: stock keeps that shape."""
+    kernel_call()
+    return float(kc.LAUNCHED[-1])
+
+
+def test_configs_timings_keeps_the_shape_a_benchmarker_returned(sqlite_url: str) -> None:
+    def scenario() -> list[tuple[int, Any]]:
+        kernel = _fresh(do_bench=_scalar_bench)
+        kc.run(kernel, 100)
+        return sorted((c.kwargs["BLOCK"], t) for c, t in kernel.configs_timings.items())
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock == [(16, 16.0), (32, 32.0), (64, 64.0), (128, 128.0)]
+    assert ours == stock
+    import tunevault
+
+    tunevault.uninstall()
+    tunevault.install(mode="tune", store=sqlite_url)  # a stored decision read back keeps it too
+    assert scenario() == stock
+
+
 # 12. An Autotuner subclass that measures configs its own way.
 
 class _OwnBench(Autotuner):
