@@ -18,13 +18,15 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from tunevault.core.identity import (  # noqa: E402
+    _source,
     config_spec,
     current_fingerprint,
+    forget_kernel_id,
     json_scalar,
     kernel_id,
     provenance,
 )
-from tunevault.core.model import ConfigSpec, Fingerprint, canonical_json  # noqa: E402
+from tunevault.core.model import ConfigSpec, Fingerprint, canonical_json, digest  # noqa: E402
 
 HELPERS = """
 import triton
@@ -241,6 +243,65 @@ def test_closure_values_and_mutual_recursion(tmp_path):
     assert two.source_hash != three.source_hash
     assert two.source_hash == kernel_id(mod.make(2)).source_hash
     assert two.name.endswith(":make.<locals>.kernel")
+
+
+def test_a_benchmarker_of_its_own_is_part_of_the_identity_and_the_default_adds_nothing(tmp_path):
+    """Autotuners that measure differently may decide differently: a ``do_bench`` given to one, or
+    an Autotuner subclass (its name and its methods), changes the identity. With Triton's default
+    benchmarker the identity is what it always was (existing stores stay valid)."""
+    mod = load(tmp_path, """
+        import triton
+        import triton.language as tl
+        from triton.runtime.autotuner import Autotuner
+
+        LIMIT = 64
+
+        def bench_a(kernel_call, quantiles):
+            kernel_call()
+            return [1.0] * 3
+
+        def bench_b(kernel_call, quantiles):
+            kernel_call()
+            return [2.0] * 3
+
+        def bench_limited(kernel_call, quantiles):
+            kernel_call()
+            return [float(LIMIT)] * 3
+
+        class Own(Autotuner):
+            def _bench(self, *args, config, **meta):
+                return [1.0] * 3
+
+        class OtherOwn(Autotuner):
+            def _bench(self, *args, config, **meta):
+                return [2.0] * 3
+
+        @triton.jit
+        def body(x_ptr, n, BLOCK: tl.constexpr):
+            tl.store(x_ptr + tl.program_id(0), BLOCK)
+
+        def configs():
+            return [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+
+        plain = triton.autotune(configs(), key=["n"])(body)
+        a = triton.autotune(configs(), key=["n"], do_bench=bench_a)(body)
+        a2 = triton.autotune(configs(), key=["n"], do_bench=bench_a)(body)
+        b = triton.autotune(configs(), key=["n"], do_bench=bench_b)(body)
+        limited = triton.autotune(configs(), key=["n"], do_bench=bench_limited)(body)
+        own = Own(body, body.arg_names, configs(), ["n"], None, None)
+        other_own = OtherOwn(body, body.arg_names, configs(), ["n"], None, None)
+    """)
+    plain = kernel_id(mod.plain)
+    assert plain.source_hash == digest({"kernel": _source(mod.body), "deps": [], "constexprs": []})
+    mod.plain.__dict__["do_bench"] = print  # what stock's cached do_bench leaves: not the user's
+    forget_kernel_id(mod.plain)
+    assert kernel_id(mod.plain) == plain
+    hashes = {name: kernel_id(getattr(mod, name)).source_hash for name in ("a", "b", "limited", "own", "other_own")}
+    assert len({plain.source_hash, *hashes.values()}) == 6
+    assert kernel_id(mod.a2).source_hash == hashes["a"]
+    mod.LIMIT = 128  # a global the benchmarker reads
+    forget_kernel_id(mod.limited)
+    assert kernel_id(mod.limited).source_hash != hashes["limited"]
 
 
 def _hook(nargs):

@@ -309,6 +309,27 @@ def test_replacing_the_configs_list_decides_among_the_new_configs(sqlite_url: st
     assert ours == stock
 
 
+@pytest.mark.parametrize("mode", ["tune", "first"])
+def test_a_single_config_kernel_follows_its_replaced_configs_list(sqlite_url: str, mode: str) -> None:
+    """Stock launches a single-config kernel's ``configs[0]`` as it is at each call, and tunes once
+    the list has more: a key decided for the old list is not launched from the hot path."""
+    def scenario() -> list[int]:
+        kernel = triton.autotune(configs=[triton.Config({"BLOCK": 64})], key=["n"],
+                                 do_bench=_counting_bench([]))(kc._Recording(kc.copy_kernel))
+        launched = []
+        for configs in ([64], [32], [128, 16], [128, 16]):
+            if [c.kwargs["BLOCK"] for c in kernel.configs] != configs:
+                kernel.configs = [triton.Config({"BLOCK": b}) for b in configs]
+            kc.clear()
+            kc.run(kernel, 100)
+            launched.append(kc.LAUNCHED[-1])
+        return launched
+
+    stock, ours = _on_both(scenario, sqlite_url, mode)
+    assert stock == [64, 32, 16, 16]  # the smaller BLOCK times faster
+    assert ours == (stock if mode == "tune" else [64, 32, 128, 128])  # "first": the first that runs
+
+
 def test_a_config_edited_in_place_is_not_launched_under_the_old_decision(sqlite_url: str) -> None:
     def scenario() -> tuple[list[int], int]:
         seen: list[int] = []
@@ -359,6 +380,42 @@ def test_the_cache_assigned_or_held_by_reference_is_the_one_launches_follow(sqli
     assert "cache" not in Autotuner.__dict__  # stock's class again: no property left behind
 
 
+# 10b. A copy of an autotuned kernel is a kernel of its own, as in stock.
+
+@pytest.mark.parametrize("mode", ["tune", "first"])
+def test_a_copied_kernel_decides_and_launches_on_its_own(sqlite_url: str, mode: str) -> None:
+    import copy
+
+    def scenario() -> list[Any]:
+        seen: list[Any] = []
+        kernel = _fresh(do_bench=_counting_bench([]))
+        kc.run(kernel, 100)
+        shallow = copy.copy(kernel)  # given its own configs and an empty cache
+        shallow.configs = [triton.Config({"BLOCK": b}) for b in (64, 128)]
+        shallow.cache = {}
+        kc.clear()
+        kc.run(shallow, 100)
+        seen += [kc.LAUNCHED[-1], shallow.best_config.kwargs["BLOCK"], kernel.best_config.kwargs["BLOCK"],
+                 len(shallow.cache), len(kernel.cache)]
+        deep = copy.deepcopy(kernel)  # after the first call
+        kc.clear()
+        kc.run(deep, 50)
+        seen.append(kc.LAUNCHED[-1])
+        fresh = _fresh(do_bench=_counting_bench([]))
+        pinned = copy.deepcopy(fresh)  # before the first call, then a config pinned through its cache
+        kc.run(pinned, 70)
+        (key, _decided), = pinned.cache.items()
+        pinned.cache[key] = pinned.configs[2]
+        kc.clear()
+        kc.run(pinned, 70)
+        seen.append(list(kc.LAUNCHED))  # the pinned config, without benchmarking
+        return seen
+
+    stock, ours = _on_both(scenario, sqlite_url, mode)
+    assert stock == [64, 64, 16, 1, 1, 16, [64]]  # the last config launched by each call
+    assert ours == stock
+
+
 # 11. configs_timings when early_config_prune makes up Config objects.
 
 def test_configs_timings_map_each_pruned_config_to_its_own_timing(sqlite_url: str) -> None:
@@ -376,6 +433,28 @@ def test_configs_timings_map_each_pruned_config_to_its_own_timing(sqlite_url: st
     stock, ours = _on_both(scenario, sqlite_url)
     assert sorted(t[0] for _, t, _ in stock) == [16.0, 64.0, 128.0] and all(m for *_, m in stock)
     assert ours == stock
+
+
+def _scalar_bench(kernel_call: Callable[[], None], quantiles: Any) -> float:
+    """A do_bench that returns one number, not quantiles: stock keeps that shape."""
+    kernel_call()
+    return float(kc.LAUNCHED[-1])
+
+
+def test_configs_timings_keeps_the_shape_a_benchmarker_returned(sqlite_url: str) -> None:
+    def scenario() -> list[tuple[int, Any]]:
+        kernel = _fresh(do_bench=_scalar_bench)
+        kc.run(kernel, 100)
+        return sorted((c.kwargs["BLOCK"], t) for c, t in kernel.configs_timings.items())
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock == [(16, 16.0), (32, 32.0), (64, 64.0), (128, 128.0)]
+    assert ours == stock
+    import tunevault
+
+    tunevault.uninstall()
+    tunevault.install(mode="tune", store=sqlite_url)  # a stored decision read back keeps it too
+    assert scenario() == stock
 
 
 # 12. An Autotuner subclass that measures configs its own way.
@@ -416,6 +495,53 @@ def test_a_subclass_measuring_its_own_way_is_what_decides(sqlite_url: str, subcl
     stock, ours = _on_both(scenario, sqlite_url)
     assert stock == ([16, 32, 64, 128], 128)
     assert ours == stock
+
+
+def _rejecting_128(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+    """A validating benchmarker: BLOCK=128 gives wrong results for this caller, so it never wins."""
+    kernel_call()
+    return [float("inf") if kc.LAUNCHED[-1] == 128 else float(kc.LAUNCHED[-1])] * 3
+
+
+def _preferring_large(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+    kernel_call()
+    return [1000.0 / kc.LAUNCHED[-1]] * 3
+
+
+class _RejectingSubclass(Autotuner):
+    """The same rejection, as a subclass's ``_bench``: a plain autotuner's decision must not reach it."""
+
+    def _bench(self, *args: Any, config: triton.Config, **meta: Any) -> list[float]:
+        return [float("inf") if config.kwargs["BLOCK"] == 128 else float(config.kwargs["BLOCK"])] * 3
+
+
+@pytest.mark.parametrize("other", ["do_bench", "subclass"])
+def test_autotuners_that_measure_differently_share_no_decision(sqlite_url: str, other: str) -> None:
+    """Two autotuners over one JIT function, same configs and key, one benchmarking its own way:
+    each decides by its own measurement, in this process and through the store."""
+    def scenario() -> list[Any]:
+        a = _fresh(do_bench=_preferring_large)
+        if other == "do_bench":
+            b = _fresh(do_bench=_rejecting_128)
+        else:
+            b = _RejectingSubclass(kc._Recording(kc.copy_kernel), kc.copy_kernel.arg_names, kc.configs(), ["n"],
+                                   None, None, do_bench=_preferring_large)
+        kc.run(a, 100)
+        kc.clear()
+        kc.run(b, 100)
+        return [a.best_config.kwargs["BLOCK"], b.best_config.kwargs["BLOCK"], sorted(set(kc.LAUNCHED))]
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert stock[:2] == [128, 16]  # B rejects 128 and launches 16
+    assert ours == stock
+    import tunevault
+
+    tunevault.uninstall()
+    tunevault.install(mode="tune", store=sqlite_url)  # a fresh process's view: the store only
+    kc.clear()
+    b = _fresh(do_bench=_rejecting_128)
+    kc.run(b, 100)
+    assert b.best_config.kwargs["BLOCK"] == 16
 
 
 class _RaisingBench(Autotuner):

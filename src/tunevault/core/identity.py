@@ -266,6 +266,51 @@ def _recipe(autotuner: KernelInterface) -> dict[str, Any]:
     return recipe
 
 
+def _method_functions(attr: Any) -> list[Callable[..., Any]]:
+    """The functions behind a class attribute: a method, a property's accessors, a cached
+    property's function, a static or class method's function."""
+    if isinstance(attr, staticmethod | classmethod):
+        attr = attr.__func__
+    if isinstance(attr, property):
+        return [f for f in (attr.fget, attr.fset, attr.fdel) if f is not None]
+    if isinstance(attr, functools.cached_property):
+        return [attr.func]
+    return [attr] if inspect.isfunction(attr) else []
+
+
+def _benchmarker(autotuner: KernelInterface) -> dict[str, Any]:
+    """How the autotuner measures a config, where it is not Triton's default: a ``do_bench`` it was
+    given (or one assigned to the instance), a ``_bench`` assigned to the instance, and for an
+    ``Autotuner`` subclass its qualified name and the methods its classes define. Two autotuners
+    over one kernel that measure differently may choose differently, so they share no decision."""
+    from triton.runtime.autotuner import Autotuner
+
+    bench: dict[str, Any] = {}
+    attrs = getattr(autotuner, "__dict__", {})
+    own = attrs.get("_do_bench")
+    if callable(own):
+        bench["do_bench"] = callable_identity(own)
+    assigned = attrs.get("do_bench")
+    # stock's cached ``do_bench`` leaves ``_do_bench`` or the driver's benchmarker in the instance
+    if callable(assigned) and assigned is not own and _users(assigned):
+        bench["assigned_do_bench"] = callable_identity(assigned)
+    instance_bench = attrs.get("_bench")
+    if callable(instance_bench):
+        bench["_bench"] = callable_identity(instance_bench)
+    cls = type(autotuner)
+    if isinstance(autotuner, Autotuner) and cls is not Autotuner:
+        methods: dict[str, list[str]] = {}
+        for klass in cls.__mro__:
+            if klass is Autotuner or not issubclass(klass, Autotuner):
+                continue  # Triton's own class: covered by the fingerprint's Triton version
+            for name, attr in sorted(vars(klass).items()):
+                if name not in methods and (fns := _method_functions(attr)):
+                    methods[name] = [callable_identity(f) for f in fns]
+        bench["class"] = _qualified(cls)
+        bench["methods"] = sorted(methods.items())
+    return bench
+
+
 def kernel_id(autotuner: KernelInterface) -> KernelId:
     """The KernelId of an Autotuner (or bare JIT function), cached per object."""
     with contextlib.suppress(TypeError):  # not weak-referenceable: not a kernel either
@@ -282,6 +327,9 @@ def kernel_id(autotuner: KernelInterface) -> KernelId:
     recipe = _recipe(autotuner)
     if recipe:  # only when present, so plain kernels keep the identity they always had
         source["recipe"] = recipe
+    bench = _benchmarker(autotuner)
+    if bench:  # likewise: the default benchmarker adds nothing
+        source["bench"] = bench
     configs = [config_spec(c).to_json() for c in getattr(autotuner, "configs", None) or []]
     keys = tuple(str(k) for k in getattr(autotuner, "keys", None) or ())
     kid = KernelId(_qualified(base), digest(source), digest(configs), keys)

@@ -211,6 +211,8 @@ class CandidateResult:
     ``do_bench``); ``screened`` marks timings from the short screen only (the config was judged
     slower there and not timed carefully); ``slower`` is the selection's confidence that this
     config is slower than the fastest. All four are optional in stored JSON, so older entries read.
+    ``scalar``: the kernel's own benchmarker returned one number, not a list (``configs_timings``
+    then maps the config to that number, as stock's does); optional too.
     """
 
     index: int
@@ -221,6 +223,7 @@ class CandidateResult:
     iqr: float | None = None
     slower: float | None = None
     screened: bool = False
+    scalar: bool = False
 
     @property
     def ok(self) -> bool:
@@ -237,6 +240,8 @@ class CandidateResult:
             out["slower"] = self.slower
         if self.screened:
             out["screened"] = True
+        if self.scalar:
+            out["scalar"] = True
         return out
 
     @classmethod
@@ -252,8 +257,11 @@ class CandidateResult:
         _require(slower is None or (_is_number(slower) and 0 <= slower <= 1), "candidate.slower")
         screened = data.get("screened", False)
         _require(isinstance(screened, bool), "candidate.screened")
+        scalar = data.get("scalar", False)
+        _require(isinstance(scalar, bool), "candidate.scalar")
         return cls(data["index"], ConfigSpec.from_json(data.get("config")), tuple(float(x) for x in t), err,
-                   n, None if iqr is None else float(iqr), None if slower is None else float(slower), screened)
+                   n, None if iqr is None else float(iqr), None if slower is None else float(slower), screened,
+                   scalar)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
@@ -101,13 +102,14 @@ def bench_candidates(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], 
             continue
         except Exception as exc:  # stock's _bench lets it reach the caller
             raise ConfigRaised(index, exc) from exc
+        scalar = isinstance(timings, int | float)  # stock's configs_timings keeps the shape returned
         try:
             values = bench_values(timings)
         except RuntimeError as exc:
-            results.append(failure(index, spec, exc))
+            results.append(replace(failure(index, spec, exc), scalar=scalar))
             continue
         n, iqr = spread(runs)
-        results.append(CandidateResult(index, spec, values, None, n, iqr))
+        results.append(CandidateResult(index, spec, values, None, n, iqr, scalar=scalar))
     return results
 
 
@@ -133,11 +135,12 @@ def bench_own(autotuner: Autotuner, bench: Callable[..., Any], args: tuple, kwar
         raise ConfigRaised(index, exc) from exc
     finally:
         autotuner.nargs = previous
+    scalar = isinstance(measured, int | float)
     try:
-        return CandidateResult(index, spec, bench_values(measured))
+        return CandidateResult(index, spec, bench_values(measured), scalar=scalar)
     except Exception as exc:
         log.debug("tunevault: config %s failed: %s", spec.describe(), exc)
-        return failure(index, spec, exc)
+        return replace(failure(index, spec, exc), scalar=scalar)
 
 
 def precompile(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],

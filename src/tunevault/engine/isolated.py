@@ -433,7 +433,7 @@ class WorkerSession:
         if not (type(n) is int and n >= 0 and finite):
             n, iqr = 0, None  # noise unknown: the candidate ties by tolerance alone
         return CandidateResult(index, self.specs[index], tuple(float(t) for t in timings), None, n,
-                               None if iqr is None else float(iqr))
+                               None if iqr is None else float(iqr), scalar=ev.get("scalar") is True)
 
     def close(self) -> None:
         global _retire_when_free

@@ -135,7 +135,7 @@ class Worker:
                 else:
                     result = session.time([index], mode)[index]
                     error, timings = result.error, list(result.timings)
-                    spread = {"n": result.n, "iqr": result.iqr}
+                    spread = {"n": result.n, "iqr": result.iqr, "scalar": result.scalar}
             except ConfigRaised as exc:
                 if not worker_fault(exc):
                     return self.report_raised(exc, index, self.launches - before)
@@ -185,7 +185,7 @@ class Worker:
                 continue  # the device died on another config: the server sends this one again
             result = results[index]
             if not self.report(index, result.error, list(result.timings), self.launches - before,
-                               n=result.n, iqr=result.iqr):
+                               n=result.n, iqr=result.iqr, scalar=result.scalar):
                 return False
             before = self.launches
         self.emit(ev="done")

@@ -34,7 +34,6 @@ _runtime: Runtime | None = None
 _attached: weakref.WeakSet[Autotuner] = weakref.WeakSet()
 _mirrored: weakref.WeakSet[Autotuner] = weakref.WeakSet()  # whose ``cache`` is a MirroredCache now
 _NO_ATTR = object()
-_original_cache_attr: Any = _NO_ATTR  # Autotuner's own class attribute ``cache`` while installed (it has none)
 _hit_hook: HitHook | None = None  # key capture's counter, set only while capturing
 _interpreted = False  # Triton's interpreter was on when the hot path was chosen (_hot_path)
 
@@ -103,6 +102,72 @@ def _del_cache(autotuner: Autotuner) -> None:
         state = autotuner.__dict__.get(STATE_ATTR)
         if state is not None:
             state.hits.clear()
+
+
+def _get_configs(autotuner: Autotuner) -> Any:
+    try:
+        return autotuner.__dict__["configs"]
+    except KeyError:
+        raise AttributeError(f"{type(autotuner).__name__!r} object has no attribute 'configs'") from None
+
+
+def _set_configs(autotuner: Autotuner, value: Any) -> None:
+    """``autotuner.configs = [...]`` as stock honours it: the hot path forgets what it decided, so
+    the next call of each key takes the miss path, which starts over for a new list (a key decided
+    among several configs is still launched from ``cache``, as stock launches it; a single-config
+    kernel launches the new first config, or tunes when the new list has more)."""
+    with _lock:
+        autotuner.__dict__["configs"] = value
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+
+def _del_configs(autotuner: Autotuner) -> None:
+    with _lock:
+        try:
+            del autotuner.__dict__["configs"]
+        except KeyError:
+            raise AttributeError("configs") from None
+        state = autotuner.__dict__.get(STATE_ATTR)
+        if state is not None:
+            state.hits.clear()
+
+
+_CONFIGS_PROPERTY = property(_get_configs, _set_configs, _del_configs,
+                             "The declared configs; tunevault's hot path follows a replaced list.")
+
+
+def _copied_state(autotuner: Autotuner) -> dict[str, Any]:
+    """The instance dict a copy starts from: stock's, less tunevault's per-kernel state (its lock,
+    its back-reference to the original), with a MirroredCache (whose change callback names the
+    original) as a plain dict of the same entries. The copy attaches its own state on its first
+    call; the entries it inherits read as written by hand, as a copied stock cache's are launched."""
+    state = dict(autotuner.__dict__)
+    state.pop(STATE_ATTR, None)
+    cache = state.get("cache")
+    if type(cache) is MirroredCache:
+        state["cache"] = dict(cache)
+    return state
+
+
+def _copy(autotuner: Autotuner) -> Autotuner:
+    """``copy.copy(autotuner)`` while installed: stock's shallow copy (see ``_copied_state``)."""
+    cls: Any = type(autotuner)  # type(...).__new__ is typed as type's
+    new = cls.__new__(cls)
+    new.__dict__.update(_copied_state(autotuner))
+    return new
+
+
+def _deepcopy(autotuner: Autotuner, memo: dict[int, Any]) -> Autotuner:
+    """``copy.deepcopy(autotuner)`` while installed: stock's deep copy (see ``_copied_state``)."""
+    import copy
+
+    cls: Any = type(autotuner)  # type(...).__new__ is typed as type's
+    new = cls.__new__(cls)
+    memo[id(autotuner)] = new
+    new.__dict__.update(copy.deepcopy(_copied_state(autotuner), memo))
+    return new
 
 
 _CACHE_PROPERTY = property(_get_cache, _set_cache, _del_cache,
@@ -228,24 +293,32 @@ def uninstall() -> None:
             sys.modules["tunevault.engine.isolated"].retire_idle()
 
 
+_CLASS_ATTRS: dict[str, Any] = {"cache": _CACHE_PROPERTY, "configs": _CONFIGS_PROPERTY, "__copy__": _copy,
+                                 "__deepcopy__": _deepcopy}
+_original_class_attrs: dict[str, Any] = {}  # Autotuner's own, while installed (_NO_ATTR: it had none)
+
+
 def _install_cache_property(autotuner_class: type[Autotuner]) -> None:
     """Make ``autotuner.cache`` a property (a data descriptor, so it wins over the instance's dict
-    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check."""
-    global _original_cache_attr
-    _original_cache_attr = autotuner_class.__dict__.get("cache", _NO_ATTR)
-    autotuner_class.cache = _CACHE_PROPERTY
+    entry): assigning a new dict then reaches the hot path, which ``_run`` never has to check; so
+    does assigning a new ``configs`` list. ``__copy__``/``__deepcopy__`` come and go with them: a
+    copy must not share the original's per-kernel state, nor its cache's change callback (the
+    copy's would reach the original)."""
+    for name, attr in _CLASS_ATTRS.items():
+        _original_class_attrs[name] = autotuner_class.__dict__.get(name, _NO_ATTR)
+        setattr(autotuner_class, name, attr)
 
 
 def _uninstall_cache_property() -> None:
-    global _original_cache_attr
     from triton.runtime.autotuner import Autotuner
 
-    if Autotuner.__dict__.get("cache") is _CACHE_PROPERTY:
-        if _original_cache_attr is _NO_ATTR:
-            del Autotuner.cache
-        else:
-            Autotuner.cache = _original_cache_attr
-    _original_cache_attr = _NO_ATTR
+    for name, attr in _CLASS_ATTRS.items():
+        original = _original_class_attrs.pop(name, _NO_ATTR)
+        if Autotuner.__dict__.get(name) is attr:
+            if original is _NO_ATTR:
+                delattr(Autotuner, name)
+            else:
+                setattr(Autotuner, name, original)
 
 
 def _drop_states(unwrap: bool) -> None:

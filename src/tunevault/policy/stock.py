@@ -69,8 +69,9 @@ def print_enabled() -> bool:
 
 
 def timings_by_config(by_index: Mapping[int, Config],
-                      results: list[CandidateResult] | tuple[CandidateResult, ...]) -> dict[Config, list[float]]:
-    """``configs_timings`` as Triton fills it: each measured config -> its quantiles; failures inf.
+                      results: list[CandidateResult] | tuple[CandidateResult, ...]) -> dict[Config, Any]:
+    """``configs_timings`` as Triton fills it: each measured config -> its quantiles, or the one
+    number a kernel's own benchmarker returned (stock keeps what it returned); failures inf.
 
     ``by_index``: the pruned configs by candidate index (a declared index, or ``len(configs)+j``
     for the j-th pruned config the kernel does not declare), so each timing lands on the very
@@ -79,16 +80,19 @@ def timings_by_config(by_index: Mapping[int, Config],
     """
     from tunevault.core.identity import config_spec
 
-    out: dict[Config, list[float]] = {}
+    out: dict[Config, Any] = {}
     for r in results:
         config = by_index.get(r.index)
         if config is None or config_spec(config) != r.config:
             continue
-        out[config] = list(r.timings) if r.ok else [float("inf")] * 3
+        if r.scalar:
+            out[config] = r.timings[0] if r.ok else float("inf")
+        else:
+            out[config] = list(r.timings) if r.ok else [float("inf")] * 3
     return out
 
 
-def after_decision(autotuner: Autotuner, key: tuple, config: Config, timings: dict[Config, list[float]] | None,
+def after_decision(autotuner: Autotuner, key: tuple, config: Config, timings: dict[Config, Any] | None,
                    bench_time: float | None, fresh: bool) -> None:
     """Fill the autotuner's public state and tell Triton's observers, as stock does after deciding.
 
