@@ -216,3 +216,18 @@ def test_a_malformed_l2_flush_size_is_one_warning_and_the_default(monkeypatch: p
         assert l2_cache_bytes(0) == expected  # no CUDA device here: the default is the fallback size
     assert sum("TUNEVAULT_L2_FLUSH_BYTES" in r.getMessage() for r in caplog.records) == 2
     l2_cache_bytes.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["²", "-3", "loud", "9" * 5000])
+def test_bad_log_level_is_one_warning_in_the_cli_and_the_startup_hook(value: str) -> None:
+    # '²' passed str.isdigit() and then int() raised: a traceback in every command and at interpreter start.
+    env = subprocess_env(TUNEVAULT_LOG_LEVEL=value)
+    cli = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", "memory://", "ls", "--json"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert cli.returncode == 0 and json.loads(cli.stdout) == []
+    hook = subprocess.run([sys.executable, "-c", "print('started')"], capture_output=True, text=True,
+                          timeout=120, env={**env, "TUNEVAULT_MODE": "tune", "TUNEVAULT_STORE": "memory://"})
+    assert hook.returncode == 0 and hook.stdout == "started\n"
+    for stderr in (cli.stderr, hook.stderr):
+        assert "Traceback" not in stderr
+        assert stderr.count("ignoring TUNEVAULT_LOG_LEVEL=") == 1 and "using INFO" in stderr
