@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -94,3 +95,38 @@ def test_a_stored_decision_naming_an_undeclared_config_gives_a_whole_sentence(
     message = str(miss.value)
     assert message.endswith("the decision stored for this very key names no config this kernel declares: ignored")
     assert "differs in" not in message
+
+
+def _damage_index(path: Path) -> None:
+    """Overwrite the primary key's index page: the file opens, the table reads, COUNT(*) fails."""
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (page,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_decisions_1'"
+                              ).fetchone()
+        (size,) = con.execute("PRAGMA page_size").fetchone()
+    data = bytearray(path.read_bytes())
+    data[(page - 1) * size:page * size] = b"\xde\xad\xbe\xef" * (size // 4)
+    path.write_bytes(bytes(data))
+
+
+def test_info_on_a_store_that_opens_but_fails_its_first_read_shows_the_rest(
+        tv: Any, sqlite_url: str, capsys: Any) -> None:
+    """``info`` printed only ``error: ...`` (exit 2) when the store opened and then failed to read."""
+    tune_two(tv)
+    tv.uninstall()
+    _damage_index(Path(sqlite_url.removeprefix("sqlite:///")))
+    code, out, err = cli(capsys, "--store", sqlite_url, "info")
+    assert code == 1 and out.startswith("versions:") and "fingerprint:" in out
+    assert "unavailable: cannot read tuning store" in out and f"tunevault --store {sqlite_url} doctor" in out
+    assert "is damaged" in err and "doctor --repair" in err
+    report = cli_json_status(capsys, 1, "--store", sqlite_url, "info")
+    assert "malformed" in report["store"]["error"] and report["store"]["damage"]
+
+    code, out, err = cli(capsys, "--store", "redis://127.0.0.1:1/0", "info")  # nothing listens on port 1
+    assert code == 1 and out.startswith("versions:") and "unavailable: redis store" in out and err == ""
+
+
+def cli_json_status(capsys: Any, status: int, *argv: str) -> Any:
+    code, out, err = cli(capsys, *argv, "--json")
+    assert code == status, err
+    return json.loads(out)

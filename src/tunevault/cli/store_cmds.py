@@ -44,9 +44,13 @@ def open_cli_store(args: argparse.Namespace) -> Store:
     try:
         return open_store(url)
     except StoreUnavailable as exc:
-        hint = (f"; see `tunevault --store {url} doctor`" if url.startswith("sqlite:")
-                and any(w in str(exc) for w in ("malformed", "not a database")) else "")
-        raise OSError(f"{exc}{hint}") from exc
+        raise OSError(f"{exc}{doctor_hint(url, exc)}") from exc
+
+
+def doctor_hint(url: str, exc: Exception) -> str:
+    """``; see `tunevault ... doctor` `` when SQLite says the file is damaged, else ''."""
+    return (f"; see `tunevault --store {url} doctor`" if url.startswith("sqlite:")
+            and any(w in str(exc) for w in ("malformed", "not a database")) else "")
 
 
 def this_machine() -> Fingerprint:
@@ -125,12 +129,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from tunevault.cli.doctor_cmd import store_damage
 
+        info["store"]["url"] = store.url
+        try:  # a store can open and fail its first read (Redis gone, a damaged page): unavailable, as above
+            info["store"].update(entries=store.count(), this_machine=sum(
+                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))))
+        except (StoreUnavailable, OSError) as exc:
+            info["store"]["error"] = f"{exc}{doctor_hint(store.url, exc)}"
         try:
-            info["store"].update(url=store.url, entries=store.count(), this_machine=sum(
-                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))), damage=store_damage(store))
+            info["store"]["damage"] = store_damage(store)
         finally:
             store.close()
-        status = 1 if info["store"]["damage"] else 0
+        status = 1 if info["store"]["damage"] or "error" in info["store"] else 0
     if args.json:
         print_json(info)
         return status
