@@ -88,6 +88,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     entries, malformed = load_manifest(args)
     with allow_modules(args.allow_module):
         result = check(entries, store=args.store)
+    if result.store_error is not None:  # a deploy gate must tell "store down" (2) from "keys missing" (1)
+        raise OSError(f"the store {result.store} cannot be read, so no key was checked: {result.store_error}")
     store = open_cli_store(args)
     try:
         damage = store_damage(store)
