@@ -16,6 +16,7 @@ import torch
 
 from conftest import subprocess_env
 from tunevault.cli.main import main
+from tunevault.store.base import open_store
 
 APP_MODULE = "tv_app_kernels"  # the application's own kernels, importable only from its folder
 APP_SOURCE = '''
@@ -102,6 +103,7 @@ def test_warmup_then_check_from_the_app_folder_without_a_gpu(app: Path, tmp_path
 def test_a_kernel_module_not_found_says_how_to_fix_it(app: Path, tmp_path: Path, capsys: Any,
                                                      monkeypatch: pytest.MonkeyPatch, fresh_imports: None) -> None:
     store = f"sqlite:///{tmp_path / 'tv.db'}"
+    open_store(store).close()  # check reads a store; it does not create one
     monkeypatch.chdir(tmp_path)  # not the application's folder
     code, out, err = run(capsys, "--store", store, "check", str(app / "keys.jsonl"))
     assert code == 1 and "ModuleNotFoundError" in out
@@ -115,6 +117,7 @@ def test_a_kernel_module_not_found_says_how_to_fix_it(app: Path, tmp_path: Path,
 def test_manifest_without_a_valid_key_fails_with_line_numbers(app: Path, tmp_path: Path, capsys: Any,
                                                              fresh_imports: None) -> None:
     store = f"sqlite:///{tmp_path / 'tv.db'}"
+    open_store(store).close()  # check reads a store; it does not create one
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for command in ("check", "warmup"):
