@@ -25,7 +25,12 @@ SRC = TESTS.parent / "src"
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'tune.db'}"
+    """A new, empty store that exists: the reading commands (ls, info, ...) refuse a path with no store."""
+    from tunevault.store.base import open_store
+
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+    open_store(url).close()
+    return url
 
 
 @pytest.fixture

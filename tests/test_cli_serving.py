@@ -16,6 +16,7 @@ import torch
 
 from conftest import subprocess_env
 from tunevault.cli.main import main
+from tunevault.store.base import open_store
 
 APP_MODULE = "tv_app_kernels"  # the application's own kernels, importable only from its folder
 APP_SOURCE = '''
@@ -102,6 +103,7 @@ def test_warmup_then_check_from_the_app_folder_without_a_gpu(app: Path, tmp_path
 def test_a_kernel_module_not_found_says_how_to_fix_it(app: Path, tmp_path: Path, capsys: Any,
                                                      monkeypatch: pytest.MonkeyPatch, fresh_imports: None) -> None:
     store = f"sqlite:///{tmp_path / 'tv.db'}"
+    open_store(store).close()  # check reads a store; it does not create one
     monkeypatch.chdir(tmp_path)  # not the application's folder
     code, out, err = run(capsys, "--store", store, "check", str(app / "keys.jsonl"))
     assert code == 1 and "ModuleNotFoundError" in out
@@ -115,6 +117,7 @@ def test_a_kernel_module_not_found_says_how_to_fix_it(app: Path, tmp_path: Path,
 def test_manifest_without_a_valid_key_fails_with_line_numbers(app: Path, tmp_path: Path, capsys: Any,
                                                              fresh_imports: None) -> None:
     store = f"sqlite:///{tmp_path / 'tv.db'}"
+    open_store(store).close()  # check reads a store; it does not create one
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for command in ("check", "warmup"):
@@ -136,3 +139,22 @@ def test_manifest_without_a_valid_key_fails_with_line_numbers(app: Path, tmp_pat
     assert [m["line"] for m in result["malformed"]] == [2]
     code, out, err = run(capsys, "--store", store, "check", str(mixed), "--path", str(app))
     assert code == 1 and f"{mixed}:2: " in err and "0/1 keys decided" in out
+
+
+def test_check_against_a_store_that_cannot_be_read_is_exit_2_not_keys_missing(
+        app: Path, capsys: Any, fresh_imports: None) -> None:
+    """A deploy gate must tell "store down" from "keys missing": it said "0/1 keys decided; run warmup", exit 1."""
+    import tunevault
+
+    down = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    for extra in ((), ("--json",)):
+        code, out, err = run(capsys, "--store", down, "check", str(app / "keys.jsonl"), "--path", str(app), *extra)
+        assert code == 2 and out == "" and "run `tunevault warmup" not in err
+        assert err.strip().splitlines() == [err.strip()]
+        assert err.startswith(f"tunevault check: error: the store {down} cannot be read, so no key was checked: ")
+    sys.path.insert(0, str(app))
+    try:
+        result = tunevault.check(app / "keys.jsonl", store=down)
+    finally:
+        sys.path.remove(str(app))
+    assert not result.ok and result.store_error and result.to_json()["store_error"] == result.store_error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -20,11 +21,13 @@ from tunevault.store.base import open_store
 
 def test_sqlite_urls_read_as_sqlalchemy_does(tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    open_store("sqlite:///rel/tv.db").close()  # the library creates a store; info only reads one
+    assert (tmp_path / "rel" / "tv.db").exists()
     relative = cli_json(capsys, "--store", "sqlite:///rel/tv.db", "info")  # three slashes: relative
     assert relative["store"]["url"] == f"sqlite:///{tmp_path / 'rel' / 'tv.db'}"
-    assert (tmp_path / "rel" / "tv.db").exists()
+    open_store(f"sqlite:///{tmp_path / 'abs.db'}").close()
     absolute = cli_json(capsys, "--store", f"sqlite:///{tmp_path / 'abs.db'}", "info")  # four: absolute
-    assert absolute["store"]["url"] == f"sqlite:///{tmp_path / 'abs.db'}" and (tmp_path / "abs.db").exists()
+    assert absolute["store"]["url"] == f"sqlite:///{tmp_path / 'abs.db'}"
 
     code, _, err = cli(capsys, "--store", "sqlite://host/x.db", "ls")
     assert code == 2 and "sqlite:///relative/path.db" in err and "sqlite:////absolute/path.db" in err
@@ -32,7 +35,7 @@ def test_sqlite_urls_read_as_sqlalchemy_does(tmp_path: Path, capsys: Any, monkey
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     code, _, err = cli(capsys, "--store", f"sqlite:///{blocker}/sub/tv.db", "ls")
-    assert code == 2 and f"tuning store {blocker}/sub/tv.db:" in err  # a path, not //tmp/...
+    assert code == 2 and f"no tuning store at {blocker}/sub/tv.db " in err  # a path, not //tmp/...
 
 
 def _damage(path: Path) -> None:
@@ -159,3 +162,68 @@ def test_export_writes_through_a_symlink_and_into_a_fifo(tv: Any, sqlite_url: st
 
     code, _, err = cli(capsys, "--store", sqlite_url, "export", str(tmp_path / "missing" / "x.json"))
     assert code == 2 and f"{tmp_path / 'missing' / 'x.json'}" in err and ".tmp" not in err
+
+
+def _damage_index(path: Path) -> None:
+    """Overwrite the primary key's index page: the file opens, the table reads, COUNT(*) fails."""
+    with sqlite3.connect(path) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (page,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_decisions_1'"
+                              ).fetchone()
+        (size,) = con.execute("PRAGMA page_size").fetchone()
+    data = bytearray(path.read_bytes())
+    data[(page - 1) * size:page * size] = b"\xde\xad\xbe\xef" * (size // 4)
+    path.write_bytes(bytes(data))
+
+
+def test_info_on_a_store_that_opens_but_fails_its_first_read_shows_the_rest(
+        tv: Any, sqlite_url: str, capsys: Any) -> None:
+    """``info`` printed only ``error: ...`` (exit 2) when the store opened and then failed to read."""
+    tune_two(tv)
+    tv.uninstall()
+    _damage_index(Path(sqlite_url.removeprefix("sqlite:///")))
+    code, out, err = cli(capsys, "--store", sqlite_url, "info")
+    assert code == 1 and out.startswith("versions:") and "fingerprint:" in out
+    assert "unavailable: cannot read tuning store" in out and f"tunevault --store {sqlite_url} doctor" in out
+    assert "is damaged" in err and "doctor --repair" in err
+    report = cli_json_status(capsys, 1, "--store", sqlite_url, "info")
+    assert "malformed" in report["store"]["error"] and report["store"]["damage"]
+
+    code, out, err = cli(capsys, "--store", "redis://127.0.0.1:1/0", "info")  # nothing listens on port 1
+    assert code == 1 and out.startswith("versions:") and "unavailable: redis store" in out and err == ""
+
+
+def cli_json_status(capsys: Any, status: int, *argv: str) -> Any:
+    code, out, err = cli(capsys, *argv, "--json")
+    assert code == status, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("argv", [["info"], ["ls"], ["show", "matmul"], ["export", "-"], ["rm", "--all"],
+                                  ["check", "MANIFEST"]])
+def test_a_reading_command_given_a_path_with_no_store_creates_nothing(argv: list[str], tmp_path: Path,
+                                                                      capsys: Any) -> None:
+    """A mistyped --store made the folders and an empty database, then reported 0 decisions, exit 0."""
+    manifest = tmp_path / "keys.jsonl"
+    manifest.write_text(json.dumps({"format": "tunevault-manifest/1", "kernel": "tunevault.demo.kernels:scaled_add",
+                                    "key": [["n", 8]]}) + "\n")
+    typo = tmp_path / "typo" / "new" / "x.db"
+    argv = [str(manifest) if a == "MANIFEST" else a for a in argv]
+    code, out, err = cli(capsys, "--store", f"sqlite:///{typo}", *argv)
+    assert code == 2 and out == "" and err.strip().splitlines() == [err.strip()]
+    assert f"no tuning store at {typo}" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_doctor_says_a_foreign_sqlite_file_is_not_a_tunevault_store(tmp_path: Path, capsys: Any) -> None:
+    """doctor called a file with other tables, or a view named decisions, "sound" (exit 0)."""
+    for name, ddl in (("foreign.db", "CREATE TABLE foo (x)"),
+                      ("view.db", "CREATE TABLE t (x); CREATE VIEW decisions AS SELECT x FROM t")):
+        path = tmp_path / name
+        with sqlite3.connect(path) as con:
+            con.executescript(ddl)
+        con.close()
+        code, out, err = cli(capsys, "--store", f"sqlite:///{path}", "doctor")
+        assert code == 2 and "sound" not in out
+        assert err.startswith(f"tunevault doctor: error: {path} is not a tunevault store: ")
+        assert code == cli(capsys, "--store", f"sqlite:///{path}", "ls")[0]  # as every other command

@@ -20,6 +20,7 @@ import pytest
 
 import kernels_shard as ks
 from conftest import gone, subprocess_env
+from tunevault.store.base import open_store
 
 SIZES = [64, 96, 128, 160]
 CLI = [sys.executable, "-m", "tunevault.cli.main"]
@@ -308,6 +309,7 @@ def test_a_manifest_growing_while_jobs_start_is_read_once_for_all(tmp_path: Path
 def test_export_into_a_directory_says_so_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     out = tmp_path / "outdir"
     out.mkdir()
+    open_store(f"sqlite:///{tmp_path / 'e.db'}").close()  # export reads a store, it does not create one
     done = tv("--store", f"sqlite:///{tmp_path / 'e.db'}", "export", str(out))
     assert done.returncode == 2 and "is a directory" in done.stderr, done.stdout + done.stderr
     assert not list(tmp_path.glob("outdir.tmp*"))

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 import torch
 
 from conftest import subprocess_env
 from tunevault.cli.demo_cmd import _benched, _print_report, _verdict
+from tunevault.cli.main import main
 from tunevault.demo import kernels
 from tunevault.store.base import Query, open_store
 
@@ -66,3 +68,13 @@ def test_warm_restart_runs_no_benchmarks_then_serving_is_sealed(tv: Any, sqlite_
     ok, problems = _verdict(cold, {**cold, "phase": "warm", "serving": serving})
     cold_runs = sum(_benched(r) for r in cold["kernels"])
     assert not ok and problems == [f"warm restart benchmarked ({cold_runs} runs): decisions were not reused"]
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e10", "-1", "0", "nan"])
+def test_unusable_timeout_is_refused_before_the_store_is_touched(timeout: str, sqlite_url: str,
+                                                                  capsys: Any) -> None:
+    # inf and 1e10 overflowed the wait (a traceback); 0 and -1 cleared the decisions, then failed.
+    code = main(["--store", sqlite_url, "demo", f"--timeout={timeout}"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and "--timeout takes seconds above 0" in err

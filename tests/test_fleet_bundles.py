@@ -83,6 +83,7 @@ def test_tampered_signed_bundle_is_rejected_and_the_process_keeps_working(
 def test_export_winners_only_needs_decisions_for_the_fingerprint(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'empty.db'}"
+    SqliteStore(tmp_path / "empty.db").close()  # an empty store: export reads one, it does not create one
     assert main(["--store", url, "export", "--winners-only", str(tmp_path / "b.json")]) == 2
     assert "no decisions for fingerprint" in capsys.readouterr().err
     assert main(["--store", url, "export", "--sign", str(tmp_path / "b.json")]) == 2  # no key anywhere

@@ -531,10 +531,22 @@ def test_jobs_plan_pins_one_gpu_per_child(monkeypatch: pytest.MonkeyPatch) -> No
     assert plan(None, "1", visible=2) == ["5"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert plan("2", None) == [None, None]  # the interpreter: CPU processes, no GPU to pin
-    assert plan(None, None) == [None] * available_cores()
-    for bad in (("0", None), ("x", None), ("2", "a,b"), ("2", "-1")):
-        with pytest.raises(ValueError):
+    assert plan(None, None) == [None] * min(available_cores(), 256)
+    assert len(plan("256", None)) == 256
+    for bad in (("0", None), ("x", None), ("2", "a,b"), ("2", "-1"), ("257", None), ("²", None),
+                ("99999999999999999999", None), ("9" * 5000, None)):
+        with pytest.raises(ValueError, match="--jobs takes a number of processes from 1 to 256|--devices"):
             plan(*bad)
+
+
+def test_jobs_beyond_the_cap_is_one_line_and_exit_2(tmp_path: Path, manifest: Path) -> None:
+    """``--jobs 99999999999999999999`` built one list entry per process until memory ran out."""
+    proc = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / 'j.db'}",
+                           "warmup", str(manifest), "--jobs", "99999999999999999999"],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "tunevault warmup: error: --jobs takes a number of processes from 1 to 256; got '99999999999999999999'"]
 
 
 def test_available_cores_follow_a_containers_cpu_quota(tmp_path: Path) -> None:

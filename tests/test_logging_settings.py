@@ -121,8 +121,10 @@ def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: py
     finally:
         tunevault.uninstall()
     assert [r.getMessage() for r in caplog.records] == [
-        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='lots': not a positive integer; using the default (15)",
-        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='0': not a positive integer; using the default (15)"]
+        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='lots': not a positive integer at most 10000; using the "
+        "default (15)",
+        "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='0': not a positive integer at most 10000; using the "
+        "default (15)"]
 
 
 def test_a_malformed_worker_idle_time_is_one_warning_and_the_default(monkeypatch: pytest.MonkeyPatch,
@@ -152,8 +154,49 @@ def test_a_malformed_worker_idle_time_is_one_warning_and_the_default(monkeypatch
     finally:
         tunevault.uninstall()
     assert [r.getMessage() for r in caplog.records] == [
-        f"tunevault: ignoring TUNEVAULT_WORKER_IDLE={bad!r}: not a positive number of seconds; using the default (30)"
-        for bad in ("soon", "-1", "nan")]
+        f"tunevault: ignoring TUNEVAULT_WORKER_IDLE={bad!r}: not a positive number of seconds at most 604800; "
+        "using the default (30)" for bad in ("soon", "-1", "nan")]
+
+
+def test_huge_numbers_in_numeric_variables_warn_and_never_raise(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A 401-digit TUNEVAULT_CPU_BENCH_REPS made math.isfinite raise OverflowError out of the kernel call;
+    10**20 rounds passed and would stall it for good; 1e300 seconds overflowed the worker's select."""
+    import torch
+
+    import kernels_engine as ke
+    import tunevault
+    from tunevault.core import env
+    from tunevault.engine import gpu_timing, procs, timing
+    from tunevault.integration.triton_adapter import runtime
+
+    env._ignore.cache_clear()
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    huge = "1" + "0" * 400
+    for value in (huge, "9" * 5000, str(10**20), "10001"):
+        monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", value)
+        assert timing.cpu_reps() == timing.DEFAULT_CPU_REPS
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "10000")
+    assert timing.cpu_reps() == 10_000
+    for value in (huge, "1e300", "1e400"):
+        assert procs.idle_timeout({"TUNEVAULT_WORKER_IDLE": value}) == procs.DEFAULT_IDLE_S
+    monkeypatch.setenv("TUNEVAULT_L2_FLUSH_BYTES", huge)
+    gpu_timing.l2_cache_bytes.cache_clear()
+    try:
+        assert gpu_timing.l2_cache_bytes(0) == gpu_timing.FALLBACK_L2_BYTES  # no GPU here: the fallback size
+    finally:
+        gpu_timing.l2_cache_bytes.cache_clear()
+    monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", huge)
+    tunevault.install(mode="tune", store="memory://")
+    try:
+        x, y = torch.randn(64), torch.randn(64)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)  # the kernel call is not broken by it
+        (decision,) = runtime().used.values()
+        assert {c.n for c in decision.candidates} == {timing.DEFAULT_CPU_REPS}
+    finally:
+        tunevault.uninstall()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 8 and all(m.startswith("tunevault: ignoring TUNEVAULT_") for m in messages)
 
 
 @pytest.mark.parametrize(("var", "value", "why"), [
@@ -216,3 +259,18 @@ def test_a_malformed_l2_flush_size_is_one_warning_and_the_default(monkeypatch: p
         assert l2_cache_bytes(0) == expected  # no CUDA device here: the default is the fallback size
     assert sum("TUNEVAULT_L2_FLUSH_BYTES" in r.getMessage() for r in caplog.records) == 2
     l2_cache_bytes.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["²", "-3", "loud", "9" * 5000])
+def test_bad_log_level_is_one_warning_in_the_cli_and_the_startup_hook(value: str) -> None:
+    # '²' passed str.isdigit() and then int() raised: a traceback in every command and at interpreter start.
+    env = subprocess_env(TUNEVAULT_LOG_LEVEL=value)
+    cli = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", "memory://", "ls", "--json"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert cli.returncode == 0 and json.loads(cli.stdout) == []
+    hook = subprocess.run([sys.executable, "-c", "print('started')"], capture_output=True, text=True,
+                          timeout=120, env={**env, "TUNEVAULT_MODE": "tune", "TUNEVAULT_STORE": "memory://"})
+    assert hook.returncode == 0 and hook.stdout == "started\n"
+    for stderr in (cli.stderr, hook.stderr):
+        assert "Traceback" not in stderr
+        assert stderr.count("ignoring TUNEVAULT_LOG_LEVEL=") == 1 and "using INFO" in stderr

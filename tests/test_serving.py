@@ -18,6 +18,7 @@ from kernels_serving import add_wide, chunk_cumsum, run_wide, serve
 from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
 from tunevault.core.kernel_state import KernelState
 from tunevault.core.model import CandidateResult, Decision
+from tunevault.store.base import open_store
 from tunevault.store.sqlite import SqliteStore
 
 TRAFFIC = ([10], [20, 5], [50, 64, 3], [9, 2], [33])  # max lengths -> BT 16, 32, 64, 16, 64
@@ -127,6 +128,7 @@ def test_capture_check_warmup_check_then_serve_sealed_with_error(tmp_path: Path,
             serve(lens)
     tunevault.uninstall()
     fresh = f"sqlite:///{fresh_db}"
+    open_store(fresh).close()  # a new empty store: check reads one, it does not create one
 
     assert main(["--store", fresh, "check", str(manifest), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,18 +25,30 @@ from tunevault.cli.output import print_json, print_table
 _CHILD_DROPS = ("TUNEVAULT_MODE", "TUNEVAULT_ON_MISS", "TUNEVAULT_STORE", "TUNEVAULT_REMOTE",
                 "TUNEVAULT_BUNDLE", "TUNEVAULT_BUNDLE_KEY", "TUNEVAULT_CAPTURE")
 
+# A day per phase: the demo takes seconds; beyond this a number is a typo (and inf overflows the wait).
+MAX_TIMEOUT_S = 86400.0
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="tune real kernels cold, restart warm: 0 benchmark runs",
                        description="Run three autotuned kernels in a fresh process twice against the "
                                    "store: cold (tunes) and warm restart (loads, no benchmarking).")
     p.add_argument("--json", action="store_true", help="print both phases' results as JSON")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per phase (default 600)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help=f"seconds allowed per phase, above 0 and at most {MAX_TIMEOUT_S:.0f} (default 600)")
     p.set_defaults(func=cmd_demo)
 
 
 def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _CHILD_DROPS}
+
+
+def check_timeout(timeout: float) -> float:
+    """``timeout`` if it is a usable wait, else ValueError (exit 2) before the store is touched:
+    0 or less would clear the demo's decisions and then fail, inf or 1e10 overflow the wait."""
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
+        raise ValueError(f"--timeout takes seconds above 0 and at most {MAX_TIMEOUT_S:.0f}; got {timeout!r}")
+    return timeout
 
 
 def run_phase(phase: str, url: str, timeout: float) -> dict[str, Any]:
@@ -96,6 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tunevault.demo.run import DEMO_MODULE
     from tunevault.store.base import Query
 
+    check_timeout(args.timeout)
     if store_url(args).startswith("memory:"):  # each phase is a new process: a restart must find the decisions
         raise ValueError("the demo restarts the process, so it needs a persistent store (sqlite:///... or "
                          "redis://...); memory:// forgets every decision at each restart")

@@ -76,12 +76,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         counts = {"decisions": 0, "invalid_rows": 0, "unreadable": str(exc)}
     report: dict[str, Any] = {"store": url, "path": path, "problems": problems, **counts}
     if not problems:
+        _refuse_foreign(path)
         return _done(args, {**report, "status": "sound"}, 0)
     if not args.repair:
         return _done(args, {**report, "status": "damaged"}, 1)
     result = salvage(path)
     return _done(args, {**report, "status": "repaired", "recovered": result.recovered, "lost": result.lost,
                         "damaged_copy": result.kept_as}, 0)
+
+
+def _refuse_foreign(path: str) -> None:
+    """OSError (exit 2) for a sound SQLite file that is not a tunevault store (other tables, a view):
+    every other command refuses it, so doctor must not call it sound."""
+    from tunevault.store.base import StoreUnavailable
+    from tunevault.store.sqlite import SqliteStore
+
+    try:
+        SqliteStore(path, writable=False).close()  # mode=ro: checks the layout, changes nothing
+    except StoreUnavailable as exc:
+        raise OSError(f"{path} is not a tunevault store: {str(exc).partition(': ')[2] or exc}") from exc
 
 
 def _done(args: argparse.Namespace, report: dict[str, Any], status: int) -> int:

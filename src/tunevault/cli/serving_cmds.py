@@ -82,13 +82,16 @@ def _key(item: WarmupItem | CheckItem) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from tunevault.capture.locate import allow_modules
     from tunevault.cli.doctor_cmd import damaged, store_damage
-    from tunevault.cli.store_cmds import open_cli_store
+    from tunevault.cli.store_cmds import open_cli_store, refuse_absent_store
     from tunevault.policy.check import check
 
     check_allow_list(args)
     entries, malformed = load_manifest(args)
+    refuse_absent_store(args)  # before check() opens the store, which would create it
     with allow_modules(args.allow_module):
         result = check(entries, store=args.store)
+    if result.store_error is not None:  # a deploy gate must tell "store down" (2) from "keys missing" (1)
+        raise OSError(f"the store {result.store} cannot be read, so no key was checked: {result.store_error}")
     store = open_cli_store(args)
     try:
         damage = store_damage(store)

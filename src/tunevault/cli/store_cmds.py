@@ -1,7 +1,8 @@
 """Store commands: ``info ls show export import rm``.
 
 Every command reads the store the global ``--store`` names (else ``$TUNEVAULT_STORE``, else the
-user cache SQLite file). Listings show decisions of every machine and mark the ones whose
+user cache SQLite file); the reading ones refuse a named SQLite store that does not exist rather
+than create it. Listings show decisions of every machine and mark the ones whose
 fingerprint is this machine's: a shared store legitimately holds other GPUs' decisions.
 """
 
@@ -37,15 +38,43 @@ def store_url(args: argparse.Namespace) -> str:
     return getattr(args, "store", None) or os.environ.get("TUNEVAULT_STORE") or default_store_url()
 
 
+# Commands that only read the store (rm deletes from one that exists): a SQLite file they do not find
+# is a mistyped --store, not a new store to create (install(), warmup, import and demo create it).
+READING_COMMANDS = frozenset({"info", "ls", "show", "export", "check", "rm"})
+
+
+def refuse_absent_store(args: argparse.Namespace) -> None:
+    """OSError (exit 2) when a reading command names an SQLite store that does not exist: creating
+    it (and its folders) would report 0 decisions, exit 0, for a typo in the path."""
+    if getattr(args, "command", None) not in READING_COMMANDS:
+        return
+    if not (getattr(args, "store", None) or os.environ.get("TUNEVAULT_STORE")):
+        return  # the default file in the user cache: absent on a fresh machine, not a typo
+    url = store_url(args)
+    if not url.startswith("sqlite:"):
+        return
+    from tunevault.store.sqlite import path_of_url
+
+    path = path_of_url(url)
+    if not os.path.lexists(path):
+        raise OSError(f"no tuning store at {path} ({url}): check the path; `tunevault {args.command}` only "
+                      "reads a store (tunevault.install(), warmup and import create one)")
+
+
 def open_cli_store(args: argparse.Namespace) -> Store:
     """The store to work on; an unusable one is an OSError, which ``main`` reports with exit 2."""
+    refuse_absent_store(args)
     url = store_url(args)
     try:
         return open_store(url)
     except StoreUnavailable as exc:
-        hint = (f"; see `tunevault --store {url} doctor`" if url.startswith("sqlite:")
-                and any(w in str(exc) for w in ("malformed", "not a database")) else "")
-        raise OSError(f"{exc}{hint}") from exc
+        raise OSError(f"{exc}{doctor_hint(url, exc)}") from exc
+
+
+def doctor_hint(url: str, exc: Exception) -> str:
+    """``; see `tunevault ... doctor` `` when SQLite says the file is damaged, else ''."""
+    return (f"; see `tunevault --store {url} doctor`" if url.startswith("sqlite:")
+            and any(w in str(exc) for w in ("malformed", "not a database")) else "")
 
 
 def this_machine() -> Fingerprint:
@@ -113,6 +142,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import tunevault
     from tunevault.core import machine
 
+    refuse_absent_store(args)  # a mistyped path is exit 2, not an unavailable store
     here = this_machine()
     torch = machine.torch_build() or {}
     info: dict[str, Any] = {
@@ -131,12 +161,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from tunevault.cli.doctor_cmd import store_damage
 
+        info["store"]["url"] = store.url
+        try:  # a store can open and fail its first read (Redis gone, a damaged page): unavailable, as above
+            info["store"].update(entries=store.count(), this_machine=sum(
+                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))))
+        except (StoreUnavailable, OSError) as exc:
+            info["store"]["error"] = f"{exc}{doctor_hint(store.url, exc)}"
         try:
-            info["store"].update(url=store.url, entries=store.count(), this_machine=sum(
-                1 for _ in store.decisions(Query(fingerprint_digest=here.digest))), damage=store_damage(store))
+            info["store"]["damage"] = store_damage(store)
         finally:
             store.close()
-        status = 1 if info["store"]["damage"] else 0
+        status = 1 if info["store"]["damage"] or "error" in info["store"] else 0
     if args.json:
         print_json(info)
         return status

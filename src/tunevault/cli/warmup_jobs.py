@@ -35,6 +35,9 @@ from tunevault.cli.warmup_board import Board, WorkerView, display
 MARK = "@tunevault-warmup "
 RUN_VAR = "TUNEVAULT_WARMUP_RUN"  # shared_warmup.RUN_VAR, spelled out: this process imports no torch
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # unless the user set them
+# Each process is an interpreter that imports torch and Triton: more than this is a typo, not a plan
+# (--jobs 99999999999999999999 built a list until memory ran out). 256 is 32 per GPU of an 8-GPU host.
+MAX_JOBS = 256
 STOP_GRACE_S = 5.0  # after SIGTERM, how long children get to exit before SIGKILL
 
 
@@ -48,8 +51,8 @@ class Stopped(BaseException):
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", nargs="?", const="auto", metavar="N",
-                        help="share the keys among N tuning processes (default: one per visible GPU, "
-                             "or one per CPU core under the interpreter)")
+                        help=f"share the keys among N tuning processes, at most {MAX_JOBS} (default: one "
+                             "per visible GPU, or one per CPU core under the interpreter)")
     parser.add_argument("--devices", metavar="0,1,...",
                         help="the GPUs to tune on, as this process sees them (default: all visible); implies "
                              "--jobs, one process per GPU listed unless --jobs says how many")
@@ -83,11 +86,13 @@ def plan(jobs: str | None, devices: str | None, visible: int | None = None) -> l
     from tunevault.core.machine import available_cores
 
     if jobs in (None, "auto"):
-        count = len(gpus) or available_cores()
-    elif not str(jobs).isdigit() or int(jobs) < 1:
-        raise ValueError(f"--jobs takes a positive number of processes; got {jobs!r}")
+        count = len(gpus) or min(available_cores(), MAX_JOBS)  # a 512-core host: 256 interpreters are plenty
     else:
-        count = int(jobs)
+        text = str(jobs).strip()
+        # ASCII digits only ('²' passes isdigit, int() refuses it), and few enough that int() converts them.
+        count = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else 0
+        if not 1 <= count <= MAX_JOBS:
+            raise ValueError(f"--jobs takes a number of processes from 1 to {MAX_JOBS}; got {jobs!r}")
     physical = [physical_device(g) for g in gpus]
     return [physical[i % len(physical)] if physical else None for i in range(count)]
 

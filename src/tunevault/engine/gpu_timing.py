@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
 FALLBACK_L2_BYTES = 64 << 20
+MAX_FLUSH_BYTES = 4 << 30  # far above any L2 (H200: 60 MiB); more is a typo that would exhaust the GPU
 # (warm-up ms, timed ms, min reps, max reps): "screen" ranks candidates, "full" times the few that
 # survive it. Half of Triton's default effort (25 ms, 100 ms): the median of up to 500 flushed runs
 # already resolves differences well below the 2% tolerance band.
@@ -84,7 +85,8 @@ def l2_cache_bytes(device: int) -> int:
     default = size if size > 0 else FALLBACK_L2_BYTES
     if os.environ.get("TUNEVAULT_L2_FLUSH_BYTES", "").strip() == "0":
         return 0  # no flush
-    return positive("TUNEVAULT_L2_FLUSH_BYTES", default, int, "a number of bytes (0: no flush)")
+    return positive("TUNEVAULT_L2_FLUSH_BYTES", default, int, f"a number of bytes at most {MAX_FLUSH_BYTES} "
+                    "(0: no flush)", MAX_FLUSH_BYTES)
 
 
 @functools.lru_cache(maxsize=16)

@@ -26,11 +26,13 @@ from tunevault.core.env import positive
 
 log = logging.getLogger("tunevault")
 DEFAULT_IDLE_S = 30.0
+MAX_IDLE_S = 7 * 86400.0  # a week: longer is a leaked worker (and 1e300 overflows its select)
 
 
 def idle_timeout(env: dict[str, str] | None = None, warn: bool = True) -> float:
     """Seconds an idle worker waits for its next session before it exits (``TUNEVAULT_WORKER_IDLE``)."""
-    return positive("TUNEVAULT_WORKER_IDLE", DEFAULT_IDLE_S, float, "a positive number of seconds", env, warn)
+    return positive("TUNEVAULT_WORKER_IDLE", DEFAULT_IDLE_S, float,
+                    f"a positive number of seconds at most {MAX_IDLE_S:.0f}", MAX_IDLE_S, env, warn)
 
 
 class WorkerDied(RuntimeError):

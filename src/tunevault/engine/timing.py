@@ -31,6 +31,7 @@ CPU_QUANTILES = (0.5, 0.2, 0.8)
 CPU_SCREEN_QUANTILES = (0.0, 0.2, 0.8)
 CPU_SCREEN_ROUNDS = 4  # as the GPU screen's (engine/rounds.py)
 DEFAULT_CPU_REPS = 15  # careful rounds; TUNEVAULT_CPU_BENCH_REPS overrides (cpu_reps says why 15)
+MAX_CPU_REPS = 10_000  # more is a typo that would stall the kernel call for hours under the interpreter
 
 
 def interpreting() -> bool:
@@ -71,7 +72,8 @@ def cpu_reps() -> int:
     interquartile range both in the preempted mode and looked confidently slower than its equal
     twins (2 of 18 eight-process determinism runs under load failed, as did one CI run); with 15, 12
     of 15 would have to be preempted."""
-    return positive("TUNEVAULT_CPU_BENCH_REPS", DEFAULT_CPU_REPS, int, "a positive integer")
+    return positive("TUNEVAULT_CPU_BENCH_REPS", DEFAULT_CPU_REPS, int, f"a positive integer at most {MAX_CPU_REPS}",
+                    MAX_CPU_REPS)
 
 
 def cpu_bench(fn: Callable[[], Any], quantiles: Sequence[float] = (0.5, 0.2, 0.8), reps: int | None = None,

@@ -17,6 +17,7 @@ that moment* (so configuring logging after ``install()`` works):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -42,12 +43,28 @@ def app_configured() -> bool:
 
 
 def env_level(default: int = logging.INFO) -> int:
-    """``TUNEVAULT_LOG_LEVEL`` as a level (a name such as ``debug`` or a number); ``default`` if unset or bad."""
-    raw = os.environ.get("TUNEVAULT_LOG_LEVEL", "").strip().upper()
-    if raw.isdigit():
-        return int(raw)
-    level = logging.getLevelName(raw) if raw else default
-    return level if isinstance(level, int) else default
+    """``TUNEVAULT_LOG_LEVEL`` as a level (a name such as ``debug`` or a number); ``default`` if unset,
+    or if bad with one warning: a log setting must never stop a command or the interpreter's start."""
+    raw = os.environ.get("TUNEVAULT_LOG_LEVEL", "").strip()
+    if not raw:
+        return default
+    if raw.isascii() and raw.isdigit():  # str.isdigit() alone accepts '²', which int() refuses
+        try:
+            return int(raw)
+        except ValueError:  # more digits than int() converts
+            pass
+    else:
+        level = logging.getLevelName(raw.upper())
+        if isinstance(level, int):
+            return level
+    _ignore_level(raw, default)
+    return default
+
+
+@functools.cache
+def _ignore_level(raw: str, default: int) -> None:
+    log.warning("tunevault: ignoring TUNEVAULT_LOG_LEVEL=%r: not a level name (debug, info, warning, error, "
+                "critical) or a number; using %s", raw, logging.getLevelName(default))
 
 
 class _StderrFallback(logging.StreamHandler):
@@ -104,11 +121,11 @@ def show_logs(level: int | None = None) -> None:
         return  # the application set the tunevault logger up itself
     if route is not None and log.level != HELD and level is None:
         return  # ... or set its level after an earlier activation
-    unconfigured = env_level() if level is None else level
     if route is None:
-        route = _RouteByConfiguration(unconfigured)
+        route = _RouteByConfiguration(logging.INFO)
         log.addFilter(route)
-    route.unconfigured = unconfigured
     if handler is None:
         log.addHandler(_StderrFallback())
     log.setLevel(HELD)
+    # Read once the routing is in place, so that a bad value's warning is shown as tunevault's others are.
+    route.unconfigured = env_level() if level is None else level

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.core.model import Fingerprint, KernelId, TuningKey
+from tunevault.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
@@ -42,6 +43,8 @@ class CheckResult:
     fingerprint: Fingerprint
     store: str
     items: list[CheckItem] = field(default_factory=list)
+    # The first read the store failed (Redis down, ...): then "missing" means "not known", not "run warmup".
+    store_error: str | None = None
 
     @property
     def missing(self) -> list[CheckItem]:
@@ -49,11 +52,12 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
-        return not self.missing
+        return not self.missing and self.store_error is None
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "store": self.store, "fingerprint": self.fingerprint.to_json(),
                 "fingerprint_digest": self.fingerprint.digest, "keys": len(self.items),
+                "store_error": self.store_error,
                 "decided": len(self.items) - len(self.missing),
                 "missing": [i.to_json() for i in self.missing],
                 "items": [i.to_json() for i in self.items]}
@@ -88,7 +92,12 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
     opened = open_layered(settings.store, settings.remote, settings.bundles, settings.bundle_key)
     try:
         for entry in entries:
-            result.items.append(_check_one(opened, fp, entry, kernel_id))
+            try:
+                item = _check_one(opened, fp, entry, kernel_id)
+            except StoreUnavailable as exc:
+                result.store_error = result.store_error or str(exc)
+                item = CheckItem(entry.kernel, entry.key, False, f"store read failed: {exc}")
+            result.items.append(item)
     finally:
         opened.close()
     return result
@@ -105,6 +114,8 @@ def _check_one(store: Store, fp: Fingerprint, entry: mf.ManifestEntry,
     kid = kernel_id(autotuner)
     try:
         decision = store.get(kid.digest, fp.digest, entry.key.text)
+    except StoreUnavailable:
+        raise  # the store, not this key: check() says so once
     except Exception as exc:
         return CheckItem(entry.kernel, entry.key, False, f"store read failed: {exc}")
     if decision is None:
@@ -120,6 +131,8 @@ def _why_missing(store: Store, kid: KernelId, fp: Fingerprint, key: TuningKey) -
 
     try:
         others = list(store.decisions(Query(kernel=kid.name)))
+    except StoreUnavailable:
+        raise
     except Exception:
         others = []
     same = [d.key for d in others if d.kernel.digest == kid.digest and d.fingerprint.digest == fp.digest]
