@@ -402,3 +402,24 @@ def test_a_read_only_open_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="no such file"):
         SqliteStore(tmp_path / "missing.db", writable=False)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_quick_check_gives_one_line_per_finding(tmp_path: Path) -> None:
+    """SQLite reports a damaged page's findings as one multi-line row under a header; a miss
+    message quotes the first finding and must stay one line."""
+    import sqlite3
+
+    from tunevault.store.sqlite import quick_check
+
+    path = tmp_path / "damaged.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+        db.executemany("INSERT INTO t VALUES (?, ?)", [(i, "x" * 200) for i in range(200)])
+    data, page = bytearray(path.read_bytes()), 4096
+    leaf = next(n * page for n in range(1, len(data) // page) if data[n * page] == 0x0D)  # a table leaf
+    cells = int.from_bytes(data[leaf + 3:leaf + 5], "big")
+    data[leaf + 8:leaf + 8 + 2 * cells] = bytes(2 * cells)  # its cell pointers: "Offset 0 out of range"
+    path.write_bytes(bytes(data))
+    found = quick_check(str(path), limit=5)
+    assert found and len(found) <= 5
+    assert all("\n" not in f and "Offset 0 out of range" in f for f in found), found

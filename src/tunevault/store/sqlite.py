@@ -69,7 +69,10 @@ def quick_check(path: str, limit: int = 20, db: sqlite3.Connection | None = None
     finally:
         if own and db is not None:
             db.close()
-    return [str(r[0]) for r in rows if r and r[0] != "ok"]
+    # One finding per line: SQLite puts a page's findings in one row under a "*** in database main
+    # ***" header, and a miss message quoting the first finding must stay one line.
+    lines = (line.strip() for r in rows if r and r[0] != "ok" for line in str(r[0]).splitlines())
+    return [line for line in lines if line and not line.startswith("*** in database")][:max(1, int(limit))]
 
 
 class _ThreadConn:
