@@ -209,3 +209,18 @@ def test_under_the_interpreter_background_tuning_and_requests_take_turns_launchi
     assert failures == []
     assert tunevault.stats()["kernels"]["total"]["serving"]["tunings"] == 6
     assert {dict(d.provenance)["tuned_in"] for d in runtime().used.values()} == {"process"}
+
+
+def test_a_job_finishing_after_uninstall_leaves_stock_tritons_cache_alone(sqlite_url: str, gate: Path) -> None:
+    """uninstall() restores stock Triton exactly: a job still tuning then wrote its config into the
+    autotuner's cache afterwards, so stock skipped benchmarking that key."""
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)  # the fallback; the job waits at the gate
+    assert background.pending() == 1
+    tunevault.uninstall()
+    assert dict(ke.add_gated.cache) == {}
+    gate.touch()
+    assert background.drain(timeout=180)
+    assert dict(ke.add_gated.cache) == {}, "the job's config reached stock Triton's cache"

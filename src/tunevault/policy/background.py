@@ -173,6 +173,8 @@ def _run(job: Job) -> None:
         rt.events.emit("background_failed", kernel=name, key=job.key.to_json(), error=str(exc)[:500])
         return
     with st.lock:  # the tuned config replaces the fallback, in both in-memory dicts
+        if rt.closed:  # uninstalled meanwhile: stock Triton's cache must stay as uninstall() left it
+            return
         st.remember(job.raw_key, config)
         stock.record(st.autotuner, job.stock_key, config)
     rt.events.emit("background_tuned", kernel=name, key=job.key.to_json(), config=describe_config(config))
