@@ -4,7 +4,8 @@ Every benchmark launch of it is counted below the autotuner: the configs' ``pre_
 ``pid n`` to the file named by ``$TV_LAUNCH_LOG`` (one O_APPEND write per line), so a test can
 tell which processes benchmarked which key; with ``$TV_HANG_N`` set, a launch for that size
 touches ``$TV_HANG_FILE`` and hangs (a process to kill mid-key). ``no_config_works`` fails with
-every config. ``slow_compile`` takes a second per config to compile. ``write_manifest`` builds a
+every config. ``slow_compile`` takes a second per config to compile. ``pruned_to_one`` keeps one config for
+large ``n``. ``write_manifest`` builds a
 key manifest from sizes without running anything.
 """
 
@@ -83,6 +84,20 @@ def _compile_time(nargs: dict[str, Any]) -> int:
 def slow_compile(x_ptr, out_ptr, n, BLOCK: tl.constexpr, SLOW: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def _one_for_large_n(configs: list[triton.Config], nargs: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """Leaves one config for n >= 100: stock launches it untimed, and so does tunevault."""
+    return configs[-1:] if nargs["n"] >= 100 else configs
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"],
+                 prune_configs_by={"early_config_prune": _one_for_large_n})
+@triton.jit
+def pruned_to_one(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
 
 
 def write_manifest(path: Path, sizes: list[int], kernel: Any = shard_scale, name: str | None = None,

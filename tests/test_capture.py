@@ -451,3 +451,48 @@ def test_a_grid_reading_a_heuristic_under_the_autotuner_is_captured(tv, tmp_path
     assert {n: (e.callspec_error, e.callspec and e.callspec["grids"]) for n, e in entries.items()} == {
         300: (None, [[3, 1, 1], [2, 1, 1]]), 50: (None, [[1, 1, 1], [1, 1, 1]])}
     assert set(_warmup_fresh(path, tmp_path / "a.db").values()) == {("tuned", "")}
+
+
+def test_tensors_passed_by_keyword_in_another_order_are_one_key(tv, sqlite_url: str, tmp_path: Path) -> None:
+    """Two call sites passing the same tensors by keyword in another order meet one key, as in
+    stock Triton. The key listed the dtypes in call order: capture saw one order, and a sealed
+    server then missed the other (explained as "this very key names no config")."""
+    import kernels_core as kc
+
+    manifest, x, out = tmp_path / "keys.jsonl", kc.vec(40), torch.empty(40)
+    with tv.capture(manifest):
+        kc.add_one[kc.grid(40)](x_ptr=x, out_ptr=out, n=40)
+        kc.add_one[kc.grid(40)](out_ptr=out, x_ptr=x, n=40)
+    (entry,) = mf.read(manifest)
+    assert entry.count == 2 and entry.counts["tuned"] == 1 and entry.counts["hit"] == 1
+    tv.uninstall()
+    tv.install(mode="tune", store=sqlite_url)  # a fresh server on the warm store, sealed
+    tv.seal(on_miss="error")
+    kc.add_one[kc.grid(40)](out_ptr=out, x_ptr=x, n=40)
+    kc.add_one[kc.grid(40)](x_ptr=x, out_ptr=out, n=40)
+    assert torch.equal(out, x + 1)
+
+
+def test_a_key_pruning_leaves_one_config_is_captured_decided_and_counted(tv, sqlite_url: str,
+                                                                         tmp_path: Path) -> None:
+    """Pruning to one config launches it untimed (stock's rule). Such a key was not captured on its
+    first call nor counted, and once captured a warmup reported it failed ("no decision stored")
+    and a preflight reported it missing. It is now stored as decided by rule."""
+    import kernels_shard as shard
+    from tunevault.policy.check import check
+
+    manifest, x = tmp_path / "keys.jsonl", torch.ones(120)
+    out = torch.empty_like(x)
+    with tv.capture(manifest):
+        for _ in range(3):
+            shard.pruned_to_one[lambda m: (triton.cdiv(120, m["BLOCK"]),)](x, out, 120)
+    assert torch.equal(out, x * 2)
+    (entry,) = mf.read(manifest)
+    assert entry.count == 3
+    counts = tv.stats()["kernels"]["kernels_shard:pruned_to_one"]["warmup"]
+    assert counts["hits"] == 3 and counts["tunings"] == 0 and counts["benchmark_runs"] == 0
+    assert check(manifest, store=sqlite_url).ok
+    tv.uninstall()
+    tv.install(mode="tune", store=sqlite_url)  # a fresh process's view: nothing in memory
+    replayed = tv.warmup(str(manifest))
+    assert replayed.ok and replayed.counts()["decided"] == 1, replayed.to_json()

@@ -88,7 +88,10 @@ class KernelState:
         from tunevault.core.identity import json_scalar
 
         items: list[tuple[str, JsonScalar]] = [(k, json_scalar(named[k])) for k in self.keys if k in named]
-        items += [(f"dtype({n})", dtype_label(v.dtype)) for n, v in named.items() if hasattr(v, "dtype")]
+        # In the kernel's parameter order, however the call ordered its keyword arguments: the same
+        # dtypes by the same names are one key (the raw key keeps the call's order; both map here).
+        items += [(f"dtype({n})", dtype_label(named[n].dtype)) for n in self.arg_names
+                  if n in named and hasattr(named[n], "dtype")]
         return TuningKey(tuple(items))
 
     @property

@@ -77,7 +77,9 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
             if len(at.configs) > 1:
                 key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
                 config = at.cache.get(key)
-                if config is None:
+                if config is not None:  # Triton's key is decided, under another raw key (say, kwargs in another order)
+                    _counted_hit(rt, st, raw_key, args, kwargs)
+                else:
                     config, launched, fell_back = _decide(rt, st, args, kwargs, key)
                     if fell_back:  # later calls count as fallback hits; this one is the miss
                         st.remember(raw_key, config, fallback=True)
@@ -85,10 +87,11 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
                     if launched is not _NOT_LAUNCHED:
                         st.remember(raw_key, config)
                         return launched
-            else:
+            else:  # one config: decided by rule, a hit as the calls after it are
                 config = at.configs[0]
                 if rt.settings.mode == "first":
                     _log_first(st, 0, config)
+                _counted_hit(rt, st, raw_key, args, kwargs)
             st.remember(raw_key, config)
             return launch(at, args, kwargs, *st.hits[raw_key])
         finally:
@@ -96,6 +99,13 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
 
 
 _NOT_LAUNCHED = object()
+
+
+def _counted_hit(rt: Runtime, st: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
+    """A call the miss path serves without deciding anything: counted (and captured) as the hot
+    path counts an in-memory hit."""
+    st.n_hits += 1
+    rt.late_hit(st, raw_key, args, kwargs)
 
 
 def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
@@ -109,9 +119,12 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     _check_conflicts(kwargs, indexed)
     if rt.settings.mode == "first":
         rt.stats.add(st.kernel_id.name, rt.phase, "misses")  # decided by rule: one miss per key, as in tune
+        if rt.observers:  # key capture: a key served without a decision, as a fallback is
+            rt.notify("missed", st, st.labelled_key(st.named_args(args, kwargs)), args, kwargs)
         return (*first_working(st, args, kwargs, key, indexed), False)
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
         stock.record(at, key, indexed[0][1])
+        _decided_by_pruning(rt, st, args, kwargs, *indexed[0])
         return indexed[0][1], _NOT_LAUNCHED, False
     named = st.named_args(args, kwargs)
     tkey = st.labelled_key(named)
@@ -123,6 +136,19 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
     return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, False
+
+
+def _decided_by_pruning(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], index: int,
+                        config: Config) -> None:
+    """Pruning left one config, which launches untimed (stock's rule). It is stored as the key's
+    decision, as stock's cache keeps it for the process: a preflight (``tunevault check``) and a
+    warmup then find the key decided, and key capture records it (as tuned here)."""
+    tkey = st.labelled_key(st.named_args(args, kwargs))
+    rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # never a miss, sealed or not
+    if index < len(st.autotuner.configs) and _stored(rt, st, tkey, launched=False) is None:
+        rt.publish(Decision(st.kernel_id, rt.fingerprint, tkey, index, _spec(st, index, config),
+                            provenance=(("rule", "pruning leaves one config"),)))
+    rt.notify("tuned", st, tkey, args, kwargs)
 
 
 def _check_conflicts(kwargs: dict[str, Any], indexed: Indexed) -> None:
