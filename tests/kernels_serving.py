@@ -181,3 +181,31 @@ def run_span(n: int) -> torch.Tensor:
     span_scale[lambda meta: (triton.cdiv(n, meta["SPAN"]),)](x, out, n)
     torch.testing.assert_close(out, 2 * x)
     return out
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)], key=["D"])
+@triton.jit
+def seq_sums(x_ptr, out_ptr, cu_ptr, stride_cu, D, BLOCK: tl.constexpr):
+    """Per-sequence sums of a packed ``[T, D]`` batch; ``cu_seqlens`` may be a strided view (a
+    column of a packed ``[N + 1, 2]`` metadata tensor), read through its stride."""
+    i = tl.program_id(0)
+    bos = tl.load(cu_ptr + i * stride_cu)
+    eos = tl.load(cu_ptr + (i + 1) * stride_cu)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(bos, eos):
+        acc += tl.load(x_ptr + r * D + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + i * D + cols, acc, mask=mask)
+
+
+def sum_sequences(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    n, d = cu.numel() - 1, x.shape[1]
+    out = torch.empty(n, d)
+    seq_sums[(n,)](x, out, cu, cu.stride(0), d)
+    return out
+
+
+def reference_sums(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    bounds = cu.tolist()
+    return torch.stack([x[a:b].sum(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])

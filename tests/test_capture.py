@@ -190,6 +190,53 @@ def test_index_tensors_replay_faithfully(tv, tmp_path: Path) -> None:
     assert tunevault.check([entry]).ok
 
 
+def _sealed_serve(store: Path, call: str) -> dict[str, int]:
+    """Run ``call`` (Python using ``ks``, ``torch``) in a fresh process sealed on ``store`` with
+    on_miss="error": a key warmup did not decide raises TuningMiss there."""
+    code = ("import json, torch, tunevault, kernels_serving as ks\n"
+            f"tunevault.install(store='sqlite:///{store}', on_miss='error')\n"
+            "tunevault.seal(on_miss='error')\n"
+            f"{call}\n"
+            "total = tunevault.stats()['kernels']['total']\n"
+            "print(json.dumps({k: sum(phase[k] for phase in total.values()) for k in ('hits', 'misses')}))")
+    return run_py(code, timeout=120)
+
+
+def test_strided_index_tensors_replay_their_values(tv, tmp_path: Path) -> None:
+    """Index tensors that are views (a transpose, a stepped slice, ``cu_seqlens`` as the column
+    of packed ``[N + 1, 2]`` metadata) are rebuilt with their strides and the captured value at
+    every element: the replayed kernel sums the captured sequences, and serving finds the key."""
+    from tunevault.capture.argspec import ArgSpec
+
+    table = torch.tensor([[0, 5, 9], [1, 2, 3]], dtype=torch.int32)
+    for view in (table.t(), torch.arange(10, dtype=torch.int64)[::2], table[:, 1:].t(),
+                 torch.tensor([4], dtype=torch.int32).expand(3)):
+        back = ArgSpec.from_json(json.loads(json.dumps(ArgSpec.of(view).to_json()))).build(slack=32)
+        assert isinstance(back, torch.Tensor)
+        assert back.tolist() == view.tolist() and back.stride() == view.stride(), (view, back)
+
+    meta = torch.tensor([[0, 0], [7, 1], [40, 2], [45, 3]], dtype=torch.int32)  # cu_seqlens, sequence id
+    x = torch.randn(45, 20)
+    torch.testing.assert_close(ks.sum_sequences(x, meta[:, 0]), ks.reference_sums(x, meta[:, 0]))
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.sum_sequences(x, meta[:, 0])
+    (entry,) = mf.read(path)
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'fresh.db'}")
+    autotuner, args, kwargs = rebuild(entry)
+    rx, out, cu = args[:3]
+    assert cu.tolist() == [0, 7, 40, 45] and cu.stride() == (2,)
+    autotuner.run(*args, **kwargs)
+    torch.testing.assert_close(out, ks.reference_sums(rx, cu))
+
+    store = tmp_path / "warm.db"
+    assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
+    tunevault.uninstall()
+    call = ("meta = torch.tensor([[0, 0], [7, 1], [40, 2], [45, 3]], dtype=torch.int32)\n"
+            "ks.sum_sequences(torch.randn(45, 20), meta[:, 0])")
+    assert _sealed_serve(store, call) == {"hits": 1, "misses": 0}
+
+
 def test_warmup_and_check_explain_keys_they_cannot_replay(tv, tmp_path: Path, capsys) -> None:
     from tunevault.cli.main import main
 

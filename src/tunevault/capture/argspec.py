@@ -2,8 +2,11 @@
 
 Tensors keep shape, stride, dtype and device; small integer tensors (index tensors such as
 ``cu_seqlens``) keep their values verbatim, larger ones their range, so a replayed kernel
-indexes memory the way the captured one did. Grids are captured per declared config,
-because a grid is usually a lambda of the meta-parameters and cannot be serialised.
+indexes memory the way the captured one did. The values are kept in logical order (what
+``tensor.tolist()`` shows) and written back through the captured strides, so a strided view
+(``meta[:, 0]``, ``arange(10)[::2]``, a transpose) holds the same value at every element.
+Grids are captured per declared config, because a grid is usually a lambda of the
+meta-parameters and cannot be serialised.
 A CallSpec read from a manifest is checked before anything is allocated (``CallSpec.check``).
 A float scalar JSON cannot hold (``-inf`` as a mask value, ``inf``, ``nan``) is written as
 ``{"kind": "float", "value": "-inf"}``: a reader that predates it refuses the kind rather than
@@ -66,7 +69,7 @@ class ArgSpec:
     stride: tuple[int, ...] = ()
     dtype: str = ""
     device: str = ""
-    values: tuple[int, ...] | None = None  # small integer tensors, verbatim (flattened storage order)
+    values: tuple[int, ...] | None = None  # small integer tensors, verbatim (logical order, as tolist())
     low: float | None = None
     high: float | None = None
 
@@ -169,10 +172,8 @@ class ArgSpec:
         if dev.type == "meta":  # layout only (dtype, shape, strides, alignment): enough to compile
             return torch.as_strided(torch.empty(size, dtype=dtype, device=dev), self.shape, self.stride)
         gen = (generators or Generators(0)).on(dev)
-        if self.values is not None and len(self.values) == self.storage_size():
-            flat = torch.tensor(self.values, dtype=torch.int64, device=dev).to(dtype)
-            if size > len(self.values):
-                flat = torch.cat([flat, torch.zeros(size - len(self.values), dtype=dtype, device=dev)])
+        if self.values and len(self.values) == math.prod(self.shape):
+            flat = self._verbatim(size, dtype, dev)
         elif self.values is not None or self.low is not None:
             lo = int(self.low if self.low is not None else min(self.values or (0,)))
             hi = int(self.high if self.high is not None else max(self.values or (0,)))
@@ -185,6 +186,18 @@ class ArgSpec:
         else:
             flat = torch.randint(0, 8, (size,), generator=gen, device=dev, dtype=torch.int64).to(dtype)
         return torch.as_strided(flat, self.shape, self.stride)
+
+    def _verbatim(self, size: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        """Storage of ``size`` elements whose view through the captured strides holds the captured
+        values, element for element. Memory the view skips (between the rows of ``meta[:, 0]``) and
+        the slack behind it hold the smallest captured value: still an index the call used."""
+        import torch
+
+        values = torch.tensor(self.values or (), dtype=torch.int64, device=dev)
+        flat = torch.full((size,), int(values.min()), dtype=torch.int64, device=dev)
+        positions = torch.as_strided(torch.arange(self.storage_size(), device=dev), self.shape, self.stride)
+        flat[positions.reshape(-1)] = values  # overlapping elements (stride 0) were equal when captured
+        return flat.to(dtype)
 
 
 class Generators:
