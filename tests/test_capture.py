@@ -388,7 +388,8 @@ def _warmup_fresh(path: Path, store: Path) -> dict[str, tuple[str, str]]:
 
 def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> None:
     """A heuristic's block size (BLOCK_N=512 for one row of 300) is a compile-time value, not an
-    index: the replay tunes the key; a forged one still meets the byte cap."""
+    index: the replay tunes the key without padding for it; a forged huge one is refused by Triton
+    (no block that large), with nothing allocated for it."""
     path = tmp_path / "keys.jsonl"
     with tunevault.capture(path):
         scale_rows(1, 300)
@@ -401,7 +402,36 @@ def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> 
     write = tmp_path / "forged.jsonl"
     write.write_text(json.dumps(forged) + "\n")
     ((status, reason),) = _warmup_fresh(write, tmp_path / "b.db").values()
-    assert status == "skipped" and "cap" in reason, reason
+    assert status == "failed" and "arange" in reason, reason
+
+
+def test_integers_that_are_values_not_sizes_are_replayed(tv, tmp_path: Path, monkeypatch) -> None:
+    """A collator's ``pad_id=151643`` is larger than its 1024-element tensors and a sentinel
+    constexpr is 2**31 - 1: the captured call ran with both, so warmup tunes the key (padding the
+    tensors to pad_id, never to the constexpr) and a sealed server finds it. Where padding is over
+    the byte cap, a signed manifest is replayed as captured and an unsigned one refused."""
+    from tunevault.capture.argspec import CallSpec
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.pad_batch()
+    (entry,) = mf.read(path)
+    assert entry.callspec is not None
+    assert CallSpec.from_json(entry.callspec).check(ks.pad_tokens) == 151643
+    store = tmp_path / "warm.db"
+    assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
+    tunevault.uninstall()
+    assert _sealed_serve(store, "ks.pad_batch()") == {"hits": 1, "misses": 0}
+
+    monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "100000")  # the tensors fit, padded to pad_id not
+    ((status, reason),) = _warmup_fresh(path, tmp_path / "a.db").values()
+    assert status == "skipped" and "pad_id=151643" in reason and "signed" in reason, reason
+    signed = tmp_path / "signed.jsonl"
+    tunevault.install(mode="tune", store="memory://", bundle_key="k")
+    with tunevault.capture(signed):
+        ks.pad_batch()
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'b.db'}", bundle_key="k")
+    assert [(i.status, i.reason) for i in tunevault.warmup(signed).items] == [("tuned", "")]
 
 
 def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path: Path, monkeypatch) -> None:

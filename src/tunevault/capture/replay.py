@@ -85,7 +85,7 @@ def _first_rebuilt(autotuner: Autotuner, entry: mf.ManifestEntry, device: str | 
     refusals: list[InvalidEntry] = []
     for raw in entry.callspecs:
         try:
-            args, kwargs = _rebuild_call(autotuner, entry.key, raw, device, seed)
+            args, kwargs = _rebuild_call(autotuner, entry, raw, device, seed)
         except InvalidEntry as exc:
             refusals.append(exc)
             continue
@@ -94,12 +94,13 @@ def _first_rebuilt(autotuner: Autotuner, entry: mf.ManifestEntry, device: str | 
     raise InvalidEntry(f"{refusals[0]}{others}") from refusals[0]
 
 
-def _rebuild_call(autotuner: Autotuner, key: TuningKey, raw: dict[str, Any], device: str | None, seed: int,
-                  ) -> tuple[tuple, dict]:
+def _rebuild_call(autotuner: Autotuner, entry: mf.ManifestEntry, raw: dict[str, Any], device: str | None,
+                  seed: int) -> tuple[tuple, dict]:
     from tunevault.capture.argspec import CallSpec
     from tunevault.core.kernel_state import KernelState
 
-    spec = CallSpec.from_json(raw)
+    key = entry.key
+    spec = CallSpec.from_json(raw, genuine=entry.signed)
     try:
         args, kwargs = spec.build(autotuner, device=device, seed=seed)
     except InvalidEntry:
