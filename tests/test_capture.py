@@ -237,6 +237,34 @@ def test_strided_index_tensors_replay_their_values(tv, tmp_path: Path) -> None:
     assert _sealed_serve(store, call) == {"hits": 1, "misses": 0}
 
 
+def test_a_manifest_from_a_gpu_host_says_to_pass_device_cpu(tv, tmp_path: Path) -> None:
+    """Lines captured on ``cuda:3`` replayed on a host without CUDA: one short reason naming
+    ``--device cpu`` (not torch's page about ATen_cuda); with it, warmup tunes the key."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.scale_rows(2, 300)
+    remote = tmp_path / "remote.jsonl"
+    remote.write_text(path.read_text().replace('"device": "cpu"', '"device": "cuda:3"'))
+    assert '"cuda:3"' in remote.read_text()
+
+    def warmup(*extra: str) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", "memory://", "warmup",
+                               str(remote), "--json", *extra], capture_output=True, text=True, timeout=180,
+                              env=subprocess_env())
+        (item,) = json.loads(proc.stdout[proc.stdout.index("{"):])["items"]
+        return item
+
+    item = warmup()
+    assert item["status"] == "skipped" and "--device cpu" in item["reason"], item
+    assert len(item["reason"]) < 300 and "\n" not in item["reason"], item["reason"]
+    assert warmup("--device", "cpu")["status"] == "tuned"
+
+
 def test_warmup_and_check_explain_keys_they_cannot_replay(tv, tmp_path: Path, capsys) -> None:
     from tunevault.cli.main import main
 
