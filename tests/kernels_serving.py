@@ -181,3 +181,55 @@ def run_span(n: int) -> torch.Tensor:
     span_scale[lambda meta: (triton.cdiv(n, meta["SPAN"]),)](x, out, n)
     torch.testing.assert_close(out, 2 * x)
     return out
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)], key=["D"])
+@triton.jit
+def seq_sums(x_ptr, out_ptr, cu_ptr, stride_cu, D, BLOCK: tl.constexpr):
+    """Per-sequence sums of a packed ``[T, D]`` batch; ``cu_seqlens`` may be a strided view (a
+    column of a packed ``[N + 1, 2]`` metadata tensor), read through its stride."""
+    i = tl.program_id(0)
+    bos = tl.load(cu_ptr + i * stride_cu)
+    eos = tl.load(cu_ptr + (i + 1) * stride_cu)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(bos, eos):
+        acc += tl.load(x_ptr + r * D + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + i * D + cols, acc, mask=mask)
+
+
+def sum_sequences(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    n, d = cu.numel() - 1, x.shape[1]
+    out = torch.empty(n, d)
+    seq_sums[(n,)](x, out, cu, cu.stride(0), d)
+    return out
+
+
+def reference_sums(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    bounds = cu.tolist()
+    return torch.stack([x[a:b].sum(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=1) for b in (64, 128)], key=["n"])
+@triton.jit
+def pad_tokens(ids, lens, out, n, T, pad_id, NO_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """A batch collator: positions past each row's length become ``pad_id`` (a token id, larger
+    than the batch); a row of length ``NO_ROW`` (a sentinel constexpr, 2**31 - 1) is all padding."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < T
+    length = tl.load(lens + row)
+    length = tl.where(length == NO_ROW, 0, length)
+    x = tl.load(ids + row * T + offs, mask=m, other=0)
+    tl.store(out + row * T + offs, tl.where(offs < length, x, pad_id), mask=m)
+
+
+def pad_batch(rows: int = 4, width: int = 256, pad_id: int = 151643) -> torch.Tensor:
+    ids = torch.randint(0, 1000, (rows, width), dtype=torch.int32)
+    lens = torch.tensor([10, width, 2**31 - 1, 3][:rows], dtype=torch.int32)
+    out = torch.empty_like(ids)
+    pad_tokens[lambda m: (rows, triton.cdiv(width, m["BLOCK"]))](ids, lens, out, rows * width, width, pad_id,
+                                                                 NO_ROW=2**31 - 1)
+    assert (out[2] == pad_id).all() and (out[0, 10:] == pad_id).all() and torch.equal(out[1], ids[1])
+    return out

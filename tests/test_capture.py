@@ -190,6 +190,81 @@ def test_index_tensors_replay_faithfully(tv, tmp_path: Path) -> None:
     assert tunevault.check([entry]).ok
 
 
+def _sealed_serve(store: Path, call: str) -> dict[str, int]:
+    """Run ``call`` (Python using ``ks``, ``torch``) in a fresh process sealed on ``store`` with
+    on_miss="error": a key warmup did not decide raises TuningMiss there."""
+    code = ("import json, torch, tunevault, kernels_serving as ks\n"
+            f"tunevault.install(store='sqlite:///{store}', on_miss='error')\n"
+            "tunevault.seal(on_miss='error')\n"
+            f"{call}\n"
+            "total = tunevault.stats()['kernels']['total']\n"
+            "print(json.dumps({k: sum(phase[k] for phase in total.values()) for k in ('hits', 'misses')}))")
+    return run_py(code, timeout=120)
+
+
+def test_strided_index_tensors_replay_their_values(tv, tmp_path: Path) -> None:
+    """Index tensors that are views (a transpose, a stepped slice, ``cu_seqlens`` as the column
+    of packed ``[N + 1, 2]`` metadata) are rebuilt with their strides and the captured value at
+    every element: the replayed kernel sums the captured sequences, and serving finds the key."""
+    from tunevault.capture.argspec import ArgSpec
+
+    table = torch.tensor([[0, 5, 9], [1, 2, 3]], dtype=torch.int32)
+    for view in (table.t(), torch.arange(10, dtype=torch.int64)[::2], table[:, 1:].t(),
+                 torch.tensor([4], dtype=torch.int32).expand(3)):
+        back = ArgSpec.from_json(json.loads(json.dumps(ArgSpec.of(view).to_json()))).build(slack=32)
+        assert isinstance(back, torch.Tensor)
+        assert back.tolist() == view.tolist() and back.stride() == view.stride(), (view, back)
+
+    meta = torch.tensor([[0, 0], [7, 1], [40, 2], [45, 3]], dtype=torch.int32)  # cu_seqlens, sequence id
+    x = torch.randn(45, 20)
+    torch.testing.assert_close(ks.sum_sequences(x, meta[:, 0]), ks.reference_sums(x, meta[:, 0]))
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.sum_sequences(x, meta[:, 0])
+    (entry,) = mf.read(path)
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'fresh.db'}")
+    autotuner, args, kwargs = rebuild(entry)
+    rx, out, cu = args[:3]
+    assert cu.tolist() == [0, 7, 40, 45] and cu.stride() == (2,)
+    autotuner.run(*args, **kwargs)
+    torch.testing.assert_close(out, ks.reference_sums(rx, cu))
+
+    store = tmp_path / "warm.db"
+    assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
+    tunevault.uninstall()
+    call = ("meta = torch.tensor([[0, 0], [7, 1], [40, 2], [45, 3]], dtype=torch.int32)\n"
+            "ks.sum_sequences(torch.randn(45, 20), meta[:, 0])")
+    assert _sealed_serve(store, call) == {"hits": 1, "misses": 0}
+
+
+def test_a_manifest_from_a_gpu_host_says_to_pass_device_cpu(tv, tmp_path: Path) -> None:
+    """Lines captured on ``cuda:3`` replayed on a host without CUDA: one short reason naming
+    ``--device cpu`` (not torch's page about ATen_cuda); with it, warmup tunes the key."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.scale_rows(2, 300)
+    remote = tmp_path / "remote.jsonl"
+    remote.write_text(path.read_text().replace('"device": "cpu"', '"device": "cuda:3"'))
+    assert '"cuda:3"' in remote.read_text()
+
+    def warmup(*extra: str) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", "memory://", "warmup",
+                               str(remote), "--json", *extra], capture_output=True, text=True, timeout=180,
+                              env=subprocess_env())
+        (item,) = json.loads(proc.stdout[proc.stdout.index("{"):])["items"]
+        return item
+
+    item = warmup()
+    assert item["status"] == "skipped" and "--device cpu" in item["reason"], item
+    assert len(item["reason"]) < 300 and "\n" not in item["reason"], item["reason"]
+    assert warmup("--device", "cpu")["status"] == "tuned"
+
+
 def test_warmup_and_check_explain_keys_they_cannot_replay(tv, tmp_path: Path, capsys) -> None:
     from tunevault.cli.main import main
 
@@ -341,7 +416,8 @@ def _warmup_fresh(path: Path, store: Path) -> dict[str, tuple[str, str]]:
 
 def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> None:
     """A heuristic's block size (BLOCK_N=512 for one row of 300) is a compile-time value, not an
-    index: the replay tunes the key; a forged one still meets the byte cap."""
+    index: the replay tunes the key without padding for it; a forged huge one is refused by Triton
+    (no block that large), with nothing allocated for it."""
     path = tmp_path / "keys.jsonl"
     with tunevault.capture(path):
         scale_rows(1, 300)
@@ -354,7 +430,36 @@ def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> 
     write = tmp_path / "forged.jsonl"
     write.write_text(json.dumps(forged) + "\n")
     ((status, reason),) = _warmup_fresh(write, tmp_path / "b.db").values()
-    assert status == "skipped" and "cap" in reason, reason
+    assert status == "failed" and "arange" in reason, reason
+
+
+def test_integers_that_are_values_not_sizes_are_replayed(tv, tmp_path: Path, monkeypatch) -> None:
+    """A collator's ``pad_id=151643`` is larger than its 1024-element tensors and a sentinel
+    constexpr is 2**31 - 1: the captured call ran with both, so warmup tunes the key (padding the
+    tensors to pad_id, never to the constexpr) and a sealed server finds it. Where padding is over
+    the byte cap, a signed manifest is replayed as captured and an unsigned one refused."""
+    from tunevault.capture.argspec import CallSpec
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.pad_batch()
+    (entry,) = mf.read(path)
+    assert entry.callspec is not None
+    assert CallSpec.from_json(entry.callspec).check(ks.pad_tokens) == 151643
+    store = tmp_path / "warm.db"
+    assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
+    tunevault.uninstall()
+    assert _sealed_serve(store, "ks.pad_batch()") == {"hits": 1, "misses": 0}
+
+    monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "100000")  # the tensors fit, padded to pad_id not
+    ((status, reason),) = _warmup_fresh(path, tmp_path / "a.db").values()
+    assert status == "skipped" and "pad_id=151643" in reason and "signed" in reason, reason
+    signed = tmp_path / "signed.jsonl"
+    tunevault.install(mode="tune", store="memory://", bundle_key="k")
+    with tunevault.capture(signed):
+        ks.pad_batch()
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'b.db'}", bundle_key="k")
+    assert [(i.status, i.reason) for i in tunevault.warmup(signed).items] == [("tuned", "")]
 
 
 def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path: Path, monkeypatch) -> None:

@@ -143,10 +143,13 @@ def _huge(spec: dict[str, Any]) -> None:
         arg.update(shape=[1_200_000_000], stride=[1])  # 2 x 4.8 GB of float32 > the 8 GiB default cap
 
 
-def _n_beyond_buffers(spec: dict[str, Any]) -> None:
+N_BEYOND = 1 << 40  # padding two tensors to it is far over the byte cap
+
+
+def _n_beyond_buffers(spec: dict[str, Any], n: int = N_BEYOND) -> None:
     for arg in spec["args"][:2]:
         arg.update(shape=[16], stride=[1])
-    spec["args"][2]["value"] = 10**6
+    spec["args"][2]["value"] = n
 
 
 def _grid(spec: dict[str, Any]) -> None:
@@ -158,13 +161,31 @@ def _grid(spec: dict[str, Any]) -> None:
 def test_arguments_that_cannot_be_real_are_skipped_with_the_reason(tmp_path: Path, captured: tuple[Path, str],
                                                                    edit: Any, reason: str) -> None:
     line = callspec_line(captured, edit)
-    line["key"] = [["n", 10**6] if k == "n" and edit is _n_beyond_buffers else [k, v] for k, v in line["key"]]
+    line["key"] = [["n", N_BEYOND] if k == "n" and edit is _n_beyond_buffers else [k, v] for k, v in line["key"]]
     path = write_lines(tmp_path / "m.jsonl", [line])
     with kh.launches(kh.add_one) as seen:
         code, out, _ = cli("--store", "memory://", "warmup", str(path), *ALLOW, "--json")
     (item,) = json.loads(out)["items"]
     assert code == 1 and item["status"] == "skipped" and reason in item["reason"], item
     assert seen.seen == [], "nothing launched"
+
+
+def test_a_size_beyond_the_buffers_is_padded_for_when_the_cap_allows(tmp_path: Path, captured: tuple[Path, str],
+                                                                       ) -> None:
+    """n=10**6 with 16-element tensors (a forged size, or a value such as a pad id): every tensor is
+    rebuilt with 10**6 elements behind it, so the kernel indexing up to n stays in memory."""
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.capture.locate import import_autotuner
+
+    line = callspec_line(captured, lambda spec: _n_beyond_buffers(spec, 10**6))
+    assert CallSpec.from_json(line["callspec"]).check(import_autotuner(line["kernel"])) == 10**6
+    line["key"] = [["n", 10**6] if k == "n" else [k, v] for k, v in line["key"]]
+    path = write_lines(tmp_path / "m.jsonl", [line])
+    with kh.launches(kh.add_one) as seen:
+        code, out, _ = cli("--store", "memory://", "warmup", str(path), *ALLOW, "--json")
+    (item,) = json.loads(out)["items"]
+    assert code == 0 and item["status"] == "tuned", item
+    assert seen.seen, "replayed"
 
 
 def test_deeply_nested_or_overlong_lines_are_skipped_as_malformed(tmp_path: Path, captured: tuple[Path, str]) -> None:

@@ -2,8 +2,11 @@
 
 Tensors keep shape, stride, dtype and device; small integer tensors (index tensors such as
 ``cu_seqlens``) keep their values verbatim, larger ones their range, so a replayed kernel
-indexes memory the way the captured one did. Grids are captured per declared config,
-because a grid is usually a lambda of the meta-parameters and cannot be serialised.
+indexes memory the way the captured one did. The values are kept in logical order (what
+``tensor.tolist()`` shows) and written back through the captured strides, so a strided view
+(``meta[:, 0]``, ``arange(10)[::2]``, a transpose) holds the same value at every element.
+Grids are captured per declared config, because a grid is usually a lambda of the
+meta-parameters and cannot be serialised.
 A CallSpec read from a manifest is checked before anything is allocated (``CallSpec.check``).
 A float scalar JSON cannot hold (``-inf`` as a mask value, ``inf``, ``nan``) is written as
 ``{"kind": "float", "value": "-inf"}``: a reader that predates it refuses the kind rather than
@@ -66,7 +69,7 @@ class ArgSpec:
     stride: tuple[int, ...] = ()
     dtype: str = ""
     device: str = ""
-    values: tuple[int, ...] | None = None  # small integer tensors, verbatim (flattened storage order)
+    values: tuple[int, ...] | None = None  # small integer tensors, verbatim (logical order, as tolist())
     low: float | None = None
     high: float | None = None
 
@@ -169,10 +172,8 @@ class ArgSpec:
         if dev.type == "meta":  # layout only (dtype, shape, strides, alignment): enough to compile
             return torch.as_strided(torch.empty(size, dtype=dtype, device=dev), self.shape, self.stride)
         gen = (generators or Generators(0)).on(dev)
-        if self.values is not None and len(self.values) == self.storage_size():
-            flat = torch.tensor(self.values, dtype=torch.int64, device=dev).to(dtype)
-            if size > len(self.values):
-                flat = torch.cat([flat, torch.zeros(size - len(self.values), dtype=dtype, device=dev)])
+        if self.values and len(self.values) == math.prod(self.shape):
+            flat = self._verbatim(size, dtype, dev)
         elif self.values is not None or self.low is not None:
             lo = int(self.low if self.low is not None else min(self.values or (0,)))
             hi = int(self.high if self.high is not None else max(self.values or (0,)))
@@ -185,6 +186,18 @@ class ArgSpec:
         else:
             flat = torch.randint(0, 8, (size,), generator=gen, device=dev, dtype=torch.int64).to(dtype)
         return torch.as_strided(flat, self.shape, self.stride)
+
+    def _verbatim(self, size: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        """Storage of ``size`` elements whose view through the captured strides holds the captured
+        values, element for element. Memory the view skips (between the rows of ``meta[:, 0]``) and
+        the slack behind it hold the smallest captured value: still an index the call used."""
+        import torch
+
+        values = torch.tensor(self.values or (), dtype=torch.int64, device=dev)
+        flat = torch.full((size,), int(values.min()), dtype=torch.int64, device=dev)
+        positions = torch.as_strided(torch.arange(self.storage_size(), device=dev), self.shape, self.stride)
+        flat[positions.reshape(-1)] = values  # overlapping elements (stride 0) were equal when captured
+        return flat.to(dtype)
 
 
 class Generators:
@@ -276,6 +289,7 @@ class CallSpec:
     kwargs: tuple[tuple[str, ArgSpec], ...]
     grids: tuple[tuple[int, ...], ...] = ()  # by declared config index
     untrusted: bool = field(default=False, compare=False, repr=False)  # read from a file: check before building
+    genuine: bool = field(default=False, compare=False, repr=False)  # its line's signature verified (``check``)
 
     @classmethod
     def of(cls, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> CallSpec:
@@ -296,8 +310,9 @@ class CallSpec:
                 "grids": [list(g) for g in self.grids]}
 
     @classmethod
-    def from_json(cls, data: Any, untrusted: bool = True) -> CallSpec:
-        """``untrusted`` (a manifest from elsewhere): ``build`` first checks sizes (see ``check``)."""
+    def from_json(cls, data: Any, untrusted: bool = True, genuine: bool = False) -> CallSpec:
+        """``untrusted`` (a manifest from elsewhere): ``build`` first checks sizes (see ``check``);
+        ``genuine``: the line's signature verified, so it is a call that really ran."""
         _require(isinstance(data, dict), "callspec must be an object")
         args, kwargs, grids = data.get("args"), data.get("kwargs"), data.get("grids", [])
         _require(isinstance(args, list) and isinstance(kwargs, dict) and isinstance(grids, list), "callspec")
@@ -307,21 +322,26 @@ class CallSpec:
                      "callspec.grids")
         return cls(tuple(ArgSpec.from_json(a) for a in args),
                    tuple((str(k), ArgSpec.from_json(v)) for k, v in kwargs.items()),
-                   tuple(tuple(g) for g in grids), untrusted)
+                   tuple(tuple(g) for g in grids), untrusted, genuine)
 
     def check(self, autotuner: Autotuner, limit: int | None = None) -> int:
-        """Refuse (InvalidEntry, with the reason) a call that cannot be what a real call looked like;
-        return the slack every rebuilt tensor gets (elements), so indexing up to a size stays in memory.
+        """Refuse (InvalidEntry, with the reason) a call that cannot be replayed safely; return the
+        slack every rebuilt tensor gets (elements), so a kernel indexing up to a size stays in memory.
 
-        - an integer scalar is larger than every tensor argument's element count, so it cannot be a
-          size, stride or offset into them and the kernel would index out of bounds (names with
-          ``seed``, ``philox`` or ``rng`` index nothing and are exempt, and so are the kernel's
-          ``tl.constexpr`` parameters: a block size such as ``next_power_of_2(N)`` outgrows a small
-          tensor, and the kernel masks it); the largest integer, constexprs included, is the slack: a
-          tensor forged smaller than the sizes it is used with still has the memory, within ``limit``;
-        - a captured grid launches more programs than the largest tensor has elements;
+        The rule, for each integer argument (names with ``seed``, ``philox`` or ``rng`` index nothing):
+
+        - no larger than the largest tensor argument: it may be a size, stride or offset, so every
+          tensor gets at least that many elements (the cost is bounded by the largest tensor);
+        - larger than every tensor, a ``tl.constexpr``: a compile-time value (a block size the kernel
+          masks, a sentinel), never padded for;
+        - larger than every tensor, a runtime integer: a genuine call ran with it and these tensors,
+          so it was not an unmasked extent of them (``pad_id=151643`` with 1024-element tensors);
+          a forged line may use it as one, so every tensor is padded to it while that fits ``limit``.
+          Past ``limit``, a signed line (``genuine``: captured by this fleet) is replayed as captured,
+          an unsigned one is refused;
+        - a captured grid launches more programs than the largest tensor has elements: refused;
         - its tensors, with the slack, together exceed ``limit`` bytes (``$TUNEVAULT_REPLAY_MAX_BYTES``,
-          default 8 GiB)."""
+          default 8 GiB): refused."""
         import torch
 
         named = [*zip(autotuner.arg_names, self.args, strict=False), *self.kwargs]
@@ -329,13 +349,12 @@ class CallSpec:
         if not tensors:
             return 0  # nothing to index into, nothing to allocate
         largest = max(spec.storage_size() for _, spec in tensors)
-        sized = [(name, spec.value) for name, spec in named
-                 if spec.kind == "scalar" and _is_int(spec.value) and not NOT_A_SIZE.search(name)]
+        ints = [(name, spec.value) for name, spec in named
+                if spec.kind == "scalar" and _is_int(spec.value) and not NOT_A_SIZE.search(name)]
         constexprs = constexpr_names(autotuner)
-        for name, value in sized:
-            if value > largest and name not in constexprs:
-                raise InvalidEntry(f"{name}={value} is larger than every tensor argument ({largest} elements "
-                                   "at most): the kernel would read or write out of bounds")
+        slack = max([0, *(value for _, value in ints if value <= largest)])
+        beyond = max([(value, name) for name, value in ints if value > largest and name not in constexprs],
+                     default=None)
         for i, grid in enumerate(self.grids):
             programs = 1
             for n in grid:
@@ -343,17 +362,30 @@ class CallSpec:
             if programs > max(largest, 1):
                 raise InvalidEntry(f"the grid of config #{i} launches {programs} programs, more than the largest "
                                    f"tensor has elements ({largest})")
-        slack = max([0, *(value for _, value in sized)])
         limit = max_bytes() if limit is None else limit
-        total = 0
+        itemsizes = []
         for name, spec in tensors:
             dtype = getattr(torch, spec.dtype, None)
             if not isinstance(dtype, torch.dtype):
                 raise InvalidEntry(f"unknown dtype {spec.dtype!r} for {name}")
-            total += max(spec.storage_size(), slack) * dtype.itemsize
-        if total > limit:
-            raise InvalidEntry(f"the rebuilt tensors would take {total} bytes, over the {limit}-byte cap "
+            itemsizes.append((spec.storage_size(), dtype.itemsize))
+
+        def total(pad: int) -> int:
+            return sum(max(size, pad) * item for size, item in itemsizes)
+
+        if total(slack) > limit:
+            raise InvalidEntry(f"the rebuilt tensors would take {total(slack)} bytes, over the {limit}-byte cap "
                                f"({MAX_BYTES_VAR})")
+        if beyond is not None:
+            value, name = beyond
+            if total(value) <= limit:
+                return value
+            if not self.genuine:
+                raise InvalidEntry(
+                    f"{name}={value} is larger than every tensor argument ({largest} elements at most), and padding "
+                    f"them to it would take {total(value)} bytes, over the {limit}-byte cap ({MAX_BYTES_VAR}): "
+                    "were it a size, the kernel would read or write out of bounds; a signed manifest "
+                    "(TUNEVAULT_BUNDLE_KEY at capture and warmup) is replayed as captured")
         return slack
 
     def build(self, autotuner: Autotuner, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:

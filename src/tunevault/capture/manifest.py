@@ -58,6 +58,7 @@ class ManifestEntry:
     last_seen: float = 0.0
     processes: set[tuple[str, int]] = field(default_factory=set)
     alternates: list[dict[str, Any]] = field(default_factory=list)  # later distinct callspecs of the key
+    signed: bool = False  # every line of it verified with the bundle key: calls that really ran
 
     @property
     def count(self) -> int:
@@ -194,6 +195,7 @@ def read(path: str | os.PathLike[str], key: Any = _FROM_ENV,
             if key is not None:
                 _verify(doc, key)
             entry, host, pid = _parse(doc)
+            entry.signed = key is not None
         except ManifestError as exc:
             raise ManifestError(f"{os.fspath(path)}:{lineno}: {exc}; refusing the whole manifest") from None
         except Exception as exc:  # whatever a line holds, it is that line's problem only

@@ -85,7 +85,7 @@ def _first_rebuilt(autotuner: Autotuner, entry: mf.ManifestEntry, device: str | 
     refusals: list[InvalidEntry] = []
     for raw in entry.callspecs:
         try:
-            args, kwargs = _rebuild_call(autotuner, entry.key, raw, device, seed)
+            args, kwargs = _rebuild_call(autotuner, entry, raw, device, seed)
         except InvalidEntry as exc:
             refusals.append(exc)
             continue
@@ -94,24 +94,48 @@ def _first_rebuilt(autotuner: Autotuner, entry: mf.ManifestEntry, device: str | 
     raise InvalidEntry(f"{refusals[0]}{others}") from refusals[0]
 
 
-def _rebuild_call(autotuner: Autotuner, key: TuningKey, raw: dict[str, Any], device: str | None, seed: int,
-                  ) -> tuple[tuple, dict]:
+def _rebuild_call(autotuner: Autotuner, entry: mf.ManifestEntry, raw: dict[str, Any], device: str | None,
+                  seed: int) -> tuple[tuple, dict]:
     from tunevault.capture.argspec import CallSpec
     from tunevault.core.kernel_state import KernelState
 
-    spec = CallSpec.from_json(raw)
+    key = entry.key
+    spec = CallSpec.from_json(raw, genuine=entry.signed)
+    if device is None:
+        _require_captured_devices(spec)
     try:
         args, kwargs = spec.build(autotuner, device=device, seed=seed)
     except InvalidEntry:
         raise
-    except Exception as exc:
-        raise InvalidEntry(f"cannot rebuild arguments: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # torch's text can run to a page: its first line, bounded
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise InvalidEntry(f"cannot rebuild arguments: {type(exc).__name__}: {text}") from exc
     state = KernelState(autotuner)
     got = state.labelled_key(state.named_args(args, kwargs))
     if got != key:
         diff = ", ".join(f"{lb}: {a} -> {b}" for lb, a, b in got.differences(key))
         raise InvalidEntry(f"rebuilt arguments give another key ({diff})")
     return args, kwargs
+
+
+def _require_captured_devices(spec: Any) -> None:
+    """A manifest captured on a GPU host, replayed where that GPU is not (a CPU or interpreter
+    host): one short reason naming ``--device``, instead of torch's page about ATen_cuda."""
+    import torch
+
+    devices = {a.device for a in (*spec.args, *(v for _, v in spec.kwargs)) if a.kind == "tensor"}
+    for name in sorted(devices):
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            continue  # build reports it
+        if dev.type != "cuda":
+            continue
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            have, there = (f"{count} CUDA device(s)", "cuda:0") if count else ("no CUDA device", "cpu")
+            raise InvalidEntry(f"captured on {name}, and this host has {have}: pass --device {there} "
+                               f"(tunevault.warmup(device={there!r})) to rebuild the arguments there")
 
 
 def entries(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], key: str | None) -> list[mf.ManifestEntry]:
