@@ -183,6 +183,24 @@ def run_span(n: int) -> torch.Tensor:
     return out
 
 
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (32, 64)], key=["n"])
+@triton.jit
+def rep_scale(x_ptr, out_ptr, n, BLOCK: tl.constexpr, REP: tl.constexpr = 2):
+    """A grid that reads a parameter the call leaves to its default (``meta["REP"]``)."""
+    for r in tl.static_range(REP):
+        offs = (tl.program_id(0) * REP + r) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2.0, mask=mask)
+
+
+def run_rep(n: int) -> torch.Tensor:
+    x = torch.randn(n)
+    out = torch.empty_like(x)
+    rep_scale[lambda meta: (triton.cdiv(n, meta["BLOCK"] * meta["REP"]),)](x, out, n)
+    torch.testing.assert_close(out, 2 * x)
+    return out
+
+
 @triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32)], key=["D"])
 @triton.jit
 def seq_sums(x_ptr, out_ptr, cu_ptr, stride_cu, D, BLOCK: tl.constexpr):

@@ -558,6 +558,18 @@ def test_a_grid_reading_a_heuristic_under_the_autotuner_is_captured(tv, tmp_path
     assert set(_warmup_fresh(path, tmp_path / "a.db").values()) == {("tuned", "")}
 
 
+def test_a_grid_reading_a_parameter_left_to_its_default_is_captured(tv, tmp_path: Path) -> None:
+    """Triton binds defaults before it calls the grid; capture evaluated the grid without them
+    (KeyError: 'REP'), so the key had no argspec: no warmup, and isolated tuning ran in process."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.run_rep(300)
+    (entry,) = mf.read(path)
+    assert entry.callspec_error is None and entry.callspec is not None
+    assert entry.callspec["grids"] == [[5, 1, 1], [3, 1, 1]]  # 300 / (32 * 2), 300 / (64 * 2)
+    assert set(_warmup_fresh(path, tmp_path / "a.db").values()) == {("tuned", "")}
+
+
 def test_tensors_passed_by_keyword_in_another_order_are_one_key(tv, sqlite_url: str, tmp_path: Path) -> None:
     """Two call sites passing the same tensors by keyword in another order meet one key, as in
     stock Triton. The key listed the dtypes in call order: capture saw one order, and a sealed

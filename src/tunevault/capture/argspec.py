@@ -236,10 +236,17 @@ def _is_number(v: Any) -> bool:
 def _launch_meta(autotuner: Autotuner, named: dict[str, Any], config: Config) -> dict[str, Any]:
     """What the grid sees when the autotuner launches ``config``: the call's arguments, the config's,
     and the values of every ``@triton.heuristics`` under the autotuner, applied outermost first as
-    ``Heuristics.run`` does (a grid may read them: ``meta["ROWS"]``)."""
+    ``Heuristics.run`` does (a grid may read them: ``meta["ROWS"]``). Parameters the call left to
+    their defaults are there too, as Triton binds them before it calls the grid."""
+    import inspect
+
     from triton.runtime.autotuner import Heuristics
 
-    meta = {**named, **config.all_kwargs()}
+    from tunevault.core.identity import jit_of
+
+    params = inspect.signature(jit_of(autotuner).fn).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    meta = {**defaults, **named, **config.all_kwargs()}
     layer: Any = autotuner.fn
     for _ in range(32):
         if not isinstance(layer, Heuristics):
