@@ -224,3 +224,23 @@ def test_a_job_finishing_after_uninstall_leaves_stock_tritons_cache_alone(sqlite
     gate.touch()
     assert background.drain(timeout=180)
     assert dict(ke.add_gated.cache) == {}, "the job's config reached stock Triton's cache"
+
+
+def test_a_job_tuned_in_the_worker_builds_no_arguments_in_the_server(sqlite_url: str, gate: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker rebuilds the call from its CallSpec; the server built a full copy of the
+    arguments on the call's device anyway (for pruning), while serving, after the KV cache."""
+    from tunevault.capture.argspec import CallSpec
+
+    built: list[str] = []
+    real_build = CallSpec.build
+
+    def recording(self: CallSpec, autotuner: object, device: str | None = None, seed: int = 0) -> object:
+        built.append(str(device))  # what the serving process allocated for, delegated unchanged
+        return real_build(self, autotuner, device=device, seed=seed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CallSpec, "build", recording)
+    tunevault.install(mode="tune", store=sqlite_url)
+    decision = serve_until_tuned(ke.add_gated, gate)
+    assert dict(decision.provenance)["tuned_in"] == "worker"
+    assert built == ["meta"], "placeholders for pruning only: nothing real was built here"

@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     from tunevault.capture.argspec import CallSpec
+
+    Rebuild = Callable[[], tuple[tuple, dict[str, Any]]]
 
 _NOT_IN_BACKGROUND = object()
 _sharers: contextvars.ContextVar[int] = contextvars.ContextVar("tunevault_host_sharers", default=1)
@@ -24,13 +29,26 @@ _job_spec: contextvars.ContextVar[object] = contextvars.ContextVar("tunevault_ba
                                                                    default=_NOT_IN_BACKGROUND)
 
 
+_real_arguments: contextvars.ContextVar[Rebuild | None] = contextvars.ContextVar("tunevault_real_arguments",
+                                                                             default=None)
+
+
 @contextlib.contextmanager
-def tuning_in_background(spec: CallSpec | None) -> Iterator[None]:
-    token = _job_spec.set(spec)
+def tuning_in_background(spec: CallSpec | None, real_arguments: Rebuild | None = None) -> Iterator[None]:
+    """A background job tunes on this thread. ``real_arguments``: the arguments it passes are
+    placeholders on ``meta`` (the worker rebuilds the call from ``spec``, so the server allocates
+    nothing while serving); this builds real ones, for a tuning that falls back to this process."""
+    token, real = _job_spec.set(spec), _real_arguments.set(real_arguments)
     try:
         yield
     finally:
         _job_spec.reset(token)
+        _real_arguments.reset(real)
+
+
+def real_arguments() -> Rebuild | None:
+    """How to build real arguments where this thread's background job passed placeholders."""
+    return _real_arguments.get()
 
 
 def in_background() -> bool:

@@ -134,6 +134,8 @@ def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, A
     if session is None:
         if opened:  # isolation fell back: the wait for the worker (its lock, its start) was not tuning
             deadline = time.monotonic() + settings.tune_timeout
+        if (rebuild := context.real_arguments()) is not None:  # a background job's placeholders
+            args, kwargs = rebuild()
         session = InProcessSession(st.autotuner, args, kwargs, {i: c for i, c, _ in candidates},
                                    {i: s for i, _, s in candidates}, counted, deadline)
     confidence = settings.confidence

@@ -131,6 +131,16 @@ def _device(args: tuple, kwargs: dict[str, Any]) -> torch.device | None:
     return None
 
 
+def _spec_device(spec: CallSpec) -> torch.device | None:
+    """The CUDA device the captured call ran on, if any."""
+    for arg in (*spec.args, *(v for _, v in spec.kwargs)):
+        if arg.kind == "tensor" and arg.device.startswith("cuda"):
+            import torch
+
+            return torch.device(arg.device)
+    return None
+
+
 def _run(job: Job) -> None:
     import contextlib
 
@@ -152,16 +162,23 @@ def _run(job: Job) -> None:
 
             torch.cuda.synchronize(device)  # what the graph's last replay wrote, not half of it
         _describe(job, *held)
-    name = st.kernel_id.name
+    name, at = st.kernel_id.name, st.autotuner
     try:
+        real = None
         if job.spec is not None:
-            args, kwargs = job.spec.build(st.autotuner, seed=0)
+            spec = job.spec
+            # Tuned in the worker, which rebuilds the call itself: here placeholders on ``meta`` do,
+            # unless pruning reads the arguments. A serving process then allocates nothing for it.
+            placeholders = at.early_config_prune is None and at.perf_model is None
+            args, kwargs = spec.build(at, device="meta" if placeholders else None, seed=0)
+            real = (lambda: spec.build(at, seed=0)) if placeholders else None
+            device = _spec_device(spec)
         else:
             assert job.copies is not None  # _describe gave the job one or the other
             args, kwargs = job.copies
-        device = _device(args, kwargs)
+            device = _device(args, kwargs)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(tuning_in_background(job.spec))
+            stack.enter_context(tuning_in_background(job.spec, real))
             if device is not None:  # a new thread starts on device 0; the request's may differ
                 import torch
 
