@@ -217,6 +217,141 @@ def test_globals_read_by_heuristics_and_pruning_are_part_of_the_identity(tmp_pat
     assert source_hash(32) != source_hash(4096)
 
 
+RECIPE_INPUTS = """
+import triton
+import triton.language as tl
+import tv_recipe_settings as S
+
+{prelude}
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}), triton.Config({{"BLOCK": 32}})], key=["n"],
+                 prune_configs_by={{"early_config_prune": {prune}}})
+@triton.heuristics({{"K": lambda args: {heuristic}}})
+@triton.jit
+def kernel(x_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * K, mask=offs < n)
+"""
+
+PRUNE_BY_LIMIT = """
+def prune(configs, nargs, **kwargs):
+    return [c for c in configs if c.kwargs["BLOCK"] <= {limit}]
+"""
+
+CALLABLE_PRUNE = """
+class Limit:
+    def __init__(self, limit):
+        self.limit = limit
+
+    def __call__(self, configs, nargs, **kwargs):
+        return [c for c in configs if c.kwargs["BLOCK"] {op} self.limit]
+
+    def prune(self, configs, nargs, **kwargs):
+        return [c for c in configs if c.kwargs["BLOCK"] {op} self.limit]
+"""
+
+
+def recipe_source_hash(tmp_path: Path, settings: str, prelude: str, prune: str = "prune",
+                       heuristic: str = "1") -> str:
+    """The kernel's source hash with a settings module and a kernel module of fixed names: only
+    what the texts say differs between two calls."""
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    (folder / "tv_recipe_settings.py").write_text(textwrap.dedent(settings))
+    (folder / "tv_recipe_inputs.py").write_text(RECIPE_INPUTS.format(prelude=textwrap.dedent(prelude),
+                                                                     prune=prune, heuristic=heuristic))
+    mods = {}
+    try:
+        for name in ("tv_recipe_settings", "tv_recipe_inputs"):
+            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+            mods[name] = sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+        return kernel_id(mods["tv_recipe_inputs"].kernel).source_hash
+    finally:
+        for name in mods:
+            del sys.modules[name]
+
+
+PRUNE_INPUT_CASES = {
+    # a scalar read through a module attribute
+    "module_attribute": ("MAXB = {v}", PRUNE_BY_LIMIT.format(limit="S.MAXB"), "prune", "1"),
+    # a helper called through a module attribute
+    "helper_through_module": ("def limit():\n    return {v}\n", PRUNE_BY_LIMIT.format(limit="S.limit()"),
+                               "prune", "1"),
+    "global_tuple": ("", "LIMITS = ({v}, 8)\n" + PRUNE_BY_LIMIT.format(limit="LIMITS[0]"), "prune", "1"),
+    "global_list": ("", "LIMITS = [{v}, 8]\n" + PRUNE_BY_LIMIT.format(limit="LIMITS[0]"), "prune", "1"),
+    "global_dict": ("", "LIMITS = {{'max': {v}}}\n" + PRUNE_BY_LIMIT.format(limit="LIMITS['max']"), "prune", "1"),
+    "global_frozenset": ("", "OK = frozenset({{16, {v}}})\n"
+                          "def prune(configs, nargs, **kwargs):\n"
+                          "    return [c for c in configs if c.kwargs['BLOCK'] in OK]\n", "prune", "1"),
+    "callable_object_state": ("", CALLABLE_PRUNE.format(op="<=") + "prune = Limit({v})\n", "prune", "1"),
+    "callable_object_body": ("", CALLABLE_PRUNE.format(op="{op}") + "prune = Limit(16)\n", "prune", "1"),
+    "bound_method_self": ("", CALLABLE_PRUNE.format(op="<=") + "prune = Limit({v}).prune\n", "prune", "1"),
+    "keyword_only_default": ("", "MAXB = {v}\n"
+                              "def prune(configs, nargs, *, limit=MAXB, **kwargs):\n"
+                              "    return [c for c in configs if c.kwargs['BLOCK'] <= limit]\n", "prune", "1"),
+    "heuristic_global_tuple": ("", "T = ({v},)\n" + PRUNE_BY_LIMIT.format(limit="64"), "prune", "T[0]"),
+    "heuristic_module_attribute": ("MAXB = {v}", PRUNE_BY_LIMIT.format(limit="64"), "prune", "S.MAXB"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRUNE_INPUT_CASES))
+def test_what_a_prune_function_or_heuristic_reads_is_part_of_the_identity(tmp_path, case):
+    """A prune function's or a heuristic's real inputs (module attributes, helpers reached through
+    a module, containers, a callable object's state and ``__call__`` body, a bound method's ``self``,
+    keyword-only defaults) change the identity: a decision made under other inputs is not reused."""
+    settings, prelude, prune, heuristic = PRUNE_INPUT_CASES[case]
+
+    def source_hash(v: int, op: str = "<=") -> str:
+        fill = {"v": v, "op": op}
+        return recipe_source_hash(tmp_path, settings.format(**fill), prelude.format(**fill), prune,
+                                  heuristic.format(**fill))
+
+    if case == "callable_object_body":
+        assert source_hash(32, "<=") == source_hash(32, "<=")
+        assert source_hash(32, "<=") != source_hash(32, "<")
+    else:
+        assert source_hash(32) == source_hash(32)
+        assert source_hash(32) != source_hash(64)
+
+
+PLAIN_KERNEL = """
+import triton
+import triton.language as tl
+
+LIMIT = 32
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)],
+                 key=["n"])
+@triton.jit
+def kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
+@triton.heuristics({"EVEN": lambda args: args["n"] % LIMIT == 0})
+@triton.jit
+def scalar_heuristic(x_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32) + EVEN)
+"""
+
+
+def test_plain_kernels_keep_the_identity_existing_stores_hold(tmp_path):
+    """Identities are store keys: a kernel without pruning, pre_hooks, container-reading heuristics
+    or jit options hashes as it always has, so stores made by earlier versions stay valid."""
+    path = tmp_path / "tv_plain_kernel.py"
+    path.write_text(PLAIN_KERNEL)
+    spec = importlib.util.spec_from_file_location("tv_plain_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # a fixed module name: a heuristic's identity names its module
+    assert kernel_id(mod.kernel).source_hash == "3c33da3007053730"
+    assert kernel_id(mod.kernel).configs_hash == "1c213cf81ad06eee"
+    assert kernel_id(mod.scalar_heuristic).source_hash == "d42f74695b99d9ae"
+
+
 def test_closure_values_and_mutual_recursion(tmp_path):
     mod = load(tmp_path, """
         import triton

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import triton
 import triton.language as tl
 
-from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, digest
+from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, canonical_json, digest
 
 if TYPE_CHECKING:
     from types import CodeType
@@ -188,13 +188,68 @@ def jit_of(obj: KernelInterface) -> JITFunction | InterpretedFunction:
 
 
 USER_CALLABLE_DEPTH = 3  # helper functions followed from a prune function, a perf model, a heuristic
+_CONTAINER_DEPTH = 4  # nesting followed inside a container a user function reads
+_CONTAINER_TEXT = 4096  # longer canonical contents are summarised by their digest
+_NOT_USERS = frozenset({"triton", "torch", "numpy", "builtins", "functools", "math", "typing", "tunevault"})
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    """A container's contents as JSON that spells the same in every process: sets sorted by their
+    elements' canonical form (their iteration order follows ``PYTHONHASHSEED``), dict items sorted."""
+    if depth >= _CONTAINER_DEPTH:
+        return "<...>"
+    if isinstance(value, tuple | list):
+        return {type(value).__name__: [_canonical(v, depth + 1) for v in value]}
+    if isinstance(value, set | frozenset):
+        return {"set": sorted((_canonical(v, depth + 1) for v in value), key=canonical_json)}
+    if isinstance(value, dict):
+        items = [[_canonical(k, depth + 1), _canonical(v, depth + 1)] for k, v in value.items()]
+        return {"dict": sorted(items, key=canonical_json)}
+    return json_scalar(value)
+
+
+def _value_text(value: Any) -> JsonScalar:
+    """A value a user function reads (a default, a closure cell, a global): a scalar as
+    ``json_scalar`` spells it (so identities made before containers counted stay), a container by
+    its canonical contents, digested when long."""
+    if not isinstance(value, tuple | list | set | frozenset | dict):
+        return json_scalar(value)
+    text = canonical_json(_canonical(value))
+    return text if len(text) <= _CONTAINER_TEXT else f"digest:{digest(text, 32)}"
+
+
+def _state(obj: Any) -> str:
+    """An object's instance attributes: what a callable object's ``__call__`` or a bound method's
+    ``self`` may read besides its code."""
+    attrs = getattr(obj, "__dict__", None)
+    if not isinstance(attrs, dict) or inspect.ismodule(obj) or inspect.isclass(obj):
+        return "{}"
+    return repr(_value_text({str(k): v for k, v in attrs.items()}))
+
+
+def _users_object(obj: Any) -> bool:
+    """A module or class of the user's, not of Python's standard library, torch or Triton."""
+    name = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or ""
+    root = name.partition(".")[0]
+    return root not in _NOT_USERS and root not in sys.stdlib_module_names
+
+
+def _callable_object(value: Any) -> bool:
+    """A bound method or an instance of a user class with ``__call__``: code plus state."""
+    if inspect.ismethod(value):
+        return inspect.isfunction(value.__func__) and _users(value.__func__)
+    return (not inspect.isroutine(value) and not inspect.isclass(value) and not inspect.ismodule(value)
+            and inspect.isfunction(inspect.getattr_static(type(value), "__call__", None))
+            and _users_object(type(value)))
 
 
 def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _depth: int = 0) -> str:
     """What a user function (a prune function, a perf model, a heuristic) computes, as text that
-    is the same in every process: its source (else its bytecode), closure values and defaults, and
-    the module globals it reads: scalars by value (a threshold that moves a heuristic's choice),
-    the user's own helper functions by their identity, a few levels deep."""
+    is the same in every process: its source (else its bytecode), closure values and defaults
+    (keyword-only ones too), and the module globals it reads: scalars and containers by value (a
+    threshold that moves a heuristic's choice), the attributes it reads of the user's modules and
+    classes (``S.MAXB``), the user's own helper functions, callable objects and bound methods by
+    their identity and state, a few levels deep."""
     seen = set() if _seen is None else _seen
     seen.add(id(fn))
     parts: list[str] = []
@@ -202,6 +257,9 @@ def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _de
         parts.append(repr([json_scalar(a) for a in fn.args]) + repr(sorted((k, json_scalar(v)) for k, v in
                                                                           fn.keywords.items())))
         fn = fn.func
+    if _callable_object(fn):  # its code is __call__'s (or the method's), its state the instance's
+        parts += [_qualified(fn), "state " + _state(getattr(fn, "__self__", fn))]
+        fn = fn.__func__ if inspect.ismethod(fn) else type(fn).__call__
     parts.append(_qualified(fn))
     code = getattr(fn, "__code__", None)
     try:
@@ -216,29 +274,55 @@ def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _de
             continue
         parts.append(_dependency(value, seen, _depth) if callable(value) else repr(json_scalar(value)))
     parts.append(repr([json_scalar(d) for d in getattr(fn, "__defaults__", None) or ()]))
+    kwdefaults = getattr(fn, "__kwdefaults__", None)
+    if kwdefaults:  # only when present: functions without keyword-only defaults keep their identity
+        parts.append("kwdefaults " + repr(sorted((str(k), _value_text(v)) for k, v in kwdefaults.items())))
     scope = getattr(fn, "__globals__", None)
     if code is not None and isinstance(scope, dict):
-        for name in sorted(set(_code_names(code))):
-            if name not in scope:
-                continue  # an attribute name, or a builtin
-            value = scope[name]
-            if value is None or isinstance(value, bool | int | float | str | tl.constexpr):
-                parts.append(f"global {name}={json_scalar(value)!r}")
-            elif inspect.isfunction(value) and _users(value):
-                parts.append(f"global {name}: {_dependency(value, seen, _depth)}")
+        names = sorted(set(_code_names(code)))
+        for name in names:
+            if name in scope:  # else an attribute name, or a builtin
+                parts += _global_parts(name, scope[name], names, seen, _depth, set())
     return "\n".join(parts)
+
+
+def _global_parts(path: str, value: Any, attrs: list[str], seen: set[int], depth: int,
+                  followed: set[int]) -> list[str]:
+    """What a global a user function reads contributes to its identity. Modules and classes of the
+    user's are followed through the attribute names the function mentions, as the kernel-side
+    walker follows them (``S.MAXB``, ``P.limit()``)."""
+    if value is None or isinstance(value, bool | int | float | str | tl.constexpr):
+        return [f"global {path}={json_scalar(value)!r}"]
+    if isinstance(value, tuple | list | set | frozenset | dict):
+        return [f"global {path}={_value_text(value)!r}"]
+    if (inspect.isfunction(value) and _users(value)) or _callable_object(value):
+        return [f"global {path}: {_dependency(value, seen, depth)}"]
+    if (inspect.ismodule(value) or inspect.isclass(value)) and _users_object(value) and id(value) not in followed:
+        followed.add(id(value))
+        parts: list[str] = []
+        for attr in attrs:
+            try:
+                sub = inspect.getattr_static(value, attr)
+            except AttributeError:
+                continue
+            if isinstance(sub, staticmethod | classmethod):
+                sub = sub.__func__
+            parts += _global_parts(f"{path}.{attr}", sub, attrs, seen, depth, followed)
+        return parts
+    return []
 
 
 def _users(fn: Callable[..., Any]) -> bool:
     """A function of the user's, not of Python, torch or Triton (their versions are in the fingerprint)."""
     module = getattr(fn, "__module__", None) or ""
-    return module.partition(".")[0] not in {"triton", "torch", "numpy", "builtins", "functools", "math",
-                                            "typing", "tunevault"}
+    return module.partition(".")[0] not in _NOT_USERS
 
 
 def _dependency(value: Callable[..., Any], seen: set[int], depth: int) -> str:
     """A callable a user function reaches: its identity while within depth, else its name."""
-    if id(value) in seen or depth + 1 >= USER_CALLABLE_DEPTH or not inspect.isfunction(value) or not _users(value):
+    if id(value) in seen or depth + 1 >= USER_CALLABLE_DEPTH:
+        return _qualified(value)
+    if not (inspect.isfunction(value) and _users(value)) and not _callable_object(value):
         return _qualified(value)
     return callable_identity(value, seen, depth + 1)
 
