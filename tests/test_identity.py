@@ -352,6 +352,64 @@ def test_plain_kernels_keep_the_identity_existing_stores_hold(tmp_path):
     assert kernel_id(mod.scalar_heuristic).source_hash == "d42f74695b99d9ae"
 
 
+SET_INPUTS = """
+import functools
+import triton
+import triton.language as tl
+
+CONFIGS = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+
+
+def by_default(configs, nargs, allowed=frozenset({"a", "b", "c", "d", "e", "f"}), **kwargs):
+    return configs
+
+
+def by_keyword(configs, nargs, dtypes=None, **kwargs):
+    return configs
+
+
+def make_closure():
+    allowed = {"float32", "float16", "bfloat16", "int8", "int32", "int64"}
+
+    def prune(configs, nargs, **kwargs):
+        return [c for c in configs if str(nargs["x_ptr"].dtype) in allowed] or configs
+    return prune
+
+
+def body(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
+
+
+kernels = [
+    triton.autotune(configs=CONFIGS, key=[], prune_configs_by={"early_config_prune": prune})(triton.jit(body))
+    for prune in (by_default, functools.partial(by_keyword, dtypes={"float32", "float16", "bfloat16", "int8"}),
+                  make_closure())
+]
+"""
+
+
+def test_sets_a_prune_function_holds_hash_the_same_in_every_process(tmp_path):
+    """Sets in a prune function's defaults, a partial's arguments or a closure iterate in an order
+    that follows ``PYTHONHASHSEED``: their identity spells them sorted, so a restarted process
+    finds its decisions."""
+    path = tmp_path / "tv_set_inputs.py"
+    path.write_text(SET_INPUTS)
+    code = (
+        "import importlib.util, json, sys\n"
+        "from tunevault.core.identity import kernel_id\n"
+        f"s = importlib.util.spec_from_file_location('tv_set_inputs', {str(path)!r})\n"
+        "m = importlib.util.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
+        "print(json.dumps([kernel_id(k).source_hash for k in m.kernels]))\n"
+    )
+    seen = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        seen.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert seen[0] == seen[1] == seen[2]
+    assert len(set(seen[0])) == 3
+
+
 def test_closure_values_and_mutual_recursion(tmp_path):
     mod = load(tmp_path, """
         import triton

@@ -254,7 +254,7 @@ def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _de
     seen.add(id(fn))
     parts: list[str] = []
     while isinstance(fn, functools.partial):
-        parts.append(repr([json_scalar(a) for a in fn.args]) + repr(sorted((k, json_scalar(v)) for k, v in
+        parts.append(repr([_value_text(a) for a in fn.args]) + repr(sorted((k, _value_text(v)) for k, v in
                                                                           fn.keywords.items())))
         fn = fn.func
     if _callable_object(fn):  # its code is __call__'s (or the method's), its state the instance's
@@ -272,8 +272,8 @@ def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _de
             value = cell.cell_contents
         except ValueError:
             continue
-        parts.append(_dependency(value, seen, _depth) if callable(value) else repr(json_scalar(value)))
-    parts.append(repr([json_scalar(d) for d in getattr(fn, "__defaults__", None) or ()]))
+        parts.append(_dependency(value, seen, _depth) if callable(value) else repr(_value_text(value)))
+    parts.append(repr([_value_text(d) for d in getattr(fn, "__defaults__", None) or ()]))
     kwdefaults = getattr(fn, "__kwdefaults__", None)
     if kwdefaults:  # only when present: functions without keyword-only defaults keep their identity
         parts.append("kwdefaults " + repr(sorted((str(k), _value_text(v)) for k, v in kwdefaults.items())))
