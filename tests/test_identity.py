@@ -410,6 +410,46 @@ def test_sets_a_prune_function_holds_hash_the_same_in_every_process(tmp_path):
     assert len(set(seen[0])) == 3
 
 
+PRE_HOOK_KERNEL = """
+import triton
+import triton.language as tl
+
+SCALE = 2
+
+
+def zero(nargs):
+    nargs["x_ptr"].{body}
+
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}, pre_hook={hook}), triton.Config({{"BLOCK": 32}})], key=[])
+@triton.jit
+def kernel(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.load(x_ptr + tl.arange(0, BLOCK)) + 1)
+"""
+
+
+def test_a_config_pre_hook_is_identified_by_what_it_computes(tmp_path):
+    """A config's pre_hook runs before every launch of the config: a changed body, another lambda
+    in its place or a global it reads changes the configs' identity, not only a changed name."""
+    def configs_hash(body: str = "zero_()", hook: str = "zero") -> str:
+        folder = tmp_path / uuid.uuid4().hex
+        folder.mkdir()
+        (folder / "tv_pre_hook.py").write_text(PRE_HOOK_KERNEL.format(body=body, hook=hook))
+        spec = importlib.util.spec_from_file_location("tv_pre_hook", folder / "tv_pre_hook.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        x = torch.ones(32)
+        mod.kernel.configs[0].pre_hook({"x_ptr": x})
+        mod.kernel.fn[(1,)](x, BLOCK=32)  # the hook and the kernel run as written
+        return kernel_id(mod.kernel).configs_hash
+
+    assert configs_hash() == configs_hash()
+    assert configs_hash() != configs_hash(body="fill_(1.0)")
+    lam = 'lambda nargs: nargs["x_ptr"].{}'
+    assert configs_hash(hook=lam.format("zero_()")) == configs_hash(hook=lam.format("zero_()"))
+    assert configs_hash(hook=lam.format("zero_()")) != configs_hash(hook=lam.format("mul_(SCALE)"))
+
+
 def test_closure_values_and_mutual_recursion(tmp_path):
     mod = load(tmp_path, """
         import triton
@@ -510,7 +550,7 @@ def test_config_spec_serialises_every_value_kind():
     opts = dict(spec.options)
     assert opts["num_warps"] == 2 and opts["num_stages"] == 1 and opts["num_ctas"] == 1
     assert "maxnreg" not in opts and "ir_override" not in opts
-    assert spec.pre_hook == f"{__name__}:_hook"
+    assert spec.pre_hook is not None and spec.pre_hook.startswith(f"{__name__}:_hook@")
     assert ConfigSpec.from_json(json.loads(canonical_json(spec.to_json()))) == spec
     assert dict(config_spec(triton.Config({}, maxnreg=128)).options)["maxnreg"] == 128
 

@@ -80,7 +80,13 @@ def config_spec(cfg: triton.Config) -> ConfigSpec:
     raw.update((k, v) for k, v in cfg.all_kwargs().items() if k not in cfg.kwargs and v is not None)
     options = tuple(sorted((k, json_scalar(v)) for k, v in raw.items()))
     hook = getattr(cfg, "pre_hook", None)
-    return ConfigSpec(tuple(sorted(kwargs.items())), options, None if hook is None else _qualified(hook))
+    return ConfigSpec(tuple(sorted(kwargs.items())), options, None if hook is None else _hook_identity(hook))
+
+
+def _hook_identity(hook: Callable[..., Any]) -> str:
+    """A config's pre_hook by name and by what it computes (identified as a prune function is): a
+    changed body or another lambda in its place launches differently, so it is another config."""
+    return f"{_qualified(hook)}@{digest(callable_identity(hook))}"
 
 
 def describe_config(cfg: triton.Config) -> str:
