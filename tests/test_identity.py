@@ -450,6 +450,43 @@ def test_a_config_pre_hook_is_identified_by_what_it_computes(tmp_path):
     assert configs_hash(hook=lam.format("zero_()")) != configs_hash(hook=lam.format("mul_(SCALE)"))
 
 
+JIT_OPTIONS_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit{helper_options}
+def helper(x):
+    return x + 1
+
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}), triton.Config({{"BLOCK": 32}})], key=["n"])
+@triton.jit{kernel_options}
+def kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, helper(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+"""
+
+
+def test_jit_options_that_change_generated_code_are_part_of_the_identity(tmp_path):
+    """``noinline`` on a helper (stock's cache key has it), ``debug``, ``do_not_specialize`` and
+    ``do_not_specialize_on_alignment`` on the kernel change the code a config runs as, so a decision
+    made without them is not reused; default options add nothing."""
+    def source_hash(helper_options: str = "", kernel_options: str = "") -> str:
+        mod = load(tmp_path, JIT_OPTIONS_KERNEL.format(helper_options=helper_options, kernel_options=kernel_options))
+        x = torch.zeros(20)
+        mod.kernel.fn[(2,)](x, 20, BLOCK=16)
+        torch.testing.assert_close(x, torch.ones(20))
+        return kernel_id(mod.kernel).source_hash
+
+    plain = source_hash()
+    assert source_hash("(noinline=False)", "(debug=False)") == plain
+    variants = [source_hash("(noinline=True)"), source_hash(kernel_options="(debug=True)"),
+                source_hash(kernel_options='(do_not_specialize=["n"])'),
+                source_hash(kernel_options='(do_not_specialize_on_alignment=["x_ptr"])')]
+    assert len({plain, *variants}) == 5
+
+
 def test_closure_values_and_mutual_recursion(tmp_path):
     mod = load(tmp_path, """
         import triton

@@ -138,6 +138,23 @@ def _code_names(code: CodeType) -> list[str]:
     return names
 
 
+def _jit_options(jit_obj: Any) -> dict[str, Any]:
+    """The ``@triton.jit`` options that change generated code, where not the default: ``debug``,
+    ``noinline`` (stock's cache key has it for every dependency), ``do_not_specialize`` and
+    ``do_not_specialize_on_alignment``. The interpreter's function keeps them in ``kwargs``."""
+    kwargs = getattr(jit_obj, "kwargs", None)
+    given: dict[str, Any] = kwargs if isinstance(kwargs, dict) else {}
+    options: dict[str, Any] = {}
+    for name in ("debug", "noinline", "do_not_specialize", "do_not_specialize_on_alignment"):
+        value = given.get(name, getattr(jit_obj, name, None))
+        if isinstance(value, bool | None):
+            if value:
+                options[name] = True
+        elif isinstance(value, Iterable) and not isinstance(value, str) and (listed := sorted(map(str, value))):
+            options[name] = listed
+    return options
+
+
 class _Walker:
     """Collects a kernel's JIT dependencies and constexpr globals, following globals recursively."""
 
@@ -151,7 +168,9 @@ class _Walker:
         if id(fn) in self.seen:
             return
         self.seen.add(id(fn))
-        self.sources.append(_source(jit_obj))
+        options = _jit_options(jit_obj)
+        # only when set: a function with default jit options keeps the identity it always had
+        self.sources.append(_source(jit_obj) + (f"\n# jit {canonical_json(options)}" if options else ""))
         scope = dict(fn.__globals__)
         for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False):
             try:
