@@ -619,6 +619,21 @@ def test_fingerprint_under_the_interpreter(monkeypatch):
     assert current_fingerprint(refresh=True) == fp
 
 
+@pytest.mark.parametrize("var, value", [("TRITON_DEBUG", "1"), ("PTXAS_OPTIONS", "-O1"),
+                                        ("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "1")])
+def test_codegen_variables_outside_tritons_list_are_in_the_fingerprint_when_set(monkeypatch, var, value):
+    """Triton makes these compile options or code-generator behaviour, not cache-invalidating
+    variables: a decision tuned under them is filed apart; unset, the fingerprint is unchanged."""
+    monkeypatch.delenv(var, raising=False)
+    plain = current_fingerprint(refresh=True)
+    assert var not in dict(plain.env)
+    monkeypatch.setenv(var, value)
+    changed = current_fingerprint(refresh=True)
+    assert dict(changed.env)[var] == value and changed.digest != plain.digest
+    monkeypatch.delenv(var)
+    assert current_fingerprint(refresh=True) == plain
+
+
 def test_provenance_names_this_process(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     prov = dict(provenance())

@@ -486,14 +486,22 @@ def _ptxas_version(target: str) -> str | None:
         return None
 
 
+# Variables that change generated code without being in Triton's cache-invalidating list: Triton
+# turns them into compile options (debug, ptxas options) or code-generator behaviour.
+CODEGEN_ENV_VARS = ("TRITON_DEBUG", "PTXAS_OPTIONS", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")
+
+
 def _env_vars() -> tuple[tuple[str, str], ...]:
+    """Triton's cache-invalidating variables, and CODEGEN_ENV_VARS only where set (an unset
+    environment keeps the fingerprint it always had)."""
     try:
         from triton._C.libtriton import get_cache_invalidating_env_vars
 
-        env = get_cache_invalidating_env_vars()
+        env = {str(k): str(v) for k, v in get_cache_invalidating_env_vars().items() if v is not None}
     except Exception:
         return ()
-    return tuple(sorted((str(k), str(v)) for k, v in env.items() if v is not None))
+    env.update((name, value) for name in CODEGEN_ENV_VARS if (value := os.environ.get(name)))
+    return tuple(sorted(env.items()))
 
 
 def current_fingerprint(refresh: bool = False) -> Fingerprint:
