@@ -634,6 +634,51 @@ def test_codegen_variables_outside_tritons_list_are_in_the_fingerprint_when_set(
     assert current_fingerprint(refresh=True) == plain
 
 
+KNOB_MIDWAY = """
+import importlib.util, json, sys
+import torch, triton
+import tunevault
+from tunevault.core.identity import current_fingerprint
+
+tunevault.install("tune", store=sys.argv[1])
+spec = importlib.util.spec_from_file_location("tv_knob_kernel", sys.argv[2])
+kern = importlib.util.module_from_spec(spec); spec.loader.exec_module(kern)
+
+
+def call(n):
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.empty_like(x)
+    kern.kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, 0)
+    torch.testing.assert_close(out, 2 * x + 1)
+
+
+call(64)
+before = current_fingerprint().digest
+triton.knobs.language.fp32_default = "ieee"
+call(128)
+print(json.dumps([before, current_fingerprint().digest]))
+"""
+
+
+def test_the_fingerprint_follows_a_knob_set_after_the_first_tuning(tmp_path, sqlite_url):
+    """A process that sets ``knobs.language.fp32_default`` after its first tuning files the later
+    decisions under the fingerprint they were made in, not the one of its first miss."""
+    (tmp_path / "kern.py").write_text(KERNEL.format(helpers="triton", scale=1, offset=1, extra_config=(
+        'triton.Config({"BLOCK": 64}, num_warps=1)')).replace("hm.twice(helper(x))", "helper(x * 2)")
+        .replace("def kernel(x_ptr, y_ptr, n,", "def kernel(x_ptr, y_ptr, n, unused,"))
+    (tmp_path / "run.py").write_text(KNOB_MIDWAY)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("TRITON_F32_DEFAULT", None)
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), sqlite_url, str(tmp_path / "kern.py")],
+                         env=env, check=True, capture_output=True, text=True, timeout=240)
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before != after
+    listed = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", sqlite_url, "ls", "--json"],
+                            env=env, check=True, capture_output=True, text=True, timeout=240)
+    filed = {dict(d["key"])["n"]: d["fingerprint_digest"] for d in json.loads(listed.stdout)}
+    assert filed == {64: before, 128: after}
+
+
 def test_provenance_names_this_process(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     prov = dict(provenance())

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 _OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override")
 _DEF_RE = re.compile(r"^def\s+\w+\s*\(", re.MULTILINE)
 _KERNEL_IDS: weakref.WeakKeyDictionary[KernelInterface, KernelId] = weakref.WeakKeyDictionary()
-_FINGERPRINT: Fingerprint | None = None
+_FINGERPRINT: tuple[tuple[Any, ...], Fingerprint] | None = None  # (snapshot, fingerprint)
 
 
 def _qualified(obj: Any) -> str:
@@ -505,13 +505,19 @@ def _env_vars() -> tuple[tuple[str, str], ...]:
 
 
 def current_fingerprint(refresh: bool = False) -> Fingerprint:
-    """Where decisions made in this process are valid; computed once per process."""
+    """Where decisions made in this process are valid. Cached under a snapshot of what can change
+    while the process runs (the codegen environment, which ``triton.knobs`` setters write too, the
+    Triton version, the interpreter switch), so a process that sets ``knobs.language.fp32_default``
+    after its first tuning files later decisions under the new fingerprint. Read on every miss,
+    never on the hot path; the snapshot costs a read of a few environment variables."""
     global _FINGERPRINT
-    if _FINGERPRINT is not None and not refresh:
-        return _FINGERPRINT
+    env = _env_vars()
+    interp = interpreting()
+    snapshot = (env, triton.__version__, interp)
+    if _FINGERPRINT is not None and not refresh and _FINGERPRINT[0] == snapshot:
+        return _FINGERPRINT[1]
     import torch
 
-    interp = interpreting()
     target = "interpreter" if interp else _target()
     device = "cpu"
     if not interp:  # never initialise CUDA for the interpreter
@@ -525,9 +531,9 @@ def current_fingerprint(refresh: bool = False) -> Fingerprint:
     ptxas = None if interp else _ptxas_version(target)
     if ptxas:
         cuda = f"{cuda};ptxas={ptxas}"
-    _FINGERPRINT = Fingerprint(triton=triton.__version__, target=target, device=device, cuda=cuda,
-                               env=_env_vars())
-    return _FINGERPRINT
+    fingerprint = Fingerprint(triton=triton.__version__, target=target, device=device, cuda=cuda, env=env)
+    _FINGERPRINT = (snapshot, fingerprint)
+    return fingerprint
 
 
 def _tunevault_version() -> str:
