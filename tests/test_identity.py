@@ -217,6 +217,276 @@ def test_globals_read_by_heuristics_and_pruning_are_part_of_the_identity(tmp_pat
     assert source_hash(32) != source_hash(4096)
 
 
+RECIPE_INPUTS = """
+import triton
+import triton.language as tl
+import tv_recipe_settings as S
+
+{prelude}
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}), triton.Config({{"BLOCK": 32}})], key=["n"],
+                 prune_configs_by={{"early_config_prune": {prune}}})
+@triton.heuristics({{"K": lambda args: {heuristic}}})
+@triton.jit
+def kernel(x_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * K, mask=offs < n)
+"""
+
+PRUNE_BY_LIMIT = """
+def prune(configs, nargs, **kwargs):
+    return [c for c in configs if c.kwargs["BLOCK"] <= {limit}]
+"""
+
+CALLABLE_PRUNE = """
+class Limit:
+    def __init__(self, limit):
+        self.limit = limit
+
+    def __call__(self, configs, nargs, **kwargs):
+        return [c for c in configs if c.kwargs["BLOCK"] {op} self.limit]
+
+    def prune(self, configs, nargs, **kwargs):
+        return [c for c in configs if c.kwargs["BLOCK"] {op} self.limit]
+"""
+
+
+def recipe_source_hash(tmp_path: Path, settings: str, prelude: str, prune: str = "prune",
+                       heuristic: str = "1") -> str:
+    """The kernel's source hash with a settings module and a kernel module of fixed names: only
+    what the texts say differs between two calls."""
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    (folder / "tv_recipe_settings.py").write_text(textwrap.dedent(settings))
+    (folder / "tv_recipe_inputs.py").write_text(RECIPE_INPUTS.format(prelude=textwrap.dedent(prelude),
+                                                                     prune=prune, heuristic=heuristic))
+    mods = {}
+    try:
+        for name in ("tv_recipe_settings", "tv_recipe_inputs"):
+            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+            mods[name] = sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mods[name])
+        return kernel_id(mods["tv_recipe_inputs"].kernel).source_hash
+    finally:
+        for name in mods:
+            del sys.modules[name]
+
+
+PRUNE_INPUT_CASES = {
+    # a scalar read through a module attribute
+    "module_attribute": ("MAXB = {v}", PRUNE_BY_LIMIT.format(limit="S.MAXB"), "prune", "1"),
+    # a helper called through a module attribute
+    "helper_through_module": ("def limit():\n    return {v}\n", PRUNE_BY_LIMIT.format(limit="S.limit()"),
+                               "prune", "1"),
+    "global_tuple": ("", "LIMITS = ({v}, 8)\n" + PRUNE_BY_LIMIT.format(limit="LIMITS[0]"), "prune", "1"),
+    "global_list": ("", "LIMITS = [{v}, 8]\n" + PRUNE_BY_LIMIT.format(limit="LIMITS[0]"), "prune", "1"),
+    "global_dict": ("", "LIMITS = {{'max': {v}}}\n" + PRUNE_BY_LIMIT.format(limit="LIMITS['max']"), "prune", "1"),
+    "global_frozenset": ("", "OK = frozenset({{16, {v}}})\n"
+                          "def prune(configs, nargs, **kwargs):\n"
+                          "    return [c for c in configs if c.kwargs['BLOCK'] in OK]\n", "prune", "1"),
+    "callable_object_state": ("", CALLABLE_PRUNE.format(op="<=") + "prune = Limit({v})\n", "prune", "1"),
+    "callable_object_body": ("", CALLABLE_PRUNE.format(op="{op}") + "prune = Limit(16)\n", "prune", "1"),
+    "bound_method_self": ("", CALLABLE_PRUNE.format(op="<=") + "prune = Limit({v}).prune\n", "prune", "1"),
+    "keyword_only_default": ("", "MAXB = {v}\n"
+                              "def prune(configs, nargs, *, limit=MAXB, **kwargs):\n"
+                              "    return [c for c in configs if c.kwargs['BLOCK'] <= limit]\n", "prune", "1"),
+    "heuristic_global_tuple": ("", "T = ({v},)\n" + PRUNE_BY_LIMIT.format(limit="64"), "prune", "T[0]"),
+    "heuristic_module_attribute": ("MAXB = {v}", PRUNE_BY_LIMIT.format(limit="64"), "prune", "S.MAXB"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRUNE_INPUT_CASES))
+def test_what_a_prune_function_or_heuristic_reads_is_part_of_the_identity(tmp_path, case):
+    """A prune function's or a heuristic's real inputs (module attributes, helpers reached through
+    a module, containers, a callable object's state and ``__call__`` body, a bound method's ``self``,
+    keyword-only defaults) change the identity: a decision made under other inputs is not reused."""
+    settings, prelude, prune, heuristic = PRUNE_INPUT_CASES[case]
+
+    def source_hash(v: int, op: str = "<=") -> str:
+        fill = {"v": v, "op": op}
+        return recipe_source_hash(tmp_path, settings.format(**fill), prelude.format(**fill), prune,
+                                  heuristic.format(**fill))
+
+    if case == "callable_object_body":
+        assert source_hash(32, "<=") == source_hash(32, "<=")
+        assert source_hash(32, "<=") != source_hash(32, "<")
+    else:
+        assert source_hash(32) == source_hash(32)
+        assert source_hash(32) != source_hash(64)
+
+
+PLAIN_KERNEL = """
+import triton
+import triton.language as tl
+
+LIMIT = 32
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=1), triton.Config({"BLOCK": 32}, num_warps=1)],
+                 key=["n"])
+@triton.jit
+def kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * 2, mask=m)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])
+@triton.heuristics({"EVEN": lambda args: args["n"] % LIMIT == 0})
+@triton.jit
+def scalar_heuristic(x_ptr, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32) + EVEN)
+"""
+
+
+def test_plain_kernels_keep_the_identity_existing_stores_hold(tmp_path):
+    """Identities are store keys: a kernel without pruning, pre_hooks, container-reading heuristics
+    or jit options hashes as it always has, so stores made by earlier versions stay valid."""
+    path = tmp_path / "tv_plain_kernel.py"
+    path.write_text(PLAIN_KERNEL)
+    spec = importlib.util.spec_from_file_location("tv_plain_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # a fixed module name: a heuristic's identity names its module
+    assert kernel_id(mod.kernel).source_hash == "3c33da3007053730"
+    assert kernel_id(mod.kernel).configs_hash == "1c213cf81ad06eee"
+    assert kernel_id(mod.scalar_heuristic).source_hash == "d42f74695b99d9ae"
+
+
+SET_INPUTS = """
+import functools
+import triton
+import triton.language as tl
+
+CONFIGS = [triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})]
+
+
+def by_default(configs, nargs, allowed=frozenset({"a", "b", "c", "d", "e", "f"}), **kwargs):
+    return configs
+
+
+def by_keyword(configs, nargs, dtypes=None, **kwargs):
+    return configs
+
+
+def make_closure():
+    allowed = {"float32", "float16", "bfloat16", "int8", "int32", "int64"}
+
+    def prune(configs, nargs, **kwargs):
+        return [c for c in configs if str(nargs["x_ptr"].dtype) in allowed] or configs
+    return prune
+
+
+def body(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
+
+
+kernels = [
+    triton.autotune(configs=CONFIGS, key=[], prune_configs_by={"early_config_prune": prune})(triton.jit(body))
+    for prune in (by_default, functools.partial(by_keyword, dtypes={"float32", "float16", "bfloat16", "int8"}),
+                  make_closure())
+]
+"""
+
+
+def test_sets_a_prune_function_holds_hash_the_same_in_every_process(tmp_path):
+    """Sets in a prune function's defaults, a partial's arguments or a closure iterate in an order
+    that follows ``PYTHONHASHSEED``: their identity spells them sorted, so a restarted process
+    finds its decisions."""
+    path = tmp_path / "tv_set_inputs.py"
+    path.write_text(SET_INPUTS)
+    code = (
+        "import importlib.util, json, sys\n"
+        "from tunevault.core.identity import kernel_id\n"
+        f"s = importlib.util.spec_from_file_location('tv_set_inputs', {str(path)!r})\n"
+        "m = importlib.util.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
+        "print(json.dumps([kernel_id(k).source_hash for k in m.kernels]))\n"
+    )
+    seen = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+        seen.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert seen[0] == seen[1] == seen[2]
+    assert len(set(seen[0])) == 3
+
+
+PRE_HOOK_KERNEL = """
+import triton
+import triton.language as tl
+
+SCALE = 2
+
+
+def zero(nargs):
+    nargs["x_ptr"].{body}
+
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}, pre_hook={hook}), triton.Config({{"BLOCK": 32}})], key=[])
+@triton.jit
+def kernel(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.load(x_ptr + tl.arange(0, BLOCK)) + 1)
+"""
+
+
+def test_a_config_pre_hook_is_identified_by_what_it_computes(tmp_path):
+    """A config's pre_hook runs before every launch of the config: a changed body, another lambda
+    in its place or a global it reads changes the configs' identity, not only a changed name."""
+    def configs_hash(body: str = "zero_()", hook: str = "zero") -> str:
+        folder = tmp_path / uuid.uuid4().hex
+        folder.mkdir()
+        (folder / "tv_pre_hook.py").write_text(PRE_HOOK_KERNEL.format(body=body, hook=hook))
+        spec = importlib.util.spec_from_file_location("tv_pre_hook", folder / "tv_pre_hook.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        x = torch.ones(32)
+        mod.kernel.configs[0].pre_hook({"x_ptr": x})
+        mod.kernel.fn[(1,)](x, BLOCK=32)  # the hook and the kernel run as written
+        return kernel_id(mod.kernel).configs_hash
+
+    assert configs_hash() == configs_hash()
+    assert configs_hash() != configs_hash(body="fill_(1.0)")
+    lam = 'lambda nargs: nargs["x_ptr"].{}'
+    assert configs_hash(hook=lam.format("zero_()")) == configs_hash(hook=lam.format("zero_()"))
+    assert configs_hash(hook=lam.format("zero_()")) != configs_hash(hook=lam.format("mul_(SCALE)"))
+
+
+JIT_OPTIONS_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit{helper_options}
+def helper(x):
+    return x + 1
+
+
+@triton.autotune(configs=[triton.Config({{"BLOCK": 16}}), triton.Config({{"BLOCK": 32}})], key=["n"])
+@triton.jit{kernel_options}
+def kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, helper(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+"""
+
+
+def test_jit_options_that_change_generated_code_are_part_of_the_identity(tmp_path):
+    """``noinline`` on a helper (stock's cache key has it), ``debug``, ``do_not_specialize`` and
+    ``do_not_specialize_on_alignment`` on the kernel change the code a config runs as, so a decision
+    made without them is not reused; default options add nothing."""
+    def source_hash(helper_options: str = "", kernel_options: str = "") -> str:
+        mod = load(tmp_path, JIT_OPTIONS_KERNEL.format(helper_options=helper_options, kernel_options=kernel_options))
+        x = torch.zeros(20)
+        mod.kernel.fn[(2,)](x, 20, BLOCK=16)
+        torch.testing.assert_close(x, torch.ones(20))
+        return kernel_id(mod.kernel).source_hash
+
+    plain = source_hash()
+    assert source_hash("(noinline=False)", "(debug=False)") == plain
+    variants = [source_hash("(noinline=True)"), source_hash(kernel_options="(debug=True)"),
+                source_hash(kernel_options='(do_not_specialize=["n"])'),
+                source_hash(kernel_options='(do_not_specialize_on_alignment=["x_ptr"])')]
+    assert len({plain, *variants}) == 5
+
+
 def test_closure_values_and_mutual_recursion(tmp_path):
     mod = load(tmp_path, """
         import triton
@@ -317,7 +587,7 @@ def test_config_spec_serialises_every_value_kind():
     opts = dict(spec.options)
     assert opts["num_warps"] == 2 and opts["num_stages"] == 1 and opts["num_ctas"] == 1
     assert "maxnreg" not in opts and "ir_override" not in opts
-    assert spec.pre_hook == f"{__name__}:_hook"
+    assert spec.pre_hook is not None and spec.pre_hook.startswith(f"{__name__}:_hook@")
     assert ConfigSpec.from_json(json.loads(canonical_json(spec.to_json()))) == spec
     assert dict(config_spec(triton.Config({}, maxnreg=128)).options)["maxnreg"] == 128
 
@@ -347,6 +617,66 @@ def test_fingerprint_under_the_interpreter(monkeypatch):
     assert changed.digest != fp.digest
     monkeypatch.delenv("TRITON_DISABLE_LINE_INFO")
     assert current_fingerprint(refresh=True) == fp
+
+
+@pytest.mark.parametrize("var, value", [("TRITON_DEBUG", "1"), ("PTXAS_OPTIONS", "-O1"),
+                                        ("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "1")])
+def test_codegen_variables_outside_tritons_list_are_in_the_fingerprint_when_set(monkeypatch, var, value):
+    """Triton makes these compile options or code-generator behaviour, not cache-invalidating
+    variables: a decision tuned under them is filed apart; unset, the fingerprint is unchanged."""
+    monkeypatch.delenv(var, raising=False)
+    plain = current_fingerprint(refresh=True)
+    assert var not in dict(plain.env)
+    monkeypatch.setenv(var, value)
+    changed = current_fingerprint(refresh=True)
+    assert dict(changed.env)[var] == value and changed.digest != plain.digest
+    monkeypatch.delenv(var)
+    assert current_fingerprint(refresh=True) == plain
+
+
+KNOB_MIDWAY = """
+import importlib.util, json, sys
+import torch, triton
+import tunevault
+from tunevault.core.identity import current_fingerprint
+
+tunevault.install("tune", store=sys.argv[1])
+spec = importlib.util.spec_from_file_location("tv_knob_kernel", sys.argv[2])
+kern = importlib.util.module_from_spec(spec); spec.loader.exec_module(kern)
+
+
+def call(n):
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.empty_like(x)
+    kern.kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, 0)
+    torch.testing.assert_close(out, 2 * x + 1)
+
+
+call(64)
+before = current_fingerprint().digest
+triton.knobs.language.fp32_default = "ieee"
+call(128)
+print(json.dumps([before, current_fingerprint().digest]))
+"""
+
+
+def test_the_fingerprint_follows_a_knob_set_after_the_first_tuning(tmp_path, sqlite_url):
+    """A process that sets ``knobs.language.fp32_default`` after its first tuning files the later
+    decisions under the fingerprint they were made in, not the one of its first miss."""
+    (tmp_path / "kern.py").write_text(KERNEL.format(helpers="triton", scale=1, offset=1, extra_config=(
+        'triton.Config({"BLOCK": 64}, num_warps=1)')).replace("hm.twice(helper(x))", "helper(x * 2)")
+        .replace("def kernel(x_ptr, y_ptr, n,", "def kernel(x_ptr, y_ptr, n, unused,"))
+    (tmp_path / "run.py").write_text(KNOB_MIDWAY)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env.pop("TRITON_F32_DEFAULT", None)
+    out = subprocess.run([sys.executable, str(tmp_path / "run.py"), sqlite_url, str(tmp_path / "kern.py")],
+                         env=env, check=True, capture_output=True, text=True, timeout=240)
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before != after
+    listed = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", sqlite_url, "ls", "--json"],
+                            env=env, check=True, capture_output=True, text=True, timeout=240)
+    filed = {dict(d["key"])["n"]: d["fingerprint_digest"] for d in json.loads(listed.stdout)}
+    assert filed == {64: before, 128: after}
 
 
 def test_provenance_names_this_process(monkeypatch):

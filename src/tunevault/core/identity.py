@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import triton
 import triton.language as tl
 
-from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, digest
+from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, canonical_json, digest
 
 if TYPE_CHECKING:
     from types import CodeType
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 _OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override")
 _DEF_RE = re.compile(r"^def\s+\w+\s*\(", re.MULTILINE)
 _KERNEL_IDS: weakref.WeakKeyDictionary[KernelInterface, KernelId] = weakref.WeakKeyDictionary()
-_FINGERPRINT: Fingerprint | None = None
+_FINGERPRINT: tuple[tuple[Any, ...], Fingerprint] | None = None  # (snapshot, fingerprint)
 
 
 def _qualified(obj: Any) -> str:
@@ -80,7 +80,13 @@ def config_spec(cfg: triton.Config) -> ConfigSpec:
     raw.update((k, v) for k, v in cfg.all_kwargs().items() if k not in cfg.kwargs and v is not None)
     options = tuple(sorted((k, json_scalar(v)) for k, v in raw.items()))
     hook = getattr(cfg, "pre_hook", None)
-    return ConfigSpec(tuple(sorted(kwargs.items())), options, None if hook is None else _qualified(hook))
+    return ConfigSpec(tuple(sorted(kwargs.items())), options, None if hook is None else _hook_identity(hook))
+
+
+def _hook_identity(hook: Callable[..., Any]) -> str:
+    """A config's pre_hook by name and by what it computes (identified as a prune function is): a
+    changed body or another lambda in its place launches differently, so it is another config."""
+    return f"{_qualified(hook)}@{digest(callable_identity(hook))}"
 
 
 def describe_config(cfg: triton.Config) -> str:
@@ -132,6 +138,23 @@ def _code_names(code: CodeType) -> list[str]:
     return names
 
 
+def _jit_options(jit_obj: Any) -> dict[str, Any]:
+    """The ``@triton.jit`` options that change generated code, where not the default: ``debug``,
+    ``noinline`` (stock's cache key has it for every dependency), ``do_not_specialize`` and
+    ``do_not_specialize_on_alignment``. The interpreter's function keeps them in ``kwargs``."""
+    kwargs = getattr(jit_obj, "kwargs", None)
+    given: dict[str, Any] = kwargs if isinstance(kwargs, dict) else {}
+    options: dict[str, Any] = {}
+    for name in ("debug", "noinline", "do_not_specialize", "do_not_specialize_on_alignment"):
+        value = given.get(name, getattr(jit_obj, name, None))
+        if isinstance(value, bool | None):
+            if value:
+                options[name] = True
+        elif isinstance(value, Iterable) and not isinstance(value, str) and (listed := sorted(map(str, value))):
+            options[name] = listed
+    return options
+
+
 class _Walker:
     """Collects a kernel's JIT dependencies and constexpr globals, following globals recursively."""
 
@@ -145,7 +168,9 @@ class _Walker:
         if id(fn) in self.seen:
             return
         self.seen.add(id(fn))
-        self.sources.append(_source(jit_obj))
+        options = _jit_options(jit_obj)
+        # only when set: a function with default jit options keeps the identity it always had
+        self.sources.append(_source(jit_obj) + (f"\n# jit {canonical_json(options)}" if options else ""))
         scope = dict(fn.__globals__)
         for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False):
             try:
@@ -188,20 +213,78 @@ def jit_of(obj: KernelInterface) -> JITFunction | InterpretedFunction:
 
 
 USER_CALLABLE_DEPTH = 3  # helper functions followed from a prune function, a perf model, a heuristic
+_CONTAINER_DEPTH = 4  # nesting followed inside a container a user function reads
+_CONTAINER_TEXT = 4096  # longer canonical contents are summarised by their digest
+_NOT_USERS = frozenset({"triton", "torch", "numpy", "builtins", "functools", "math", "typing", "tunevault"})
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    """A container's contents as JSON that spells the same in every process: sets sorted by their
+    elements' canonical form (their iteration order follows ``PYTHONHASHSEED``), dict items sorted."""
+    if depth >= _CONTAINER_DEPTH:
+        return "<...>"
+    if isinstance(value, tuple | list):
+        return {type(value).__name__: [_canonical(v, depth + 1) for v in value]}
+    if isinstance(value, set | frozenset):
+        return {"set": sorted((_canonical(v, depth + 1) for v in value), key=canonical_json)}
+    if isinstance(value, dict):
+        items = [[_canonical(k, depth + 1), _canonical(v, depth + 1)] for k, v in value.items()]
+        return {"dict": sorted(items, key=canonical_json)}
+    return json_scalar(value)
+
+
+def _value_text(value: Any) -> JsonScalar:
+    """A value a user function reads (a default, a closure cell, a global): a scalar as
+    ``json_scalar`` spells it (so identities made before containers counted stay), a container by
+    its canonical contents, digested when long."""
+    if not isinstance(value, tuple | list | set | frozenset | dict):
+        return json_scalar(value)
+    text = canonical_json(_canonical(value))
+    return text if len(text) <= _CONTAINER_TEXT else f"digest:{digest(text, 32)}"
+
+
+def _state(obj: Any) -> str:
+    """An object's instance attributes: what a callable object's ``__call__`` or a bound method's
+    ``self`` may read besides its code."""
+    attrs = getattr(obj, "__dict__", None)
+    if not isinstance(attrs, dict) or inspect.ismodule(obj) or inspect.isclass(obj):
+        return "{}"
+    return repr(_value_text({str(k): v for k, v in attrs.items()}))
+
+
+def _users_object(obj: Any) -> bool:
+    """A module or class of the user's, not of Python's standard library, torch or Triton."""
+    name = obj.__name__ if inspect.ismodule(obj) else getattr(obj, "__module__", None) or ""
+    root = name.partition(".")[0]
+    return root not in _NOT_USERS and root not in sys.stdlib_module_names
+
+
+def _callable_object(value: Any) -> bool:
+    """A bound method or an instance of a user class with ``__call__``: code plus state."""
+    if inspect.ismethod(value):
+        return inspect.isfunction(value.__func__) and _users(value.__func__)
+    return (not inspect.isroutine(value) and not inspect.isclass(value) and not inspect.ismodule(value)
+            and inspect.isfunction(inspect.getattr_static(type(value), "__call__", None))
+            and _users_object(type(value)))
 
 
 def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _depth: int = 0) -> str:
     """What a user function (a prune function, a perf model, a heuristic) computes, as text that
-    is the same in every process: its source (else its bytecode), closure values and defaults, and
-    the module globals it reads: scalars by value (a threshold that moves a heuristic's choice),
-    the user's own helper functions by their identity, a few levels deep."""
+    is the same in every process: its source (else its bytecode), closure values and defaults
+    (keyword-only ones too), and the module globals it reads: scalars and containers by value (a
+    threshold that moves a heuristic's choice), the attributes it reads of the user's modules and
+    classes (``S.MAXB``), the user's own helper functions, callable objects and bound methods by
+    their identity and state, a few levels deep."""
     seen = set() if _seen is None else _seen
     seen.add(id(fn))
     parts: list[str] = []
     while isinstance(fn, functools.partial):
-        parts.append(repr([json_scalar(a) for a in fn.args]) + repr(sorted((k, json_scalar(v)) for k, v in
+        parts.append(repr([_value_text(a) for a in fn.args]) + repr(sorted((k, _value_text(v)) for k, v in
                                                                           fn.keywords.items())))
         fn = fn.func
+    if _callable_object(fn):  # its code is __call__'s (or the method's), its state the instance's
+        parts += [_qualified(fn), "state " + _state(getattr(fn, "__self__", fn))]
+        fn = fn.__func__ if inspect.ismethod(fn) else type(fn).__call__
     parts.append(_qualified(fn))
     code = getattr(fn, "__code__", None)
     try:
@@ -214,31 +297,57 @@ def callable_identity(fn: Callable[..., Any], _seen: set[int] | None = None, _de
             value = cell.cell_contents
         except ValueError:
             continue
-        parts.append(_dependency(value, seen, _depth) if callable(value) else repr(json_scalar(value)))
-    parts.append(repr([json_scalar(d) for d in getattr(fn, "__defaults__", None) or ()]))
+        parts.append(_dependency(value, seen, _depth) if callable(value) else repr(_value_text(value)))
+    parts.append(repr([_value_text(d) for d in getattr(fn, "__defaults__", None) or ()]))
+    kwdefaults = getattr(fn, "__kwdefaults__", None)
+    if kwdefaults:  # only when present: functions without keyword-only defaults keep their identity
+        parts.append("kwdefaults " + repr(sorted((str(k), _value_text(v)) for k, v in kwdefaults.items())))
     scope = getattr(fn, "__globals__", None)
     if code is not None and isinstance(scope, dict):
-        for name in sorted(set(_code_names(code))):
-            if name not in scope:
-                continue  # an attribute name, or a builtin
-            value = scope[name]
-            if value is None or isinstance(value, bool | int | float | str | tl.constexpr):
-                parts.append(f"global {name}={json_scalar(value)!r}")
-            elif inspect.isfunction(value) and _users(value):
-                parts.append(f"global {name}: {_dependency(value, seen, _depth)}")
+        names = sorted(set(_code_names(code)))
+        for name in names:
+            if name in scope:  # else an attribute name, or a builtin
+                parts += _global_parts(name, scope[name], names, seen, _depth, set())
     return "\n".join(parts)
+
+
+def _global_parts(path: str, value: Any, attrs: list[str], seen: set[int], depth: int,
+                  followed: set[int]) -> list[str]:
+    """What a global a user function reads contributes to its identity. Modules and classes of the
+    user's are followed through the attribute names the function mentions, as the kernel-side
+    walker follows them (``S.MAXB``, ``P.limit()``)."""
+    if value is None or isinstance(value, bool | int | float | str | tl.constexpr):
+        return [f"global {path}={json_scalar(value)!r}"]
+    if isinstance(value, tuple | list | set | frozenset | dict):
+        return [f"global {path}={_value_text(value)!r}"]
+    if (inspect.isfunction(value) and _users(value)) or _callable_object(value):
+        return [f"global {path}: {_dependency(value, seen, depth)}"]
+    if (inspect.ismodule(value) or inspect.isclass(value)) and _users_object(value) and id(value) not in followed:
+        followed.add(id(value))
+        parts: list[str] = []
+        for attr in attrs:
+            try:
+                sub = inspect.getattr_static(value, attr)
+            except AttributeError:
+                continue
+            if isinstance(sub, staticmethod | classmethod):
+                sub = sub.__func__
+            parts += _global_parts(f"{path}.{attr}", sub, attrs, seen, depth, followed)
+        return parts
+    return []
 
 
 def _users(fn: Callable[..., Any]) -> bool:
     """A function of the user's, not of Python, torch or Triton (their versions are in the fingerprint)."""
     module = getattr(fn, "__module__", None) or ""
-    return module.partition(".")[0] not in {"triton", "torch", "numpy", "builtins", "functools", "math",
-                                            "typing", "tunevault"}
+    return module.partition(".")[0] not in _NOT_USERS
 
 
 def _dependency(value: Callable[..., Any], seen: set[int], depth: int) -> str:
     """A callable a user function reaches: its identity while within depth, else its name."""
-    if id(value) in seen or depth + 1 >= USER_CALLABLE_DEPTH or not inspect.isfunction(value) or not _users(value):
+    if id(value) in seen or depth + 1 >= USER_CALLABLE_DEPTH:
+        return _qualified(value)
+    if not (inspect.isfunction(value) and _users(value)) and not _callable_object(value):
         return _qualified(value)
     return callable_identity(value, seen, depth + 1)
 
@@ -377,24 +486,38 @@ def _ptxas_version(target: str) -> str | None:
         return None
 
 
+# Variables that change generated code without being in Triton's cache-invalidating list: Triton
+# turns them into compile options (debug, ptxas options) or code-generator behaviour.
+CODEGEN_ENV_VARS = ("TRITON_DEBUG", "PTXAS_OPTIONS", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")
+
+
 def _env_vars() -> tuple[tuple[str, str], ...]:
+    """Triton's cache-invalidating variables, and CODEGEN_ENV_VARS only where set (an unset
+    environment keeps the fingerprint it always had)."""
     try:
         from triton._C.libtriton import get_cache_invalidating_env_vars
 
-        env = get_cache_invalidating_env_vars()
+        env = {str(k): str(v) for k, v in get_cache_invalidating_env_vars().items() if v is not None}
     except Exception:
         return ()
-    return tuple(sorted((str(k), str(v)) for k, v in env.items() if v is not None))
+    env.update((name, value) for name in CODEGEN_ENV_VARS if (value := os.environ.get(name)))
+    return tuple(sorted(env.items()))
 
 
 def current_fingerprint(refresh: bool = False) -> Fingerprint:
-    """Where decisions made in this process are valid; computed once per process."""
+    """Where decisions made in this process are valid. Cached under a snapshot of what can change
+    while the process runs (the codegen environment, which ``triton.knobs`` setters write too, the
+    Triton version, the interpreter switch), so a process that sets ``knobs.language.fp32_default``
+    after its first tuning files later decisions under the new fingerprint. Read on every miss,
+    never on the hot path; the snapshot costs a read of a few environment variables."""
     global _FINGERPRINT
-    if _FINGERPRINT is not None and not refresh:
-        return _FINGERPRINT
+    env = _env_vars()
+    interp = interpreting()
+    snapshot = (env, triton.__version__, interp)
+    if _FINGERPRINT is not None and not refresh and _FINGERPRINT[0] == snapshot:
+        return _FINGERPRINT[1]
     import torch
 
-    interp = interpreting()
     target = "interpreter" if interp else _target()
     device = "cpu"
     if not interp:  # never initialise CUDA for the interpreter
@@ -408,9 +531,9 @@ def current_fingerprint(refresh: bool = False) -> Fingerprint:
     ptxas = None if interp else _ptxas_version(target)
     if ptxas:
         cuda = f"{cuda};ptxas={ptxas}"
-    _FINGERPRINT = Fingerprint(triton=triton.__version__, target=target, device=device, cuda=cuda,
-                               env=_env_vars())
-    return _FINGERPRINT
+    fingerprint = Fingerprint(triton=triton.__version__, target=target, device=device, cuda=cuda, env=env)
+    _FINGERPRINT = (snapshot, fingerprint)
+    return fingerprint
 
 
 def _tunevault_version() -> str:

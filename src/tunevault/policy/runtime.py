@@ -101,11 +101,13 @@ class Runtime:
 
     @property
     def fingerprint(self) -> Fingerprint:
-        if self._fingerprint is None:
-            from tunevault.core.identity import current_fingerprint
+        """This process's fingerprint now: it follows a codegen knob or variable set after the first
+        tuning (``current_fingerprint`` caches it under a snapshot of them). Read on misses only."""
+        if self._fingerprint is not None:  # pinned by whoever set it
+            return self._fingerprint
+        from tunevault.core.identity import current_fingerprint
 
-            self._fingerprint = current_fingerprint()
-        return self._fingerprint
+        return current_fingerprint()
 
     @property
     def store(self) -> Store:
