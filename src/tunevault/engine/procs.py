@@ -55,6 +55,10 @@ class WorkerProcess:
         self.eof = False
         self.idle = idle_timeout(env, warn=False)  # as last told: it exits after this
         self._send_lock = threading.Lock()  # import hints come from other threads than the session's
+        self.importing: str | None = None  # the hinted module it is importing now (worker.import_modules)
+        self.importing_since = 0.0
+        self.holding = False  # a session is open: import hints wait for its end (isolated.hint_imports)
+        self.deferred: list[str] = []  # the hints that wait
         for target in (self._read_events, self._read_stderr):
             threading.Thread(target=target, name=f"tunevault-worker-{self.pid}", daemon=True).start()
 
@@ -63,7 +67,11 @@ class WorkerProcess:
         try:
             for line in iter(self.proc.stdout.readline, b""):
                 event = self._unframe(line)
-                if event is not None:
+                if event is not None and event.get("ev") == "importing":  # progress, for no session
+                    module = event.get("module")
+                    self.importing = module if isinstance(module, str) else None
+                    self.importing_since = time.monotonic()
+                elif event is not None:
                     self.events.put(event)
         except (OSError, ValueError):
             pass
@@ -168,6 +176,10 @@ class WorkerProcess:
             event = self.next_event(left)
             if event.get("ev") in kinds:
                 return event
+
+    def stalled_importing(self, limit: float) -> bool:
+        """Importing a hinted module for more than ``limit`` seconds."""
+        return self.importing is not None and time.monotonic() - self.importing_since > limit
 
     def exit_reason(self) -> str:
         try:

@@ -223,7 +223,7 @@ class Worker:
         elif op == "prepare":
             prepare(bool(msg.get("context")))
         elif op == "import":
-            import_modules(msg.get("modules"))
+            import_modules(msg.get("modules"), self.emit)
         elif op == "path":
             from tunevault.engine.procs import append_path
 
@@ -268,10 +268,15 @@ def prepare(context: bool = False) -> None:
         pass  # the session will report whatever is wrong with the device
 
 
-def import_modules(names: Any) -> None:
-    """Import the kernels' modules the server named, ahead of their first session (best effort)."""
+def import_modules(names: Any, emit: Any = None) -> None:
+    """Import the kernels' modules the server named, ahead of their first session (best effort).
+
+    Each import is announced (``importing``, then ``module: None`` after the last), so a server
+    whose worker stops answering knows which module's import stalled it and hints it no more."""
     for name in names if isinstance(names, list) else ():
         if isinstance(name, str) and name not in sys.modules:
+            if emit is not None:
+                emit(ev="importing", module=name)
             began = time.perf_counter()
             try:
                 importlib.import_module(name)
@@ -279,6 +284,8 @@ def import_modules(names: Any) -> None:
                 print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             print(f"tunevault worker: imported {name} in {time.perf_counter() - began:.2f}s", file=sys.stderr)
+    if emit is not None:
+        emit(ev="importing", module=None)
 
 
 def worker_fault(exc: ConfigRaised) -> bool:
