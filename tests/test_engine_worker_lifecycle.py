@@ -282,3 +282,14 @@ def test_a_worker_busy_in_a_hung_config_exits_when_its_server_is_killed(sqlite_u
         server.wait()
         if running(worker):
             os.killpg(worker, signal.SIGKILL)
+
+
+def test_a_worker_that_exits_when_idle_leaves_no_zombie(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that exits on its idle timeout was reaped only at the next tuning or at exit: it
+    stayed a zombie meanwhile."""
+    monkeypatch.setenv("TUNEVAULT_WORKER_IDLE", "1")
+    pid = tune_in_worker(sqlite_url)
+    deadline = time.monotonic() + 60  # it idles out after 1 s
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")  # reaped, not a zombie

@@ -77,6 +77,11 @@ class WorkerProcess:
             pass
         finally:
             self.events.put(None)
+        # Its output ends when it exits (idle, end of input, a crash): reap it now, or it stays a
+        # zombie until the next tuning looks at it. (A worker that closed its output and runs on
+        # is waited for here; poll() and the bounded waits of kill() and close() still work.)
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.wait()
 
     def _unframe(self, line: bytes) -> dict[str, Any] | None:
         """The event after the token (bytes before it are someone else's partial write), or None."""
