@@ -293,3 +293,16 @@ def test_a_worker_that_exits_when_idle_leaves_no_zombie(sqlite_url: str, monkeyp
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}")  # reaped, not a zombie
+
+
+def test_an_allow_list_set_after_the_worker_started_keeps_the_worker(sqlite_url: str) -> None:
+    """``warmup --allow-module`` sets ``$TUNEVAULT_ALLOW_MODULES`` after install() prestarted the
+    worker: that replaced it (a fresh start, 19 s on an H200 with a large library), though the
+    worker never reads the variable."""
+    from tunevault.capture.locate import allow_modules
+
+    pid = tune_in_worker(sqlite_url)
+    with allow_modules(["kernels_engine"]):
+        x, y = torch.randn(96), torch.randn(96)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+        assert isolated.worker_pid() == pid

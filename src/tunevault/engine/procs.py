@@ -285,11 +285,18 @@ def append_path(added: object) -> None:
     importlib.invalidate_caches()
 
 
+# Variables of ours a worker does not compute with: the idle timeout travels in each request, and
+# the allow list limits what the server imports from a manifest (`warmup --allow-module` sets it
+# after the worker was prestarted); the worker imports only the kernels and modules the server
+# sends, and never reads it.
+UNCOMPARED = frozenset({"TUNEVAULT_WORKER_IDLE", "TUNEVAULT_ALLOW_MODULES"})
+
+
 def comparable(env: dict[str, str]) -> dict[str, str]:
     """The part of a worker's environment that changes what it computes (not PYTEST_CURRENT_TEST...)."""
     keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH",
             "PATH")
-    return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
+    return {k: v for k, v in env.items() if k.startswith(keep) and k not in UNCOMPARED}
 
 
 def likely_device() -> int | None:
