@@ -389,29 +389,29 @@ class WorkerSession:
         return CandidateResult(index, self.specs[index], (), why[:500])
 
     def _run(self, mode: str, indices: Sequence[int]) -> dict[int, CandidateResult]:
-        """Run ``indices`` in the worker, resuming after each fault; WorkerStalled when the worker,
-        not a config, keeps it from running (no answer before any config starts, or no worker
-        can be had)."""
+        """Run ``indices`` in the worker, resuming after each fault (a worker that stalls is replaced);
+        WorkerStalled when in the end the worker, not a config, kept them from running (it did not
+        begin the run, or no worker could be had, until the strikes or the deadline ran out)."""
         pending, strikes, last = list(indices), 0, ""
         out: dict[int, CandidateResult] = {}
-        unstarted = 0  # failures in a row to get a worker at all
+        stuck = 0  # failures in a row of the worker itself: not started, or not beginning the run
         while pending and strikes < 3 and self._left() > 0:
             try:
                 w = self._ready()
                 w.send({"op": "run", "sid": self.sid, "mode": mode, "configs": pending,
                         "idle": idle_timeout(), "reference": self.reference if mode == "validate" else None})
             except (WorkerDied, IsolationUnavailable) as exc:
-                strikes, last, unstarted = strikes + 1, str(exc), unstarted + 1
+                strikes, last, stuck = strikes + 1, f"no worker could be had: {exc}", stuck + 1
                 continue
-            unstarted = 0
-            progressed, last = self._collect(w, pending, out, mode)
+            progressed, last, began = self._collect(w, pending, out, mode)
+            stuck = 0 if began else stuck + 1
             strikes = 0 if progressed else strikes + 1
             if self.raised is not None:
                 index, error = self.raised
                 raise TuningError(f"{self.target}: config #{index} {self.specs[index].describe()} raised "
                                   f"{error} in the tuning worker; stock Triton raises it from the call")
-        if pending and unstarted:
-            raise WorkerStalled(f"no worker could be had: {last}", dict(self.faulted))
+        if pending and stuck:
+            raise WorkerStalled(last, dict(self.faulted))
         why = f"worker keeps failing: {last}"
         if self._left() <= 0:
             why = "timeout: tuning exceeded tune_timeout"
@@ -420,8 +420,9 @@ class WorkerSession:
         return out
 
     def _collect(self, w: WorkerProcess, pending: list[int], out: dict[int, CandidateResult],
-                 mode: str) -> tuple[bool, str]:
-        """Read events until done or a fault: (whether some config finished, what went wrong).
+                 mode: str) -> tuple[bool, str, bool]:
+        """Read events until done or a fault: (whether some config finished, what went wrong,
+        whether the worker began the run at all).
 
         Validating, the first config that passes is the reference from the moment its result
         arrives: a worker that replaces one killed later in the batch compares with it too.
@@ -440,16 +441,15 @@ class WorkerSession:
             except queue.Empty:
                 retire(kill=True)
                 what = "tune_timeout" if limit < budget else "config_timeout"
-                if not heard and limit >= budget:  # it never began the run: a stall of its own
-                    raise WorkerStalled(f"the worker did not begin the run within {limit:.1f}s",
-                                        dict(self.faulted)) from None
+                if not heard:  # it never began the run: a stall of its own, no config's
+                    return False, f"the worker did not begin the run within {limit:.1f}s", False
                 if current is not None:
                     out[current] = self.faulted[current] = self._fail(
                         current, f"timeout: no result within {used + limit:.1f}s ({what}); worker replaced")
                     pending.remove(current)
                     log.warning("tunevault: %s: config %s hung in the worker; killed it after %.1fs",
                                 self.target, self.specs[current].describe(), used + limit)
-                return current is not None or progressed, f"no answer within {limit:.1f}s"
+                return current is not None or progressed, f"no answer within {limit:.1f}s", True
             except WorkerDied:
                 reason = w.exit_reason()
                 retire(kill=True)
@@ -459,7 +459,7 @@ class WorkerSession:
                     pending.remove(current)
                     log.warning("tunevault: %s: config %s killed the tuning worker (%s); continuing "
                                 "without it", self.target, self.specs[current].describe(), reason)
-                return current is not None or progressed, f"worker died ({reason})"
+                return current is not None or progressed, f"worker died ({reason})", heard
             if current is not None:
                 spent[current] = used + time.monotonic() - began
             heard = True
@@ -480,7 +480,7 @@ class WorkerSession:
                 for i in list(pending):
                     out[i] = self._fail(i, why)
                 pending.clear()
-                return True, ""
+                return True, "", True
 
     def _result(self, ev: dict[str, Any]) -> CandidateResult:
         index, timings, error = ev["index"], ev.get("timings") or [], ev.get("error")
