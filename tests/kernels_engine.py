@@ -44,6 +44,8 @@ def kill_in_worker_on_third_run(nargs: dict) -> None:
 
 def hang_in_worker(nargs: dict) -> None:
     if in_worker():
+        if GATE_DIR_VAR in os.environ:  # tell the test the worker hangs now
+            open(os.path.join(os.environ[GATE_DIR_VAR], "hanging"), "w").close()
         time.sleep(600)
 
 

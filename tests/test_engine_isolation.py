@@ -259,3 +259,67 @@ def test_unused_prestarted_worker_goes_with_uninstall_and_prestart_can_be_off(
     tunevault.install(mode="tune", store=sqlite_url, isolate=True)
     assert not [t for t in threading.enumerate() if t.name == "tunevault-prestart"]
     assert isolated.worker_pid() is None  # started only when a key needs tuning
+
+
+STALLS = '''
+import os
+import time
+
+if os.environ.get("TUNEVAULT_WORKER") == "1":
+    time.sleep(600)  # e.g. waits for peers only a fresh process contends for
+'''
+
+
+def test_a_hinted_module_that_stalls_in_the_worker_never_fails_a_key(sqlite_url: str, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module hinted to the worker while a session was open was imported between the session's
+    requests: its import stalled the next one, and every config failed as a timeout (a TuningError
+    reached the caller). Hints wait for the session's end; a worker stalled on one is replaced, the
+    key tunes in process, and the module is hinted no more."""
+    (tmp_path / "stalls_in_worker.py").write_text(STALLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(ke.GATE_DIR_VAR, str(tmp_path))
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False, validate=True,
+                      config_timeout=5, tune_timeout=60)
+    x, y = torch.randn(64), torch.randn(64)
+    results: list[bool] = []
+    tuning = threading.Thread(target=lambda: results.append(bool(torch.equal(ke.run_add(ke.add_gated, x, y), x + y))))
+    tuning.start()
+    while isolated.worker_pid() is None or not isolated._worker.opened:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    isolated.hint_imports(["stalls_in_worker"])  # mid-session; config 0 waits for the gate
+    (tmp_path / "open").touch()
+    tuning.join(timeout=120)
+    assert results == [True]
+    for n in (96, 128):  # the first meets the worker stalled on the import; the second a fresh one
+        a, b = torch.randn(n), torch.randn(n)
+        assert torch.equal(ke.run_add(ke.add_gated, a, b), a + b)
+    where = [dict(d.provenance)["tuned_in"] for (k, _), d in runtime().used.items() if k.endswith("add_gated")]
+    assert "stalls_in_worker" not in isolated._hinted
+    assert sorted(where) == ["process", "worker", "worker"]
+
+
+
+def test_a_worker_that_does_not_begin_a_run_is_replaced_and_the_key_tunes_in_a_fresh_one(
+        sqlite_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stalled between a session's requests (on an import sent to it directly) is a
+    stalled worker: replaced after config_timeout; the key goes on in a fresh worker (in process
+    only once no worker begins the run)."""
+    (tmp_path / "stalls_in_worker.py").write_text(STALLS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(ke.GATE_DIR_VAR, str(tmp_path))
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False, validate=True,
+                      config_timeout=5, tune_timeout=60)
+    x, y = torch.randn(64), torch.randn(64)
+    results: list[bool] = []
+    tuning = threading.Thread(target=lambda: results.append(bool(torch.equal(ke.run_add(ke.add_gated, x, y), x + y))))
+    tuning.start()
+    while isolated.worker_pid() is None or not isolated._worker.opened:  # type: ignore[union-attr]
+        time.sleep(0.02)
+    first = isolated.worker_pid()
+    isolated._worker.send({"op": "import", "modules": ["stalls_in_worker"]})  # type: ignore[union-attr]
+    (tmp_path / "open").touch()
+    tuning.join(timeout=120)
+    assert results == [True]
+    assert dict(decision_for(ke.add_gated).provenance)["tuned_in"] == "worker"
+    assert isolated.worker_pid() not in (None, first)

@@ -4,6 +4,8 @@ starts, and exits as soon as the warmup ends (real worker subprocesses throughou
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,7 +17,7 @@ import torch
 
 import kernels_engine as ke
 import tunevault
-from conftest import gone
+from conftest import gone, subprocess_env
 from tunevault.capture import manifest as mf
 from tunevault.core.model import TuningKey
 from tunevault.engine import isolated
@@ -228,3 +230,79 @@ def test_a_directory_appended_to_sys_path_is_told_to_the_worker_not_a_reason_to_
     x, y = torch.randn(303), torch.randn(303)
     assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
     assert isolated.worker_pid() not in (None, pid)
+
+
+KILLED_SERVER = """
+import sys, threading, time
+import torch
+import kernels_engine as ke
+import tunevault
+from tunevault.engine import isolated
+
+tunevault.install(mode="tune", store=sys.argv[1], isolate=True, prestart=False, config_timeout=600,
+                  tune_timeout=900)
+threading.Thread(target=ke.run_add, args=(ke.add_hang, torch.randn(64), torch.randn(64)), daemon=True).start()
+while isolated._worker is None or not isolated._worker.opened:
+    time.sleep(0.05)
+print(isolated._worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's zombie waits for whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_a_worker_busy_in_a_hung_config_exits_when_its_server_is_killed(sqlite_url: str, tmp_path: Path) -> None:
+    """The worker reads its input only between requests, and runs in a session of its own: a
+    server killed outright while a config hung in it left it running for good (holding its CUDA
+    context on a GPU). It watches its parent and exits."""
+    server = subprocess.Popen([sys.executable, "-c", KILLED_SERVER, sqlite_url], stdout=subprocess.PIPE,
+                              text=True, env=subprocess_env(**{ke.GATE_DIR_VAR: str(tmp_path)}))
+    assert server.stdout is not None
+    worker = int(server.stdout.readline())
+    try:
+        while not (tmp_path / "hanging").exists():  # the config hangs: the worker reads no input now
+            assert running(worker)
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        deadline = time.monotonic() + 60  # generous: it exits within about a second
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(worker)
+    finally:
+        server.kill()
+        server.wait()
+        if running(worker):
+            os.killpg(worker, signal.SIGKILL)
+
+
+def test_a_worker_that_exits_when_idle_leaves_no_zombie(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that exits on its idle timeout was reaped only at the next tuning or at exit: it
+    stayed a zombie meanwhile."""
+    monkeypatch.setenv("TUNEVAULT_WORKER_IDLE", "1")
+    pid = tune_in_worker(sqlite_url)
+    deadline = time.monotonic() + 60  # it idles out after 1 s
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")  # reaped, not a zombie
+
+
+def test_an_allow_list_set_after_the_worker_started_keeps_the_worker(sqlite_url: str) -> None:
+    """``warmup --allow-module`` sets ``$TUNEVAULT_ALLOW_MODULES`` after install() prestarted the
+    worker: that replaced it (a fresh start, 19 s on an H200 with a large library), though the
+    worker never reads the variable."""
+    from tunevault.capture.locate import allow_modules
+
+    pid = tune_in_worker(sqlite_url)
+    with allow_modules(["kernels_engine"]):
+        x, y = torch.randn(96), torch.randn(96)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+        assert isolated.worker_pid() == pid

@@ -13,6 +13,10 @@ config's call, so each place that catches errors can tell the two apart.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunevault.core.model import CandidateResult
 
 
 class ConfigRaised(Exception):
@@ -25,6 +29,17 @@ class ConfigRaised(Exception):
 
     def describe(self) -> str:
         return f"{type(self.error).__name__}: {self.error}"[:500]
+
+
+class WorkerStalled(RuntimeError):
+    """Mid-tuning, the isolated worker stopped answering before any config ran (stalled on an
+    import, or no worker could be started): no config's fault, so the key tunes in process with
+    a fresh ``tune_timeout`` (engine.tuner.measure), except the configs in ``faulted``, which
+    already crashed or hung the worker (their failed results)."""
+
+    def __init__(self, message: str, faulted: dict[int, CandidateResult]) -> None:
+        super().__init__(message)
+        self.faulted = faulted
 
 
 def losing_errors() -> tuple[type[Exception], ...]:

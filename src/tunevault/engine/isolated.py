@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec, TuningError
+from tunevault.engine.failures import WorkerStalled
 from tunevault.engine.procs import (
     Unencodable,
     WorkerDied,
@@ -131,7 +132,9 @@ def _adopt(w: WorkerProcess) -> None:
 
 def hint_imports(modules: Iterable[str]) -> None:
     """Have the worker import ``modules`` (kernels' modules) before their first session; never blocks
-    on a session, and a worker started later imports them first thing."""
+    on a session, and a worker started later imports them first thing. While a session is open
+    they wait for its end: the worker handles requests one by one, and the session must not wait
+    behind an import (one that stalls in a fresh process would stall the session)."""
     from tunevault.engine.hints import importable
 
     with _hint_lock:
@@ -141,10 +144,39 @@ def hint_imports(modules: Iterable[str]) -> None:
         _hinted.update(dict.fromkeys(new))
         w = _worker
         log.debug("tunevault: the worker (%s) will import %s", "running" if w is not None else "not started", new)
-        if w is not None and w.alive():
-            w.follow_path(import_path())  # a module may live in a directory the server added since
-            with contextlib.suppress(WorkerDied):
-                w.send({"op": "import", "modules": new})
+        if w is not None and w.alive() and w.holding:
+            w.deferred.extend(new)
+        elif w is not None and w.alive():
+            _send_hints(w, new)
+
+
+def _send_hints(w: WorkerProcess, modules: list[str]) -> None:
+    w.follow_path(import_path())  # a module may live in a directory the server added since
+    with contextlib.suppress(WorkerDied):
+        w.send({"op": "import", "modules": modules})
+
+
+def _hold_hints(w: WorkerProcess, hold: bool) -> None:
+    """A session opens on ``w`` (hints wait) or ends (the waiting ones go now, of those still wanted)."""
+    with _hint_lock:
+        w.holding = hold
+        if hold:
+            return
+        waiting = [m for m in w.deferred if m in _hinted]
+        w.deferred = []
+        if waiting and w.alive():
+            _send_hints(w, waiting)
+
+
+def _drop_stalled_hint(w: WorkerProcess) -> None:
+    """``w`` is killed for not answering: a module it was importing for a hint is hinted no more
+    (every fresh worker would stall on it first thing). Its kernels' own sessions still import it."""
+    module = w.importing
+    if module is not None:
+        with _hint_lock:
+            _hinted.pop(module, None)
+        log.warning("tunevault: the tuning worker stalled importing %s, a module the server imported; "
+                    "workers no longer import it ahead of its kernels' tuning", module)
 
 
 def _watch(w: WorkerProcess) -> None:
@@ -230,6 +262,8 @@ def retire(kill: bool = False) -> None:
     global _worker
     with _lock:
         if _worker is not None:
+            if kill:
+                _drop_stalled_hint(_worker)
             _worker.kill() if kill else _worker.close()
             _worker = None
 
@@ -284,6 +318,7 @@ class WorkerSession:
         self.reference: int | None = None
         self.locked = False
         self.raised: tuple[int, str] | None = None  # a config's error stock lets reach the caller
+        self.faulted: dict[int, CandidateResult] = {}  # configs that crashed or hung the worker
 
     def _left(self) -> float:
         return self.deadline - time.monotonic()
@@ -303,9 +338,10 @@ class WorkerSession:
         try:
             w = _acquire_worker(self.env, max(1.0, self._left()), first)
             if self.sid not in w.opened:
+                _hold_hints(w, True)
                 w.send({"op": "open", "sid": self.sid, "kernel": self.target, "digest": self.digest,
                         "callspec": self.callspec, "idle": idle_timeout()})
-                ev = w.wait_for(("opened", "fatal"), min(self._left(), START_TIMEOUT))
+                ev = self._await_open(w)
                 if ev["ev"] == "fatal":
                     raise IsolationUnavailable(ev.get("message", "the worker refused the kernel"))
                 w.opened.add(self.sid)
@@ -314,17 +350,31 @@ class WorkerSession:
             raise IsolationUnavailable(f"its call cannot be sent to the worker ({exc})") from exc
         except (WorkerDied, queue.Empty) as exc:
             retire(kill=True)
-            reason = f"the worker did not start: {exc or 'timed out'}"
+            reason = f"the worker did not start: {str(exc) or 'no answer in time'}"
             raise IsolationUnavailable(reason) if first else WorkerDied(reason) from exc
+
+    def _await_open(self, w: WorkerProcess) -> dict[str, Any]:
+        """The answer to "open" (its import of the kernel may take long); ``queue.Empty`` once it
+        is late, or as soon as an import hinted before it has stalled the worker ``config_timeout``."""
+        end = time.monotonic() + min(self._left(), START_TIMEOUT)
+        while True:
+            try:
+                return w.wait_for(("opened", "fatal"), max(0.0, min(1.0, end - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= end or w.stalled_importing(self.config_timeout):
+                    raise
 
     def precompile(self, indices: Sequence[int]) -> None:
         try:
             w = self._ready()
             from tunevault.engine.context import compile_cores
 
-            w.send({"op": "precompile", "sid": self.sid, "configs": list(indices),
-                    "threads": min(16, compile_cores())})  # the worker shares this process's cores
-            w.wait_for(("precompiled",), max(0.0, min(self._left(), self.config_timeout * len(indices))))
+            threads = min(16, compile_cores())  # the worker shares this process's cores
+            w.send({"op": "precompile", "sid": self.sid, "configs": list(indices), "threads": threads})
+            # Every compile gets config_timeout, in rounds of `threads`; and at most half the time
+            # left, so a worker stalled here leaves the runs (which compile too) time to go on.
+            rounds = math.ceil(len(indices) / max(1, threads))
+            w.wait_for(("precompiled",), max(0.0, min(self._left() / 2, self.config_timeout * rounds)))
         except (WorkerDied, queue.Empty) as exc:  # best effort: the per-config runs will compile
             log.debug("tunevault: precompile in the worker failed (%s); replacing it", exc)
             retire(kill=True)
@@ -339,22 +389,29 @@ class WorkerSession:
         return CandidateResult(index, self.specs[index], (), why[:500])
 
     def _run(self, mode: str, indices: Sequence[int]) -> dict[int, CandidateResult]:
+        """Run ``indices`` in the worker, resuming after each fault (a worker that stalls is replaced);
+        WorkerStalled when in the end the worker, not a config, kept them from running (it did not
+        begin the run, or no worker could be had, until the strikes or the deadline ran out)."""
         pending, strikes, last = list(indices), 0, ""
         out: dict[int, CandidateResult] = {}
+        stuck = 0  # failures in a row of the worker itself: not started, or not beginning the run
         while pending and strikes < 3 and self._left() > 0:
             try:
                 w = self._ready()
                 w.send({"op": "run", "sid": self.sid, "mode": mode, "configs": pending,
                         "idle": idle_timeout(), "reference": self.reference if mode == "validate" else None})
             except (WorkerDied, IsolationUnavailable) as exc:
-                strikes, last = strikes + 1, str(exc)
+                strikes, last, stuck = strikes + 1, f"no worker could be had: {exc}", stuck + 1
                 continue
-            progressed, last = self._collect(w, pending, out, mode)
+            progressed, last, began = self._collect(w, pending, out, mode)
+            stuck = 0 if began else stuck + 1
             strikes = 0 if progressed else strikes + 1
             if self.raised is not None:
                 index, error = self.raised
                 raise TuningError(f"{self.target}: config #{index} {self.specs[index].describe()} raised "
                                   f"{error} in the tuning worker; stock Triton raises it from the call")
+        if pending and stuck:
+            raise WorkerStalled(last, dict(self.faulted))
         why = f"worker keeps failing: {last}"
         if self._left() <= 0:
             why = "timeout: tuning exceeded tune_timeout"
@@ -363,15 +420,16 @@ class WorkerSession:
         return out
 
     def _collect(self, w: WorkerProcess, pending: list[int], out: dict[int, CandidateResult],
-                 mode: str) -> tuple[bool, str]:
-        """Read events until done or a fault: (whether some config finished, what went wrong).
+                 mode: str) -> tuple[bool, str, bool]:
+        """Read events until done or a fault: (whether some config finished, what went wrong,
+        whether the worker began the run at all).
 
         Validating, the first config that passes is the reference from the moment its result
         arrives: a worker that replaces one killed later in the batch compares with it too.
 
         A config announced several times (each run of a CPU batch) has ``config_timeout`` for all
         of its runs together, as when it runs alone."""
-        current, progressed = None, False
+        current, progressed, heard = None, False, False
         spent: dict[int, float] = {}  # seconds each config has run in this worker so far
         while True:
             used = spent.get(current, 0.0) if current is not None else 0.0
@@ -383,24 +441,28 @@ class WorkerSession:
             except queue.Empty:
                 retire(kill=True)
                 what = "tune_timeout" if limit < budget else "config_timeout"
+                if not heard:  # it never began the run: a stall of its own, no config's
+                    return False, f"the worker did not begin the run within {limit:.1f}s", False
                 if current is not None:
-                    out[current] = self._fail(current, f"timeout: no result within {used + limit:.1f}s "
-                                              f"({what}); worker replaced")
+                    out[current] = self.faulted[current] = self._fail(
+                        current, f"timeout: no result within {used + limit:.1f}s ({what}); worker replaced")
                     pending.remove(current)
                     log.warning("tunevault: %s: config %s hung in the worker; killed it after %.1fs",
                                 self.target, self.specs[current].describe(), used + limit)
-                return current is not None or progressed, f"no answer within {limit:.1f}s"
+                return current is not None or progressed, f"no answer within {limit:.1f}s", True
             except WorkerDied:
                 reason = w.exit_reason()
                 retire(kill=True)
                 if current is not None:
-                    out[current] = self._fail(current, f"worker died ({reason}) while running this config")
+                    out[current] = self.faulted[current] = self._fail(
+                        current, f"worker died ({reason}) while running this config")
                     pending.remove(current)
                     log.warning("tunevault: %s: config %s killed the tuning worker (%s); continuing "
                                 "without it", self.target, self.specs[current].describe(), reason)
-                return current is not None or progressed, f"worker died ({reason})"
+                return current is not None or progressed, f"worker died ({reason})", heard
             if current is not None:
                 spent[current] = used + time.monotonic() - began
+            heard = True
             kind = ev.get("ev")
             if kind == "start":  # index None: every config of a batch has run once
                 current = ev.get("index") if ev.get("index") in pending else None
@@ -418,7 +480,7 @@ class WorkerSession:
                 for i in list(pending):
                     out[i] = self._fail(i, why)
                 pending.clear()
-                return True, ""
+                return True, "", True
 
     def _result(self, ev: dict[str, Any]) -> CandidateResult:
         index, timings, error = ev["index"], ev.get("timings") or [], ev.get("error")
@@ -444,6 +506,8 @@ class WorkerSession:
             with contextlib.suppress(WorkerDied):
                 w.send({"op": "close", "sid": self.sid})
             w.opened.discard(self.sid)
+        if w is not None and w.holding:
+            _hold_hints(w, False)  # the imports hinted meanwhile go now, after the close
         if _retire_when_free and w is not None and not w.opened:  # warmup ended during this session
             _retire_when_free = False
             retire()

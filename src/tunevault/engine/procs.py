@@ -55,6 +55,10 @@ class WorkerProcess:
         self.eof = False
         self.idle = idle_timeout(env, warn=False)  # as last told: it exits after this
         self._send_lock = threading.Lock()  # import hints come from other threads than the session's
+        self.importing: str | None = None  # the hinted module it is importing now (worker.import_modules)
+        self.importing_since = 0.0
+        self.holding = False  # a session is open: import hints wait for its end (isolated.hint_imports)
+        self.deferred: list[str] = []  # the hints that wait
         for target in (self._read_events, self._read_stderr):
             threading.Thread(target=target, name=f"tunevault-worker-{self.pid}", daemon=True).start()
 
@@ -63,12 +67,21 @@ class WorkerProcess:
         try:
             for line in iter(self.proc.stdout.readline, b""):
                 event = self._unframe(line)
-                if event is not None:
+                if event is not None and event.get("ev") == "importing":  # progress, for no session
+                    module = event.get("module")
+                    self.importing = module if isinstance(module, str) else None
+                    self.importing_since = time.monotonic()
+                elif event is not None:
                     self.events.put(event)
         except (OSError, ValueError):
             pass
         finally:
             self.events.put(None)
+        # Its output ends when it exits (idle, end of input, a crash): reap it now, or it stays a
+        # zombie until the next tuning looks at it. (A worker that closed its output and runs on
+        # is waited for here; poll() and the bounded waits of kill() and close() still work.)
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.wait()
 
     def _unframe(self, line: bytes) -> dict[str, Any] | None:
         """The event after the token (bytes before it are someone else's partial write), or None."""
@@ -169,6 +182,10 @@ class WorkerProcess:
             if event.get("ev") in kinds:
                 return event
 
+    def stalled_importing(self, limit: float) -> bool:
+        """Importing a hinted module for more than ``limit`` seconds."""
+        return self.importing is not None and time.monotonic() - self.importing_since > limit
+
     def exit_reason(self) -> str:
         try:
             rc = self.proc.wait(timeout=2)
@@ -268,11 +285,18 @@ def append_path(added: object) -> None:
     importlib.invalidate_caches()
 
 
+# Variables of ours a worker does not compute with: the idle timeout travels in each request, and
+# the allow list limits what the server imports from a manifest (`warmup --allow-module` sets it
+# after the worker was prestarted); the worker imports only the kernels and modules the server
+# sends, and never reads it.
+UNCOMPARED = frozenset({"TUNEVAULT_WORKER_IDLE", "TUNEVAULT_ALLOW_MODULES"})
+
+
 def comparable(env: dict[str, str]) -> dict[str, str]:
     """The part of a worker's environment that changes what it computes (not PYTEST_CURRENT_TEST...)."""
     keep = ("PYTHONPATH", "CUDA_", "HIP_", "ROCR_", "TRITON_", "TORCH", "TUNEVAULT_", "LD_LIBRARY_PATH",
             "PATH")
-    return {k: v for k, v in env.items() if k.startswith(keep) and k != "TUNEVAULT_WORKER_IDLE"}
+    return {k: v for k, v in env.items() if k.startswith(keep) and k not in UNCOMPARED}
 
 
 def likely_device() -> int | None:

@@ -7,13 +7,14 @@ warning, for kernels a fresh process cannot import.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine import context
-from tunevault.engine.failures import ConfigRaised
+from tunevault.engine.failures import ConfigRaised, WorkerStalled
 from tunevault.engine.gpu_timing import MemoryProbe
 from tunevault.engine.inprocess import InProcessSession
 from tunevault.engine.search import search
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from tunevault.core.events import Stats
     from tunevault.core.kernel_state import KernelState
     from tunevault.engine.isolated import WorkerSession
+
+
+log = logging.getLogger("tunevault")
 
 
 class TuningSettings(Protocol):
@@ -140,10 +144,28 @@ def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, A
                                    {i: s for i, _, s in candidates}, counted, deadline)
     confidence = settings.confidence
     raised: Exception | None = None
+    specs = {i: s for i, _, s in candidates}
+
+    def run(order: list[int]) -> tuple[list[CandidateResult], list[tuple[str, Any]]]:
+        assert session is not None
+        return search(session, order, specs, settings.tolerance, settings.validate,
+                      has_own_benchmarker(st.autotuner), confidence)
+
     try:
-        results, notes = search(session, [i for i, _, _ in candidates], {i: s for i, _, s in candidates},
-                                settings.tolerance, settings.validate, has_own_benchmarker(st.autotuner),
-                                confidence)
+        try:
+            results, notes = run([i for i, _, _ in candidates])
+        except WorkerStalled as exc:  # the worker's fault, not a config's: tune here (docs/engine.md)
+            session.close()
+            log.warning("tunevault: %s: the tuning worker stalled (%s); tuning this key in this process, "
+                        "without the %d config(s) that crashed or hung the worker", name, exc, len(exc.faulted))
+            session = InProcessSession(st.autotuner, args, kwargs,
+                                       {i: c for i, c, _ in candidates if i not in exc.faulted},
+                                       {i: s for i, _, s in candidates if i not in exc.faulted}, counted,
+                                       time.monotonic() + settings.tune_timeout)
+            rest, notes = run([i for i, _, _ in candidates if i not in exc.faulted])
+            by_index = {r.index: r for r in rest} | exc.faulted
+            results = [by_index[i] for i, _, _ in candidates]
+            notes = [*notes, ("worker_stalled", str(exc)[:200])]
     except ConfigRaised as exc:  # a config's error that stock Triton lets reach the caller
         raised = exc.error
     finally:

@@ -9,11 +9,13 @@ It imports the kernel by ``module:qualname``, checks it is the kernel
 the server asked for, rebuilds the arguments from a CallSpec and runs the engine's stages on
 them. Each config is announced before it runs, so when this process dies the server knows
 which config killed it. It exits on end of input, after ``TUNEVAULT_WORKER_IDLE`` idle
-seconds, or after a sticky device error, so it never holds device memory for long.
+seconds, after a sticky device error, or (whatever it is running) within a fraction of a second
+of its server's death, so it never holds device memory for long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import importlib
@@ -221,7 +223,7 @@ class Worker:
         elif op == "prepare":
             prepare(bool(msg.get("context")))
         elif op == "import":
-            import_modules(msg.get("modules"))
+            import_modules(msg.get("modules"), self.emit)
         elif op == "path":
             from tunevault.engine.procs import append_path
 
@@ -266,10 +268,15 @@ def prepare(context: bool = False) -> None:
         pass  # the session will report whatever is wrong with the device
 
 
-def import_modules(names: Any) -> None:
-    """Import the kernels' modules the server named, ahead of their first session (best effort)."""
+def import_modules(names: Any, emit: Any = None) -> None:
+    """Import the kernels' modules the server named, ahead of their first session (best effort).
+
+    Each import is announced (``importing``, then ``module: None`` after the last), so a server
+    whose worker stops answering knows which module's import stalled it and hints it no more."""
     for name in names if isinstance(names, list) else ():
         if isinstance(name, str) and name not in sys.modules:
+            if emit is not None:
+                emit(ev="importing", module=name)
             began = time.perf_counter()
             try:
                 importlib.import_module(name)
@@ -277,6 +284,8 @@ def import_modules(names: Any) -> None:
                 print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             print(f"tunevault worker: imported {name} in {time.perf_counter() - began:.2f}s", file=sys.stderr)
+    if emit is not None:
+        emit(ev="importing", module=None)
 
 
 def worker_fault(exc: ConfigRaised) -> bool:
@@ -314,7 +323,26 @@ def release_memory() -> None:
         pass
 
 
+def watch_server(server: int, every: float = 0.2) -> None:
+    """Exit the moment the server (this process's parent, ``server``) is gone, whatever the main
+    thread is doing: it reads its input only between requests, so a config that hangs (or a slow
+    import) would otherwise leave this process running, holding its device memory, after a server
+    killed outright. A parent that dies makes this process a child of another (``getppid``
+    changes); its own process group (compiler subprocesses) goes with it. Not PR_SET_PDEATHSIG: that
+    follows the spawning *thread*, which may be a short-lived one (the server's prestart)."""
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(every)
+        with contextlib.suppress(OSError):
+            if os.getpgrp() == os.getpid():  # its own session (procs.spawn): take its subprocesses along
+                os.killpg(os.getpid(), signal.SIGKILL)
+        os._exit(4)
+
+    threading.Thread(target=watch, name="tunevault-watch-server", daemon=True).start()
+
+
 def main() -> int:
+    watch_server(os.getppid())
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything the kernel or a library prints must not corrupt the protocol
     faulthandler.enable()
