@@ -279,8 +279,6 @@ PRUNE_INPUT_CASES = {
     "helper_through_module": ("def limit():\n    return {v}\n", PRUNE_BY_LIMIT.format(limit="S.limit()"),
                                "prune", "1"),
     "global_tuple": ("", "LIMITS = ({v}, 8)\n" + PRUNE_BY_LIMIT.format(limit="LIMITS[0]"), "prune", "1"),
-    "global_list": ("", "LIMITS = [{v}, 8]\n" + PRUNE_BY_LIMIT.format(limit="LIMITS[0]"), "prune", "1"),
-    "global_dict": ("", "LIMITS = {{'max': {v}}}\n" + PRUNE_BY_LIMIT.format(limit="LIMITS['max']"), "prune", "1"),
     "global_frozenset": ("", "OK = frozenset({{16, {v}}})\n"
                           "def prune(configs, nargs, **kwargs):\n"
                           "    return [c for c in configs if c.kwargs['BLOCK'] in OK]\n", "prune", "1"),
@@ -386,6 +384,49 @@ kernels = [
                   make_closure())
 ]
 """
+
+
+MEMOISING_PRUNE = """
+import triton
+import triton.language as tl
+
+SEEN = {}  # a cache the prune function fills as the process runs
+CALLS = []
+
+
+def prune(configs, nargs, **kwargs):
+    SEEN.setdefault(nargs["n"], len(SEEN))
+    CALLS.append(nargs["n"])
+    return configs
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"],
+                 prune_configs_by={"early_config_prune": prune})
+@triton.jit
+def kernel(x_ptr, n, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32), mask=tl.arange(0, BLOCK) < n)
+"""
+
+
+def test_a_cache_a_prune_function_fills_leaves_the_identity_alone(tmp_path):
+    """A mutable container (list, dict, set) a prune function reads counts by its type only: its
+    contents may be a cache the process fills, and an identity that moved with it made a restarted
+    process, whose cache held other calls, tune every key again."""
+    import importlib
+
+    path = tmp_path / "tv_memoising_prune.py"
+    path.write_text(MEMOISING_PRUNE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mod = importlib.import_module("tv_memoising_prune")
+        before = kernel_id(mod.kernel).digest
+        forget_kernel_id(mod.kernel)
+        mod.SEEN.update({40: 0, 48: 1})
+        mod.CALLS.extend([40, 48, 40])
+        assert kernel_id(mod.kernel).digest == before
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tv_memoising_prune", None)
 
 
 def test_sets_a_prune_function_holds_hash_the_same_in_every_process(tmp_path):
@@ -632,6 +673,19 @@ def test_codegen_variables_outside_tritons_list_are_in_the_fingerprint_when_set(
     assert dict(changed.env)[var] == value and changed.digest != plain.digest
     monkeypatch.delenv(var)
     assert current_fingerprint(refresh=True) == plain
+
+
+@pytest.mark.parametrize("var, value", [("TRITON_DEBUG", "1"), ("PTXAS_OPTIONS", "-O1")])
+def test_the_cli_computes_the_fingerprint_the_runtime_files_decisions_under(tmp_path, var, value):
+    """Under the interpreter the CLI computes the fingerprint without torch (core.machine): it left
+    these variables out, so `check` called the keys a warmup had just stored missing."""
+    code = ("import json, sys; from tunevault.core.machine import this_machine; "
+            "from tunevault.core.identity import current_fingerprint; "
+            "print(json.dumps([this_machine().digest, current_fingerprint().digest]))")
+    env = {**os.environ, var: value, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    cli, runtime = json.loads(out.stdout.splitlines()[-1])
+    assert cli == runtime, out.stderr
 
 
 KNOB_MIDWAY = """

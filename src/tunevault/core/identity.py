@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import triton
 import triton.language as tl
 
+from tunevault.core.machine import codegen_env
 from tunevault.core.model import ConfigSpec, Fingerprint, JsonScalar, KernelId, canonical_json, digest
 
 if TYPE_CHECKING:
@@ -219,24 +220,27 @@ _NOT_USERS = frozenset({"triton", "torch", "numpy", "builtins", "functools", "ma
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:
-    """A container's contents as JSON that spells the same in every process: sets sorted by their
-    elements' canonical form (their iteration order follows ``PYTHONHASHSEED``), dict items sorted."""
+    """An immutable container's contents as JSON that spells the same in every process (a
+    frozenset sorted by its elements' canonical form: its iteration order follows
+    ``PYTHONHASHSEED``). A mutable one (list, dict, set) by its type only: it may be a cache or a
+    counter the process fills as it runs (a prune function memoising its answers), and an identity
+    that moves with it would make every restart tune again. Constants that decide pruning belong
+    in tuples and frozensets."""
     if depth >= _CONTAINER_DEPTH:
         return "<...>"
-    if isinstance(value, tuple | list):
-        return {type(value).__name__: [_canonical(v, depth + 1) for v in value]}
-    if isinstance(value, set | frozenset):
+    if isinstance(value, tuple):
+        return {"tuple": [_canonical(v, depth + 1) for v in value]}
+    if isinstance(value, frozenset):
         return {"set": sorted((_canonical(v, depth + 1) for v in value), key=canonical_json)}
-    if isinstance(value, dict):
-        items = [[_canonical(k, depth + 1), _canonical(v, depth + 1)] for k, v in value.items()]
-        return {"dict": sorted(items, key=canonical_json)}
+    if isinstance(value, list | set | dict):
+        return {"mutable": type(value).__name__}
     return json_scalar(value)
 
 
 def _value_text(value: Any) -> JsonScalar:
     """A value a user function reads (a default, a closure cell, a global): a scalar as
-    ``json_scalar`` spells it (so identities made before containers counted stay), a container by
-    its canonical contents, digested when long."""
+    ``json_scalar`` spells it (so identities made before containers counted stay), a container as
+    ``_canonical`` spells it, digested when long."""
     if not isinstance(value, tuple | list | set | frozenset | dict):
         return json_scalar(value)
     text = canonical_json(_canonical(value))
@@ -245,11 +249,11 @@ def _value_text(value: Any) -> JsonScalar:
 
 def _state(obj: Any) -> str:
     """An object's instance attributes: what a callable object's ``__call__`` or a bound method's
-    ``self`` may read besides its code."""
+    ``self`` may read besides its code (each as ``_value_text`` spells it: a cache by its type)."""
     attrs = getattr(obj, "__dict__", None)
     if not isinstance(attrs, dict) or inspect.ismodule(obj) or inspect.isclass(obj):
         return "{}"
-    return repr(_value_text({str(k): v for k, v in attrs.items()}))
+    return repr(sorted((str(k), _value_text(v)) for k, v in attrs.items()))
 
 
 def _users_object(obj: Any) -> bool:
@@ -488,22 +492,6 @@ def _ptxas_version(target: str) -> str | None:
 
 # Variables that change generated code without being in Triton's cache-invalidating list: Triton
 # turns them into compile options (debug, ptxas options) or code-generator behaviour.
-CODEGEN_ENV_VARS = ("TRITON_DEBUG", "PTXAS_OPTIONS", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")
-
-
-def _env_vars() -> tuple[tuple[str, str], ...]:
-    """Triton's cache-invalidating variables, and CODEGEN_ENV_VARS only where set (an unset
-    environment keeps the fingerprint it always had)."""
-    try:
-        from triton._C.libtriton import get_cache_invalidating_env_vars
-
-        env = {str(k): str(v) for k, v in get_cache_invalidating_env_vars().items() if v is not None}
-    except Exception:
-        return ()
-    env.update((name, value) for name in CODEGEN_ENV_VARS if (value := os.environ.get(name)))
-    return tuple(sorted(env.items()))
-
-
 def current_fingerprint(refresh: bool = False) -> Fingerprint:
     """Where decisions made in this process are valid. Cached under a snapshot of what can change
     while the process runs (the codegen environment, which ``triton.knobs`` setters write too, the
@@ -511,7 +499,7 @@ def current_fingerprint(refresh: bool = False) -> Fingerprint:
     after its first tuning files later decisions under the new fingerprint. Read on every miss,
     never on the hot path; the snapshot costs a read of a few environment variables."""
     global _FINGERPRINT
-    env = _env_vars()
+    env = codegen_env()
     interp = interpreting()
     snapshot = (env, triton.__version__, interp)
     if _FINGERPRINT is not None and not refresh and _FINGERPRINT[0] == snapshot:

@@ -141,18 +141,27 @@ def triton_version() -> str | None:
     return m.group(1) if m else None
 
 
-def _codegen_env() -> tuple[tuple[str, str], ...]:
-    """Triton's cache-invalidating variables, as Triton normalises them; imports Triton only if one may be set."""
-    maybe = [k for k in os.environ if k.startswith(_CODEGEN_PREFIXES) and k not in _NOT_CODEGEN]
+# Variables that change generated code outside Triton's own cache-invalidating list: part of the
+# fingerprint only where set (an unset environment keeps the fingerprint it always had).
+CODEGEN_ENV_VARS = ("TRITON_DEBUG", "PTXAS_OPTIONS", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")
+
+
+def codegen_env() -> tuple[tuple[str, str], ...]:
+    """Triton's cache-invalidating variables as Triton normalises them, and CODEGEN_ENV_VARS where
+    set: the fingerprint's env part, for this module and ``identity.current_fingerprint`` alike.
+    Imports Triton only if one may be set."""
+    maybe = [k for k in os.environ if (k.startswith(_CODEGEN_PREFIXES) and k not in _NOT_CODEGEN)
+             or k in CODEGEN_ENV_VARS]
     if not maybe and "triton" not in sys.modules:
         return ()
     try:
         from triton._C.libtriton import get_cache_invalidating_env_vars
 
-        env = get_cache_invalidating_env_vars()
+        env = {str(k): str(v) for k, v in get_cache_invalidating_env_vars().items() if v is not None}
     except Exception:
         return ()
-    return tuple(sorted((str(k), str(v)) for k, v in env.items() if v is not None))
+    env.update((name, value) for name in CODEGEN_ENV_VARS if (value := os.environ.get(name)))
+    return tuple(sorted(env.items()))
 
 
 def interpreting() -> bool:
@@ -177,7 +186,7 @@ def this_machine() -> Fingerprint:
         if build is not None and triton is not None:
             hip = build.get("hip")
             cuda = build.get("cuda") or (f"hip-{hip}" if hip else "none")
-            return Fingerprint(triton=triton, target="interpreter", device="cpu", cuda=cuda, env=_codegen_env())
+            return Fingerprint(triton=triton, target="interpreter", device="cpu", cuda=cuda, env=codegen_env())
     from tunevault.core.identity import current_fingerprint
 
     return current_fingerprint()
