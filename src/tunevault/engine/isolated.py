@@ -319,6 +319,7 @@ class WorkerSession:
         self.locked = False
         self.raised: tuple[int, str] | None = None  # a config's error stock lets reach the caller
         self.faulted: dict[int, CandidateResult] = {}  # configs that crashed or hung the worker
+        self.singly = False  # a batch was poisoned by a sticky device error: one config per run since
 
     def _left(self) -> float:
         return self.deadline - time.monotonic()
@@ -396,14 +397,16 @@ class WorkerSession:
         out: dict[int, CandidateResult] = {}
         stuck = 0  # failures in a row of the worker itself: not started, or not beginning the run
         while pending and strikes < 3 and self._left() > 0:
+            batch = pending[:1] if self.singly else list(pending)  # one at a time once a batch was poisoned
             try:
                 w = self._ready()
-                w.send({"op": "run", "sid": self.sid, "mode": mode, "configs": pending,
+                w.send({"op": "run", "sid": self.sid, "mode": mode, "configs": batch,
                         "idle": idle_timeout(), "reference": self.reference if mode == "validate" else None})
             except (WorkerDied, IsolationUnavailable) as exc:
                 strikes, last, stuck = strikes + 1, f"no worker could be had: {exc}", stuck + 1
                 continue
-            progressed, last, began = self._collect(w, pending, out, mode)
+            progressed, last, began = self._collect(w, batch, out, mode)
+            pending = [i for i in pending if i not in out]
             stuck = 0 if began else stuck + 1
             strikes = 0 if progressed else strikes + 1
             if self.raised is not None:
@@ -475,6 +478,13 @@ class WorkerSession:
                     self.reference = index
                 if isinstance(ev.get("raised"), str) and result.error is not None:
                     self.raised = (index, result.error)  # "done" follows: read up to it
+            elif kind == "poisoned":  # a sticky device error in a batch, blamed on no config
+                retire(kill=True)
+                if not self.singly:
+                    self.singly = True
+                    log.warning("tunevault: %s: a config left the tuning worker's device unusable; timing "
+                                "the configs one at a time to find it", self.target)
+                return True, "a config left the device unusable", True
             elif kind in ("done", "fatal"):
                 why = f"worker error: {ev.get('message')}" if kind == "fatal" else "the worker skipped it"
                 for i in list(pending):

@@ -182,6 +182,13 @@ class Worker:
                         break
         finally:
             session.on_setup = None
+        if len(indices) > 1 and any(r.error is not None and any(s in r.error for s in STICKY)
+                                    for r in results.values()):
+            # A sticky device error (an illegal memory access) surfaces at the next synchronisation,
+            # often in another config's timing, and every config after it fails alike: no config of
+            # a batch can be blamed. The server times them one at a time in fresh workers.
+            self.emit(ev="poisoned")
+            return False
         for index in indices:
             if index not in results:
                 continue  # the device died on another config: the server sends this one again
