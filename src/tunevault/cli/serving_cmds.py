@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -107,9 +108,20 @@ def cmd_check(args: argparse.Namespace) -> int:
                 title=f"{result.store}  [{fp.target} {fp.device} triton {fp.triton}]")
     missing = len(result.missing)
     print(f"{len(result.items) - missing}/{len(result.items)} keys decided"
-          + (f"; {missing} missing: run `tunevault warmup {args.manifest}`" if missing else ""))
+          + (f"; {missing} missing: run `{warmup_command(args)}`" if missing else ""))
     _explain(args, [i.reason for i in result.items], malformed)
     return damaged(result.store, damage) or (0 if result.ok and not malformed else 1)
+
+
+def warmup_command(args: argparse.Namespace) -> str:
+    """The warmup that fills what ``check`` found missing, with the options check was given (store,
+    import folders, allow list), quoted for a shell: without ``--store`` it would warm another store."""
+    argv = ["tunevault", *(["--store", args.store] if args.store else []), "warmup", args.manifest]
+    for folder in args.path:
+        argv += ["--path", folder]
+    for prefix in args.allow_module or []:
+        argv += ["--allow-module", prefix]
+    return shlex.join(argv)
 
 
 def probe_store(args: argparse.Namespace) -> None:
