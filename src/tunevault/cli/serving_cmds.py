@@ -83,14 +83,17 @@ def _key(item: WarmupItem | CheckItem) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from tunevault.capture.locate import allow_modules
     from tunevault.cli.doctor_cmd import damaged, store_damage
-    from tunevault.cli.store_cmds import open_cli_store, refuse_absent_store
+    from tunevault.cli.store_cmds import absent_default_store, open_cli_store, refuse_absent_store, store_url
     from tunevault.policy.check import check
 
     check_allow_list(args)
     entries, malformed = load_manifest(args)
     refuse_absent_store(args)  # before check() opens the store, which would create it
+    absent = absent_default_store(args)  # reads as empty: check() must not create the default file
     with allow_modules(args.allow_module):
-        result = check(entries, store=args.store)
+        result = check(entries, store="memory://" if absent else args.store)
+    if absent:
+        result.store = store_url(args)
     if result.store_error is not None:  # a deploy gate must tell "store down" (2) from "keys missing" (1)
         raise OSError(f"the store {result.store} cannot be read, so no key was checked: {result.store_error}")
     store = open_cli_store(args)
