@@ -228,7 +228,7 @@ def test_report_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["report", str(events), "--plot", str(tmp_path / "x.png")]) == 2
-    assert "pip install 'tunevault[plot]'" in capsys.readouterr().err
+    assert "pip install 'tunevault[plot]' (from a checkout: pip install -e '.[plot]')" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
