@@ -277,7 +277,10 @@ def _manifest_readers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p.add_argument("--path", action="append", default=[], metavar="DIR",
                        help="also import kernels from DIR (repeatable); the current directory is always searched")
         p.epilog = ("Exit status 1 if any key has no decision here or any line of the manifest is malformed "
-                    "(each is listed with its line number), 2 if the manifest holds no valid key.")
+                    "(each is listed with its line number), 2 if the manifest holds no valid key or the store "
+                    "cannot be opened or read (a --store path that does not exist included)"
+                    + ("; warmup also 2 when the store cannot hold decisions or --devices names a GPU not "
+                       "visible, and 130 on Ctrl-C." if name == "warmup" else "."))
 
 
 def load_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:
