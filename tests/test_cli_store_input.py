@@ -239,6 +239,23 @@ def test_a_reading_command_on_the_absent_default_store_creates_nothing(argv: lis
         assert "0/1 keys decided" in out
 
 
+def test_doctor_on_a_named_store_that_does_not_exist_is_exit_2(tmp_path: Path, capsys: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor said "no store file yet; nothing to check", exit 0, for a mistyped --store."""
+    typo = tmp_path / "typo.db"
+    code, out, err = cli(capsys, "--store", f"sqlite:///{typo}", "doctor")
+    assert code == 2 and out == "" and err.strip().splitlines() == [err.strip()]
+    assert f"no tuning store at {typo}" in err
+    assert code == cli(capsys, "--store", f"sqlite:///{typo}", "ls")[0]  # as every other command
+    monkeypatch.setenv("TUNEVAULT_STORE", f"sqlite:///{typo}")
+    assert cli(capsys, "doctor")[0] == 2
+    monkeypatch.delenv("TUNEVAULT_STORE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default store, absent on a fresh machine
+    code, out, _ = cli(capsys, "doctor")
+    assert code == 0 and "no store file yet; nothing to check" in out
+    assert not (tmp_path / "xdg").exists() and not typo.exists()
+
+
 def test_doctor_says_a_foreign_sqlite_file_is_not_a_tunevault_store(tmp_path: Path, capsys: Any) -> None:
     """doctor called a file with other tables, or a view named decisions, "sound" (exit 0)."""
     for name, ddl in (("foreign.db", "CREATE TABLE foo (x)"),
