@@ -36,7 +36,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         if BINARY is None:
             pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
-        pytest.importorskip("redis", reason="the redis package is missing (pip install 'tunevault[redis]')")
+        pytest.importorskip("redis", reason="the redis package is missing (from a checkout: pip install -e '.[redis]')")
         for _attempt in range(5):  # another process may take the free port before we bind it
             self.port = free_port()
             self.proc = subprocess.Popen(

@@ -158,3 +158,28 @@ def test_check_against_a_store_that_cannot_be_read_is_exit_2_not_keys_missing(
     finally:
         sys.path.remove(str(app))
     assert not result.ok and result.store_error and result.to_json()["store_error"] == result.store_error
+
+
+def test_checks_missing_hint_repeats_the_store_and_import_options(app: Path, tmp_path: Path, capsys: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 fresh_imports: None) -> None:
+    """The hint said `tunevault warmup M` without --store: run as printed, it warmed the default store."""
+    import shlex
+
+    folder = tmp_path / "a store"  # a space: the hint must be quoted for a shell
+    folder.mkdir()
+    store = f"sqlite:///{folder / 'prod.db'}"
+    open_store(store).close()
+    monkeypatch.chdir(tmp_path)  # not the application's folder: --path is needed
+    manifest = str(app / "keys.jsonl")
+    code, out, _ = run(capsys, "--store", store, "check", manifest, "--path", str(app),
+                       "--allow-module", APP_MODULE)
+    assert code == 1
+    hint = out.strip().splitlines()[-1].split("run `", 1)[1].rstrip("`")
+    argv = shlex.split(hint)
+    assert argv == ["tunevault", "--store", store, "warmup", manifest, "--path", str(app),
+                    "--allow-module", APP_MODULE]
+    code, out, err = run(capsys, *argv[1:])  # the hint, run as printed, fills the store check reads
+    assert code == 0 and "1 tuned" in out, out + err
+    code, out, _ = run(capsys, "--store", store, "check", manifest, "--path", str(app))
+    assert code == 0 and "1/1 keys decided" in out

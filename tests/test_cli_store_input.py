@@ -215,6 +215,47 @@ def test_a_reading_command_given_a_path_with_no_store_creates_nothing(argv: list
     assert not (tmp_path / "typo").exists()
 
 
+@pytest.mark.parametrize(("argv", "status"), [(["info"], 0), (["ls"], 0), (["show", "matmul"], 1),
+                                             (["export", "-"], 0), (["rm", "--all"], 0), (["check", "MANIFEST"], 1)])
+def test_a_reading_command_on_the_absent_default_store_creates_nothing(argv: list[str], status: int, tmp_path: Path,
+                                                                       capsys: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no --store and no TUNEVAULT_STORE, every reading command made the user-cache store file."""
+    monkeypatch.delenv("TUNEVAULT_STORE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    manifest = tmp_path / "keys.jsonl"
+    manifest.write_text(json.dumps({"format": "tunevault-manifest/1", "kernel": "tunevault.demo.kernels:scaled_add",
+                                    "key": [["n", 8]]}) + "\n")
+    argv = [str(manifest) if a == "MANIFEST" else a for a in argv]
+    code, out, err = cli(capsys, *argv)
+    assert code == status, out + err
+    assert not (tmp_path / "xdg").exists()
+    db = tmp_path / "xdg" / "tunevault" / "tunevault.db"
+    if argv[0] == "info":
+        assert f"store:       sqlite:///{db}" in out and "entries:     0 (0 for this machine)" in out
+    if argv[0] == "ls":
+        assert "0 decision(s) in" in out
+    if argv[0] == "check":
+        assert "0/1 keys decided" in out
+
+
+def test_doctor_on_a_named_store_that_does_not_exist_is_exit_2(tmp_path: Path, capsys: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor said "no store file yet; nothing to check", exit 0, for a mistyped --store."""
+    typo = tmp_path / "typo.db"
+    code, out, err = cli(capsys, "--store", f"sqlite:///{typo}", "doctor")
+    assert code == 2 and out == "" and err.strip().splitlines() == [err.strip()]
+    assert f"no tuning store at {typo}" in err
+    assert code == cli(capsys, "--store", f"sqlite:///{typo}", "ls")[0]  # as every other command
+    monkeypatch.setenv("TUNEVAULT_STORE", f"sqlite:///{typo}")
+    assert cli(capsys, "doctor")[0] == 2
+    monkeypatch.delenv("TUNEVAULT_STORE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the default store, absent on a fresh machine
+    code, out, _ = cli(capsys, "doctor")
+    assert code == 0 and "no store file yet; nothing to check" in out
+    assert not (tmp_path / "xdg").exists() and not typo.exists()
+
+
 def test_doctor_says_a_foreign_sqlite_file_is_not_a_tunevault_store(tmp_path: Path, capsys: Any) -> None:
     """doctor called a file with other tables, or a view named decisions, "sound" (exit 0)."""
     for name, ddl in (("foreign.db", "CREATE TABLE foo (x)"),

@@ -19,6 +19,7 @@ import kernels_engine as ke
 import tunevault
 from conftest import gone, subprocess_env
 from tunevault.capture import manifest as mf
+from tunevault.core.events import COUNTERS
 from tunevault.core.model import TuningKey
 from tunevault.engine import isolated
 
@@ -123,7 +124,8 @@ def test_the_prestarted_worker_imports_kernel_modules_as_the_server_imports_them
     importlib.import_module(name)  # the server goes on starting: it imports a library with kernels
     pids = imported_by(marks, name)
     assert pids == [isolated.worker_pid()] and os.getpid() not in pids
-    assert tunevault.stats()["kernels"] == {"total": {}}  # before any key was tuned
+    zeros = dict.fromkeys(COUNTERS, 0)  # before any key was tuned: both phases, every counter 0
+    assert tunevault.stats()["kernels"] == {"total": {"warmup": zeros, "serving": zeros}}
 
 
 def test_the_prestarted_worker_imports_the_modules_a_manifest_names(

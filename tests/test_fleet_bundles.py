@@ -89,6 +89,37 @@ def test_export_winners_only_needs_decisions_for_the_fingerprint(tmp_path: Path,
     assert main(["--store", url, "export", "--sign", str(tmp_path / "b.json")]) == 2  # no key anywhere
 
 
+def test_export_fingerprint_without_winners_only_is_refused(tmp_path: Path, tuned: tuple[str, dict],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Help says --fingerprint works "with --winners-only"; without it, a bundle was written silently."""
+    url, _ = tuned
+    out = tmp_path / "x.json"
+    digest = json.loads(_cli_out(capsys, "--store", url, "ls", "--json"))[0]["fingerprint_digest"]
+    capsys.readouterr()
+    assert main(["--store", url, "export", "--fingerprint", digest, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and "add --winners-only" in err
+    assert not out.exists()
+    assert main(["--store", url, "export", "--winners-only", "--fingerprint", digest[:12], str(out)]) == 0
+    assert len(load_bundle(out)[1]) == len(SIZES)
+
+
+def _cli_out(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_check_and_warmup_help_list_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    """The footers said nothing of an unreadable store (2) or warmup's Ctrl-C (130)."""
+    for command in ("check", "warmup"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "store cannot be opened or read" in text
+        assert ("130 on Ctrl-C" in text) == (command == "warmup")
+
+
 def test_diff_stores_and_bundles(tmp_path: Path, tuned: tuple[str, dict],
                                  capsys: pytest.CaptureFixture[str]) -> None:
     url, _ = tuned

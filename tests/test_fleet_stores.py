@@ -157,7 +157,8 @@ def test_redis_down_fails_fast_and_backs_off(rstore: Store, server: redis_server
 
 def test_missing_redis_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)  # as if the optional extra were not installed
-    with pytest.raises(StoreUnavailable, match=r"pip install 'tunevault\[redis\]'"):
+    with pytest.raises(StoreUnavailable, match=r"pip install 'tunevault\[redis\]' \(from a checkout: "
+                                               r"pip install -e '\.\[redis\]'\)"):
         open_store("redis://127.0.0.1:1/0")
 
 

@@ -15,6 +15,7 @@ import triton
 import tunevault
 from conftest import count_launches, subprocess_env
 from kernels_serving import add_wide, chunk_cumsum, run_wide, serve
+from tunevault.core.events import COUNTERS
 from tunevault.core.identity import config_spec, current_fingerprint, kernel_id
 from tunevault.core.kernel_state import KernelState
 from tunevault.core.model import CandidateResult, Decision
@@ -116,6 +117,16 @@ def test_stats_split_hits_at_the_seal(tv) -> None:
     assert kernel["warmup"]["hits"] == 3 and kernel["warmup"]["tunings"] == 1
     assert kernel["serving"]["hits"] == 2 and kernel["serving"]["tunings"] == 0
     assert tv.stats()["kernels"]["total"]["serving"]["hits"] == 2
+
+
+def test_stats_has_both_phases_and_every_counter_before_the_seal(tv) -> None:
+    """``stats()["kernels"][k]["serving"]["tunings"]`` was a KeyError until a call after the seal."""
+    serve([10])  # tunes, before any seal
+    stats = tv.stats()["kernels"]
+    for name in ("kernels_serving:chunk_cumsum", "total"):
+        assert set(stats[name]) == {"warmup", "serving"}
+        assert set(stats[name]["warmup"]) == set(COUNTERS) == set(stats[name]["serving"])
+        assert stats[name]["serving"] == dict.fromkeys(COUNTERS, 0) and stats[name]["warmup"]["tunings"] == 1
 
 
 def test_capture_check_warmup_check_then_serve_sealed_with_error(tmp_path: Path, capsys) -> None:
@@ -228,7 +239,7 @@ def test_report_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["report", str(events), "--plot", str(tmp_path / "x.png")]) == 2
-    assert "pip install 'tunevault[plot]'" in capsys.readouterr().err
+    assert "pip install 'tunevault[plot]' (from a checkout: pip install -e '.[plot]')" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -263,7 +274,7 @@ def test_a_warmup_never_unseals_request_threads_and_a_seal_meanwhile_stands(tv, 
     stats = tv.stats()
     assert stats["sealed"] and stats["on_miss"] == "error"
     assert stats["kernels"]["kernels_shard:shard_scale"]["warmup"]["tunings"] == 3
-    assert "serving" not in stats["kernels"]["kernels_shard:shard_scale"]
+    assert stats["kernels"]["kernels_shard:shard_scale"]["serving"] == dict.fromkeys(COUNTERS, 0)
     with pytest.raises(tunevault.TuningMiss):
         serve([9, 2], dtype=torch.float32)
 

@@ -90,7 +90,10 @@ def _warmup_ended() -> None:
 
 
 def stats() -> dict[str, Any]:
-    """Counters per kernel and phase (``warmup`` before the seal, ``serving`` after)."""
+    """Counters per kernel and phase (``warmup`` before the seal, ``serving`` after).
+
+    Every kernel met, and ``"total"``, has both phases with every counter (0 where nothing
+    happened), so ``stats()["kernels"][k]["serving"]["tunings"]`` reads before the seal too."""
     from tunevault.integration.triton_adapter import kernel_states, runtime
 
     rt = runtime()
@@ -109,6 +112,9 @@ def stats() -> dict[str, Any]:
                     counts = snap.setdefault(name, {}).setdefault(phase, dict.fromkeys(COUNTERS, 0))
                     counts["hits"] += hits - fallback_hits
                     counts["fallback_hits"] += fallback_hits
+    for phases in snap.values():
+        for phase in ("warmup", "serving"):
+            phases.setdefault(phase, dict.fromkeys(COUNTERS, 0))
     return {"installed": True, "sealed": rt.sealed, "on_miss": rt.on_miss, "kernels": snap}
 
 

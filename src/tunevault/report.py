@@ -164,7 +164,8 @@ def _figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotUnavailable("drawing needs matplotlib: pip install 'tunevault[plot]'") from None
+        raise PlotUnavailable("drawing needs matplotlib: pip install 'tunevault[plot]' "
+                               "(from a checkout: pip install -e '.[plot]')") from None
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 

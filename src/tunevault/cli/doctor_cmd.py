@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("doctor", help="check the store file with SQLite's quick_check; --repair a damaged one",
                        description="Check the SQLite store with PRAGMA quick_check. Exit status 0 when it is "
-                                   "sound (or repaired), 1 when it is damaged. --repair copies every decision "
-                                   "that still reads into a fresh file and keeps the damaged one as "
-                                   "PATH.damaged-TIME; stop processes using the store first.")
+                                   "sound (or repaired, or the default store not created yet), 1 when it is damaged, "
+                                   "2 when a store named by --store or $TUNEVAULT_STORE does not exist. "
+                                   "--repair copies every decision that still reads into a fresh file and "
+                                   "keeps the damaged one as PATH.damaged-TIME; stop processes using the "
+                                   "store first.")
     p.add_argument("--repair", action="store_true", help="replace a damaged file by its readable decisions")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
@@ -67,6 +69,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return _done(args, {"store": url, "status": "not checked", "detail": "only SQLite stores have a file"}, 0)
     path = path_of_url(url)
     if not os.path.exists(path):
+        if args.store or os.environ.get("TUNEVAULT_STORE"):  # a named path: a typo, as for every other command
+            raise OSError(f"no tuning store at {path} ({url}): check the path; `tunevault doctor` only checks "
+                          "a store (tunevault.install(), warmup and import create one)")
         return _done(args, {"store": url, "path": path, "status": "absent", "detail": "no store file yet"}, 0)
     problems = quick_check(path)
     try:

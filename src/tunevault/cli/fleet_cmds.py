@@ -133,7 +133,8 @@ def export_bundle_cmd(args: argparse.Namespace) -> int:
         store.close()
     if not found:
         raise ValueError(f"no decisions for fingerprint {fp.digest} ({fp.device}, {fp.target}, "
-                         f"triton {fp.triton}) in {url}; pass --fingerprint DIGEST (see `tunevault ls`)")
+                         f"triton {fp.triton}) in {url}; pass --fingerprint DIGEST (`tunevault ls --json` "
+                         f"lists each decision's fingerprint_digest)")
     n = write_bundle(args.file, found, fp, key)
     signed = "signed" if key else "unsigned"
     print(f"exported {n} winning decision(s) for {fp.device} {fp.target}, triton {fp.triton} "
@@ -148,14 +149,20 @@ def _extend_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     export.add_argument("--winners-only", action="store_true",
                         help="write a bundle: winning configs only, one fingerprint (see --fingerprint)")
     export.add_argument("--fingerprint", metavar="DIGEST",
-                        help="with --winners-only: the fingerprint to export (default: this machine's)")
+                        help="with --winners-only: the fingerprint to export, or a prefix of it (default: this "
+                             "machine's; `tunevault ls --json` lists fingerprint_digest); without it: exit 2")
     export.add_argument("--sign", action="store_true",
-                        help="sign the bundle with HMAC-SHA256 using $TUNEVAULT_BUNDLE_KEY (or --key-file)")
-    export.add_argument("--key-file", metavar="FILE", help="read the signing key from FILE")
+                        help="sign the bundle with HMAC-SHA256 using $TUNEVAULT_BUNDLE_KEY (or --key-file); "
+                             "writes a bundle, as --winners-only")
+    export.add_argument("--key-file", metavar="FILE", help="read the signing key from FILE (writes a signed bundle, "
+                        "as --winners-only --sign)")
     plain: Callable[[argparse.Namespace], int] = export.get_default("func")
 
     def run(args: argparse.Namespace) -> int:
-        if args.winners_only or args.sign or args.key_file or args.fingerprint:
+        if args.fingerprint is not None and not args.winners_only:  # it silently wrote a bundle
+            raise ValueError("--fingerprint picks the machine a bundle is for: add --winners-only "
+                             "(a plain export writes every machine's decisions; filter with --this-machine)")
+        if args.winners_only or args.sign or args.key_file:
             return export_bundle_cmd(args)
         return plain(args)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -82,14 +83,17 @@ def _key(item: WarmupItem | CheckItem) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from tunevault.capture.locate import allow_modules
     from tunevault.cli.doctor_cmd import damaged, store_damage
-    from tunevault.cli.store_cmds import open_cli_store, refuse_absent_store
+    from tunevault.cli.store_cmds import absent_default_store, open_cli_store, refuse_absent_store, store_url
     from tunevault.policy.check import check
 
     check_allow_list(args)
     entries, malformed = load_manifest(args)
     refuse_absent_store(args)  # before check() opens the store, which would create it
+    absent = absent_default_store(args)  # reads as empty: check() must not create the default file
     with allow_modules(args.allow_module):
-        result = check(entries, store=args.store)
+        result = check(entries, store="memory://" if absent else args.store)
+    if absent:
+        result.store = store_url(args)
     if result.store_error is not None:  # a deploy gate must tell "store down" (2) from "keys missing" (1)
         raise OSError(f"the store {result.store} cannot be read, so no key was checked: {result.store_error}")
     store = open_cli_store(args)
@@ -107,9 +111,20 @@ def cmd_check(args: argparse.Namespace) -> int:
                 title=f"{result.store}  [{fp.target} {fp.device} triton {fp.triton}]")
     missing = len(result.missing)
     print(f"{len(result.items) - missing}/{len(result.items)} keys decided"
-          + (f"; {missing} missing: run `tunevault warmup {args.manifest}`" if missing else ""))
+          + (f"; {missing} missing: run `{warmup_command(args)}`" if missing else ""))
     _explain(args, [i.reason for i in result.items], malformed)
     return damaged(result.store, damage) or (0 if result.ok and not malformed else 1)
+
+
+def warmup_command(args: argparse.Namespace) -> str:
+    """The warmup that fills what ``check`` found missing, with the options check was given (store,
+    import folders, allow list), quoted for a shell: without ``--store`` it would warm another store."""
+    argv = ["tunevault", *(["--store", args.store] if args.store else []), "warmup", args.manifest]
+    for folder in args.path:
+        argv += ["--path", folder]
+    for prefix in args.allow_module or []:
+        argv += ["--allow-module", prefix]
+    return shlex.join(argv)
 
 
 def probe_store(args: argparse.Namespace) -> None:
@@ -262,7 +277,10 @@ def _manifest_readers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p.add_argument("--path", action="append", default=[], metavar="DIR",
                        help="also import kernels from DIR (repeatable); the current directory is always searched")
         p.epilog = ("Exit status 1 if any key has no decision here or any line of the manifest is malformed "
-                    "(each is listed with its line number), 2 if the manifest holds no valid key.")
+                    "(each is listed with its line number), 2 if the manifest holds no valid key or the store "
+                    "cannot be opened or read (a --store path that does not exist included)"
+                    + ("; warmup also 2 when the store cannot hold decisions or --devices names a GPU not "
+                       "visible, and 130 on Ctrl-C." if name == "warmup" else "."))
 
 
 def load_manifest(args: argparse.Namespace) -> tuple[list[ManifestEntry], list[tuple[int, str]]]:

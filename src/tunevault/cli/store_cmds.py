@@ -2,8 +2,9 @@
 
 Every command reads the store the global ``--store`` names (else ``$TUNEVAULT_STORE``, else the
 user cache SQLite file); the reading ones refuse a named SQLite store that does not exist rather
-than create it. Listings show decisions of every machine and mark the ones whose
-fingerprint is this machine's: a shared store legitimately holds other GPUs' decisions.
+than create it, and read the default one, before anything created it, as empty. Listings show
+decisions of every machine and mark the ones whose fingerprint is this machine's: a shared store
+legitimately holds other GPUs' decisions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tunevault.core.model import Decision, Fingerprint, InvalidEntry
 from tunevault.store.base import Query, Store, StoreUnavailable, open_store
 from tunevault.store.bundle import FORMAT as EXPORT_FORMAT
 from tunevault.store.bundle import SCHEMA as EXPORT_SCHEMA
+from tunevault.store.memory import MemoryStore
 
 # Applied in order to each exported decision; return a (possibly changed) decision, or None to drop it.
 # Another command family adds an export flag with ``sub.choices["export"].add_argument(...)`` and a
@@ -61,10 +63,35 @@ def refuse_absent_store(args: argparse.Namespace) -> None:
                       "reads a store (tunevault.install(), warmup and import create one)")
 
 
+def absent_default_store(args: argparse.Namespace) -> bool:
+    """A reading command on the default store (no ``--store``, no ``$TUNEVAULT_STORE``) whose file
+    does not exist yet: it reads as empty, and no file or folder is created for it."""
+    if getattr(args, "command", None) not in READING_COMMANDS:
+        return False
+    if getattr(args, "store", None) or os.environ.get("TUNEVAULT_STORE"):
+        return False
+    url = store_url(args)
+    if not url.startswith("sqlite:"):
+        return False
+    from tunevault.store.sqlite import path_of_url
+
+    return not os.path.lexists(path_of_url(url))
+
+
+class AbsentStore(MemoryStore):
+    """The default store before install(), warmup, import or demo created it: empty, under its own URL."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+
 def open_cli_store(args: argparse.Namespace) -> Store:
     """The store to work on; an unusable one is an OSError, which ``main`` reports with exit 2."""
     refuse_absent_store(args)
     url = store_url(args)
+    if absent_default_store(args):
+        return AbsentStore(url)
     try:
         return open_store(url)
     except StoreUnavailable as exc:

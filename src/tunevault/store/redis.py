@@ -57,7 +57,8 @@ def _redis_module() -> ModuleType:
         import redis
     except ImportError:
         raise StoreUnavailable("the redis store needs the `redis` package: "
-                               "pip install 'tunevault[redis]'") from None
+                               "pip install 'tunevault[redis]' (from a checkout: "
+                               "pip install -e '.[redis]')") from None
     return redis
 
 
