@@ -274,3 +274,26 @@ def test_bad_log_level_is_one_warning_in_the_cli_and_the_startup_hook(value: str
     for stderr in (cli.stderr, hook.stderr):
         assert "Traceback" not in stderr
         assert stderr.count("ignoring TUNEVAULT_LOG_LEVEL=") == 1 and "using INFO" in stderr
+
+
+def test_a_misspelled_variable_name_is_one_warning_naming_the_right_one(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """``TUNEVAULT_BUNDLES`` (the option is ``bundles``, the variable ``TUNEVAULT_BUNDLE``) was ignored
+    without a word, so a sealed server missed every key its bundle held."""
+    monkeypatch.setattr(settings_module, "_warned", set())
+    monkeypatch.setenv("TUNEVAULT_BUNDLES", "/srv/bundle.json")
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    Settings.for_install(mode="tune")
+    Settings.for_install(mode="tune")
+    assert [r.getMessage() for r in caplog.records] == [
+        "tunevault: ignoring TUNEVAULT_BUNDLES: tunevault reads no such variable; did you mean TUNEVAULT_BUNDLE?"]
+
+
+def test_every_variable_the_code_reads_is_known() -> None:
+    """A variable added to the code but not to KNOWN_VARIABLES would be warned about as a typo."""
+    import re
+    from pathlib import Path
+
+    src = Path(settings_module.__file__).parents[1]
+    named = {m for path in src.rglob("*.py") for m in re.findall(r"TUNEVAULT_[A-Z0-9_]*[A-Z0-9]", path.read_text())}
+    assert named - settings_module.KNOWN_VARIABLES == set()

@@ -69,6 +69,32 @@ def warn_once(problem: str, message: str) -> None:
         logging.getLogger("tunevault").warning("%s", message)
 
 
+# Every TUNEVAULT_* variable tunevault reads (a typo of one is warned about, not silently ignored).
+KNOWN_VARIABLES = frozenset({
+    "TUNEVAULT_ALLOW_MODULES", "TUNEVAULT_BENCH_GRAPHS", "TUNEVAULT_BUNDLE", "TUNEVAULT_BUNDLE_KEY",
+    "TUNEVAULT_CAPTURE", "TUNEVAULT_COMPILE_AHEAD", "TUNEVAULT_CONFIDENCE", "TUNEVAULT_CONFIG_TIMEOUT",
+    "TUNEVAULT_CPU_BENCH_REPS", "TUNEVAULT_EVENTS", "TUNEVAULT_FUZZ", "TUNEVAULT_ISOLATE",
+    "TUNEVAULT_L2_FLUSH_BYTES", "TUNEVAULT_LEASE_TTL", "TUNEVAULT_LEASE_WAIT", "TUNEVAULT_LOG_LEVEL",
+    "TUNEVAULT_MODE", "TUNEVAULT_ON_MISS", "TUNEVAULT_PRESTART", "TUNEVAULT_REMOTE", "TUNEVAULT_REPLAY_MAX_BYTES",
+    "TUNEVAULT_STORE", "TUNEVAULT_TOLERANCE", "TUNEVAULT_TUNE_TIMEOUT", "TUNEVAULT_VALIDATE", "TUNEVAULT_WARMUP",
+    "TUNEVAULT_WARMUP_RUN", "TUNEVAULT_WARMUP_SPAWNED", "TUNEVAULT_WARMUP_WORKER", "TUNEVAULT_WORKER",
+    "TUNEVAULT_WORKER_IDLE",
+})
+
+
+def unknown_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """Each ``TUNEVAULT_*`` variable tunevault does not read: ``{variable: warning}``, naming the
+    known one it is closest to (a plural ``..._BUNDLES`` for ``..._BUNDLE``)."""
+    import difflib
+
+    out = {}
+    for var in sorted(k for k in env if k.startswith("TUNEVAULT_") and k not in KNOWN_VARIABLES):
+        close = difflib.get_close_matches(var, sorted(KNOWN_VARIABLES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        out[var] = f"tunevault: ignoring {var}: tunevault reads no such variable{hint}"
+    return out
+
+
 def variable(option: str) -> str:
     """The environment variable of an ``install()`` option (``bundles`` reads ``TUNEVAULT_BUNDLE``)."""
     return "TUNEVAULT_BUNDLE" if option == "bundles" else f"TUNEVAULT_{option.upper()}"
@@ -192,4 +218,6 @@ class Settings:
                 raise ValueError(problem)
             warn_once(problem, f"tunevault: ignoring {problem}; using the default")
             del env[var]
+        for var, warning in unknown_variables(env).items():
+            warn_once(var, warning)
         return cls.from_env(env).with_options(**options)
