@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,12 +271,11 @@ if os.environ.get("TUNEVAULT_WORKER") == "1":
 '''
 
 
-def test_a_hinted_module_that_stalls_in_the_worker_never_fails_a_key(sqlite_url: str, tmp_path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A module hinted to the worker while a session was open was imported between the session's
-    requests: its import stalled the next one, and every config failed as a timeout (a TuningError
-    reached the caller). Hints wait for the session's end; a worker stalled on one is replaced, the
-    key tunes in process, and the module is hinted no more."""
+def tuning_in_a_worker_session(sqlite_url: str, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Thread, list[bool]]:
+    """A key tuning on a thread, its worker session open and config 0 waiting at the gate (the
+    ``open`` file in ``tmp_path``); a module that stalls in the worker is importable. The thread
+    appends whether the call's result was right."""
     (tmp_path / "stalls_in_worker.py").write_text(STALLS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv(ke.GATE_DIR_VAR, str(tmp_path))
@@ -287,6 +287,16 @@ def test_a_hinted_module_that_stalls_in_the_worker_never_fails_a_key(sqlite_url:
     tuning.start()
     while isolated.worker_pid() is None or not isolated._worker.opened:  # type: ignore[union-attr]
         time.sleep(0.02)
+    return tuning, results
+
+
+def test_a_hinted_module_that_stalls_in_the_worker_never_fails_a_key(sqlite_url: str, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module hinted to the worker while a session was open was imported between the session's
+    requests: its import stalled the next one, and every config failed as a timeout (a TuningError
+    reached the caller). Hints wait for the session's end; a worker stalled on one is replaced, the
+    key tunes in process, and the module is hinted no more."""
+    tuning, results = tuning_in_a_worker_session(sqlite_url, tmp_path, monkeypatch)
     isolated.hint_imports(["stalls_in_worker"])  # mid-session; config 0 waits for the gate
     (tmp_path / "open").touch()
     tuning.join(timeout=120)
@@ -305,17 +315,7 @@ def test_a_worker_that_does_not_begin_a_run_is_replaced_and_the_key_tunes_in_a_f
     """A worker stalled between a session's requests (on an import sent to it directly) is a
     stalled worker: replaced after config_timeout; the key goes on in a fresh worker (in process
     only once no worker begins the run)."""
-    (tmp_path / "stalls_in_worker.py").write_text(STALLS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(ke.GATE_DIR_VAR, str(tmp_path))
-    tunevault.install(mode="tune", store=sqlite_url, isolate=True, prestart=False, validate=True,
-                      config_timeout=5, tune_timeout=60)
-    x, y = torch.randn(64), torch.randn(64)
-    results: list[bool] = []
-    tuning = threading.Thread(target=lambda: results.append(bool(torch.equal(ke.run_add(ke.add_gated, x, y), x + y))))
-    tuning.start()
-    while isolated.worker_pid() is None or not isolated._worker.opened:  # type: ignore[union-attr]
-        time.sleep(0.02)
+    tuning, results = tuning_in_a_worker_session(sqlite_url, tmp_path, monkeypatch)
     first = isolated.worker_pid()
     isolated._worker.send({"op": "import", "modules": ["stalls_in_worker"]})  # type: ignore[union-attr]
     (tmp_path / "open").touch()

@@ -93,15 +93,30 @@ def test_explicit_options_win_and_a_bad_variable_warns_once(monkeypatch: pytest.
                         "tunevault: ignoring TUNEVAULT_TOLERANCE must be a number; got 'lots'; using the default"]
 
 
-def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def tunes_with_the_default_rounds() -> None:
+    """A kernel call is not broken by a bad rounds variable: it tunes with the default number of rounds."""
     import torch
 
     import kernels_engine as ke
     import tunevault
-    from tunevault.core import env
     from tunevault.engine import timing
     from tunevault.integration.triton_adapter import runtime
+
+    tunevault.install(mode="tune", store="memory://")
+    try:
+        x, y = torch.randn(64), torch.randn(64)
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)
+        (decision,) = runtime().used.values()
+        assert {c.n for c in decision.candidates} == {timing.DEFAULT_CPU_REPS}
+    finally:
+        tunevault.uninstall()
+
+
+def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+
+    from tunevault.core import env
+    from tunevault.engine import timing
 
     env._ignore.cache_clear()
     caplog.set_level(logging.WARNING, logger="tunevault")
@@ -112,14 +127,7 @@ def test_a_bad_cpu_rounds_variable_warns_once_and_tuning_goes_on(monkeypatch: py
     monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "4")
     assert timing.cpu_reps() == 4
     monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", "lots")
-    tunevault.install(mode="tune", store="memory://")
-    try:
-        x, y = torch.randn(64), torch.randn(64)
-        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)  # the kernel call is not broken by it
-        (decision,) = runtime().used.values()
-        assert {c.n for c in decision.candidates} == {timing.DEFAULT_CPU_REPS}
-    finally:
-        tunevault.uninstall()
+    tunes_with_the_default_rounds()
     assert [r.getMessage() for r in caplog.records] == [
         "tunevault: ignoring TUNEVAULT_CPU_BENCH_REPS='lots': not a positive integer at most 10000; using the "
         "default (15)",
@@ -162,13 +170,9 @@ def test_huge_numbers_in_numeric_variables_warn_and_never_raise(monkeypatch: pyt
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A 401-digit TUNEVAULT_CPU_BENCH_REPS made math.isfinite raise OverflowError out of the kernel call;
     10**20 rounds passed and would stall it for good; 1e300 seconds overflowed the worker's select."""
-    import torch
 
-    import kernels_engine as ke
-    import tunevault
     from tunevault.core import env
     from tunevault.engine import gpu_timing, procs, timing
-    from tunevault.integration.triton_adapter import runtime
 
     env._ignore.cache_clear()
     caplog.set_level(logging.WARNING, logger="tunevault")
@@ -187,14 +191,7 @@ def test_huge_numbers_in_numeric_variables_warn_and_never_raise(monkeypatch: pyt
     finally:
         gpu_timing.l2_cache_bytes.cache_clear()
     monkeypatch.setenv("TUNEVAULT_CPU_BENCH_REPS", huge)
-    tunevault.install(mode="tune", store="memory://")
-    try:
-        x, y = torch.randn(64), torch.randn(64)
-        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)  # the kernel call is not broken by it
-        (decision,) = runtime().used.values()
-        assert {c.n for c in decision.candidates} == {timing.DEFAULT_CPU_REPS}
-    finally:
-        tunevault.uninstall()
+    tunes_with_the_default_rounds()
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 8 and all(m.startswith("tunevault: ignoring TUNEVAULT_") for m in messages)
 

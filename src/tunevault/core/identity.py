@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import triton
@@ -193,14 +193,19 @@ class _Walker:
             if id(val) in containers:
                 return
             containers.add(id(val))
-            for attr in attrs:
-                try:
-                    sub = inspect.getattr_static(val, attr)
-                except AttributeError:
-                    continue
-                if isinstance(sub, staticmethod | classmethod):
-                    sub = sub.__func__
+            for attr, sub in _static_attributes(val, attrs):
                 self.value(sub, f"{path}.{attr}", attrs, containers)
+
+
+def _static_attributes(owner: Any, names: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """The attributes ``names`` of a module or class, as defined (no descriptor runs: reading must
+    not execute user code), a static or class method as its function."""
+    for name in names:
+        try:
+            sub = inspect.getattr_static(owner, name)
+        except AttributeError:
+            continue
+        yield name, sub.__func__ if isinstance(sub, staticmethod | classmethod) else sub
 
 
 def jit_of(obj: KernelInterface) -> JITFunction | InterpretedFunction:
@@ -329,13 +334,7 @@ def _global_parts(path: str, value: Any, attrs: list[str], seen: set[int], depth
     if (inspect.ismodule(value) or inspect.isclass(value)) and _users_object(value) and id(value) not in followed:
         followed.add(id(value))
         parts: list[str] = []
-        for attr in attrs:
-            try:
-                sub = inspect.getattr_static(value, attr)
-            except AttributeError:
-                continue
-            if isinstance(sub, staticmethod | classmethod):
-                sub = sub.__func__
+        for attr, sub in _static_attributes(value, attrs):
             parts += _global_parts(f"{path}.{attr}", sub, attrs, seen, depth, followed)
         return parts
     return []
