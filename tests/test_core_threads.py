@@ -91,9 +91,12 @@ def test_eight_threads_with_different_keys_get_their_own_results(tv: Any, sqlite
     from tunevault.store.sqlite import SqliteStore
 
     store = SqliteStore(sqlite_url.removeprefix("sqlite://"))
-    # Every thread's keys, for every kernel, stored: where pruning leaves one config (launched
-    # untimed, as stock does) the key is stored as decided by that rule.
-    assert store.count() == 3 * threads_n
+    from tunevault.policy.stock import single_pruned_skips_benchmark
+
+    # Every thread's keys, for every kernel, stored; except where pruning leaves one config and this
+    # Triton then decides without benchmarking (as stock does): nothing measured, nothing to store.
+    alone = sum(1 for i in range(threads_n) if 16 + 8 * i < 32) if single_pruned_skips_benchmark() else 0
+    assert store.count() == 3 * threads_n - alone
     store.close()
 
 

@@ -78,6 +78,7 @@ class Recorder:
         self.sign_key = sign_key  # TUNEVAULT_BUNDLE_KEY: every line is signed, as bundles are
         self._records: dict[tuple[str, str], _Record] = {}
         self._by_raw: dict[tuple[KernelState, tuple], tuple[_Record, int]] = {}
+        self._left_out: set[tuple[KernelState, tuple]] = set()  # keys decided by rule: nothing to warm up
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,6 +91,8 @@ class Recorder:
         """The adapter's hot-path hook: a call whose raw key was already in the in-memory dict."""
         try:
             found = self._by_raw.get((state, raw_key))
+            if found is None and (state, raw_key) in self._left_out:
+                return
             if found is None:
                 found = self._learn(state, raw_key, args, kwargs, "hit")
             rec, idx = found
@@ -99,7 +102,12 @@ class Recorder:
             self._warn(exc)
 
     def observe(self, kind: str, state: KernelState, key: TuningKey, args: tuple | None, kwargs: dict | None) -> None:
-        """Runtime observer: a key resolved on the miss path as ``hit`` / ``tuned`` / ``missed``."""
+        """Runtime observer: a key resolved on the miss path as ``hit`` / ``tuned`` / ``missed``, or
+        by ``rule`` (pruning left one config: not recorded, now or on later calls)."""
+        if kind == "rule" and args is not None:
+            with self._lock:
+                self._left_out.add((state, state.raw_key(args, kwargs or {})))
+            return
         idx = _KIND.get(kind)
         if idx is None:
             return

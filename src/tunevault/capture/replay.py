@@ -155,6 +155,8 @@ class DecisionLookup(Protocol):
 
     def forget_fallback(self, state: KernelState, args: tuple, kwargs: dict[str, Any]) -> None: ...
 
+    def decided_by_rule(self, kernel: KernelId, key: TuningKey) -> bool: ...
+
 
 def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
@@ -186,6 +188,8 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
                     lasting=isinstance(exc, TuningError))
     seconds = time.perf_counter() - started
     if rt.lookup(kid, entry.key) is None:
+        if rt.decided_by_rule(kid, entry.key):
+            return item("decided", "pruning leaves one config for this call: nothing to tune", seconds)
         return item("failed", "the call ran but no decision was stored", seconds)
     if not rt.published(kid, entry.key):
         return item("failed", "tuned, but the decision could not be written to the store (see the warning above)",

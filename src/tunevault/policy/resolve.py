@@ -140,15 +140,14 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
 
 def _decided_by_pruning(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], index: int,
                         config: Config) -> None:
-    """Pruning left one config, which launches untimed (stock's rule). It is stored as the key's
-    decision, as stock's cache keeps it for the process: a preflight (``tunevault check``) and a
-    warmup then find the key decided, and key capture records it (as tuned here)."""
+    """Pruning left one config, which launches untimed (stock's rule, for this process only: a
+    prune function may read arguments outside the key, so the choice is not stored). Counted as a
+    hit (it never misses, sealed or not); key capture leaves it out, since a warmup has nothing to
+    tune for it; a warmup that replays it says so."""
+    rt.stats.add(st.kernel_id.name, rt.phase, "hits")
     tkey = st.labelled_key(st.named_args(args, kwargs))
-    rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # never a miss, sealed or not
-    if index < len(st.autotuner.configs) and _stored(rt, st, tkey, launched=False) is None:
-        rt.publish(Decision(st.kernel_id, rt.fingerprint, tkey, index, _spec(st, index, config),
-                            provenance=(("rule", "pruning leaves one config"),)))
-    rt.notify("tuned", st, tkey, args, kwargs)
+    rt.by_rule.add((st.kernel_id.digest, tkey.text))
+    rt.notify("rule", st, tkey, args, kwargs)
 
 
 def _check_conflicts(kwargs: dict[str, Any], indexed: Indexed) -> None:

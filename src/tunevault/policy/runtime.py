@@ -63,6 +63,8 @@ class Runtime:
         # a warmup must not count them as decided, since no other process or restart sees them.
         self.unpublished: set[tuple[str, str, str]] = set()
         self.store_fell_back = False
+        # (kernel digest, key text) of keys pruning left one config for: launched untimed, never stored
+        self.by_rule: set[tuple[str, str]] = set()
         self.used: dict[tuple[str, str], Decision] = {}  # (kernel name, key text) -> decision launched
         # (kernel name, key text) -> (declared index, config) a fallback launched: verify_agreement compares it
         self.fallbacks: dict[tuple[str, str], tuple[int, ConfigSpec]] = {}
@@ -194,6 +196,10 @@ class Runtime:
                            "undeclared config (%s); the new decision is kept in memory", exc)
             self.unpublished.add(decision.store_key)
         self.decided[decision.store_key] = decision
+
+    def decided_by_rule(self, kernel: KernelId, key: TuningKey) -> bool:
+        """Whether pruning left this key one config in this process (nothing to tune)."""
+        return (kernel.digest, key.text) in self.by_rule
 
     def forget_fallback(self, state: KernelState, args: tuple, kwargs: dict[str, Any]) -> None:
         """A key this process served with a fallback config is about to be tuned for real (a
