@@ -244,3 +244,56 @@ def test_a_job_tuned_in_the_worker_builds_no_arguments_in_the_server(sqlite_url:
     decision = serve_until_tuned(ke.add_gated, gate)
     assert dict(decision.provenance)["tuned_in"] == "worker"
     assert built == ["meta"], "placeholders for pruning only: nothing real was built here"
+
+
+def test_a_copy_made_while_a_fallback_serves_finds_the_tuned_decision(sqlite_url: str, gate: Path) -> None:
+    """A copy inherited the fallback as a config pinned by hand: it launched the fallback for good
+    (after uninstall too), while the original launched the tuned config."""
+    import copy
+
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(500), torch.randn(500)
+    assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)  # the fallback; tuning waits at the gate
+    twin = copy.deepcopy(ke.add_gated)
+    gate.touch()
+    assert background.drain(timeout=180)
+    ke.run_add(ke.add_gated, x, y)
+    assert ke.add_gated.best_config is not ke.add_gated.configs[0]  # tuned: config 0 is the slowest
+    assert torch.equal(ke.run_add(twin, x, y), x + y)
+    assert twin.best_config.kwargs == ke.add_gated.best_config.kwargs, "the copy finds the decision"
+
+
+def test_a_job_whose_worker_stalls_tunes_in_process_on_real_arguments(sqlite_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background job passes placeholders on meta through the server's side; when its worker
+    stalled, tuning went on in this process on those placeholders ('Cannot copy out of meta
+    tensor') and the key kept its fallback. Each worker is frozen (SIGSTOP) as it is sent the run."""
+    import signal
+
+    from tunevault.engine import procs
+
+    frozen: set[int] = set()
+    real_send = procs.WorkerProcess.send
+
+    def freezing(self: procs.WorkerProcess, msg: dict) -> None:
+        if msg.get("op") == "run" and self.pid not in frozen:
+            os.kill(self.pid, signal.SIGSTOP)
+            frozen.add(self.pid)
+        real_send(self, msg)
+
+    monkeypatch.setattr(procs.WorkerProcess, "send", freezing)
+    tunevault.install(mode="tune", store=sqlite_url, prestart=False, config_timeout=2, tune_timeout=60)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(300), torch.randn(300)
+    try:
+        assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)  # the fallback
+        assert background.drain(timeout=180) and frozen
+        serving = tunevault.stats()["kernels"]["kernels_engine:add_equal"]["serving"]
+        assert serving["tunings"] == 1, serving
+        (decision,) = [d for (k, _), d in runtime().used.items() if k.endswith("add_equal")]
+        assert dict(decision.provenance)["tuned_in"] == "process"
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

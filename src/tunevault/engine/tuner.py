@@ -158,6 +158,8 @@ def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, A
             session.close()
             log.warning("tunevault: %s: the tuning worker stalled (%s); tuning this key in this process, "
                         "without the %d config(s) that crashed or hung the worker", name, exc, len(exc.faulted))
+            if (rebuild := context.real_arguments()) is not None:  # a background job's placeholders
+                args, kwargs = rebuild()
             session = InProcessSession(st.autotuner, args, kwargs,
                                        {i: c for i, c, _ in candidates if i not in exc.faulted},
                                        {i: s for i, _, s in candidates if i not in exc.faulted}, counted,

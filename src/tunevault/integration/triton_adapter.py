@@ -141,13 +141,15 @@ _CONFIGS_PROPERTY = property(_get_configs, _set_configs, _del_configs,
 def _copied_state(autotuner: Autotuner) -> dict[str, Any]:
     """The instance dict a copy starts from: stock's, less tunevault's per-kernel state (its lock,
     its back-reference to the original), with a MirroredCache (whose change callback names the
-    original) as a plain dict of the same entries. The copy attaches its own state on its first
-    call; the entries it inherits read as written by hand, as a copied stock cache's are launched."""
+    original) as a plain dict of the entries written by others (by hand, or before install). The
+    copy attaches its own state on its first call; those entries read as written by hand, as a
+    copied stock cache's are launched. tunevault's own entries are not copied: a decided key's
+    decision is found in the store again, and a fallback must not become a pinned config."""
     state = dict(autotuner.__dict__)
     state.pop(STATE_ATTR, None)
     cache = state.get("cache")
     if type(cache) is MirroredCache:
-        state["cache"] = dict(cache)
+        state["cache"] = cache.without_own()
     return state
 
 
