@@ -183,3 +183,41 @@ def test_checks_missing_hint_repeats_the_store_and_import_options(app: Path, tmp
     assert code == 0 and "1 tuned" in out, out + err
     code, out, _ = run(capsys, "--store", store, "check", manifest, "--path", str(app))
     assert code == 0 and "1/1 keys decided" in out
+
+
+KNOB_MODULE = '''
+import triton
+import triton.language as tl
+
+triton.knobs.language.fp32_default = "ieee"  # the library configures Triton as it is imported
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32)], key=["n"])
+@triton.jit
+def addk(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+'''
+
+KNOB_CAPTURE = """
+import sys, torch, triton, tunevault
+tunevault.install(mode="tune", store="memory://", capture=sys.argv[1])
+import tv_knob_kernels as k
+x = torch.randn(100)
+k.addk[lambda m: (triton.cdiv(100, m["BLOCK"]),)](x, torch.empty_like(x), 100)
+"""
+
+
+def test_check_reads_the_fingerprint_a_kernel_library_sets_at_import(tmp_path: Path) -> None:
+    """check computed this machine's fingerprint before it imported the kernels' modules: with a
+    library that sets a codegen knob at import, it called keys missing that warmup had just stored
+    (and that the server found)."""
+    (tmp_path / "tv_knob_kernels.py").write_text(KNOB_MODULE)
+    env = subprocess_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{subprocess_env()['PYTHONPATH']}")
+    manifest, store = tmp_path / "keys.jsonl", f"sqlite:///{tmp_path / 'tv.db'}"
+    subprocess.run([sys.executable, "-c", KNOB_CAPTURE, str(manifest)], check=True, env=env, timeout=240)
+    cli = [sys.executable, "-m", "tunevault.cli.main", "--store", store]
+    warm = subprocess.run([*cli, "warmup", str(manifest)], capture_output=True, text=True, env=env, timeout=240)
+    assert warm.returncode == 0, warm.stderr
+    checked = subprocess.run([*cli, "check", str(manifest)], capture_output=True, text=True, env=env, timeout=240)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -93,25 +93,30 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
     try:
         for entry in entries:
             try:
-                item = _check_one(opened, fp, entry, kernel_id)
+                item = _check_one(opened, this_machine, entry, kernel_id)
             except StoreUnavailable as exc:
                 result.store_error = result.store_error or str(exc)
                 item = CheckItem(entry.kernel, entry.key, False, f"store read failed: {exc}")
             result.items.append(item)
     finally:
         opened.close()
+    if entries:
+        result.fingerprint = this_machine()  # as the kernels' imports left it
     return result
 
 
-def _check_one(store: Store, fp: Fingerprint, entry: mf.ManifestEntry,
+def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.ManifestEntry,
                kernel_id: Callable[[Autotuner], KernelId]) -> CheckItem:
+    """Whether ``entry``'s key is decided for this machine. The fingerprint is read after the
+    kernel's module is imported: a library may set a codegen knob at import (flash-linear-attention
+    sets TRITON_F32_DEFAULT), and a server files its decisions under the fingerprint it has then."""
     try:
         autotuner = import_autotuner(entry.kernel)
     except KernelNotFound as exc:
         return CheckItem(entry.kernel, entry.key, False, f"kernel not importable: {exc}")
     if len(autotuner.configs) <= 1:
         return CheckItem(entry.kernel, entry.key, True, "one config: nothing to tune")
-    kid = kernel_id(autotuner)
+    kid, fp = kernel_id(autotuner), machine()
     try:
         decision = store.get(kid.digest, fp.digest, entry.key.text)
     except StoreUnavailable:
