@@ -297,3 +297,31 @@ def test_a_job_whose_worker_stalls_tunes_in_process_on_real_arguments(sqlite_url
         for pid in frozen:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_fallback_met_through_two_call_sites_is_counted_and_replaced_at_both(sqlite_url: str, gate: Path) -> None:
+    """Two call sites passing the tensors by keyword in another order meet one Triton key. The
+    second found the fallback in the autotuner's cache and remembered it as decided: its calls
+    counted as hits (and captured as hits), and once tuned it kept launching the fallback."""
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(500), torch.randn(500)
+    out = torch.empty_like(x)
+    grid = lambda meta: (triton.cdiv(500, meta["BLOCK"]),)  # noqa: E731
+
+    def site_a() -> object:
+        ke.add_gated[grid](x_ptr=x, y_ptr=y, out_ptr=out, n=500)
+        return ke.add_gated.best_config
+
+    def site_b() -> object:
+        ke.add_gated[grid](y_ptr=y, x_ptr=x, out_ptr=out, n=500)
+        return ke.add_gated.best_config
+
+    assert site_a() is site_b() is site_b() is ke.add_gated.configs[0]  # the fallback at both
+    serving = tunevault.stats()["kernels"]["kernels_engine:add_gated"]["serving"]
+    assert (serving["fallbacks"], serving["fallback_hits"], serving["hits"]) == (1, 2, 0), serving
+    gate.touch()
+    assert background.drain(timeout=180)
+    tuned = site_a()
+    assert tuned is not ke.add_gated.configs[0] and site_b() is tuned, "both sites launch the tuned config"
+    assert torch.equal(out, x + y)

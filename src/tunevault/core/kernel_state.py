@@ -43,7 +43,7 @@ def dtype_label(dtype: Any) -> str:  # an argument's ``.dtype``: torch's, numpy'
 class KernelState:
     __slots__ = ("autotuner", "arg_names", "argset", "keys", "key_fns", "hits", "lock",
                  "_kernel_id", "_specs", "_configs", "_declared", "n_hits", "n_fallback_hits", "first_logged",
-                 "__weakref__")
+                 "fallback_keys", "__weakref__")
 
     def __init__(self, autotuner: Autotuner) -> None:
         self.autotuner = autotuner
@@ -64,6 +64,9 @@ class KernelState:
         self._declared: tuple[Config, ...] = tuple(autotuner.configs)
         self.n_hits = 0  # in-memory hits (the hot path counts them), fallback hits included
         self.n_fallback_hits = 0  # of those, calls of a key served by its fallback config
+        # Triton's keys (the autotuner's ``cache``) served by a fallback config: another raw key of
+        # one of them (keywords in another order) is a fallback call too
+        self.fallback_keys: set[tuple] = set()
         self.first_logged = False
 
     def raw_key(self, args: tuple, kwargs: dict[str, Any]) -> tuple:

@@ -192,8 +192,9 @@ def _run(job: Job) -> None:
     with st.lock:  # the tuned config replaces the fallback, in both in-memory dicts
         if rt.closed:  # uninstalled meanwhile: stock Triton's cache must stay as uninstall() left it
             return
-        st.remember(job.raw_key, config)
         stock.record(st.autotuner, job.stock_key, config)
+        st.fallback_keys.discard(job.stock_key)
+        st.hits.clear()  # every raw key of the key (keywords in any order) launches the tuned config now
     rt.events.emit("background_tuned", kernel=name, key=job.key.to_json(), config=describe_config(config))
 
 

@@ -208,8 +208,10 @@ class Runtime:
         from tunevault.policy.stock import forget, stock_key
 
         with state.lock:
-            state.hits.pop(state.raw_key(args, kwargs), None)
-            forget(state.autotuner, stock_key(state.arg_names, state.keys, args, kwargs))
+            key = stock_key(state.arg_names, state.keys, args, kwargs)
+            forget(state.autotuner, key)
+            state.fallback_keys.discard(key)
+            state.hits.clear()  # every raw key of the key (keywords in any order) decides it again
 
     def decided_keys(self, kernel: KernelId) -> list[TuningKey]:
         """Every key of ``kernel`` decided for this fingerprint (for miss diagnosis)."""
