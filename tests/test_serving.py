@@ -317,3 +317,41 @@ def test_installing_again_after_the_seal_stays_sealed(tv, sqlite_url: str, caplo
     tv.uninstall()
     tv.install(mode="tune", store=sqlite_url)
     assert not tv.stats()["sealed"]
+
+
+def test_decisions_stored_before_keys_were_in_parameter_order_are_still_found(tmp_path: Path) -> None:
+    """Before stop 26 a key listed tensor dtypes in the call's order. A store (and a manifest)
+    written then holds a call passing ``out_ptr=`` before ``x_ptr=`` under that order: the server
+    now computes the key in parameter order, missed it, and explained the miss as "this very key"."""
+    import kernels_core as kc
+
+    x, out = kc.vec(40), torch.empty(40)
+    today = KernelState(kc.add_one).labelled_key({"out_ptr": out, "x_ptr": x, "n": 40})
+    earlier = today.in_order(["out_ptr", "x_ptr"])
+    assert earlier != today and earlier.items[0] == ("n", 40)
+    specs = [config_spec(c) for c in kc.add_one.configs]
+    db = SqliteStore(tmp_path / "old.db")
+    db.put(Decision(kernel_id(kc.add_one), current_fingerprint(), earlier, 1, specs[1],
+                    tuple(CandidateResult(i, s, (3.0 - i, 2.9 - i, 3.1 - i)) for i, s in enumerate(specs[:2]))))
+    db.close()
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'old.db'}")
+    tunevault.seal(on_miss="error")
+    kc.add_one[kc.grid(40)](out_ptr=out, x_ptr=x, n=40)  # no TuningMiss: the earlier key is found
+    assert kc.add_one.best_config is kc.add_one.configs[1] and torch.equal(out, x + 1)
+    tunevault.uninstall()
+    stored = {d.key for d in SqliteStore(tmp_path / "old.db").decisions()}
+    assert stored == {earlier, today}, "and published under today's key"
+
+    # A manifest of then, against a store of then: the preflight and a warmup agree with the server.
+    from tunevault.capture import manifest as mf
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.policy.check import check
+
+    spec = CallSpec.of(kc.add_one, (), {"out_ptr": out, "x_ptr": x, "n": 40, "grid": kc.grid(40)}).to_json()
+    mf.append(tmp_path / "keys.jsonl", [mf.line("kernels_core:add_one", earlier, {"hit": 1}, 1, 1, 1, "h", spec)])
+    db = SqliteStore(tmp_path / "then.db")
+    db.put(Decision(kernel_id(kc.add_one), current_fingerprint(), earlier, 1, specs[1]))
+    db.close()
+    assert check(tmp_path / "keys.jsonl", store=f"sqlite:///{tmp_path / 'then.db'}").ok
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'then.db'}")
+    assert tunevault.warmup(str(tmp_path / "keys.jsonl")).counts()["decided"] == 1

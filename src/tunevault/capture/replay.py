@@ -112,7 +112,7 @@ def _rebuild_call(autotuner: Autotuner, entry: mf.ManifestEntry, raw: dict[str, 
         raise InvalidEntry(f"cannot rebuild arguments: {type(exc).__name__}: {text}") from exc
     state = KernelState(autotuner)
     got = state.labelled_key(state.named_args(args, kwargs))
-    if got != key:
+    if got != key.in_order(list(autotuner.arg_names)):  # a manifest from before keys were in order
         diff = ", ".join(f"{lb}: {a} -> {b}" for lb, a, b in got.differences(key))
         raise InvalidEntry(f"rebuilt arguments give another key ({diff})")
     return args, kwargs
@@ -175,7 +175,8 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
     if len(autotuner.configs) <= 1:
         return item("decided", "one config: nothing to tune")
     kid = kernel_id(autotuner)
-    if rt.lookup(kid, entry.key) is not None:
+    key = entry.key.in_order(list(autotuner.arg_names))  # a manifest may list dtypes in a call's order
+    if rt.lookup(kid, key) is not None or (key != entry.key and rt.lookup(kid, entry.key) is not None):
         return item("decided")
     state = autotuner.__dict__.get(STATE_ATTR)
     if state is not None:  # e.g. a fallback config remembered for this key: tune it for real now
@@ -187,11 +188,11 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
         return item("failed", f"{type(exc).__name__}: {exc}"[:400], time.perf_counter() - started,
                     lasting=isinstance(exc, TuningError))
     seconds = time.perf_counter() - started
-    if rt.lookup(kid, entry.key) is None:
-        if rt.decided_by_rule(kid, entry.key):
+    if rt.lookup(kid, key) is None:
+        if rt.decided_by_rule(kid, key):
             return item("decided", "pruning leaves one config for this call: nothing to tune", seconds)
         return item("failed", "the call ran but no decision was stored", seconds)
-    if not rt.published(kid, entry.key):
+    if not rt.published(kid, key):
         return item("failed", "tuned, but the decision could not be written to the store (see the warning above)",
                     seconds)
     return item("tuned", "", seconds)

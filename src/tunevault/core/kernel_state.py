@@ -97,6 +97,13 @@ class KernelState:
                   if n in named and hasattr(named[n], "dtype")]
         return TuningKey(tuple(items))
 
+    def earlier_key(self, named: dict[str, Any]) -> TuningKey | None:
+        """The key as tunevault labelled it before stop 26 (dtypes in the call's order), where that
+        differs: decisions and manifests written then are found under it."""
+        key = self.labelled_key(named)
+        earlier = key.in_order(list(named))
+        return None if earlier == key else earlier
+
     @property
     def kernel_id(self) -> KernelId:
         if self._kernel_id is None:

@@ -198,6 +198,20 @@ class TuningKey:
         return [(lb, theirs.get(lb), mine.get(lb)) for lb in labels
                 if _typed(mine.get(lb)) != _typed(theirs.get(lb))]
 
+    def in_order(self, names: list[str]) -> TuningKey:
+        """This key with its dtype elements in the order of ``names`` (its other elements first, as
+        they are): the kernel's parameter order makes today's key; a call's order, the key tunevault
+        wrote before stop 26, where a call passed tensors by keyword in another order."""
+        rank = {name: i for i, name in enumerate(names)}
+
+        def dtype_of(label: str) -> str | None:
+            return label[6:-1] if label.startswith("dtype(") and label.endswith(")") else None
+
+        plain = [item for item in self.items if dtype_of(item[0]) is None]
+        dtypes = sorted((item for item in self.items if dtype_of(item[0]) is not None),
+                        key=lambda item: rank.get(dtype_of(item[0]) or "", len(rank)))
+        return TuningKey(tuple(plain + dtypes))
+
 
 def _typed(value: JsonScalar) -> tuple[type, JsonScalar]:
     return type(value), value

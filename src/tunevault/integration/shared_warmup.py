@@ -102,6 +102,7 @@ class EntryTask:
         self.runtime, self.entry, self.device, self.names = runtime, entry, device, names
         self.plan: AheadPlan | None = None
         self.kernel, self.key = entry.kernel, entry.key
+        self.earlier = entry.key  # the key as the manifest spells it (dtypes maybe in a call's order)
         self.what = f"{entry.kernel} [{entry.key.describe() or 'empty key'}]"
         self._lease: str | WarmupItem | None = None
         self._kernel_id: KernelId | None = None
@@ -121,12 +122,15 @@ class EntryTask:
         if len(autotuner.configs) <= 1:
             return WarmupItem(self.kernel, self.key, "decided", "one config: nothing to tune")
         self._kernel_id = kernel_id(autotuner)
+        self.earlier, self.key = self.key, self.key.in_order(list(autotuner.arg_names))  # dtypes in order
         if self.names is not None:
             self.names.vouch(self.kernel, self._kernel_id.digest)
         return lease_name(self._kernel_id.digest, self.runtime.fingerprint.digest, self.key.text)
 
     def decided(self) -> bool:
-        return self._kernel_id is not None and self.runtime.lookup(self._kernel_id, self.key) is not None
+        kid = self._kernel_id
+        return kid is not None and (self.runtime.lookup(kid, self.key) is not None or (
+            self.earlier != self.key and self.runtime.lookup(kid, self.earlier) is not None))
 
     def identity_name(self) -> str | None:
         return None if self._kernel_id is None else self._kernel_id.name

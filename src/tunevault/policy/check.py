@@ -117,8 +117,11 @@ def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.Manif
     if len(autotuner.configs) <= 1:
         return CheckItem(entry.kernel, entry.key, True, "one config: nothing to tune")
     kid, fp = kernel_id(autotuner), machine()
+    key = entry.key.in_order(list(autotuner.arg_names))  # a manifest may list dtypes in a call's order
     try:
-        decision = store.get(kid.digest, fp.digest, entry.key.text)
+        decision = store.get(kid.digest, fp.digest, key.text)
+        if decision is None and key != entry.key:  # and a store, under that order
+            decision = store.get(kid.digest, fp.digest, entry.key.text)
     except StoreUnavailable:
         raise  # the store, not this key: check() says so once
     except Exception as exc:

@@ -9,6 +9,7 @@ first working, fallen back to), then the autotuner's public state and Triton's l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -132,6 +133,10 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     named = st.named_args(args, kwargs)
     tkey = st.labelled_key(named)
     decision = _stored(rt, st, tkey, {i for i, _ in indexed})
+    if decision is None and (earlier := st.earlier_key(named)) is not None:
+        decision = _stored(rt, st, earlier, {i for i, _ in indexed})  # written before keys were in order
+        if decision is not None:
+            decision = rt.publish(dataclasses.replace(decision, key=tkey))
     if decision is None:
         config, fell_back = _on_miss(rt, st, args, kwargs, named, tkey, key, indexed)
         return config, _NOT_LAUNCHED, fell_back
