@@ -55,6 +55,7 @@ def test_damaged_store_is_reported_and_repaired(tv: Any, sqlite_url: str, tmp_pa
     model = next(iter(store.decisions()))
     for n in range(300):  # a store big enough that 8 KB is a small part of it
         store.put(dataclasses.replace(model, key=TuningKey((("n", 10_000 + n), *model.key.items[1:]))))
+    assert store.try_lease("unpublished:k", '{"format": "x"}', 3600.0)  # a decision Redis has not got yet
     store.close()
     path = Path(sqlite_url.removeprefix("sqlite:///"))
     _damage(path)
@@ -72,6 +73,9 @@ def test_damaged_store_is_reported_and_repaired(tv: Any, sqlite_url: str, tmp_pa
 
     report = cli_json(capsys, "--store", sqlite_url, "doctor", "--repair")
     assert report["status"] == "repaired" and 0 < report["recovered"] <= 302
+    fresh = open_store(sqlite_url)
+    assert list(fresh.leases("unpublished:")) == ["unpublished:k"], "a mark for the remote survives the repair"
+    fresh.close()
     assert Path(report["damaged_copy"]).exists()
     assert cli(capsys, "--store", sqlite_url, "ls")[0] == 0
     assert cli_json(capsys, "--store", sqlite_url, "doctor")["status"] == "sound"

@@ -67,17 +67,36 @@ def _row_by_row(db: sqlite3.Connection, size: int) -> list[tuple[object, ...]]:
     return rows
 
 
+def readable_leases(path: str) -> list[tuple[str, str, float]]:
+    """The live leases SQLite can still read from ``path`` (name, holder, seconds left): among them
+    the marks of decisions a remote store has not got yet (store/unpublished.py) and the fleet's
+    failed-key records, which a repair must not lose."""
+    now = time.time()
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)) as db:
+            rows = db.execute("SELECT name, holder, expires FROM leases").fetchall()
+    except sqlite3.DatabaseError:
+        return []
+    return [(name, holder, expires - now) for name, holder, expires in rows
+            if isinstance(name, str) and isinstance(holder, str) and isinstance(expires, int | float)
+            and expires > now]
+
+
 def salvage(path: str) -> Salvage:
-    """Replace the damaged file at ``path`` by a fresh one holding its readable decisions."""
+    """Replace the damaged file at ``path`` by a fresh one holding its readable decisions (and
+    its readable live leases)."""
     try:
         found, lost = readable_decisions(path)
     except sqlite3.DatabaseError:  # not readable as a database at all
         found, lost = [], 0
+    leases = readable_leases(path)
     tmp = f"{path}.repair-{os.getpid()}"
     fresh = SqliteStore(tmp)
     try:
         for decision in found:
             fresh.put(decision)
+        for name, holder, ttl in leases:
+            fresh.try_lease(name, holder, ttl)
     finally:
         fresh.close()
     aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
