@@ -142,8 +142,11 @@ def _code_names(code: CodeType) -> list[str]:
 def _jit_options(jit_obj: Any) -> dict[str, Any]:
     """The ``@triton.jit`` options that change generated code, where not the default: ``debug``,
     ``noinline`` (stock's cache key has it for every dependency), ``do_not_specialize`` and
-    ``do_not_specialize_on_alignment``. The interpreter's function keeps them in ``kwargs``."""
+    ``do_not_specialize_on_alignment``. The interpreter's function keeps them in ``kwargs`` (up to
+    Triton 3.4, in its rewriter's)."""
     kwargs = getattr(jit_obj, "kwargs", None)
+    if not isinstance(kwargs, dict):
+        kwargs = getattr(getattr(jit_obj, "rewriter", None), "kwargs", None)
     given: dict[str, Any] = kwargs if isinstance(kwargs, dict) else {}
     options: dict[str, Any] = {}
     for name in ("debug", "noinline", "do_not_specialize", "do_not_specialize_on_alignment"):
