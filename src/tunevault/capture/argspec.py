@@ -298,6 +298,11 @@ class CallSpec:
     untrusted: bool = field(default=False, compare=False, repr=False)  # read from a file: check before building
     genuine: bool = field(default=False, compare=False, repr=False)  # its line's signature verified (``check``)
 
+    @property
+    def devices(self) -> list[str]:
+        """The devices the call's tensors were captured on, in argument order, each once."""
+        return list(dict.fromkeys(a.device for a in (*self.args, *(v for _, v in self.kwargs)) if a.kind == "tensor"))
+
     @classmethod
     def of(cls, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> CallSpec:
         named = {**dict(zip(autotuner.arg_names, args, strict=False)),

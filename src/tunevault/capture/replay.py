@@ -22,6 +22,7 @@ from tunevault.core.model import InvalidEntry, TuningError, TuningKey
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
 
+    from tunevault.capture.argspec import CallSpec
     from tunevault.core.kernel_state import KernelState
     from tunevault.core.model import Decision, KernelId
 
@@ -118,13 +119,12 @@ def _rebuild_call(autotuner: Autotuner, entry: mf.ManifestEntry, raw: dict[str, 
     return args, kwargs
 
 
-def _require_captured_devices(spec: Any) -> None:
+def _require_captured_devices(spec: CallSpec) -> None:
     """A manifest captured on a GPU host, replayed where that GPU is not (a CPU or interpreter
     host): one short reason naming ``--device``, instead of torch's page about ATen_cuda."""
     import torch
 
-    devices = {a.device for a in (*spec.args, *(v for _, v in spec.kwargs)) if a.kind == "tensor"}
-    for name in sorted(devices):
+    for name in sorted(spec.devices):
         try:
             dev = torch.device(name)
         except (RuntimeError, ValueError):

@@ -56,11 +56,28 @@ def _on_change(autotuner: Autotuner) -> Callable[[], None]:
 
     def forget() -> None:
         owner = ref()
-        state = None if owner is None else owner.__dict__.get(STATE_ATTR)
-        if state is not None:
-            state.hits.clear()
+        if owner is not None:
+            _forget_hits(owner)
 
     return forget
+
+
+def _forget_hits(autotuner: Autotuner) -> None:
+    """The hot path's own dict forgets what it decided: each key's next call takes the miss path."""
+    state = autotuner.__dict__.get(STATE_ATTR)
+    if state is not None:
+        state.hits.clear()
+
+
+def _del_instance_attr(autotuner: Autotuner, name: str) -> None:
+    """``del autotuner.cache`` / ``del autotuner.configs`` while installed: gone from the instance,
+    and forgotten by the hot path."""
+    with _lock:
+        try:
+            del autotuner.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        _forget_hits(autotuner)
 
 
 def _get_cache(autotuner: Autotuner) -> MirroredCache:
@@ -88,20 +105,7 @@ def _set_cache(autotuner: Autotuner, value: Any) -> None:
             value = MirroredCache(value, _on_change(autotuner))
             autotuner.__dict__["cache"] = value
             _mirrored.add(autotuner)
-        state = autotuner.__dict__.get(STATE_ATTR)
-        if state is not None:
-            state.hits.clear()
-
-
-def _del_cache(autotuner: Autotuner) -> None:
-    with _lock:
-        try:
-            del autotuner.__dict__["cache"]
-        except KeyError:
-            raise AttributeError("cache") from None
-        state = autotuner.__dict__.get(STATE_ATTR)
-        if state is not None:
-            state.hits.clear()
+        _forget_hits(autotuner)
 
 
 def _get_configs(autotuner: Autotuner) -> Any:
@@ -118,23 +122,10 @@ def _set_configs(autotuner: Autotuner, value: Any) -> None:
     kernel launches the new first config, or tunes when the new list has more)."""
     with _lock:
         autotuner.__dict__["configs"] = value
-        state = autotuner.__dict__.get(STATE_ATTR)
-        if state is not None:
-            state.hits.clear()
+        _forget_hits(autotuner)
 
 
-def _del_configs(autotuner: Autotuner) -> None:
-    with _lock:
-        try:
-            del autotuner.__dict__["configs"]
-        except KeyError:
-            raise AttributeError("configs") from None
-        state = autotuner.__dict__.get(STATE_ATTR)
-        if state is not None:
-            state.hits.clear()
-
-
-_CONFIGS_PROPERTY = property(_get_configs, _set_configs, _del_configs,
+_CONFIGS_PROPERTY = property(_get_configs, _set_configs, lambda autotuner: _del_instance_attr(autotuner, "configs"),
                              "The declared configs; tunevault's hot path follows a replaced list.")
 
 
@@ -172,7 +163,7 @@ def _deepcopy(autotuner: Autotuner, memo: dict[int, Any]) -> Autotuner:
     return new
 
 
-_CACHE_PROPERTY = property(_get_cache, _set_cache, _del_cache,
+_CACHE_PROPERTY = property(_get_cache, _set_cache, lambda autotuner: _del_instance_attr(autotuner, "cache"),
                            "Decided configs by Triton's key; tunevault's hot path follows every change.")
 
 

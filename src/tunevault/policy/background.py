@@ -133,12 +133,12 @@ def _device(args: tuple, kwargs: dict[str, Any]) -> torch.device | None:
 
 def _spec_device(spec: CallSpec) -> torch.device | None:
     """The CUDA device the captured call ran on, if any."""
-    for arg in (*spec.args, *(v for _, v in spec.kwargs)):
-        if arg.kind == "tensor" and arg.device.startswith("cuda"):
-            import torch
+    cuda = next((name for name in spec.devices if name.startswith("cuda")), None)
+    if cuda is None:
+        return None
+    import torch
 
-            return torch.device(arg.device)
-    return None
+    return torch.device(cuda)
 
 
 def _run(job: Job) -> None:

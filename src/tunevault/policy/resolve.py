@@ -67,8 +67,7 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
     with st.lock:
         hit = st.hits.get(raw_key)
         if hit is not None:  # decided while this call waited for the lock: a hit, counted as the hot path does
-            st.n_hits += 1
-            rt.late_hit(st, raw_key, args, kwargs)
+            _counted_hit(rt, st, raw_key, args, kwargs)
             return launch(st.autotuner, args, kwargs, *hit)
         st.key_fns.specialise(args, kwargs)
         st.refresh_configs()
