@@ -182,8 +182,7 @@ class Worker:
                         break
         finally:
             session.on_setup = None
-        if len(indices) > 1 and any(r.error is not None and any(s in r.error for s in STICKY)
-                                    for r in results.values()):
+        if len(indices) > 1 and any(r.error is not None and sticky(r.error) for r in results.values()):
             # A sticky device error (an illegal memory access) surfaces at the next synchronisation,
             # often in another config's timing, and every config after it fails alike: no config of
             # a batch can be blamed. The server times them one at a time in fresh workers.
@@ -295,11 +294,16 @@ def import_modules(names: Any, emit: Any = None) -> None:
         emit(ev="importing", module=None)
 
 
+def sticky(error: str) -> bool:
+    """A CUDA error that leaves the whole context unusable (every later call fails alike)."""
+    return any(s in error for s in STICKY)
+
+
 def worker_fault(exc: ConfigRaised) -> bool:
     """A config's error that is the worker's lot rather than the user's bug: out of memory (the
     worker shares the server's device) or a sticky device error. Its config loses, as a crash does."""
     error = exc.describe()
-    return "OutOfMemory" in error or "out of memory" in error or any(s in error for s in STICKY)
+    return "OutOfMemory" in error or "out of memory" in error or sticky(error)
 
 
 def healthy(error: str) -> bool:
@@ -307,7 +311,7 @@ def healthy(error: str) -> bool:
     if "OutOfMemory" in error or "out of memory" in error:
         release_memory()
         return True
-    if any(s in error for s in STICKY):
+    if sticky(error):
         return False
     try:
         import torch
