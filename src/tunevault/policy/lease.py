@@ -8,7 +8,6 @@ over; a waiter that waited ``lease_wait`` seconds tunes by itself, with a warnin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -19,6 +18,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
+
+from tunevault.store.base import key_lease_name
 
 if TYPE_CHECKING:
     from tunevault.policy.runtime import Runtime
@@ -32,7 +33,7 @@ _taken_here = threading.local()  # .names: leases this thread took itself (shard
 
 
 def lease_name(kernel_digest: str, fingerprint_digest: str, key_text: str) -> str:
-    return f"tune:{kernel_digest}:{fingerprint_digest}:{hashlib.sha256(key_text.encode()).hexdigest()[:32]}"
+    return key_lease_name("tune:", kernel_digest, fingerprint_digest, key_text)
 
 
 def new_holder() -> str:

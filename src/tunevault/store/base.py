@@ -8,6 +8,7 @@ exception into a kernel call.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -88,6 +89,12 @@ def overwrite(store: Store, decision: Decision) -> Decision:
     kd, fd, kt = decision.store_key
     store.delete(Query(kernel_digest=kd, fingerprint_digest=fd, key_text=kt))
     return store.put(decision)
+
+
+def key_lease_name(prefix: str, kernel_digest: str, fingerprint_digest: str, key_text: str) -> str:
+    """A lease name per store key (``prefix`` says what it is for: a tuning, an unpublished mark):
+    bounded in length, whatever the key's text."""
+    return f"{prefix}{kernel_digest}:{fingerprint_digest}:{hashlib.sha256(key_text.encode()).hexdigest()[:32]}"
 
 
 class StoreUnavailable(RuntimeError):

@@ -13,14 +13,13 @@ one that does not parse is ignored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 
 from tunevault.core.model import Decision
 from tunevault.core.untrusted import loads
-from tunevault.store.base import Store
+from tunevault.store.base import Store, key_lease_name
 
 log = logging.getLogger("tunevault")
 
@@ -43,8 +42,7 @@ class Mark:
 
 
 def name_of(store_key: StoreKey) -> str:
-    kernel, fingerprint, key = store_key
-    return f"{PREFIX}{kernel}:{fingerprint}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    return key_lease_name(PREFIX, *store_key)
 
 
 def leave(local: Store, store_key: StoreKey, stale: Decision | None) -> Mark | None:
