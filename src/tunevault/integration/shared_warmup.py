@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one, replayed_callspec
+from tunevault.core.files import write_text
 from tunevault.core.model import KernelId
 from tunevault.engine.ahead import AheadJob
 from tunevault.engine.context import sharing_cores
@@ -57,10 +58,7 @@ class DecidedNames:
         self.digests[name] = digest
         path = self._path(name)
         try:
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(digest)
-            os.replace(tmp, path)  # whole or absent for a peer reading it
+            write_text(path, digest)  # whole or absent for a peer reading it
         except OSError as exc:  # peers then import the kernel themselves
             log.debug("tunevault warmup: cannot share the digest of %s (%s)", name, exc)
 
