@@ -18,7 +18,9 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_turn = threading.RLock()  # reentrant: a config's hook may launch another autotuned kernel
+# Reentrant: a config's hook may launch another autotuned kernel. Read it as ``turns.launch_turn``
+# at each launch: a forked child gets a new one.
+launch_turn = threading.RLock()
 
 
 def taking_turns(run: Callable[P, R]) -> Callable[P, R]:
@@ -29,7 +31,7 @@ def taking_turns(run: Callable[P, R]) -> Callable[P, R]:
         return run
 
     def turn(*args: P.args, **kwargs: P.kwargs) -> R:
-        with _turn:
+        with launch_turn:
             return run(*args, **kwargs)
 
     return turn
@@ -37,8 +39,8 @@ def taking_turns(run: Callable[P, R]) -> Callable[P, R]:
 
 def _new_turn_in_child() -> None:
     """A thread launching at a fork does not exist in the child: its turn would never end there."""
-    global _turn
-    _turn = threading.RLock()
+    global launch_turn
+    launch_turn = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):

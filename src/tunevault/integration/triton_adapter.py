@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from tunevault.core.kernel_state import STATE_ATTR, KernelState, is_kernel
-from tunevault.policy.resolve import launch, resolve
+from tunevault.engine import turns
+from tunevault.policy.resolve import resolve
 from tunevault.policy.runtime import Runtime
 from tunevault.policy.settings import Settings
 from tunevault.policy.stock import MirroredCache
@@ -190,8 +191,9 @@ def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     """``_run`` under Triton's interpreter: a hit's launch takes turns with background tuning's
     (engine/turns.py; a miss's launch in ``resolve`` takes its turn itself). Only the launch: a turn
     held while waiting for a kernel's lock could wait for a tuning that waits for the turn. It
-    repeats ``_run``'s lookup rather than sharing a helper with it: ``_run`` is the GPU hot path,
-    one function with no call and no interpreter check in it."""
+    repeats ``_run`` rather than sharing a helper with it: ``_run`` is the GPU hot path, one
+    function with no call and no interpreter check in it, and here a helper per hit was most of
+    the added cost."""
     try:
         state = self._tunevault_state
     except AttributeError:
@@ -203,7 +205,12 @@ def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     if hit is None:
         return resolve(cast("Runtime", _runtime), state, args, kwargs, raw_key)  # set while installed
     state.n_hits += 1
-    return launch(self, args, kwargs, *hit)
+    config, cfg_kwargs, pre_hook = hit
+    self.best_config = config
+    if pre_hook is not None:
+        pre_hook({**dict(zip(self.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
+    with turns.launch_turn:
+        return self.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
 def _run_counting_hits(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
