@@ -4,6 +4,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this module
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -660,11 +661,12 @@ def test_fingerprint_under_the_interpreter(monkeypatch):
     assert current_fingerprint(refresh=True) == fp
 
 
-@pytest.mark.parametrize("var, value", [("TRITON_DEBUG", "1"), ("PTXAS_OPTIONS", "-O1"),
-                                        ("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "1")])
+@pytest.mark.parametrize("var, value", [("PTXAS_OPTIONS", "-O1"), ("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", "1")])
 def test_codegen_variables_outside_tritons_list_are_in_the_fingerprint_when_set(monkeypatch, var, value):
     """Triton makes these compile options or code-generator behaviour, not cache-invalidating
-    variables: a decision tuned under them is filed apart; unset, the fingerprint is unchanged."""
+    variables: a decision tuned under them is filed apart; unset, the fingerprint is unchanged.
+    (TRITON_DEBUG set after Triton's import changes nothing on releases that read it once then:
+    the fresh-process test below covers it.)"""
     monkeypatch.delenv(var, raising=False)
     plain = current_fingerprint(refresh=True)
     assert var not in dict(plain.env)
@@ -675,17 +677,41 @@ def test_codegen_variables_outside_tritons_list_are_in_the_fingerprint_when_set(
     assert current_fingerprint(refresh=True) == plain
 
 
+@pytest.mark.parametrize("section, knob, var, value, recorded", [
+    ("runtime", "debug", "TRITON_DEBUG", True, "1"),
+    ("compilation", "allow_non_constexpr_globals", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", True, "1"),
+    ("nvidia", "ptxas_options", "PTXAS_OPTIONS", "-O1", "-O1")])
+def test_a_codegen_knob_set_in_code_is_in_the_fingerprint(monkeypatch, section, knob, var, value, recorded):
+    """Triton compiles by its knobs, not the variables: ``triton.knobs.runtime.debug = True`` in a
+    program with TRITON_DEBUG unset compiled with debug checks under the fingerprint without them."""
+    import triton
+
+    owner = getattr(triton.knobs, section, None)
+    if owner is None or not hasattr(owner, knob):
+        pytest.skip(f"this Triton has no knobs.{section}.{knob}")
+    monkeypatch.delenv(var, raising=False)
+    plain = current_fingerprint(refresh=True)
+    with owner.scope() if hasattr(owner, "scope") else contextlib.nullcontext():  # Triton's own undo
+        monkeypatch.setattr(owner, knob, value)
+        changed = current_fingerprint()  # no refresh: the cached fingerprint follows the knob
+        assert dict(changed.env).get(var) == recorded and changed.digest != plain.digest
+        monkeypatch.undo()
+    assert current_fingerprint() == plain
+
+
 @pytest.mark.parametrize("var, value", [("TRITON_DEBUG", "1"), ("PTXAS_OPTIONS", "-O1")])
 def test_the_cli_computes_the_fingerprint_the_runtime_files_decisions_under(tmp_path, var, value):
     """Under the interpreter the CLI computes the fingerprint without torch (core.machine): it left
     these variables out, so `check` called the keys a warmup had just stored missing."""
     code = ("import json, sys; from tunevault.core.machine import this_machine; "
             "from tunevault.core.identity import current_fingerprint; "
-            "print(json.dumps([this_machine().digest, current_fingerprint().digest]))")
+            "fp = current_fingerprint(); "
+            "print(json.dumps([this_machine().digest, fp.digest, dict(fp.env)]))")
     env = {**os.environ, var: value, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    cli, runtime = json.loads(out.stdout.splitlines()[-1])
+    cli, runtime, recorded = json.loads(out.stdout.splitlines()[-1])
     assert cli == runtime, out.stderr
+    assert recorded[var] == value
 
 
 KNOB_MIDWAY = """

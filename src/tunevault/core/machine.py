@@ -161,7 +161,37 @@ def codegen_env() -> tuple[tuple[str, str], ...]:
     except Exception:
         return ()
     env.update((name, value) for name in CODEGEN_ENV_VARS if (value := os.environ.get(name)))
+    _knobs_set_in_code(env)
     return tuple(sorted(env.items()))
+
+
+# CODEGEN_ENV_VARS' knobs: (section, attribute, is a flag). Triton reads a knob, not the variable,
+# so a program that sets one in code (``triton.knobs.runtime.debug = True``) compiles otherwise.
+_CODEGEN_KNOBS = {"TRITON_DEBUG": ("runtime", "debug", True),
+                  "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS": ("compilation", "allow_non_constexpr_globals", True),
+                  "PTXAS_OPTIONS": ("nvidia", "ptxas_options", False)}
+_TRUE = ("1", "true", "yes", "on", "y")  # Triton's env_bool
+
+
+def _knobs_set_in_code(env: dict[str, str]) -> None:
+    """Correct ``env`` where a CODEGEN_ENV_VARS knob says otherwise than its variable (set in code,
+    or the variable set after Triton read it at import): the knob's value as the variable would
+    spell it, and nothing where the knob is off. Knobs a Triton release lacks are skipped."""
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    for name, (section, attribute, flag) in _CODEGEN_KNOBS.items():
+        try:
+            value = getattr(getattr(knobs, section), attribute)
+        except AttributeError:
+            continue
+        said = env.get(name)
+        if flag and bool(value) != (said is not None and said.strip().lower() in _TRUE):
+            said = "1" if value else None
+        elif not flag and (value or None) != ((said or "").strip() or None):
+            said = str(value) if value else None
+        if said is None:
+            env.pop(name, None)
+        else:
+            env[name] = said
 
 
 def interpreting() -> bool:
