@@ -138,6 +138,23 @@ def test_the_prestarted_worker_imports_the_modules_a_manifest_names(
     assert pids == [isolated.worker_pid()] and name not in sys.modules  # the server never imported it
 
 
+def test_the_prestarted_worker_imports_no_manifest_module_the_allow_list_refuses(
+        sqlite_url: str, learned: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest is untrusted: with ``$TUNEVAULT_ALLOW_MODULES`` set, the worker imported every
+    module it named anyway (the server itself refuses those), running their code."""
+    name, marks = learned
+    other = f"{name}_allowed"
+    (tmp_path / f"{other}.py").write_text(LEARNED)
+    keys = tmp_path / "earlier-run.jsonl"
+    mf.append(keys, [mf.line(f"{mod}:kernel", TuningKey((("n", 16),)), {"hit": 1}, 0.0, 0.0, 1, "host")
+                     for mod in (name, other)])
+    monkeypatch.setenv("TUNEVAULT_ALLOW_MODULES", other)
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, capture=str(keys))
+    assert imported_by(marks, other) == [isolated.worker_pid()]  # the hints were sent, in order
+    assert imported_by(marks, name, limit=0.0) == []
+    sys.modules.pop(other, None)
+
+
 SETS_TRITON_VAR = '''
 import os
 

@@ -29,13 +29,17 @@ def of_targets(targets: Iterable[str]) -> list[str]:
 
 
 def from_manifest(path: str | os.PathLike[str] | None) -> list[str]:
-    """The kernels' modules a key manifest names; none when there is no readable manifest there."""
+    """The kernels' modules a key manifest names, of those ``$TUNEVAULT_ALLOW_MODULES`` allows (a
+    manifest is untrusted: the worker must not import what the server would refuse to); none when
+    there is no readable manifest there, or the allow list is malformed."""
     if not path or not os.path.isfile(path):
         return []
     try:
         from tunevault.capture import manifest
+        from tunevault.capture.locate import allowed_prefixes, module_allowed
 
-        return of_targets(e.kernel for e in manifest.read(path))
+        prefixes = allowed_prefixes()
+        return [m for m in of_targets(e.kernel for e in manifest.read(path)) if module_allowed(m, prefixes)]
     except Exception:
         return []
 
