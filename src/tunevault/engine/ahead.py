@@ -322,8 +322,8 @@ class HelperCompiles:
 
     def add(self, sid: int, autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], configs: Sequence[Config],
             ) -> None:
+        from tunevault.core.machine import interpreting
         from tunevault.engine.inprocess import compiler, device_caches_ready
-        from tunevault.engine.timing import interpreting
 
         if interpreting() or not configs:  # nothing compiles under the interpreter
             self.emit(ev="compiled", sid=sid)

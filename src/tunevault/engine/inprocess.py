@@ -151,7 +151,7 @@ def precompile(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config
     cache); older versions get plain threads calling ``run(warmup=True)``. Under the interpreter
     there is nothing to compile.
     """
-    from tunevault.engine.timing import interpreting
+    from tunevault.core.machine import interpreting
 
     if interpreting() or len(configs) < 2:
         return

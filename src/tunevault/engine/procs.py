@@ -303,7 +303,7 @@ def likely_device() -> int | None:
     """The device this process will most likely tune on, guessed without touching CUDA.
 
     A prestarted worker is pinned to it; a wrong guess costs only that worker's replacement."""
-    from tunevault.engine.timing import interpreting
+    from tunevault.core.machine import interpreting
 
     if interpreting():
         return None  # arguments live on the CPU: the worker gets no device pin

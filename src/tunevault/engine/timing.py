@@ -7,13 +7,13 @@ comes in two efforts: ``screen`` (a few runs, to rank candidates) and ``full`` (
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.env import positive
+from tunevault.core.machine import interpreting
 
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
@@ -32,15 +32,6 @@ CPU_SCREEN_QUANTILES = (0.0, 0.2, 0.8)
 CPU_SCREEN_ROUNDS = 4  # as the GPU screen's (engine/rounds.py)
 DEFAULT_CPU_REPS = 15  # careful rounds; TUNEVAULT_CPU_BENCH_REPS overrides (cpu_reps says why 15)
 MAX_CPU_REPS = 10_000  # more is a typo that would stall the kernel call for hours under the interpreter
-
-
-def interpreting() -> bool:
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def quantile(ordered: Sequence[float], q: float) -> float:

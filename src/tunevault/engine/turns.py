@@ -25,7 +25,7 @@ launch_turn = threading.RLock()
 
 def taking_turns(run: Callable[P, R]) -> Callable[P, R]:
     """``run`` itself on a GPU; under the interpreter, ``run`` holding the launch turn."""
-    from tunevault.engine.timing import interpreting
+    from tunevault.core.machine import interpreting
 
     if not interpreting():
         return run

@@ -228,7 +228,7 @@ def _hot_path() -> Callable[..., Any]:
     """What ``Autotuner.run`` is while installed: decided at installation and when capture's hit
     counting starts or stops, so the plain hot path checks neither."""
     global _interpreted
-    from tunevault.engine.timing import interpreting
+    from tunevault.core.machine import interpreting
 
     _interpreted = interpreting()
     if _hit_hook is not None:

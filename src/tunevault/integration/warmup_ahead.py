@@ -28,7 +28,7 @@ def keys_ahead(settings: Settings) -> int:
     """How many keys compile ahead: the setting, else 16 on a GPU and none under the interpreter."""
     if settings.compile_ahead is not None:
         return settings.compile_ahead
-    from tunevault.engine.timing import interpreting
+    from tunevault.core.machine import interpreting
 
     return 0 if interpreting() else AUTO_KEYS
 

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tunevault.core.machine import interpreting
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningError, TuningKey
 from tunevault.engine.failures import losing_errors
 from tunevault.engine.inprocess import conflict_error
 from tunevault.engine.select import NoWorkingConfig, select
-from tunevault.engine.timing import interpreting, own_bench
+from tunevault.engine.timing import own_bench
 from tunevault.engine.turns import taking_turns
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
