@@ -174,7 +174,9 @@ def test_a_fork_while_a_key_tunes_in_the_background_leaves_the_child_able_to_tun
 def test_under_the_interpreter_background_tuning_and_requests_take_turns_launching(sqlite_url: str) -> None:
     """Triton's interpreter keeps a launch's program id in one process-wide builder: two threads
     launching at once read each other's ids (stock raises ``x >= grid_dim[0]``, or computes
-    wrong). Background tuning in this process must not launch while a request does."""
+    wrong). Background tuning in this process must not launch while a request does: neither a
+    request's autotuned kernel nor its plain ``@triton.jit`` one (which raised "Did you forget to
+    add @triton.jit?" or computed wrong while only autotuned launches took turns)."""
     import sys
     import time
 
@@ -201,6 +203,10 @@ def test_under_the_interpreter_background_tuning_and_requests_take_turns_launchi
                 local[kc.grid(2000)](x, out, 2000)
                 if not torch.equal(out, x + 1):
                     failures.append("wrong result")
+                out.zero_()
+                kc.add_one.fn[kc.grid(2000)](x, out, 2000, BLOCK=64)  # the plain JIT function, no autotuner
+                if not torch.equal(out, x + 1):
+                    failures.append("wrong result of a plain launch")
             except Exception as exc:
                 failures.append(repr(exc)[:200])
     finally:
@@ -211,18 +217,23 @@ def test_under_the_interpreter_background_tuning_and_requests_take_turns_launchi
     assert {dict(d.provenance)["tuned_in"] for d in runtime().used.values()} == {"process"}
 
 
-def test_a_job_finishing_after_uninstall_leaves_stock_tritons_cache_alone(sqlite_url: str, gate: Path) -> None:
-    """uninstall() restores stock Triton exactly: a job still tuning then wrote its config into the
-    autotuner's cache afterwards, so stock skipped benchmarking that key."""
+def test_uninstall_leaves_no_background_tuning_running_and_stock_tritons_cache_alone(
+        sqlite_url: str, gate: Path) -> None:
+    """uninstall() restores stock Triton exactly: a job still tuning went on beside stock's own
+    benchmarking (and under the interpreter, raced its launches), then wrote its config into the
+    autotuner's cache, so stock skipped benchmarking that key. uninstall() now waits for it."""
     tunevault.install(mode="tune", store=sqlite_url)
     tunevault.seal(on_miss="background")
     x, y = torch.randn(300), torch.randn(300)
     assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)  # the fallback; the job waits at the gate
     assert background.pending() == 1
-    tunevault.uninstall()
-    assert dict(ke.add_gated.cache) == {}
-    gate.touch()
-    assert background.drain(timeout=180)
+    opener = threading.Timer(1.0, gate.touch)  # the job goes on while uninstall() waits for it
+    opener.start()
+    try:
+        tunevault.uninstall()
+        assert background.pending() == 0, "a background tuning outlived uninstall()"
+    finally:
+        opener.join()
     assert dict(ke.add_gated.cache) == {}, "the job's config reached stock Triton's cache"
 
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from tunevault.core.model import CandidateResult, ConfigSpec
 from tunevault.engine.failures import ConfigRaised, losing_errors, raising
-from tunevault.engine.turns import taking_turns
 
 if TYPE_CHECKING:
     from triton import Config
@@ -55,7 +54,7 @@ def make_kernel_call(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], 
     """One launch of ``config`` wrapped in the hooks, as the benchmarker will call it."""
     current = dict(kwargs, **config.all_kwargs())
     full_nargs = {**nargs, **current}
-    run = taking_turns(autotuner.fn.run)  # decided once: a timed call pays nothing for it on a GPU
+    run = autotuner.fn.run
 
     def kernel_call() -> None:
         if config.pre_hook:

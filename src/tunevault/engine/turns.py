@@ -4,8 +4,9 @@ The interpreter runs a launch on process-wide state: one builder holds the progr
 program reads, and ``triton.language`` is patched for the launch's duration. Two threads launching
 at once read each other's program ids (``x >= grid_dim[0]``) or an unpatched ``tl``. Stock Triton
 launches only from the threads its user starts; tunevault adds one of its own (background
-tuning), so its launches and the requests' launches of autotuned kernels take turns. On a GPU
-nothing changes: a launch is the kernel's own ``run``.
+tuning), so while it is installed every interpreted launch takes its turn: autotuned kernels' and
+the user's plain ``@triton.jit`` kernels' alike, at the interpreter's one launcher
+(``GridExecutor.__call__``). On a GPU nothing changes.
 """
 
 from __future__ import annotations
@@ -13,28 +14,45 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-# Reentrant: a config's hook may launch another autotuned kernel. Read it as ``turns.launch_turn``
-# at each launch: a forked child gets a new one.
+# Reentrant: a config's hook may launch another kernel. Read at each launch (a forked child gets a new one).
 launch_turn = threading.RLock()
+_original_call: Callable[..., Any] | None = None  # GridExecutor.__call__ while ours replaces it
 
 
-def taking_turns(run: Callable[P, R]) -> Callable[P, R]:
-    """``run`` itself on a GPU; under the interpreter, ``run`` holding the launch turn."""
+def _taking_turns(original: Callable[..., Any]) -> Callable[..., Any]:
+    def __call__(self: object, *args: Any, **kwargs: Any) -> Any:
+        with launch_turn:
+            return original(self, *args, **kwargs)
+
+    return __call__
+
+
+def start() -> None:
+    """Under the interpreter, make every launch take its turn (idempotent; nothing on a GPU)."""
+    global _original_call
     from tunevault.core.machine import interpreting
 
-    if not interpreting():
-        return run
+    if _original_call is not None or not interpreting():
+        return
+    try:
+        from triton.runtime.interpreter import GridExecutor
+    except ImportError:  # a Triton without the interpreter's launcher: nothing launches there
+        return
+    _original_call = GridExecutor.__call__
+    GridExecutor.__call__ = _taking_turns(_original_call)
 
-    def turn(*args: P.args, **kwargs: P.kwargs) -> R:
-        with launch_turn:
-            return run(*args, **kwargs)
 
-    return turn
+def stop() -> None:
+    """Give the interpreter its own launcher back (uninstall)."""
+    global _original_call
+    if _original_call is None:
+        return
+    from triton.runtime.interpreter import GridExecutor
+
+    GridExecutor.__call__ = _original_call
+    _original_call = None
 
 
 def _new_turn_in_child() -> None:

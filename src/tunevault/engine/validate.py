@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunevault.engine.failures import raising
-from tunevault.engine.turns import taking_turns
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +98,7 @@ class Validator:
                 config.pre_hook(full)
             if on_launch is not None:
                 on_launch()
-            taking_turns(at.fn.run)(*self.args, **{**self.kwargs, "warmup": False}, **cfg_kwargs)
+            at.fn.run(*self.args, **{**self.kwargs, "warmup": False}, **cfg_kwargs)
 
         raising(launch, index)()  # the config's own errors are told from the validator's
         return {k: v.detach().clone() for k, v in self.tensors.items()}

@@ -36,7 +36,6 @@ _attached: weakref.WeakSet[Autotuner] = weakref.WeakSet()
 _mirrored: weakref.WeakSet[Autotuner] = weakref.WeakSet()  # whose ``cache`` is a MirroredCache now
 _NO_ATTR = object()
 _hit_hook: HitHook | None = None  # key capture's counter, set only while capturing
-_interpreted = False  # Triton's interpreter was on when the hot path was chosen (_hot_path)
 
 
 def _attach(autotuner: Autotuner) -> KernelState | None:
@@ -187,32 +186,6 @@ def _run(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     return self.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
-def _run_interpreted(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
-    """``_run`` under Triton's interpreter: a hit's launch takes turns with background tuning's
-    (engine/turns.py; a miss's launch in ``resolve`` takes its turn itself). Only the launch: a turn
-    held while waiting for a kernel's lock could wait for a tuning that waits for the turn. It
-    repeats ``_run`` rather than sharing a helper with it: ``_run`` is the GPU hot path, one
-    function with no call and no interpreter check in it, and here a helper per hit was most of
-    the added cost."""
-    try:
-        state = self._tunevault_state
-    except AttributeError:
-        state = _attach(self)
-    if state is None:
-        return _original_run(self, *args, **kwargs)
-    raw_key = state.key_fns[len(args)](args, kwargs)
-    hit = state.hits.get(raw_key)
-    if hit is None:
-        return resolve(cast("Runtime", _runtime), state, args, kwargs, raw_key)  # set while installed
-    state.n_hits += 1
-    config, cfg_kwargs, pre_hook = hit
-    self.best_config = config
-    if pre_hook is not None:
-        pre_hook({**dict(zip(self.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
-    with turns.launch_turn:
-        return self.fn.run(*args, **kwargs, **cfg_kwargs)
-
-
 def _run_counting_hits(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
     """``_run`` while key capture counts in-memory hits (``set_hit_hook``): the plain hot path
     pays nothing for capture when it is off."""
@@ -221,19 +194,13 @@ def _run_counting_hits(self: Autotuner, *args: Any, **kwargs: Any) -> Any:
         raw_key = state.key_fns[len(args)](args, kwargs)
         if raw_key in state.hits:
             _hit_hook(state, raw_key, args, kwargs)
-    return (_run_interpreted if _interpreted else _run)(self, *args, **kwargs)
+    return _run(self, *args, **kwargs)
 
 
 def _hot_path() -> Callable[..., Any]:
     """What ``Autotuner.run`` is while installed: decided at installation and when capture's hit
-    counting starts or stops, so the plain hot path checks neither."""
-    global _interpreted
-    from tunevault.core.machine import interpreting
-
-    _interpreted = interpreting()
-    if _hit_hook is not None:
-        return _run_counting_hits
-    return _run_interpreted if _interpreted else _run
+    counting starts or stops, so the plain hot path never checks it."""
+    return _run_counting_hits if _hit_hook is not None else _run
 
 
 def install(settings: Settings) -> Runtime:
@@ -241,10 +208,10 @@ def install(settings: Settings) -> Runtime:
     global _original_run, _runtime
     from triton.runtime.autotuner import Autotuner
 
+    if settings.mode == "off":
+        uninstall()
+        return Runtime(settings)
     with _lock:
-        if settings.mode == "off":
-            uninstall()
-            return Runtime(settings)
         sealed = _runtime.on_miss if _runtime is not None and _runtime.sealed else None
         if _runtime is not None:
             _runtime.close()
@@ -259,6 +226,7 @@ def install(settings: Settings) -> Runtime:
             _original_run = Autotuner.run
             Autotuner.run = _hot_path()
             _install_cache_property(Autotuner)
+            turns.start()
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
 
@@ -276,8 +244,16 @@ def _warm_up_pending(runtime: Runtime, manifest: str) -> None:
 
 
 def uninstall() -> None:
-    """Restore stock ``Autotuner.run`` and forget every per-kernel state; idempotent."""
+    """Restore stock ``Autotuner.run`` and forget every per-kernel state; idempotent. A background
+    tuning in progress is waited for (at most the tuning timeout) and queued ones are dropped:
+    none runs beside stock Triton's own benchmarking after this returns."""
     global _original_run, _runtime
+    background = sys.modules.get("tunevault.policy.background")
+    if _runtime is not None and background is not None:
+        settings = _runtime.settings
+        if not background.stop(_runtime, timeout=settings.tune_timeout):
+            log.warning("tunevault: uninstall(): a background tuning still runs after %.0f s; "
+                        "it will not update anything", settings.tune_timeout)
     with _lock:
         if _original_run is not None:
             from triton.runtime.autotuner import Autotuner
@@ -286,6 +262,7 @@ def uninstall() -> None:
             _original_run = None
         _drop_states(unwrap=True)
         _uninstall_cache_property()
+        turns.stop()
         if _runtime is not None:
             _runtime.close()
             _runtime = None

@@ -204,6 +204,16 @@ def drain(timeout: float | None = None) -> bool:
         return _cond.wait_for(lambda: not _queue and not _running, timeout=timeout)
 
 
+def stop(rt: Runtime, timeout: float | None = None) -> bool:
+    """Drop ``rt``'s queued jobs and wait for its running one (``timeout``: False if it still runs),
+    so that ``uninstall()`` leaves no tuning running beside stock Triton."""
+    with _cond:
+        for job in [j for j in _queue if j.rt is rt]:
+            _queue.remove(job)
+            _pending.discard(job.token)
+        return _cond.wait_for(lambda: not any(j.rt is rt for j in _running), timeout=timeout)
+
+
 def pending() -> int:
     with _cond:
         return len(_queue) + len(_running)

@@ -21,7 +21,6 @@ from tunevault.engine.failures import losing_errors
 from tunevault.engine.inprocess import conflict_error
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.engine.timing import own_bench
-from tunevault.engine.turns import taking_turns
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
 from tunevault.policy.diagnose import TuningMiss, explain_miss
@@ -60,7 +59,7 @@ def launch(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config: Co
     autotuner.best_config = config
     if pre_hook is not None:
         pre_hook({**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
-    return taking_turns(autotuner.fn.run)(*args, **kwargs, **cfg_kwargs)
+    return autotuner.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
 def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
