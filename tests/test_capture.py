@@ -435,26 +435,35 @@ def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> 
 
 
 def test_integers_that_are_values_not_sizes_are_replayed(tv, tmp_path: Path, monkeypatch) -> None:
-    """A collator's ``pad_id=151643`` is larger than its 1024-element tensors and a sentinel
+    """A collator's ``pad_id=151643`` is larger than its 512-element tensors and a sentinel
     constexpr is 2**31 - 1: the captured call ran with both, so warmup tunes the key (padding the
     tensors to pad_id, never to the constexpr) and a sealed server finds it. Where padding is over
-    the byte cap, a signed manifest is replayed as captured and an unsigned one refused."""
+    the byte cap, a signed manifest is replayed as captured and an unsigned one refused; so is the
+    sentinel kept in the ``lens`` tensor, which an unsigned line could as well use as an index."""
     from tunevault.capture.argspec import CallSpec
 
     path = tmp_path / "keys.jsonl"
     with tunevault.capture(path):
-        ks.pad_batch()
+        ks.pad_batch(rows=2)  # no row of length NO_ROW: lens holds [10, 256]
     (entry,) = mf.read(path)
     assert entry.callspec is not None
-    assert CallSpec.from_json(entry.callspec).check(ks.pad_tokens) == 151643
+    # out, captured after the call, holds pad_id: as an index value it asks for pad_id + 1 elements
+    assert CallSpec.from_json(entry.callspec).check(ks.pad_tokens) == 151644
     store = tmp_path / "warm.db"
     assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
     tunevault.uninstall()
-    assert _sealed_serve(store, "ks.pad_batch()") == {"hits": 1, "misses": 0}
+    assert _sealed_serve(store, "ks.pad_batch(rows=2)") == {"hits": 1, "misses": 0}
+
+    sentinel = tmp_path / "sentinel.jsonl"
+    tunevault.install(mode="tune", store="memory://")
+    with tunevault.capture(sentinel):
+        ks.pad_batch()  # lens holds 2**31 - 1, unsigned
+    ((status, reason),) = _warmup_fresh(sentinel, tmp_path / "s.db").values()
+    assert status == "skipped" and "lens holding the index 2147483647" in reason and "signed" in reason, reason
 
     monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "100000")  # the tensors fit, padded to pad_id not
     ((status, reason),) = _warmup_fresh(path, tmp_path / "a.db").values()
-    assert status == "skipped" and "pad_id=151643" in reason and "signed" in reason, reason
+    assert status == "skipped" and "out holding the index 151643" in reason and "signed" in reason, reason
     signed = tmp_path / "signed.jsonl"
     tunevault.install(mode="tune", store="memory://", bundle_key="k")
     with tunevault.capture(signed):
