@@ -472,6 +472,31 @@ def test_integers_that_are_values_not_sizes_are_replayed(tv, tmp_path: Path, mon
     assert [(i.status, i.reason) for i in tunevault.warmup(signed).items] == [("tuned", "")]
 
 
+def test_values_that_do_not_fit_the_dtype_are_refused_not_wrapped(tv, tmp_path: Path) -> None:
+    """``lens`` (int32) forged to hold 2**32 + 10: torch would rebuild it as 10, a call unlike the
+    line's, so warmup skips the line naming the dtype; bool holds only 0 and 1, int8 -128 to 127."""
+    from tunevault.capture.argspec import ArgSpec
+    from tunevault.core.model import InvalidEntry
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.pad_batch(rows=2)
+    forged = json.loads(path.read_text().splitlines()[0])
+    forged["callspec"]["args"][1]["values"] = [(1 << 32) + 10, 256]
+    write = tmp_path / "forged.jsonl"
+    write.write_text(json.dumps(forged) + "\n")
+    ((status, reason),) = _warmup_fresh(write, tmp_path / "f.db").values()
+    assert status == "skipped" and "must fit int32 (-2147483648 to 2147483647); got 4294967306" in reason, reason
+    layout = {"kind": "tensor", "shape": [2], "stride": [1], "device": "cpu"}
+    for dtype, extra, got in (("bool", {"values": [7, 0]}, 7), ("int8", {"low": -129, "high": 3}, -129),
+                              ("uint8", {"values": [-1, 3]}, -1)):
+        with pytest.raises(InvalidEntry, match=f"must fit {dtype} .*; got {got}$"):
+            ArgSpec.from_json(layout | {"dtype": dtype} | extra)
+    assert ArgSpec.from_json(layout | {"dtype": "bool", "values": [1, 0]}).build("cpu").tolist() == [True, False]
+    kept = ArgSpec.from_json(layout | {"dtype": "int8", "values": [-128, 127]})
+    assert kept.build("cpu").tolist() == [-128, 127]
+
+
 def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path: Path, monkeypatch) -> None:
     """Two processes captured one key (a batch of 64 rows, then one row): where the first call is
     over the replay's byte cap, the second is replayed instead."""

@@ -141,6 +141,12 @@ class ArgSpec:
         _require((low is None) == (high is None), "argspec low/high come together")
         _require(low is None or (_is_number(low) and _is_number(high) and -MAX_INT <= low <= high <= MAX_INT),
                  "argspec low/high must be numbers, low <= high")
+        fits = _dtype_range(data["dtype"]) if values or low is not None else None
+        if fits is not None:  # a value the dtype cannot hold would be rebuilt wrapped (2**32 + 5 as int32: 5)
+            lo, hi = fits
+            outside = [v for v in (*(values or ()), *(() if low is None else (low, high))) if not lo <= v <= hi]
+            if outside:
+                raise InvalidEntry(f"argspec values must fit {data['dtype']} ({lo} to {hi}); got {outside[0]}")
         return cls("tensor", shape=tuple(shape), stride=tuple(stride), dtype=data["dtype"], device=data["device"],
                    values=None if values is None else tuple(values),
                    low=None if low is None else float(low), high=None if high is None else float(high))
@@ -231,6 +237,23 @@ def _tl_dtype(name: str) -> tl.dtype:
         if type(obj).__module__.startswith("triton.language") and str(obj) == name and hasattr(obj, "is_fp16"):
             return obj
     raise InvalidEntry(f"unknown triton dtype {name!r}")
+
+
+def _dtype_range(name: str) -> tuple[int, int] | None:
+    """The values a tensor of torch dtype ``name`` holds exactly: 0 and 1 for bool, ``torch.iinfo``
+    for an integer dtype; None for a floating, complex or unknown one (``build`` refuses unknown)."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or dtype.is_floating_point or dtype.is_complex:
+        return None
+    if dtype == torch.bool:
+        return 0, 1
+    try:
+        info = torch.iinfo(dtype)
+    except TypeError:  # a quantized dtype: no integer range torch reports
+        return None
+    return int(info.min), int(info.max)
 
 
 def _is_int(v: Any) -> TypeGuard[int]:
