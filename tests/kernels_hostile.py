@@ -52,6 +52,36 @@ def forging(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + 1, mask=mask)
 
 
+@triton.autotune(configs=CONFIGS[:2], key=["n"])
+@triton.jit
+def gather(out_ptr, src_ptr, idx_ptr, n, BLOCK: tl.constexpr):
+    """out[i] = src[idx[i]]: the index tensor's values are addresses, as in an embedding lookup."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    index = tl.load(idx_ptr + offs, mask=mask, other=0)
+    tl.store(out_ptr + offs, tl.load(src_ptr + index, mask=mask, other=0.0), mask=mask)
+
+
+@triton.autotune(configs=CONFIGS[:2], key=["n"])
+@triton.jit
+def shift(out_ptr, src_ptr, off, n, BLOCK: tl.constexpr):
+    """out[i] = src[off + i]: a runtime offset into ``src``."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(src_ptr + off + offs, mask=mask), mask=mask)
+
+
+def run_indexed(n: int) -> None:
+    """One genuine call of each of ``gather`` and ``shift`` for ``n``, results checked."""
+    src = torch.arange(64, dtype=torch.float32)
+    idx = (torch.arange(n, dtype=torch.int32) * 7) % 64
+    out = torch.empty(n, dtype=torch.float32)
+    gather[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, src, idx, n)
+    assert torch.equal(out, src[idx.long()]), "wrong gather"
+    shift[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](out, src, 8, n)
+    assert torch.equal(out, src[8:8 + n]), "wrong shift"
+
+
 def run(kernel: Any, n: int) -> torch.Tensor:
     x = torch.arange(n, dtype=torch.float32)
     out = torch.full_like(x, -7)

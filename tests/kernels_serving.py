@@ -249,5 +249,5 @@ def pad_batch(rows: int = 4, width: int = 256, pad_id: int = 151643) -> torch.Te
     out = torch.empty_like(ids)
     pad_tokens[lambda m: (rows, triton.cdiv(width, m["BLOCK"]))](ids, lens, out, rows * width, width, pad_id,
                                                                  NO_ROW=2**31 - 1)
-    assert (out[2] == pad_id).all() and (out[0, 10:] == pad_id).all() and torch.equal(out[1], ids[1])
+    assert (rows < 3 or (out[2] == pad_id).all()) and (out[0, 10:] == pad_id).all() and torch.equal(out[1], ids[1])
     return out

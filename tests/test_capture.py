@@ -435,32 +435,66 @@ def test_a_constexpr_larger_than_the_tensors_is_replayed(tv, tmp_path: Path) -> 
 
 
 def test_integers_that_are_values_not_sizes_are_replayed(tv, tmp_path: Path, monkeypatch) -> None:
-    """A collator's ``pad_id=151643`` is larger than its 1024-element tensors and a sentinel
+    """A collator's ``pad_id=151643`` is larger than its 512-element tensors and a sentinel
     constexpr is 2**31 - 1: the captured call ran with both, so warmup tunes the key (padding the
     tensors to pad_id, never to the constexpr) and a sealed server finds it. Where padding is over
-    the byte cap, a signed manifest is replayed as captured and an unsigned one refused."""
+    the byte cap, a signed manifest is replayed as captured and an unsigned one refused; so is the
+    sentinel kept in the ``lens`` tensor, which an unsigned line could as well use as an index."""
     from tunevault.capture.argspec import CallSpec
 
     path = tmp_path / "keys.jsonl"
     with tunevault.capture(path):
-        ks.pad_batch()
+        ks.pad_batch(rows=2)  # no row of length NO_ROW: lens holds [10, 256]
     (entry,) = mf.read(path)
     assert entry.callspec is not None
-    assert CallSpec.from_json(entry.callspec).check(ks.pad_tokens) == 151643
+    # out, captured after the call, holds pad_id: as an index value it asks for pad_id + 1 elements
+    assert CallSpec.from_json(entry.callspec).check(ks.pad_tokens) == 151644
     store = tmp_path / "warm.db"
     assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
     tunevault.uninstall()
-    assert _sealed_serve(store, "ks.pad_batch()") == {"hits": 1, "misses": 0}
+    assert _sealed_serve(store, "ks.pad_batch(rows=2)") == {"hits": 1, "misses": 0}
+
+    sentinel = tmp_path / "sentinel.jsonl"
+    tunevault.install(mode="tune", store="memory://")
+    with tunevault.capture(sentinel):
+        ks.pad_batch()  # lens holds 2**31 - 1, unsigned
+    ((status, reason),) = _warmup_fresh(sentinel, tmp_path / "s.db").values()
+    assert status == "skipped" and "lens holding the index 2147483647" in reason and "signed" in reason, reason
 
     monkeypatch.setenv("TUNEVAULT_REPLAY_MAX_BYTES", "100000")  # the tensors fit, padded to pad_id not
     ((status, reason),) = _warmup_fresh(path, tmp_path / "a.db").values()
-    assert status == "skipped" and "pad_id=151643" in reason and "signed" in reason, reason
+    assert status == "skipped" and "out holding the index 151643" in reason and "signed" in reason, reason
     signed = tmp_path / "signed.jsonl"
     tunevault.install(mode="tune", store="memory://", bundle_key="k")
     with tunevault.capture(signed):
         ks.pad_batch()
     tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'b.db'}", bundle_key="k")
     assert [(i.status, i.reason) for i in tunevault.warmup(signed).items] == [("tuned", "")]
+
+
+def test_values_that_do_not_fit_the_dtype_are_refused_not_wrapped(tv, tmp_path: Path) -> None:
+    """``lens`` (int32) forged to hold 2**32 + 10: torch would rebuild it as 10, a call unlike the
+    line's, so warmup skips the line naming the dtype; bool holds only 0 and 1, int8 -128 to 127."""
+    from tunevault.capture.argspec import ArgSpec
+    from tunevault.core.model import InvalidEntry
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.pad_batch(rows=2)
+    forged = json.loads(path.read_text().splitlines()[0])
+    forged["callspec"]["args"][1]["values"] = [(1 << 32) + 10, 256]
+    write = tmp_path / "forged.jsonl"
+    write.write_text(json.dumps(forged) + "\n")
+    ((status, reason),) = _warmup_fresh(write, tmp_path / "f.db").values()
+    assert status == "skipped" and "must fit int32 (-2147483648 to 2147483647); got 4294967306" in reason, reason
+    layout = {"kind": "tensor", "shape": [2], "stride": [1], "device": "cpu"}
+    for dtype, extra, got in (("bool", {"values": [7, 0]}, 7), ("int8", {"low": -129, "high": 3}, -129),
+                              ("uint8", {"values": [-1, 3]}, -1)):
+        with pytest.raises(InvalidEntry, match=f"must fit {dtype} .*; got {got}$"):
+            ArgSpec.from_json(layout | {"dtype": dtype} | extra)
+    assert ArgSpec.from_json(layout | {"dtype": "bool", "values": [1, 0]}).build("cpu").tolist() == [True, False]
+    kept = ArgSpec.from_json(layout | {"dtype": "int8", "values": [-128, 127]})
+    assert kept.build("cpu").tolist() == [-128, 127]
 
 
 def test_a_refused_call_falls_back_to_another_captured_for_the_key(tv, tmp_path: Path, monkeypatch) -> None:

@@ -188,6 +188,82 @@ def test_a_size_beyond_the_buffers_is_padded_for_when_the_cap_allows(tmp_path: P
     assert seen.seen, "replayed"
 
 
+@pytest.fixture(scope="module")
+def captured_indexed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Unsigned manifest lines captured from genuine calls of ``gather`` (an index tensor) and
+    ``shift`` (a runtime offset), by kernel."""
+    where = tmp_path_factory.mktemp("indexed")
+    tunevault.install(mode="tune", store="memory://", capture=str(where / "keys.jsonl"))
+    kh.run_indexed(kh.SIZES[0])
+    tunevault.uninstall()  # flushes the capture
+    lines = {ln["kernel"]: ln for ln in lines_of(where / "keys.jsonl")}
+    assert set(lines) == {"kernels_hostile:gather", "kernels_hostile:shift"} and not any(
+        "signature" in ln for ln in lines.values())
+    return lines
+
+
+def _values(spec: dict[str, Any], value: int) -> None:
+    spec["args"][2]["values"] = [value] * len(spec["args"][2]["values"])
+
+
+def _index_range(spec: dict[str, Any]) -> None:
+    idx = spec["args"][2]
+    del idx["values"]
+    idx.update(shape=[5000], low=1_000_000_000, high=2_000_000_000)  # too many values to keep: a range
+
+
+def _offset(spec: dict[str, Any]) -> None:
+    spec["args"][2]["value"] = -2_000_000_000
+
+
+def warmup_in_a_child(path: Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """``tunevault warmup PATH --json`` in its own process: a kernel reading out of bounds crashes
+    that process (a negative return code), never the test's."""
+    proc = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", "memory://", "warmup", str(path),
+                           *ALLOW, "--json"], capture_output=True, text=True, timeout=180, env=subprocess_env())
+    assert proc.returncode in (0, 1), f"warmup exited {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc, json.loads(proc.stdout[proc.stdout.index("{"):])["items"]
+
+
+@pytest.mark.parametrize(("kernel", "edit", "reason"), [
+    ("gather", lambda spec: _values(spec, 2_000_000_000), "idx_ptr holding the index 2000000000 is larger than every"),
+    ("gather", lambda spec: _values(spec, -2_000_000_000), "idx_ptr holding the index -2000000000 is negative past"),
+    ("gather", _index_range, "idx_ptr holding the index 2000000000 is larger than every"),
+    ("shift", _offset, "off=-2000000000 is negative past every tensor argument (64 elements at most)"),
+], ids=["values", "negative-values", "range", "negative-offset"])
+def test_unsigned_index_values_and_negative_integers_past_the_buffers_are_refused(
+        tmp_path: Path, captured_indexed: dict[str, dict[str, Any]], kernel: str, edit: Any, reason: str) -> None:
+    """A forged, unsigned line whose index tensor points (or whose offset reaches back) past every
+    tensor: skipped with the reason, where the replayed kernel used to read out of bounds (SIGSEGV)."""
+    line = json.loads(json.dumps(captured_indexed[f"kernels_hostile:{kernel}"]))
+    edit(line["callspec"])
+    proc, (item,) = warmup_in_a_child(write_lines(tmp_path / "m.jsonl", [line]))
+    assert proc.returncode == 1 and item["status"] == "skipped" and reason in item["reason"], item
+    assert "\n" not in item["reason"]
+
+
+def test_index_values_past_the_buffers_are_padded_for_when_the_cap_allows(
+        tmp_path: Path, captured_indexed: dict[str, dict[str, Any]]) -> None:
+    """Index values up to 99999 with 64-element tensors: every tensor is rebuilt with 100000 elements
+    behind it, so ``src[idx]`` stays in memory and the key is tuned; a signed line may hold a
+    negative offset of any size (it is a call that really ran)."""
+    from tunevault.capture.argspec import CallSpec
+    from tunevault.capture.locate import import_autotuner
+    from tunevault.core.model import InvalidEntry
+
+    line = json.loads(json.dumps(captured_indexed["kernels_hostile:gather"]))
+    _values(line["callspec"], 99_999)
+    assert CallSpec.from_json(line["callspec"]).check(import_autotuner(line["kernel"])) == 100_000
+    proc, (item,) = warmup_in_a_child(write_lines(tmp_path / "m.jsonl", [line]))
+    assert proc.returncode == 0 and item["status"] == "tuned", item
+    shifted = json.loads(json.dumps(captured_indexed["kernels_hostile:shift"]))
+    _offset(shifted["callspec"])
+    shift = import_autotuner(shifted["kernel"])
+    assert CallSpec.from_json(shifted["callspec"], genuine=True).check(shift) == kh.SIZES[0]
+    with pytest.raises(InvalidEntry, match="negative past"):
+        CallSpec.from_json(shifted["callspec"]).check(shift)
+
+
 def test_deeply_nested_or_overlong_lines_are_skipped_as_malformed(tmp_path: Path, captured: tuple[Path, str]) -> None:
     manifest, url = captured
     good = {k: v for k, v in lines_of(manifest)[0].items() if k != "signature"}

@@ -141,9 +141,23 @@ class ArgSpec:
         _require((low is None) == (high is None), "argspec low/high come together")
         _require(low is None or (_is_number(low) and _is_number(high) and -MAX_INT <= low <= high <= MAX_INT),
                  "argspec low/high must be numbers, low <= high")
+        fits = _dtype_range(data["dtype"]) if values or low is not None else None
+        if fits is not None:  # a value the dtype cannot hold would be rebuilt wrapped (2**32 + 5 as int32: 5)
+            lo, hi = fits
+            outside = [v for v in (*(values or ()), *(() if low is None else (low, high))) if not lo <= v <= hi]
+            if outside:
+                raise InvalidEntry(f"argspec values must fit {data['dtype']} ({lo} to {hi}); got {outside[0]}")
         return cls("tensor", shape=tuple(shape), stride=tuple(stride), dtype=data["dtype"], device=data["device"],
                    values=None if values is None else tuple(values),
                    low=None if low is None else float(low), high=None if high is None else float(high))
+
+    def index_range(self) -> tuple[int, int]:
+        """The smallest and largest value a rebuilt tensor holds, as an index it may be (0, -1: no values kept)."""
+        if self.values:
+            return min(self.values), max(self.values)
+        if self.low is not None and self.high is not None:
+            return int(self.low), int(self.high)
+        return 0, -1
 
     def storage_size(self) -> int:
         if any(s == 0 for s in self.shape):
@@ -223,6 +237,23 @@ def _tl_dtype(name: str) -> tl.dtype:
         if type(obj).__module__.startswith("triton.language") and str(obj) == name and hasattr(obj, "is_fp16"):
             return obj
     raise InvalidEntry(f"unknown triton dtype {name!r}")
+
+
+def _dtype_range(name: str) -> tuple[int, int] | None:
+    """The values a tensor of torch dtype ``name`` holds exactly: 0 and 1 for bool, ``torch.iinfo``
+    for an integer dtype; None for a floating, complex or unknown one (``build`` refuses unknown)."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or dtype.is_floating_point or dtype.is_complex:
+        return None
+    if dtype == torch.bool:
+        return 0, 1
+    try:
+        info = torch.iinfo(dtype)
+    except TypeError:  # a quantized dtype: no integer range torch reports
+        return None
+    return int(info.min), int(info.max)
 
 
 def _is_int(v: Any) -> TypeGuard[int]:
@@ -340,7 +371,9 @@ class CallSpec:
         """Refuse (InvalidEntry, with the reason) a call that cannot be replayed safely; return the
         slack every rebuilt tensor gets (elements), so a kernel indexing up to a size stays in memory.
 
-        The rule, for each integer argument (names with ``seed``, ``philox`` or ``rng`` index nothing):
+        The rule, for each integer argument and each value an integer tensor keeps (``values``, or its
+        ``low``/``high`` range: index value ``i`` asks for ``i + 1`` elements); names with ``seed``,
+        ``philox`` or ``rng`` index nothing:
 
         - no larger than the largest tensor argument: it may be a size, stride or offset, so every
           tensor gets at least that many elements (the cost is bounded by the largest tensor);
@@ -351,6 +384,9 @@ class CallSpec:
           a forged line may use it as one, so every tensor is padded to it while that fits ``limit``.
           Past ``limit``, a signed line (``genuine``: captured by this fleet) is replayed as captured,
           an unsigned one is refused;
+        - negative (an offset or index before a tensor's start, which padding cannot cover), a runtime
+          integer or index value whose magnitude is larger than every tensor: refused on an unsigned
+          line, replayed as captured on a signed one;
         - a captured grid launches more programs than the largest tensor has elements: refused;
         - its tensors, with the slack, together exceed ``limit`` bytes (``$TUNEVAULT_REPLAY_MAX_BYTES``,
           default 8 GiB): refused."""
@@ -361,12 +397,23 @@ class CallSpec:
         if not tensors:
             return 0  # nothing to index into, nothing to allocate
         largest = max(spec.storage_size() for _, spec in tensors)
+        constexprs = constexpr_names(autotuner)
         ints = [(name, spec.value) for name, spec in named
                 if spec.kind == "scalar" and _is_int(spec.value) and not NOT_A_SIZE.search(name)]
-        constexprs = constexpr_names(autotuner)
-        slack = max([0, *(value for _, value in ints if value <= largest)])
-        beyond = max([(value, name) for name, value in ints if value > largest and name not in constexprs],
-                     default=None)
+        ranges = [(name, spec.index_range()) for name, spec in tensors if not NOT_A_SIZE.search(name)]
+        # (elements every tensor needs for the kernel to stay in its memory, what asks for them): a
+        # scalar as an extent, an index tensor's values as indices (constexprs pad only within bounds)
+        needs = [*((value, f"{name}={value}") for name, value in ints if value <= largest or name not in constexprs),
+                 *((hi + 1, f"{name} holding the index {hi}") for name, (_, hi) in ranges if hi >= 0)]
+        slack = max([0, *(need for need, _ in needs if need <= largest)])
+        beyond = max([(need, what) for need, what in needs if need > largest], default=None)
+        lowest = min([*((value, f"{name}={value}") for name, value in ints if name not in constexprs),
+                      *((lo, f"{name} holding the index {lo}") for name, (lo, _) in ranges)], default=None)
+        if lowest is not None and -lowest[0] > largest and not self.genuine:
+            raise InvalidEntry(
+                f"{lowest[1]} is negative past every tensor argument ({largest} elements at most): as an offset "
+                "or index the kernel would read or write before its memory; a signed manifest "
+                "(TUNEVAULT_BUNDLE_KEY at capture and warmup) is replayed as captured")
         for i, grid in enumerate(self.grids):
             programs = 1
             for n in grid:
@@ -389,15 +436,15 @@ class CallSpec:
             raise InvalidEntry(f"the rebuilt tensors would take {total(slack)} bytes, over the {limit}-byte cap "
                                f"({MAX_BYTES_VAR})")
         if beyond is not None:
-            value, name = beyond
+            value, what = beyond
             if total(value) <= limit:
                 return value
             if not self.genuine:
                 raise InvalidEntry(
-                    f"{name}={value} is larger than every tensor argument ({largest} elements at most), and padding "
-                    f"them to it would take {total(value)} bytes, over the {limit}-byte cap ({MAX_BYTES_VAR}): "
-                    "were it a size, the kernel would read or write out of bounds; a signed manifest "
-                    "(TUNEVAULT_BUNDLE_KEY at capture and warmup) is replayed as captured")
+                    f"{what} is larger than every tensor argument ({largest} elements at most), and padding "
+                    f"them to {value} elements would take {total(value)} bytes, over the {limit}-byte cap "
+                    f"({MAX_BYTES_VAR}): were it a size or an index, the kernel would read or write out of bounds; "
+                    "a signed manifest (TUNEVAULT_BUNDLE_KEY at capture and warmup) is replayed as captured")
         return slack
 
     def build(self, autotuner: Autotuner, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
