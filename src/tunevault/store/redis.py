@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tunevault.core.model import Decision
-from tunevault.store.base import Query, StoreUnavailable, log
+from tunevault.store.base import Query, StoreUnavailable, log, redact
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -91,16 +91,6 @@ def _split_deadline(url: str) -> tuple[str, float | None]:
     return parts._replace(query=rest).geturl(), deadline
 
 
-def _display(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
-
-
 class RedisStore:
     """Decisions and tuning leases on a Redis server named by ``redis://host:port/db``."""
 
@@ -110,7 +100,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.url = url
-        self._where = _display(url)
+        self._where = redact(url)
         timeout = SOCKET_TIMEOUT_S if timeout_s is None else timeout_s
         client_url, deadline = _split_deadline(url)
         try:  # options in the URL's query (e.g. ?socket_timeout=2 across a WAN) override these
@@ -118,7 +108,7 @@ class RedisStore:
                 client_url, socket_timeout=timeout, socket_connect_timeout=timeout,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
         except (ValueError, TypeError, redis.RedisError) as exc:
-            raise StoreUnavailable(f"bad redis store URL {self._where!r}: {exc}") from exc
+            raise StoreUnavailable(f"bad redis store URL {self._where!r}: {redact(str(exc))}") from exc
         socket_timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout") or timeout
         self.deadline = deadline or max(DEADLINE_S, 2 * float(socket_timeout))
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
@@ -355,7 +345,7 @@ class RedisStore:
             self._client.close()
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r})"
+        return f"RedisStore({self._where!r})"
 
 
 def _lease_pattern(prefix: str) -> str:
