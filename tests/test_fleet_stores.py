@@ -229,6 +229,33 @@ def test_layered_with_unopenable_remote_keeps_local(tmp_path: Path, caplog: pyte
     store.close()
 
 
+@pytest.mark.parametrize("db", ["abc", "1O"])
+def test_a_redis_url_whose_database_is_not_a_number_is_refused(tmp_path: Path, server: redis_server.RedisServer,
+                                                               db: str, caplog: pytest.LogCaptureFixture,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """redis-py ignores a path that is not a number and uses database 0: a typo (``/1O``) would
+    silently share database 0. As $TUNEVAULT_REMOTE it is not used; as the CLI's --store, exit 2."""
+    from tunevault.cli.main import main
+
+    url = server.url.rsplit("/", 1)[0] + f"/{db}"
+    with caplog.at_level(logging.WARNING, logger="tunevault"):
+        store = open_layered(f"sqlite:///{tmp_path / 'l.db'}", remote=url)
+    try:
+        assert isinstance(store, SqliteStore)
+        store.put(decision(1))
+    finally:
+        store.close()
+    assert any(f"remote store {url} not used" in w and f"the database {db!r}" in w for w in warnings_of(caplog))
+    capsys.readouterr()
+    assert main(["--store", url, "rm", "--all"]) == 2
+    assert f"the database {db!r} after the host is not a number" in capsys.readouterr().err
+    db0 = open_store(server.url)
+    try:
+        assert db0.count() == 0, "nothing was written to database 0"
+    finally:
+        db0.close()
+
+
 # -- bundles ---------------------------------------------------------------------------------
 
 def test_bundle_round_trip_strips_candidates_and_other_fingerprints(tmp_path: Path) -> None:

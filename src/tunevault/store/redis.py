@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from tunevault.core.model import Decision
 from tunevault.store.base import Query, StoreUnavailable, log, redact
@@ -91,6 +91,20 @@ def _split_deadline(url: str) -> tuple[str, float | None]:
     return parts._replace(query=rest).geturl(), deadline
 
 
+def _check_db(url: str, where: str) -> None:
+    """Refuse a database in the path that is not a number (``/abc``, a typo ``/1O``): redis-py
+    ignores it and uses database 0, so the store would silently share another database."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return  # unix:// names its database in ?db=, which redis-py checks
+    text = unquote(parts.path).replace("/", "")  # what redis-py parses
+    try:
+        int(text or "0")
+    except ValueError:
+        raise StoreUnavailable(f"bad redis store URL {where!r}: the database {text!r} after the host is not a "
+                               "number (redis://host:6379/0 names database 0)") from None
+
+
 class RedisStore:
     """Decisions and tuning leases on a Redis server named by ``redis://host:port/db``."""
 
@@ -103,6 +117,7 @@ class RedisStore:
         self._where = redact(url)
         timeout = SOCKET_TIMEOUT_S if timeout_s is None else timeout_s
         client_url, deadline = _split_deadline(url)
+        _check_db(client_url, self._where)
         try:  # options in the URL's query (e.g. ?socket_timeout=2 across a WAN) override these
             self._client = redis.Redis.from_url(
                 client_url, socket_timeout=timeout, socket_connect_timeout=timeout,
