@@ -144,6 +144,30 @@ def test_redis_leases(rstore: Store) -> None:
     assert "k" in rstore.leases("k")
 
 
+def test_listing_leases_on_a_crowded_redis_keeps_its_deadline(server: redis_server.RedisServer) -> None:
+    """``rm`` lists failed-key records with SCAN, one round trip per thousand keys: on a Redis shared
+    with many other keys it stops at the deadline (and says how to raise it) instead of
+    reconnecting after the watchdog and running on."""
+    import redis
+
+    raw = redis.Redis.from_url(server.url)
+    raw.eval("for i = 1, 200000 do redis.call('SET', 'other:app:' .. i, 'v') end", 0)
+    raw.close()
+    store = open_store(server.url + "?deadline=0.001")
+    try:
+        with pytest.raises(StoreUnavailable, match=r"failed to read leases \(no complete answer within its "
+                                                   r".* raise it with \?deadline=S in the store URL"):
+            store.leases("failed:")  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    roomy = open_store(server.url + "?deadline=600")
+    try:
+        assert roomy.try_lease("failed:k", "x", 30)
+        assert roomy.leases("failed:") == {"failed:k": "x"}  # type: ignore[attr-defined]
+    finally:
+        roomy.close()
+
+
 def test_redis_down_fails_fast_and_backs_off(rstore: Store, server: redis_server.RedisServer) -> None:
     d = decision(1)
     rstore.put(d)

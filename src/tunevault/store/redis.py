@@ -31,6 +31,7 @@ PREFIX = "tunevault:v1:"
 SOCKET_TIMEOUT_S = 0.5
 DEADLINE_S = 1.0  # one whole operation: connect, every round trip, every read (at least 2 socket timeouts)
 BACKOFF_S = (1.0, 60.0)  # first and longest pause after a failure; doubles in between
+SCAN_COUNT = 1000  # keys the server looks at per SCAN round trip while listing leases
 
 # Renew when ours, else take when free: one round trip, atomic on the server.
 _TAKE_LEASE = """
@@ -50,6 +51,10 @@ _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+
+
+class DeadlinePassed(Exception):
+    """An operation of many round trips saw its deadline pass between two of them."""
 
 
 def _redis_module() -> ModuleType:
@@ -141,9 +146,9 @@ class RedisStore:
         """False while backing off after a failure: calls then fail fast without the network."""
         return time.monotonic() >= self._down_until
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], hint: str = "") -> T:
         """Run one operation within ``self.deadline``; a failure or a missed deadline starts (or
-        lengthens) the backoff and raises StoreUnavailable."""
+        lengthens) the backoff and raises StoreUnavailable (``hint`` follows a missed deadline)."""
         now = time.monotonic()
         if now < self._down_until:
             raise StoreUnavailable(f"redis store {self._where} unreachable; retrying in "
@@ -159,7 +164,8 @@ class RedisStore:
             with self._lock:
                 self._down_until = time.monotonic() + self._pause
                 pause, self._pause = self._pause, min(self._pause * 2, BACKOFF_S[1])
-            why = (f"no complete answer within its {self.deadline:.1f} s deadline" if expired.is_set()
+            overran = expired.is_set() or isinstance(exc, DeadlinePassed)
+            why = (f"no complete answer within its {self.deadline:.1f} s deadline{hint}" if overran
                    else f"{type(exc).__name__}: {exc}")
             raise StoreUnavailable(f"redis store {self._where} failed to {what} ({why}); "
                                    f"not retrying for {pause:.0f} s") from exc
@@ -341,11 +347,24 @@ class RedisStore:
             return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
         def txn() -> dict[str, str]:
-            names = list(self._client.scan_iter(match=pattern, count=500))
+            # SCAN walks the whole keyspace, one round trip per SCAN_COUNT keys: on a Redis shared with
+            # millions of other keys that is many round trips, so the deadline is checked between them
+            # (the watchdog alone closes the connection once, and the next round would reconnect).
+            until = time.monotonic() + self.deadline
+            names: list[bytes | str] = []
+            cursor: int | bytes | str = 0
+            while True:
+                cursor, batch = self._client.scan(cursor, match=pattern, count=SCAN_COUNT)
+                names += batch
+                if int(cursor) == 0:
+                    break
+                if time.monotonic() >= until:
+                    raise DeadlinePassed
             values = self._client.mget(names) if names else []
             return {text(n)[start:]: text(v) for n, v in zip(names, values, strict=True) if v is not None}
 
-        return self._call("read leases", txn)
+        return self._call("read leases", txn, hint=(
+            " for scanning every key on the server; raise it with ?deadline=S in the store URL"))
 
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
