@@ -24,14 +24,16 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; ``kill`` and ``pause`` simulate a dead or hung server."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.workdir = workdir
+        self.password = password  # --requirepass: clients must AUTH (the URL carries it)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         if BINARY is None:
@@ -41,7 +43,8 @@ class RedisServer:
             self.port = free_port()
             self.proc = subprocess.Popen(
                 [BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir), "--protected-mode", "no"],
+                 "--dir", str(self.workdir), "--protected-mode", "no",
+                 *(["--requirepass", self.password] if self.password else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if self._wait_ready():
                 return self
@@ -56,7 +59,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up, asking for the password
                         return True
             except OSError:
                 pass
@@ -90,9 +93,9 @@ class RedisServer:
                 self.proc.wait()
 
 
-def serve(workdir: Path) -> Iterator[RedisServer]:
+def serve(workdir: Path, password: str | None = None) -> Iterator[RedisServer]:
     """Body of a pytest fixture: ``yield from serve(tmp_path)``."""
-    server = RedisServer(workdir).start()
+    server = RedisServer(workdir, password).start()
     try:
         yield server
     finally:

@@ -144,6 +144,30 @@ def test_redis_leases(rstore: Store) -> None:
     assert "k" in rstore.leases("k")
 
 
+def test_listing_leases_on_a_crowded_redis_keeps_its_deadline(server: redis_server.RedisServer) -> None:
+    """``rm`` lists failed-key records with SCAN, one round trip per thousand keys: on a Redis shared
+    with many other keys it stops at the deadline (and says how to raise it) instead of
+    reconnecting after the watchdog and running on."""
+    import redis
+
+    raw = redis.Redis.from_url(server.url)
+    raw.eval("for i = 1, 200000 do redis.call('SET', 'other:app:' .. i, 'v') end", 0)
+    raw.close()
+    store = open_store(server.url + "?deadline=0.001")
+    try:
+        with pytest.raises(StoreUnavailable, match=r"failed to read leases \(no complete answer within its "
+                                                   r".* raise it with \?deadline=S in the store URL"):
+            store.leases("failed:")  # type: ignore[attr-defined]
+    finally:
+        store.close()
+    roomy = open_store(server.url + "?deadline=600")
+    try:
+        assert roomy.try_lease("failed:k", "x", 30)
+        assert roomy.leases("failed:") == {"failed:k": "x"}  # type: ignore[attr-defined]
+    finally:
+        roomy.close()
+
+
 def test_redis_down_fails_fast_and_backs_off(rstore: Store, server: redis_server.RedisServer) -> None:
     d = decision(1)
     rstore.put(d)
@@ -227,6 +251,33 @@ def test_layered_with_unopenable_remote_keeps_local(tmp_path: Path, caplog: pyte
     assert isinstance(store, SqliteStore)
     assert any("remote store nosuch://x not used" in w for w in warnings_of(caplog))
     store.close()
+
+
+@pytest.mark.parametrize("db", ["abc", "1O"])
+def test_a_redis_url_whose_database_is_not_a_number_is_refused(tmp_path: Path, server: redis_server.RedisServer,
+                                                               db: str, caplog: pytest.LogCaptureFixture,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """redis-py ignores a path that is not a number and uses database 0: a typo (``/1O``) would
+    silently share database 0. As $TUNEVAULT_REMOTE it is not used; as the CLI's --store, exit 2."""
+    from tunevault.cli.main import main
+
+    url = server.url.rsplit("/", 1)[0] + f"/{db}"
+    with caplog.at_level(logging.WARNING, logger="tunevault"):
+        store = open_layered(f"sqlite:///{tmp_path / 'l.db'}", remote=url)
+    try:
+        assert isinstance(store, SqliteStore)
+        store.put(decision(1))
+    finally:
+        store.close()
+    assert any(f"remote store {url} not used" in w and f"the database {db!r}" in w for w in warnings_of(caplog))
+    capsys.readouterr()
+    assert main(["--store", url, "rm", "--all"]) == 2
+    assert f"the database {db!r} after the host is not a number" in capsys.readouterr().err
+    db0 = open_store(server.url)
+    try:
+        assert db0.count() == 0, "nothing was written to database 0"
+    finally:
+        db0.close()
 
 
 # -- bundles ---------------------------------------------------------------------------------

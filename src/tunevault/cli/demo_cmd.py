@@ -107,7 +107,7 @@ def _verdict(cold: dict[str, Any], warm: dict[str, Any]) -> tuple[bool, list[str
 def cmd_demo(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import open_cli_store, store_url
     from tunevault.demo.run import DEMO_MODULE
-    from tunevault.store.base import Query
+    from tunevault.store.base import Query, redact
 
     check_timeout(args.timeout)
     if store_url(args).startswith("memory:"):  # each phase is a new process: a restart must find the decisions
@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if not args.json:
-        print(f"store: {url}")
+        print(f"store: {redact(url)}")
         print(f"cleared {cleared} stored decision(s) of {DEMO_MODULE} so the cold run really tunes")
         print("cold: fresh process, tuning ...", flush=True)
     try:
@@ -133,7 +133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     ok, problems = _verdict(cold, warm)
     if args.json:
-        print_json({"store": url, "cleared": cleared, "cold": cold, "warm": warm, "ok": ok,
+        print_json({"store": redact(url), "cleared": cleared, "cold": cold, "warm": warm, "ok": ok,
                     "problems": problems})
         return 0 if ok else 1
     _print_report(cold, warm, "tunevault" + (f" --store {args.store}" if args.store else ""))

@@ -61,12 +61,14 @@ def damaged(url: str, problems: list[str], consequence: str = "") -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import store_url
+    from tunevault.store.base import redact
     from tunevault.store.sqlite import path_of_url, quick_check
     from tunevault.store.sqlite_repair import readable_decisions, salvage
 
     url = store_url(args)
     if not url.startswith("sqlite:"):
-        return _done(args, {"store": url, "status": "not checked", "detail": "only SQLite stores have a file"}, 0)
+        return _done(args, {"store": redact(url), "status": "not checked",
+                            "detail": "only SQLite stores have a file"}, 0)
     path = path_of_url(url)
     if not os.path.exists(path):
         if args.store or os.environ.get("TUNEVAULT_STORE"):  # a named path: a typo, as for every other command

@@ -14,7 +14,7 @@ from typing import Any
 
 from tunevault.cli.output import print_json, print_table
 from tunevault.core.model import Decision
-from tunevault.store.base import StoreUnavailable, open_store
+from tunevault.store.base import StoreUnavailable, open_store, shown
 from tunevault.store.sqlite import SqliteStore, path_of_url
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -44,7 +44,7 @@ def load_side(spec: str, key: str | None) -> tuple[str, list[Decision]]:
             store = SqliteStore(path_of_url(spec), writable=False) if spec.startswith("sqlite:") else open_store(spec)
             try:
                 # Unreadable is an error here: read as empty (the runtime's miss), it would "agree".
-                return store.url, store.listing() if isinstance(store, SqliteStore) else list(store.decisions())
+                return shown(store), store.listing() if isinstance(store, SqliteStore) else list(store.decisions())
             finally:
                 store.close()
         except StoreUnavailable as exc:
@@ -120,7 +120,7 @@ def export_bundle_cmd(args: argparse.Namespace) -> int:
     try:
         damage = store_damage(store)  # before reading: damaged pages read as missing decisions
         if damage:
-            return damaged(store.url, damage, f"; nothing exported, {args.file} left as it was")
+            return damaged(shown(store), damage, f"; nothing exported, {args.file} left as it was")
         if args.fingerprint in (None, "", "current"):
             from tunevault.cli.store_cmds import this_machine
 
@@ -128,7 +128,7 @@ def export_bundle_cmd(args: argparse.Namespace) -> int:
         else:
             fp = pick_fingerprint(store, args.fingerprint)
         found = [d for d in select(store, args, strict=True) if d.fingerprint == fp]
-        url = store.url
+        url = shown(store)
     finally:
         store.close()
     if not found:

@@ -20,7 +20,7 @@ from typing import Any
 
 from tunevault.cli.output import clean, print_json, print_table
 from tunevault.core.model import Decision, Fingerprint, InvalidEntry
-from tunevault.store.base import Query, Store, StoreUnavailable, open_store
+from tunevault.store.base import Query, Store, StoreUnavailable, open_store, redact, shown
 from tunevault.store.bundle import FORMAT as EXPORT_FORMAT
 from tunevault.store.bundle import SCHEMA as EXPORT_SCHEMA
 from tunevault.store.memory import MemoryStore
@@ -177,7 +177,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                      "torch": torch.get("__version__"), "python": platform.python_version()},
         "fingerprint": {**here.to_json(), "digest": here.digest},
         "interpreter": here.target == "interpreter",
-        "store": {"url": store_url(args)},
+        "store": {"url": redact(store_url(args))},
     }
     status = 0
     try:
@@ -188,12 +188,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         from tunevault.cli.doctor_cmd import store_damage
 
-        info["store"]["url"] = store.url
+        info["store"]["url"] = shown(store)
         try:  # a store can open and fail its first read (Redis gone, a damaged page): unavailable, as above
             info["store"].update(entries=store.count(), this_machine=sum(
                 1 for _ in store.decisions(Query(fingerprint_digest=here.digest))))
         except (StoreUnavailable, OSError) as exc:
-            info["store"]["error"] = f"{exc}{doctor_hint(store.url, exc)}"
+            info["store"]["error"] = f"{exc}{doctor_hint(shown(store), exc)}"
         try:
             info["store"]["damage"] = store_damage(store)
         finally:
@@ -226,7 +226,7 @@ def _load(args: argparse.Namespace) -> tuple[Fingerprint, list[Decision], str, l
     here = this_machine()
     store = open_cli_store(args)
     try:
-        return here, select(store, args, here), store.url, store_damage(store)
+        return here, select(store, args, here), shown(store), store_damage(store)
     finally:
         store.close()
 
@@ -329,7 +329,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         damage = store_damage(store)
         if damage:
             kept = "" if args.file == "-" else f", {args.file} left as it was"
-            return damaged(store.url, damage, f"; nothing exported{kept}")
+            return damaged(shown(store), damage, f"; nothing exported{kept}")
         doc = export_document(select(store, args, strict=True), args)
     finally:
         store.close()
@@ -343,7 +343,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from tunevault.core.files import write_text
 
         write_text(args.file, text)  # whole or not at all, through a symlink, into a FIFO
-    print(f"exported {len(doc['decisions'])} decision(s) from {store.url} to {args.file}",
+    print(f"exported {len(doc['decisions'])} decision(s) from {shown(store)} to {args.file}",
           file=sys.stderr if args.file == "-" else sys.stdout)
     return 0
 
@@ -404,13 +404,13 @@ def cmd_import(args: argparse.Namespace) -> int:
                 differing += 1
     finally:
         store.close()
-    report = {"file": args.file, "store": store.url, "added": added, "skipped": identical + differing,
+    report = {"file": args.file, "store": shown(store), "added": added, "skipped": identical + differing,
               "skipped_identical": identical, "skipped_differing": differing, "rejected": len(rejected),
               "rejections": rejected}
     if args.json:
         print_json(report)
     else:
-        print(f"imported {args.file} into {store.url}: added {added}, skipped {identical + differing} "
+        print(f"imported {args.file} into {shown(store)}: added {added}, skipped {identical + differing} "
               f"(already present: {identical} identical, {differing} different, stored one kept), "
               f"rejected {len(rejected)}")
         for r in rejected[:SHOWN_REJECTIONS]:
@@ -432,7 +432,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             found = select(store, args)
             for d in found:
                 print(f"would remove {d.kernel.name} [{d.key.describe()}] ({d.fingerprint.digest})")
-            print(f"would remove {len(found)} decision(s) from {store.url}"
+            print(f"would remove {len(found)} decision(s) from {shown(store)}"
                   + (f" and {len(records)} failed-key record(s)" if records else ""))
             return 0
         if args.other_machines:  # not expressible as one Query: delete each by its exact key
@@ -446,7 +446,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             store.release(name, text)  # only if still that record: a newer one stays
     finally:
         store.close()
-    print(f"removed {removed} decision(s) from {store.url}"
+    print(f"removed {removed} decision(s) from {shown(store)}"
           + (f" and {len(records)} failed-key record(s)" if records else ""))
     return 0
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunevault.core.machine import use_interpreter_if_no_gpu
 from tunevault.integration.logs import show_logs
+from tunevault.store.base import redact
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -200,7 +201,7 @@ def run_phase(phase: str, store: str) -> dict[str, Any]:
     return {
         "serving": serving,
         "phase": phase,
-        "store": store,
+        "store": redact(store),  # the report is printed: no password
         "interpreter": interpret,
         "fingerprint": {**fp.to_json(), "digest": fp.digest},
         "pid": os.getpid(),

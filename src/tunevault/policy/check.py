@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
 from tunevault.core.model import Fingerprint, KernelId, TuningKey
-from tunevault.store.base import StoreUnavailable
+from tunevault.store.base import StoreUnavailable, redact
 
 if TYPE_CHECKING:
     from triton.runtime.autotuner import Autotuner
@@ -88,7 +88,7 @@ def check(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry],
     fp = this_machine()  # without importing torch: a preflight runs no kernel
     from tunevault.core.identity import kernel_id
 
-    result = CheckResult(fp, settings.store)
+    result = CheckResult(fp, redact(settings.store))
     opened = open_layered(settings.store, settings.remote, settings.bundles, settings.bundle_key)
     try:
         for entry in entries:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
-from tunevault.store.base import key_lease_name
+from tunevault.store.base import key_lease_name, shown
 
 if TYPE_CHECKING:
     from tunevault.policy.runtime import Runtime
@@ -109,7 +109,7 @@ def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None
             taken = store.try_lease(name, holder, ttl)
         except Exception as exc:
             rt.warn_once(("lease", type(exc)), "tunevault: cannot take tuning leases in %s (%s); tuning "
-                         "without one", getattr(store, "url", store), exc)
+                         "without one", shown(store), exc)
             return work()
         if taken:
             break

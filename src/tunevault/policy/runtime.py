@@ -18,7 +18,7 @@ from tunevault.core.forks import renewed_in_child
 from tunevault.core.model import ConfigSpec, Decision, Fingerprint, KernelId, TuningKey
 from tunevault.policy.fallback import Predictions
 from tunevault.policy.settings import Settings
-from tunevault.store.base import Query, Store
+from tunevault.store.base import Query, Store, redact
 
 if TYPE_CHECKING:
     from tunevault.core.kernel_state import KernelState
@@ -129,7 +129,7 @@ class Runtime:
 
             self.warn_once(("store", self.settings.store),
                            "tunevault: store %s is unusable (%s); keeping decisions in memory for this process",
-                           self.settings.store, exc)
+                           redact(self.settings.store), redact(str(exc)))
             self.store_fell_back = True
             return MemoryStore()
 

@@ -35,7 +35,7 @@ from tunevault.capture.replay import WarmupItem
 from tunevault.core.events import EventLog
 from tunevault.core.model import TuningKey
 from tunevault.policy.lease import POLL_S, holding, new_holder, taken_here
-from tunevault.store.base import Store
+from tunevault.store.base import Store, shown
 
 log = logging.getLogger("tunevault")
 
@@ -186,7 +186,7 @@ class _Walk:
             taken = self.store.try_lease(lease, holder, self.sharing.lease_ttl)
         except Exception as exc:
             self.warn_once("lease", "tunevault warmup: cannot take tuning leases in %s (%s); tuning without "
-                           "them", getattr(self.store, "url", self.store), exc)
+                           "them", shown(self.store), exc)
             return self.settled(task, self.tune(task), lease)
         if not taken:
             return self.held(i, task, lease)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -97,6 +98,23 @@ def key_lease_name(prefix: str, kernel_digest: str, fingerprint_digest: str, key
     return f"{prefix}{kernel_digest}:{fingerprint_digest}:{hashlib.sha256(key_text.encode()).hexdigest()[:32]}"
 
 
+# The password in a URL's userinfo (scheme://user:PASSWORD@host) or in a ``password=`` query argument
+# (redis-py reads both); the netloc ends at the first '/', '?', '#' or blank.
+_USERINFO_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s:@]*:)[^/?#\s]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#\s]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with every store URL's password in it replaced by ``***``: store URLs reach logs,
+    ``tunevault info`` and JSON reports, and a Redis URL may carry the server's password."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", text))
+
+
+def shown(store: object) -> str:
+    """A store's URL as messages show it (password masked); its repr when it has no URL."""
+    return redact(str(getattr(store, "url", None) or repr(store)))
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot be opened or reached; callers degrade to memory with one warning."""
 
@@ -105,7 +123,7 @@ def open_store(url: str) -> Store:
     """Open the store a URL names; raises StoreUnavailable or ValueError for a bad URL."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"store URL {url!r} has no scheme; use sqlite:////abs/path.db, memory:// or "
+        raise ValueError(f"store URL {redact(url)!r} has no scheme; use sqlite:////abs/path.db, memory:// or "
                          "redis://host:port/db")
     if scheme == "memory":
         from tunevault.store.memory import MemoryStore
@@ -119,4 +137,4 @@ def open_store(url: str) -> Store:
         from tunevault.store.redis import RedisStore
 
         return RedisStore(url)
-    raise ValueError(f"unknown store scheme {scheme!r} in {url!r}")
+    raise ValueError(f"unknown store scheme {scheme!r} in {redact(url)!r}")

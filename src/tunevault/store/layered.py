@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from tunevault.core.model import Decision, Fingerprint
 from tunevault.store import unpublished
-from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, overwrite, supersede
+from tunevault.store.base import Query, Store, StoreUnavailable, log, open_store, overwrite, redact, shown, supersede
 
 T = TypeVar("T")
 EVERYTHING = Query()
@@ -36,7 +36,8 @@ class LayeredStore:
 
     def __init__(self, local: Store, remote: Store | None = None, bundles: Sequence[Store] = ()) -> None:
         self.local, self.remote, self.bundles = local, remote, tuple(bundles)
-        self.url = " + ".join([local.url] + ([remote.url] if remote else []) + [b.url for b in self.bundles])
+        # For messages only (nothing reopens a LayeredStore by its URL): passwords masked.
+        self.url = " + ".join(describe_layers(self))
         self._lock = threading.Lock()
         self._remote_down = False
         self._outages = 0
@@ -61,7 +62,7 @@ class LayeredStore:
         if self._remote_down and getattr(self.remote, "available", True):  # a swallowed failure is no answer
             with self._lock:
                 self._remote_down = False
-            log.info("tunevault: remote store %s answers again", self.remote.url)
+            log.info("tunevault: remote store %s answers again", shown(self.remote))
         return result
 
     def _remote_failed(self, what: str, exc: Exception) -> None:
@@ -73,7 +74,7 @@ class LayeredStore:
             first = self._outages == 1
         level = logging.WARNING if first else logging.INFO
         log.log(level, "tunevault: remote store unusable (%s failed: %s); serving from the local store %s "
-                "until it answers again", what, exc, self.local.url)
+                "until it answers again", what, exc, shown(self.local))
 
     @property
     def remote_down(self) -> bool:
@@ -106,7 +107,7 @@ class LayeredStore:
         if warn:
             log.warning("tunevault: %d decisions already wait for the remote store %s to answer again; "
                         "newer ones stay in the local store %s until a process there finds it answering",
-                        PENDING_CAP, getattr(self.remote, "url", "?"), self.local.url)
+                        PENDING_CAP, shown(self.remote), shown(self.local))
 
     def _recover(self) -> None:
         """Take over the decisions earlier processes on this host wrote during an outage and left
@@ -122,7 +123,7 @@ class LayeredStore:
             try:
                 local = self.local.get(*mark.store_key)
             except Exception as exc:
-                log.debug("tunevault: reading %s for an unpublished mark: %s", self.local.url, exc)
+                log.debug("tunevault: reading %s for an unpublished mark: %s", shown(self.local), exc)
                 continue
             if local is None:  # removed since (``tunevault rm``): nothing to publish
                 unpublished.clear(self.local, mark)
@@ -178,10 +179,10 @@ class LayeredStore:
         except Exception as exc:
             log.warning("tunevault: %s [%s]: the local store %s holds config #%d but the fleet chose #%d; "
                         "using the fleet's, but the local entry could not be replaced (%s)", fleet.kernel.name,
-                        fleet.key.describe(), self.local.url, local.config_index, fleet.config_index, exc)
+                        fleet.key.describe(), shown(self.local), local.config_index, fleet.config_index, exc)
             return
         log.warning("tunevault: %s [%s]: the local store %s held config #%d but the fleet chose #%d; "
-                    "replaced it with the fleet's", fleet.kernel.name, fleet.key.describe(), self.local.url,
+                    "replaced it with the fleet's", fleet.kernel.name, fleet.key.describe(), shown(self.local),
                     local.config_index, fleet.config_index)
 
     # -- the Store protocol ------------------------------------------------------------------
@@ -197,7 +198,7 @@ class LayeredStore:
             try:
                 self.local.put(found)  # the next process on this host reads it without the network
             except Exception as exc:
-                log.debug("tunevault: could not copy a remote decision into %s: %s", self.local.url, exc)
+                log.debug("tunevault: could not copy a remote decision into %s: %s", shown(self.local), exc)
             return found
         for bundle in self.bundles:
             found = bundle.get(*skey)
@@ -299,7 +300,7 @@ class LayeredStore:
                 try:
                     store.close()
                 except Exception as exc:
-                    log.debug("tunevault: closing %s: %s", store.url, exc)
+                    log.debug("tunevault: closing %s: %s", shown(store), exc)
 
     def __repr__(self) -> str:
         return f"LayeredStore({self.url})"
@@ -360,7 +361,7 @@ def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] =
         try:
             remote_store = open_store(remote)
         except (StoreUnavailable, ValueError, OSError) as exc:
-            log.warning("tunevault: remote store %s not used: %s", remote, exc)
+            log.warning("tunevault: remote store %s not used: %s", redact(remote), redact(str(exc)))
     opened: list[Store] = []
     if bundles:
         from tunevault.core.identity import current_fingerprint
@@ -373,7 +374,8 @@ def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] =
             raise StoreUnavailable(str(exc)) from exc  # the runtime degrades to memory, with a warning
         from tunevault.store.memory import MemoryStore
 
-        log.warning("tunevault: local store %s is unusable (%s); keeping local decisions in memory", store, exc)
+        log.warning("tunevault: local store %s is unusable (%s); keeping local decisions in memory", redact(store),
+                    redact(str(exc)))
         local = MemoryStore()
     if remote_store is None and not opened:
         return local
@@ -381,8 +383,8 @@ def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] =
 
 
 def describe_layers(store: Store) -> list[str]:
-    """The URLs of a store's layers, top first (for ``tunevault info``)."""
+    """The URLs of a store's layers, top first (for ``tunevault info``), passwords masked."""
     if isinstance(store, LayeredStore):
-        remote = [store.remote.url] if store.remote else []
-        return [store.local.url, *remote, *(b.url for b in store.bundles)]
-    return [getattr(store, "url", repr(store))]
+        remote = [store.remote] if store.remote else []
+        return [shown(s) for s in (store.local, *remote, *store.bundles)]
+    return [shown(store)]

@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from tunevault.core.model import Decision
-from tunevault.store.base import Query, StoreUnavailable, log
+from tunevault.store.base import Query, StoreUnavailable, log, redact
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -31,6 +31,7 @@ PREFIX = "tunevault:v1:"
 SOCKET_TIMEOUT_S = 0.5
 DEADLINE_S = 1.0  # one whole operation: connect, every round trip, every read (at least 2 socket timeouts)
 BACKOFF_S = (1.0, 60.0)  # first and longest pause after a failure; doubles in between
+SCAN_COUNT = 1000  # keys the server looks at per SCAN round trip while listing leases
 
 # Renew when ours, else take when free: one round trip, atomic on the server.
 _TAKE_LEASE = """
@@ -50,6 +51,10 @@ _SWAP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end
 return 0
 """
+
+
+class DeadlinePassed(Exception):
+    """An operation of many round trips saw its deadline pass between two of them."""
 
 
 def _redis_module() -> ModuleType:
@@ -91,14 +96,18 @@ def _split_deadline(url: str) -> tuple[str, float | None]:
     return parts._replace(query=rest).geturl(), deadline
 
 
-def _display(url: str) -> str:
-    """The URL without its password, for messages."""
+def _check_db(url: str, where: str) -> None:
+    """Refuse a database in the path that is not a number (``/abc``, a typo ``/1O``): redis-py
+    ignores it and uses database 0, so the store would silently share another database."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
+    if parts.scheme not in ("redis", "rediss"):
+        return  # unix:// names its database in ?db=, which redis-py checks
+    text = unquote(parts.path).replace("/", "")  # what redis-py parses
+    try:
+        int(text or "0")
+    except ValueError:
+        raise StoreUnavailable(f"bad redis store URL {where!r}: the database {text!r} after the host is not a "
+                               "number (redis://host:6379/0 names database 0)") from None
 
 
 class RedisStore:
@@ -110,15 +119,16 @@ class RedisStore:
         from redis.retry import Retry
 
         self.url = url
-        self._where = _display(url)
+        self._where = redact(url)
         timeout = SOCKET_TIMEOUT_S if timeout_s is None else timeout_s
         client_url, deadline = _split_deadline(url)
+        _check_db(client_url, self._where)
         try:  # options in the URL's query (e.g. ?socket_timeout=2 across a WAN) override these
             self._client = redis.Redis.from_url(
                 client_url, socket_timeout=timeout, socket_connect_timeout=timeout,
                 retry=Retry(NoBackoff(), 0), health_check_interval=0)
         except (ValueError, TypeError, redis.RedisError) as exc:
-            raise StoreUnavailable(f"bad redis store URL {self._where!r}: {exc}") from exc
+            raise StoreUnavailable(f"bad redis store URL {self._where!r}: {redact(str(exc))}") from exc
         socket_timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout") or timeout
         self.deadline = deadline or max(DEADLINE_S, 2 * float(socket_timeout))
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
@@ -136,9 +146,9 @@ class RedisStore:
         """False while backing off after a failure: calls then fail fast without the network."""
         return time.monotonic() >= self._down_until
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], hint: str = "") -> T:
         """Run one operation within ``self.deadline``; a failure or a missed deadline starts (or
-        lengthens) the backoff and raises StoreUnavailable."""
+        lengthens) the backoff and raises StoreUnavailable (``hint`` follows a missed deadline)."""
         now = time.monotonic()
         if now < self._down_until:
             raise StoreUnavailable(f"redis store {self._where} unreachable; retrying in "
@@ -154,7 +164,8 @@ class RedisStore:
             with self._lock:
                 self._down_until = time.monotonic() + self._pause
                 pause, self._pause = self._pause, min(self._pause * 2, BACKOFF_S[1])
-            why = (f"no complete answer within its {self.deadline:.1f} s deadline" if expired.is_set()
+            overran = expired.is_set() or isinstance(exc, DeadlinePassed)
+            why = (f"no complete answer within its {self.deadline:.1f} s deadline{hint}" if overran
                    else f"{type(exc).__name__}: {exc}")
             raise StoreUnavailable(f"redis store {self._where} failed to {what} ({why}); "
                                    f"not retrying for {pause:.0f} s") from exc
@@ -336,11 +347,24 @@ class RedisStore:
             return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
         def txn() -> dict[str, str]:
-            names = list(self._client.scan_iter(match=pattern, count=500))
+            # SCAN walks the whole keyspace, one round trip per SCAN_COUNT keys: on a Redis shared with
+            # millions of other keys that is many round trips, so the deadline is checked between them
+            # (the watchdog alone closes the connection once, and the next round would reconnect).
+            until = time.monotonic() + self.deadline
+            names: list[bytes | str] = []
+            cursor: int | bytes | str = 0
+            while True:
+                cursor, batch = self._client.scan(cursor, match=pattern, count=SCAN_COUNT)
+                names += batch
+                if int(cursor) == 0:
+                    break
+                if time.monotonic() >= until:
+                    raise DeadlinePassed
             values = self._client.mget(names) if names else []
             return {text(n)[start:]: text(v) for n, v in zip(names, values, strict=True) if v is not None}
 
-        return self._call("read leases", txn)
+        return self._call("read leases", txn, hint=(
+            " for scanning every key on the server; raise it with ?deadline=S in the store URL"))
 
     def release(self, name: str, holder: str) -> None:
         """Best effort and never raises: an unreleased lease simply expires."""
@@ -355,7 +379,7 @@ class RedisStore:
             self._client.close()
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r})"
+        return f"RedisStore({self._where!r})"
 
 
 def _lease_pattern(prefix: str) -> str:

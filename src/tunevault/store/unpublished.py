@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from tunevault.core.model import Decision
 from tunevault.core.untrusted import loads
-from tunevault.store.base import Store, key_lease_name
+from tunevault.store.base import Store, key_lease_name, shown
 
 log = logging.getLogger("tunevault")
 
@@ -56,7 +56,7 @@ def leave(local: Store, store_key: StoreKey, stale: Decision | None) -> Mark | N
             return Mark(store_key, stale, name, holder)
         held = local.lease_holder(name)  # another process marked the key first: its mark stands
     except Exception as exc:
-        log.debug("tunevault: could not mark %s as unpublished in %s: %s", name, getattr(local, "url", local), exc)
+        log.debug("tunevault: could not mark %s as unpublished in %s: %s", name, shown(local), exc)
         return None
     return _parse(name, held) if held is not None else None
 
@@ -69,7 +69,7 @@ def found(local: Store) -> list[Mark]:
     try:
         held: dict[str, str] = listing(PREFIX)
     except Exception as exc:
-        log.debug("tunevault: could not read unpublished marks from %s: %s", getattr(local, "url", local), exc)
+        log.debug("tunevault: could not read unpublished marks from %s: %s", shown(local), exc)
         return []
     marks = [mark for name, holder in list(held.items())[:MAX_MARKS] if (mark := _parse(name, holder)) is not None]
     return marks
