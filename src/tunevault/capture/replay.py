@@ -158,10 +158,18 @@ class DecisionLookup(Protocol):
     def decided_by_rule(self, kernel: KernelId, key: TuningKey) -> bool: ...
 
 
+def decided(rt: DecisionLookup, state: KernelState, key: TuningKey, earlier: TuningKey) -> bool:
+    """Whether the store holds a decision for ``key`` (or ``earlier``, the manifest's order) that
+    serving launches: one naming no declared config is ignored there (UNDECLARED), so the key is
+    tuned again, and the tuning replaces that entry (resolve.tune, Runtime.supersede)."""
+    kid = state.kernel_id
+    return any((found := rt.lookup(kid, k)) is not None and state.stored_index(found) is not None
+               for k in dict.fromkeys((key, earlier)))
+
+
 def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
-    from tunevault.core.identity import kernel_id
-    from tunevault.core.kernel_state import STATE_ATTR
+    from tunevault.core.kernel_state import STATE_ATTR, state_of
 
     def item(status: str, reason: str = "", seconds: float = 0.0, lasting: bool = False) -> WarmupItem:
         return WarmupItem(entry.kernel, entry.key, status, reason, seconds, lasting)
@@ -174,9 +182,10 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
         return item("skipped", f"argspec invalid: {exc}")
     if len(autotuner.configs) <= 1:
         return item("decided", "one config: nothing to tune")
-    kid = kernel_id(autotuner)
+    judge = state_of(autotuner)
+    kid = judge.kernel_id
     key = entry.key.in_order(list(autotuner.arg_names))  # a manifest may list dtypes in a call's order
-    if rt.lookup(kid, key) is not None or (key != entry.key and rt.lookup(kid, entry.key) is not None):
+    if decided(rt, judge, key, entry.key):
         return item("decided")
     state = autotuner.__dict__.get(STATE_ATTR)
     if state is not None:  # e.g. a fallback config remembered for this key: tune it for real now
