@@ -153,6 +153,10 @@ class DecisionLookup(Protocol):
 
     def published(self, kernel: KernelId, key: TuningKey) -> bool: ...
 
+    def unpublished_why(self, kernel: KernelId, key: TuningKey) -> str: ...
+
+    def read_again(self, kernel: KernelId, key: TuningKey) -> Decision | None: ...
+
     def forget_fallback(self, state: KernelState, args: tuple, kwargs: dict[str, Any]) -> None: ...
 
     def decided_by_rule(self, kernel: KernelId, key: TuningKey) -> bool: ...
@@ -197,11 +201,17 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
         return item("failed", f"{type(exc).__name__}: {exc}"[:400], time.perf_counter() - started,
                     lasting=isinstance(exc, TuningError))
     seconds = time.perf_counter() - started
-    if rt.lookup(kid, key) is None:
+    mine = rt.lookup(kid, key)
+    if mine is None:
         if rt.decided_by_rule(kid, key):
             return item("decided", "pruning leaves one config for this call: nothing to tune", seconds)
         return item("failed", "the call ran but no decision was stored", seconds)
     if not rt.published(kid, key):
-        return item("failed", "tuned, but the decision could not be written to the store (see the warning above)",
-                    seconds)
+        why = rt.unpublished_why(kid, key)
+        held = rt.read_again(kid, key)  # a write that timed out may have landed all the same
+        if held is None or judge.stored_index(held) is None:
+            return item("failed", f"tuned, but the decision could not be written to the store ({why})"[:400],
+                        seconds)
+        if held.config_index != mine.config_index:  # another process's, first writer wins: the fleet's
+            return item("decided", "the store holds another process's decision, which stands", seconds)
     return item("tuned", "", seconds)
