@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -221,3 +222,34 @@ def test_check_reads_the_fingerprint_a_kernel_library_sets_at_import(tmp_path: P
     assert warm.returncode == 0, warm.stderr
     checked = subprocess.run([*cli, "check", str(manifest)], capture_output=True, text=True, env=env, timeout=240)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("forge", ["num_warps=0", "config_index", "extra kwarg"])
+def test_a_stored_config_the_kernel_does_not_declare_is_not_decided_and_warmup_replaces_it(
+        app: Path, tmp_path: Path, forge: str) -> None:
+    """Serving ignores such an entry (a miss: on_miss=error raises), so check must not count it and
+    warmup must tune the key again, replacing the entry, rather than call it already decided."""
+    db = tmp_path / "tv.db"
+    store = f"sqlite:///{db}"
+    assert tunevault_script(app, "--store", store, "warmup", "keys.jsonl").returncode == 0
+    with sqlite3.connect(db) as conn:
+        (payload,) = conn.execute("SELECT payload FROM decisions").fetchone()
+        doc = json.loads(payload)
+        if forge == "num_warps=0":
+            doc["config"]["options"]["num_warps"] = 0
+        elif forge == "config_index":
+            doc["config_index"] = 10**9
+        else:
+            doc["config"]["kwargs"]["EVIL"] = 1
+        conn.execute("UPDATE decisions SET payload = ?", (json.dumps(doc),))
+
+    check = tunevault_script(app, "--store", store, "check", "keys.jsonl", "--json")
+    assert check.returncode == 1, check.stdout + check.stderr
+    (item,) = json.loads(check.stdout)["missing"]
+    assert "stored config is not one the kernel declares" in item["reason"], item
+
+    warm = tunevault_script(app, "--store", store, "warmup", "keys.jsonl")
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "1 tuned, 0 already decided" in warm.stdout, warm.stdout
+    check = tunevault_script(app, "--store", store, "check", "keys.jsonl", "--json")
+    assert check.returncode == 0 and json.loads(check.stdout)["decided"] == 1, check.stdout + check.stderr

@@ -276,3 +276,84 @@ def test_marks_of_removed_or_malformed_entries_publish_nothing(tmp_path: Path,
     finally:
         nxt.close()
         rstore.close()
+
+
+PAUSING_KERNELS = '''
+import os
+import signal
+
+import triton
+import triton.language as tl
+
+
+def pause_redis(nargs):
+    """Hang the Redis server named by the variable, once: the tuning's publish then times out."""
+    pid = os.environ.pop("TV_TEST_PAUSE_PID", "")
+    if pid:
+        os.kill(int(pid), signal.SIGSTOP)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 16}, pre_hook=pause_redis), triton.Config({"BLOCK": 32})],
+                 key=["n"])
+@triton.jit
+def add_one(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+
+def run(n):
+    import torch
+
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.empty_like(x)
+    add_one[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n)
+    return out
+'''
+
+
+@pytest.mark.parametrize("resumes", [True, False])
+def test_a_publish_that_timed_out_but_landed_is_not_reported_failed(
+        tmp_path: Path, server: redis_server.RedisServer, monkeypatch: pytest.MonkeyPatch, resumes: bool) -> None:
+    """Redis hangs while the tuning's SET NX is in flight, and runs it when it resumes: the store
+    holds the key's decision, so warmup reports it tuned (exit 0), not failed. Where Redis stays
+    hung, the key fails with a reason that says why by itself (a ``--jobs`` parent shows no
+    child's warnings)."""
+    import sys
+
+    import torch
+
+    import tunevault
+
+    (tmp_path / "tv_pausing.py").write_text(PAUSING_KERNELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tv_pausing", raising=False)
+    import tv_pausing  # type: ignore[import-not-found]
+
+    tunevault.install(mode="tune", store="memory://")
+    with tunevault.capture(tmp_path / "keys.jsonl"):
+        assert torch.equal(tv_pausing.run(40), torch.arange(40, dtype=torch.float32) + 1)
+    tunevault.uninstall()
+
+    class ResumeAfterTheFailedWrite(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if resumes and "store write failed" in record.getMessage():
+                server.resume()  # before the warmup reads the key again
+
+    handler = ResumeAfterTheFailedWrite()
+    logging.getLogger("tunevault").addHandler(handler)
+    try:
+        assert server.proc is not None
+        monkeypatch.setenv("TV_TEST_PAUSE_PID", str(server.proc.pid))
+        tunevault.install(mode="tune", store=server.url)
+        report = tunevault.warmup(str(tmp_path / "keys.jsonl"))
+        tunevault.uninstall()
+    finally:
+        logging.getLogger("tunevault").removeHandler(handler)
+        server.resume()
+    (item,) = report.items
+    if not resumes:
+        assert item.status == "failed" and "see the warning" not in item.reason, item
+        assert "store write failed: redis store" in item.reason and "failed to publish" in item.reason, item
+        return
+    assert item.status == "tuned" and report.ok, item
+    assert len(list(open_store(server.url).decisions(Query()))) == 1

@@ -153,15 +153,27 @@ class DecisionLookup(Protocol):
 
     def published(self, kernel: KernelId, key: TuningKey) -> bool: ...
 
+    def unpublished_why(self, kernel: KernelId, key: TuningKey) -> str: ...
+
+    def read_again(self, kernel: KernelId, key: TuningKey) -> Decision | None: ...
+
     def forget_fallback(self, state: KernelState, args: tuple, kwargs: dict[str, Any]) -> None: ...
 
     def decided_by_rule(self, kernel: KernelId, key: TuningKey) -> bool: ...
 
 
+def decided(rt: DecisionLookup, state: KernelState, key: TuningKey, earlier: TuningKey) -> bool:
+    """Whether the store holds a decision for ``key`` (or ``earlier``, the manifest's order) that
+    serving launches: one naming no declared config is ignored there (UNDECLARED), so the key is
+    tuned again, and the tuning replaces that entry (resolve.tune, Runtime.supersede)."""
+    kid = state.kernel_id
+    return any((found := rt.lookup(kid, k)) is not None and state.stored_index(found) is not None
+               for k in dict.fromkeys((key, earlier)))
+
+
 def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) -> WarmupItem:
     """Rebuild the entry's arguments and call its kernel in tune mode; the outcome for the key."""
-    from tunevault.core.identity import kernel_id
-    from tunevault.core.kernel_state import STATE_ATTR
+    from tunevault.core.kernel_state import STATE_ATTR, state_of
 
     def item(status: str, reason: str = "", seconds: float = 0.0, lasting: bool = False) -> WarmupItem:
         return WarmupItem(entry.kernel, entry.key, status, reason, seconds, lasting)
@@ -174,9 +186,10 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
         return item("skipped", f"argspec invalid: {exc}")
     if len(autotuner.configs) <= 1:
         return item("decided", "one config: nothing to tune")
-    kid = kernel_id(autotuner)
+    judge = state_of(autotuner)
+    kid = judge.kernel_id
     key = entry.key.in_order(list(autotuner.arg_names))  # a manifest may list dtypes in a call's order
-    if rt.lookup(kid, key) is not None or (key != entry.key and rt.lookup(kid, entry.key) is not None):
+    if decided(rt, judge, key, entry.key):
         return item("decided")
     state = autotuner.__dict__.get(STATE_ATTR)
     if state is not None:  # e.g. a fallback config remembered for this key: tune it for real now
@@ -188,11 +201,17 @@ def replay_one(rt: DecisionLookup, entry: mf.ManifestEntry, device: str | None) 
         return item("failed", f"{type(exc).__name__}: {exc}"[:400], time.perf_counter() - started,
                     lasting=isinstance(exc, TuningError))
     seconds = time.perf_counter() - started
-    if rt.lookup(kid, key) is None:
+    mine = rt.lookup(kid, key)
+    if mine is None:
         if rt.decided_by_rule(kid, key):
             return item("decided", "pruning leaves one config for this call: nothing to tune", seconds)
         return item("failed", "the call ran but no decision was stored", seconds)
     if not rt.published(kid, key):
-        return item("failed", "tuned, but the decision could not be written to the store (see the warning above)",
-                    seconds)
+        why = rt.unpublished_why(kid, key)
+        held = rt.read_again(kid, key)  # a write that timed out may have landed all the same
+        if held is None or judge.stored_index(held) is None:
+            return item("failed", f"tuned, but the decision could not be written to the store ({why})"[:400],
+                        seconds)
+        if held.config_index != mine.config_index:  # another process's, first writer wins: the fleet's
+            return item("decided", "the store holds another process's decision, which stands", seconds)
     return item("tuned", "", seconds)

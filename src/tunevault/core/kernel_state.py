@@ -21,7 +21,18 @@ if TYPE_CHECKING:
     from triton import Config
     from triton.runtime.autotuner import Autotuner
 
+    from tunevault.core.model import Decision
+
 STATE_ATTR = "_tunevault_state"  # where the adapter keeps a KernelState on its Autotuner
+# Why a stored decision does not decide its key: serving ignores it (KernelState.stored_index).
+UNDECLARED = "stored config is not one the kernel declares"
+
+
+def state_of(autotuner: Autotuner) -> KernelState:
+    """The adapter's state on ``autotuner`` where it is installed, else a fresh one (not attached):
+    what serving judges a stored decision by, for a preflight or a warmup that judges it too."""
+    state = autotuner.__dict__.get(STATE_ATTR)
+    return state if isinstance(state, KernelState) else KernelState(autotuner)
 
 
 def is_kernel(autotuner: Autotuner) -> bool:
@@ -161,6 +172,12 @@ class KernelState:
         if 0 <= index < min(len(specs), len(configs)) and specs[index] == spec and config_spec(configs[index]) == spec:
             return index
         return None
+
+    def stored_index(self, decision: Decision) -> int | None:
+        """The declared config a stored ``decision`` launches, or None where serving ignores it
+        (UNDECLARED): the one test by which resolve serves a decision and check and warmup count
+        its key decided, so that none of them calls a key decided that serving would miss."""
+        return self.declared_index(decision.config_index, decision.config)
 
 
 class _KeyFns(dict[int, RawKeyFn]):

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
-from tunevault.capture.replay import WarmupItem, WarmupReport, entries, replay_one, replayed_callspec
+from tunevault.capture.replay import WarmupItem, WarmupReport, decided, entries, replay_one, replayed_callspec
 from tunevault.core.files import write_text
+from tunevault.core.kernel_state import KernelState, state_of
 from tunevault.core.model import KernelId
 from tunevault.engine.ahead import AheadJob
 from tunevault.engine.context import sharing_cores
@@ -104,6 +105,7 @@ class EntryTask:
         self.what = f"{entry.kernel} [{entry.key.describe() or 'empty key'}]"
         self._lease: str | WarmupItem | None = None
         self._kernel_id: KernelId | None = None
+        self._state: KernelState | None = None  # judges stored decisions as serving does, once imported
 
     def lease(self) -> str | WarmupItem:
         if self._lease is None:
@@ -111,24 +113,22 @@ class EntryTask:
         return self._lease
 
     def _identify(self) -> str | WarmupItem:
-        from tunevault.core.identity import kernel_id
-
         try:
             autotuner = import_autotuner(self.kernel)
         except KernelNotFound as exc:
             return WarmupItem(self.kernel, self.key, "skipped", f"kernel not importable: {exc}")
         if len(autotuner.configs) <= 1:
             return WarmupItem(self.kernel, self.key, "decided", "one config: nothing to tune")
-        self._kernel_id = kernel_id(autotuner)
+        self._state = state_of(autotuner)
+        self._kernel_id = self._state.kernel_id
         self.earlier, self.key = self.key, self.key.in_order(list(autotuner.arg_names))  # dtypes in order
         if self.names is not None:
             self.names.vouch(self.kernel, self._kernel_id.digest)
         return lease_name(self._kernel_id.digest, self.runtime.fingerprint.digest, self.key.text)
 
     def decided(self) -> bool:
-        kid = self._kernel_id
-        return kid is not None and (self.runtime.lookup(kid, self.key) is not None or (
-            self.earlier != self.key and self.runtime.lookup(kid, self.earlier) is not None))
+        """A decision serving would launch is stored (replay.decided: not one naming no declared config)."""
+        return self._state is not None and decided(self.runtime, self._state, self.key, self.earlier)
 
     def identity_name(self) -> str | None:
         return None if self._kernel_id is None else self._kernel_id.name

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
+from tunevault.core.kernel_state import UNDECLARED, state_of
 from tunevault.core.model import Fingerprint, KernelId, TuningKey
 from tunevault.store.base import StoreUnavailable, redact
 
@@ -118,18 +119,25 @@ def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.Manif
         return CheckItem(entry.kernel, entry.key, True, "one config: nothing to tune")
     kid, fp = kernel_id(autotuner), machine()
     key = entry.key.in_order(list(autotuner.arg_names))  # a manifest may list dtypes in a call's order
-    try:
-        decision = store.get(kid.digest, fp.digest, key.text)
-        if decision is None and key != entry.key:  # and a store, under that order
-            decision = store.get(kid.digest, fp.digest, entry.key.text)
-    except StoreUnavailable:
-        raise  # the store, not this key: check() says so once
-    except Exception as exc:
-        return CheckItem(entry.kernel, entry.key, False, f"store read failed: {exc}")
-    if decision is None:
-        return CheckItem(entry.kernel, entry.key, False, _why_missing(store, kid, fp, entry.key))
-    chosen = f"#{decision.config_index} {decision.config.describe()}"
-    return CheckItem(entry.kernel, entry.key, True, "", chosen)
+    state, ignored = state_of(autotuner), None
+    for text in dict.fromkeys((key.text, entry.key.text)):  # and a store, under the manifest's order
+        try:
+            decision = store.get(kid.digest, fp.digest, text)
+        except StoreUnavailable:
+            raise  # the store, not this key: check() says so once
+        except Exception as exc:
+            return CheckItem(entry.kernel, entry.key, False, f"store read failed: {exc}")
+        if decision is None:
+            continue
+        chosen = f"#{decision.config_index} {decision.config.describe()}"
+        if state.stored_index(decision) is None:  # serving ignores it, as a miss: warmup tunes it again
+            ignored = ignored or chosen
+            continue
+        return CheckItem(entry.kernel, entry.key, True, "", chosen)
+    if ignored is not None:
+        return CheckItem(entry.kernel, entry.key, False, f"{UNDECLARED} (it names {ignored}); serving ignores "
+                         "it: run warmup to tune the key again")
+    return CheckItem(entry.kernel, entry.key, False, _why_missing(store, kid, fp, entry.key))
 
 
 def _why_missing(store: Store, kid: KernelId, fp: Fingerprint, key: TuningKey) -> str:

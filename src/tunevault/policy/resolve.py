@@ -244,7 +244,7 @@ def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | No
     decision = rt.lookup(st.kernel_id, key)
     if decision is None:
         return None
-    index = st.declared_index(decision.config_index, decision.config)
+    index = st.stored_index(decision)
     if index is None:
         rt.warn_once(("undeclared", decision.store_key),
                      "tunevault: %s: stored decision for %s names config #%d %s, which this kernel does "
@@ -414,7 +414,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
         # A stored entry this call may not launch still wins the put (first writer): launch what was
         # measured here, never that entry. One naming no declared config is replaced; one this
         # call's pruning excludes stays (another call of the same kernel may launch it).
-        index = st.declared_index(published.config_index, published.config)
+        index = st.stored_index(published)
         if index is None:
             rt.supersede(published, decision)
         elif index not in allowed:

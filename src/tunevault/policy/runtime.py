@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from tunevault.core.kernel_state import KernelState
 
 log = logging.getLogger("tunevault")
+# Runtime.read_again waits out a store's backoff up to this long: its first pause after a failure
+# (RedisStore's BACKOFF_S[0], 1 s), not the longer ones of a store that keeps failing.
+REREAD_WAIT_S = 2.0
 
 
 def _capturing() -> bool:
@@ -59,9 +63,9 @@ class Runtime:
         self._warned: set[Hashable] = set()
         self._damage: str | None = None
         self.decided: dict[tuple[str, str, str], Decision] = {}
-        # Decisions the store did not take (a failed write, or a store that fell back to memory):
-        # a warmup must not count them as decided, since no other process or restart sees them.
-        self.unpublished: set[tuple[str, str, str]] = set()
+        # Decisions the store did not take (a failed write, or a store that fell back to memory), and
+        # why: a warmup must not count them as decided, since no other process or restart sees them.
+        self.unpublished: dict[tuple[str, str, str], str] = {}
         self.store_fell_back = False
         # (kernel digest, key text) of keys pruning left one config for: launched untimed, never stored
         self.by_rule: set[tuple[str, str]] = set()
@@ -172,7 +176,7 @@ class Runtime:
         except Exception as exc:
             self.warn_once(("put", type(exc)), "tunevault: store write failed (%s); decision kept in memory", exc)
             published = decision
-            self.unpublished.add(published.store_key)
+            self.unpublished[published.store_key] = f"store write failed: {exc}"
         self.decided[published.store_key] = published
         self.predictions.invalidate(published.kernel.digest)
         return published
@@ -181,6 +185,41 @@ class Runtime:
         """Whether this process's decision for the key reached the store (others and restarts see it)."""
         skey = (kernel.digest, self.fingerprint.digest, key.text)
         return not self.store_fell_back and skey not in self.unpublished
+
+    def unpublished_why(self, kernel: KernelId, key: TuningKey) -> str:
+        """Why the key's decision is not in the store, in words that stand alone (a ``--jobs``
+        child's warnings do not reach its parent; the report's reason does)."""
+        if self.store_fell_back:
+            return f"the store {self.settings.store} is unusable; decisions are kept in memory"
+        skey = (kernel.digest, self.fingerprint.digest, key.text)
+        return self.unpublished.get(skey, "")
+
+    def read_again(self, kernel: KernelId, key: TuningKey) -> Decision | None:
+        """The store's decision for a key whose write failed, read once more (one read, not the
+        in-memory copy): a write that timed out may have been applied all the same (a Redis paused
+        mid-write runs the SET NX it was sent when it resumes). A store backing off after the failure
+        refuses reads for a while: a short pause (``REREAD_WAIT_S``) is waited out, a longer one is
+        not. Where it holds a decision, that is the key's decision here too, and it counts as published."""
+        if self.store_fell_back:
+            return None
+        store = self.store
+        remote = getattr(store, "remote", None) or store  # a layered store's remote, else the store
+        wait = float(getattr(remote, "retry_in", 0.0))
+        if wait > REREAD_WAIT_S:
+            return None
+        if wait > 0:
+            time.sleep(wait)
+        skey = (kernel.digest, self.fingerprint.digest, key.text)
+        try:
+            found = store.get(*skey)
+        except Exception as exc:
+            log.debug("tunevault: reading %s [%s] again failed: %s", kernel.name, key.describe(), exc)
+            return None
+        if found is not None:
+            self.unpublished.pop(skey, None)
+            self.decided[skey] = found
+            self.predictions.invalidate(kernel.digest)
+        return found
 
     def supersede(self, stale: Decision, decision: Decision) -> None:
         """The store holds ``stale``, which names a config the kernel does not declare: replace it
@@ -194,7 +233,8 @@ class Runtime:
         except Exception as exc:
             self.warn_once(("supersede", type(exc)), "tunevault: could not replace a stored decision naming an "
                            "undeclared config (%s); the new decision is kept in memory", exc)
-            self.unpublished.add(decision.store_key)
+            self.unpublished[decision.store_key] = f"could not replace a stored decision naming an undeclared " \
+                                                   f"config: {exc}"
         self.decided[decision.store_key] = decision
 
     def decided_by_rule(self, kernel: KernelId, key: TuningKey) -> bool:

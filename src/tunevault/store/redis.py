@@ -146,6 +146,12 @@ class RedisStore:
         """False while backing off after a failure: calls then fail fast without the network."""
         return time.monotonic() >= self._down_until
 
+    @property
+    def retry_in(self) -> float:
+        """Seconds until the server is asked again (0 when available): a caller that must read once
+        more after a failure (a timed-out write that may have been applied) waits that long first."""
+        return max(0.0, self._down_until - time.monotonic())
+
     def _call(self, what: str, fn: Callable[[], T], hint: str = "") -> T:
         """Run one operation within ``self.deadline``; a failure or a missed deadline starts (or
         lengthens) the backoff and raises StoreUnavailable (``hint`` follows a missed deadline)."""
