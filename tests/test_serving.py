@@ -93,6 +93,34 @@ def test_a_stored_decision_this_calls_pruning_excludes_is_explained_as_such(tmp_
     assert add_wide.best_config is add_wide.configs[2]
 
 
+@pytest.mark.parametrize("elsewhere", ["source", "fingerprint"])
+def test_a_miss_with_nothing_decided_here_says_what_the_store_holds_instead(tmp_path: Path, elsewhere: str) -> None:
+    """A library upgrade (the kernel's source changed) or a toolchain difference (TRITON_DEBUG set
+    in one environment only) left every key missed with "no key of this kernel is decided for this
+    machine", while `tunevault check` named the cause."""
+    import dataclasses
+
+    x = torch.empty(256)
+    key = KernelState(add_wide).labelled_key({"x_ptr": x, "out_ptr": x, "n": 256})
+    specs = [config_spec(c) for c in add_wide.configs]
+    kid, fp = kernel_id(add_wide), current_fingerprint()
+    if elsewhere == "source":
+        kid = dataclasses.replace(kid, source_hash="0" * len(kid.source_hash))
+    else:
+        fp = dataclasses.replace(fp, env=(*fp.env, ("TRITON_DEBUG", "1")))
+    db = SqliteStore(tmp_path / "other.db")
+    db.put(Decision(kid, fp, key, 0, specs[0], tuple(CandidateResult(i, s, (1.0,) * 3) for i, s in enumerate(specs))))
+    db.close()
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'other.db'}")
+    tunevault.seal(on_miss="error")
+    with pytest.raises(tunevault.TuningMiss) as miss:
+        run_wide(256, 1)
+    expected = {"source": "decisions exist for another version of this kernel (source or configs changed)",
+                "fingerprint": "fingerprint differs: TRITON_DEBUG=1 here (unset)"}[elsewhere]
+    assert "no key of this kernel is decided for this machine" in str(miss.value)
+    assert expected in str(miss.value)
+
+
 def test_on_miss_option_and_env_variable(sqlite_url: str) -> None:
     tunevault.install(mode="tune", store=sqlite_url, on_miss="error")
     with pytest.raises(tunevault.TuningMiss, match="no key of this kernel is decided"):

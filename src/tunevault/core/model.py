@@ -150,6 +150,18 @@ class Fingerprint:
             "schema": self.schema,
         }
 
+    def differences(self, here: Fingerprint) -> str:
+        """What differs from ``here``, field by field ("triton: 3.6.0 here 3.9.0"; an env variable
+        set on one side only counts as a difference), for a miss message."""
+        out = [f"{f}: {getattr(self, f)} here {getattr(here, f)}" for f in ("triton", "target", "device", "cuda")
+               if getattr(self, f) != getattr(here, f)]
+        mine, theirs = dict(self.env), dict(here.env)
+        out += [f"{name}={mine.get(name, '(unset)')} here {theirs.get(name, '(unset)')}"
+                for name in sorted(mine.keys() | theirs.keys()) if mine.get(name) != theirs.get(name)]
+        if self.schema != here.schema:
+            out.append(f"schema: {self.schema} here {here.schema}")
+        return ", ".join(out)
+
     @classmethod
     def from_json(cls, data: Any) -> Fingerprint:
         _require(isinstance(data, dict), "fingerprint must be an object")

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from tunevault.core.model import TuningKey
 from tunevault.engine import graphs
 from tunevault.policy import background
-from tunevault.policy.diagnose import explain_miss
 
 if TYPE_CHECKING:
     from triton import Config
@@ -43,8 +42,7 @@ def capture_fallback(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str
     """The config to launch for a miss during a capture, found without touching the device."""
     name = st.kernel_id.name
     rt.stats.add(name, rt.phase, "capture_fallbacks")
-    message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id),
-                                    rt.ignored.get((name, key.text)))
+    message, nearest = rt.explain_miss(st.kernel_id, key)
     rt.events.emit("capture_fallback", kernel=name, key=key.to_json(), phase=rt.phase, diagnosis=message)
     config = fallback(nearest, f"{message}; a CUDA graph is being captured", "tuned once the capture ends")
     # The arguments' ArgSpec cannot be taken now (it reads index tensors back from the device):

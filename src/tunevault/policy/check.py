@@ -142,7 +142,7 @@ def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.Manif
 
 def _why_missing(store: Store, kid: KernelId, fp: Fingerprint, key: TuningKey) -> str:
     """The nearest thing the store does hold: another key, another kernel version, another machine."""
-    from tunevault.policy.diagnose import explain_miss
+    from tunevault.policy.diagnose import explain_miss, none_here
     from tunevault.store.base import Query
 
     try:
@@ -152,12 +152,5 @@ def _why_missing(store: Store, kid: KernelId, fp: Fingerprint, key: TuningKey) -
     except Exception:
         others = []
     same = [d.key for d in others if d.kernel.digest == kid.digest and d.fingerprint.digest == fp.digest]
-    if same:
-        message, _near = explain_miss(kid.short_name, key, same)
-        return "no decision; " + message.split("; ", 1)[1]
-    if any(d.kernel.name == kid.name and d.kernel.digest != kid.digest and d.fingerprint.digest == fp.digest
-           for d in others):
-        return "no decision; decisions exist for another version of this kernel (source or configs changed)"
-    if any(d.kernel.digest == kid.digest for d in others):
-        return "no decision; this kernel is decided only on other machines/toolchains (fingerprint differs)"
-    return "no decision; this kernel has none for this machine"
+    message, _near = explain_miss(kid.short_name, key, same, none=none_here(kid, fp, others))
+    return "no decision; " + message.split("; ", 1)[1]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tunevault.core.model import TuningKey
+from tunevault.core.model import Decision, Fingerprint, KernelId, TuningKey
 from tunevault.policy.predict import is_numeric, log_coord
 
 
@@ -42,15 +42,33 @@ def nearest_keys(key: TuningKey, decided: Sequence[TuningKey]) -> list[TuningKey
     return [k for d, _t, k in scored if d == best]
 
 
+NONE_HERE = "no key of this kernel is decided for this machine"
+
+
+def none_here(kernel: KernelId, here: Fingerprint, others: Sequence[Decision]) -> str:
+    """Why no key of ``kernel`` is decided for this machine, from the decisions the store holds
+    under its name (``others``): another version of its source or configs (a library upgrade), or
+    the same kernel decided only under another fingerprint, saying what differs (a Triton upgrade,
+    ``TRITON_DEBUG`` set in one environment only)."""
+    if any(d.kernel.digest != kernel.digest and d.fingerprint.digest == here.digest for d in others):
+        return f"{NONE_HERE}; decisions exist for another version of this kernel (source or configs changed)"
+    elsewhere = [d.fingerprint for d in others
+                 if d.kernel.digest == kernel.digest and d.fingerprint.digest != here.digest]
+    if elsewhere:
+        return (f"{NONE_HERE}; it is decided only on other machines or toolchains (fingerprint differs: "
+                f"{elsewhere[0].differences(here)})")
+    return NONE_HERE
+
+
 def explain_miss(kernel: str, key: TuningKey, decided: Sequence[TuningKey],
-                 ignored: str | None = None) -> tuple[str, TuningKey | None]:
+                 ignored: str | None = None, none: str = NONE_HERE) -> tuple[str, TuningKey | None]:
     """The miss message and the nearest decided key. ``ignored``: why the decision stored for this
     very key (one of ``decided``) was not launched, as ``_stored`` found it; without one, it names
-    a config the kernel does not declare."""
+    a config the kernel does not declare. ``none``: what to say when nothing is decided (none_here)."""
     near = nearest_keys(key, decided)
     head = f"{kernel}: no decision for {key.describe() or '(empty key)'}"
     if not near:
-        return f"{head}; no key of this kernel is decided for this machine", None
+        return f"{head}; {none}", None
     diffs = key.differences(near[0])
     if not diffs and ignored is not None:  # decided, but not for calls such as this one
         return f"{head}; the decision stored for this very key {ignored}", near[0]

@@ -23,7 +23,7 @@ from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.engine.timing import own_bench
 from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
-from tunevault.policy.diagnose import TuningMiss, explain_miss
+from tunevault.policy.diagnose import TuningMiss
 from tunevault.policy.fallback import choose_fallback, describe_config, settle
 
 log = logging.getLogger("tunevault")
@@ -280,8 +280,7 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         return config, True
     if policy == "tune":
         return tune(rt, st, args, kwargs, key, stock_key, indexed), False
-    message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id),
-                                    rt.ignored.get((name, key.text)))
+    message, nearest = rt.explain_miss(st.kernel_id, key)
     message += rt.damage_note()
     rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
     rt.notify("missed", st, key, args, kwargs)

@@ -253,6 +253,21 @@ class Runtime:
             state.fallback_keys.discard(key)
             state.hits.clear()  # every raw key of the key (keywords in any order) decides it again
 
+    def explain_miss(self, kernel: KernelId, key: TuningKey) -> tuple[str, TuningKey | None]:
+        """The miss message (policy.diagnose) and the nearest decided key. With no key of ``kernel``
+        decided here, the store's decisions under its name say why: another version of the kernel,
+        or another machine's fingerprint (and what differs)."""
+        from tunevault.policy.diagnose import NONE_HERE, explain_miss, none_here
+
+        decided = self.decided_keys(kernel)
+        none = NONE_HERE
+        if not decided:
+            try:
+                none = none_here(kernel, self.fingerprint, list(self.store.decisions(Query(kernel=kernel.name))))
+            except Exception as exc:
+                self.warn_once(("list", type(exc)), "tunevault: store listing failed (%s)", exc)
+        return explain_miss(kernel.short_name, key, decided, self.ignored.get((kernel.name, key.text)), none)
+
     def decided_keys(self, kernel: KernelId) -> list[TuningKey]:
         """Every key of ``kernel`` decided for this fingerprint (for miss diagnosis)."""
         return [d.key for d in self.decisions_of(kernel)]
