@@ -174,6 +174,25 @@ def test_the_prestarted_worker_imports_no_module_of_a_manifest_the_installed_key
     sys.modules.pop(other, None)
 
 
+def test_a_manifest_module_that_raises_system_exit_at_import_leaves_the_prestarted_worker_running(
+        sqlite_url: str, learned: tuple[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SystemExit from a hinted import ended the worker (it caught Exception only); the server then
+    logged that it "stalled importing" a module "the server imported", and tuned in process."""
+    import importlib
+
+    name, marks = learned
+    exits = f"{name}_exits"
+    (tmp_path / f"{exits}.py").write_text(LEARNED + "\nif os.environ.get('TUNEVAULT_WORKER') == '1':\n"
+                                          "    raise SystemExit(3)\n")
+    keys = tmp_path / "earlier-run.jsonl"
+    mf.append(keys, [mf.line(f"{exits}:kernel", TuningKey((("n", 16),)), {"hit": 1}, 0.0, 0.0, 1, "host")])
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, capture=str(keys))
+    pids = imported_by(marks, exits)
+    importlib.import_module(name)  # learned after the manifest's hint: imported by the same worker
+    assert imported_by(marks, name) == pids == [isolated.worker_pid()]
+    assert not [r for r in caplog.records if "importing" in r.getMessage()]
+
+
 SETS_TRITON_VAR = '''
 import os
 

@@ -169,14 +169,16 @@ def _hold_hints(w: WorkerProcess, hold: bool) -> None:
 
 
 def _drop_stalled_hint(w: WorkerProcess) -> None:
-    """``w`` is killed for not answering: a module it was importing for a hint is hinted no more
-    (every fresh worker would stall on it first thing). Its kernels' own sessions still import it."""
+    """``w`` is killed for not answering, or has exited: a module it was importing for a hint is
+    hinted no more (every fresh worker would stall on it first thing). Its kernels' own sessions
+    still import it. (The hint came from the server's imports or from a manifest: the message
+    says neither.)"""
     module = w.importing
     if module is not None:
         with _hint_lock:
             _hinted.pop(module, None)
-        log.warning("tunevault: the tuning worker stalled importing %s, a module the server imported; "
-                    "workers no longer import it ahead of its kernels' tuning", module)
+        log.warning("tunevault: the tuning worker %s importing %s ahead of its kernels' tuning; "
+                    "workers no longer import it ahead of time", "stalled" if w.alive() else "exited", module)
 
 
 def _watch(w: WorkerProcess) -> None:
