@@ -155,6 +155,44 @@ def test_the_prestarted_worker_imports_no_manifest_module_the_allow_list_refuses
     sys.modules.pop(other, None)
 
 
+def test_the_prestarted_worker_imports_no_module_of_a_manifest_the_installed_key_refuses(
+        sqlite_url: str, learned: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``install(bundle_key=...)`` (no ``$TUNEVAULT_BUNDLE_KEY``) the server refuses an unsigned
+    manifest, but the worker read it without a key and imported the modules it named."""
+    import importlib
+
+    name, marks = learned
+    other = f"{name}_imported"
+    (tmp_path / f"{other}.py").write_text(LEARNED)
+    keys = tmp_path / "earlier-run.jsonl"
+    mf.append(keys, [mf.line(f"{name}:kernel", TuningKey((("n", 16),)), {"hit": 1}, 0.0, 0.0, 1, "host")])
+    monkeypatch.delenv("TUNEVAULT_BUNDLE_KEY", raising=False)
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, capture=str(keys), bundle_key="s3cret-key")
+    importlib.import_module(other)  # learned after the manifest's hints were sent, so imported after them
+    assert imported_by(marks, other) == [isolated.worker_pid()]
+    assert imported_by(marks, name, limit=0.0) == []
+    sys.modules.pop(other, None)
+
+
+def test_a_manifest_module_that_raises_system_exit_at_import_leaves_the_prestarted_worker_running(
+        sqlite_url: str, learned: tuple[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SystemExit from a hinted import ended the worker (it caught Exception only); the server then
+    logged that it "stalled importing" a module "the server imported", and tuned in process."""
+    import importlib
+
+    name, marks = learned
+    exits = f"{name}_exits"
+    (tmp_path / f"{exits}.py").write_text(LEARNED + "\nif os.environ.get('TUNEVAULT_WORKER') == '1':\n"
+                                          "    raise SystemExit(3)\n")
+    keys = tmp_path / "earlier-run.jsonl"
+    mf.append(keys, [mf.line(f"{exits}:kernel", TuningKey((("n", 16),)), {"hit": 1}, 0.0, 0.0, 1, "host")])
+    tunevault.install(mode="tune", store=sqlite_url, isolate=True, capture=str(keys))
+    pids = imported_by(marks, exits)
+    importlib.import_module(name)  # learned after the manifest's hint: imported by the same worker
+    assert imported_by(marks, name) == pids == [isolated.worker_pid()]
+    assert not [r for r in caplog.records if "importing" in r.getMessage()]
+
+
 SETS_TRITON_VAR = '''
 import os
 

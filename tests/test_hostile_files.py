@@ -171,3 +171,23 @@ def test_stored_time_out_of_range_is_a_corrupt_entry_not_a_crash(tmp_path: Path,
     tunevault.install(mode="tune", store=url)
     kh.call_checked(kh.add_one, kh.SIZES[0])  # a miss: tuned again, and the row healed
     assert SqliteStore(tmp_path / "s.db").get(*decisions[0].store_key) is not None
+
+
+UNCLOSED = {  # ~4 MB each, built in the subprocess; the old pre-check restarted a failed string
+    # match at every later quote, taking quadratic time
+    "escaped quotes": """'["' + '\\\\"' * 2_000_000""",
+    "escaped quotes, then a lone backslash": """'{"k": "' + '\\\\"' * 2_000_000 + '\\\\'""",
+    "brackets in the open string": """'["' + '\\\\"[' * 1_400_000""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNCLOSED))
+def test_an_unclosed_string_of_escaped_quotes_is_refused_promptly(name: str) -> None:
+    """A bundle, manifest line or stored row that opens a string and never closes it is refused
+    as not JSON; the pre-check scans it once (a subprocess, so a quadratic scan trips the timeout)."""
+    code = ("import json; from tunevault.core.untrusted import loads, Refused\n"
+            f"text = {UNCLOSED[name]}\n"
+            "assert len(text) > 4_000_000 and text.count('\"') > 1_000_000\n"
+            "try:\n    loads(text, what='line'); print(json.dumps('parsed'))\n"
+            "except Refused as exc:\n    print(json.dumps(str(exc)))")
+    assert run_py(code, timeout=60).startswith("line is not JSON")

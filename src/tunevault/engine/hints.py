@@ -28,10 +28,11 @@ def of_targets(targets: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(m for t in targets if importable(m := t.partition(":")[0])))
 
 
-def from_manifest(path: str | os.PathLike[str] | None) -> list[str]:
+def from_manifest(path: str | os.PathLike[str] | None, key: str | None) -> list[str]:
     """The kernels' modules a key manifest names, of those ``$TUNEVAULT_ALLOW_MODULES`` allows (a
     manifest is untrusted: the worker must not import what the server would refuse to); none when
-    there is no readable manifest there, or the allow list is malformed."""
+    there is no readable manifest there, the allow list is malformed, or ``key`` (the installed
+    ``bundle_key``, which the server verifies the manifest with) refuses it."""
     if not path or not os.path.isfile(path):
         return []
     try:
@@ -39,7 +40,7 @@ def from_manifest(path: str | os.PathLike[str] | None) -> list[str]:
         from tunevault.capture.locate import allowed_prefixes, module_allowed
 
         prefixes = allowed_prefixes()
-        return [m for m in of_targets(e.kernel for e in manifest.read(path)) if module_allowed(m, prefixes)]
+        return [m for m in of_targets(e.kernel for e in manifest.read(path, key=key)) if module_allowed(m, prefixes)]
     except Exception:
         return []
 

@@ -169,14 +169,16 @@ def _hold_hints(w: WorkerProcess, hold: bool) -> None:
 
 
 def _drop_stalled_hint(w: WorkerProcess) -> None:
-    """``w`` is killed for not answering: a module it was importing for a hint is hinted no more
-    (every fresh worker would stall on it first thing). Its kernels' own sessions still import it."""
+    """``w`` is killed for not answering, or has exited: a module it was importing for a hint is
+    hinted no more (every fresh worker would stall on it first thing). Its kernels' own sessions
+    still import it. (The hint came from the server's imports or from a manifest: the message
+    says neither.)"""
     module = w.importing
     if module is not None:
         with _hint_lock:
             _hinted.pop(module, None)
-        log.warning("tunevault: the tuning worker stalled importing %s, a module the server imported; "
-                    "workers no longer import it ahead of its kernels' tuning", module)
+        log.warning("tunevault: the tuning worker %s importing %s ahead of its kernels' tuning; "
+                    "workers no longer import it ahead of time", "stalled" if w.alive() else "exited", module)
 
 
 def _watch(w: WorkerProcess) -> None:
@@ -195,13 +197,14 @@ def _watch(w: WorkerProcess) -> None:
         time.sleep(WATCH_EVERY)
 
 
-def prestart(manifest: str | None = None, context: bool = False) -> None:
+def prestart(manifest: str | None = None, context: bool = False, key: str | None = None) -> None:
     """Start the worker now, in the background, so its start-up (imports, about 5 s on a GPU host)
     overlaps the server's own instead of delaying the first tuning. A tuning that arrives before
     it is ready waits for it rather than starting a second one. The worker then imports the
     kernels' modules while the server starts: those a key ``manifest`` of an earlier run names,
     and those the server itself imports meanwhile (engine.hints). ``context``: the server will tune
-    in it at start-up, so it also creates its CUDA context now (see worker.prepare)."""
+    in it at start-up, so it also creates its CUDA context now (see worker.prepare). ``key``: the
+    installed ``bundle_key``; a manifest it refuses names no module."""
     holding = threading.Event()
     generation = _generation
 
@@ -223,7 +226,7 @@ def prestart(manifest: str | None = None, context: bool = False) -> None:
                 return
             from tunevault.engine.hints import from_manifest
 
-            hint_imports(from_manifest(manifest))
+            hint_imports(from_manifest(manifest, key))
             _adopt(w)
         threading.Thread(target=_watch, args=(w,), name="tunevault-learn-imports", daemon=True).start()
 

@@ -286,7 +286,9 @@ def import_modules(names: Any, emit: Any = None) -> None:
             began = time.perf_counter()
             try:
                 importlib.import_module(name)
-            except Exception as exc:  # the session that needs it reports the failure
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit at import must not end the worker; its session reports it
                 print(f"tunevault worker: cannot import {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             print(f"tunevault worker: imported {name} in {time.perf_counter() - began:.2f}s", file=sys.stderr)

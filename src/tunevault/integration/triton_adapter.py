@@ -230,8 +230,9 @@ def install(settings: Settings) -> Runtime:
         if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
             from tunevault.engine import isolated
 
-            # a manifest names the kernels' modules to import; tuning isolated means it tunes at start-up
-            isolated.prestart(settings.capture, context=settings.isolate)
+            # a manifest names the kernels' modules to import (read with the key that verifies it);
+            # tuning isolated means it tunes at start-up
+            isolated.prestart(settings.capture, context=settings.isolate, key=settings.bundle_key)
         log.debug("tunevault installed: %s", settings)
         return _runtime
 
