@@ -208,3 +208,44 @@ def test_lease_holder_killed_another_process_takes_over(tmp_path: Path) -> None:
     assert result["bench0"] > 0, "the waiter took the expired lease over and tuned the key itself"
     (d,) = SqliteStore(tmp_path / "shared.db").decisions()
     assert dict(d.provenance)["pid"] == result["pid"]
+
+
+EXITS_WHILE_TUNING = r"""
+import json, os, sys, threading, time
+from pathlib import Path
+
+import torch
+import tunevault
+from tunevault.demo.kernels import run_scaled_add, scaled_add
+from tunevault.store.sqlite import SqliteStore
+
+def bench(fn, quantiles=None, **kw):  # background tuning stops here for good, holding the key's lease
+    Path(os.environ["TV_HANG"]).touch()
+    threading.Event().wait()
+scaled_add._do_bench = bench
+tunevault.install(on_miss="background", prestart=False)
+x = torch.rand(300)
+assert torch.allclose(run_scaled_add(x, x), 3 * x)  # a fallback config; the key tunes in the background
+deadline = time.monotonic() + 240
+while not Path(os.environ["TV_HANG"]).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps(SqliteStore(os.environ["TV_DB"]).leases("tune:")), flush=True)
+sys.exit(0)  # a clean exit: the daemon tuning thread is dropped mid-benchmark
+"""
+
+
+def test_a_process_exiting_mid_tuning_releases_its_lease(tmp_path: Path) -> None:
+    """The lease of a key tuned in the background when the process exits (sys.exit) is released at
+    exit, so the next process tunes it at once; it used to stay until lease_ttl (here 600 s) ran out."""
+    path = tmp_path / "shared.db"
+    run = subprocess.run([sys.executable, "-c", EXITS_WHILE_TUNING], capture_output=True, text=True, timeout=300,
+                         env=subprocess_env(TUNEVAULT_STORE=f"sqlite:///{path}", TUNEVAULT_LEASE_TTL="600",
+                                            TV_DB=str(path), TV_HANG=str(tmp_path / "benchmarking")))
+    assert run.returncode == 0, run.stderr
+    held = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(held) == 1, f"the process held the key's lease while it tuned: {held}"
+    shared = SqliteStore(path)
+    assert shared.leases("tune:") == {}, "released when the process exited"
+    (name,) = held
+    assert shared.try_lease(name, "next process", 60), "the next process takes the key's lease at once"
+    shared.close()

@@ -294,6 +294,59 @@ def test_closed_store(tmp_path: Path) -> None:
         s.put(make_decision(2))
 
 
+
+CLOSED_UNDER_READS = """
+import json, sqlite3, sys, threading, time
+from tunevault.store.base import Query, StoreUnavailable
+from tunevault.store.sqlite import SqliteStore
+path, closes = sys.argv[1], int(sys.argv[2])
+SqliteStore(path).close()
+with sqlite3.connect(path) as db:  # rows to scan (matching no query), so each read is long enough to close under
+    db.executemany("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
+                   [(f"k{i}", "fp", f"key{i}", "kern", "x" * 200, 0.0) for i in range(20000)])
+current = [SqliteStore(path)]
+stop, outcomes, lock = threading.Event(), {}, threading.Lock()
+def read():
+    while not stop.is_set():
+        store = current[0]
+        for what, op in (("decisions", lambda: list(store.decisions(Query(kernel="absent")))),
+                         ("count", store.count)):
+            try:
+                op()
+                outcome = what + " ok"
+            except StoreUnavailable:
+                outcome = what + " StoreUnavailable"
+            except Exception as exc:
+                outcome = f"{what} {type(exc).__name__}: {exc}"
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+readers = [threading.Thread(target=read) for _ in range(2)]
+for t in readers:
+    t.start()
+for _ in range(closes):  # what Runtime.close() does on install()/uninstall() while requests miss
+    time.sleep(0.003)
+    old, current[0] = current[0], SqliteStore(path)
+    old.close()
+stop.set()
+for t in readers:
+    t.join()
+print(json.dumps(outcomes))
+"""
+
+
+def test_closing_a_store_while_other_threads_read_it_never_crashes(tmp_path: Path) -> None:
+    """close() used to close every thread's connection under its running query: SIGSEGV. Now a busy
+    connection is closed by its own thread when the query ends; reads succeed or raise StoreUnavailable
+    (decisions() on a closed store is empty, as documented)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC_DIR), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CLOSED_UNDER_READS,
+                          str(tmp_path / "db.sqlite"), "300"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stderr[-3000:])
+    outcomes = json.loads(run.stdout)
+    assert set(outcomes) <= {"decisions ok", "count ok", "count StoreUnavailable"}, outcomes
+    assert outcomes.get("decisions ok") and outcomes.get("count ok"), outcomes
+
 def test_leases_are_shared_between_instances(tmp_path: Path) -> None:
     a, b = SqliteStore(tmp_path / "db.sqlite"), SqliteStore(tmp_path / "db.sqlite")
     assert a.try_lease("tune:k", "host1:1", 10.0)

@@ -3,11 +3,14 @@
 Agreement comes from the store, not from a collective: the holder benchmarks and publishes (first
 writer wins), everyone else polls the store for the decision and adopts it. Nothing waits for a
 peer that may never come: a holder that dies stops renewing, its lease expires and a waiter takes
-over; a waiter that waited ``lease_wait`` seconds tunes by itself, with a warning.
+over; a waiter that waited ``lease_wait`` seconds tunes by itself, with a warning. A process that
+exits normally (``sys.exit``, the end of its script, an exception) releases the leases it still
+holds; one killed by a signal's default action (SIGTERM, SIGKILL) leaves them to expire.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -30,6 +33,7 @@ log = logging.getLogger("tunevault")
 T = TypeVar("T")
 POLL_S = (0.02, 0.5)  # first and longest pause between looks at the store while waiting
 _taken_here = threading.local()  # .names: leases this thread took itself (sharded warmup) and holds now
+EXIT_WAIT_S = 5.0  # the longest interpreter exit waits to release the leases still held
 
 
 def lease_name(kernel_digest: str, fingerprint_digest: str, key_text: str) -> str:
@@ -41,11 +45,96 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class Held:
+    """A lease this process took and has not released: renewed and released under one lock, so
+    a renewal never takes back a lease released meanwhile (at exit: ``_release_at_exit``)."""
+
+    __slots__ = ("store", "name", "holder", "what", "pid", "lock", "released")
+
+    def __init__(self, store: Store, name: str, holder: str, what: str) -> None:
+        self.store, self.name, self.holder, self.what = store, name, holder, what
+        self.pid, self.lock, self.released = os.getpid(), threading.Lock(), False
+
+    def renew(self, ttl_s: float) -> bool:
+        """Extend the lease; True once released (nothing left to lose)."""
+        with self.lock:
+            return self.released or self.store.try_lease(self.name, self.holder, ttl_s)
+
+    def release(self) -> None:
+        """Best effort, once: an unreleased lease simply expires."""
+        with self.lock:
+            if self.released:
+                return
+            self.released = True
+            try:
+                self.store.release(self.name, self.holder)
+            except Exception as exc:
+                log.debug("tunevault: releasing the lease for %s failed (%s); it expires by itself", self.what, exc)
+
+
+_held: dict[int, Held] = {}  # id -> a lease this process holds now
+_held_lock = threading.Lock()
+_exiting = False  # the interpreter is exiting: a lease taken from now on is released at once
+
+
+@contextmanager
+def kept(store: Store, name: str, holder: str, what: str) -> Iterator[Held]:
+    """Hold the lease ``name`` (just taken by ``holder``) for the block, then release it; if the
+    interpreter exits first (a daemon thread dropped mid-tuning), exit releases it."""
+    held = Held(store, name, holder, what)
+    with _held_lock:
+        _held[id(held)] = held
+        late = _exiting
+    try:
+        if late:
+            held.release()
+        yield held
+    finally:
+        with _held_lock:
+            _held.pop(id(held), None)
+        held.release()
+
+
+def _release_at_exit() -> None:
+    """Release what this process still holds, so the next process tunes those keys at once instead
+    of waiting for ``lease_ttl``. Bounded: a store that does not answer leaves them to expire."""
+    global _exiting
+    with _held_lock:
+        _exiting = True
+        held = [h for h in _held.values() if h.pid == os.getpid()]
+    if not held:
+        return
+
+    def release_all() -> None:
+        for h in held:
+            h.release()
+
+    try:
+        worker = threading.Thread(target=release_all, name="tunevault-lease-exit", daemon=True)
+        worker.start()
+    except RuntimeError:  # an interpreter that starts no thread at exit: release here
+        release_all()
+        return
+    worker.join(EXIT_WAIT_S)
+
+
+def _forget_in_child() -> None:
+    """A forked child holds none of its parent's leases (their holder names the parent's pid)."""
+    global _held_lock, _exiting
+    _held_lock, _exiting = threading.Lock(), False
+    _held.clear()
+
+
+atexit.register(_release_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class Heartbeat:
     """Renews a lease every third of its time to live while the holder works."""
 
-    def __init__(self, store: Store, name: str, holder: str, ttl_s: float, what: str) -> None:
-        self.store, self.name, self.holder, self.ttl, self.what = store, name, holder, ttl_s, what
+    def __init__(self, held: Held, ttl_s: float) -> None:
+        self.held, self.ttl = held, ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="tunevault-lease", daemon=True)
 
@@ -61,15 +150,15 @@ class Heartbeat:
         lost = False
         while not self._stop.wait(self.ttl / 3):
             try:
-                held = self.store.try_lease(self.name, self.holder, self.ttl)
+                held = self.held.renew(self.ttl)
             except Exception as exc:
-                log.debug("tunevault: lease renewal for %s failed: %s", self.what, exc)
+                log.debug("tunevault: lease renewal for %s failed: %s", self.held.what, exc)
                 continue
             if not held and not lost:
                 lost = True
                 log.warning("tunevault: lost the tuning lease for %s (renewal came after it expired); "
                             "another process may tune it too, and the first decision published is kept",
-                            self.what)
+                            self.held.what)
 
 
 @contextmanager
@@ -85,9 +174,9 @@ def taken_here(name: str) -> Iterator[None]:
 
 
 @contextmanager
-def holding(store: Store, name: str, holder: str, ttl_s: float, what: str) -> Iterator[None]:
+def holding(held: Held, ttl_s: float) -> Iterator[None]:
     """While this thread works under a lease it took itself: renew it; ``under_lease`` skips it."""
-    with taken_here(name), Heartbeat(store, name, holder, ttl_s, what):
+    with taken_here(held.name), Heartbeat(held, ttl_s):
         yield
 
 
@@ -128,14 +217,9 @@ def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None
             return work()
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())) * random.uniform(0.8, 1.2))
         pause = min(pause * 2, POLL_S[1])
-    try:
+    with kept(store, name, holder, what) as held:
         found = lookup()  # published while we were taking the lease (the holder just finished)
         if found is not None:
             return found
-        with Heartbeat(store, name, holder, ttl, what):
+        with Heartbeat(held, ttl):
             return work()
-    finally:
-        try:
-            store.release(name, holder)
-        except Exception as exc:
-            log.debug("tunevault: releasing the lease for %s failed (%s); it expires by itself", what, exc)

@@ -34,7 +34,7 @@ from typing import Protocol
 from tunevault.capture.replay import WarmupItem
 from tunevault.core.events import EventLog
 from tunevault.core.model import TuningKey
-from tunevault.policy.lease import POLL_S, holding, new_holder, taken_here
+from tunevault.policy.lease import POLL_S, holding, kept, new_holder, taken_here
 from tunevault.store.base import Store, shown
 
 log = logging.getLogger("tunevault")
@@ -191,13 +191,11 @@ class _Walk:
         if not taken:
             return self.held(i, task, lease)
         self.emit("lease_taken", task, lease=lease, revisited=i in self.first_held)
-        try:
+        with kept(self.store, lease, holder, task.what) as held:
             if task.decided():  # published while we took the lease: its holder just finished
                 return WarmupItem(task.kernel, task.key, "decided")
-            with holding(self.store, lease, holder, self.sharing.lease_ttl, task.what):
+            with holding(held, self.sharing.lease_ttl):
                 item = self.tune(task)
-        finally:
-            self.store.release(lease, holder)
         return self.settled(task, item, lease)
 
     def held(self, i: int, task: Task, lease: str) -> WarmupItem | None:

@@ -76,12 +76,27 @@ def quick_check(path: str, limit: int = 20, db: sqlite3.Connection | None = None
 
 
 class _ThreadConn:
-    """Holds one thread's connection; weak-referenceable (sqlite3.Connection is not)."""
+    """Holds one thread's connection; weak-referenceable (sqlite3.Connection is not).
 
-    __slots__ = ("db", "pid", "__weakref__")
+    ``lock`` is held by its thread for the whole of each operation and ``depth`` counts them, so
+    ``close()`` on another thread never closes a connection mid-query (sqlite3 then frees what the
+    query still uses: a segfault); it closes idle ones and leaves a busy one to its own thread.
+    """
+
+    __slots__ = ("db", "pid", "lock", "depth", "closed", "__weakref__")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db, self.pid = db, os.getpid()
+        self.lock = threading.RLock()
+        self.depth = 0
+        self.closed = False
+
+    def retire(self) -> None:
+        """Close the connection; the caller holds ``lock`` and no operation uses it (``depth`` 0)."""
+        if not self.closed and self.depth == 0:
+            self.closed = True
+            with suppress(sqlite3.Error):
+                self.db.close()
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -219,16 +234,18 @@ class SqliteStore:
 
     # -- connections and retries ------------------------------------------------------------
 
-    def _db(self) -> sqlite3.Connection:
+    def _held(self) -> _ThreadConn:
+        """This thread's connection holder, opening the connection if it has none (or none of this process)."""
         if self._closed:
             raise StoreUnavailable(f"tuning store {self.path} is closed")
         held = getattr(self._local, "conn", None)
         if held is not None:
-            if held.pid == os.getpid():
-                return held.db
-            _FORK_ORPHANS.append(held)  # closing it here could checkpoint the parent's WAL
+            if held.pid == os.getpid() and not held.closed:
+                return held
+            if held.pid != os.getpid():
+                _FORK_ORPHANS.append(held)  # closing it here could checkpoint the parent's WAL
         db = sqlite3.connect(self._target, timeout=self._timeout, isolation_level=None, uri=self._uri,
-                             check_same_thread=False)  # only so close() may close it
+                             check_same_thread=False)  # only so close() may close it while idle
         try:
             db.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             db.execute("PRAGMA synchronous = NORMAL")
@@ -240,7 +257,33 @@ class SqliteStore:
         self._local.conn = held
         with self._conns_lock:
             self._conns.add(held)
-        return db
+        return held
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection for one operation: ``close()`` meanwhile waits for its end, and
+        the connection is then closed here, on its own thread. Raises StoreUnavailable once closed."""
+        held = self._held()
+        with held.lock:
+            if self._closed or held.closed:
+                held.retire()
+                raise StoreUnavailable(f"tuning store {self.path} is closed")
+            held.depth += 1
+            try:
+                yield held.db
+            finally:
+                held.depth -= 1
+        if self._closed:  # close() came while we used it: it may have left the connection to us
+            self._retire(held)
+
+    @staticmethod
+    def _retire(held: _ThreadConn) -> None:
+        """Close ``held`` unless its thread is using it now (that thread closes it when done)."""
+        if held.lock.acquire(blocking=False):
+            try:
+                held.retire()
+            finally:
+                held.lock.release()
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on this thread's connection, once the file's layout is known to be ours."""
@@ -252,12 +295,12 @@ class SqliteStore:
         """Run ``fn`` on this thread's connection, retrying lock contention beyond busy_timeout."""
         deadline = time.monotonic() + 3 * self._timeout
         while True:
-            db = self._db()
-            try:
-                return fn(db)
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
-                    raise
+            with self._db() as db:
+                try:
+                    return fn(db)
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or time.monotonic() > deadline:
+                        raise
             time.sleep(random.uniform(0.001, 0.05))
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -478,7 +521,8 @@ class SqliteStore:
         A damaged page reads as missing rows (or as an error the read path turns into a miss), so a
         damaged store looks empty unless asked; ``tunevault doctor`` repairs it.
         """
-        return quick_check(self.path, limit, self._db())
+        with self._db() as db:
+            return quick_check(self.path, limit, db)
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take the lease if absent, expired or ours (renew). Wall-clock time: processes share it."""
@@ -570,14 +614,17 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot write to tuning store {self.path}: {exc}") from exc
 
     def close(self) -> None:
-        """Close every thread's connection opened by this process; later reads miss, writes raise."""
+        """Close every thread's connection opened by this process; later reads miss, writes raise.
+
+        A connection another thread is querying on is closed by that thread when its query ends
+        (closing it under the query crashed the process: test_store's close-while-reading test).
+        """
         self._closed = True
         with self._conns_lock:
             held = [c for c in self._conns if c.pid == os.getpid()]
             self._conns = weakref.WeakSet()
         for c in held:
-            with suppress(sqlite3.Error):
-                c.db.close()
+            self._retire(c)
 
     def __repr__(self) -> str:
         return f"SqliteStore({self.path!r})"
