@@ -138,6 +138,13 @@ def unknown_variables(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def warn_unknown_variables(env: Mapping[str, str] | None = None) -> None:
+    """One warning per misspelled ``TUNEVAULT_*`` variable per process, however tunevault is
+    switched on (``install()``, ``TUNEVAULT_MODE`` or the CLI): a typo must not pass silently."""
+    for var, warning in unknown_variables(os.environ if env is None else env).items():
+        warn_once(var, warning)
+
+
 def variable(option: str) -> str:
     """The environment variable of an ``install()`` option (``bundles`` reads ``TUNEVAULT_BUNDLE``)."""
     return "TUNEVAULT_BUNDLE" if option == "bundles" else f"TUNEVAULT_{option.upper()}"
@@ -261,6 +268,5 @@ class Settings:
                 raise ValueError(problem)
             warn_once(problem, f"tunevault: ignoring {problem}; using the default")
             del env[var]
-        for var, warning in unknown_variables(env).items():
-            warn_once(var, warning)
+        warn_unknown_variables(env)
         return cls.from_env(env).with_options(**options)
