@@ -138,6 +138,11 @@ def unknown_variables(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def warn_ignored(problem: str) -> None:
+    """The one warning for a malformed variable ``install()`` reads and replaces by its default."""
+    warn_once(problem, f"tunevault: ignoring {problem}; using the default")
+
+
 def warn_unknown_variables(env: Mapping[str, str] | None = None) -> None:
     """One warning per misspelled ``TUNEVAULT_*`` variable per process, however tunevault is
     switched on (``install()``, ``TUNEVAULT_MODE`` or the CLI): a typo must not pass silently."""
@@ -266,7 +271,7 @@ class Settings:
         for var, problem in env_problems(env).items():
             if var in MUST_HOLD:
                 raise ValueError(problem)
-            warn_once(problem, f"tunevault: ignoring {problem}; using the default")
+            warn_ignored(problem)
             del env[var]
         warn_unknown_variables(env)
         return cls.from_env(env).with_options(**options)
