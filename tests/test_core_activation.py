@@ -226,3 +226,25 @@ def test_startup_logging_prints_only_while_the_application_configured_none(
     monkeypatch.setattr(root, "handlers", [logging.NullHandler()])  # the application set logging up
     log.warning("left to the application's handlers")
     assert stream.getvalue() == "[WARNING] shown\n"
+
+
+def test_a_misspelled_variable_is_one_warning_however_tunevault_is_switched_on() -> None:
+    """Activation by ``TUNEVAULT_MODE`` (and the CLI) never looked for typos: ``TUNEVAULT_ONMISS=error``
+    passed silently and the server tuned on every miss. ``install()`` afterwards does not warn again."""
+    warning = ("[WARNING] tunevault: ignoring TUNEVAULT_ONMISS: tunevault reads no such variable; "
+               "did you mean TUNEVAULT_ON_MISS?")
+    code = """
+    import sys
+    import triton, tunevault
+    print("--- activated", tunevault.installed(), file=sys.stderr, flush=True)
+    tunevault.install(mode="tune", store="memory://")
+    """
+    env = subprocess_env(TUNEVAULT_MODE="tune", TUNEVAULT_STORE="memory://", TUNEVAULT_ONMISS="error")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [warning, "--- activated True"]
+    cli = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", "memory://", "ls", "--json"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert cli.returncode == 0 and json.loads(cli.stdout) == [], cli.stderr
+    assert cli.stderr.splitlines() == [warning]

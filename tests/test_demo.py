@@ -78,3 +78,12 @@ def test_unusable_timeout_is_refused_before_the_store_is_touched(timeout: str, s
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [err.strip()] and "--timeout takes seconds above 0" in err
+
+
+def test_a_malformed_variable_the_phases_read_is_one_warning(sqlite_url: str) -> None:
+    """The phases' stderr is shown only when one fails: ``TUNEVAULT_TOLERANCE=abc`` (each phase
+    tuned with the default) passed without a word, exit 0."""
+    proc = demo(sqlite_url, TUNEVAULT_TOLERANCE="abc")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["[WARNING] tunevault: ignoring TUNEVAULT_TOLERANCE must be a number; "
+                                        "got 'abc'; using the default"]

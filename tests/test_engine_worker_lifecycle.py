@@ -54,6 +54,19 @@ def test_seal_ends_the_warmup_and_the_idle_worker_with_it(sqlite_url: str) -> No
     assert isolated.worker_pid() is None and gone(pid)  # not TUNEVAULT_WORKER_IDLE seconds later
 
 
+def test_installing_again_without_isolation_ends_the_idle_worker(sqlite_url: str) -> None:
+    """``install(isolate=False)`` after ``install(isolate=True)`` left the worker (and, on a GPU, its
+    CUDA context) alive until its idle timeout, though nothing would use it any more."""
+    pid = tune_in_worker(sqlite_url)
+    tunevault.install(mode="tune", store=sqlite_url, on_miss="background", prestart=False)
+    assert isolated.worker_pid() == pid  # background tuning still uses it
+    tunevault.install(mode="tune", store=sqlite_url, isolate=False)
+    assert isolated.worker_pid() is None and gone(pid)
+    x, y = torch.randn(65), torch.randn(65)
+    assert torch.equal(ke.run_add(ke.add_equal, x, y), x + y)  # tuned in this process
+    assert isolated.worker_pid() is None
+
+
 def test_a_worker_busy_at_the_seal_exits_when_its_session_ends(sqlite_url: str,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:

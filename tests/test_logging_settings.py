@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -233,12 +235,62 @@ def test_a_flag_reads_the_documented_words_and_refuses_any_other() -> None:
 
 @pytest.mark.parametrize("option", [{"isolate": "no"}, {"validate": "false"}, {"prestart": 0.0},
                                     {"lease_wait": float("nan")}, {"tune_timeout": float("inf")},
-                                    {"lease_ttl": "30"}])
+                                    {"lease_ttl": "30"}, {"store": 123}, {"remote": 5}, {"events": 1},
+                                    {"capture": 5}, {"bundles": 5}, {"bundles": [b"x.json"]}, {"bundle_key": 7},
+                                    {"warmup": 1.5}])
 def test_an_install_option_of_the_wrong_type_is_refused(option: dict[str, object]) -> None:
-    """``install(isolate="no")`` was stored as the string, which is truthy: isolation switched on."""
+    """``install(isolate="no")`` was stored as the string, which is truthy: isolation switched on;
+    ``events=1`` crashed the first kernel call and ``remote=5`` turned the store into memory."""
     (name, value), = option.items()
-    with pytest.raises(ValueError, match=f"tunevault {name} must be .*; got {value!r}"):
+    with pytest.raises(ValueError, match=f"tunevault {name} must be .*; got {re.escape(repr(value))}"):
         Settings.for_install(mode="tune", **option)
+
+
+def test_paths_given_as_path_objects_keep_the_sqlite_store(tmp_path: Path, sqlite_url: str) -> None:
+    """``install(bundles=Path(...))`` raised inside the store's opening ('PosixPath' object is not
+    iterable), and the whole store fell back to memory: nothing tuned persisted."""
+    import torch
+
+    import tunevault
+    from tunevault.cli.main import main
+    from tunevault.demo import kernels
+    from tunevault.integration.triton_adapter import runtime
+    from tunevault.store.base import open_store
+
+    tunevault.install(mode="tune", store=sqlite_url)
+    kernels.run_scaled_add(torch.randn(64), torch.randn(64))
+    tunevault.uninstall()
+    bundle = tmp_path / "bundle.json"
+    assert main(["--store", sqlite_url, "export", "--winners-only", str(bundle)]) == 0
+    local, events = tmp_path / "local.db", tmp_path / "events.jsonl"
+    for bundles in (bundle, [bundle]):
+        local.unlink(missing_ok=True)
+        tunevault.install(mode="tune", store=local, bundles=bundles, events=events)
+        kernels.run_scaled_add(torch.randn(64), torch.randn(64))  # from the bundle
+        kernels.run_scaled_add(torch.randn(65), torch.randn(65))  # tuned, kept in the local file
+        rt = runtime()
+        assert rt is not None and not rt.store_fell_back
+        assert rt.settings.bundles == (str(bundle),) and rt.settings.events == str(events)
+        tunevault.uninstall()
+        stored = open_store(f"sqlite:///{local}")
+        keys = [d.key.text for d in stored.decisions()]
+        assert len(keys) == 1 and "65" in keys[0], keys  # the bundle's key was not tuned again
+        stored.close()
+    assert events.read_text().count('"event"') > 0
+
+
+def test_a_bad_remote_costs_the_remote_layer_not_the_local_store(sqlite_url: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Any error opening the remote (here a value that is not text) turned the local SQLite store
+    into memory with a warning naming only the store."""
+    from tunevault.store.layered import open_layered
+    from tunevault.store.sqlite import SqliteStore
+
+    caplog.set_level(logging.WARNING, logger="tunevault")
+    store = open_layered(sqlite_url, remote=5)  # type: ignore[arg-type]
+    assert isinstance(store, SqliteStore)
+    store.close()
+    assert [r.getMessage().startswith("tunevault: remote store 5 not used") for r in caplog.records] == [True]
 
 
 def test_a_malformed_l2_flush_size_is_one_warning_and_the_default(monkeypatch: pytest.MonkeyPatch,

@@ -107,9 +107,14 @@ def _verdict(cold: dict[str, Any], warm: dict[str, Any]) -> tuple[bool, list[str
 def cmd_demo(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import open_cli_store, store_url
     from tunevault.demo.run import DEMO_MODULE
+    from tunevault.policy.settings import env_problems, warn_ignored
     from tunevault.store.base import Query, redact
 
     check_timeout(args.timeout)
+    # The phases' stderr is shown only when one fails: a malformed variable they read (and replace
+    # by its default) is said here, once, as install() would say it.
+    for problem in env_problems(_child_env()).values():
+        warn_ignored(problem)
     if store_url(args).startswith("memory:"):  # each phase is a new process: a restart must find the decisions
         raise ValueError("the demo restarts the process, so it needs a persistent store (sqlite:///... or "
                          "redis://...); memory:// forgets every decision at each restart")

@@ -64,9 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from tunevault.integration.logs import show_logs
+    from tunevault.policy.settings import warn_unknown_variables
     from tunevault.store.base import StoreUnavailable
 
     show_logs(logging.DEBUG if args.verbose else None)
+    warn_unknown_variables()  # the commands read TUNEVAULT_STORE and others: a typo of one is said
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at interpreter exit

@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING, Any, cast
 
 from tunevault.integration.logs import show_logs
-from tunevault.policy.settings import Settings, env_problems, warn_once
+from tunevault.policy.settings import Settings, env_problems, warn_once, warn_unknown_variables
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -77,6 +77,7 @@ def activate_from_env() -> bool:
         if _settled:
             return True
         show_logs()
+        warn_unknown_variables()
         try:
             settings = Settings.from_env()
         except Exception as exc:

@@ -227,12 +227,17 @@ def install(settings: Settings) -> Runtime:
             Autotuner.run = _hot_path()
             _install_cache_property(Autotuner)
             turns.start()
-        if settings.mode == "tune" and settings.prestart and (settings.isolate or settings.on_miss == "background"):
+        uses_worker = settings.mode == "tune" and (settings.isolate or settings.on_miss == "background")
+        if uses_worker and settings.prestart:
             from tunevault.engine import isolated
 
             # a manifest names the kernels' modules to import (read with the key that verifies it);
             # tuning isolated means it tunes at start-up
             isolated.prestart(settings.capture, context=settings.isolate, key=settings.bundle_key)
+        elif not uses_worker and "tunevault.engine.isolated" in sys.modules:
+            # re-installed without isolation: an idle worker (prestarted, with its CUDA context) would
+            # otherwise hold its memory until its idle timeout; one mid-session idles out by itself
+            sys.modules["tunevault.engine.isolated"].retire_idle()
         log.debug("tunevault installed: %s", settings)
         return _runtime
 

@@ -49,10 +49,53 @@ def _check_types(settings: Settings) -> None:
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError(f"tunevault {name} must be a finite number; got {value!r}")
+    for name in TEXTS:
+        value = getattr(settings, name)
+        if not isinstance(value, str) and (value is not None or name == "store"):
+            raise ValueError(f"tunevault {name} must be {TEXTS[name]}; got {value!r} ({_type_name(value)})")
+    if not isinstance(settings.bundles, tuple) or not all(isinstance(p, str) for p in settings.bundles):
+        raise ValueError(f"tunevault bundles must be a path, comma-separated paths or a list of paths; "
+                         f"got {settings.bundles!r} ({_type_name(settings.bundles)})")
 
 
 def _paths(value: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
+# Options naming one text value (a URL, a path or a key): anything else given to ``install()`` is
+# refused there, rather than failing later where it is read (a kernel call, or the store opening,
+# where any error turns the whole store into memory).
+TEXTS = {"store": "a URL or a path", "remote": "a URL", "bundle_key": "text", "capture": "a path",
+         "events": "a path", "warmup": "a path"}
+PATH_OPTIONS = ("capture", "events", "warmup")  # a path: an os.PathLike is taken as its text
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _bundle_paths(value: object) -> tuple[str, ...]:
+    """``bundles`` as given to ``install()``: comma-separated text, one path, or a list of them."""
+    if isinstance(value, str):
+        return _paths(value)
+    if isinstance(value, os.PathLike):
+        return (os.fspath(value),)
+    if isinstance(value, list | tuple) and all(isinstance(v, str | os.PathLike) for v in value):
+        return tuple(str(os.fspath(v)) for v in value)
+    raise ValueError(f"tunevault bundles must be a path, comma-separated paths or a list of paths; "
+                     f"got {value!r} ({_type_name(value)})")
+
+
+def _text_option(name: str, value: object) -> object:
+    """A path option's ``os.PathLike`` as text; a store given as a path is that SQLite file."""
+    if not isinstance(value, os.PathLike):
+        return value
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise ValueError(f"tunevault {name} must be {TEXTS[name]}; got {value!r} ({_type_name(value)})")
+    if name == "store":
+        return "sqlite:///" + str(Path(path).absolute())
+    return path if name in PATH_OPTIONS else value
 
 
 _warned: set[str] = set()
@@ -93,6 +136,18 @@ def unknown_variables(env: Mapping[str, str]) -> dict[str, str]:
         hint = f"; did you mean {close[0]}?" if close else ""
         out[var] = f"tunevault: ignoring {var}: tunevault reads no such variable{hint}"
     return out
+
+
+def warn_ignored(problem: str) -> None:
+    """The one warning for a malformed variable ``install()`` reads and replaces by its default."""
+    warn_once(problem, f"tunevault: ignoring {problem}; using the default")
+
+
+def warn_unknown_variables(env: Mapping[str, str] | None = None) -> None:
+    """One warning per misspelled ``TUNEVAULT_*`` variable per process, however tunevault is
+    switched on (``install()``, ``TUNEVAULT_MODE`` or the CLI): a typo must not pass silently."""
+    for var, warning in unknown_variables(os.environ if env is None else env).items():
+        warn_once(var, warning)
 
 
 def variable(option: str) -> str:
@@ -200,9 +255,9 @@ class Settings:
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown tunevault option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        given = {k: v for k, v in options.items() if v is not None}
-        if isinstance(given.get("bundles"), str):
-            given["bundles"] = _paths(given["bundles"])  # type: ignore[arg-type]
+        given = {k: _text_option(k, v) for k, v in options.items() if v is not None}
+        if "bundles" in given:
+            given["bundles"] = _bundle_paths(given["bundles"])
         return replace(self, **given)  # type: ignore[arg-type]
 
     @classmethod
@@ -216,8 +271,7 @@ class Settings:
         for var, problem in env_problems(env).items():
             if var in MUST_HOLD:
                 raise ValueError(problem)
-            warn_once(problem, f"tunevault: ignoring {problem}; using the default")
+            warn_ignored(problem)
             del env[var]
-        for var, warning in unknown_variables(env).items():
-            warn_once(var, warning)
+        warn_unknown_variables(env)
         return cls.from_env(env).with_options(**options)

@@ -360,13 +360,17 @@ def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] =
     if remote and remote != store:
         try:
             remote_store = open_store(remote)
-        except (StoreUnavailable, ValueError, OSError) as exc:
-            log.warning("tunevault: remote store %s not used: %s", redact(remote), redact(str(exc)))
+        except Exception as exc:  # a bad remote costs the remote layer, never the local store
+            log.warning("tunevault: remote store %s not used: %s", redact(str(remote)), redact(str(exc)))
     opened: list[Store] = []
     if bundles:
         from tunevault.core.identity import current_fingerprint
 
-        opened = open_bundles(bundles, bundle_key, current_fingerprint())
+        try:
+            opened = open_bundles(bundles, bundle_key, current_fingerprint())
+        except Exception as exc:  # bad bundles cost the bundle layers, never the local store
+            log.error("tunevault: bundles %r not used (%s: %s); continuing without them", bundles,
+                      type(exc).__name__, str(exc)[:300])
     try:
         local = open_store(store)
     except (StoreUnavailable, OSError, ValueError) as exc:
