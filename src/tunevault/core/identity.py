@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import triton
@@ -71,6 +71,19 @@ def json_scalar(value: Any) -> JsonScalar:
     if type(value).__repr__ is object.__repr__:  # the default repr carries an address
         return f"<{_qualified(value)}>"
     return repr(value)
+
+
+def declared_index(configs: Sequence[triton.Config], index: int, spec: ConfigSpec,
+                   first_read: Sequence[ConfigSpec] | None = None) -> int | None:
+    """The declared config a stored decision names (``index`` and its spec agree), or None: a
+    store's entries cannot inject configs. ``first_read``: the specs as the runtime first read
+    them, so that a Config edited in place since counts as another config. Torch-free, for
+    ``tunevault check``; KernelState.declared_index is the runtime's."""
+    if not 0 <= index < len(configs):
+        return None
+    if first_read is not None and (index >= len(first_read) or first_read[index] != spec):
+        return None
+    return index if config_spec(configs[index]) == spec else None
 
 
 def config_spec(cfg: triton.Config) -> ConfigSpec:

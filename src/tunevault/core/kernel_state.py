@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from tunevault.core.model import Decision
 
 STATE_ATTR = "_tunevault_state"  # where the adapter keeps a KernelState on its Autotuner
-# Why a stored decision does not decide its key: serving ignores it (KernelState.stored_index).
-UNDECLARED = "stored config is not one the kernel declares"
 
 
 def state_of(autotuner: Autotuner) -> KernelState:
@@ -166,12 +164,9 @@ class KernelState:
 
         The config at ``index`` is read again, not only its cached spec: a Config edited in place
         since would otherwise launch under a decision made for what it was."""
-        from tunevault.core.identity import config_spec
+        from tunevault.core.identity import declared_index
 
-        specs, configs = self.specs, self.autotuner.configs
-        if 0 <= index < min(len(specs), len(configs)) and specs[index] == spec and config_spec(configs[index]) == spec:
-            return index
-        return None
+        return declared_index(self.autotuner.configs, index, spec, self.specs)
 
     def stored_index(self, decision: Decision) -> int | None:
         """The declared config a stored ``decision`` launches, or None where serving ignores it

@@ -16,6 +16,8 @@ from typing import Any
 from tunevault.core import untrusted
 
 SCHEMA_VERSION = 1
+# Why a stored decision does not decide its key: serving ignores it (core.identity.declared_index).
+UNDECLARED = "stored config is not one the kernel declares"
 TIME_RANGE = (0.0, 32503680000.0)  # 1970 to 3000: every platform's localtime() takes these
 MAX_SECONDS = 1e9  # a tuning that took longer than 30 years is not a measurement
 

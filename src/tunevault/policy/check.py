@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunevault.capture import manifest as mf
 from tunevault.capture.locate import KernelNotFound, import_autotuner
-from tunevault.core.kernel_state import UNDECLARED, state_of
-from tunevault.core.model import Fingerprint, KernelId, TuningKey
+from tunevault.core.model import UNDECLARED, Fingerprint, KernelId, TuningKey
 from tunevault.store.base import StoreUnavailable, redact
 
 if TYPE_CHECKING:
@@ -117,9 +116,10 @@ def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.Manif
         return CheckItem(entry.kernel, entry.key, False, f"kernel not importable: {exc}")
     if len(autotuner.configs) <= 1:
         return CheckItem(entry.kernel, entry.key, True, "one config: nothing to tune")
+    from tunevault.core.identity import declared_index  # serving's test, without torch (KernelState's needs it)
     kid, fp = kernel_id(autotuner), machine()
     key = entry.key.in_order(list(autotuner.arg_names))  # a manifest may list dtypes in a call's order
-    state, ignored = state_of(autotuner), None
+    ignored = None
     for text in dict.fromkeys((key.text, entry.key.text)):  # and a store, under the manifest's order
         try:
             decision = store.get(kid.digest, fp.digest, text)
@@ -130,7 +130,8 @@ def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.Manif
         if decision is None:
             continue
         chosen = f"#{decision.config_index} {decision.config.describe()}"
-        if state.stored_index(decision) is None:  # serving ignores it, as a miss: warmup tunes it again
+        # serving ignores it, as a miss: warmup tunes it again
+        if declared_index(autotuner.configs, decision.config_index, decision.config) is None:
             ignored = ignored or chosen
             continue
         return CheckItem(entry.kernel, entry.key, True, "", chosen)
