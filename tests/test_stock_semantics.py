@@ -656,3 +656,57 @@ def test_a_meta_parameter_a_config_sets_raises_what_stock_raises(sqlite_url: str
     stock, ours = _on_both(scenario, sqlite_url)
     assert stock[0] == "ValueError" and "Conflicting meta-parameters: BLOCK" in stock[1]
     assert ours == stock
+
+
+# 12. A compile-only call (warmup=True) launches nothing real: it never decides a key.
+
+class _Compiling(kc._Recording):
+    """Returns which config a compile-only launch built, so a test sees what ``run`` returned."""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().run(*args, **kwargs)
+        return f"built BLOCK={kwargs['BLOCK']}" if kwargs.get("warmup") else out
+
+
+def test_a_compile_only_call_never_decides_a_key(sqlite_url: str) -> None:
+    import tunevault
+
+    timed: list[int] = []
+
+    def do_bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+        before = len(kc.LAUNCHED)
+        kernel_call()
+        block = kc.LAUNCHED[-1] if len(kc.LAUNCHED) > before else 0  # a compile-only launch runs nothing
+        timed.append(block)
+        return [float(abs(block - 64))] * 3  # BLOCK=64 wins a real measurement; compile-only ones all tie
+
+    hooks: list[int] = []
+    configs = [triton.Config({"BLOCK": b}, pre_hook=lambda nargs: hooks.append(nargs["BLOCK"])) for b in (16, 32, 64)]
+
+    def scenario() -> dict[str, Any]:
+        hooks.clear()
+        kernel = triton.autotune(configs=configs, key=["n"], do_bench=do_bench)(_Compiling(kc.copy_kernel))
+        x = torch.arange(100, dtype=torch.float32)
+        ret = kernel.run(x, torch.empty_like(x), 100, grid=(7,), warmup=True)
+        return {"ret": ret, "best": kernel.best_config.kwargs, "hooks": list(hooks), "launched": list(kc.LAUNCHED),
+                "nargs": kernel.nargs}
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert ours == stock == {"ret": "built BLOCK=16", "best": {"BLOCK": 16}, "hooks": [16, 32, 64, 16],
+                             "launched": [], "nargs": None}
+    assert tunevault.stats()["kernels"]["total"]["warmup"].get("tunings", 0) == 0
+    from tunevault.store.base import open_store
+
+    store = open_store(sqlite_url)
+    try:
+        assert store.count() == 0  # nothing published for a later process to launch untuned
+    finally:
+        store.close()
+    tunevault.install(mode="tune", store=sqlite_url)  # a later process on the same store
+    timed.clear()
+    kernel = triton.autotune(configs=configs, key=["n"], do_bench=do_bench)(_Compiling(kc.copy_kernel))
+    x = torch.arange(100, dtype=torch.float32)
+    kernel.run(x, torch.empty_like(x), 100, grid=(7,), warmup=True)  # in this process too: still undecided
+    kc.clear()
+    kc.run(kernel, 100)
+    assert timed == [16, 32, 64] and kc.LAUNCHED[-1] == 64  # the first real call tunes, on real launches

@@ -82,8 +82,10 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
                     _counted_hit(rt, st, raw_key, args, kwargs)
                     fallback = key in st.fallback_keys
                 else:
-                    config, launched, fell_back = _decide(rt, st, args, kwargs, key)
-                    if fell_back:  # later calls count as fallback hits; this one is the miss
+                    config, launched, how = _decide(rt, st, args, kwargs, key)
+                    if how == "compiled":  # a compile-only call: nothing decided, nothing remembered
+                        return launched
+                    if how == "fallback":  # later calls count as fallback hits; this one is the miss
                         st.fallback_keys.add(key)
                         st.remember(raw_key, config, fallback=True)
                         return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
@@ -112,23 +114,27 @@ def _counted_hit(rt: Runtime, st: KernelState, raw_key: tuple, args: tuple, kwar
 
 
 def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
-            ) -> tuple[Config, Any, bool]:
-    """The config for a new key, the launch's result where deciding already launched it, and
-    whether the config is a fallback (a miss not decided here)."""
+            ) -> tuple[Config, Any, str]:
+    """The config for a new key, the launch's result where deciding already launched it, and how
+    it was reached: "decided", "fallback" (a miss not decided here) or "compiled" (a compile-only
+    call, ``warmup=True``: launched, never remembered)."""
     at = st.autotuner
     indexed = _indexed(at, at.prune_configs(kwargs))  # the installed Triton's pruning, its errors
     if not indexed:  # Triton < 3.6 lets an empty prune reach its min(): the same error, from min()
         min(())
     _check_conflicts(kwargs, indexed)
-    if rt.settings.mode == "first":
+    compile_only = bool(kwargs.get("warmup"))
+    if rt.settings.mode == "first" or (compile_only and len(indexed) == 1):
+        if compile_only:  # "first" never reads the store; one config has nothing to read it for
+            return (*_compile_only(st, args, kwargs, indexed), "compiled")
         rt.stats.add(st.kernel_id.name, rt.phase, "misses")  # decided by rule: one miss per key, as in tune
         if rt.observers:  # key capture: a key served without a decision, as a fallback is
             rt.notify("missed", st, st.labelled_key(st.named_args(args, kwargs)), args, kwargs)
-        return (*first_working(st, args, kwargs, key, indexed), False)
+        return (*first_working(st, args, kwargs, key, indexed), "decided")
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
         stock.record(at, key, indexed[0][1])
         _decided_by_pruning(rt, st, args, kwargs, *indexed[0])
-        return indexed[0][1], _NOT_LAUNCHED, False
+        return indexed[0][1], _NOT_LAUNCHED, "decided"
     named = st.named_args(args, kwargs)
     tkey = st.labelled_key(named)
     decision = _stored(rt, st, tkey, {i for i, _ in indexed})
@@ -136,13 +142,38 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
         decision = _stored(rt, st, earlier, {i for i, _ in indexed})  # written before keys were in order
         if decision is not None:
             decision = rt.publish(dataclasses.replace(decision, key=tkey))
+    if decision is None and compile_only:
+        return (*_compile_only(st, args, kwargs, indexed), "compiled")
     if decision is None:
         config, fell_back = _on_miss(rt, st, args, kwargs, named, tkey, key, indexed)
-        return config, _NOT_LAUNCHED, fell_back
+        return config, _NOT_LAUNCHED, "fallback" if fell_back else "decided"
     rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
-    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, False
+    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, "decided"
+
+
+def _compile_only(st: KernelState, args: tuple, kwargs: dict[str, Any], indexed: Indexed) -> tuple[Config, Any]:
+    """A compile-only call (``warmup=True``) for an undecided key: its launches only compile, so
+    timing them would decide on noise (every config ties, the first wins) and stock would keep that
+    choice. Here each pruned config is compiled as stock's benchmark runs it (its hooks, once, not
+    timed), and the first that builds is launched, as stock launches its pick, returning what that
+    launch returns. Nothing is stored or remembered: the key's first real call decides it."""
+    at, losing = st.autotuner, losing_errors()
+    chosen = indexed[0][1]
+    if len(indexed) > 1 or not stock.single_pruned_skips_benchmark():  # stock benchmarks these
+        from tunevault.engine.inprocess import make_kernel_call
+
+        built = None
+        for _index, config in indexed:
+            try:
+                make_kernel_call(at, args, kwargs, at.nargs, config)()
+            except losing:  # stock's benchmark gives it inf: it cannot be the pick
+                continue
+            built = config if built is None else built
+        chosen = chosen if built is None else built
+        at.pre_hook({**at.nargs, **kwargs, **chosen.all_kwargs()}, reset_only=True)
+    return chosen, launch(at, args, kwargs, chosen, chosen.all_kwargs(), chosen.pre_hook)
 
 
 def _decided_by_pruning(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], index: int,
