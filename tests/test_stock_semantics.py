@@ -625,13 +625,15 @@ def test_a_config_error_reaches_the_caller_as_in_stock(where: str, own_bench: bo
             with pytest.raises(Exception) as err:
                 kc.run(kernel, 100)
             seen.append((type(err.value).__name__, str(err.value), err.value is RAISED[-1] if RAISED else None))
-        return {"raised": seen, "post_hook": sorted(set(POSTED)), "cache": dict(kernel.cache)}
+        return {"raised": seen, "post_hook": sorted(set(POSTED)), "cache": dict(kernel.cache),
+                "nargs": None if kernel.nargs is None else sorted(kernel.nargs)}  # stock leaves the call's
 
     stock, ours = _on_both(scenario, sqlite_url)
     expected = ("KeyError", "'no scale for BLOCK=32'", True) if where == "hook" else (
         "InterpreterError", """ValueError("arange's range must be a power of 2")""", None)
     assert stock["raised"] == [expected] * 2 and stock["post_hook"] == ([] if where == "hook" else
                                                                         ["InterpreterError"])
+    assert stock["nargs"] == ["n", "out_ptr", "x_ptr"]
     assert ours == stock
     _, validated = _on_both(scenario, sqlite_url, validate=True)  # validation runs every config first
     assert validated["raised"] == stock["raised"] and validated["cache"] == {}

@@ -73,34 +73,39 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
         st.refresh_configs()
         at = st.autotuner
         at.nargs = dict(zip(at.arg_names, args, strict=False))
-        fallback = False
-        try:
-            if len(at.configs) > 1:
-                key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
-                config = at.cache.get(key)
-                if config is not None:  # Triton's key is decided, under another raw key (say, kwargs in another order)
-                    _counted_hit(rt, st, raw_key, args, kwargs)
-                    fallback = key in st.fallback_keys
-                else:
-                    config, launched, how = _decide(rt, st, args, kwargs, key)
-                    if how == "compiled":  # a compile-only call: nothing decided, nothing remembered
-                        return launched
-                    if how == "fallback":  # later calls count as fallback hits; this one is the miss
-                        st.fallback_keys.add(key)
-                        st.remember(raw_key, config, fallback=True)
-                        return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
-                    if launched is not _NOT_LAUNCHED:
-                        st.remember(raw_key, config)
-                        return launched
-            else:  # one config: decided by rule, a hit as the calls after it are
-                config = at.configs[0]
-                if rt.settings.mode == "first":
-                    _log_first(st, 0, config)
-                _counted_hit(rt, st, raw_key, args, kwargs)
-            st.remember(raw_key, config, fallback=fallback)
-            return launch(at, args, kwargs, *st.hits[raw_key])
-        finally:
-            at.nargs = None
+        result = _resolve_locked(rt, st, args, kwargs, raw_key)
+        at.nargs = None  # on normal completion only: after an exception stock leaves the call's nargs
+        return result
+
+
+def _resolve_locked(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
+    """``resolve`` under the kernel's lock, with ``nargs`` set: decide, remember, launch."""
+    at = st.autotuner
+    fallback = False
+    if len(at.configs) > 1:
+        key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
+        config = at.cache.get(key)
+        if config is not None:  # Triton's key is decided, under another raw key (say, kwargs in another order)
+            _counted_hit(rt, st, raw_key, args, kwargs)
+            fallback = key in st.fallback_keys
+        else:
+            config, launched, how = _decide(rt, st, args, kwargs, key)
+            if how == "compiled":  # a compile-only call: nothing decided, nothing remembered
+                return launched
+            if how == "fallback":  # later calls count as fallback hits; this one is the miss
+                st.fallback_keys.add(key)
+                st.remember(raw_key, config, fallback=True)
+                return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
+            if launched is not _NOT_LAUNCHED:
+                st.remember(raw_key, config)
+                return launched
+    else:  # one config: decided by rule, a hit as the calls after it are
+        config = at.configs[0]
+        if rt.settings.mode == "first":
+            _log_first(st, 0, config)
+        _counted_hit(rt, st, raw_key, args, kwargs)
+    st.remember(raw_key, config, fallback=fallback)
+    return launch(at, args, kwargs, *st.hits[raw_key])
 
 
 _NOT_LAUNCHED = object()
