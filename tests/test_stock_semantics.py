@@ -195,6 +195,50 @@ def test_uninstall_leaves_a_plain_cache_without_tunevault_decisions(tv: Any) -> 
     assert type(kernel.cache) is dict and list(kernel.cache) == [(7, "torch.float32", "torch.float32")]
 
 
+@pytest.mark.parametrize("how", ["uninstall", "reinstall"])
+def test_a_tuning_finishing_after_uninstall_or_reinstall_writes_nothing_into_the_process(
+        tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A tuning in flight while the runtime is replaced: its call launches its config, but neither
+    stock's cache nor the new runtime's learns it (an entry there reads as written by hand, and the
+    key would never be decided again), and its lease is released, not left to expire."""
+    import sqlite3
+    import threading
+
+    import tunevault
+
+    started, go = threading.Event(), threading.Event()
+
+    def do_bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+        started.set()
+        go.wait()
+        kernel_call()
+        return [float(kc.LAUNCHED[-1])] * 3
+
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    tunevault.install(mode="tune", store=f"sqlite:///{old}")
+    kernel = _fresh(do_bench=do_bench)
+    tuning = threading.Thread(target=kc.run, args=(kernel, 100))
+    tuning.start()
+    started.wait()
+    if how == "uninstall":
+        tunevault.uninstall()
+    else:
+        tunevault.install(mode="tune", store=f"sqlite:///{new}")
+    go.set()
+    tuning.join()
+    assert dict(kernel.cache) == {}  # stock's plain dict, or the new runtime's: nothing decided there
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT count(*) FROM decisions").fetchone() == (1,)  # a real tuning: published
+        assert db.execute("SELECT count(*) FROM leases").fetchone() == (0,)  # released, not left to expire
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    if how == "uninstall":
+        tunevault.install(mode="tune", store=f"sqlite:///{new}")
+    kc.clear()
+    kc.run(kernel, 100)  # undecided in the new store: tuned there
+    assert tunevault.stats()["kernels"]["total"]["warmup"]["tunings"] == 1 and kc.LAUNCHED[-1] == 16
+    assert list(kernel.cache) == [(100, "torch.float32", "torch.float32")]
+
+
 # 5. Triton's listener, with the installed version's semantics: a store hit is a cache hit.
 
 @pytest.mark.skipif(not hasattr(triton.knobs.autotuning, "listener"), reason="this Triton has no listener")

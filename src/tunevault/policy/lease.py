@@ -135,7 +135,15 @@ def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None
         with Heartbeat(store, name, holder, ttl, what):
             return work()
     finally:
-        try:
-            store.release(name, holder)
-        except Exception as exc:
-            log.debug("tunevault: releasing the lease for %s failed (%s); it expires by itself", what, exc)
+        _release(rt, store, name, holder, what)
+
+
+def _release(rt: Runtime, store: Store, name: str, holder: str, what: str) -> None:
+    """Give the lease back. Where the runtime closed while this tuning ran (``uninstall()``, a
+    re-install), ``store`` closed with it: release through the store the runtime opens for what its
+    in-flight work still writes (the tuning's decision was published there), or the lease would
+    linger for its time to live with a warning that it could not be released."""
+    try:
+        (rt.store if rt.closed else store).release(name, holder)
+    except Exception as exc:
+        log.debug("tunevault: releasing the lease for %s failed (%s); it expires by itself", what, exc)

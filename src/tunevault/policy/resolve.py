@@ -92,23 +92,36 @@ def _resolve_locked(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
             config, launched, how = _decide(rt, st, args, kwargs, key)
             if how == "compiled":  # a compile-only call: nothing decided, nothing remembered
                 return launched
-            if how == "fallback":  # later calls count as fallback hits; this one is the miss
+            if how == "fallback" and _open(rt):  # later calls count as fallback hits; this one is the miss
                 st.fallback_keys.add(key)
                 st.remember(raw_key, config, fallback=True)
+            if how == "fallback":
                 return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
             if launched is not _NOT_LAUNCHED:
-                st.remember(raw_key, config)
+                if _open(rt):
+                    st.remember(raw_key, config)
                 return launched
     else:  # one config: decided by rule, a hit as the calls after it are
         config = at.configs[0]
         if rt.settings.mode == "first":
             _log_first(st, 0, config)
         _counted_hit(rt, st, raw_key, args, kwargs)
+    if not _open(rt):
+        return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
     st.remember(raw_key, config, fallback=fallback)
     return launch(at, args, kwargs, *st.hits[raw_key])
 
 
 _NOT_LAUNCHED = object()
+
+
+def _open(rt: Runtime) -> bool:
+    """Whether the runtime deciding is still the installed one. A decision reached after
+    ``uninstall()`` or a re-install (a tuning in flight meanwhile) is launched by the call that
+    waited for it, and written nowhere in the process: ``autotuner.cache`` is stock's plain dict
+    again, or the new runtime's, and an entry there would read as one written by hand, so the key
+    could never be decided again. Checked right before each write, under the kernel's lock."""
+    return not rt.closed
 
 
 def _counted_hit(rt: Runtime, st: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -135,9 +148,13 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
         rt.stats.add(st.kernel_id.name, rt.phase, "misses")  # decided by rule: one miss per key, as in tune
         if rt.observers:  # key capture: a key served without a decision, as a fallback is
             rt.notify("missed", st, st.labelled_key(st.named_args(args, kwargs)), args, kwargs)
-        return (*first_working(st, args, kwargs, key, indexed), "decided")
+        config, launched = first_working(st, args, kwargs, indexed)
+        if _open(rt):
+            stock.record(at, key, config)
+        return config, launched, "decided"
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
-        stock.record(at, key, indexed[0][1])
+        if _open(rt):
+            stock.record(at, key, indexed[0][1])
         _decided_by_pruning(rt, st, args, kwargs, *indexed[0])
         return indexed[0][1], _NOT_LAUNCHED, "decided"
     named = st.named_args(args, kwargs)
@@ -213,7 +230,7 @@ def _adopt(rt: Runtime, st: KernelState, decision: Decision, stock_key: tuple | 
     at = st.autotuner
     rt.notify("hit", st, decision.key, args, kwargs)
     config = at.configs[decision.config_index]
-    if stock_key is not None:
+    if stock_key is not None and _open(rt):
         stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), decision.candidates),
                              None, fresh=False)
     return config
@@ -230,8 +247,7 @@ def _indexed(at: Autotuner, pruned: list[Config]) -> Indexed:
     return out
 
 
-def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
-                  indexed: Indexed) -> tuple[Config, Any]:
+def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], indexed: Indexed) -> tuple[Config, Any]:
     """The first pruned config that builds and runs, never timed (``mode="first"``).
 
     Where the autotuner has hooks (its own pre/post hook, ``reset_to_zero``, ``restore_value``),
@@ -258,7 +274,6 @@ def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tup
         break
     if chosen is None:
         raise TuningError(f"{st.kernel_id.name}: no config compiles for this call; errors: {'; '.join(failures)}")
-    stock.record(at, key, chosen[1])
     _log_first(st, *chosen)
     return chosen[1], launched
 
@@ -312,7 +327,8 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
     if policy in ("tune", "background") and capturing():
         config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
             rt, st, args, kwargs, key, nearest, why, how, indexed))
-        stock.record(at, stock_key, config)
+        if _open(rt):
+            stock.record(at, stock_key, config)
         return config, True
     if policy == "tune":
         return tune(rt, st, args, kwargs, key, stock_key, indexed), False
@@ -325,7 +341,8 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         rt.stats.add(name, rt.phase, "errors")
         raise TuningMiss(message, name, key, nearest)
     config = fallback_config(rt, st, args, kwargs, key, nearest, message, policy, indexed)
-    stock.record(at, stock_key, config)
+    if _open(rt):
+        stock.record(at, stock_key, config)
     return config, True
 
 
@@ -464,7 +481,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     rt.used[(kid.name, key.text)] = decision
     _report_tuning(rt, st, key, decision, results, seconds, args, kwargs)
     at.pre_hook({**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}, reset_only=True)
-    if stock_key is not None:
+    if stock_key is not None and _open(rt):
         stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), results),
                              seconds, fresh=True)
     return config
