@@ -318,12 +318,13 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
              key: TuningKey, stock_key: tuple, indexed: Indexed) -> tuple[Config, bool]:
     """The config a miss launches, and whether it is a fallback (True) or was tuned (False)."""
     name, at = st.kernel_id.name, st.autotuner
-    rt.stats.add(name, rt.phase, "misses")
+    phase = rt.phase  # the miss's: a seal() while it tunes does not make its tuning a serving one
+    rt.stats.add(name, phase, "misses")
     policy = rt.on_miss
     # Never benchmark inside a CUDA graph capture, nor read the request's tensors for a background
     # job there (that would record copies into the user's graph): both are served like this.
     if policy == "tune" or (policy == "background" and capturing()):  # no diagnosis: it is tuned, here or later
-        rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase)
+        rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=phase)
     if policy in ("tune", "background") and capturing():
         config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
             rt, st, args, kwargs, key, nearest, why, how, indexed))
@@ -331,7 +332,7 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
             stock.record(at, stock_key, config)
         return config, True
     if policy == "tune":
-        return tune(rt, st, args, kwargs, key, stock_key, indexed), False
+        return tune(rt, st, args, kwargs, key, stock_key, indexed, phase), False
     message, nearest = explain_miss(st.kernel_id.short_name, key, rt.decided_keys(st.kernel_id),
                                     rt.ignored.get((name, key.text)))
     message += rt.damage_note()
@@ -401,15 +402,16 @@ def _builds(st: KernelState, args: tuple, kwargs: dict[str, Any], config: Config
 
 
 def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
-         stock_key: tuple | None = None, indexed: Indexed | None = None) -> Config:
+         stock_key: tuple | None = None, indexed: Indexed | None = None, phase: str | None = None) -> Config:
     """Tune under the key's lease, so a key is benchmarked once fleet-wide; returns the config to launch.
 
     Others wait for the holder's decision and adopt it (policy/lease.py). Called by the miss path
-    with the pruned candidates, and by background tuning (which prunes here, off the request path).
+    with the pruned candidates and the miss's phase, and by background tuning (which prunes here,
+    off the request path). The tuning's counters and event carry ``phase`` (now's, if not given).
     """
     from tunevault.policy.lease import lease_name, under_lease
 
-    at = st.autotuner
+    at, phase = st.autotuner, phase or rt.phase
     if indexed is None:  # a background job: the request path sets and clears nargs under the same lock
         with st.lock:
             st.refresh_configs()
@@ -426,11 +428,11 @@ def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key:
 
     name = lease_name(st.kernel_id.digest, rt.fingerprint.digest, key.text)
     return under_lease(rt, name, f"{st.kernel_id.name} [{key.describe()}]", adopt,
-                       lambda: _tune_here(rt, st, args, kwargs, key, stock_key, indexed))
+                       lambda: _tune_here(rt, st, args, kwargs, key, stock_key, indexed, phase))
 
 
 def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
-               stock_key: tuple | None, indexed: Indexed) -> Config:
+               stock_key: tuple | None, indexed: Indexed, phase: str) -> Config:
     """Benchmark the pruned configs, select deterministically, publish; returns the config to launch."""
     from tunevault.core.identity import provenance
     from tunevault.engine.tuner import measure
@@ -441,7 +443,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     if verbose and own_bench(at) is None:  # stock Triton's per-config lines (its own _bench prints them)
         for _i, c in indexed:
             print(f"Autotuning kernel {at.base_fn.__name__} with config {c}")
-    results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed])
+    results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed], phase)
     if verbose:
         for r in results:
             if r.error:
@@ -449,12 +451,12 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     try:
         winner, margin = select(results, rt.settings.tolerance, rt.settings.confidence)
     except NoWorkingConfig:
-        rt.stats.add(kid.name, rt.phase, "errors")
+        rt.stats.add(kid.name, phase, "errors")
         first = next((r.error for r in results if r.error), "unknown")
         message = f"{kid.name}: every config failed for key {key.describe()}; first error: {first}"
         log.warning("tunevault: %s", message)  # a tuning's one line, as a successful one has
         rt.events.emit("tuning_failed", kernel=kid.name, key=key.to_json(), seconds=time.perf_counter() - started,
-                       configs=len(results), error=first[:400], phase=rt.phase)
+                       configs=len(results), error=first[:400], phase=phase)
         raise TuningError(message) from None
     seconds = time.perf_counter() - started
     config = dict(indexed)[winner.index]
@@ -479,7 +481,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
         rt.warn_once(("pruned", kid.name), "tunevault: %s: early_config_prune returned a config the kernel "
                      "does not declare; its decisions are kept in memory only", kid.name)
     rt.used[(kid.name, key.text)] = decision
-    _report_tuning(rt, st, key, decision, results, seconds, args, kwargs)
+    _report_tuning(rt, st, key, decision, results, seconds, phase, args, kwargs)
     at.pre_hook({**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}, reset_only=True)
     if stock_key is not None and _open(rt):
         stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), results),
@@ -494,16 +496,16 @@ def _spec(st: KernelState, index: int, config: Config) -> ConfigSpec:
 
 
 def _report_tuning(rt: Runtime, st: KernelState, key: TuningKey, decision: Decision, results: list[CandidateResult],
-                   seconds: float, args: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
+                   seconds: float, phase: str, args: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
     name = st.kernel_id.name
     failed = sum(1 for r in results if r.error)
-    rt.stats.add(name, rt.phase, "tunings")
-    rt.stats.add(name, rt.phase, "tuning_seconds", seconds)
+    rt.stats.add(name, phase, "tunings")
+    rt.stats.add(name, phase, "tuning_seconds", seconds)
     margin = "alone" if decision.margin is None else f"margin {decision.margin:.1%}"
     log.info("tunevault: tuned %s [%s] in %.2fs: %d configs tried (%d failed), winner #%d %s (%s)", name,
              key.describe(), seconds, len(results), failed, decision.config_index, decision.config.describe(),
              margin)
     rt.events.emit("tuning", kernel=name, key=key.to_json(), seconds=seconds, configs=len(results),
-                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase,
+                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=phase,
                    **settle(rt, name, key, decision.config_index, results))
     rt.notify("tuned", st, key, args, kwargs)
