@@ -447,7 +447,7 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     if verbose:
         for r in results:
             if r.error:
-                print(f"Autotuning failed with {r.error}")
+                print(f"Autotuning failed with {_message(r.error)}")
     try:
         winner, margin = select(results, rt.settings.tolerance, rt.settings.confidence)
     except NoWorkingConfig:
@@ -487,6 +487,13 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
         stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), results),
                              seconds, fresh=True)
     return config
+
+
+def _message(error: str) -> str:
+    """The exception's own text from a result's ``"TypeName: text"``, as stock prints it (its
+    ``str(exc)``); the stored text is cut at 500 characters, so a longer message is cut here too."""
+    name, sep, text = error.partition(": ")
+    return text if sep and name.isidentifier() else error
 
 
 def _spec(st: KernelState, index: int, config: Config) -> ConfigSpec:
