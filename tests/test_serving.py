@@ -147,6 +147,38 @@ def test_stats_split_hits_at_the_seal(tv) -> None:
     assert tv.stats()["kernels"]["total"]["serving"]["hits"] == 2
 
 
+def test_a_seal_while_a_warmup_miss_tunes_leaves_that_tuning_a_warmup_one(tmp_path: Path) -> None:
+    """A tuning counts (stats, its event) in the phase of the miss that started it, not the phase
+    when it is reported: a seal() from another thread meanwhile made it a serving tuning."""
+    import threading
+
+    import kernels_conformance as kc
+
+    started, go = threading.Event(), threading.Event()
+
+    def do_bench(kernel_call, quantiles):
+        started.set()
+        go.wait()
+        kernel_call()
+        return [float(kc.LAUNCHED[-1])] * 3
+
+    events = tmp_path / "events.jsonl"
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'tune.db'}", events=str(events))
+    kernel = triton.autotune(configs=kc.configs(), key=["n"], do_bench=do_bench)(kc._Recording(kc.copy_kernel))
+    tuning = threading.Thread(target=kc.run, args=(kernel, 100))
+    tuning.start()
+    started.wait()
+    tunevault.seal("fallback")
+    go.set()
+    tuning.join()
+    total = tunevault.stats()["kernels"]["total"]
+    assert total["warmup"]["tunings"] == 1 and total["warmup"]["benchmark_runs"] > 0
+    assert total["serving"]["tunings"] == 0 and total["serving"]["benchmark_runs"] == 0
+    tunevault.uninstall()
+    phases = [(e["event"], e.get("phase")) for e in map(json.loads, events.read_text().splitlines())]
+    assert ("tuning", "warmup") in phases and ("tuning", "serving") not in phases
+
+
 def test_stats_has_both_phases_and_every_counter_before_the_seal(tv) -> None:
     """``stats()["kernels"][k]["serving"]["tunings"]`` was a KeyError until a call after the seal."""
     serve([10])  # tunes, before any seal

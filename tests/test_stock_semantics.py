@@ -195,6 +195,50 @@ def test_uninstall_leaves_a_plain_cache_without_tunevault_decisions(tv: Any) -> 
     assert type(kernel.cache) is dict and list(kernel.cache) == [(7, "torch.float32", "torch.float32")]
 
 
+@pytest.mark.parametrize("how", ["uninstall", "reinstall"])
+def test_a_tuning_finishing_after_uninstall_or_reinstall_writes_nothing_into_the_process(
+        tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A tuning in flight while the runtime is replaced: its call launches its config, but neither
+    stock's cache nor the new runtime's learns it (an entry there reads as written by hand, and the
+    key would never be decided again), and its lease is released, not left to expire."""
+    import sqlite3
+    import threading
+
+    import tunevault
+
+    started, go = threading.Event(), threading.Event()
+
+    def do_bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+        started.set()
+        go.wait()
+        kernel_call()
+        return [float(kc.LAUNCHED[-1])] * 3
+
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    tunevault.install(mode="tune", store=f"sqlite:///{old}")
+    kernel = _fresh(do_bench=do_bench)
+    tuning = threading.Thread(target=kc.run, args=(kernel, 100))
+    tuning.start()
+    started.wait()
+    if how == "uninstall":
+        tunevault.uninstall()
+    else:
+        tunevault.install(mode="tune", store=f"sqlite:///{new}")
+    go.set()
+    tuning.join()
+    assert dict(kernel.cache) == {}  # stock's plain dict, or the new runtime's: nothing decided there
+    with sqlite3.connect(old) as db:
+        assert db.execute("SELECT count(*) FROM decisions").fetchone() == (1,)  # a real tuning: published
+        assert db.execute("SELECT count(*) FROM leases").fetchone() == (0,)  # released, not left to expire
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    if how == "uninstall":
+        tunevault.install(mode="tune", store=f"sqlite:///{new}")
+    kc.clear()
+    kc.run(kernel, 100)  # undecided in the new store: tuned there
+    assert tunevault.stats()["kernels"]["total"]["warmup"]["tunings"] == 1 and kc.LAUNCHED[-1] == 16
+    assert list(kernel.cache) == [(100, "torch.float32", "torch.float32")]
+
+
 # 5. Triton's listener, with the installed version's semantics: a store hit is a cache hit.
 
 @pytest.mark.skipif(not hasattr(triton.knobs.autotuning, "listener"), reason="this Triton has no listener")
@@ -625,13 +669,15 @@ def test_a_config_error_reaches_the_caller_as_in_stock(where: str, own_bench: bo
             with pytest.raises(Exception) as err:
                 kc.run(kernel, 100)
             seen.append((type(err.value).__name__, str(err.value), err.value is RAISED[-1] if RAISED else None))
-        return {"raised": seen, "post_hook": sorted(set(POSTED)), "cache": dict(kernel.cache)}
+        return {"raised": seen, "post_hook": sorted(set(POSTED)), "cache": dict(kernel.cache),
+                "nargs": None if kernel.nargs is None else sorted(kernel.nargs)}  # stock leaves the call's
 
     stock, ours = _on_both(scenario, sqlite_url)
     expected = ("KeyError", "'no scale for BLOCK=32'", True) if where == "hook" else (
         "InterpreterError", """ValueError("arange's range must be a power of 2")""", None)
     assert stock["raised"] == [expected] * 2 and stock["post_hook"] == ([] if where == "hook" else
                                                                         ["InterpreterError"])
+    assert stock["nargs"] == ["n", "out_ptr", "x_ptr"]
     assert ours == stock
     _, validated = _on_both(scenario, sqlite_url, validate=True)  # validation runs every config first
     assert validated["raised"] == stock["raised"] and validated["cache"] == {}
@@ -656,3 +702,57 @@ def test_a_meta_parameter_a_config_sets_raises_what_stock_raises(sqlite_url: str
     stock, ours = _on_both(scenario, sqlite_url)
     assert stock[0] == "ValueError" and "Conflicting meta-parameters: BLOCK" in stock[1]
     assert ours == stock
+
+
+# 12. A compile-only call (warmup=True) launches nothing real: it never decides a key.
+
+class _Compiling(kc._Recording):
+    """Returns which config a compile-only launch built, so a test sees what ``run`` returned."""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().run(*args, **kwargs)
+        return f"built BLOCK={kwargs['BLOCK']}" if kwargs.get("warmup") else out
+
+
+def test_a_compile_only_call_never_decides_a_key(sqlite_url: str) -> None:
+    import tunevault
+
+    timed: list[int] = []
+
+    def do_bench(kernel_call: Callable[[], None], quantiles: Any) -> list[float]:
+        before = len(kc.LAUNCHED)
+        kernel_call()
+        block = kc.LAUNCHED[-1] if len(kc.LAUNCHED) > before else 0  # a compile-only launch runs nothing
+        timed.append(block)
+        return [float(abs(block - 64))] * 3  # BLOCK=64 wins a real measurement; compile-only ones all tie
+
+    hooks: list[int] = []
+    configs = [triton.Config({"BLOCK": b}, pre_hook=lambda nargs: hooks.append(nargs["BLOCK"])) for b in (16, 32, 64)]
+
+    def scenario() -> dict[str, Any]:
+        hooks.clear()
+        kernel = triton.autotune(configs=configs, key=["n"], do_bench=do_bench)(_Compiling(kc.copy_kernel))
+        x = torch.arange(100, dtype=torch.float32)
+        ret = kernel.run(x, torch.empty_like(x), 100, grid=(7,), warmup=True)
+        return {"ret": ret, "best": kernel.best_config.kwargs, "hooks": list(hooks), "launched": list(kc.LAUNCHED),
+                "nargs": kernel.nargs}
+
+    stock, ours = _on_both(scenario, sqlite_url)
+    assert ours == stock == {"ret": "built BLOCK=16", "best": {"BLOCK": 16}, "hooks": [16, 32, 64, 16],
+                             "launched": [], "nargs": None}
+    assert tunevault.stats()["kernels"]["total"]["warmup"].get("tunings", 0) == 0
+    from tunevault.store.base import open_store
+
+    store = open_store(sqlite_url)
+    try:
+        assert store.count() == 0  # nothing published for a later process to launch untuned
+    finally:
+        store.close()
+    tunevault.install(mode="tune", store=sqlite_url)  # a later process on the same store
+    timed.clear()
+    kernel = triton.autotune(configs=configs, key=["n"], do_bench=do_bench)(_Compiling(kc.copy_kernel))
+    x = torch.arange(100, dtype=torch.float32)
+    kernel.run(x, torch.empty_like(x), 100, grid=(7,), warmup=True)  # in this process too: still undecided
+    kc.clear()
+    kc.run(kernel, 100)
+    assert timed == [16, 32, 64] and kc.LAUNCHED[-1] == 64  # the first real call tunes, on real launches

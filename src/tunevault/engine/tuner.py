@@ -82,13 +82,14 @@ def config_timeout(settings: TuningSettings) -> float:
 
 
 def open_worker_session(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, Any],
-                        candidates: Sequence[tuple[int, Config, ConfigSpec]], deadline: float) -> WorkerSession | None:
+                        candidates: Sequence[tuple[int, Config, ConfigSpec]], deadline: float,
+                        phase: str | None = None) -> WorkerSession | None:
     """A started WorkerSession, or None (with one warning per kernel) when isolation cannot apply."""
     from tunevault.capture.argspec import CallSpec
     from tunevault.engine.hints import of_targets
     from tunevault.engine.isolated import IsolationUnavailable, WorkerSession, hint_imports, kernel_target
 
-    at, name = st.autotuner, st.kernel_id.name
+    at, name, phase = st.autotuner, st.kernel_id.name, phase or rt.phase
     target, why = kernel_target(at)
     if target is not None:  # a worker started later imports it first thing
         hint_imports(of_targets([target]))
@@ -104,7 +105,7 @@ def open_worker_session(rt: TuningRuntime, st: KernelState, args: tuple, kwargs:
         assert spec is not None  # captured above, or there is no target
 
         def launched(n: int) -> None:
-            rt.stats.add(name, rt.phase, "benchmark_runs", n)
+            rt.stats.add(name, phase, "benchmark_runs", n)
 
         session = WorkerSession(target, st.kernel_id.digest, spec.to_json(), {i: s for i, _, s in candidates},
                                 deadline, config_timeout(rt.settings), launched)
@@ -119,21 +120,22 @@ def open_worker_session(rt: TuningRuntime, st: KernelState, args: tuple, kwargs:
 
 
 def measure(rt: TuningRuntime, st: KernelState, args: tuple, kwargs: dict[str, Any],
-            candidates: Sequence[tuple[int, Config, ConfigSpec]]) -> list[CandidateResult]:
+            candidates: Sequence[tuple[int, Config, ConfigSpec]], phase: str | None = None) -> list[CandidateResult]:
     """Every candidate's result; a config's error that stock Triton lets reach the caller is raised
-    as is (in process) or as a TuningError naming it (isolated), and nothing is decided."""
-    name, settings = st.kernel_id.name, rt.settings
+    as is (in process) or as a TuningError naming it (isolated), and nothing is decided. Benchmark
+    runs count under ``phase``, the miss's (a seal() while it tunes does not change it)."""
+    name, settings, phase = st.kernel_id.name, rt.settings, phase or rt.phase
     deadline = time.monotonic() + settings.tune_timeout
     probe = MemoryProbe()
 
     def counted() -> None:
-        rt.stats.add(name, rt.phase, "benchmark_runs")
+        rt.stats.add(name, phase, "benchmark_runs")
 
     session: WorkerSession | InProcessSession | None = None
     opened: list[tuple[str, Any]] = []
     if settings.isolate or context.in_background():
         started = time.perf_counter()
-        session = open_worker_session(rt, st, args, kwargs, candidates, deadline)
+        session = open_worker_session(rt, st, args, kwargs, candidates, deadline, phase)
         opened.append(("worker_open_s", round(time.perf_counter() - started, 3)))
     if session is None:
         if opened:  # isolation fell back: the wait for the worker (its lock, its start) was not tuning

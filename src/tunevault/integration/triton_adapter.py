@@ -261,6 +261,8 @@ def uninstall() -> None:
             log.warning("tunevault: uninstall(): a background tuning still runs after %.0f s; "
                         "it will not update anything", settings.tune_timeout)
     with _lock:
+        if _runtime is not None:  # before the caches go back to plain dicts: a tuning still in flight
+            _runtime.closed = True  # checks this before writing its decision there (policy.resolve)
         if _original_run is not None:
             from triton.runtime.autotuner import Autotuner
 

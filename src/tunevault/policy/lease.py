@@ -49,11 +49,13 @@ class Held:
     """A lease this process took and has not released: renewed and released under one lock, so
     a renewal never takes back a lease released meanwhile (at exit: ``_release_at_exit``)."""
 
-    __slots__ = ("store", "name", "holder", "what", "pid", "lock", "released")
+    __slots__ = ("store", "name", "holder", "what", "pid", "lock", "released", "reopened")
 
-    def __init__(self, store: Store, name: str, holder: str, what: str) -> None:
+    def __init__(self, store: Store, name: str, holder: str, what: str,
+                 reopened: Callable[[], Store | None] | None = None) -> None:
         self.store, self.name, self.holder, self.what = store, name, holder, what
         self.pid, self.lock, self.released = os.getpid(), threading.Lock(), False
+        self.reopened = reopened  # the store to release through where ``store`` closed meanwhile
 
     def renew(self, ttl_s: float) -> bool:
         """Extend the lease; True once released (nothing left to lose)."""
@@ -67,7 +69,7 @@ class Held:
                 return
             self.released = True
             try:
-                self.store.release(self.name, self.holder)
+                (self.reopened and self.reopened() or self.store).release(self.name, self.holder)
             except Exception as exc:
                 log.debug("tunevault: releasing the lease for %s failed (%s); it expires by itself", self.what, exc)
 
@@ -78,10 +80,11 @@ _exiting = False  # the interpreter is exiting: a lease taken from now on is rel
 
 
 @contextmanager
-def kept(store: Store, name: str, holder: str, what: str) -> Iterator[Held]:
+def kept(store: Store, name: str, holder: str, what: str,
+         reopened: Callable[[], Store | None] | None = None) -> Iterator[Held]:
     """Hold the lease ``name`` (just taken by ``holder``) for the block, then release it; if the
     interpreter exits first (a daemon thread dropped mid-tuning), exit releases it."""
-    held = Held(store, name, holder, what)
+    held = Held(store, name, holder, what, reopened)
     with _held_lock:
         _held[id(held)] = held
         late = _exiting
@@ -217,7 +220,10 @@ def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None
             return work()
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())) * random.uniform(0.8, 1.2))
         pause = min(pause * 2, POLL_S[1])
-    with kept(store, name, holder, what) as held:
+    # Where the runtime closed while this tuning ran (uninstall(), a re-install), ``store`` closed
+    # with it: the lease goes back through the store the runtime opens for what its in-flight work
+    # still writes (the tuning's decision was published there), not left to linger for its ttl.
+    with kept(store, name, holder, what, lambda: rt.store if rt.closed else None) as held:
         found = lookup()  # published while we were taking the lease (the holder just finished)
         if found is not None:
             return found

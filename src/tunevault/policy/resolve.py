@@ -73,35 +73,55 @@ def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], r
         st.refresh_configs()
         at = st.autotuner
         at.nargs = dict(zip(at.arg_names, args, strict=False))
-        fallback = False
-        try:
-            if len(at.configs) > 1:
-                key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
-                config = at.cache.get(key)
-                if config is not None:  # Triton's key is decided, under another raw key (say, kwargs in another order)
-                    _counted_hit(rt, st, raw_key, args, kwargs)
-                    fallback = key in st.fallback_keys
-                else:
-                    config, launched, fell_back = _decide(rt, st, args, kwargs, key)
-                    if fell_back:  # later calls count as fallback hits; this one is the miss
-                        st.fallback_keys.add(key)
-                        st.remember(raw_key, config, fallback=True)
-                        return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
-                    if launched is not _NOT_LAUNCHED:
-                        st.remember(raw_key, config)
-                        return launched
-            else:  # one config: decided by rule, a hit as the calls after it are
-                config = at.configs[0]
-                if rt.settings.mode == "first":
-                    _log_first(st, 0, config)
-                _counted_hit(rt, st, raw_key, args, kwargs)
-            st.remember(raw_key, config, fallback=fallback)
-            return launch(at, args, kwargs, *st.hits[raw_key])
-        finally:
-            at.nargs = None
+        result = _resolve_locked(rt, st, args, kwargs, raw_key)
+        at.nargs = None  # on normal completion only: after an exception stock leaves the call's nargs
+        return result
+
+
+def _resolve_locked(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
+    """``resolve`` under the kernel's lock, with ``nargs`` set: decide, remember, launch."""
+    at = st.autotuner
+    fallback = False
+    if len(at.configs) > 1:
+        key = stock.stock_key(st.arg_names, st.keys, args, kwargs)
+        config = at.cache.get(key)
+        if config is not None:  # Triton's key is decided, under another raw key (say, kwargs in another order)
+            _counted_hit(rt, st, raw_key, args, kwargs)
+            fallback = key in st.fallback_keys
+        else:
+            config, launched, how = _decide(rt, st, args, kwargs, key)
+            if how == "compiled":  # a compile-only call: nothing decided, nothing remembered
+                return launched
+            if how == "fallback" and _open(rt):  # later calls count as fallback hits; this one is the miss
+                st.fallback_keys.add(key)
+                st.remember(raw_key, config, fallback=True)
+            if how == "fallback":
+                return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
+            if launched is not _NOT_LAUNCHED:
+                if _open(rt):
+                    st.remember(raw_key, config)
+                return launched
+    else:  # one config: decided by rule, a hit as the calls after it are
+        config = at.configs[0]
+        if rt.settings.mode == "first":
+            _log_first(st, 0, config)
+        _counted_hit(rt, st, raw_key, args, kwargs)
+    if not _open(rt):
+        return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
+    st.remember(raw_key, config, fallback=fallback)
+    return launch(at, args, kwargs, *st.hits[raw_key])
 
 
 _NOT_LAUNCHED = object()
+
+
+def _open(rt: Runtime) -> bool:
+    """Whether the runtime deciding is still the installed one. A decision reached after
+    ``uninstall()`` or a re-install (a tuning in flight meanwhile) is launched by the call that
+    waited for it, and written nowhere in the process: ``autotuner.cache`` is stock's plain dict
+    again, or the new runtime's, and an entry there would read as one written by hand, so the key
+    could never be decided again. Checked right before each write, under the kernel's lock."""
+    return not rt.closed
 
 
 def _counted_hit(rt: Runtime, st: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -112,23 +132,31 @@ def _counted_hit(rt: Runtime, st: KernelState, raw_key: tuple, args: tuple, kwar
 
 
 def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
-            ) -> tuple[Config, Any, bool]:
-    """The config for a new key, the launch's result where deciding already launched it, and
-    whether the config is a fallback (a miss not decided here)."""
+            ) -> tuple[Config, Any, str]:
+    """The config for a new key, the launch's result where deciding already launched it, and how
+    it was reached: "decided", "fallback" (a miss not decided here) or "compiled" (a compile-only
+    call, ``warmup=True``: launched, never remembered)."""
     at = st.autotuner
     indexed = _indexed(at, at.prune_configs(kwargs))  # the installed Triton's pruning, its errors
     if not indexed:  # Triton < 3.6 lets an empty prune reach its min(): the same error, from min()
         min(())
     _check_conflicts(kwargs, indexed)
-    if rt.settings.mode == "first":
+    compile_only = bool(kwargs.get("warmup"))
+    if rt.settings.mode == "first" or (compile_only and len(indexed) == 1):
+        if compile_only:  # "first" never reads the store; one config has nothing to read it for
+            return (*_compile_only(st, args, kwargs, indexed), "compiled")
         rt.stats.add(st.kernel_id.name, rt.phase, "misses")  # decided by rule: one miss per key, as in tune
         if rt.observers:  # key capture: a key served without a decision, as a fallback is
             rt.notify("missed", st, st.labelled_key(st.named_args(args, kwargs)), args, kwargs)
-        return (*first_working(st, args, kwargs, key, indexed), False)
+        config, launched = first_working(st, args, kwargs, indexed)
+        if _open(rt):
+            stock.record(at, key, config)
+        return config, launched, "decided"
     if len(indexed) == 1 and stock.single_pruned_skips_benchmark():
-        stock.record(at, key, indexed[0][1])
+        if _open(rt):
+            stock.record(at, key, indexed[0][1])
         _decided_by_pruning(rt, st, args, kwargs, *indexed[0])
-        return indexed[0][1], _NOT_LAUNCHED, False
+        return indexed[0][1], _NOT_LAUNCHED, "decided"
     named = st.named_args(args, kwargs)
     tkey = st.labelled_key(named)
     decision = _stored(rt, st, tkey, {i for i, _ in indexed})
@@ -136,13 +164,38 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
         decision = _stored(rt, st, earlier, {i for i, _ in indexed})  # written before keys were in order
         if decision is not None:
             decision = rt.publish(dataclasses.replace(decision, key=tkey))
+    if decision is None and compile_only:
+        return (*_compile_only(st, args, kwargs, indexed), "compiled")
     if decision is None:
         config, fell_back = _on_miss(rt, st, args, kwargs, named, tkey, key, indexed)
-        return config, _NOT_LAUNCHED, fell_back
+        return config, _NOT_LAUNCHED, "fallback" if fell_back else "decided"
     rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
-    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, False
+    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, "decided"
+
+
+def _compile_only(st: KernelState, args: tuple, kwargs: dict[str, Any], indexed: Indexed) -> tuple[Config, Any]:
+    """A compile-only call (``warmup=True``) for an undecided key: its launches only compile, so
+    timing them would decide on noise (every config ties, the first wins) and stock would keep that
+    choice. Here each pruned config is compiled as stock's benchmark runs it (its hooks, once, not
+    timed), and the first that builds is launched, as stock launches its pick, returning what that
+    launch returns. Nothing is stored or remembered: the key's first real call decides it."""
+    at, losing = st.autotuner, losing_errors()
+    chosen = indexed[0][1]
+    if len(indexed) > 1 or not stock.single_pruned_skips_benchmark():  # stock benchmarks these
+        from tunevault.engine.inprocess import make_kernel_call
+
+        built = None
+        for _index, config in indexed:
+            try:
+                make_kernel_call(at, args, kwargs, at.nargs, config)()
+            except losing:  # stock's benchmark gives it inf: it cannot be the pick
+                continue
+            built = config if built is None else built
+        chosen = chosen if built is None else built
+        at.pre_hook({**at.nargs, **kwargs, **chosen.all_kwargs()}, reset_only=True)
+    return chosen, launch(at, args, kwargs, chosen, chosen.all_kwargs(), chosen.pre_hook)
 
 
 def _decided_by_pruning(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], index: int,
@@ -177,7 +230,7 @@ def _adopt(rt: Runtime, st: KernelState, decision: Decision, stock_key: tuple | 
     at = st.autotuner
     rt.notify("hit", st, decision.key, args, kwargs)
     config = at.configs[decision.config_index]
-    if stock_key is not None:
+    if stock_key is not None and _open(rt):
         stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), decision.candidates),
                              None, fresh=False)
     return config
@@ -194,8 +247,7 @@ def _indexed(at: Autotuner, pruned: list[Config]) -> Indexed:
     return out
 
 
-def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tuple,
-                  indexed: Indexed) -> tuple[Config, Any]:
+def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], indexed: Indexed) -> tuple[Config, Any]:
     """The first pruned config that builds and runs, never timed (``mode="first"``).
 
     Where the autotuner has hooks (its own pre/post hook, ``reset_to_zero``, ``restore_value``),
@@ -222,7 +274,6 @@ def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], key: tup
         break
     if chosen is None:
         raise TuningError(f"{st.kernel_id.name}: no config compiles for this call; errors: {'; '.join(failures)}")
-    stock.record(at, key, chosen[1])
     _log_first(st, *chosen)
     return chosen[1], launched
 
@@ -267,19 +318,21 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
              key: TuningKey, stock_key: tuple, indexed: Indexed) -> tuple[Config, bool]:
     """The config a miss launches, and whether it is a fallback (True) or was tuned (False)."""
     name, at = st.kernel_id.name, st.autotuner
-    rt.stats.add(name, rt.phase, "misses")
+    phase = rt.phase  # the miss's: a seal() while it tunes does not make its tuning a serving one
+    rt.stats.add(name, phase, "misses")
     policy = rt.on_miss
     # Never benchmark inside a CUDA graph capture, nor read the request's tensors for a background
     # job there (that would record copies into the user's graph): both are served like this.
     if policy == "tune" or (policy == "background" and capturing()):  # no diagnosis: it is tuned, here or later
-        rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase)
+        rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=phase)
     if policy in ("tune", "background") and capturing():
         config = capture_fallback(rt, st, args, kwargs, key, lambda nearest, why, how: fallback_config(
             rt, st, args, kwargs, key, nearest, why, how, indexed))
-        stock.record(at, stock_key, config)
+        if _open(rt):
+            stock.record(at, stock_key, config)
         return config, True
     if policy == "tune":
-        return tune(rt, st, args, kwargs, key, stock_key, indexed), False
+        return tune(rt, st, args, kwargs, key, stock_key, indexed, phase), False
     message, nearest = rt.explain_miss(st.kernel_id, key)
     message += rt.damage_note()
     rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
@@ -288,7 +341,8 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         rt.stats.add(name, rt.phase, "errors")
         raise TuningMiss(message, name, key, nearest)
     config = fallback_config(rt, st, args, kwargs, key, nearest, message, policy, indexed)
-    stock.record(at, stock_key, config)
+    if _open(rt):
+        stock.record(at, stock_key, config)
     return config, True
 
 
@@ -347,15 +401,16 @@ def _builds(st: KernelState, args: tuple, kwargs: dict[str, Any], config: Config
 
 
 def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
-         stock_key: tuple | None = None, indexed: Indexed | None = None) -> Config:
+         stock_key: tuple | None = None, indexed: Indexed | None = None, phase: str | None = None) -> Config:
     """Tune under the key's lease, so a key is benchmarked once fleet-wide; returns the config to launch.
 
     Others wait for the holder's decision and adopt it (policy/lease.py). Called by the miss path
-    with the pruned candidates, and by background tuning (which prunes here, off the request path).
+    with the pruned candidates and the miss's phase, and by background tuning (which prunes here,
+    off the request path). The tuning's counters and event carry ``phase`` (now's, if not given).
     """
     from tunevault.policy.lease import lease_name, under_lease
 
-    at = st.autotuner
+    at, phase = st.autotuner, phase or rt.phase
     if indexed is None:  # a background job: the request path sets and clears nargs under the same lock
         with st.lock:
             st.refresh_configs()
@@ -372,11 +427,11 @@ def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key:
 
     name = lease_name(st.kernel_id.digest, rt.fingerprint.digest, key.text)
     return under_lease(rt, name, f"{st.kernel_id.name} [{key.describe()}]", adopt,
-                       lambda: _tune_here(rt, st, args, kwargs, key, stock_key, indexed))
+                       lambda: _tune_here(rt, st, args, kwargs, key, stock_key, indexed, phase))
 
 
 def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
-               stock_key: tuple | None, indexed: Indexed) -> Config:
+               stock_key: tuple | None, indexed: Indexed, phase: str) -> Config:
     """Benchmark the pruned configs, select deterministically, publish; returns the config to launch."""
     from tunevault.core.identity import provenance
     from tunevault.engine.tuner import measure
@@ -387,20 +442,20 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
     if verbose and own_bench(at) is None:  # stock Triton's per-config lines (its own _bench prints them)
         for _i, c in indexed:
             print(f"Autotuning kernel {at.base_fn.__name__} with config {c}")
-    results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed])
+    results = measure(rt, st, args, kwargs, [(i, c, _spec(st, i, c)) for i, c in indexed], phase)
     if verbose:
         for r in results:
             if r.error:
-                print(f"Autotuning failed with {r.error}")
+                print(f"Autotuning failed with {_message(r.error)}")
     try:
         winner, margin = select(results, rt.settings.tolerance, rt.settings.confidence)
     except NoWorkingConfig:
-        rt.stats.add(kid.name, rt.phase, "errors")
+        rt.stats.add(kid.name, phase, "errors")
         first = next((r.error for r in results if r.error), "unknown")
         message = f"{kid.name}: every config failed for key {key.describe()}; first error: {first}"
         log.warning("tunevault: %s", message)  # a tuning's one line, as a successful one has
         rt.events.emit("tuning_failed", kernel=kid.name, key=key.to_json(), seconds=time.perf_counter() - started,
-                       configs=len(results), error=first[:400], phase=rt.phase)
+                       configs=len(results), error=first[:400], phase=phase)
         raise TuningError(message) from None
     seconds = time.perf_counter() - started
     config = dict(indexed)[winner.index]
@@ -425,12 +480,19 @@ def _tune_here(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any]
         rt.warn_once(("pruned", kid.name), "tunevault: %s: early_config_prune returned a config the kernel "
                      "does not declare; its decisions are kept in memory only", kid.name)
     rt.used[(kid.name, key.text)] = decision
-    _report_tuning(rt, st, key, decision, results, seconds, args, kwargs)
+    _report_tuning(rt, st, key, decision, results, seconds, phase, args, kwargs)
     at.pre_hook({**dict(zip(at.arg_names, args, strict=False)), **kwargs, **config.all_kwargs()}, reset_only=True)
-    if stock_key is not None:
+    if stock_key is not None and _open(rt):
         stock.after_decision(at, stock_key, config, stock.timings_by_config(dict(indexed), results),
                              seconds, fresh=True)
     return config
+
+
+def _message(error: str) -> str:
+    """The exception's own text from a result's ``"TypeName: text"``, as stock prints it (its
+    ``str(exc)``); the stored text is cut at 500 characters, so a longer message is cut here too."""
+    name, sep, text = error.partition(": ")
+    return text if sep and name.isidentifier() else error
 
 
 def _spec(st: KernelState, index: int, config: Config) -> ConfigSpec:
@@ -440,16 +502,16 @@ def _spec(st: KernelState, index: int, config: Config) -> ConfigSpec:
 
 
 def _report_tuning(rt: Runtime, st: KernelState, key: TuningKey, decision: Decision, results: list[CandidateResult],
-                   seconds: float, args: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
+                   seconds: float, phase: str, args: tuple | None = None, kwargs: dict[str, Any] | None = None) -> None:
     name = st.kernel_id.name
     failed = sum(1 for r in results if r.error)
-    rt.stats.add(name, rt.phase, "tunings")
-    rt.stats.add(name, rt.phase, "tuning_seconds", seconds)
+    rt.stats.add(name, phase, "tunings")
+    rt.stats.add(name, phase, "tuning_seconds", seconds)
     margin = "alone" if decision.margin is None else f"margin {decision.margin:.1%}"
     log.info("tunevault: tuned %s [%s] in %.2fs: %d configs tried (%d failed), winner #%d %s (%s)", name,
              key.describe(), seconds, len(results), failed, decision.config_index, decision.config.describe(),
              margin)
     rt.events.emit("tuning", kernel=name, key=key.to_json(), seconds=seconds, configs=len(results),
-                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=rt.phase,
+                   failed=failed, winner=decision.config_index, margin=decision.margin, phase=phase,
                    **settle(rt, name, key, decision.config_index, results))
     rt.notify("tuned", st, key, args, kwargs)
