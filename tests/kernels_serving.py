@@ -156,6 +156,26 @@ shift_small = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16,
 shift_large = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (64, 128)], key=["n"])(_shift_by_one)
 
 
+@triton.jit
+def _triple(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 3.0, mask=mask)
+
+
+triple_default = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32)], key=["n"])(_triple)
+_triple_variants: dict[object, object] = {}
+
+
+def triple_variant(dtype: object) -> object:
+    """A per-dtype variant a factory builds at run time and keeps in a dict (SGLang / vLLM): no
+    module attribute holds it, only the module-level ``triple_default`` over the same function."""
+    if dtype not in _triple_variants:
+        _triple_variants[dtype] = triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (64, 128)],
+                                                  key=["n"])(_triple)
+    return _triple_variants[dtype]
+
+
 def run_blocks(kernel: object, n: int) -> torch.Tensor:
     x = torch.randn(n)
     out = torch.empty_like(x)

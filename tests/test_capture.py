@@ -563,8 +563,10 @@ def test_a_manifest_naming_the_jit_function_replays_the_kernel_over_it(tv, tmp_p
     with tunevault.capture(path):
         ks.run_blocks(ks.scale_tuned, 100)
         ks.run_blocks(ks.shift_small, 100)
-    old = tmp_path / "old.jsonl"
-    old.write_text(path.read_text().replace("kernels_serving:scale_tuned", "kernels_serving:_scale_by_two")
+    old = tmp_path / "old.jsonl"  # and without the kernel's digest, as lines were written then
+    old_lines = [{k: v for k, v in json.loads(text).items() if k != "digest"} for text in path.read_text().splitlines()]
+    old.write_text("".join(json.dumps(doc) + "\n" for doc in old_lines)
+                   .replace("kernels_serving:scale_tuned", "kernels_serving:_scale_by_two")
                    .replace("kernels_serving:shift_small", "kernels_serving:_shift_by_one"))
     status = {i.kernel.partition(":")[2]: (i.status, i.reason) for i in _warmup_items(old, tmp_path / "a.db")}
     assert status["_scale_by_two"] == ("tuned", "")
@@ -651,3 +653,51 @@ def test_a_key_pruning_leaves_one_config_is_counted_and_left_out_of_capture(tv, 
     shard.write_manifest(manifest, [120], kernel=shard.pruned_to_one)  # as an older tunevault captured it
     replayed = tv.warmup(str(manifest))
     assert replayed.ok and [i.status for i in replayed.items] == ["decided"], replayed.to_json()
+
+
+def test_a_kernel_a_factory_built_is_not_importable_not_another_autotuner(tv, tmp_path: Path) -> None:
+    """A per-dtype variant a factory keeps in a dict has no module attribute: its line names the
+    @triton.jit function. Warmup tuned ``triple_default`` over the same function instead and check
+    said decided, while serving missed. The line carries the kernel's digest: no autotuner in the
+    module has it, so the key is not importable (built at run time), checked NOT decided; a line
+    without a digest (an older manifest) still takes the one kernel over the function."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from tunevault.core.identity import kernel_id
+
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.run_blocks(ks.triple_variant(torch.float32), 100)
+    (entry,) = mf.read(path)
+    assert entry.kernel == "kernels_serving:_triple"
+    assert entry.digest == kernel_id(ks.triple_variant(torch.float32)).digest != kernel_id(ks.triple_default).digest
+    store = tmp_path / "warm.db"
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{store}", *args],
+                              capture_output=True, text=True, timeout=180, env=subprocess_env())
+        return proc.stdout
+
+    (item,) = json.loads((out := cli("warmup", str(path), "--json"))[out.index("{"):])["items"]
+    assert item["status"] == "skipped" and "built at run time" in item["reason"], item
+    assert "0/1 keys decided" in cli("check", str(path))
+    assert not store.exists() or not SqliteStore(str(store)).listing()  # triple_default was not tuned
+
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "digest"}) + "\n")
+    (item,) = json.loads((out := cli("warmup", str(old), "--json"))[out.index("{"):])["items"]
+    assert item["status"] == "tuned", item  # today's behaviour for old manifests: the one kernel over it
+
+
+def test_a_lines_kernel_digest_is_signed(tv, tmp_path: Path) -> None:
+    """The digest picks the kernel replayed: a signed manifest whose digest was altered is refused."""
+    path = tmp_path / "keys.jsonl"
+    line = mf.line("kernels_serving:_triple", mf.TuningKey.from_json([["n", 100]]), {"hit": 1}, 1e9, 1e9, 1, "h",
+                   sign_key="k" * 32, digest="ab" * 8)
+    path.write_text(line)
+    assert mf.read(path, key="k" * 32)[0].digest == "ab" * 8
+    path.write_text(line.replace("ab" * 8, "cd" * 8))
+    with pytest.raises(mf.ManifestError):
+        mf.read(path, key="k" * 32)

@@ -152,13 +152,16 @@ def _find_name(autotuner: Autotuner) -> str | None:
     return None
 
 
-def find_kernel(module: ModuleType, path: str, digest: str | None = None) -> Autotuner:
+def find_kernel(module: ModuleType, path: str, digest: str | None = None, captured: str | None = None) -> Autotuner:
     """The Autotuner that ``path`` (``module:qualname``) names in the imported ``module``.
 
     A name holding the ``@triton.jit`` function itself (the name ``KernelId`` carries, which is what
     a manifest recorded for an aliased kernel) stands for the autotuned kernel(s) over it in that
     module: one kernel, or several with one identity, is taken; among kernels that differ,
-    ``digest`` (a KernelId's) picks; without it they cannot be told apart (KernelNotFound)."""
+    ``digest`` (a KernelId's) picks; without it they cannot be told apart (KernelNotFound).
+    ``captured`` (the digest a manifest line recorded) must match: an autotuner a factory built at
+    run time is held by no module attribute, and tuning another one over the same function would
+    store decisions serving never reads."""
     from tunevault.core.identity import jit_of, kernel_id
 
     qualname = path.partition(":")[2]
@@ -178,9 +181,17 @@ def find_kernel(module: ModuleType, path: str, digest: str | None = None) -> Aut
         with contextlib.suppress(TypeError):
             if jit_of(autotuner) is obj:
                 over.setdefault(id(autotuner), ([], autotuner))[0].append(attr)
-    if not over:
+    if not over and captured is None:
         raise KernelNotFound(f"{path} is not an @triton.autotune kernel")
     kinds = {kernel_id(at).digest: (names, at) for names, at in over.values()}
+    if captured is not None:
+        if captured in kinds:
+            return kinds[captured][1]
+        raise KernelNotFound(f"{path}: the captured kernel (digest {captured}) is held by no attribute of "
+                             f"module {module.__name__!r}: it was built at run time (a factory, such as "
+                             "per-dtype variants kept in a dict), or its code changed since capture; tune it in "
+                             "the process that builds it (call it there before tunevault.seal(): on_miss='tune' "
+                             "tunes it in process)")
     if digest is not None and digest in kinds:
         return kinds[digest][1]
     if len(kinds) == 1:
@@ -191,8 +202,9 @@ def find_kernel(module: ModuleType, path: str, digest: str | None = None) -> Aut
                          "name the attribute that holds the kernel)")
 
 
-def import_autotuner(path: str) -> Autotuner:
-    """The ``triton.runtime.autotuner.Autotuner`` that ``module:qualname`` names (see ``find_kernel``)."""
+def import_autotuner(path: str, captured: str | None = None) -> Autotuner:
+    """The ``triton.runtime.autotuner.Autotuner`` that ``module:qualname`` names (see ``find_kernel``;
+    ``captured``: the digest the manifest line recorded, None for lines from before it was)."""
     module_name, sep, qualname = path.partition(":")
     if not sep or not module_name or not qualname:
         raise KernelNotFound(f"{path!r} is not 'module:qualname'")
@@ -213,4 +225,4 @@ def import_autotuner(path: str) -> Autotuner:
         raise
     except BaseException as exc:  # SystemExit from imported code must not end a whole warmup
         raise KernelNotFound(f"module {module_name!r} not importable: {type(exc).__name__}: {exc}"[:500]) from None
-    return find_kernel(obj, path)
+    return find_kernel(obj, path, captured=captured)

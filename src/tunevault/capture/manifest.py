@@ -59,6 +59,7 @@ class ManifestEntry:
     processes: set[tuple[str, int]] = field(default_factory=set)
     alternates: list[dict[str, Any]] = field(default_factory=list)  # later distinct callspecs of the key
     signed: bool = False  # every line of it verified with the bundle key: calls that really ran
+    digest: str | None = None  # the captured kernel's KernelId digest (None: a manifest from before it)
 
     @property
     def count(self) -> int:
@@ -81,12 +82,15 @@ class ManifestEntry:
 
 def line(kernel: str, key: TuningKey, counts: dict[str, int], first_seen: float, last_seen: float, pid: int,
          host: str, callspec: dict[str, Any] | None = None, callspec_error: str | None = None,
-         sign_key: str | bytes | None = None) -> str:
-    """One manifest line (keys in a fixed, readable order), signed when ``sign_key`` is given."""
+         sign_key: str | bytes | None = None, digest: str | None = None) -> str:
+    """One manifest line (keys in a fixed, readable order), signed when ``sign_key`` is given.
+    ``digest`` (the kernel's KernelId digest) lets a reader refuse another kernel of the same name."""
     rec: dict[str, Any] = {"format": FORMAT, "kernel": kernel, "key": key.to_json(),
                            "count": sum(counts.values()), **{o: int(counts.get(o, 0)) for o in OUTCOMES},
                            "first_seen": round(first_seen, 6), "last_seen": round(last_seen, 6),
                            "host": host, "pid": pid}
+    if digest is not None:
+        rec["digest"] = digest
     if callspec is not None:
         rec["callspec"] = callspec
     if callspec_error is not None:
@@ -160,8 +164,12 @@ def _parse(raw: Any) -> tuple[ManifestEntry, str, int]:
     spec, err = raw.get("callspec"), raw.get("callspec_error")
     if spec is not None and not isinstance(spec, dict):
         raise InvalidEntry("callspec must be an object")
+    digest = raw.get("digest")
+    if digest is not None and not (isinstance(digest, str) and 0 < len(digest) <= 64 and digest.isalnum()):
+        raise InvalidEntry("digest must be a kernel digest (hex)")
     entry = ManifestEntry(kernel, TuningKey.from_json(raw.get("key")), spec,
-                          err[:1000] if isinstance(err, str) else None, counts, float(first), float(last))
+                          err[:1000] if isinstance(err, str) else None, counts, float(first), float(last),
+                          digest=digest)
     host, pid = raw.get("host"), raw.get("pid")
     return entry, host[:200] if isinstance(host, str) else "?", pid if type(pid) is int else -1
 
@@ -236,6 +244,8 @@ def _merge(merged: dict[tuple[str, str], ManifestEntry], entry: ManifestEntry, h
     have.first_seen = min(have.first_seen, entry.first_seen)
     have.last_seen = max(have.last_seen, entry.last_seen)
     have.processes.add((host, pid))
+    if have.digest is None:
+        have.digest = entry.digest
     if have.callspec is None and entry.callspec is not None:
         have.callspec, have.callspec_error = entry.callspec, None
     elif entry.callspec is not None:

@@ -58,10 +58,13 @@ class Host(Protocol):
 
 
 class _Record:
-    __slots__ = ("kernel", "key", "callspec", "error", "counts", "flushed", "first", "last", "spec_written")
+    __slots__ = ("kernel", "key", "callspec", "error", "counts", "flushed", "first", "last", "spec_written",
+                 "digest")
 
-    def __init__(self, kernel: str, key: TuningKey, callspec: dict | None, error: str | None) -> None:
+    def __init__(self, kernel: str, key: TuningKey, callspec: dict | None, error: str | None,
+                 digest: str | None = None) -> None:
         self.kernel, self.key, self.callspec, self.error = kernel, key, callspec, error
+        self.digest = digest  # the called kernel's identity: replay must not take another autotuner over it
         self.counts = [0, 0, 0]
         self.flushed = [0, 0, 0]
         self.first = self.last = time.time()
@@ -145,7 +148,7 @@ class Recorder:
                     spec = CallSpec.of(state.autotuner, args, kwargs or {}).to_json()
                 except Exception as exc:
                     err = f"{type(exc).__name__}: {exc}"[:300]
-            rec = self._records[(kernel, key.text)] = _Record(kernel, key, spec, err)
+            rec = self._records[(kernel, key.text)] = _Record(kernel, key, spec, err, state.kernel_id.digest)
         elif rec.callspec is None and args is not None:
             with contextlib.suppress(Exception):
                 from tunevault.capture.argspec import CallSpec
@@ -184,13 +187,13 @@ class Recorder:
         spec, error = (None, None) if rec.spec_written else (rec.callspec, rec.error)
         try:
             return manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host, spec, error,
-                                 self.sign_key)
+                                 self.sign_key, rec.digest)
         except (TypeError, ValueError) as exc:
             if spec is None:
                 raise
             rec.callspec, rec.error = None, f"the captured call cannot be written: {type(exc).__name__}: {exc}"[:300]
             return manifest.line(rec.kernel, rec.key, counted, rec.first, rec.last, pid, self.host, None, rec.error,
-                                 self.sign_key)
+                                 self.sign_key, rec.digest)
 
     def close(self) -> None:
         self._stop.set()

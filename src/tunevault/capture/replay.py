@@ -68,7 +68,7 @@ def rebuild(entry: mf.ManifestEntry, device: str | None = None, seed: int = 0) -
 
     The key's first captured call is rebuilt; where it is refused (its sizes, or another key), the
     next one the manifest holds for the key is tried, and the first refusal is the one reported."""
-    autotuner = import_autotuner(entry.kernel)
+    autotuner = import_autotuner(entry.kernel, entry.digest)
     _raw, args, kwargs = _first_rebuilt(autotuner, entry, device, seed)
     return autotuner, args, kwargs
 

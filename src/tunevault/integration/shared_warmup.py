@@ -114,7 +114,7 @@ class EntryTask:
 
     def _identify(self) -> str | WarmupItem:
         try:
-            autotuner = import_autotuner(self.kernel)
+            autotuner = import_autotuner(self.kernel, self.entry.digest)
         except KernelNotFound as exc:
             return WarmupItem(self.kernel, self.key, "skipped", f"kernel not importable: {exc}")
         if len(autotuner.configs) <= 1:
@@ -154,7 +154,7 @@ class EntryTask:
             return None
         if self.entry.callspec is None or self._kernel_id is None:
             return None
-        at = import_autotuner(self.kernel)
+        at = import_autotuner(self.kernel, self.entry.digest)
         if getattr(at, "early_config_prune", None) or getattr(at, "perf_model", None):
             return None  # the pruned set depends on the call: it compiles in the tuning
         callspec = replayed_callspec(at, self.entry)  # the call the tuning replays

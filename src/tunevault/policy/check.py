@@ -111,7 +111,7 @@ def _check_one(store: Store, machine: Callable[[], Fingerprint], entry: mf.Manif
     kernel's module is imported: a library may set a codegen knob at import (flash-linear-attention
     sets TRITON_F32_DEFAULT), and a server files its decisions under the fingerprint it has then."""
     try:
-        autotuner = import_autotuner(entry.kernel)
+        autotuner = import_autotuner(entry.kernel, entry.digest)
     except KernelNotFound as exc:
         return CheckItem(entry.kernel, entry.key, False, f"kernel not importable: {exc}")
     if len(autotuner.configs) <= 1:
