@@ -701,3 +701,25 @@ def test_a_lines_kernel_digest_is_signed(tv, tmp_path: Path) -> None:
     path.write_text(line.replace("ab" * 8, "cd" * 8))
     with pytest.raises(mf.ManifestError):
         mf.read(path, key="k" * 32)
+
+
+def test_a_key_value_equal_but_of_another_type_is_captured_too(tv, tmp_path: Path) -> None:
+    """``n=100.0`` after ``n=100`` (a size computed with ``/``), ``True`` after ``1``: the in-memory
+    raw key holds them equal, so the later call was counted under the earlier key and never
+    captured, while the labelled key (and Triton's compilation) tells them apart: serving missed."""
+    x = torch.randn(100)
+    out = torch.empty_like(x)
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        for n in (100, 200 / 2, 100):
+            ks.scale_tuned[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, out, n)
+    from tunevault.core.kernel_state import KernelState
+
+    assert sorted(e.key.text for e in mf.read(path)) == sorted(
+        KernelState(ks.scale_tuned).labelled_key({"x_ptr": x, "out_ptr": out, "n": n}).text for n in (100, 100.0))
+    store = tmp_path / "warm.db"
+    assert set(_warmup_fresh(path, store).values()) == {("tuned", "")}
+    tunevault.uninstall()
+    call = ("x = torch.randn(100); out = torch.empty_like(x)\n"
+            "ks.scale_tuned[lambda meta: (-(-100 // meta['BLOCK']),)](x, out, 200 / 2)")
+    assert _sealed_serve(store, call) == {"hits": 1, "misses": 0}

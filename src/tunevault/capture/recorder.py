@@ -71,6 +71,11 @@ class _Record:
         self.spec_written = False
 
 
+def _typed(state: KernelState, raw_key: tuple) -> tuple[KernelState, tuple, tuple]:
+    """What the recorder counts a call under: its raw key and the types of the key's elements."""
+    return (state, raw_key, tuple(map(type, raw_key)))
+
+
 class Recorder:
     """Counts keys for one manifest path and appends them to it."""
 
@@ -80,8 +85,10 @@ class Recorder:
         self.flush_interval = flush_interval
         self.sign_key = sign_key  # TUNEVAULT_BUNDLE_KEY: every line is signed, as bundles are
         self._records: dict[tuple[str, str], _Record] = {}
-        self._by_raw: dict[tuple[KernelState, tuple], tuple[_Record, int]] = {}
-        self._left_out: set[tuple[KernelState, tuple]] = set()  # keys decided by rule: nothing to warm up
+        # By raw key and the types of its elements: the raw key holds True == 1 and 64 == 64.0, which
+        # the labelled key (and Triton's compilation) tells apart, so each is a key of its own here.
+        self._by_raw: dict[tuple[KernelState, tuple, tuple], tuple[_Record, int]] = {}
+        self._left_out: set[tuple[KernelState, tuple, tuple]] = set()  # keys decided by rule: nothing to warm up
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,11 +100,12 @@ class Recorder:
     def hit(self, state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
         """The adapter's hot-path hook: a call whose raw key was already in the in-memory dict."""
         try:
-            found = self._by_raw.get((state, raw_key))
-            if found is None and (state, raw_key) in self._left_out:
+            typed = (state, raw_key, tuple(map(type, raw_key)))
+            found = self._by_raw.get(typed)
+            if found is None and typed in self._left_out:
                 return
             if found is None:
-                found = self._learn(state, raw_key, args, kwargs, "hit")
+                found = self._learn(typed, args, kwargs, "hit")
             rec, idx = found
             rec.counts[idx] += 1
             rec.last = time.time()
@@ -109,7 +117,7 @@ class Recorder:
         by ``rule`` (pruning left one config: not recorded, now or on later calls)."""
         if kind == "rule" and args is not None:
             with self._lock:
-                self._left_out.add((state, state.raw_key(args, kwargs or {})))
+                self._left_out.add(_typed(state, state.raw_key(args, kwargs or {})))
             return
         idx = _KIND.get(kind)
         if idx is None:
@@ -118,17 +126,18 @@ class Recorder:
         with self._lock:
             rec = self._record(state, key, args, kwargs)
             if raw is not None:  # later calls with this raw key hit the dict: count them alike
-                self._by_raw[(state, raw)] = (rec, _KIND["missed"] if kind == "missed" else _KIND["hit"])
+                self._by_raw[_typed(state, raw)] = (rec, _KIND["missed"] if kind == "missed" else _KIND["hit"])
             rec.counts[idx] += 1
             rec.last = time.time()
         self._ensure_thread()
 
-    def _learn(self, state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any], kind: str,
+    def _learn(self, typed: tuple[KernelState, tuple, tuple], args: tuple, kwargs: dict[str, Any], kind: str,
                ) -> tuple[_Record, int]:
+        state = typed[0]
         key = state.labelled_key(state.named_args(args, kwargs))
         with self._lock:
             found = (self._record(state, key, args, kwargs), _KIND[kind])
-            self._by_raw[(state, raw_key)] = found
+            self._by_raw[typed] = found
         self._ensure_thread()
         return found
 
