@@ -723,3 +723,50 @@ def test_a_key_value_equal_but_of_another_type_is_captured_too(tv, tmp_path: Pat
     call = ("x = torch.randn(100); out = torch.empty_like(x)\n"
             "ks.scale_tuned[lambda meta: (-(-100 // meta['BLOCK']),)](x, out, 200 / 2)")
     assert _sealed_serve(store, call) == {"hits": 1, "misses": 0}
+
+
+def test_a_busy_key_writes_log_many_count_lines(tv, tmp_path: Path) -> None:
+    """Every periodic flush wrote a count line per active key (~2.6 MB per key per day at 10 s):
+    now a count-only line waits for the key's count to double, and the final flush writes the rest."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path, flush_interval=0) as rec:
+        for _ in range(100):
+            ks.run_blocks(ks.scale_tuned, 100)
+            rec.flush(final=False)  # as the periodic flush does
+    written = path.read_text().splitlines()
+    assert len(written) <= 9, len(written)  # first line, counts 2, 4, ..., 64, the final flush
+    (entry,) = mf.read(path)
+    assert entry.count == 100
+
+
+def _tail(path: Path, start: int) -> list[dict[str, Any]]:
+    with path.open("rb") as f:
+        f.seek(start)
+        return [json.loads(text) for text in f.read().splitlines()]
+
+
+def test_near_the_size_cap_new_keys_are_written_and_count_lines_dropped(tv, tmp_path: Path, caplog) -> None:
+    """A manifest filled by count lines refused every later append: a key met for the first time
+    was silently lost and check said all decided. Near the cap count-only lines are dropped (one
+    warning) and new keys still written; a new key refused at the hard cap is an error naming it."""
+    path = tmp_path / "keys.jsonl"
+    with path.open("wb") as f:  # a sparse file: sizes near 256 MiB without writing them
+        f.truncate(mf.COUNT_LINES_UP_TO - 1)
+    start = path.stat().st_size
+    with caplog.at_level("WARNING", logger="tunevault"), tunevault.capture(path, flush_interval=0) as rec:
+        ks.run_blocks(ks.scale_tuned, 100)
+        assert rec.flush() == 1  # a new key: written
+        ks.run_blocks(ks.scale_tuned, 100)
+        ks.run_blocks(ks.scale_tuned, 200)
+        assert rec.flush() == 1  # the new key (n=200); n=100's count-only line is dropped
+    assert [(d["key"][0][1], "callspec" in d) for d in _tail(path, start)] == [(100, True), (200, True)]
+    assert sum("count-only lines are dropped" in r.getMessage() for r in caplog.records) == 1
+
+    with path.open("r+b") as f:
+        f.truncate(mf.MAX_MANIFEST_BYTES - 100)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tunevault"), tunevault.capture(path, flush_interval=0):
+        ks.run_blocks(ks.scale_tuned, 300)
+    assert path.stat().st_size == mf.MAX_MANIFEST_BYTES - 100
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "NOT recorded" in error.getMessage() and "kernels_serving:scale_tuned [n=300" in error.getMessage()

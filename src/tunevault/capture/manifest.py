@@ -38,6 +38,9 @@ MAX_CALLSPECS = 8  # per key: the first and up to seven distinct others to fall 
 # A manifest is read whole into memory, as a bundle is: the same 256 MiB bound (16 lines at the
 # 16 MiB line bound; a real manifest of thousands of keys is a few MB).
 MAX_MANIFEST_BYTES = MAX_DOCUMENT_BYTES
+# Past this size only lines that carry a new key are appended: count-only lines are dropped first,
+# so the last 16 MiB are kept for keys met late (thousands of them).
+COUNT_LINES_UP_TO = MAX_MANIFEST_BYTES - (16 << 20)
 _FROM_ENV = object()  # read(): take the key from $TUNEVAULT_BUNDLE_KEY
 
 
@@ -102,21 +105,27 @@ def line(kernel: str, key: TuningKey, counts: dict[str, int], first_seen: float,
     return json.dumps(rec, separators=(", ", ": "), allow_nan=False) + "\n"
 
 
-def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
-    """Append ``new_lines`` in one locked write, so concurrent writers never interleave.
+def append(path: str | os.PathLike[str], new_lines: Iterable[str], count_lines: Iterable[str] = ()) -> bool:
+    """Append ``new_lines`` and ``count_lines`` in one locked write, so concurrent writers never interleave.
+
+    ``count_lines`` only add counts to keys the file already holds: past COUNT_LINES_UP_TO they
+    are dropped (False is returned) and ``new_lines`` alone are written, up to the hard cap.
 
     Raises OSError (or Refused, a ValueError, for a path that is not a regular file) and never
     blocks for long: a FIFO is refused at open, another writer's lock is waited for a bounded time.
     All or nothing: a write cut short (disk full, file size limit) is truncated away under the lock,
     so the caller's retry of the same lines never follows a torn line."""
-    data = "".join(new_lines).encode()
-    if not data:
-        return
+    data, counts = "".join(new_lines).encode(), "".join(count_lines).encode()
+    if not data and not counts:
+        return True
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = open_sink(path)
     try:
         _lock(fd, os.fspath(path))
         end = os.lseek(fd, 0, os.SEEK_END)  # stable while we hold the lock: every writer takes it
+        kept = end + len(data) + len(counts) <= COUNT_LINES_UP_TO
+        if kept:
+            data += counts
         if end + len(data) > MAX_MANIFEST_BYTES:  # readers refuse it past the cap: stop writing there
             raise OSError(errno.EFBIG, f"{os.fspath(path)} would grow past the {MAX_MANIFEST_BYTES >> 20} MiB a "
                           "manifest may hold; capture into a new file (the counts are kept)")
@@ -130,6 +139,7 @@ def append(path: str | os.PathLike[str], new_lines: Iterable[str]) -> None:
             raise
     finally:
         os.close(fd)  # closing releases the lock
+    return kept or not counts
 
 
 def _lock(fd: int, path: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -93,6 +94,8 @@ class Recorder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._dropped = False  # count-only lines dropped near the size cap (warned once)
+        self._lost: set[tuple[str, str]] = set()  # new keys refused at the size cap, each named once
         self.host = socket.gethostname()
 
     # ------------------------------------------------------------------ feeds
@@ -167,29 +170,56 @@ class Recorder:
 
     # ------------------------------------------------------------------ output
 
-    def flush(self) -> int:
-        """Append one line per key counted since the last flush; returns how many lines."""
+    def flush(self, final: bool = True) -> int:
+        """Append one line per key counted since the last flush; returns how many lines.
+
+        A key's first line is written at once; after it, the periodic flush (``final=False``)
+        writes a count-only line only when the key's count has doubled since its last one, so a
+        busy key costs O(log calls) lines, not one per flush; the final flush writes every count."""
         with self._lock:
-            pid, lines, done = os.getpid(), [], []
+            pid, done = os.getpid(), []
+            new: list[str] = []
+            more: list[str] = []
             for rec in self._records.values():
                 counts = list(rec.counts)
                 delta = [c - f for c, f in zip(counts, rec.flushed, strict=True)]
                 if not any(delta):  # nothing counted since the last flush (or, in a forked child, the fork)
                     continue
+                if rec.spec_written and not final and sum(counts) < 2 * sum(rec.flushed):
+                    continue  # a count-only line waits until the count doubles, or the final flush
                 try:
-                    lines.append(self._line(rec, dict(zip(manifest.OUTCOMES, delta, strict=True)), pid))
+                    (more if rec.spec_written else new).append(
+                        self._line(rec, dict(zip(manifest.OUTCOMES, delta, strict=True)), pid))
                 except Exception as exc:  # this record's problem only: its counts wait, the others are written
                     self._warn(exc)
                     continue
                 done.append((rec, counts))
             try:
-                manifest.append(self.path, lines)
+                counted = manifest.append(self.path, new, more)
             except (OSError, ValueError) as exc:  # ValueError: not a regular file (a FIFO would block exit)
-                self._warn(exc)
+                self._refused(exc, [rec for rec, _ in done if not rec.spec_written])
                 return 0
+            if not counted and not self._dropped:
+                self._dropped = True
+                log.warning("tunevault: key capture: %s is near the %d MiB a manifest may hold: count-only lines "
+                            "are dropped from now on (keys met for the first time are still written); capture "
+                            "into a new file", self.path, manifest.MAX_MANIFEST_BYTES >> 20)
             for rec, counts in done:
                 rec.flushed, rec.spec_written = counts, True
-            return len(lines)
+            return len(new) + (len(more) if counted else 0)
+
+    def _refused(self, exc: BaseException, new: list[_Record]) -> None:
+        """A write refused: the counts wait for the next flush. Keys met for the first time that the
+        manifest cannot take (its size cap) are named, loudly, once each: warmup will not cover them."""
+        lost = [rec for rec in new if (rec.kernel, rec.key.text) not in self._lost]
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG and lost:
+            self._lost.update((rec.kernel, rec.key.text) for rec in lost)
+            log.error("tunevault: key capture: %s is full (%d MiB): %d key(s) met for the first time are NOT "
+                      "recorded, so warmup will not cover them: %s; capture into a new file", self.path,
+                      manifest.MAX_MANIFEST_BYTES >> 20, len(lost),
+                      "; ".join(f"{rec.kernel} [{rec.key.describe()}]" for rec in lost)[:4000])
+            return
+        self._warn(exc)
 
     def _line(self, rec: _Record, counted: dict[str, int], pid: int) -> str:
         """``rec``'s manifest line; a captured call that cannot be written becomes its callspec_error."""
@@ -216,7 +246,7 @@ class Recorder:
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_interval):
             try:
-                self.flush()
+                self.flush(final=False)
             except Exception as exc:  # the thread outlives one bad flush: later ones may succeed
                 self._warn(exc)
 
