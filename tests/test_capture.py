@@ -770,3 +770,16 @@ def test_near_the_size_cap_new_keys_are_written_and_count_lines_dropped(tv, tmp_
     assert path.stat().st_size == mf.MAX_MANIFEST_BYTES - 100
     (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "NOT recorded" in error.getMessage() and "kernels_serving:scale_tuned [n=300" in error.getMessage()
+
+
+def test_fallback_calls_before_capture_began_are_counted_as_missed(tv, tmp_path: Path) -> None:
+    """A key that fell back before the capture block began reaches capture through the in-memory
+    hit hook: it was recorded as ``hit`` (a decision served), though no decision exists."""
+    tv.seal("fallback")
+    serve([10], dtype=torch.float32)  # the miss: served by the fallback config, remembered
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        for _ in range(3):
+            serve([10], dtype=torch.float32)  # in-memory fallback hits
+    (entry,) = mf.read(path)
+    assert entry.counts == {"hit": 0, "tuned": 0, "missed": 3}

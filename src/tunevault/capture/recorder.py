@@ -108,7 +108,7 @@ class Recorder:
             if found is None and typed in self._left_out:
                 return
             if found is None:
-                found = self._learn(typed, args, kwargs, "hit")
+                found = self._learn(typed, args, kwargs, "missed" if state.serves_fallback(args, kwargs) else "hit")
             rec, idx = found
             rec.counts[idx] += 1
             rec.last = time.time()

@@ -10,7 +10,7 @@ built only on a miss.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from tunevault.core.forks import renewed_in_child
@@ -31,6 +31,15 @@ def state_of(autotuner: Autotuner) -> KernelState:
     what serving judges a stored decision by, for a preflight or a warmup that judges it too."""
     state = autotuner.__dict__.get(STATE_ATTR)
     return state if isinstance(state, KernelState) else KernelState(autotuner)
+
+
+def stock_key(arg_names: list[str], keys: list[str], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """Triton's own tuning key, exactly as ``Autotuner.run`` builds it (dtype as a string)."""
+    all_args = {**dict(zip(arg_names, args, strict=False)), **kwargs}
+    named = {k: v for k, v in all_args.items() if k in arg_names}
+    key = [named[k] for k in keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
 
 
 def is_kernel(autotuner: Autotuner) -> bool:
@@ -144,6 +153,11 @@ class KernelState:
         self._kernel_id = None
         self._specs = None
         self.hits.clear()
+
+    def serves_fallback(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether this call's key is served by a fallback config (a miss not decided): capture
+        counts its calls as ``missed``. Off the hot path: computes Triton's key."""
+        return bool(self.fallback_keys) and stock_key(self.arg_names, self.keys, args, kwargs) in self.fallback_keys
 
     def remember(self, raw_key: tuple, config: Config, fallback: bool = False) -> None:
         """What a hit on ``raw_key`` launches. A ``fallback`` config launches through a pre_hook

@@ -15,20 +15,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from tunevault.core.kernel_state import stock_key as stock_key  # Triton's key (core: capture reads it too)
 from tunevault.core.model import CandidateResult
 
 if TYPE_CHECKING:
     from triton import Config
     from triton.runtime.autotuner import Autotuner
-
-
-def stock_key(arg_names: list[str], keys: list[str], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
-    """Triton's own tuning key, exactly as ``Autotuner.run`` builds it (dtype as a string)."""
-    all_args = {**dict(zip(arg_names, args, strict=False)), **kwargs}
-    named = {k: v for k, v in all_args.items() if k in arg_names}
-    key = [named[k] for k in keys if k in named]
-    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
-    return tuple(key)
 
 
 @functools.lru_cache(maxsize=1)
