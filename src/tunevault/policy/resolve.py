@@ -12,12 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tunevault.core.machine import interpreting
 from tunevault.core.model import CandidateResult, ConfigSpec, Decision, TuningError, TuningKey
-from tunevault.engine.failures import losing_errors
 from tunevault.engine.inprocess import conflict_error
 from tunevault.engine.select import NoWorkingConfig, select
 from tunevault.engine.timing import own_bench
@@ -25,6 +22,16 @@ from tunevault.policy import stock
 from tunevault.policy.capture_guard import capture_fallback, capturing
 from tunevault.policy.diagnose import TuningMiss
 from tunevault.policy.fallback import choose_fallback, describe_config, settle
+from tunevault.policy.untimed import (
+    NOT_LAUNCHED,
+    Indexed,
+    builds,
+    compile_only,
+    first_compiling,
+    first_working,
+    launch,
+    log_first,
+)
 
 log = logging.getLogger("tunevault")
 
@@ -35,31 +42,9 @@ if TYPE_CHECKING:
     from tunevault.core.kernel_state import KernelState
     from tunevault.policy.runtime import Runtime
 
-Indexed = list[tuple[int, "Config"]]  # (declared index, or len(configs)+j for a config prune made up; the Config)
 
 
 __all__ = ["TuningError"]  # defined in core (a warmup replay tells it apart), raised here
-
-
-def compile_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this config does not build here" for ``mode="first"`` and the fallback's
-    probe: the ones that make a config lose in stock's benchmark, and any compile error."""
-    import triton.compiler.errors as ce
-    import triton.runtime.errors as re
-
-    # The interpreter has no compile step: a failing static_assert surfaces as InterpreterError.
-    names = [(ce, "CompilationError"), (re, "InterpreterError")]
-    return losing_errors() + tuple(getattr(m, n) for m, n in names if hasattr(m, n))
-
-
-def launch(autotuner: Autotuner, args: tuple, kwargs: dict[str, Any], config: Config, cfg_kwargs: dict[str, Any],
-           pre_hook: Callable[..., Any] | None) -> Any:
-    """Stock's final launch of the decided config: ``best_config``, the config's ``pre_hook``, the run.
-    Takes a KernelState hit as it is stored: (config, its launch kwargs, its pre_hook)."""
-    autotuner.best_config = config
-    if pre_hook is not None:
-        pre_hook({**dict(zip(autotuner.arg_names, args, strict=False)), **kwargs, **cfg_kwargs})
-    return autotuner.fn.run(*args, **kwargs, **cfg_kwargs)
 
 
 def resolve(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], raw_key: tuple) -> Any:
@@ -97,22 +82,19 @@ def _resolve_locked(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
                 st.remember(raw_key, config, fallback=True)
             if how == "fallback":
                 return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
-            if launched is not _NOT_LAUNCHED:
+            if launched is not NOT_LAUNCHED:
                 if _open(rt):
                     st.remember(raw_key, config)
                 return launched
     else:  # one config: decided by rule, a hit as the calls after it are
         config = at.configs[0]
         if rt.settings.mode == "first":
-            _log_first(st, 0, config)
+            log_first(st, 0, config)
         _counted_hit(rt, st, raw_key, args, kwargs)
     if not _open(rt):
         return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
     st.remember(raw_key, config, fallback=fallback)
     return launch(at, args, kwargs, *st.hits[raw_key])
-
-
-_NOT_LAUNCHED = object()
 
 
 def _open(rt: Runtime) -> bool:
@@ -141,10 +123,10 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
     if not indexed:  # Triton < 3.6 lets an empty prune reach its min(): the same error, from min()
         min(())
     _check_conflicts(kwargs, indexed)
-    compile_only = bool(kwargs.get("warmup"))
-    if rt.settings.mode == "first" or (compile_only and len(indexed) == 1):
-        if compile_only:  # "first" never reads the store; one config has nothing to read it for
-            return (*_compile_only(st, args, kwargs, indexed), "compiled")
+    compiling = bool(kwargs.get("warmup"))
+    if rt.settings.mode == "first" or (compiling and len(indexed) == 1):
+        if compiling:  # "first" never reads the store; one config has nothing to read it for
+            return (*compile_only(st, args, kwargs, indexed), "compiled")
         rt.stats.add(st.kernel_id.name, rt.phase, "misses")  # decided by rule: one miss per key, as in tune
         if rt.observers:  # key capture: a key served without a decision, as a fallback is
             rt.notify("missed", st, st.labelled_key(st.named_args(args, kwargs)), args, kwargs)
@@ -156,7 +138,7 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
         if _open(rt):
             stock.record(at, key, indexed[0][1])
         _decided_by_pruning(rt, st, args, kwargs, *indexed[0])
-        return indexed[0][1], _NOT_LAUNCHED, "decided"
+        return indexed[0][1], NOT_LAUNCHED, "decided"
     named = st.named_args(args, kwargs)
     tkey = st.labelled_key(named)
     decision = _stored(rt, st, tkey, {i for i, _ in indexed})
@@ -164,38 +146,15 @@ def _decide(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], k
         decision = _stored(rt, st, earlier, {i for i, _ in indexed})  # written before keys were in order
         if decision is not None:
             decision = rt.publish(dataclasses.replace(decision, key=tkey))
-    if decision is None and compile_only:
-        return (*_compile_only(st, args, kwargs, indexed), "compiled")
+    if decision is None and compiling:
+        return (*compile_only(st, args, kwargs, indexed), "compiled")
     if decision is None:
         config, fell_back = _on_miss(rt, st, args, kwargs, named, tkey, key, indexed)
-        return config, _NOT_LAUNCHED, "fallback" if fell_back else "decided"
+        return config, NOT_LAUNCHED, "fallback" if fell_back else "decided"
     rt.stats.add(st.kernel_id.name, rt.phase, "hits")  # a store hit; in-memory hits are n_hits
     log.debug("tunevault: %s [%s]: reusing stored decision, config %s", st.kernel_id.name,
               tkey.describe(), decision.config.describe())
-    return _adopt(rt, st, decision, key, args, kwargs, indexed), _NOT_LAUNCHED, "decided"
-
-
-def _compile_only(st: KernelState, args: tuple, kwargs: dict[str, Any], indexed: Indexed) -> tuple[Config, Any]:
-    """A compile-only call (``warmup=True``) for an undecided key: its launches only compile, so
-    timing them would decide on noise (every config ties, the first wins) and stock would keep that
-    choice. Here each pruned config is compiled as stock's benchmark runs it (its hooks, once, not
-    timed), and the first that builds is launched, as stock launches its pick, returning what that
-    launch returns. Nothing is stored or remembered: the key's first real call decides it."""
-    at, losing = st.autotuner, losing_errors()
-    chosen = indexed[0][1]
-    if len(indexed) > 1 or not stock.single_pruned_skips_benchmark():  # stock benchmarks these
-        from tunevault.engine.inprocess import make_kernel_call
-
-        built = None
-        for _index, config in indexed:
-            try:
-                make_kernel_call(at, args, kwargs, at.nargs, config)()
-            except losing:  # stock's benchmark gives it inf: it cannot be the pick
-                continue
-            built = config if built is None else built
-        chosen = chosen if built is None else built
-        at.pre_hook({**at.nargs, **kwargs, **chosen.all_kwargs()}, reset_only=True)
-    return chosen, launch(at, args, kwargs, chosen, chosen.all_kwargs(), chosen.pre_hook)
+    return _adopt(rt, st, decision, key, args, kwargs, indexed), NOT_LAUNCHED, "decided"
 
 
 def _decided_by_pruning(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], index: int,
@@ -245,45 +204,6 @@ def _indexed(at: Autotuner, pruned: list[Config]) -> Indexed:
             i = next((n for n, c in enumerate(at.configs) if c == config), None)
         out.append((len(at.configs) + j if i is None else i, config))
     return out
-
-
-def first_working(st: KernelState, args: tuple, kwargs: dict[str, Any], indexed: Indexed) -> tuple[Config, Any]:
-    """The first pruned config that builds and runs, never timed (``mode="first"``).
-
-    Where the autotuner has hooks (its own pre/post hook, ``reset_to_zero``, ``restore_value``),
-    each config is tried once as Triton's benchmark runs it, so a post_hook sees a config's
-    failure, and the winner then launches. Without hooks that trial would be the launch itself:
-    the launch is the trial, and the kernel runs once.
-    """
-    at, errors, failures = st.autotuner, compile_errors(), []
-    hooked = at.user_defined_pre_hook or at.user_defined_post_hook or at.reset_to_zero or at.restore_value
-    chosen, launched = (indexed[0] if len(indexed) == 1 else None), _NOT_LAUNCHED
-    for index, config in indexed if chosen is None else ():  # a single config is not tried: stock's rule
-        try:
-            if hooked:
-                from tunevault.engine.inprocess import make_kernel_call
-
-                make_kernel_call(at, args, kwargs, at.nargs, config)()
-                at.pre_hook({**at.nargs, **kwargs, **config.all_kwargs()}, reset_only=True)
-            else:
-                launched = launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
-        except errors as exc:
-            failures.append(f"{type(exc).__name__}: {exc}"[:300])
-            continue
-        chosen = (index, config)
-        break
-    if chosen is None:
-        raise TuningError(f"{st.kernel_id.name}: no config compiles for this call; errors: {'; '.join(failures)}")
-    _log_first(st, *chosen)
-    return chosen[1], launched
-
-
-def _log_first(st: KernelState, index: int, config: Config) -> None:
-    """``mode="first"``'s one line per kernel (the first time it decides a key)."""
-    if not st.first_logged:
-        st.first_logged = True
-        log.info("tunevault[first]: %s: %d candidate configs, picked #%d %s", st.kernel_id.name,
-                 len(st.autotuner.configs), index if index < len(st.autotuner.configs) else -1, describe_config(config))
 
 
 def _stored(rt: Runtime, st: KernelState, key: TuningKey, allowed: set[int] | None = None,
@@ -358,8 +278,8 @@ def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
         return None if decision is None else st.autotuner.configs[decision.config_index]
 
     config, how, fields = choose_fallback(rt, st, key, nearest_config,
-                                          lambda: _first_compiling(st, args, kwargs, [c for _, c in indexed]),
-                                          allowed, lambda config: _builds(st, args, kwargs, config))
+                                          lambda: first_compiling(st, args, kwargs, [c for _, c in indexed]),
+                                          allowed, lambda config: builds(st, args, kwargs, config))
     index = next((i for i, c in indexed if c is config), None)  # the first compiling: a pruned config
     if index is None:  # predicted, or the nearest key's: a declared config
         index = st.autotuner.configs.index(config)
@@ -370,34 +290,6 @@ def fallback_config(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
     if policy == "background":
         rt.submit_background(st, args, kwargs, key)
     return config
-
-
-def _first_compiling(st: KernelState, args: tuple, kwargs: dict[str, Any], configs: list[Config]) -> Config:
-    """First config whose kernel compiles for these arguments, found without launching it."""
-    return next((config for config in configs if _builds(st, args, kwargs, config)), configs[0])
-
-
-def _builds(st: KernelState, args: tuple, kwargs: dict[str, Any], config: Config) -> bool:
-    """Whether ``config`` compiles for these arguments and its module loads on this device, found
-    without launching it; True where this cannot be told (the interpreter: the launch decides)."""
-    if interpreting():
-        return True  # nothing compiles ahead of a launch there
-    fn, losing = st.autotuner.fn, compile_errors()
-    try:
-        kernel = fn.warmup(*args, **{k: v for k, v in kwargs.items() if k != "warmup"}, **config.all_kwargs())
-    except losing:
-        return False
-    except Exception:
-        return True  # this Triton cannot compile ahead for these arguments: let the launch decide
-    try:
-        # Loading the module is where Triton finds a config that compiles but does not fit the
-        # device (shared memory, tensor memory): OutOfResources, which warmup alone never raises.
-        init = getattr(kernel, "_init_handles", None)
-        if callable(init):
-            init()
-    except losing:
-        return False
-    return True
 
 
 def tune(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], key: TuningKey,
