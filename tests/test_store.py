@@ -462,7 +462,7 @@ def test_quick_check_gives_one_line_per_finding(tmp_path: Path) -> None:
     message quotes the first finding and must stay one line."""
     import sqlite3
 
-    from tunevault.store.sqlite import quick_check
+    from tunevault.store.sqlite_file import quick_check
 
     path = tmp_path / "damaged.db"
     with sqlite3.connect(path) as db:

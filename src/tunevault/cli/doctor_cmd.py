@@ -62,7 +62,7 @@ def damaged(url: str, problems: list[str], consequence: str = "") -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import store_url
     from tunevault.store.base import redact
-    from tunevault.store.sqlite import path_of_url, quick_check
+    from tunevault.store.sqlite_file import path_of_url, quick_check
     from tunevault.store.sqlite_repair import readable_decisions, salvage
 
     url = store_url(args)

@@ -15,7 +15,8 @@ from typing import Any
 from tunevault.cli.output import print_json, print_table
 from tunevault.core.model import Decision
 from tunevault.store.base import StoreUnavailable, open_store, shown
-from tunevault.store.sqlite import SqliteStore, path_of_url
+from tunevault.store.sqlite import SqliteStore
+from tunevault.store.sqlite_file import path_of_url
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 

@@ -55,7 +55,7 @@ def refuse_absent_store(args: argparse.Namespace) -> None:
     url = store_url(args)
     if not url.startswith("sqlite:"):
         return
-    from tunevault.store.sqlite import path_of_url
+    from tunevault.store.sqlite_file import path_of_url
 
     path = path_of_url(url)
     if not os.path.lexists(path):
@@ -73,7 +73,7 @@ def absent_default_store(args: argparse.Namespace) -> bool:
     url = store_url(args)
     if not url.startswith("sqlite:"):
         return False
-    from tunevault.store.sqlite import path_of_url
+    from tunevault.store.sqlite_file import path_of_url
 
     return not os.path.lexists(path_of_url(url))
 

@@ -130,7 +130,8 @@ def open_store(url: str) -> Store:
 
         return MemoryStore()
     if scheme == "sqlite":
-        from tunevault.store.sqlite import SqliteStore, path_of_url
+        from tunevault.store.sqlite import SqliteStore
+        from tunevault.store.sqlite_file import path_of_url
 
         return SqliteStore(path_of_url(url))
     if scheme in ("redis", "rediss", "unix"):

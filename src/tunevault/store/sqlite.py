@@ -9,7 +9,6 @@ every read; a corrupt row or file is a miss with a warning, never an exception i
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import sqlite3
@@ -23,56 +22,24 @@ from typing import Any, TypeVar
 
 from tunevault.core.model import Decision
 from tunevault.store.base import Query, StoreUnavailable, log
+from tunevault.store.sqlite_file import (
+    LAYOUT_VERSION,
+    TABLES,
+    cannot_write,
+    immediate,
+    is_busy,
+    layout_problem,
+    quick_check,
+    refuse_dangling_link,
+    url_of_path,
+)
 
-LAYOUT_VERSION = 1  # of the tables below, kept in PRAGMA user_version
-_TABLES = {
-    "decisions": "CREATE TABLE IF NOT EXISTS decisions ("
-    " kernel_digest TEXT NOT NULL, fingerprint_digest TEXT NOT NULL, key_text TEXT NOT NULL,"
-    " kernel_name TEXT NOT NULL, payload TEXT NOT NULL, created REAL NOT NULL,"
-    " PRIMARY KEY (kernel_digest, fingerprint_digest, key_text))",
-    "leases": "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
-    " expires REAL NOT NULL)",
-}
-# Each table's columns as ``PRAGMA table_xinfo`` gives them: (name, type, not null, primary key
-# position, hidden). A file whose tables differ is not one we wrote (test_store: foreign layouts).
-_SHAPES = {
-    "decisions": (("kernel_digest", "TEXT", 1, 1, 0), ("fingerprint_digest", "TEXT", 1, 2, 0),
-                  ("key_text", "TEXT", 1, 3, 0), ("kernel_name", "TEXT", 1, 0, 0), ("payload", "TEXT", 1, 0, 0),
-                  ("created", "REAL", 1, 0, 0)),
-    "leases": (("name", "TEXT", 0, 1, 0), ("holder", "TEXT", 1, 0, 0), ("expires", "REAL", 1, 0, 0)),
-}
 _COLUMNS = "kernel_digest, fingerprint_digest, key_text, kernel_name, payload"
 _ROW_KEY = "kernel_digest = ? AND fingerprint_digest = ? AND key_text = ?"
-_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
-_READ_ONLY_CODES = (3, 8, 14)  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN: this process cannot write
-_READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 _FORK_ORPHANS: list[_ThreadConn] = []  # connections inherited across fork: never use or close them
 
 T = TypeVar("T")
 EVERYTHING = Query()  # shared default: Query is frozen, so one instance is safe
-
-
-def quick_check(path: str, limit: int = 20, db: sqlite3.Connection | None = None) -> list[str]:
-    """``PRAGMA quick_check`` on ``path`` (or the open ``db``): [] when sound, else SQLite's findings.
-
-    It reads every page (seconds for gigabytes, milliseconds for a tuning store) without the
-    slower index cross-checks of ``integrity_check``. A file SQLite cannot read at all is one finding.
-    """
-    own = db is None
-    try:
-        if db is None:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-            db.execute("PRAGMA trusted_schema = OFF")
-        rows = db.execute(f"PRAGMA quick_check({max(1, int(limit))})").fetchall()
-    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
-        return [str(exc)]
-    finally:
-        if own and db is not None:
-            db.close()
-    # One finding per line: SQLite puts a page's findings in one row under a "*** in database main
-    # ***" header, and a miss message quoting the first finding must stay one line.
-    lines = (line.strip() for r in rows if r and r[0] != "ok" for line in str(r[0]).splitlines())
-    return [line for line in lines if line and not line.startswith("*** in database")][:max(1, int(limit))]
 
 
 class _ThreadConn:
@@ -99,98 +66,12 @@ class _ThreadConn:
                 self.db.close()
 
 
-def _is_busy(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.Error):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _BUSY_CODES
-    msg = str(exc).lower()
-    return "locked" in msg or "busy" in msg
-
-
-def _cannot_write(exc: BaseException) -> bool:
-    """This process may not write the file or its directory (permissions, a read-only mount): not
-    a busy file, a full disk or a damaged one, which read-only access would not mend."""
-    if isinstance(exc, OSError):
-        return exc.errno in _READ_ONLY_ERRNOS
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in _READ_ONLY_CODES
-    msg = str(exc).lower()
-    return any(w in msg for w in ("readonly", "read-only", "unable to open", "permission", "access"))
-
-
-def _layout_problem(db: sqlite3.Connection, complete: bool) -> str | None:
-    """Why the file's schema is not one tunevault wrote, or None. Checked at every open, because a
-    file from elsewhere may say ``user_version = 1`` over a ``decisions`` VIEW of an endless query
-    (every read then fills the temp disk) or a trigger that runs on our writes. ``complete``: both
-    tables must exist (a decided store); else a missing one is created."""
-    found = {}
-    for kind, name, table, sql in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
-        if kind in ("view", "trigger"):
-            return f"it holds a {kind} ({str(name)[:80]!r} on {str(table)[:80]!r}), which tunevault never makes"
-        if name in _SHAPES:
-            if kind != "table" or not str(sql).upper().startswith("CREATE TABLE"):
-                return f"its {name!r} is not a plain table"
-            found[name] = tuple(tuple(c[i] for i in (1, 2, 3, 5, 6))
-                                for c in db.execute(f"PRAGMA table_xinfo({name})"))
-    for name, shape in _SHAPES.items():
-        if name in found and found[name] != shape:
-            return f"its {name!r} table has other columns than tunevault's"
-        if complete and name not in found:
-            return f"it has no {name!r} table"
-    return None
-
-
-@contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the write lock up front, so it waits instead of failing."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            with suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-        raise
-
-
-def _refuse_dangling_link(path: str) -> None:
-    """SQLite would create a dangling symlink's target, wherever it points: refuse instead."""
-    if os.path.islink(path) and not os.path.exists(path):
-        raise StoreUnavailable(f"tuning store {path} is a symlink to {os.readlink(path)!r}, which does not "
-                               "exist; refusing to create it (point the store at a real path)")
-
-
 def _where(query: Query) -> tuple[str, list[Any]]:
     """The SQL side of a Query; ``instr`` keeps the kernel filter a case-sensitive substring."""
     tests = (("kernel_digest = ?", query.kernel_digest), ("fingerprint_digest = ?", query.fingerprint_digest),
              ("key_text = ?", query.key_text), ("instr(kernel_name, ?) > 0", query.kernel))
     parts, params = [t for t, v in tests if v is not None], [v for _, v in tests if v is not None]
     return (" WHERE " + " AND ".join(parts) if parts else ""), params
-
-
-def path_of_url(url: str) -> str:
-    """The absolute file path of a ``sqlite:`` URL, read as SQLAlchemy does.
-
-    ``sqlite:///rel/tv.db`` is relative to the current directory, ``sqlite:////abs/tv.db`` is
-    absolute; anything else (``sqlite://host/x``, no path) is a ValueError that shows both forms.
-    """
-    rest = url.partition("://")[2]
-    if not rest.startswith("/") or not rest.strip("/"):
-        raise ValueError(f"{url!r} is not a SQLite URL with a path: use sqlite:///relative/path.db (three "
-                         f"slashes: relative to the current directory) or sqlite:////absolute/path.db (four)")
-    path = rest[1:]
-    if path.startswith("/"):
-        path = "/" + path.lstrip("/")  # POSIX keeps a leading "//"; a path never needs it
-    return os.path.abspath(path)
-
-
-def url_of_path(path: str | os.PathLike[str]) -> str:
-    """The URL :func:`path_of_url` reads back as ``path`` (four slashes: absolute)."""
-    return "sqlite:///" + os.path.abspath(os.fspath(path))
 
 
 class SqliteStore:
@@ -212,7 +93,7 @@ class SqliteStore:
         self.read_only: str | None = None  # why this store was opened read-only, if it was
         self._ready = False  # its layout checked (and made, in a new file); until then each use checks first
         try:
-            _refuse_dangling_link(self.path)
+            refuse_dangling_link(self.path)
             if not writable:
                 problem = self._open_read_only("opened read-only")
                 if problem is not None:
@@ -223,9 +104,9 @@ class SqliteStore:
                 os.makedirs(parent, exist_ok=True)
             self._settle()
         except (OSError, sqlite3.Error) as exc:
-            if _is_busy(exc):  # another process's long write: it is checked again at the next use
+            if is_busy(exc):  # another process's long write: it is checked again at the next use
                 log.info("tunevault: tuning store %s is busy (%s); opening it when it is free", self.path, exc)
-            elif not (_cannot_write(exc) and self._open_read_only(exc) is None):
+            elif not (cannot_write(exc) and self._open_read_only(exc) is None):
                 self.close()
                 raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}") from exc
         except StoreUnavailable:
@@ -299,7 +180,7 @@ class SqliteStore:
                 try:
                     return fn(db)
                 except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc) or time.monotonic() > deadline:
+                    if not is_busy(exc) or time.monotonic() > deadline:
                         raise
             time.sleep(random.uniform(0.001, 0.05))
 
@@ -329,9 +210,9 @@ class SqliteStore:
         try:
             self._settle()
         except (OSError, sqlite3.Error) as exc:
-            if _cannot_write(exc) and self._open_read_only(exc) is None:
+            if cannot_write(exc) and self._open_read_only(exc) is None:
                 return
-            busy = "; it is tried again at the next use" if _is_busy(exc) else ""
+            busy = "; it is tried again at the next use" if is_busy(exc) else ""
             raise StoreUnavailable(f"cannot open tuning store {self.path}: {exc}{busy}") from exc
 
     def _check_layout(self, db: sqlite3.Connection) -> bool:
@@ -342,7 +223,7 @@ class SqliteStore:
             raise StoreUnavailable(
                 f"tuning store {self.path} has layout version {version}, newer than this tunevault "
                 f"understands ({LAYOUT_VERSION}); upgrade tunevault or point it at another file")
-        problem = _layout_problem(db, complete=version == LAYOUT_VERSION)
+        problem = layout_problem(db, complete=version == LAYOUT_VERSION)
         if problem is not None:
             raise StoreUnavailable(f"{self.path} is not a tuning store tunevault can use: {problem}; "
                                    "refusing to read or write it")
@@ -351,15 +232,15 @@ class SqliteStore:
     def _init_schema(self, db: sqlite3.Connection) -> None:
         if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             db.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op once set
-        with _immediate(db):
+        with immediate(db):
             self._check_layout(db)  # again under the lock: another process may have made it meanwhile
             if db.execute("PRAGMA user_version").fetchone()[0] == LAYOUT_VERSION:
                 return
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables - set(_TABLES):
+            if tables - set(TABLES):
                 raise StoreUnavailable(f"{self.path} is an SQLite database of something else "
                                        f"(tables {sorted(tables)}); refusing to write tuning data into it")
-            for ddl in _TABLES.values():
+            for ddl in TABLES.values():
                 db.execute(ddl)
             db.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
 
@@ -380,7 +261,7 @@ class SqliteStore:
                 try:
                     db.execute("PRAGMA trusted_schema = OFF")
                     version = db.execute("PRAGMA user_version").fetchone()[0]
-                    layout = _layout_problem(db, complete=True)
+                    layout = layout_problem(db, complete=True)
                 finally:
                     db.close()
             except sqlite3.Error as exc:
@@ -448,7 +329,7 @@ class SqliteStore:
         key = decision.store_key
 
         def txn(db: sqlite3.Connection) -> Decision:
-            with _immediate(db):
+            with immediate(db):
                 db.execute("INSERT OR IGNORE INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
                            (*key, decision.kernel.name, payload, time.time()))
                 row = db.execute(f"SELECT {_COLUMNS} FROM decisions WHERE {_ROW_KEY}", key).fetchone()
@@ -500,7 +381,7 @@ class SqliteStore:
         where, params = _where(query)
 
         def txn(db: sqlite3.Connection) -> int:
-            with _immediate(db):
+            with immediate(db):
                 return db.execute(f"DELETE FROM decisions{where}", params).rowcount
 
         try:
@@ -528,7 +409,7 @@ class SqliteStore:
         """Take the lease if absent, expired or ours (renew). Wall-clock time: processes share it."""
 
         def txn(db: sqlite3.Connection) -> bool:
-            with _immediate(db):
+            with immediate(db):
                 now = time.time()
                 row = db.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
                 live = row is not None and isinstance(row[1], int | float) and row[1] > now
@@ -569,7 +450,7 @@ class SqliteStore:
         """Best effort and never raises: an unreleased lease simply expires."""
 
         def txn(db: sqlite3.Connection) -> None:
-            with _immediate(db):
+            with immediate(db):
                 db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
         try:
@@ -583,7 +464,7 @@ class SqliteStore:
         key = decision.store_key
 
         def txn(db: sqlite3.Connection) -> Decision:
-            with _immediate(db):
+            with immediate(db):
                 row = db.execute(f"SELECT {_COLUMNS} FROM decisions WHERE {_ROW_KEY}", key).fetchone()
                 current = None if row is None else self._decode(row)
                 if current is not None and current != stale:
@@ -603,7 +484,7 @@ class SqliteStore:
         payload = decision.dumps()
 
         def txn(db: sqlite3.Connection) -> Decision:
-            with _immediate(db):
+            with immediate(db):
                 db.execute("INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
                            (*decision.store_key, decision.kernel.name, payload, time.time()))
                 return decision
