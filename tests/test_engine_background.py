@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,6 +236,54 @@ def test_uninstall_leaves_no_background_tuning_running_and_stock_tritons_cache_a
     finally:
         opener.join()
     assert dict(ke.add_gated.cache) == {}, "the job's config reached stock Triton's cache"
+
+
+def test_uninstall_after_a_reinstall_waits_for_the_replaced_runtimes_job(sqlite_url: str, gate: Path) -> None:
+    """install() again (a plugin re-initialising) replaced the runtime whose job was tuning:
+    uninstall() waited only for the current runtime's jobs, returned at once and gave the
+    interpreter its launcher back while that job still launched (``x >= grid_dim[0]``)."""
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)  # the fallback; the job waits at the gate
+    tunevault.install(mode="tune", store=sqlite_url)
+    opener = threading.Timer(1.0, gate.touch)
+    opener.start()
+    try:
+        tunevault.uninstall()
+        assert background.pending() == 0, "the replaced runtime's job outlived uninstall()"
+    finally:
+        opener.join()
+
+
+def test_uninstall_stops_a_job_waiting_for_another_processs_lease(sqlite_url: str, caplog) -> None:
+    """A background job waiting for the lease another process holds held uninstall() for the whole
+    tuning timeout, then tuned the key anyway (its store closed, so "tuning without a lease")."""
+    import logging
+
+    from tunevault.core.identity import current_fingerprint, kernel_id
+    from tunevault.core.kernel_state import KernelState
+    from tunevault.policy.lease import lease_name
+    from tunevault.store.base import open_store
+
+    x, y = torch.randn(400), torch.randn(400)
+    key = KernelState(ke.add_slow).labelled_key({"x_ptr": x, "y_ptr": y, "out_ptr": x, "n": 400})
+    other = open_store(sqlite_url)  # another process tuning this key: it holds the lease for long
+    assert other.try_lease(lease_name(kernel_id(ke.add_slow).digest, current_fingerprint().digest, key.text),
+                           "elsewhere:1:abc", 600.0)
+    tunevault.install(mode="tune", store=sqlite_url, isolate=False, tune_timeout=60.0)
+    tunevault.seal(on_miss="background")
+    caplog.set_level(logging.INFO, logger="tunevault")
+    assert torch.equal(ke.run_add(ke.add_slow, x, y), x + y)  # the fallback; the job waits for the lease
+    deadline = time.monotonic() + 60
+    while not any("being tuned by another process" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the job never waited for the lease"
+        time.sleep(0.05)
+    tunevault.uninstall()
+    assert background.pending() == 0
+    assert not any("still runs" in r.getMessage() for r in caplog.records)
+    assert list(other.decisions()) == [], "the key was tuned after uninstall()"
+    other.close()
 
 
 def test_a_job_tuned_in_the_worker_builds_no_arguments_in_the_server(sqlite_url: str, gate: Path,

@@ -257,7 +257,7 @@ def uninstall() -> None:
     background = sys.modules.get("tunevault.policy.background")
     if _runtime is not None and background is not None:
         settings = _runtime.settings
-        if not background.stop(_runtime, timeout=settings.tune_timeout):
+        if not background.stop(timeout=settings.tune_timeout):
             log.warning("tunevault: uninstall(): a background tuning still runs after %.0f s; "
                         "it will not update anything", settings.tune_timeout)
     with _lock:

@@ -148,6 +148,7 @@ def _run(job: Job) -> None:
     from tunevault.engine.context import tuning_in_background
     from tunevault.engine.graphs import wait_until_quiet
     from tunevault.policy import stock
+    from tunevault.policy.lease import Abandoned
     from tunevault.policy.resolve import tune
 
     rt, st = job.rt, job.state
@@ -184,6 +185,9 @@ def _run(job: Job) -> None:
 
                 stack.enter_context(torch.cuda.device(device))
             config = tune(rt, st, args, kwargs, job.key)
+    except Abandoned as exc:
+        log.debug("tunevault: background tuning of %s [%s] stopped: %s", name, job.key.describe(), exc)
+        return
     except Exception as exc:
         rt.warn_once(("background", name, job.key.text), "tunevault: background tuning of %s [%s] failed "
                      "(%s); keeping the fallback config", name, job.key.describe(), exc)
@@ -204,14 +208,17 @@ def drain(timeout: float | None = None) -> bool:
         return _cond.wait_for(lambda: not _queue and not _running, timeout=timeout)
 
 
-def stop(rt: Runtime, timeout: float | None = None) -> bool:
-    """Drop ``rt``'s queued jobs and wait for its running one (``timeout``: False if it still runs),
-    so that ``uninstall()`` leaves no tuning running beside stock Triton."""
+def stop(timeout: float | None = None) -> bool:
+    """Drop every queued job and wait for the running one (``timeout``: False if it still runs), so
+    that ``uninstall()`` leaves no tuning running beside stock Triton: a job of a runtime a
+    re-install replaced included. One waiting for another process's lease gives up at once."""
     with _cond:
-        for job in [j for j in _queue if j.rt is rt]:
+        for job in list(_queue):
             _queue.remove(job)
             _pending.discard(job.token)
-        return _cond.wait_for(lambda: not any(j.rt is rt for j in _running), timeout=timeout)
+        for job in _running:
+            job.rt.stopping = True
+        return _cond.wait_for(lambda: not _running, timeout=timeout)
 
 
 def pending() -> int:

@@ -183,6 +183,18 @@ def holding(held: Held, ttl_s: float) -> Iterator[None]:
         yield
 
 
+class Abandoned(Exception):
+    """A background job waiting for another process's lease gave up: tunevault is uninstalling
+    (``Runtime.stopping``), and that process's decision is the key's anyway."""
+
+
+def _abandon(rt: Runtime, what: str) -> None:
+    from tunevault.engine.context import in_background
+
+    if rt.stopping and in_background():
+        raise Abandoned(f"{what}: no longer waited for: tunevault is being uninstalled")
+
+
 def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None], work: Callable[[], T]) -> T:
     """``work()`` under the lease ``name``, unless a decision appears (``lookup()``) first.
 
@@ -200,11 +212,13 @@ def under_lease(rt: Runtime, name: str, what: str, lookup: Callable[[], T | None
         try:
             taken = store.try_lease(name, holder, ttl)
         except Exception as exc:
+            _abandon(rt, what)  # the store closed under a job uninstall() stopped: not "no leases here"
             rt.warn_once(("lease", type(exc)), "tunevault: cannot take tuning leases in %s (%s); tuning "
                          "without one", shown(store), exc)
             return work()
         if taken:
             break
+        _abandon(rt, what)
         if not waited:
             waited = True
             log.info("tunevault: %s is being tuned by another process; waiting up to %.0f s for its decision",

@@ -47,6 +47,9 @@ class Runtime:
         self.settings = settings
         self.warm_up = warm_up
         self.closed = False
+        # uninstall() is waiting for this runtime's background jobs: one waiting for another
+        # process's lease gives up (policy.lease) rather than hold uninstall() or tune after it
+        self.stopping = False
         self._on_miss = settings.on_miss
         self._warming = threading.local()  # the threads replaying a warmup: they tune, whatever the seal says
         self.sealed = False
@@ -327,7 +330,7 @@ class Runtime:
         submit(self, state, args, kwargs, key, during_capture=_capturing())
 
     def close(self) -> None:
-        self.closed = True  # background jobs queued for this runtime are dropped (policy.background)
+        self.closed = self.stopping = True  # background jobs queued for this runtime are dropped (policy.background)
         with self._lock:
             if self._store is not None:
                 try:
