@@ -783,3 +783,20 @@ def test_fallback_calls_before_capture_began_are_counted_as_missed(tv, tmp_path:
             serve([10], dtype=torch.float32)  # in-memory fallback hits
     (entry,) = mf.read(path)
     assert entry.counts == {"hit": 0, "tuned": 0, "missed": 3}
+
+
+def test_a_manifest_from_before_the_kernels_configs_changed_says_so(tv, tmp_path: Path) -> None:
+    """A library upgrade added a config: every key of the old manifest failed with "replayed launch
+    uses a config with no captured grid", which names neither the cause nor the remedy (and a
+    config inserted, not appended, took another config's grid)."""
+    path = tmp_path / "keys.jsonl"
+    with tunevault.capture(path):
+        ks.run_blocks(ks.scale_tuned, 100)
+    tv.uninstall()
+    line = json.loads(path.read_text())
+    assert len(line["callspec"]["grids"]) == len(ks.scale_tuned.configs) == 2
+    line["callspec"]["grids"] = line["callspec"]["grids"][:1]  # captured when the kernel had one config less
+    older = tmp_path / "older.jsonl"
+    older.write_text(json.dumps(line) + "\n")
+    (item,) = _warmup_items(older, tmp_path / "warm.db")
+    assert item.status == "skipped" and "configs changed since the capture" in item.reason, item

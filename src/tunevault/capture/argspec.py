@@ -450,6 +450,10 @@ class CallSpec:
     def build(self, autotuner: Autotuner, device: str | None = None, seed: int = 0) -> tuple[tuple, dict[str, Any]]:
         """Rebuild ``(args, kwargs)`` for ``autotuner.run``, with a grid that follows the config."""
         slack = self.check(autotuner) if self.untrusted else 0
+        if self.grids and len(self.grids) != len(autotuner.configs):
+            raise InvalidEntry(f"the kernel declares {len(autotuner.configs)} configs, and the captured call "
+                               f"has a grid for {len(self.grids)}: its configs changed since the capture "
+                               "(a library upgrade?); capture its keys again with this version")
         gen = Generators(seed)
         args = tuple(a.build(device, gen, slack) for a in self.args)
         kwargs: dict[str, Any] = {k: v.build(device, gen, slack) for k, v in self.kwargs}
