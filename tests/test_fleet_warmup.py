@@ -245,6 +245,31 @@ def test_cli_jobs_json_has_every_field_of_the_single_process_json(tmp_path: Path
     assert all(i["seconds"] > 0 for i in jobs["items"] if i["status"] == "tuned")
 
 
+def test_cli_jobs_count_each_key_of_a_legacy_order_manifest_once(tmp_path: Path, manifest: Path) -> None:
+    """A manifest from before stop 26 lists a key's dtypes in a call's order: every item of an entry
+    reports the manifest's key, so the board merges one key per entry (it counted each twice)."""
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for d in lines:
+        n, x, out = d["key"]
+        d["key"] = [n, out, x]  # dtype(out_ptr) before dtype(x_ptr): a call passing out= first
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    env = subprocess_env(TV_LAUNCH_LOG=str(tmp_path / "launch.log"), TUNEVAULT_CPU_BENCH_REPS="3")
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / 'jobs.db'}",
+           "warmup", str(legacy), "--jobs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"warmup: {len(SIZES)} tuned, 0 already decided, 0 skipped, 0 failed" in done.stdout, done.stdout
+    assert f"[{len(SIZES)}/{len(SIZES)}]" in done.stderr and f"[{len(SIZES) + 1}/" not in done.stderr
+    assert sorted(ks.launches(tmp_path / "launch.log")) == sorted(SIZES)
+
+    again = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=180)
+    report = json.loads(again.stdout)
+    assert again.returncode == 0 and report["ok"], again.stdout + again.stderr
+    assert report["counts"] == {"tuned": 0, "decided": len(SIZES), "skipped": 0, "failed": 0}
+    assert [i["key"] for i in report["items"]] == [d["key"] for d in lines]
+
+
 def test_cli_jobs_report_each_workers_startup(tmp_path: Path, manifest: Path) -> None:
     """--json says where each child's time went: start-up (spawned to first key, with its phases),
     the walk, the exit; the walk holds the tuning. Warm store: every key decided, all is start-up."""

@@ -49,7 +49,7 @@ class Task(Protocol):
     """One key of the warmup, as the participant that walks it sees it."""
 
     kernel: str  # module:qualname, as the manifest names it
-    key: TuningKey
+    key: TuningKey  # as the manifest spells it: every item for the task reports this one
     what: str  # "kernel [key]" for messages
 
     def lease(self) -> str | WarmupItem:
