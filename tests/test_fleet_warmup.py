@@ -270,6 +270,26 @@ def test_cli_jobs_count_each_key_of_a_legacy_order_manifest_once(tmp_path: Path,
     assert [i["key"] for i in report["items"]] == [d["key"] for d in lines]
 
 
+@pytest.mark.parametrize("jobs", [[], ["--jobs", "2"]], ids=["one-process", "jobs"])
+def test_cli_warmup_ignores_a_tunevault_warmup_naming_another_manifest(tmp_path: Path, manifest: Path,
+                                                                       jobs: list[str]) -> None:
+    """``tunevault warmup A`` warms up A only: a ``TUNEVAULT_WARMUP=B`` in its environment used to
+    warm B up too, inside A's first store lookup, in none of the summary's counts."""
+    other = tmp_path / "other.jsonl"
+    ks.write_manifest(other, [n + 1 for n in SIZES])  # other keys of the same kernel
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(manifest.read_text().splitlines(keepends=True)[:3]))
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TUNEVAULT_WARMUP=str(other))
+    db = tmp_path / "s.db"
+    done = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{db}", "warmup",
+                           str(mine), *jobs], capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warmup: 3 tuned, 0 already decided, 0 skipped, 0 failed" in done.stdout, done.stdout
+    assert done.stderr.count(f"TUNEVAULT_WARMUP={other} ignored") == 1, done.stderr
+    stored = sorted(dict(d.key.items)["n"] for d in SqliteStore(db).decisions())
+    assert stored == SIZES[:3]
+
+
 def test_cli_jobs_report_each_workers_startup(tmp_path: Path, manifest: Path) -> None:
     """--json says where each child's time went: start-up (spawned to first key, with its phases),
     the walk, the exit; the walk holds the tuning. Warm store: every key decided, all is start-up."""

@@ -258,6 +258,27 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
     return WarmupReport(items)
 
 
+def install_for_own_manifest(store: str | None) -> None:
+    """Install tune mode for ``tunevault warmup``, which warms up the manifest it is given: a
+    ``TUNEVAULT_WARMUP`` in the environment is not taken, else the first key's store lookup would
+    warm that other manifest up too, nested in this walk and in none of its counts (the command
+    says it is ignored: ``ignored_warmup_var``)."""
+    from dataclasses import replace
+
+    from tunevault.integration import activation
+    from tunevault.policy.settings import Settings
+
+    settings = Settings.for_install(mode="tune", store=store, on_miss="tune")
+    activation.install(replace(settings, warmup=None))
+
+
+def ignored_warmup_var(command: str) -> None:
+    """One info line where ``TUNEVAULT_WARMUP`` is set: ``command`` warms up its own manifest instead."""
+    pending = os.environ.get("TUNEVAULT_WARMUP")
+    if pending:
+        log.info("tunevault: TUNEVAULT_WARMUP=%s ignored: %s warms up its own manifest", pending, command)
+
+
 def warm_up_pending(runtime: Runtime, path: str) -> None:
     """``TUNEVAULT_WARMUP``: run at the process's first store lookup; never raises into the call."""
     from tunevault.integration.triton_adapter import runtime as installed
