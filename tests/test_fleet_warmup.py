@@ -503,6 +503,44 @@ def test_only_keys_whose_every_config_fails_are_recorded_for_everyone(tmp_path: 
         "recorded once; the import failure reported by each run"
 
 
+class ReleaseWatch(SqliteStore):
+    """The real SQLite store, noting at each tuning lease's release whether the key's failed record
+    is in the store yet (a peer taking the lease then reads it)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.recorded_at_release: list[bool] = []
+
+    def release(self, name: str, holder: str) -> None:
+        from tunevault.policy.shard import failed_record_name
+
+        if name.startswith("tune:"):
+            self.recorded_at_release.append(self.lease_holder(failed_record_name(name)) is not None)
+        super().release(name, holder)
+
+
+def test_a_failed_key_is_recorded_before_its_tuning_lease_is_released(tmp_path: Path) -> None:
+    """The record was written after the release: a peer taking the lease in between tuned a key
+    whose every config fails a second time."""
+    from tunevault.capture import manifest as mf
+    from tunevault.integration.shared_warmup import EntryTask
+    from tunevault.integration.triton_adapter import runtime
+    from tunevault.policy.shard import Sharing, share
+
+    path = tmp_path / "bad.jsonl"
+    ks.write_manifest(path, [40], kernel=ks.no_config_works)
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'bad.db'}")
+    rt = runtime()
+    assert rt is not None
+    store = ReleaseWatch(tmp_path / "bad.db")
+    try:
+        items = share([EntryTask(rt, e, None) for e in mf.read(path)], store, Sharing(rt.fingerprint.digest))
+    finally:
+        store.close()
+    assert [i.status for i in items] == ["failed"] and "every config failed" in items[0].reason
+    assert store.recorded_at_release == [True]
+
+
 def test_failed_key_records_are_validated_on_read() -> None:
     from tunevault.capture.replay import WarmupItem
     from tunevault.core.model import TuningKey
