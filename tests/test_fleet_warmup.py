@@ -245,6 +245,51 @@ def test_cli_jobs_json_has_every_field_of_the_single_process_json(tmp_path: Path
     assert all(i["seconds"] > 0 for i in jobs["items"] if i["status"] == "tuned")
 
 
+def test_cli_jobs_count_each_key_of_a_legacy_order_manifest_once(tmp_path: Path, manifest: Path) -> None:
+    """A manifest from before stop 26 lists a key's dtypes in a call's order: every item of an entry
+    reports the manifest's key, so the board merges one key per entry (it counted each twice)."""
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for d in lines:
+        n, x, out = d["key"]
+        d["key"] = [n, out, x]  # dtype(out_ptr) before dtype(x_ptr): a call passing out= first
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    env = subprocess_env(TV_LAUNCH_LOG=str(tmp_path / "launch.log"), TUNEVAULT_CPU_BENCH_REPS="3")
+    cmd = [sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{tmp_path / 'jobs.db'}",
+           "warmup", str(legacy), "--jobs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"warmup: {len(SIZES)} tuned, 0 already decided, 0 skipped, 0 failed" in done.stdout, done.stdout
+    assert f"[{len(SIZES)}/{len(SIZES)}]" in done.stderr and f"[{len(SIZES) + 1}/" not in done.stderr
+    assert sorted(ks.launches(tmp_path / "launch.log")) == sorted(SIZES)
+
+    again = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=180)
+    report = json.loads(again.stdout)
+    assert again.returncode == 0 and report["ok"], again.stdout + again.stderr
+    assert report["counts"] == {"tuned": 0, "decided": len(SIZES), "skipped": 0, "failed": 0}
+    assert [i["key"] for i in report["items"]] == [d["key"] for d in lines]
+
+
+@pytest.mark.parametrize("jobs", [[], ["--jobs", "2"]], ids=["one-process", "jobs"])
+def test_cli_warmup_ignores_a_tunevault_warmup_naming_another_manifest(tmp_path: Path, manifest: Path,
+                                                                       jobs: list[str]) -> None:
+    """``tunevault warmup A`` warms up A only: a ``TUNEVAULT_WARMUP=B`` in its environment used to
+    warm B up too, inside A's first store lookup, in none of the summary's counts."""
+    other = tmp_path / "other.jsonl"
+    ks.write_manifest(other, [n + 1 for n in SIZES])  # other keys of the same kernel
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(manifest.read_text().splitlines(keepends=True)[:3]))
+    env = subprocess_env(TUNEVAULT_CPU_BENCH_REPS="3", TUNEVAULT_WARMUP=str(other))
+    db = tmp_path / "s.db"
+    done = subprocess.run([sys.executable, "-m", "tunevault.cli.main", "--store", f"sqlite:///{db}", "warmup",
+                           str(mine), *jobs], capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warmup: 3 tuned, 0 already decided, 0 skipped, 0 failed" in done.stdout, done.stdout
+    assert done.stderr.count(f"TUNEVAULT_WARMUP={other} ignored") == 1, done.stderr
+    stored = sorted(dict(d.key.items)["n"] for d in SqliteStore(db).decisions())
+    assert stored == SIZES[:3]
+
+
 def test_cli_jobs_report_each_workers_startup(tmp_path: Path, manifest: Path) -> None:
     """--json says where each child's time went: start-up (spawned to first key, with its phases),
     the walk, the exit; the walk holds the tuning. Warm store: every key decided, all is start-up."""
@@ -456,6 +501,44 @@ def test_only_keys_whose_every_config_fails_are_recorded_for_everyone(tmp_path: 
     failed = [e for e in events(tmp_path) if e["event"] == "key_failed"]
     assert sorted(e["recorded"] for e in failed) == [False, False, True], \
         "recorded once; the import failure reported by each run"
+
+
+class ReleaseWatch(SqliteStore):
+    """The real SQLite store, noting at each tuning lease's release whether the key's failed record
+    is in the store yet (a peer taking the lease then reads it)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.recorded_at_release: list[bool] = []
+
+    def release(self, name: str, holder: str) -> None:
+        from tunevault.policy.shard import failed_record_name
+
+        if name.startswith("tune:"):
+            self.recorded_at_release.append(self.lease_holder(failed_record_name(name)) is not None)
+        super().release(name, holder)
+
+
+def test_a_failed_key_is_recorded_before_its_tuning_lease_is_released(tmp_path: Path) -> None:
+    """The record was written after the release: a peer taking the lease in between tuned a key
+    whose every config fails a second time."""
+    from tunevault.capture import manifest as mf
+    from tunevault.integration.shared_warmup import EntryTask
+    from tunevault.integration.triton_adapter import runtime
+    from tunevault.policy.shard import Sharing, share
+
+    path = tmp_path / "bad.jsonl"
+    ks.write_manifest(path, [40], kernel=ks.no_config_works)
+    tunevault.install(mode="tune", store=f"sqlite:///{tmp_path / 'bad.db'}")
+    rt = runtime()
+    assert rt is not None
+    store = ReleaseWatch(tmp_path / "bad.db")
+    try:
+        items = share([EntryTask(rt, e, None) for e in mf.read(path)], store, Sharing(rt.fingerprint.digest))
+    finally:
+        store.close()
+    assert [i.status for i in items] == ["failed"] and "every config failed" in items[0].reason
+    assert store.recorded_at_release == [True]
 
 
 def test_failed_key_records_are_validated_on_read() -> None:

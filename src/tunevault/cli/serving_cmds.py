@@ -147,9 +147,11 @@ def probe_store(args: argparse.Namespace) -> None:
 
 def cmd_warmup(args: argparse.Namespace) -> int:
     from tunevault.cli.store_cmds import store_url
+    from tunevault.integration.shared_warmup import ignored_warmup_var
 
     args.retry_before = time.time() if args.retry_failed else None  # records from earlier runs are retried
     check_allow_list(args)
+    ignored_warmup_var("tunevault warmup")  # its installs (and its --jobs children's) do not take it
     if args.jobs is not None or args.devices:  # N processes share the keys
         if store_url(args).startswith("memory:"):
             raise ValueError("--jobs needs a store its processes share (sqlite:///... or redis://...); "
@@ -158,11 +160,11 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         return warmup_jobs.run(args)
     import tunevault
     from tunevault.capture.locate import allow_modules
-    from tunevault.integration.shared_warmup import warmup
+    from tunevault.integration.shared_warmup import install_for_own_manifest, warmup
 
     entries, malformed = load_manifest(args)
     probe_store(args)
-    tunevault.install(mode="tune", store=args.store, on_miss="tune")
+    install_for_own_manifest(args.store)
     try:
         with allow_modules(args.allow_module), _progress(quiet=args.json) as progress:
             report = warmup(entries, device=args.device, progress=progress, retry_before=args.retry_before)

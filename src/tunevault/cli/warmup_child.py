@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         import tunevault
-        from tunevault.integration.shared_warmup import warmup
+        from tunevault.integration.shared_warmup import install_for_own_manifest, warmup
     if index is not None:
         with clock.phase("driver_s"):
             if helper is not None:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if unusable is not None:
             print(f"tunevault warmup: error: {unusable}", file=sys.stderr)
             return 2
-        tunevault.install(mode="tune", store=args.store, on_miss="tune")
+        install_for_own_manifest(args.store)  # not TUNEVAULT_WARMUP: the parent said it is ignored
     walk_began = time.perf_counter()
     try:
         report = warmup(entries, device=args.device, read_from=args.manifest, retry_before=args.retry_before,

@@ -137,6 +137,7 @@ def _spawn(args: argparse.Namespace, workers: list[WorkerView], events: queue.Qu
             "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *map(os.path.abspath, args.path),
                                                       os.environ.get("PYTHONPATH", "")] if p),
             RUN_VAR: run_dir}
+    base.pop("TUNEVAULT_WARMUP", None)  # they warm up this manifest, not that one (cmd_warmup said so)
     if args.allow_module is not None:  # validated by cmd_warmup, as for a single process
         base[ALLOW_VAR] = ",".join(args.allow_module)
     tails: dict[int, deque[str]] = {}

@@ -100,8 +100,11 @@ class EntryTask:
                  names: DecidedNames | None = None) -> None:
         self.runtime, self.entry, self.device, self.names = runtime, entry, device, names
         self.plan: AheadPlan | None = None
-        self.kernel, self.key = entry.kernel, entry.key
-        self.earlier = entry.key  # the key as the manifest spells it (dtypes maybe in a call's order)
+        # ``key`` is the key as the manifest spells it (dtypes maybe in a call's order, before stop
+        # 26): every item reports it, as replay_one's do, so a --jobs board merges one key per entry.
+        # ``stored`` is the key decisions and leases are named by (dtypes in the kernel's order),
+        # known once the kernel is imported.
+        self.kernel, self.key, self.stored = entry.kernel, entry.key, entry.key
         self.what = f"{entry.kernel} [{entry.key.describe() or 'empty key'}]"
         self._lease: str | WarmupItem | None = None
         self._kernel_id: KernelId | None = None
@@ -121,14 +124,14 @@ class EntryTask:
             return WarmupItem(self.kernel, self.key, "decided", "one config: nothing to tune")
         self._state = state_of(autotuner)
         self._kernel_id = self._state.kernel_id
-        self.earlier, self.key = self.key, self.key.in_order(list(autotuner.arg_names))  # dtypes in order
+        self.stored = self.key.in_order(list(autotuner.arg_names))  # dtypes in the kernel's order
         if self.names is not None:
             self.names.vouch(self.kernel, self._kernel_id.digest)
-        return lease_name(self._kernel_id.digest, self.runtime.fingerprint.digest, self.key.text)
+        return lease_name(self._kernel_id.digest, self.runtime.fingerprint.digest, self.stored.text)
 
     def decided(self) -> bool:
         """A decision serving would launch is stored (replay.decided: not one naming no declared config)."""
-        return self._state is not None and decided(self.runtime, self._state, self.key, self.earlier)
+        return self._state is not None and decided(self.runtime, self._state, self.stored, self.key)
 
     def identity_name(self) -> str | None:
         return None if self._kernel_id is None else self._kernel_id.name
@@ -253,6 +256,27 @@ def warmup(source: str | os.PathLike[str] | Sequence[mf.ManifestEntry], device: 
         if installed_here:
             activation.uninstall()
     return WarmupReport(items)
+
+
+def install_for_own_manifest(store: str | None) -> None:
+    """Install tune mode for ``tunevault warmup``, which warms up the manifest it is given: a
+    ``TUNEVAULT_WARMUP`` in the environment is not taken, else the first key's store lookup would
+    warm that other manifest up too, nested in this walk and in none of its counts (the command
+    says it is ignored: ``ignored_warmup_var``)."""
+    from dataclasses import replace
+
+    from tunevault.integration import activation
+    from tunevault.policy.settings import Settings
+
+    settings = Settings.for_install(mode="tune", store=store, on_miss="tune")
+    activation.install(replace(settings, warmup=None))
+
+
+def ignored_warmup_var(command: str) -> None:
+    """One info line where ``TUNEVAULT_WARMUP`` is set: ``command`` warms up its own manifest instead."""
+    pending = os.environ.get("TUNEVAULT_WARMUP")
+    if pending:
+        log.info("tunevault: TUNEVAULT_WARMUP=%s ignored: %s warms up its own manifest", pending, command)
 
 
 def warm_up_pending(runtime: Runtime, path: str) -> None:

@@ -49,7 +49,7 @@ class Task(Protocol):
     """One key of the warmup, as the participant that walks it sees it."""
 
     kernel: str  # module:qualname, as the manifest names it
-    key: TuningKey
+    key: TuningKey  # as the manifest spells it: every item for the task reports this one
     what: str  # "kernel [key]" for messages
 
     def lease(self) -> str | WarmupItem:
@@ -196,7 +196,9 @@ class _Walk:
                 return WarmupItem(task.kernel, task.key, "decided")
             with holding(held, self.sharing.lease_ttl):
                 item = self.tune(task)
-        return self.settled(task, item, lease)
+            # Recorded before the lease is released: a peer that takes the key next reads the
+            # record, where it would tune a key whose every config fails all over again.
+            return self.settled(task, item, lease)
 
     def held(self, i: int, task: Task, lease: str) -> WarmupItem | None:
         now = time.monotonic()
