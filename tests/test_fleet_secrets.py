@@ -79,3 +79,17 @@ def test_cli_reports_mask_the_store_password(server: redis_server.RedisServer,
     assert json.loads(outputs[0])["store"]["url"] == server.url.replace(PASSWORD, "***")
     assert "removed 1 decision(s) from redis://:***@127.0.0.1" in outputs[-1]
     assert PASSWORD not in "".join(outputs)
+
+
+def test_a_warmup_reason_for_an_unusable_store_masks_its_password(caplog: pytest.LogCaptureFixture) -> None:
+    """A store the runtime could not open (here a database that is not a number) leaves decisions
+    in memory; a warmup's failed reason named that store with its password in clear."""
+    from tunevault.core.model import KernelId, TuningKey
+    from tunevault.policy.runtime import Runtime
+    from tunevault.policy.settings import Settings
+
+    rt = Runtime(Settings.for_install(mode="tune", store=f"redis://:{PASSWORD}@127.0.0.1:6379/abc"))
+    rt.store  # noqa: B018  # opening it fails: the runtime keeps decisions in memory
+    why = rt.unpublished_why(KernelId("m:k", "0" * 16, "0" * 16, ("n",)), TuningKey((("n", 1),)))
+    assert rt.store_fell_back and "***" in why and PASSWORD not in why
+    assert PASSWORD not in tunevault_text(caplog)

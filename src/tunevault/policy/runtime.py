@@ -193,7 +193,7 @@ class Runtime:
         """Why the key's decision is not in the store, in words that stand alone (a ``--jobs``
         child's warnings do not reach its parent; the report's reason does)."""
         if self.store_fell_back:
-            return f"the store {self.settings.store} is unusable; decisions are kept in memory"
+            return f"the store {redact(self.settings.store)} is unusable; decisions are kept in memory"
         skey = (kernel.digest, self.fingerprint.digest, key.text)
         return self.unpublished.get(skey, "")
 
