@@ -335,17 +335,12 @@ def open_bundles(paths: Sequence[str], key: str | None, current: Fingerprint | N
         if current is not None and bundle.count() and not usable:
             theirs = bundle.fingerprint or next(bundle.decisions()).fingerprint
             log.warning("tunevault: bundle %s was made for another environment (%s); its %d decisions will "
-                        "not match here", path, _fingerprint_diff(theirs, current), bundle.count())
+                        "not match here", path, theirs.differences(current) or "same fields", bundle.count())
         else:
             log.info("tunevault: loaded bundle %s: %d decisions, %d for this environment", path,
                      bundle.count(), usable)
         out.append(bundle)
     return out
-
-
-def _fingerprint_diff(theirs: Fingerprint, ours: Fingerprint) -> str:
-    a, b = theirs.to_json(), ours.to_json()
-    return ", ".join(f"{k}: bundle {a[k]!r}, here {b[k]!r}" for k in a if a[k] != b.get(k)) or "same fields"
 
 
 def open_layered(store: str, remote: str | None = None, bundles: Sequence[str] = (),
