@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from tunevault.policy.runtime import Runtime
 
 
-
 __all__ = ["TuningError"]  # defined in core (a warmup replay tells it apart), raised here
 
 
@@ -77,10 +76,10 @@ def _resolve_locked(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str,
             config, launched, how = _decide(rt, st, args, kwargs, key)
             if how == "compiled":  # a compile-only call: nothing decided, nothing remembered
                 return launched
-            if how == "fallback" and _open(rt):  # later calls count as fallback hits; this one is the miss
-                st.fallback_keys.add(key)
-                st.remember(raw_key, config, fallback=True)
-            if how == "fallback":
+            if how == "fallback":  # later calls count as fallback hits; this one is the miss
+                if _open(rt):
+                    st.fallback_keys.add(key)
+                    st.remember(raw_key, config, fallback=True)
                 return launch(at, args, kwargs, config, config.all_kwargs(), config.pre_hook)
             if launched is not NOT_LAUNCHED:
                 if _open(rt):
@@ -255,10 +254,10 @@ def _on_miss(rt: Runtime, st: KernelState, args: tuple, kwargs: dict[str, Any], 
         return tune(rt, st, args, kwargs, key, stock_key, indexed, phase), False
     message, nearest = rt.explain_miss(st.kernel_id, key)
     message += rt.damage_note()
-    rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=rt.phase, diagnosis=message)
+    rt.events.emit("miss", kernel=name, key=key.to_json(), policy=policy, phase=phase, diagnosis=message)
     rt.notify("missed", st, key, args, kwargs)
     if policy == "error":
-        rt.stats.add(name, rt.phase, "errors")
+        rt.stats.add(name, phase, "errors")
         raise TuningMiss(message, name, key, nearest)
     config = fallback_config(rt, st, args, kwargs, key, nearest, message, policy, indexed)
     if _open(rt):
