@@ -103,7 +103,7 @@ class Recorder:
     def hit(self, state: KernelState, raw_key: tuple, args: tuple, kwargs: dict[str, Any]) -> None:
         """The adapter's hot-path hook: a call whose raw key was already in the in-memory dict."""
         try:
-            typed = (state, raw_key, tuple(map(type, raw_key)))
+            typed = _typed(state, raw_key)
             found = self._by_raw.get(typed)
             if found is None and typed in self._left_out:
                 return

@@ -54,8 +54,7 @@ def _check_types(settings: Settings) -> None:
         if not isinstance(value, str) and (value is not None or name == "store"):
             raise ValueError(f"tunevault {name} must be {TEXTS[name]}; got {value!r} ({_type_name(value)})")
     if not isinstance(settings.bundles, tuple) or not all(isinstance(p, str) for p in settings.bundles):
-        raise ValueError(f"tunevault bundles must be a path, comma-separated paths or a list of paths; "
-                         f"got {settings.bundles!r} ({_type_name(settings.bundles)})")
+        raise _bad_bundles(settings.bundles)
 
 
 def _paths(value: str | None) -> tuple[str, ...]:
@@ -74,6 +73,11 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _bad_bundles(value: object) -> ValueError:
+    return ValueError(f"tunevault bundles must be a path, comma-separated paths or a list of paths; "
+                      f"got {value!r} ({_type_name(value)})")
+
+
 def _bundle_paths(value: object) -> tuple[str, ...]:
     """``bundles`` as given to ``install()``: comma-separated text, one path, or a list of them."""
     if isinstance(value, str):
@@ -82,8 +86,7 @@ def _bundle_paths(value: object) -> tuple[str, ...]:
         return (os.fspath(value),)
     if isinstance(value, list | tuple) and all(isinstance(v, str | os.PathLike) for v in value):
         return tuple(str(os.fspath(v)) for v in value)
-    raise ValueError(f"tunevault bundles must be a path, comma-separated paths or a list of paths; "
-                     f"got {value!r} ({_type_name(value)})")
+    raise _bad_bundles(value)
 
 
 def _text_option(name: str, value: object) -> object:
