@@ -218,23 +218,35 @@ def test_under_the_interpreter_background_tuning_and_requests_take_turns_launchi
     assert {dict(d.provenance)["tuned_in"] for d in runtime().used.values()} == {"process"}
 
 
+def serve_a_gated_fallback(sqlite_url: str) -> None:
+    """Install, seal with background tuning, and miss once: the fallback serves the call and the
+    key's job waits at the gate."""
+    tunevault.install(mode="tune", store=sqlite_url)
+    tunevault.seal(on_miss="background")
+    x, y = torch.randn(300), torch.randn(300)
+    assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)
+
+
+def pending_after_uninstall(gate: Path) -> int:
+    """``uninstall()`` while the gated job waits, the gate opening a second later so the job goes on
+    while uninstall() waits for it; the jobs still pending right after it returns."""
+    opener = threading.Timer(1.0, gate.touch)
+    opener.start()
+    try:
+        tunevault.uninstall()
+        return background.pending()
+    finally:
+        opener.join()
+
+
 def test_uninstall_leaves_no_background_tuning_running_and_stock_tritons_cache_alone(
         sqlite_url: str, gate: Path) -> None:
     """uninstall() restores stock Triton exactly: a job still tuning went on beside stock's own
     benchmarking (and under the interpreter, raced its launches), then wrote its config into the
     autotuner's cache, so stock skipped benchmarking that key. uninstall() now waits for it."""
-    tunevault.install(mode="tune", store=sqlite_url)
-    tunevault.seal(on_miss="background")
-    x, y = torch.randn(300), torch.randn(300)
-    assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)  # the fallback; the job waits at the gate
+    serve_a_gated_fallback(sqlite_url)
     assert background.pending() == 1
-    opener = threading.Timer(1.0, gate.touch)  # the job goes on while uninstall() waits for it
-    opener.start()
-    try:
-        tunevault.uninstall()
-        assert background.pending() == 0, "a background tuning outlived uninstall()"
-    finally:
-        opener.join()
+    assert pending_after_uninstall(gate) == 0, "a background tuning outlived uninstall()"
     assert dict(ke.add_gated.cache) == {}, "the job's config reached stock Triton's cache"
 
 
@@ -242,18 +254,9 @@ def test_uninstall_after_a_reinstall_waits_for_the_replaced_runtimes_job(sqlite_
     """install() again (a plugin re-initialising) replaced the runtime whose job was tuning:
     uninstall() waited only for the current runtime's jobs, returned at once and gave the
     interpreter its launcher back while that job still launched (``x >= grid_dim[0]``)."""
+    serve_a_gated_fallback(sqlite_url)
     tunevault.install(mode="tune", store=sqlite_url)
-    tunevault.seal(on_miss="background")
-    x, y = torch.randn(300), torch.randn(300)
-    assert torch.equal(ke.run_add(ke.add_gated, x, y), x + y)  # the fallback; the job waits at the gate
-    tunevault.install(mode="tune", store=sqlite_url)
-    opener = threading.Timer(1.0, gate.touch)
-    opener.start()
-    try:
-        tunevault.uninstall()
-        assert background.pending() == 0, "the replaced runtime's job outlived uninstall()"
-    finally:
-        opener.join()
+    assert pending_after_uninstall(gate) == 0, "the replaced runtime's job outlived uninstall()"
 
 
 def test_uninstall_stops_a_job_waiting_for_another_processs_lease(sqlite_url: str, caplog) -> None:
